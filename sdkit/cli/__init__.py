@@ -1,0 +1,1 @@
+"""The `sdkit` command line: thin click commands, one library call each."""

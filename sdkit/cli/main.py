@@ -1,0 +1,71 @@
+"""Entry point: the `sdkit` group, error rendering and exit codes.
+
+Exit codes: 0 ok, 1 refused input or failed check, 2 usage error (click's own).
+A refused input prints one line `sdkit: error: ...`; a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sdkit import __version__
+from sdkit.errors import SdkitError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sdkit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """Inspect, convert, merge and apply Stable Diffusion model files.
+
+    Example: sdkit inspect fixtures/toy/sd1/toy-sd1.safetensors
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    ctx.obj["quiet"] = quiet
+
+
+def _register_commands() -> None:
+    # each command group lives in its own module; importing it attaches it to `cli`
+    from sdkit.cli import inspect_cmd  # noqa: F401
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or exc.__class__.__name__
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register_commands()
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="sdkit", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("sdkit: error: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:  # usage errors keep click's own rendering, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SdkitError as exc:
+        if debug:
+            raise
+        click.echo(f"sdkit: error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("sdkit: error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug or an unforeseen bad input: still one line
+        if debug:
+            raise
+        click.echo(f"sdkit: error: {exc.__class__.__name__}: {_one_line(exc)} "
+                   "(rerun with --debug for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

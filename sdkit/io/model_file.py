@@ -1,0 +1,143 @@
+"""The reader-side picture of a model file: tensor names, shapes and dtypes up front,
+tensor data only when asked for.
+
+Every reader (safetensors, restricted pickle, diffusers folder) returns a `ModelFile`.
+Dtypes are spelled as in the safetensors header ("F16", "BF16", "F32", "I64", ...) so that
+a header-only reader never has to import torch to describe a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+
+if TYPE_CHECKING:  # torch is imported lazily: inspecting a header must stay fast
+    import torch
+
+# safetensors dtype code -> bits per element (sub-byte float formats included)
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2",
+                          "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes taken by a C-contiguous tensor of this dtype and shape."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_BITS[dtype] // 8
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+@dataclass
+class ModelFile:
+    """A model on disk, described by its tensors' headers; data is read lazily.
+
+    - `infos` maps every tensor name to its TensorInfo, in the file's order.
+      For diffusers folders names are `<component>/<key>` (e.g. `unet/conv_in.weight`).
+    - `metadata` is the str->str metadata (safetensors `__metadata__`, or the
+      non-tensor scalars of a pickle rendered as strings, or model_index.json facts).
+    - `extra` holds non-tensor values found in pickles, by flattened dotted path
+      (e.g. `string_to_token.*`, `layer_structure`, `global_step`).
+    - `components` (diffusers folders only) maps component name -> its ModelFile.
+    - `load(name)` returns the tensor (memory-mapped where the format allows).
+    """
+
+    path: Path
+    format: str  # "safetensors" | "pickle" | "diffusers" | "memory"
+    infos: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    components: dict[str, "ModelFile"] = field(default_factory=dict)
+    size_bytes: int = 0
+    _loader: Callable[[str], "torch.Tensor"] | None = field(default=None, repr=False)
+    _closer: Callable[[], None] | None = field(default=None, repr=False)
+
+    # mapping-like access over tensor names
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos)
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self.infos[name]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of a tensor, or None when the file has no such tensor."""
+        info = self.infos.get(name)
+        return info.shape if info else None
+
+    def load(self, name: str) -> "torch.Tensor":
+        if name not in self.infos:
+            raise KeyError(name)
+        if self._loader is None:
+            raise RuntimeError(f"{self.path}: tensors of this file cannot be loaded")
+        return self._loader(name)
+
+    @property
+    def parameters(self) -> int:
+        return sum(info.numel for info in self.infos.values())
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+        for component in self.components.values():
+            component.close()
+
+    def __enter__(self) -> "ModelFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dtype_code(dtype: "torch.dtype") -> str:
+    """torch dtype -> safetensors dtype code."""
+    from sdkit.io.dtypes import TORCH_TO_CODE
+
+    return TORCH_TO_CODE[dtype]
+
+
+def model_from_tensors(tensors: Mapping[str, "torch.Tensor"], path: str | Path = "<memory>",
+                       metadata: Mapping[str, str] | None = None) -> ModelFile:
+    """An in-memory ModelFile over a dict of tensors (for ops, runtimes and tests)."""
+    infos = {name: TensorInfo(name, dtype_code(t.dtype), tuple(t.shape)) for name, t in tensors.items()}
+    data = dict(tensors)
+    return ModelFile(
+        path=Path(path), format="memory", infos=infos, metadata=dict(metadata or {}),
+        size_bytes=sum(i.nbytes for i in infos.values()), _loader=data.__getitem__,
+    )
