@@ -1,0 +1,98 @@
+"""`sdkit inspect` and `sdkit hash`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sdkit.cli.main import cli
+
+_VALUE_WIDTH = 72
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _short(value: str) -> str:
+    value = value.replace("\n", " ")
+    return value if len(value) <= _VALUE_WIDTH else value[: _VALUE_WIDTH - 1] + "…"
+
+
+def _render_report(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=report["path"], show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    adapter = f" ({report['adapter_type']})" if report.get("adapter_type") else ""
+    table.add_row("kind", f"{report['kind']}{adapter}")
+    table.add_row("family", str(report["family"]) + (" (non-standard dimensions)" if report["nonstandard"] else ""))
+    table.add_row("format", f"{report['format']}, {report['key_convention']} keys")
+    if report.get("components"):
+        table.add_row("components", ", ".join(report["components"]))
+    for field in ("variant", "prediction"):
+        if report.get(field) not in (None, "normal", "unknown"):
+            table.add_row(field, str(report[field]))
+    dtypes = ", ".join(f"{dtype}×{count}" for dtype, count in report["dtypes"].items())
+    table.add_row("tensors", f"{report['tensors']:,} ({dtypes})")
+    table.add_row("parameters", f"{report['parameters']:,}")
+    table.add_row("size", _human_bytes(report["size_bytes"]))
+    for name, value in (report.get("hashes") or {}).items():
+        table.add_row(name, value or "—")
+    console.print(table)
+    if report["metadata"]:
+        meta = Table(title="metadata", show_header=False, title_justify="left")
+        meta.add_column(style="bold")
+        meta.add_column()
+        for key, value in sorted(report["metadata"].items()):
+            meta.add_row(key, _short(value))
+        console.print(meta)
+    for note in report["notes"]:
+        console.print(f"• {note}")
+
+
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README).")
+@click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, legacy and AutoV3 hashes.")
+@click.option("--deep", is_flag=True, help="Read every tensor (finds NaN/Inf); slower.")
+def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> None:
+    """Tell what a model file is: kind, family, convention, precision, notable facts.
+
+    Example: sdkit inspect model.safetensors --hash
+    """
+    from sdkit.inspect import inspect_path
+
+    report = inspect_path(path, with_hashes=with_hashes, deep=deep)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=False))
+    else:
+        _render_report(Console(), report)
+
+
+@cli.command("hash")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="A JSON list of {path, sha256, autov2, legacy, autov3}.")
+def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
+    """Hash model files the ways A1111 and Civitai do (one read per file).
+
+    Example: sdkit hash a.safetensors b.ckpt --json
+    """
+    from sdkit.inspect import hashes_report
+
+    rows = [{"path": path, **hashes_report(path)} for path in paths]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("path", "sha256", "AutoV2", "legacy", "AutoV3")
+    for row in rows:
+        table.add_row(row["path"], row["sha256"], row["autov2"], row["legacy"], row["autov3"] or "—")
+    Console().print(table)

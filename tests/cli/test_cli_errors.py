@@ -1,0 +1,78 @@
+"""The command line's contract: one error line and exit 1 for bad input, JSON on request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def run_sdkit(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sdkit.cli.main", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("sdkit: error: ")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content", [
+    b"",                                   # empty file
+    b"\x10\x00\x00\x00\x00\x00\x00\x00{",  # header longer than the file
+    b"\x04\x00\x00\x00\x00\x00\x00\x00nope",  # not JSON
+])
+def test_malformed_safetensors_gives_one_line(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    assert_clean_error(run_sdkit("inspect", str(path)))
+
+
+def test_missing_file_gives_one_line(tmp_path: Path) -> None:
+    assert_clean_error(run_sdkit("inspect", str(tmp_path / "nothing.safetensors")))
+
+
+def test_evil_pickle_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil()}, path)
+    result = run_sdkit("inspect", str(path))
+    assert_clean_error(result)
+    assert "system" in result.stderr
+    assert not marker.exists()
+
+
+def test_inspect_json_schema(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 4),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)},
+              str(path), metadata={"ss_network_module": "networks.lora"})
+    result = run_sdkit("inspect", "--json", "--hash", str(path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for field in ("path", "format", "kind", "family", "adapter_type", "components", "key_convention",
+                  "tensors", "parameters", "dtypes", "size_bytes", "metadata", "notes", "hashes"):
+        assert field in report
+    assert report["format"] == "safetensors"
+    assert report["kind"] == "lora"
+    assert report["tensors"] == 3
+    assert report["parameters"] == 4 * 8 * 2 + 1
+    assert report["dtypes"] == {"F32": 3}
+    assert report["metadata"] == {"ss_network_module": "networks.lora"}
+    assert set(report["hashes"]) == {"sha256", "autov2", "legacy", "autov3"}
+    assert report["hashes"]["autov2"] == report["hashes"]["sha256"][:10]
