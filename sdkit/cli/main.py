@@ -31,7 +31,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 def _register_commands() -> None:
     # each command group lives in its own module; importing it attaches it to `cli`
-    from sdkit.cli import inspect_cmd  # noqa: F401
+    from sdkit.cli import embed_cmd, hub_cmd, hypernet_cmd, inspect_cmd, merge_cmd  # noqa: F401
 
 
 def _one_line(exc: BaseException) -> str:
@@ -67,5 +67,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    main()

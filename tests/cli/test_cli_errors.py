@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 
 def run_sdkit(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sdkit.cli.main", *args],
+    return subprocess.run([sys.executable, "-m", "sdkit", *args],
                           capture_output=True, text=True, timeout=120)
 
 

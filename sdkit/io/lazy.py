@@ -1,0 +1,35 @@
+"""Lazy tensors: what a tensor will be (dtype, shape) and how to produce it.
+
+Operations pass `dict[str, LazyTensor]` around; nothing is computed until the writer or
+a runtime calls `load()`, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Callable
+
+from sdkit.io.model_file import ModelFile, tensor_nbytes
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor not yet produced: `load()` must return exactly this dtype and shape."""
+
+    dtype: str  # safetensors code, e.g. "F16"
+    shape: tuple[int, ...]
+    load: Callable[[], "torch.Tensor"]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def lazy_tensors(model_file: ModelFile) -> dict[str, LazyTensor]:
+    """Every tensor of a ModelFile, wrapped without loading any of them."""
+    return {name: LazyTensor(info.dtype, info.shape, partial(model_file.load, name))
+            for name, info in model_file.infos.items()}

@@ -1,0 +1,239 @@
+"""Open PyTorch checkpoints (`.ckpt .pt .pth .bin`) without running any pickled code.
+
+Both layouts `torch.save` has used are read:
+- zip (PyTorch >= 1.6): `<dir>/data.pkl` holds the object, `<dir>/data/<key>` the raw
+  bytes of each storage, stored uncompressed, so they are memory-mapped in place;
+- legacy (older): magic number, protocol, system info and the object as consecutive
+  pickles, then the list of storage keys, then each storage as an 8-byte element count
+  followed by its bytes.
+Storages are mapped once per file and shared by all tensors viewing them, so tied weights
+load as views of one buffer (compare `untyped_storage().data_ptr()`); names of tensors
+that are the very same view are listed in `extra["__shared__"]` as sorted groups.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from sdkit.errors import SdkitError
+from sdkit.io.flatten import FlattenError, Flattened, flatten_checkpoint
+from sdkit.io.mapped import map_region, tensor_from_mapping, torch_dtype
+from sdkit.io.model_file import DTYPE_BITS, ModelFile, TensorInfo
+from sdkit.io.unpickler import PickledTensor, StorageRef, restricted_load
+
+if TYPE_CHECKING:
+    import mmap
+
+    import torch
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_MAX_PICKLE_BYTES = 1 << 30  # data.pkl of the largest real checkpoints is a few MB
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
+
+
+def _invalid(path: Path, what: str) -> SdkitError:
+    return SdkitError(f"{path}: not a valid checkpoint: {what}")
+
+
+class _ZipStorages:
+    """Finds storage records of a torch zip archive and their offsets in the file."""
+
+    def __init__(self, path: Path, file: BinaryIO, archive: zipfile.ZipFile, prefix: str) -> None:
+        self.path, self.file, self.archive, self.prefix = path, file, archive, prefix
+        self.file_size = os.fstat(file.fileno()).st_size
+        self.refs: dict[str, StorageRef] = {}
+
+    def resolve(self, key: str, dtype: str, nbytes: int) -> StorageRef:
+        ref = self.refs.get(key)
+        if ref is None:
+            ref = self.refs[key] = StorageRef(key, dtype, nbytes)
+            ref.file_offset = self._record_offset(key, nbytes)
+        elif ref.dtype != dtype or ref.nbytes != nbytes:
+            raise _invalid(self.path, f"storage {key!r} is declared twice differently")
+        return ref
+
+    def _record_offset(self, key: str, nbytes: int) -> int:
+        try:
+            record = self.archive.getinfo(f"{self.prefix}data/{key}")
+        except KeyError:
+            raise _invalid(self.path, f"storage {key!r} is missing from the archive") from None
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise _invalid(self.path, f"storage {key!r} is compressed; PyTorch stores them raw")
+        if record.file_size < nbytes:
+            raise _invalid(self.path, f"storage {key!r} has {record.file_size} bytes, "
+                                      f"{nbytes} declared")
+        self.file.seek(record.header_offset)
+        local = self.file.read(_LOCAL_HEADER.size)
+        if len(local) < _LOCAL_HEADER.size or local[:4] != b"PK\x03\x04":
+            raise _invalid(self.path, f"storage {key!r}: broken zip entry")
+        name_length, extra_length = _LOCAL_HEADER.unpack(local)[1:]
+        offset = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        if offset + nbytes > self.file_size:
+            raise _invalid(self.path, f"storage {key!r} runs past the end of the file")
+        return offset
+
+
+def _read_record(path: Path, archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    record = archive.getinfo(name)
+    if record.file_size > limit:
+        raise _invalid(path, f"{name} declares {record.file_size} bytes")
+    try:
+        return archive.read(record)
+    except Exception as exc:  # zipfile raises a wide variety on damaged entries
+        raise _invalid(path, f"cannot read {name} ({exc.__class__.__name__}: {exc})") from None
+
+
+def _archive_prefix(path: Path, archive: zipfile.ZipFile) -> str:
+    pickles = [name for name in archive.namelist()
+               if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        raise _invalid(path, "zip archive without exactly one <dir>/data.pkl "
+                             "(not a torch.save file)")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = f"{prefix}byteorder"
+    if byteorder in archive.namelist() and _read_record(path, archive, byteorder, 16) != b"little":
+        raise _invalid(path, "big-endian checkpoints are not supported")
+    return prefix
+
+
+def _load_zip(path: Path, file: BinaryIO) -> Any:
+    try:
+        archive = zipfile.ZipFile(file)
+    except Exception as exc:  # BadZipFile, struct.error, OverflowError, ... on damaged archives
+        raise _invalid(path, f"broken zip archive ({exc.__class__.__name__}: {exc})") from None
+    with archive:
+        prefix = _archive_prefix(path, archive)
+        pickled = _read_record(path, archive, f"{prefix}data.pkl", _MAX_PICKLE_BYTES)
+        storages = _ZipStorages(path, file, archive, prefix)
+        return restricted_load(io.BytesIO(pickled), path, storages.resolve)
+
+
+def _load_legacy(path: Path, file: BinaryIO) -> Any:
+    refs: dict[str, StorageRef] = {}
+
+    def no_storage(key: str, dtype: str, nbytes: int) -> StorageRef:
+        raise _invalid(path, "storage reference outside the checkpoint object")
+
+    def record(key: str, dtype: str, nbytes: int) -> StorageRef:
+        ref = refs.setdefault(key, StorageRef(key, dtype, nbytes))
+        if ref.dtype != dtype or ref.nbytes != nbytes:
+            raise _invalid(path, f"storage {key!r} is declared twice differently")
+        return ref
+
+    if restricted_load(file, path, no_storage) != _LEGACY_MAGIC:
+        raise _invalid(path, "not a torch.save file (magic number missing)")
+    if restricted_load(file, path, no_storage) != _LEGACY_PROTOCOL:
+        raise _invalid(path, "unsupported legacy protocol version")
+    system = restricted_load(file, path, no_storage)
+    if not isinstance(system, dict) or system.get("little_endian") is not True:
+        raise _invalid(path, "big-endian checkpoints are not supported")
+    obj = restricted_load(file, path, record)
+    keys = restricted_load(file, path, no_storage)
+    _locate_legacy_storages(path, file, refs, keys)
+    return obj
+
+
+def _locate_legacy_storages(path: Path, file: BinaryIO, refs: dict[str, StorageRef],
+                            keys: Any) -> None:
+    if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys) \
+            or len(set(keys)) != len(keys) or set(keys) != set(refs):
+        raise _invalid(path, "storage list does not match the storages the object uses")
+    file_size = os.fstat(file.fileno()).st_size
+    position = file.tell()
+    for key in keys:
+        ref = refs[key]
+        file.seek(position)
+        count = int.from_bytes(file.read(8), "little", signed=True)
+        ref.file_offset = position + 8
+        position = ref.file_offset + count * DTYPE_BITS[ref.dtype] // 8
+        if count * DTYPE_BITS[ref.dtype] != ref.nbytes * 8 or position > file_size:
+            raise _invalid(path, f"storage {key!r} is truncated or has the wrong size")
+
+
+class _CheckpointTensors:
+    """Materializes placeholders; each storage is mapped once and shared by its views."""
+
+    def __init__(self, path: Path, fileno: int, tensors: dict[str, PickledTensor]) -> None:
+        self.path = path
+        self.fileno: int | None = fileno
+        self.tensors = tensors
+        self.mappings: dict[str, tuple[mmap.mmap, int]] = {}
+
+    def load(self, name: str) -> "torch.Tensor":
+        import torch
+
+        placeholder = self.tensors[name]
+        dtype = torch_dtype(placeholder.dtype, f"{self.path}: tensor {name!r}")
+        if 0 in placeholder.shape:
+            return torch.empty(placeholder.shape, dtype=dtype)
+        mapping, start = self._mapping(placeholder.storage, name)
+        count = placeholder.storage.nbytes // dtype.itemsize
+        flat = tensor_from_mapping(mapping, start, dtype, count)
+        return flat.as_strided(placeholder.shape, placeholder.stride, placeholder.offset)
+
+    def _mapping(self, storage: StorageRef, name: str) -> tuple[mmap.mmap, int]:
+        if self.fileno is None:
+            raise SdkitError(f"{self.path}: file was closed before tensor {name!r} was loaded")
+        if storage.key not in self.mappings:
+            self.mappings[storage.key] = map_region(self.fileno, storage.file_offset,
+                                                    storage.nbytes)
+        return self.mappings[storage.key]
+
+    def close(self) -> None:
+        self.mappings.clear()  # loaded tensors keep their own mappings alive
+        if self.fileno is not None:
+            os.close(self.fileno)
+            self.fileno = None
+
+
+def _shared_groups(tensors: dict[str, PickledTensor]) -> list[list[str]]:
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name, placeholder in tensors.items():
+        groups.setdefault(placeholder.view_key(), []).append(name)
+    return sorted(sorted(names) for names in groups.values() if len(names) > 1)
+
+
+def _read_object(path: Path, file: BinaryIO) -> Any:
+    start = file.read(9)
+    file.seek(0)
+    if start.startswith(b"PK\x03\x04"):
+        return _load_zip(path, file)
+    if start[:1] == b"\x80":
+        return _load_legacy(path, file)
+    hint = " (it looks like safetensors; name it .safetensors)" if start[8:] == b"{" else ""
+    raise SdkitError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle){hint}")
+
+
+def _flatten(path: Path, obj: Any) -> Flattened:
+    try:
+        return flatten_checkpoint(obj)
+    except FlattenError as exc:
+        raise _invalid(path, str(exc)) from None
+
+
+def open_checkpoint(path: Path) -> ModelFile:
+    """ModelFile over a torch.save file; tensors are mapped lazily on load."""
+    fileno = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        with os.fdopen(os.dup(fileno), "rb") as file:
+            obj = _read_object(path, file)
+        flat = _flatten(path, obj)
+        size = os.fstat(fileno).st_size
+    except BaseException:
+        os.close(fileno)
+        raise
+    infos = {name: TensorInfo(name, t.dtype, t.shape) for name, t in flat.tensors.items()}
+    extra = dict(flat.extra)
+    shared = _shared_groups(flat.tensors)
+    if shared:
+        extra["__shared__"] = shared
+    tensors = _CheckpointTensors(path, fileno, flat.tensors)
+    return ModelFile(path=path, format="pickle", infos=infos, metadata=flat.metadata, extra=extra,
+                     size_bytes=size, _loader=tensors.load, _closer=tensors.close)

@@ -1,0 +1,173 @@
+"""Streaming, atomic safetensors writer.
+
+The header is written first (every dtype and shape is known before any tensor exists),
+then each tensor is produced, checked, written and dropped, so peak memory is one tensor.
+The bytes go to `.<name>.<random>.partial` beside the target, which is fsynced and
+renamed over the target only when complete; on any failure, Ctrl-C included, the
+partial file is removed and the target is untouched.
+
+Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
+alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors
+the bytes are identical. The reference writer orders `__metadata__` keys arbitrarily;
+we sort them, so the two agree whenever metadata has at most one key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Callable, Mapping
+
+from sdkit.errors import SdkitError
+from sdkit.io.lazy import LazyTensor
+from sdkit.io.safetensors_header import MAX_HEADER_SIZE
+
+# dtype codes by increasing alignment, as the reference `Dtype` enum orders them
+DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+               "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+               "C64", "F64", "I64", "U64")
+_RANK = {code: rank for rank, code in enumerate(DTYPE_ORDER)}
+
+Progress = Callable[[int], None]
+
+
+def write_order(tensors: Mapping[str, LazyTensor]) -> list[str]:
+    """Names in the order their data is laid out: descending dtype alignment, then name."""
+    return sorted(tensors, key=lambda name: (-_RANK[tensors[name].dtype], name))
+
+
+def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None) -> bytes:
+    """The JSON header, padded with spaces to a multiple of 8 bytes."""
+    document: dict[str, object] = {}
+    if metadata is not None:
+        document["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for name in write_order(tensors):
+        lazy = tensors[name]
+        document[name] = {"dtype": lazy.dtype, "shape": list(lazy.shape),
+                          "data_offsets": [offset, offset + lazy.nbytes]}
+        offset += lazy.nbytes
+    raw = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _check_text(path: Path, text: object, what: str) -> None:
+    if not isinstance(text, str):
+        raise SdkitError(f"{path}: {what} {text!r} is not a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SdkitError(f"{path}: {what} {text!r} is not valid unicode") from None
+
+
+def _check_request(path: Path, tensors: Mapping[str, LazyTensor],
+                   metadata: Mapping[str, str] | None) -> None:
+    from sdkit.io.dtypes import CODE_TO_TORCH
+
+    for name, lazy in tensors.items():
+        _check_text(path, name, "tensor name")
+        if name == "__metadata__":
+            raise SdkitError(f"{path}: a tensor cannot be named __metadata__")
+        if not isinstance(lazy, LazyTensor) or lazy.dtype not in CODE_TO_TORCH:
+            what = getattr(lazy, "dtype", lazy)
+            raise SdkitError(f"{path}: tensor {name!r}: cannot write {what!r}")
+        if not isinstance(lazy.shape, tuple) or not all(
+                type(dim) is int and dim >= 0 for dim in lazy.shape):
+            raise SdkitError(f"{path}: tensor {name!r}: shape {lazy.shape!r} is not a tuple of "
+                             "non-negative integers")
+    for key, value in (metadata or {}).items():
+        _check_text(path, key, "metadata key")
+        _check_text(path, value, f"metadata[{key!r}]")
+
+
+def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> int:
+    import torch
+
+    from sdkit.io.dtypes import CODE_TO_TORCH
+
+    tensor = lazy.load()
+    produced = (f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                else type(tensor).__name__)
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != CODE_TO_TORCH[lazy.dtype] \
+            or tuple(tensor.shape) != lazy.shape:
+        raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
+                         f"but produced {produced}")
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    file.write(data)  # type: ignore[arg-type]  # numpy arrays expose the buffer protocol
+    return data.nbytes
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable; folders cannot be opened on every platform (best effort)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # the original error is the one worth reporting
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise SdkitError(f"{path}: is a folder")
+    if path.exists() and not overwrite:
+        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+
+
+def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
+               progress: Progress | None) -> None:
+    file.write(len(header).to_bytes(8, "little"))
+    file.write(header)
+    for name in write_order(tensors):
+        written = _write_tensor(file, path, name, tensors[name])
+        if progress is not None:
+            progress(written)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTensor],
+                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
+                      progress: Progress | None = None) -> Path:
+    """Write `tensors` (produced one at a time) to a safetensors file, atomically.
+
+    `metadata` None writes no `__metadata__`; `progress(n)` is called after each tensor
+    with the bytes just written. Returns the path written.
+    """
+    path = Path(path)
+    _check_request(path, tensors, metadata)
+    _refuse_existing(path, overwrite)
+    header = build_header(tensors, metadata)
+    if len(header) > MAX_HEADER_SIZE:
+        raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
+                         f"{MAX_HEADER_SIZE}-byte limit of the format")
+    partial = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    try:
+        file = open(partial, "xb")
+    except OSError as exc:
+        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with file:
+            _write_all(file, path, tensors, header, progress)
+        _refuse_existing(path, overwrite)  # it may have appeared while we wrote
+        os.replace(partial, path)
+    except BaseException as exc:
+        _remove_quietly(partial)
+        if isinstance(exc, OSError):
+            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise
+    _fsync_folder(path.parent)
+    return path

@@ -1,0 +1,193 @@
+"""The streaming safetensors writer: same bytes as `safetensors.torch.save_file`, one
+tensor in memory at a time, and never a partial or clobbered output."""
+
+from __future__ import annotations
+
+import json
+import signal
+import struct
+import weakref
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor, lazy_tensors, model_from_tensors, write_safetensors
+from sdkit.io.dtypes import CODE_TO_TORCH, TORCH_TO_CODE
+
+
+def lazy(tensor: torch.Tensor) -> LazyTensor:
+    return LazyTensor(TORCH_TO_CODE[tensor.dtype], tuple(tensor.shape), lambda: tensor)
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    tensors = {f"w.{code}": torch.randn(3, 2, generator=generator).to(dtype)
+               for code, dtype in CODE_TO_TORCH.items() if dtype.is_floating_point}
+    tensors.update({
+        "idx": torch.arange(7), "mask": torch.tensor([True, False, True]),
+        "b": torch.tensor([-1, 2], dtype=torch.int8), "a": torch.tensor([1], dtype=torch.uint8),
+        "u16": torch.tensor([5, 6]).to(torch.uint16), "u32": torch.tensor([7]).to(torch.uint32),
+        "u64": torch.tensor([8]).to(torch.uint64), "i16": torch.tensor([9], dtype=torch.int16),
+        "i32": torch.tensor([-9], dtype=torch.int32),
+        "c": torch.randn(2, dtype=torch.complex64, generator=generator),
+        "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4, dtype=torch.float16),
+        "Zé": torch.ones(2, dtype=torch.float16), "_": torch.ones(1, dtype=torch.int32)})
+    return tensors
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"},
+                                      {"note": 'quote " backslash \\ tab \t nl \n \x01 é 漢 \x7f'}],
+                         ids=["none", "empty", "one-key", "escapes"])
+def test_bytes_equal_reference_writer(tmp_path: Path, metadata) -> None:
+    tensors = mixed_tensors()
+    reference = tmp_path / "reference.safetensors"
+    safetensors.torch.save_file(tensors, reference, metadata=metadata)
+    ours = write_safetensors(tmp_path / "ours.safetensors",
+                             {name: lazy(t) for name, t in tensors.items()}, metadata)
+    assert ours.read_bytes() == reference.read_bytes()
+
+
+def test_round_trip_with_metadata_keys_sorted(tmp_path: Path) -> None:
+    tensors = mixed_tensors()
+    metadata = {"zeta": "1", "alpha": "2", "mid": "3"}
+    path = write_safetensors(tmp_path / "out.safetensors",
+                             lazy_tensors(model_from_tensors(tensors)), metadata)
+    loaded = safetensors.torch.load_file(path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8),
+                           tensor.reshape(-1).view(torch.uint8))
+    with safetensors.safe_open(str(path), "pt") as handle:
+        assert handle.metadata() == metadata
+    raw = path.read_bytes()
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    assert header_size % 8 == 0
+    header = json.loads(raw[8:8 + header_size])
+    assert list(header["__metadata__"]) == ["alpha", "mid", "zeta"]
+
+
+def test_non_contiguous_and_grad_tensors(tmp_path: Path) -> None:
+    base = torch.randn(4, 5, requires_grad=True)
+    tensors = {"t": base.t(), "s": base[:, ::2]}
+    path = write_safetensors(tmp_path / "v.safetensors", {k: lazy(v) for k, v in tensors.items()})
+    loaded = safetensors.torch.load_file(path)
+    assert torch.equal(loaded["t"], base.t().detach())
+    assert torch.equal(loaded["s"], base[:, ::2].detach())
+
+
+def test_one_tensor_alive_at_a_time(tmp_path: Path) -> None:
+    alive: list[weakref.ref] = []
+
+    def producer(size: int) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:  # refcounting frees a dropped tensor at once
+            assert all(ref() is None for ref in alive), "an earlier tensor is still referenced"
+            tensor = torch.full((size,), float(size))
+            alive.append(weakref.ref(tensor))
+            return tensor
+        return load
+
+    tensors = {f"t{i}": LazyTensor("F32", (1000 + i,), producer(1000 + i)) for i in range(5)}
+    progress: list[int] = []
+    path = write_safetensors(tmp_path / "s.safetensors", tensors, progress=progress.append)
+    assert sorted(progress) == [4 * (1000 + i) for i in range(5)]
+    assert safetensors.torch.load_file(path)["t3"][0].item() == 1003.0
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"precious")
+
+    def never() -> torch.Tensor:
+        raise AssertionError("a tensor was produced")
+
+    with pytest.raises(SdkitError, match="already exists"):
+        write_safetensors(target, {"w": LazyTensor("F32", (1,), never)})
+    assert target.read_bytes() == b"precious" and files_in(tmp_path) == ["out.safetensors"]
+    write_safetensors(target, {"w": lazy(torch.ones(1))}, overwrite=True)
+    assert safetensors.torch.load_file(target)["w"].tolist() == [1.0]
+    assert files_in(tmp_path) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt()],
+                         ids=["error", "ctrl-c"])
+def test_failure_mid_write_leaves_nothing(tmp_path: Path, failure: BaseException) -> None:
+    def explode() -> torch.Tensor:
+        raise failure
+
+    tensors = {"a": lazy(torch.ones(100)), "b": LazyTensor("F32", (3,), explode)}
+    with pytest.raises(type(failure)):
+        write_safetensors(tmp_path / "out.safetensors", tensors)
+    assert files_in(tmp_path) == []
+
+
+def test_failure_keeps_the_previous_output(tmp_path: Path) -> None:
+    target = tmp_path / "out.safetensors"
+    safetensors.torch.save_file({"old": torch.zeros(2)}, target)
+    before = target.read_bytes()
+    bad = {"w": LazyTensor("F32", (2,), lambda: torch.zeros(3))}
+    with pytest.raises(SdkitError):
+        write_safetensors(target, bad, overwrite=True)
+    assert target.read_bytes() == before and files_in(tmp_path) == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("declared,message", [
+    (LazyTensor("F32", (2,), lambda: torch.zeros(2, dtype=torch.float16)), "torch.float16"),
+    (LazyTensor("F32", (2,), lambda: torch.zeros(2, 1)), "[2, 1]"),
+    (LazyTensor("F32", (2,), lambda: [0.0, 0.0]), "produced list"),
+], ids=["dtype", "shape", "not-a-tensor"])
+def test_mismatch_names_the_tensor(tmp_path: Path, declared: LazyTensor, message: str) -> None:
+    tensors = {"ok": lazy(torch.ones(1)), "bad.key": declared}
+    with pytest.raises(SdkitError, match="tensor 'bad.key' was declared F32") as error:
+        write_safetensors(tmp_path / "out.safetensors", tensors)
+    assert message in str(error.value)
+    assert files_in(tmp_path) == []
+
+
+@pytest.mark.parametrize("tensors,metadata,message", [
+    ({"w": LazyTensor("F4", (2,), torch.zeros)}, None, "cannot write 'F4'"),
+    ({"w": LazyTensor("F32", [2], torch.zeros)}, None, "not a tuple"),
+    ({"w": LazyTensor("F32", (-1,), torch.zeros)}, None, "not a tuple"),
+    ({"__metadata__": LazyTensor("F32", (1,), torch.zeros)}, None, "cannot be named"),
+    ({}, {"k": 1}, "metadata['k'] 1 is not a string"),
+    ({}, {"\ud800": "x"}, "not valid unicode"),
+], ids=["sub-byte", "list-shape", "negative", "reserved-name", "int-metadata", "surrogate"])
+def test_bad_requests(tmp_path: Path, tensors, metadata, message: str) -> None:
+    with pytest.raises(SdkitError, match="out.safetensors") as error:
+        write_safetensors(tmp_path / "out.safetensors", tensors, metadata)
+    assert message in str(error.value)
+    assert files_in(tmp_path) == []
+
+
+def test_unwritable_destinations(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SdkitError, match="cannot write"):
+        write_safetensors(blocker / "out.safetensors", {"w": lazy(torch.ones(1))})
+    with pytest.raises(SdkitError, match="cannot write: No such file"):
+        write_safetensors(tmp_path / "missing" / "out.safetensors", {"w": lazy(torch.ones(1))})
+    with pytest.raises(SdkitError, match="is a folder"):
+        write_safetensors(tmp_path, {"w": lazy(torch.ones(1))}, overwrite=True)
+
+
+def test_disk_full_is_a_clean_error(tmp_path: Path) -> None:
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(SdkitError, match="cannot write: File too large"):
+            write_safetensors(tmp_path / "out.safetensors", {"w": lazy(torch.ones(1 << 18))})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert files_in(tmp_path) == []
