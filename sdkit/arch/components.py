@@ -1,0 +1,134 @@
+"""Find and measure text encoders and VAEs, in single files and diffusers folders alike.
+
+Text encoders are found by their token-embedding table:
+- HF CLIP (`embeddings.token_embedding.weight`), with or without the `text_model.` level
+  (transformers 5 saves `CLIPTextModel` without it; LDM and kohya files have it);
+- OpenCLIP (`token_embedding.weight` beside `transformer.resblocks.*`), as in SD2
+  `cond_stage_model.model.*` and SDXL `conditioner.embedders.{0,1}.model.*`;
+- T5 encoders (`shared.weight` / `encoder.embed_tokens.weight`, SD3 / Flux).
+Their place in the file says which diffusers component they are (formats.md (b)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sdkit.arch.keyview import KeyView
+
+_HF_TOKEN_TABLE = "embeddings.token_embedding.weight"
+_OPENCLIP_TOKEN_TABLE = "token_embedding.weight"
+_T5_TABLES = ("encoder.embed_tokens.weight", "shared.weight")
+_TOKEN_TABLES = (_OPENCLIP_TOKEN_TABLE, *_T5_TABLES)  # every HF CLIP table ends like OpenCLIP's
+# subtrees that never hold a text encoder (checkpoint denoiser, VAE, EMA copies)
+_NOT_TEXT = ("model.diffusion_model.", "first_stage_model.", "model_ema.")
+_SD3_SLOTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+
+
+@dataclass
+class TextEncoderFacts:
+    component: str  # diffusers component name: text_encoder | text_encoder_2 | text_encoder_3
+    prefix: str  # key prefix of this encoder in the file
+    architecture: str  # "clip" (HF layout) | "openclip" | "t5"
+    width: int
+    layers: int
+    projection: bool
+    text_model_level: bool | None = None  # HF CLIP keys carry `text_model.`
+
+    def to_facts(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class VaeFacts:
+    convention: str  # "ldm" | "diffusers"
+    latent_channels: int
+    channels: int  # first encoder / last decoder conv width (128 in every released VAE)
+    levels: int
+    has_encoder: bool
+
+    def to_facts(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_text_encoders(view: KeyView, component: str | None = None) -> list[TextEncoderFacts]:
+    """Every text encoder in `view`; `component` names it when the caller already knows it."""
+    found: dict[str, TextEncoderFacts] = {}
+    for name in view.names:
+        if name.startswith(_NOT_TEXT):
+            continue
+        facts = _measure_encoder(view, name)
+        if facts is not None and facts.prefix not in found:
+            facts.component = component or _component_for(facts)
+            found[facts.prefix] = facts
+    return list(found.values())
+
+
+def _measure_encoder(view: KeyView, name: str) -> TextEncoderFacts | None:
+    if not name.endswith(_TOKEN_TABLES) or len(view.shape(name)) != 2:
+        return None  # not a (vocabulary, width) token table
+    if name.endswith(_HF_TOKEN_TABLE):
+        root = name[: -len(_HF_TOKEN_TABLE)]
+        nested = root.endswith("text_model.")
+        prefix = root[: -len("text_model.")] if nested else root
+        return TextEncoderFacts(
+            component="", prefix=prefix, architecture="clip", width=view.shape(name)[1],
+            layers=len(view.indices(_layer_pattern(root + "encoder.layers."))),
+            projection=view.has(prefix + "text_projection.weight"), text_model_level=nested,
+        )
+    if name.endswith(_OPENCLIP_TOKEN_TABLE):
+        prefix = name[: -len(_OPENCLIP_TOKEN_TABLE)]
+        return TextEncoderFacts(
+            component="", prefix=prefix, architecture="openclip", width=view.shape(name)[1],
+            layers=len(view.indices(_layer_pattern(prefix + "transformer.resblocks."))),
+            projection=view.has(prefix + "text_projection"),
+        )
+    for table in _T5_TABLES:
+        if name.endswith(table):
+            prefix = name[: -len(table)]
+            layers = view.indices(_layer_pattern(prefix + "encoder.block."))
+            if layers:
+                return TextEncoderFacts(component="", prefix=prefix, architecture="t5",
+                                        width=view.shape(name)[1], layers=len(layers),
+                                        projection=False)
+    return None
+
+
+def _layer_pattern(prefix: str) -> str:
+    escaped = prefix.replace(".", r"\.")
+    return escaped + r"(\d+)\."
+
+
+def _component_for(facts: TextEncoderFacts) -> str:
+    """Diffusers component name of an encoder found at `facts.prefix` in a single file."""
+    prefix = facts.prefix
+    if prefix.startswith("text_encoders."):
+        slot = prefix.split(".")[1]
+        return _SD3_SLOTS.get(slot, "text_encoder")
+    if prefix.startswith("conditioner.embedders."):
+        # SDXL: CLIP-L is text_encoder, OpenCLIP bigG is text_encoder_2 (refiner: bigG only)
+        return "text_encoder_2" if facts.architecture == "openclip" else "text_encoder"
+    if not prefix and facts.architecture == "clip" and facts.projection:
+        return "text_encoder_2"  # CLIPTextModelWithProjection: SDXL's second encoder
+    return "text_encoder"
+
+
+def probe_vae(view: KeyView) -> VaeFacts | None:
+    """Facts of the autoencoder in `view` (LDM or diffusers names), or None."""
+    decoder_in = view.shape("decoder.conv_in.weight")
+    if decoder_in is None or len(decoder_in) != 4:
+        return None
+    if view.has_prefix("decoder.up_blocks."):
+        convention, levels = "diffusers", view.indices(r"decoder\.up_blocks\.(\d+)\.")
+    elif view.has_prefix("decoder.up."):
+        convention, levels = "ldm", view.indices(r"decoder\.up\.(\d+)\.")
+    else:
+        return None
+    encoder_in = view.shape("encoder.conv_in.weight") or ()
+    decoder_out = view.shape("decoder.conv_out.weight") or ()
+    if len(encoder_in) == 4:
+        channels = encoder_in[0]
+    else:  # decoder-only file: the last decoder conv reads the same width
+        channels = decoder_out[1] if len(decoder_out) == 4 else 0
+    return VaeFacts(convention=convention, latent_channels=decoder_in[1], channels=channels,
+                    levels=len(levels), has_encoder=bool(encoder_in))

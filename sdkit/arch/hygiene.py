@@ -1,0 +1,99 @@
+"""File-health facts: EMA copies, broken CLIP position ids, NaN/Inf tensors, dtypes.
+
+Reads at most a few tiny tensors, except the NaN/Inf scan, which walks every float tensor
+one at a time in fixed-size chunks so the model is never held in memory.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Callable
+
+from sdkit.arch.identity import Precision
+from sdkit.io.model_file import FLOAT_DTYPES, ModelFile
+
+if TYPE_CHECKING:
+    import torch
+
+_EMA_PREFIX = "model_ema."
+_EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+_SCAN_CHUNK = 1 << 22  # elements checked per step of the NaN/Inf scan
+# dtypes torch cannot sum directly: widened chunk by chunk
+_NARROW_FLOATS = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
+
+
+def ema_tensor_names(model: ModelFile) -> list[str]:
+    """LDM EMA weights (`model_ema.<dotless path>`), without the decay / step counters."""
+    return [name for name in model.infos
+            if name.startswith(_EMA_PREFIX) and name not in _EMA_COUNTERS]
+
+
+def broken_position_ids(model: ModelFile) -> dict[str, str]:
+    """CLIP `position_ids` buffers that are not the int64 0..n-1 ramp, with what is wrong.
+
+    Merges that average every tensor turn them into floats that drift off the integers
+    (arenasys toolkit `fix_clip`, ComfyUI `process_clip_state_dict`).
+    """
+    import torch
+
+    problems = {}
+    for name, info in model.infos.items():
+        if not name.endswith("position_ids"):
+            continue
+        values = model.load(name).reshape(-1)
+        expected = torch.arange(values.numel(), dtype=torch.float64)
+        wrong = int((values.to(torch.float64) != expected).sum())
+        issues = []
+        if info.dtype in FLOAT_DTYPES:
+            issues.append(f"stored as {info.dtype} instead of I64")
+        if wrong:
+            issues.append(f"{wrong} of {values.numel()} values are not 0..{values.numel() - 1}")
+        if issues:
+            problems[name] = "; ".join(issues)
+    return problems
+
+
+def non_finite_tensors(model: ModelFile) -> list[str]:
+    """Names of float tensors holding NaN or Inf; reads every float tensor in chunks."""
+    bad = []
+    for name, info in model.infos.items():
+        if info.dtype not in FLOAT_DTYPES or info.numel == 0:
+            continue
+        flat = model.load(name).reshape(-1)
+        for start in range(0, flat.numel(), _SCAN_CHUNK):
+            if not _all_finite(flat[start:start + _SCAN_CHUNK], info.dtype):
+                bad.append(name)
+                break
+        del flat
+    return bad
+
+
+def _all_finite(chunk: "torch.Tensor", dtype: str) -> bool:
+    import torch
+
+    if dtype == "F64":  # the one dtype whose finite values can overflow a float64 sum
+        return bool(torch.isfinite(chunk).all())
+    if dtype in _NARROW_FLOATS:
+        chunk = chunk.to(torch.float32)
+    # a float64 sum of narrower finite values cannot overflow, and NaN/Inf always
+    # propagate: one reduction instead of an elementwise test plus a reduction
+    return bool(torch.isfinite(chunk.sum(dtype=torch.float64)))
+
+
+def precision_of(model: ModelFile, component_of: Callable[[str], str]) -> Precision:
+    """Dominant dtype (by element count) overall and per component; floats outrank ints."""
+    per_component: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    overall: dict[str, int] = defaultdict(int)
+    for name, info in model.infos.items():
+        per_component[component_of(name)][info.dtype] += info.numel
+        overall[info.dtype] += info.numel
+    return Precision(
+        dominant=_dominant(overall),
+        components={comp: _dominant(counts) for comp, counts in per_component.items()},
+    )
+
+
+def _dominant(counts: dict[str, int]) -> str | None:
+    floats = {dtype: n for dtype, n in counts.items() if dtype in FLOAT_DTYPES}
+    pool = floats or counts
+    return max(pool, key=lambda dtype: (pool[dtype], dtype)) if pool else None

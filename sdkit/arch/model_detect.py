@@ -1,0 +1,264 @@
+"""Identify full models and their parts: checkpoints, UNets / transformers, VAEs, text
+encoders and ControlNets, as LDM single files or diffusers folders.
+
+Single files (formats.md (g)): `model.diffusion_model.*` (denoiser), `first_stage_model.*`
+(VAE), `cond_stage_model.*` / `conditioner.embedders.N.*` / `text_encoders.*` (text encoders),
+`control_model.*` (ControlNet), or the same trees without prefix as standalone parts.
+Diffusers folders: one ModelFile per component, plus `model_index.json` and each config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from sdkit.arch.components import TextEncoderFacts, VaeFacts, find_text_encoders, probe_vae
+from sdkit.arch.denoiser import DenoiserFacts, probe_denoiser, unet_variant
+from sdkit.arch.hygiene import precision_of
+from sdkit.arch.identity import Identity
+from sdkit.arch.keyview import KeyView
+from sdkit.arch.metadata import MetadataHints
+from sdkit.arch.prediction import denoiser_prediction
+from sdkit.arch.structure import (StructureHints, denoiser_family, dimension_mismatches,
+                                  text_encoder_family, vae_compatible_families, vae_mismatches)
+from sdkit.io.model_file import ModelFile
+
+_CONTROLNET_MARKERS = ("control_model.", "controlnet_cond_embedding.", "controlnet_down_blocks.",
+                       "controlnet_blocks.", "input_hint_block.", "zero_convs.")
+_COMPONENT_ORDER = ("unet", "transformer", "controlnet", "vae", "text_encoder", "text_encoder_2",
+                    "text_encoder_3")
+
+
+@dataclass
+class Parts:
+    """What a model file holds, measured."""
+
+    denoiser: DenoiserFacts | None = None
+    denoiser_view: KeyView | None = None
+    denoiser_component: str = "unet"
+    vae: VaeFacts | None = None
+    encoders: list[TextEncoderFacts] = field(default_factory=list)
+    controlnet: bool = False
+
+    def components(self) -> list[str]:
+        names = [e.component for e in self.encoders]
+        if self.denoiser is not None:
+            names.append(self.denoiser_component)
+        if self.vae is not None:
+            names.append("vae")
+        return order_components(names)
+
+
+def order_components(names: list[str]) -> list[str]:
+    unique = list(dict.fromkeys(names))
+    known = [n for n in _COMPONENT_ORDER if n in unique]
+    return known + sorted(n for n in unique if n not in _COMPONENT_ORDER)
+
+
+def is_controlnet(model: ModelFile) -> bool:
+    return any(name.startswith(_CONTROLNET_MARKERS) or ".input_hint_block." in name
+               for name in model.infos)
+
+
+def single_file_parts(model: ModelFile) -> Parts:
+    parts = Parts(controlnet=is_controlnet(model))
+    if parts.controlnet:
+        prefix = "control_model." if _has_prefix(model, "control_model.") else ""
+        parts.denoiser_component = "controlnet"
+    else:
+        prefix = "model.diffusion_model." if _has_prefix(model, "model.diffusion_model.") else ""
+    parts.denoiser_view = KeyView(model, prefix)
+    parts.denoiser = probe_denoiser(parts.denoiser_view)
+    if parts.denoiser is not None and parts.denoiser.architecture != "unet" and not parts.controlnet:
+        parts.denoiser_component = "transformer"
+    vae_prefix = "first_stage_model." if _has_prefix(model, "first_stage_model.") else ""
+    parts.vae = probe_vae(KeyView(model, vae_prefix))
+    parts.encoders = find_text_encoders(KeyView(model))
+    return parts
+
+
+def _has_prefix(model: ModelFile, prefix: str) -> bool:
+    return any(name.startswith(prefix) for name in model.infos)
+
+
+def kind_of(parts: Parts) -> str:
+    if parts.controlnet:
+        return "controlnet"
+    if parts.denoiser is not None:
+        return "checkpoint" if parts.vae or parts.encoders else "unet"
+    if parts.vae is not None:
+        return "checkpoint" if parts.encoders else "vae"
+    return "text-encoder" if parts.encoders else "unknown"
+
+
+def identify_single_file(model: ModelFile, hints: MetadataHints,
+                         structure: StructureHints | None = None) -> Identity:
+    parts = single_file_parts(model)
+    structure = structure or StructureHints()
+    structure.playground = structure.playground or ("edm_mean" in model.infos and "edm_std" in model.infos)
+    identity = _identify_parts(model, parts, hints, structure, scheduler_config=None)
+    identity.key_convention = _single_file_convention(parts)
+    identity.precision = precision_of(model, component_of_single_file(parts, identity.kind))
+    _checkpoint_notes(model, parts, identity)
+    return identity
+
+
+def identify_component_folder(model: ModelFile, config: dict[str, Any] | None,
+                              hints: MetadataHints) -> Identity:
+    """A lone diffusers component folder: named by the user, so identified by its keys,
+    with its config settling what keys cannot (refiner time ids, SD2 text activation)."""
+    config = config or {}
+    structure = StructureHints(
+        kolors=config.get("encoder_hid_dim_type") == "text_proj",
+        sd2_text_encoder=config.get("hidden_act") == "gelu",
+        addition_time_embed_dim=config.get("addition_time_embed_dim"),
+    )
+    return identify_single_file(model, hints, structure)
+
+
+def _single_file_convention(parts: Parts) -> str:
+    if parts.denoiser is not None:
+        return parts.denoiser.convention
+    if parts.vae is not None:
+        return parts.vae.convention
+    if parts.encoders:
+        hf_bare = all(e.architecture == "clip" and not e.prefix for e in parts.encoders)
+        return "diffusers" if hf_bare else "ldm"
+    return "unknown"
+
+
+def identify_diffusers_folder(model: ModelFile, hints: MetadataHints) -> Identity:
+    index = model.extra.get("model_index") or {}
+    configs = model.extra.get("configs") or {}
+    parts = Parts()
+    for name, component in model.components.items():
+        view = KeyView(component)
+        if name in ("unet", "transformer"):
+            parts.denoiser, parts.denoiser_view, parts.denoiser_component = probe_denoiser(view), view, name
+        elif name == "vae":
+            parts.vae = probe_vae(view)
+        elif name.startswith("text_encoder"):
+            parts.encoders += find_text_encoders(view, component=name)
+    identity = _identify_parts(model, parts, hints, _pipeline_hints(index, configs, model),
+                               scheduler_config=configs.get("scheduler"))
+    identity.key_convention = "diffusers"
+    identity.components = order_components(list(model.components))
+    identity.precision = precision_of(model, lambda name: name.split("/", 1)[0])
+    if index.get("_class_name"):
+        identity.facts["pipeline_class"] = index["_class_name"]
+    return identity
+
+
+def _pipeline_hints(index: dict[str, Any], configs: dict[str, Any], model: ModelFile) -> StructureHints:
+    class_name = str(index.get("_class_name", ""))
+    unet_config = configs.get("unet") or {}
+    vae_config = configs.get("vae") or {}
+    scheduler = index.get("scheduler")
+    encoders = {n for n in model.components if n.startswith("text_encoder")}
+    refiner = None
+    if index.get("requires_aesthetics_score") is True or encoders == {"text_encoder_2"}:
+        refiner = True
+    elif {"text_encoder", "text_encoder_2"} <= encoders:
+        refiner = False
+    edm = isinstance(scheduler, list) and str(scheduler[-1]).startswith("EDM")
+    latent_stats = vae_config.get("latents_mean") is not None and vae_config.get("scaling_factor") == 0.5
+    return StructureHints(
+        playground=edm or latent_stats,
+        kolors="Kolors" in class_name or unet_config.get("encoder_hid_dim_type") == "text_proj",
+        refiner=refiner,
+        sd2_text_encoder=(configs.get("text_encoder") or {}).get("hidden_act") == "gelu",
+        addition_time_embed_dim=unet_config.get("addition_time_embed_dim"),
+    )
+
+
+def _identify_parts(model: ModelFile, parts: Parts, hints: MetadataHints,
+                    structure: StructureHints, scheduler_config: dict[str, Any] | None) -> Identity:
+    identity = Identity(kind=kind_of(parts), components=parts.components())
+    if parts.denoiser is not None:
+        _describe_denoiser(model, parts, hints, structure, scheduler_config, identity)
+    elif parts.encoders and parts.vae is None:
+        identity.family = hints.family or text_encoder_family(parts.encoders, structure)
+        _flag_mismatches(identity, dimension_mismatches(identity.family, None, parts.encoders, None))
+    elif parts.vae is not None:
+        _describe_vae(parts, hints, identity)
+    if parts.vae is not None:
+        identity.facts["vae"] = parts.vae.to_facts()
+        identity.facts["latent_channels"] = parts.vae.latent_channels
+    if parts.encoders:
+        identity.facts["text_encoders"] = [e.to_facts() for e in parts.encoders]
+    return identity
+
+
+def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
+                       structure: StructureHints, scheduler_config: dict[str, Any] | None,
+                       identity: Identity) -> None:
+    denoiser = parts.denoiser
+    structural = denoiser_family(denoiser, parts.encoders, structure)
+    identity.family = structural
+    if hints.family and hints.family != structural:
+        identity.notes.append(f"metadata ({hints.family_source}) says {hints.family}; "
+                              f"the weights say {structural}")
+    identity.variant = unet_variant(denoiser)  # the input channels decide, whatever metadata says
+    identity.prediction, identity.prediction_evidence = denoiser_prediction(
+        identity.family, identity.variant, model, parts.denoiser_view, hints, scheduler_config)
+    facts = denoiser.to_facts()
+    identity.facts.update({
+        "unet_channels": denoiser.channels, "in_channels": denoiser.in_channels,
+        "context_dim": denoiser.context_dim, "adm_channels": denoiser.adm_channels,
+        "denoiser": facts,
+    })
+    if denoiser.architecture == "flux":
+        identity.facts["flux_variant"] = "dev" if denoiser.guidance_embed else "schnell"
+    _flag_mismatches(identity, dimension_mismatches(identity.family, denoiser, parts.encoders, parts.vae))
+
+
+def _describe_vae(parts: Parts, hints: MetadataHints, identity: Identity) -> None:
+    vae = parts.vae
+    compatible = vae_compatible_families(vae)
+    identity.family = hints.family or "unknown"
+    identity.facts["compatible_families"] = compatible
+    if compatible and identity.family == "unknown":
+        identity.notes.append(f"{vae.latent_channels}-channel VAE: fits " + ", ".join(compatible))
+    _flag_mismatches(identity, vae_mismatches(vae, identity.family))
+
+
+def _flag_mismatches(identity: Identity, mismatches: list[str]) -> None:
+    if mismatches:
+        identity.nonstandard = True
+        identity.notes.append("non-standard dimensions: " + "; ".join(mismatches))
+
+
+def _checkpoint_notes(model: ModelFile, parts: Parts, identity: Identity) -> None:
+    if identity.kind == "checkpoint":
+        if parts.vae is not None:
+            identity.notes.append("contains a baked VAE")
+        else:
+            identity.notes.append("no VAE")
+        if not parts.encoders:
+            identity.notes.append("no text encoder")
+        if parts.denoiser is None:
+            identity.notes.append("no UNet")
+    if _has_prefix(model, "depth_model."):
+        identity.notes.append("contains a MiDaS depth estimator (depth_model.*)")
+    if identity.family == "playground-v2.5":
+        identity.notes.append("EDM latent statistics present (edm_mean, edm_std)")
+    identity.facts["scheduler_buffers"] = "alphas_cumprod" in model.infos
+
+
+def component_of_single_file(parts: Parts, kind: str) -> Callable[[str], str]:
+    """Key -> component name, for the per-component precision of a single file."""
+    prefixes = [("model.diffusion_model.", parts.denoiser_component),
+                ("control_model.", "controlnet"), ("first_stage_model.", "vae"),
+                ("model_ema.", "ema")]
+    prefixes += [(e.prefix, e.component) for e in parts.encoders if e.prefix]
+    prefixes.sort(key=lambda item: -len(item[0]))
+    bare = parts.components()[0] if parts.components() and kind != "checkpoint" else "other"
+
+    def component_of(name: str) -> str:
+        for prefix, component in prefixes:
+            if name.startswith(prefix):
+                return component
+        return bare
+
+    return component_of
+

@@ -1,0 +1,135 @@
+"""Decide a family from measured structure, and list where dimensions leave the family's.
+
+Real files are decided by their exact widths (ComfyUI / A1111 / InvokeAI rules); a tiny model
+with other widths is decided by what the families differ in structurally:
+- SD1: cross-attention UNet, no ADM input, one HF CLIP text encoder, 1x1-conv `proj_in`;
+- SD2: as SD1 but OpenCLIP (or a `gelu` HF encoder in diffusers) and Linear `proj_in`;
+- SDXL base: ADM input (`label_emb` / `add_embedding`) and two text encoders;
+- SDXL refiner: ADM input and only the OpenCLIP bigG encoder;
+- Kolors: ADM width 5632 or a text projection (`encoder_hid_proj`); Playground v2.5: EDM
+  latent statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sdkit.arch.components import TextEncoderFacts, VaeFacts
+from sdkit.arch.denoiser import DenoiserFacts
+from sdkit.arch.families import FAMILIES
+
+RELEASED_VAE_CHANNELS = 128  # first conv width of every released SD / SDXL / SD3 / Flux VAE
+_REFINER_TIME_IDS = 5  # refiner ADM = pooled text + 5 size/score embeddings (base: 6)
+
+
+@dataclass
+class StructureHints:
+    """Facts from outside the weights that settle what weights alone cannot."""
+
+    playground: bool = False
+    kolors: bool = False
+    refiner: bool | None = None  # pipeline says so (requires_aesthetics_score, encoders)
+    sd2_text_encoder: bool = False  # diffusers encoder config uses `gelu` (SD2) not `quick_gelu`
+    addition_time_embed_dim: int | None = None  # diffusers UNet config
+
+
+def denoiser_family(denoiser: DenoiserFacts, encoders: list[TextEncoderFacts],
+                    hints: StructureHints) -> str:
+    if denoiser.architecture == "mmdit":
+        return "sd3"
+    if denoiser.architecture == "flux":
+        return "flux"
+    if hints.kolors or denoiser.adm_channels == 5632 or denoiser.encoder_hid_dim:
+        return "kolors"
+    if denoiser.adm_channels is not None:
+        if denoiser.context_dim == 1024:
+            return "sd2"  # SD2 unCLIP: image-embedding ADM on an SD2 UNet
+        if hints.playground:
+            return "playground-v2.5"
+        return "sdxl-refiner" if _is_refiner(denoiser, encoders, hints) else "sdxl-base"
+    if denoiser.context_dim in (768, 1024):
+        return "sd1" if denoiser.context_dim == 768 else "sd2"
+    first = next((e for e in encoders if e.component == "text_encoder"), None)
+    if first is not None:
+        return "sd2" if first.architecture == "openclip" or hints.sd2_text_encoder else "sd1"
+    return "sd2" if denoiser.linear_projection else "sd1"
+
+
+def _is_refiner(denoiser: DenoiserFacts, encoders: list[TextEncoderFacts],
+                hints: StructureHints) -> bool:
+    if hints.refiner is not None:
+        return hints.refiner
+    if (denoiser.context_dim, denoiser.adm_channels) == (1280, 2560):
+        return True
+    if encoders:
+        return all(e.component == "text_encoder_2" for e in encoders)
+    step = hints.addition_time_embed_dim
+    if step and denoiser.context_dim and denoiser.adm_channels:
+        # the refiner's pooled text width equals its context width (both bigG)
+        return denoiser.adm_channels - denoiser.context_dim == _REFINER_TIME_IDS * step
+    return False
+
+
+def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints) -> str:
+    """Family of a file holding only text encoders (a lone bigG reads as SDXL base)."""
+    components = {e.component for e in encoders}
+    if "text_encoder_3" in components:
+        return "sd3"
+    if all(e.architecture == "t5" for e in encoders):
+        return "unknown"  # SD3 and Flux share T5-XXL
+    if "text_encoder_2" in components or any(e.width == 1280 for e in encoders):
+        return "sdxl-base"
+    if hints.sd2_text_encoder or any(e.width == 1024 or e.architecture == "openclip" for e in encoders):
+        return "sd2"
+    return "sd1"
+
+
+def dimension_mismatches(family: str, denoiser: DenoiserFacts | None,
+                         encoders: list[TextEncoderFacts], vae: VaeFacts | None) -> list[str]:
+    """Human-readable differences between measured and released dimensions."""
+    ref = FAMILIES.get(family)
+    found: list[str] = []
+    if ref is not None and denoiser is not None:
+        found += _denoiser_mismatches(family, denoiser)
+    if ref is not None:
+        by_component = {spec.component: spec for spec in ref.text_encoders}
+        for encoder in encoders:
+            spec = by_component.get(encoder.component)
+            if spec is not None and encoder.width != spec.width:
+                found.append(f"{encoder.component} width {encoder.width} ({family} has {spec.width})")
+    if vae is not None:
+        found += vae_mismatches(vae, family)
+    return found
+
+
+def _denoiser_mismatches(family: str, denoiser: DenoiserFacts) -> list[str]:
+    ref = FAMILIES[family]
+    name = "UNet" if denoiser.architecture == "unet" else "transformer"
+    found = []
+    if not ref.accepts_unet_channels(denoiser.channels):
+        found.append(f"{name} width {denoiser.channels} ({family} has {ref.unet_channels})")
+    if denoiser.context_dim is not None and denoiser.context_dim != ref.context_dim:
+        found.append(f"context width {denoiser.context_dim} ({family} has {ref.context_dim})")
+    if ref.adm_channels and denoiser.adm_channels and denoiser.adm_channels != ref.adm_channels:
+        found.append(f"ADM input {denoiser.adm_channels} ({family} has {ref.adm_channels})")
+    if ref.unet_levels and denoiser.levels and denoiser.levels != ref.unet_levels:
+        found.append(f"UNet levels {denoiser.levels} ({family} has {ref.unet_levels})")
+    return found
+
+
+def vae_mismatches(vae: VaeFacts, family: str) -> list[str]:
+    ref = FAMILIES.get(family)
+    found = []
+    if ref is not None and vae.latent_channels != ref.latent_channels:
+        found.append(f"VAE latent channels {vae.latent_channels} ({family} has {ref.latent_channels})")
+    elif ref is None and vae.latent_channels not in (4, 16):
+        found.append(f"VAE latent channels {vae.latent_channels} (released VAEs have 4 or 16)")
+    if vae.channels != RELEASED_VAE_CHANNELS:
+        found.append(f"VAE width {vae.channels} (released VAEs have {RELEASED_VAE_CHANNELS})")
+    return found
+
+
+def vae_compatible_families(vae: VaeFacts) -> list[str]:
+    """Families whose latent space has this VAE's channel count (SD1/SD2/SDXL VAEs are
+    architecturally identical, as are SD3's and Flux's)."""
+    return [name for name, ref in FAMILIES.items() if ref.latent_channels == vae.latent_channels]
