@@ -1,0 +1,362 @@
+"""`sdkit download` and `sdkit library …`: thin wrappers over sdkit.hub."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
+                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+from sdkit.cli.main import cli
+from sdkit.errors import SdkitError
+
+LIBRARY_ENV = "SDKIT_LIBRARY"
+
+
+class _RichProgress:
+    """A transfer bar on stderr; sdkit.hub calls begin/update/end."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                            TransferSpeedColumn(), TimeRemainingColumn(), console=console,
+                            transient=True)
+        self.task: TaskID | None = None
+
+    def begin(self, name: str, total: int | None, done: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task(name, total=total, completed=done)
+
+    def update(self, done: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=done)
+
+    def end(self) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        self.bar.stop()
+
+
+def _quiet(ctx: click.Context) -> bool:
+    return bool((ctx.find_root().obj or {}).get("quiet"))
+
+
+def _errors_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _notifier(ctx: click.Context) -> Callable[[str], None] | None:
+    if _quiet(ctx):
+        return None
+    console = _errors_console()
+    return lambda message: console.print(message, markup=False)
+
+
+def _policy(rename: bool, overwrite: bool) -> str:
+    if rename and overwrite:
+        raise click.UsageError("--rename and --overwrite exclude each other")
+    return "rename" if rename else "overwrite" if overwrite else "refuse"
+
+
+def _size(count: int | None) -> str:
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+# --- download ---------------------------------------------------------------------------
+
+@cli.command("download")
+@click.argument("source")
+@click.option("--library", type=click.Path(file_okay=False, path_type=Path),
+              help="Put the file where its kind belongs in this library, and index it.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Target folder (existing, or a name without extension) or file name (default: the current folder).")
+@click.option("--file-type", help="Civitai file type: Model, Pruned Model, VAE, Config, …")
+@click.option("--fp", help="Civitai precision: fp16, fp32, bf16, …")
+@click.option("--format", "file_format", help="Civitai format: SafeTensor, PickleTensor, GGUF, …")
+@click.option("--sha256", "expected_sha256", help="Expected sha256 of a plain URL's file.")
+@click.option("--rename", is_flag=True, help="If the name is taken, save as 'name (1).ext'.")
+@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@click.option("--family-subfolders/--no-family-subfolders", default=None,
+              help="In a library, file by family too (models/Lora/sdxl/…).")
+@click.option("--retries", type=click.IntRange(1, 100), default=6, show_default=True,
+              help="Tries per file before giving up (a later run still resumes).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@click.pass_context
+def download_command(ctx: click.Context, source: str, library: Path | None, output: Path | None,
+                     file_type: str | None, fp: str | None, file_format: str | None,
+                     expected_sha256: str | None, rename: bool, overwrite: bool,
+                     family_subfolders: bool | None, retries: int, as_json: bool) -> None:
+    """Download SOURCE, resuming any earlier attempt, and verify its sha256.
+
+    SOURCE: hf:OWNER/REPO[/PATH][@REVISION], civitai:MODEL_ID[@VERSION_ID], a civitai.com
+    model URL, or any https:// URL. Tokens come from HF_TOKEN and CIVITAI_TOKEN.
+
+    Example: sdkit download civitai:4201 --library ~/stable-diffusion-webui
+    """
+    from sdkit.hub import FileChoice, RetryPolicy, TransferOptions, download
+
+    policy = _policy(rename, overwrite)
+    console = _errors_console()
+    show_bar = not _quiet(ctx) and console.is_terminal
+    options = TransferOptions(policy=RetryPolicy(attempts=retries),
+                              progress=_RichProgress(console) if show_bar else None,
+                              notify=_notifier(ctx))
+    outcomes = download(source, library=library, output=output,
+                        choice=FileChoice(file_type, fp, file_format), policy=policy,  # type: ignore[arg-type]
+                        family_subfolders=family_subfolders, expected_sha256=expected_sha256,
+                        options=options)
+    if as_json:
+        _echo_json([vars(o) for o in outcomes])
+        return
+    for outcome in outcomes:
+        what = f" ({outcome.kind}, {outcome.family})" if outcome.kind else ""
+        verb = "downloaded" if outcome.status == "downloaded" else "already present"
+        click.echo(f"{verb}: {outcome.path}{what} [{_size(outcome.size)}]")
+
+
+# --- library ----------------------------------------------------------------------------
+
+def _library_root(option: Path | None) -> Path:
+    """--library, else $SDKIT_LIBRARY, else the library around the current folder."""
+    from sdkit.hub.library import find_library_root
+
+    if option is not None:
+        return option
+    if os.environ.get(LIBRARY_ENV):
+        return Path(os.environ[LIBRARY_ENV])
+    return find_library_root(Path.cwd()) or Path.cwd()
+
+
+_library_option = click.option("--library", type=click.Path(file_okay=False, path_type=Path),
+                               help=f"The library folder (default: ${LIBRARY_ENV}, else the "
+                                    "library around the current folder).")
+
+
+@cli.group("library")
+def library_group() -> None:
+    """Keep model files in A1111 / ComfyUI / InvokeAI-like folders, indexed.
+
+    Example: sdkit library init ~/ComfyUI --layout comfyui
+    """
+
+
+@library_group.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--layout", type=click.Choice(["a1111", "comfyui", "invokeai-like"]), required=True)
+@click.option("--family-subfolders", is_flag=True, help="File models by family too (…/sdxl/).")
+def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
+    """Create a library's folders and its index.
+
+    Example: sdkit library init ~/stable-diffusion-webui --layout a1111
+    """
+    from sdkit.hub.library import Library
+
+    with Library.init(directory, layout, family_subfolders=family_subfolders) as library:
+        click.echo(f"{library.root}: {layout} library, index at {library.index.path}")
+
+
+@library_group.command("add")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_library_option
+@click.option("--move", "method", flag_value="move", help="Move the files in.")
+@click.option("--copy", "method", flag_value="copy", default=True, help="Copy the files in (default).")
+@click.option("--link", "method", flag_value="link", help="Hard-link them (symlink across disks).")
+@click.option("--family-subfolders/--no-family-subfolders", default=None,
+              help="File by family too (models/Lora/sdxl/…).")
+@click.option("--rename", is_flag=True, help="If the name is taken, use 'name (1).ext'.")
+@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@click.option("--json", "as_json", is_flag=True)
+def add_command(files: tuple[Path, ...], library: Path | None, method: str,
+                family_subfolders: bool | None, rename: bool, overwrite: bool, as_json: bool) -> None:
+    """Put FILES where their identified kind belongs, and index them.
+
+    Example: sdkit library add ~/Downloads/*.safetensors --move --library ~/ComfyUI
+    """
+    from sdkit.hub.library import Library
+
+    policy = _policy(rename, overwrite)
+    with Library.open(_library_root(library)) as lib:
+        placements = lib.add(list(files), method=method, policy=policy,  # type: ignore[arg-type]
+                             family_subfolders=family_subfolders)
+    if as_json:
+        _echo_json([{"status": p.status, **p.entry.to_json()} for p in placements])
+        return
+    for source, placement in zip(files, placements):
+        verb = "added" if placement.status == "installed" else "already present"
+        click.echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
+                   f"{placement.entry.family})")
+
+
+@library_group.command("scan")
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> None:
+    """Index the model files under DIRECTORY (only new or changed files are read).
+
+    Example: sdkit library scan ~/ComfyUI
+    """
+    from sdkit.hub.library import open_for_scan, scan_library
+
+    root = directory or _library_root(None)
+    if not root.is_dir():
+        raise SdkitError(f"{root}: no such folder")
+    notify = _notifier(ctx)
+    library, rebuilt = open_for_scan(root)
+    with library:
+        report = scan_library(library, progress=(lambda p: notify(f"hashing {p}")) if notify else None)
+    report.rebuilt = rebuilt
+    if as_json:
+        _echo_json(vars(report))
+        return
+    rebuilt_note = " (the damaged index was set aside and rebuilt)" if rebuilt else ""
+    click.echo(f"{library.root}: {report.files} model files; {report.added} added, "
+               f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
+               f"{report.rehashed} hashed{rebuilt_note}")
+
+
+def _entries_table(entries: list[Any], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("path", "kind", "family", "size", "sha256"):
+        table.add_column(column, no_wrap=column != "path")
+    for entry in entries:
+        kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
+        table.add_row(entry.path, kind, entry.family, _size(entry.size), (entry.sha256 or "")[:12])
+    return table
+
+
+@library_group.command("ls")
+@_library_option
+@click.option("--kind", help="Only this kind (checkpoint, lora, vae, embedding, …).")
+@click.option("--family", help="Only this family (sd1, sdxl-base, flux, …).")
+@click.option("--json", "as_json", is_flag=True)
+def ls_command(library: Path | None, kind: str | None, family: str | None, as_json: bool) -> None:
+    """List the indexed files.
+
+    Example: sdkit library ls --kind lora --family sdxl-base
+    """
+    from sdkit.hub.library import Library
+
+    with Library.open(_library_root(library)) as lib:
+        entries = lib.index.entries(kind=kind, family=family)
+    if as_json:
+        _echo_json([e.to_json() for e in entries])
+    else:
+        Console().print(_entries_table(entries))
+
+
+@library_group.command("find")
+@click.argument("query")
+@_library_option
+@click.option("--json", "as_json", is_flag=True)
+def find_command(query: str, library: Path | None, as_json: bool) -> None:
+    """Find files by sha256 prefix, AutoV2, AutoV3, legacy hash or part of the name.
+
+    Example: sdkit library find 6ce0161689
+    """
+    from sdkit.hub.library import Library
+
+    with Library.open(_library_root(library)) as lib:
+        entries = lib.index.find(query)
+    if as_json:
+        _echo_json([e.to_json() for e in entries])
+    elif not entries:
+        raise SdkitError(f"{query}: nothing in the library matches")
+    else:
+        Console().print(_entries_table(entries))
+
+
+@library_group.command("dupes")
+@_library_option
+@click.option("--json", "as_json", is_flag=True)
+def dupes_command(library: Path | None, as_json: bool) -> None:
+    """Show files stored more than once (same sha256).
+
+    Example: sdkit library dupes
+    """
+    from sdkit.hub.library import Library
+
+    with Library.open(_library_root(library)) as lib:
+        groups = lib.index.duplicates()
+    if as_json:
+        _echo_json([[e.to_json() for e in group] for group in groups])
+        return
+    if not groups:
+        click.echo("no duplicates")
+    for group in groups:
+        Console().print(_entries_table(group, title=f"{len(group)} copies of {group[0].sha256[:12]}"))
+
+
+@library_group.command("verify")
+@_library_option
+@click.option("--full", is_flag=True, help="Re-hash every file, not only those whose size or date changed.")
+@click.option("--json", "as_json", is_flag=True)
+def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
+    """Check that indexed files are still there and unchanged; exit 1 if not.
+
+    Example: sdkit library verify --full
+    """
+    from sdkit.hub.library import Library, verify_library
+
+    with Library.open(_library_root(library)) as lib:
+        report = verify_library(lib, full=full)
+    if as_json:
+        _echo_json({"ok": report.ok, **vars(report)})
+    else:
+        for path in report.changed:
+            click.echo(f"changed: {path}")
+        for path in report.missing:
+            click.echo(f"missing: {path}")
+        click.echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
+    if not report.ok:
+        raise SdkitError(f"{len(report.changed)} changed and {len(report.missing)} missing "
+                         "since they were indexed")
+
+
+@library_group.command("lookup")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@_library_option
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json: bool) -> None:
+    """Ask Civitai what FILE is (by sha256) and store the answer in the index.
+
+    Example: sdkit library lookup models/Lora/mystery.safetensors
+    """
+    from sdkit.hub.civitai import CivitaiClient
+    from sdkit.hub.library import Library, find_library_root, lookup_file
+
+    root = library or find_library_root(file.parent)
+    client = CivitaiClient(notify=_notifier(ctx))
+    if root is None:
+        result = lookup_file(file, None, client)
+    else:
+        with Library.open(root) as lib:
+            result = lookup_file(file, lib, client)
+    if as_json:
+        _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,
+                    **result.facts})
+        return
+    facts = result.facts
+    click.echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
+               f"({facts['model_type']}, {facts['base_model']})")
+    if facts["trigger_words"]:
+        click.echo(f"trigger words: {', '.join(facts['trigger_words'])}")
+    click.echo("stored in the library index" if result.stored else "not in a library: nothing stored")

@@ -1,0 +1,210 @@
+"""A model library: a folder tree in a WebUI layout plus its index.
+
+Files are placed by what they *are* (identify() on their content), never by their name:
+a LoRA called `model.ckpt` still lands in the LoRA folder. The layout is recorded in the
+index when the library is created, or detected from an existing tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from sdkit.errors import SdkitError
+from sdkit.hub.library.index import Entry, Index
+from sdkit.hub.library.layouts import LAYOUTS, Layout, detect_layout
+from sdkit.hub.placement import Method, Policy, place
+from sdkit.io import Hashes, hash_file
+
+INDEX_FOLDER = ".sdkit"
+INDEX_FILE = "index.sqlite"
+STAGING_FOLDER = "downloads"
+HUB_FACT_KEYS = ("civitai_model_id", "civitai_version_id", "civitai_file_id", "model_name",
+                 "model_type", "version_name", "base_model", "hf_repo", "hf_revision", "hf_path")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def index_path(root: Path) -> Path:
+    return root / INDEX_FOLDER / INDEX_FILE
+
+
+def find_library_root(start: Path) -> Path | None:
+    """The nearest folder at or above `start` that holds a library index."""
+    start = start.resolve()
+    for folder in (start, *start.parents):
+        if index_path(folder).is_file():
+            return folder
+    return None
+
+
+def identify_file(path: Path) -> tuple[str, str, str | None]:
+    """(kind, family, adapter type) from the file's content; unknown when unreadable."""
+    from sdkit.arch import identify
+    from sdkit.io import open_model
+
+    try:
+        identity = identify(open_model(path))
+    except Exception:  # one odd file must not stop a library of thousands; it stays "unknown"
+        return "unknown", "unknown", None
+    return identity.kind, identity.family, identity.adapter_type
+
+
+def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] | None]:
+    """(trigger words, hub facts) to store from what a hub said about a file."""
+    if not facts:
+        return [], None
+    kept = {k: facts[k] for k in HUB_FACT_KEYS if facts.get(k) is not None}
+    return list(facts.get("trigger_words") or []), kept or None
+
+
+def describe_file(root: Path, path: Path, *, hashes: Hashes | None = None,
+                  identified: tuple[str, str, str | None] | None = None,
+                  previous: Entry | None = None) -> Entry:
+    """A fresh index row for `path` (hashed and identified unless given), keeping what
+    `previous` knew from hubs when the bytes did not change."""
+    stat = path.stat()
+    hashes = hashes or hash_file(path)
+    kind, family, adapter_type = identified or identify_file(path)
+    same_bytes = previous is not None and previous.sha256 == hashes.sha256
+    return Entry(
+        path=PurePosixPath(path.relative_to(root)).as_posix(), size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns, sha256=hashes.sha256, autov2=hashes.autov2,
+        autov3=hashes.autov3, legacy=hashes.legacy, kind=kind, family=family,
+        adapter_type=adapter_type,
+        source=previous.source if same_bytes and previous else None,
+        trigger_words=previous.trigger_words if same_bytes and previous else [],
+        hub=previous.hub if same_bytes and previous else None,
+        added_at=previous.added_at if previous else now_iso(), indexed_at=now_iso())
+
+
+@dataclass
+class Placement:
+    """Where a file ended up in the library, and whether it was already there."""
+
+    path: Path
+    entry: Entry
+    status: Literal["installed", "already-present"]
+
+
+class Library:
+    def __init__(self, root: Path, index: Index) -> None:
+        self.root = root
+        self.index = index
+        name = index.setting("layout")
+        self.layout: Layout | None = LAYOUTS.get(name) if name else None
+        self.family_subfolders = index.setting("family_subfolders") == "1"
+
+    # --- opening ------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, root: Path, layout_name: str, *, family_subfolders: bool = False) -> "Library":
+        """Create the layout's folders and the index (again: a no-op for the same layout)."""
+        layout = LAYOUTS.get(layout_name)
+        if layout is None:
+            raise SdkitError(f"{layout_name}: unknown layout (choose from {', '.join(LAYOUTS)})")
+        root = root.resolve()
+        library = cls(root, Index(index_path(root)))
+        if library.layout is not None and library.layout.name != layout.name:
+            raise SdkitError(f"{root}: already a {library.layout.name} library")
+        for folder in layout.all_folders():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        with library.index.transaction():
+            library.index.set_setting("layout", layout.name)
+            library.index.set_setting("family_subfolders", "1" if family_subfolders else "0")
+        library.layout, library.family_subfolders = layout, family_subfolders
+        return library
+
+    @classmethod
+    def open(cls, root: Path) -> "Library":
+        """An existing library; a WebUI tree without an index gets one (layout detected)."""
+        root = root.resolve()
+        if index_path(root).is_file():
+            return cls(root, Index(index_path(root)))
+        layout = detect_layout(root) if root.is_dir() else None
+        if layout is None:
+            raise SdkitError(f"{root}: not an sdkit library (no {INDEX_FOLDER}/{INDEX_FILE}); "
+                             "create one with `sdkit library init DIR --layout a1111|comfyui|invokeai-like`")
+        return cls.init(root, layout.name)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def staging(self) -> Path:
+        """Where downloads grow before they are identified and placed (same filesystem)."""
+        return self.root / INDEX_FOLDER / STAGING_FOLDER
+
+    def relative(self, path: Path) -> str | None:
+        """`path` relative to the root, or None when it lies outside the library."""
+        try:
+            return PurePosixPath(path.resolve().relative_to(self.root)).as_posix()
+        except ValueError:
+            return None
+
+    def _layout_or_refuse(self) -> Layout:
+        if self.layout is None:
+            raise SdkitError(f"{self.root}: the library has no layout yet; set one with "
+                             "`sdkit library init DIR --layout a1111|comfyui|invokeai-like`")
+        return self.layout
+
+    # --- placing files ------------------------------------------------------------
+
+    def already_has(self, sha256: str | None) -> Entry | None:
+        """An indexed file with these bytes that is still on disk."""
+        if not sha256:
+            return None
+        for entry in self.index.by_sha256(sha256):
+            if (self.root / entry.path).is_file():
+                return entry
+        return None
+
+    def place_file(self, path: Path, *, method: Method, policy: Policy,
+                   family_subfolders: bool | None = None, name: str | None = None,
+                   source: str | None = None, facts: dict[str, Any] | None = None) -> Placement:
+        """Identify `path`, put it in its kind's folder and index it."""
+        layout = self._layout_or_refuse()
+        hashes = hash_file(path)
+        present = self.already_has(hashes.sha256)
+        if present is not None:
+            return Placement(self.root / present.path, present, "already-present")
+        identified = identify_file(path)
+        kind, family, _ = identified
+        subfolders = self.family_subfolders if family_subfolders is None else family_subfolders
+        folder = self.root / layout.folder_for(kind, family, subfolders)
+        old_relative = self.relative(path) if method == "move" else None
+        placed = place(path, folder, name or path.name, hashes.sha256 or "", policy=policy, method=method)
+        entry = describe_file(self.root, placed.path, hashes=hashes, identified=identified,
+                              previous=self.index.get(self.relative(placed.path) or ""))
+        trigger_words, hub = hub_fields(facts)
+        entry.source = source or entry.source
+        entry.trigger_words = trigger_words or entry.trigger_words
+        entry.hub = hub or entry.hub
+        with self.index.transaction():
+            if old_relative is not None and old_relative != entry.path:
+                self.index.remove(old_relative)
+            self.index.put(entry)
+        return Placement(placed.path, entry, placed.status)
+
+    def add(self, paths: list[Path], *, method: Method = "copy", policy: Policy = "refuse",
+            family_subfolders: bool | None = None) -> list[Placement]:
+        """Put existing files into the library where their identified kind belongs."""
+        for path in paths:
+            if not path.is_file():
+                raise SdkitError(f"{path}: no such file")
+        return [self.place_file(path, method=method, policy=policy,
+                                family_subfolders=family_subfolders) for path in paths]
+
+    def update_entry(self, entry: Entry) -> None:
+        with self.index.transaction():
+            self.index.put(entry)

@@ -1,0 +1,53 @@
+"""`lookup`: ask Civitai what a local file is, by its sha256, and remember the answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdkit.errors import SdkitError
+from sdkit.hub.civitai import CivitaiClient, version_facts
+from sdkit.hub.library.library import Library, describe_file, hub_fields
+from sdkit.io import hash_file
+
+
+@dataclass
+class LookupResult:
+    path: Path
+    sha256: str
+    facts: dict[str, Any]   # model and version names, base model, trigger words, ids
+    stored: bool            # written to the library index
+
+
+def _current_sha256(path: Path, library: Library | None, relative: str | None) -> str:
+    """The indexed sha256 when the file is unchanged since indexing, else a fresh one."""
+    entry = library.index.get(relative) if library is not None and relative else None
+    stat = path.stat()
+    if entry is not None and entry.sha256 and (entry.size, entry.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+        return entry.sha256
+    sha256 = hash_file(path).sha256
+    if sha256 is None:
+        raise SdkitError(f"{path}: a folder has no single hash to look up")
+    return sha256
+
+
+def lookup_file(path: Path, library: Library | None, client: CivitaiClient) -> LookupResult:
+    """Civitai's facts about `path`; stored in `library`'s index when the file is in it."""
+    if not path.is_file():
+        raise SdkitError(f"{path}: no such file")
+    relative = library.relative(path) if library is not None else None
+    sha256 = _current_sha256(path, library, relative)
+    version = client.by_hash(sha256)
+    if version is None:
+        raise SdkitError(f"{path}: Civitai does not know this file (sha256 {sha256})")
+    facts = version_facts(version)
+    if library is None or relative is None:
+        return LookupResult(path, sha256, facts, stored=False)
+    previous = library.index.get(relative)
+    entry = previous if previous is not None and previous.sha256 == sha256 else \
+        describe_file(library.root, path, previous=previous)
+    entry.trigger_words, entry.hub = hub_fields(facts)
+    entry.source = entry.source or f"civitai:{facts['civitai_model_id']}@{facts['civitai_version_id']}"
+    library.update_entry(entry)
+    return LookupResult(path, sha256, facts, stored=True)
