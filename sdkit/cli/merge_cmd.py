@@ -1,0 +1,238 @@
+"""`sdkit merge`: merge checkpoints, run a recipe file, or replay a merged file's recipe."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable, Iterator
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sdkit.cli.main import cli
+
+_SHOWN_KEYS = 3
+
+
+@cli.command("merge")
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
+@click.option("--method", "-m", help="Merge method (see --list-methods); default weighted_sum.")
+@click.option("--alpha", "-a", type=float, help="The method's alpha (its blend weight).")
+@click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE",
+              help="Any other method parameter, e.g. -p k=0.3 -p seed=42.")
+@click.option("--seed", type=int, help="Shortcut for -p seed=N (random methods: dare).")
+@click.option("--blocks", help='Per-block alpha: "BASE:0.5,IN00:0.2,…" or 26 (SD1/SD2) / 20 (SDXL) '
+                                "comma-separated values in the order BASE, IN…, M00, OUT….")
+@click.option("--unet-alpha", type=float, help="Alpha for the UNet.")
+@click.option("--te-alpha", type=float, help="Alpha for the text encoder(s).")
+@click.option("--vae-alpha", type=float, help="Alpha for the VAE (with --vae merge).")
+@click.option("--component", "components", multiple=True, metavar="NAME=ALPHA,…",
+              help="Per-component alpha: unet, text_encoder, text_encoder_2, te (both), vae, other.")
+@click.option("--vae", "vae_source", metavar="merge|A|B|…",
+              help="Where the VAE comes from: an input (default A) or merged like the rest.")
+@click.option("--take", "takes", multiple=True, metavar="COMPONENT=INPUT,…",
+              help="Copy whole components from one input, e.g. --take text_encoder=B.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="Output dtype of float tensors (default: each key keeps A's dtype).")
+@click.option("--allow-nan", is_flag=True, help="Keep NaN/Inf results (reported) instead of stopping.")
+@click.option("--threads", type=click.IntRange(1, 64),
+              help="Keys computed in parallel, default 2 (the output is the same for any value).")
+@click.option("--output", "-o", type=click.Path(path_type=str), help="Output .safetensors file.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=str),
+              help="Run a YAML recipe (inputs, method, params, blocks, …); options given here override it.")
+@click.option("--replay", "replay_file", type=click.Path(path_type=str),
+              help="Re-run the recipe stored in a merged file and check the tensors are identical.")
+@click.option("--list-methods", is_flag=True, help="List the merge methods and their parameters.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.pass_context
+def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: bool,
+                  replay_file: str | None, recipe_file: str | None, as_json: bool,
+                  threads: int | None, output: str | None, force: bool, **options: Any) -> None:
+    """Merge checkpoints key by key into a new .safetensors file.
+
+    Inputs are A, B, C… in order. Example:
+    sdkit merge a.safetensors b.safetensors --method weighted_sum --alpha 0.3 -o ab.safetensors
+    """
+    from sdkit.ops.merge import load_recipe_file, merge_models, replay_merge
+
+    console = Console(stderr=True)
+    quiet = bool((ctx.obj or {}).get("quiet")) or as_json
+    if list_methods:
+        _print_methods(Console())
+        return
+    if replay_file:
+        if inputs or recipe_file:
+            raise click.UsageError("--replay takes no inputs and no --recipe")
+        with _progress_bar(console, quiet, "replaying") as advance:
+            result = replay_merge(replay_file, threads=threads, progress=advance)
+        _report_replay(result, as_json, console)
+        if not result.identical:
+            sys.exit(1)
+        return
+    if recipe_file:
+        if inputs:
+            raise click.UsageError("give the inputs in the recipe or on the command line, not both")
+        recipe = _override(load_recipe_file(recipe_file), options)
+    else:
+        recipe = _override(_recipe_from_inputs(inputs), options)
+    with _progress_bar(console, quiet, "merging") as advance:
+        result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
+    _report_merge(result, as_json, console)
+
+
+def _recipe_from_inputs(inputs: tuple[str, ...]) -> Any:
+    from sdkit.ops.merge import MergeRecipe, RecipeInput
+
+    if len(inputs) < 1:
+        raise click.UsageError("give the models to merge (A B [C …]), --recipe or --replay")
+    return MergeRecipe([RecipeInput(path) for path in inputs], "weighted_sum")
+
+
+def _override(recipe: Any, options: dict[str, Any]) -> Any:
+    """The recipe with every option given on the command line applied over it."""
+    from sdkit.ops.merge.weights import parse_assignments, parse_block_spec
+
+    if options["method"]:
+        recipe.method = options["method"]
+    params = dict(recipe.params)
+    for item in options["params"]:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.UsageError(f"--param {item!r} is not NAME=VALUE")
+        params[name.strip()] = value.strip()
+    if options["alpha"] is not None:
+        params["alpha"] = options["alpha"]
+    if options["seed"] is not None:
+        params["seed"] = options["seed"]
+    recipe.params = params
+    if options["blocks"]:
+        recipe.blocks = parse_block_spec(options["blocks"])
+    components = dict(recipe.components)
+    for item in options["components"]:
+        components.update(parse_assignments(item, "--component"))
+    for name in ("unet", "te", "vae"):
+        if options[f"{name}_alpha"] is not None:
+            components[name] = options[f"{name}_alpha"]
+    recipe.components = components
+    recipe.take = {**recipe.take, **_takes(options["takes"], options["vae_source"])}
+    if options["dtype"]:
+        recipe.dtype = options["dtype"]
+    if options["allow_nan"]:
+        recipe.allow_nan = True
+    return recipe
+
+
+def _takes(items: tuple[str, ...], vae_source: str | None) -> dict[str, str]:
+    takes: dict[str, str] = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            name, sep, source = part.partition("=")
+            if not sep:
+                raise click.UsageError(f"--take {part!r} is not COMPONENT=INPUT")
+            takes[name.strip()] = source.strip()
+    if vae_source:
+        takes["vae"] = vae_source
+    return takes
+
+
+class _progress_bar:  # noqa: N801  (a context manager used like a function)
+    """A byte progress bar with throughput on a terminal; a no-op otherwise."""
+
+    def __init__(self, console: Console, quiet: bool, label: str) -> None:
+        self.enabled = not quiet and console.is_terminal
+        self.label = label
+        self.console = console
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+
+        self.progress = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(),
+                                 console=self.console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=None)
+        return self._advance
+
+    def _advance(self, count: int) -> None:
+        self.progress.advance(self.task, count)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _examples(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f", … ({len(keys)} keys)" if len(keys) > _SHOWN_KEYS else "")
+
+
+def _report_lines(result: Any) -> Iterator[str]:
+    report = result.report
+    copied = ", ".join(f"{count} from {name}" for name, count in sorted(report.copied.items()))
+    yield f"{report.merged} tensors merged" + (f", {copied} copied" if copied else "")
+    for component, source in sorted(report.components_taken.items()):
+        yield f"{component}: taken from {source}"
+    for name, keys in sorted(report.missing.items()):
+        yield f"missing in {name} (taken from the first input that has them): {_examples(keys)}"
+    for name, keys in sorted(report.only_in.items()):
+        yield f"not in A, copied from {name}: {_examples(keys)}"
+    if report.partial_channels:
+        yield f"A's extra input channels kept: {_examples(report.partial_channels)}"
+    for key, count in sorted(result.non_finite.items()):
+        yield f"NaN/Inf kept in {key}: {count} values"
+
+
+def _report_merge(result: Any, as_json: bool, console: Console) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "output": str(result.path), "bytes": result.output_bytes,
+            "recipe": result.recipe.to_json(), "report": result.report.to_json(),
+            "non_finite": result.non_finite,
+        }, indent=2))
+        return
+    console.print(f"wrote {result.path} ({_human_bytes(result.output_bytes)})")
+    for line in _report_lines(result):
+        console.print(f"• {line}", markup=False, highlight=False)
+
+
+def _report_replay(result: Any, as_json: bool, console: Console) -> None:
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(result.path), "identical": result.identical, "matched": result.matched,
+            "different": result.different, "missing": result.missing, "extra": result.extra,
+        }, indent=2))
+        return
+    if result.identical:
+        console.print(f"{result.path}: identical ({result.matched} tensors reproduced bit for bit)")
+        return
+    console.print(f"{result.path}: NOT identical ({result.matched} tensors match)")
+    for label, keys in (("differ", result.different), ("missing from the file", result.missing),
+                        ("not produced by the recipe", result.extra)):
+        if keys:
+            console.print(f"• {label}: {_examples(keys)}", markup=False, highlight=False)
+
+
+def _print_methods(console: Console) -> None:
+    from sdkit.ops.merge import METHODS
+
+    table = Table(show_header=True, header_style="bold")
+    for column in ("method", "models", "parameters", "what it does"):
+        table.add_column(column)
+    for name, method in sorted(METHODS.items()):
+        params = ", ".join(f"{p.name}={p.default!r}" for p in method.params.values())
+        table.add_row(name, method.arity_text(), params or "—", method.doc)
+    console.print(table)

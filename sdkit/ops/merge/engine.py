@@ -1,0 +1,204 @@
+"""Running a merge recipe: open, check, plan, then stream the output key by key.
+
+Inputs are opened lazily (headers only; tensors memory-mapped when a key is computed),
+every check runs before the first byte is written (method and parameters, model kinds
+and families, shapes, block names, disk space), and the output is written through the
+streaming writer with one LazyTensor per key whose `load` computes that key's merge. So
+peak memory is a few tensors, whatever the model size and the number of inputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from sdkit.arch.blocks import TEXT_ENCODERS, block_layout, component_of
+from sdkit.errors import SdkitError
+from sdkit.ops.merge.align import (aligned_input, check_same_family, input_facts,
+                                   mergeable_identity, open_inputs)
+from sdkit.ops.merge.compute import KeyComputer
+from sdkit.ops.merge.hashes import hash_inputs
+from sdkit.ops.merge.plan import MERGE, AlignedInput, MergePlan, PlanReport, build_plan
+from sdkit.ops.merge.prefetch import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.ops.merge.provenance import InputFacts, merge_metadata
+from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput
+from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod, get_method, input_index, input_letter
+from sdkit.ops.merge.weights import (KeyWeights, component_names, resolve_blocks,
+                                     resolve_components)
+
+HEADER_ALLOWANCE = 1 << 20  # header and metadata, generously
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass
+class MergeResult:
+    """What a merge did."""
+
+    path: Path
+    recipe: MergeRecipe  # with each input's sha256 filled in
+    report: PlanReport
+    non_finite: dict[str, int] = field(default_factory=dict)  # kept with allow_nan
+    output_bytes: int = 0
+
+
+@dataclass
+class PreparedMerge:
+    """A checked, planned merge whose tensors can be produced on demand."""
+
+    recipe: MergeRecipe
+    inputs: list[AlignedInput]
+    facts: list[InputFacts]
+    plan: MergePlan
+    computer: KeyComputer
+
+    def compute(self, key: str) -> Any:
+        return self.computer(self._actions[key])
+
+    def cost(self, key: str) -> int:
+        """Memory a key holds while computed ahead: its output and its mapped inputs."""
+        action = self._actions[key]
+        return action.nbytes * (1 + len(action.sources))
+
+    def __post_init__(self) -> None:
+        self._actions = {action.key: action for action in self.plan.actions}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    method: MergeMethod
+    params: dict[str, Any]
+
+
+def merge_models(recipe: MergeRecipe, output: str | Path | None = None, *,
+                 overwrite: bool = False, threads: int | None = None,
+                 progress: ProgressCallback | None = None) -> MergeResult:
+    """Merge the recipe's inputs into one safetensors file (atomically; nothing on failure).
+
+    `threads` keys (default 2) are computed ahead of the writer in parallel; the output
+    bytes do not depend on it. `progress(n)` is called with the bytes of each tensor as
+    it is written.
+    """
+    from sdkit.io.lazy import LazyTensor
+    from sdkit.io.writer import write_order, write_safetensors
+
+    target = _output_path(recipe, output)
+    if target.exists() and not overwrite:
+        raise SdkitError(f"{target}: already exists (use --force to overwrite)")
+    with prepare_merge(recipe, target) as prepared:
+        metadata = merge_metadata(prepared.recipe, prepared.facts, target)
+        prefetcher = Prefetcher(prepared.compute, threads, cost=prepared.cost, budget=AHEAD_BUDGET)
+        tensors = {action.key: LazyTensor(action.dtype, action.shape, partial(prefetcher.get, action.key))
+                   for action in prepared.plan.actions}
+        with single_threaded_torch(), prefetcher.start(write_order(tensors)):
+            write_safetensors(target, tensors, metadata, overwrite=overwrite, progress=progress)
+        return MergeResult(target, prepared.recipe, prepared.plan.report,
+                           dict(prepared.computer.non_finite.counts), prepared.plan.output_bytes)
+
+
+@contextmanager
+def prepare_merge(recipe: MergeRecipe, target: Path, *,
+                  check_disk: bool = True) -> Iterator[PreparedMerge]:
+    """Open and check everything, plan every key; inputs stay open inside the `with`."""
+    with ExitStack() as stack:
+        yield _prepare(recipe, target, stack, check_disk)
+
+
+def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bool) -> PreparedMerge:
+    settings = _method_settings(recipe)
+    models = open_inputs(recipe.inputs, stack)
+    inputs = [aligned_input(input_letter(i), model) for i, model in enumerate(models)]
+    identities = [mergeable_identity(model) for model in models]
+    check_same_family(models, identities)
+    weights = _key_weights(recipe, settings, inputs)
+    sources = _component_sources(recipe, inputs, settings.method)
+    plan = build_plan(inputs, settings.method, settings.params, weights, sources,
+                      recipe.dtype_code)
+    if check_disk:
+        _check_disk_space(target, plan.output_bytes)
+    # hashing reads every input in full: only once everything else is known to be fine
+    hashes = hash_inputs(models)
+    facts = [input_facts(aligned.name, model, identity, hashed, given.sha256)
+             for aligned, model, identity, hashed, given
+             in zip(inputs, models, identities, hashes, recipe.inputs)]
+    # every parameter recorded with its effective value: a replay must not depend on
+    # the defaults of the sdkit version that replays it
+    recipe = replace(recipe, inputs=[RecipeInput(f.path, f.sha256) for f in facts],
+                     params=dict(settings.params))
+    computer = KeyComputer(inputs, settings.method, settings.params, str(target),
+                           allow_nan=recipe.allow_nan)
+    return PreparedMerge(recipe, inputs, facts, plan, computer)
+
+
+def _output_path(recipe: MergeRecipe, output: str | Path | None) -> Path:
+    chosen = output if output is not None else recipe.output
+    if chosen is None:
+        raise SdkitError("merge: no output path (give -o/--output)")
+    target = Path(chosen)
+    if target.suffix.lower() not in (".safetensors", ".sft"):
+        raise SdkitError(f"{target}: merges are written as .safetensors")
+    if any(_same_file(target, Path(item.path)) for item in recipe.inputs):
+        raise SdkitError(f"{target}: is one of the inputs; write the merge to a new file")
+    return target
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return first.exists() and second.exists() and first.samefile(second)
+    except OSError:
+        return False
+
+
+def _method_settings(recipe: MergeRecipe) -> _Settings:
+    method = get_method(recipe.method)
+    method.check_inputs(len(recipe.inputs))
+    params = method.resolve_params(recipe.params)
+    method.check_params(params)
+    source = method.source_index(params)
+    if source is not None and source >= len(recipe.inputs):
+        raise SdkitError(f"merge method {method.name}: no input {input_letter(source)} "
+                         f"(inputs: A–{input_letter(len(recipe.inputs) - 1)})")
+    if not method.has_alpha and (recipe.blocks or recipe.components):
+        raise SdkitError(f"merge method {method.name} has no alpha, so block and component "
+                         "weights do not apply")
+    return _Settings(method, params)
+
+
+def _key_weights(recipe: MergeRecipe, settings: _Settings,
+                 inputs: Sequence[AlignedInput]) -> KeyWeights:
+    alpha = float(settings.params.get(BLEND_PARAM, 0.0))
+    layout = block_layout(key for model in inputs for key in model.infos)
+    return KeyWeights(alpha=alpha, components=resolve_components(recipe.components),
+                      blocks=resolve_blocks(recipe.blocks, layout), layout=layout)
+
+
+def _component_sources(recipe: MergeRecipe, inputs: Sequence[AlignedInput],
+                       method: MergeMethod) -> dict[str, Any]:
+    """Component -> MERGE or input index, as the recipe's `take` says. When the method
+    merges, a checkpoint's VAE comes from A unless asked otherwise (a lone VAE merges)."""
+    present = {component_of(key) for model in inputs for key in model.infos}
+    sources: dict[str, Any] = {}
+    if method.copies_input is None and "vae" in present and present & {"unet", *TEXT_ENCODERS}:
+        sources["vae"] = 0
+    for name, value in recipe.take.items():
+        choice = MERGE if value.strip().lower() == MERGE else input_index(value)
+        if choice != MERGE and choice >= len(inputs):
+            raise SdkitError(f"take {name}={value}: there is no input {value} "
+                             f"(inputs: A–{input_letter(len(inputs) - 1)})")
+        for component in component_names(name):
+            sources[component] = choice
+    return sources
+
+
+def _check_disk_space(target: Path, output_bytes: int) -> None:
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise SdkitError(f"{folder}: output folder does not exist")
+    free = shutil.disk_usage(folder).free
+    needed = output_bytes + HEADER_ALLOWANCE
+    if free < needed:
+        raise SdkitError(f"{target}: needs {needed / 2**30:.2f} GiB free, "
+                         f"{folder} has {free / 2**30:.2f} GiB")

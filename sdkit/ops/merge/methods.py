@@ -1,0 +1,179 @@
+"""The built-in merge methods. Each sees one key at a time, as float32 tensors of equal
+shape, and returns one float32 tensor; none modifies its inputs.
+
+Inputs are named by position: A is the first model, B the second, and so on. Methods
+that add task vectors (add_difference, train_difference, ties, dare) take A as the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdkit.ops.merge.registry import merge_method
+
+# reductions (norms, dot products) run over fixed slices in float64 so that their result
+# does not depend on how many threads torch uses to sum
+_REDUCE_SLICE = 1 << 20
+
+
+@merge_method(elementwise=True)
+def weighted_sum(a: Tensor, b: Tensor, *, alpha: float = 0.5) -> Tensor:
+    """(1 − alpha)·A + alpha·B; alpha 0 gives A and 1 gives B exactly."""
+    return torch.lerp(a, b, alpha)
+
+
+@merge_method(elementwise=True)
+def add_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """A + alpha·(B − C): add what separates B from C onto A."""
+    return a + alpha * (b - c)
+
+
+@merge_method(elementwise=True)
+def train_difference(a: Tensor, b: Tensor, c: Tensor, *, alpha: float = 1.0) -> Tensor:
+    """A + 1.8·alpha·(B − C)·|B − A| / (|B − C| + |B − A|) (supermerger's trainDifference).
+
+    Where both distances are zero the added term is zero (B = C there).
+    """
+    diff = b - c
+    to_a = (b - a).abs()
+    total = diff.abs() + to_a
+    share = torch.where(total > 0, to_a / torch.where(total > 0, total, 1.0), 0.0)
+    return a + (1.8 * alpha) * diff * share
+
+
+@merge_method(elementwise=True)
+def n_average(*models: Tensor) -> Tensor:
+    """The mean of all models, summed in input order."""
+    total = models[0].clone()
+    for model in models[1:]:
+        total += model
+    return total / len(models)
+
+
+def _check_source(params: dict[str, Any]) -> str | None:
+    source = str(params["source"]).strip().upper()
+    if len(source) != 1 or not "A" <= source <= "Z":
+        return f"source must name an input (A, B, ...), got {params['source']!r}"
+    return None
+
+
+@merge_method(name="copy", elementwise=True, check=_check_source, copies_input="source")
+def copy_from(*models: Tensor, source: str = "A") -> Tensor:
+    """Every tensor from the input named by `source` (combine with --take to assemble a
+    model from components of several inputs)."""
+    return models[ord(source.strip().upper()) - ord("A")]
+
+
+def _check_density(params: dict[str, Any]) -> str | None:
+    if not 0.0 < params["k"] <= 1.0:
+        return f"k must be in (0, 1], got {params['k']}"
+    return None
+
+
+@merge_method(check=_check_density)
+def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2) -> Tensor:
+    """TIES-merging (arXiv 2306.01708) of the task vectors M − A onto A.
+
+    Each task vector keeps its top-k fraction of entries by magnitude; the sign of each
+    entry is elected from the sum of the trimmed vectors; the entries that agree with it
+    are averaged (disjoint mean) and alpha times that mean is added to A.
+    """
+    deltas = [_keep_top_fraction(model - base, k) for model in models]
+    return base + alpha * _disjoint_mean(deltas)
+
+
+def _keep_top_fraction(delta: Tensor, fraction: float) -> Tensor:
+    """Zero all but the `fraction` largest-magnitude entries (ties at the threshold kept)."""
+    count = delta.numel()
+    keep = math.ceil(fraction * count)
+    if count == 0 or keep >= count:
+        return delta
+    magnitude = delta.abs()
+    threshold = magnitude.flatten().kthvalue(count - keep + 1).values
+    return torch.where(magnitude >= threshold, delta, 0.0)
+
+
+def _disjoint_mean(deltas: list[Tensor]) -> Tensor:
+    """Mean over the deltas whose sign matches the sign of their sum (zeros excluded)."""
+    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
+    total = torch.zeros_like(deltas[0])
+    agreeing = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        agrees = (torch.sign(delta) == elected) & (delta != 0)
+        total += torch.where(agrees, delta, 0.0)
+        agreeing += agrees
+    return torch.where(agreeing > 0, total / agreeing.clamp_min(1.0), 0.0)
+
+
+def _check_drop(params: dict[str, Any]) -> str | None:
+    if not 0.0 <= params["p"] < 1.0:
+        return f"p (drop probability) must be in [0, 1), got {params['p']}"
+    return None
+
+
+@merge_method(check=_check_drop)
+def dare(base: Tensor, *models: Tensor, alpha: float = 1.0, p: float = 0.9, seed: int = 0,
+         ties: bool = False, key: str = "") -> Tensor:
+    """DARE (arXiv 2311.03099): drop each entry of the task vectors M − A with
+    probability p, rescale the kept ones by 1/(1 − p), and add alpha times their sum to A
+    (with ties=true, their TIES disjoint mean instead).
+
+    The random mask of input i for a key is drawn from a generator seeded by
+    sha256(seed, i, key), so it does not depend on key order or threads.
+    """
+    rescaled = []
+    for index, model in enumerate(models, start=1):
+        generator = torch.Generator().manual_seed(key_seed(seed, index, key))
+        kept = torch.rand(base.shape, generator=generator) >= p
+        rescaled.append(torch.where(kept, (model - base) / (1.0 - p), 0.0))
+    combined = _disjoint_mean(rescaled) if ties else _sum(rescaled)
+    return base + alpha * combined
+
+
+def key_seed(seed: int, index: int, key: str) -> int:
+    """A 63-bit seed for one (seed, input index, key) triple."""
+    digest = hashlib.sha256(f"{seed}\0{index}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _sum(tensors: list[Tensor]) -> Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
+
+
+@merge_method
+def slerp(a: Tensor, b: Tensor, *, alpha: float = 0.5) -> Tensor:
+    """Spherical interpolation of the directions of A and B, scaled to the interpolated
+    norm (1 − alpha)·|A| + alpha·|B|. Falls back to weighted sum where the angle is
+    undefined or degenerate: a zero tensor, parallel or anti-parallel A and B.
+    """
+    norm_a = math.sqrt(_dot(a, a))
+    norm_b = math.sqrt(_dot(b, b))
+    if norm_a == 0.0 or norm_b == 0.0 or not math.isfinite(norm_a * norm_b):
+        return torch.lerp(a, b, alpha)
+    cosine = max(-1.0, min(1.0, _dot(a, b) / (norm_a * norm_b)))
+    omega = math.acos(cosine)
+    sin_omega = math.sin(omega)
+    if sin_omega < 1e-6:
+        return torch.lerp(a, b, alpha)
+    norm = (1.0 - alpha) * norm_a + alpha * norm_b
+    weight_a = math.sin((1.0 - alpha) * omega) / sin_omega * norm / norm_a
+    weight_b = math.sin(alpha * omega) / sin_omega * norm / norm_b
+    return a * weight_a + b * weight_b
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    """sum(a·b) accumulated in float64 over fixed slices, in order."""
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, flat_a.numel(), _REDUCE_SLICE):
+        stop = start + _REDUCE_SLICE
+        total += float(torch.dot(flat_a[start:stop].double(), flat_b[start:stop].double()))
+    return total

@@ -1,0 +1,124 @@
+"""The metadata a merged file carries: sdkit's replayable recipe, the webui's provenance
+keys and ModelSpec.
+
+- `sdkit.recipe`: the recipe as JSON, inputs with their sha256, the sdkit version;
+- `sd_merge_recipe` / `sd_merge_models`: the provenance format the AUTOMATIC1111 webui
+  writes and Civitai reads (`type` says which tool merged; `sd_merge_models` maps each
+  input's sha256 to its name, legacy hash and own recipe, plus the inputs' own
+  `sd_merge_models`, so a chain of merges stays traceable);
+- `modelspec.*`: Stability AI's model spec (architecture, implementation, title,
+  resolution, `merged_from`), and `format: pt` as the webui writes it. No date is
+  written: the same merge gives the same bytes on any day.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
+from sdkit.ops.merge.recipe import RECIPE_KEY, MergeRecipe
+
+_IMPLEMENTATIONS = {  # LDM single-file key names follow these codebases
+    "sd1": "https://github.com/CompVis/stable-diffusion",
+    "sd2": "https://github.com/Stability-AI/stablediffusion",
+    "sdxl-base": "https://github.com/Stability-AI/generative-models",
+    "sdxl-refiner": "https://github.com/Stability-AI/generative-models",
+}
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What provenance needs to know about one input."""
+
+    name: str  # "A", "B", ...
+    path: str
+    kind: str
+    sha256: str
+    legacy_hash: str | None
+    metadata: Mapping[str, str]
+    family: str | None
+    variant: str = "normal"
+    prediction: str = "epsilon"
+
+
+def merge_metadata(recipe: MergeRecipe, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
+    """All metadata keys for the output file of `recipe`."""
+    metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe.to_json(), sort_keys=True)}
+    metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe, inputs))
+    metadata["sd_merge_models"] = json.dumps(_webui_models(inputs))
+    metadata.update(_modelspec(inputs, output))
+    return metadata
+
+
+def _webui_recipe(recipe: MergeRecipe, inputs: Sequence[InputFacts]) -> dict[str, Any]:
+    hashes = [facts.sha256 for facts in inputs] + [None, None, None]
+    return {
+        "type": "sdkit",
+        "primary_model_hash": hashes[0],
+        "secondary_model_hash": hashes[1],
+        "tertiary_model_hash": hashes[2],
+        "interp_method": recipe.method,
+        "multiplier": recipe.params.get("alpha"),
+        "save_as_half": recipe.dtype == "fp16",
+        "blocks": recipe.blocks,
+        "components": recipe.components or None,
+        "take": recipe.take or None,
+        "params": recipe.params,
+        "is_inpainting": any(f.variant == "inpaint" for f in inputs[:1]),
+        "is_instruct_pix2pix": any(f.variant == "pix2pix" for f in inputs[:1]),
+    }
+
+
+def _webui_models(inputs: Sequence[InputFacts]) -> dict[str, Any]:
+    models: dict[str, Any] = {}
+    for facts in inputs:
+        models[facts.sha256] = {
+            "name": Path(facts.path).name,
+            "legacy_hash": facts.legacy_hash,
+            "sd_merge_recipe": _json_or_none(facts.metadata.get("sd_merge_recipe")),
+        }
+        earlier = _json_or_none(facts.metadata.get("sd_merge_models"))
+        if isinstance(earlier, dict):
+            models.update(earlier)
+    return models
+
+
+def _json_or_none(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _modelspec(inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
+    first = inputs[0]
+    spec = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": output.stem,
+        "modelspec.merged_from": ", ".join(_title(facts) for facts in inputs),
+    }
+    family = first.family if first.family in FAMILIES else None
+    architecture = (first.metadata.get("modelspec.architecture")
+                    or (modelspec_architecture(family, variant=first.variant,
+                                               prediction=first.prediction) if family else None))
+    if architecture:
+        spec["modelspec.architecture"] = architecture
+    implementation = first.metadata.get("modelspec.implementation") or _IMPLEMENTATIONS.get(family or "")
+    if implementation:
+        spec["modelspec.implementation"] = implementation
+    if family:
+        side = default_resolution(family, prediction=first.prediction)
+        spec["modelspec.resolution"] = first.metadata.get("modelspec.resolution", f"{side}x{side}")
+        if first.prediction in ("epsilon", "v"):
+            spec["modelspec.prediction_type"] = first.prediction
+    return spec
+
+
+def _title(facts: InputFacts) -> str:
+    title = facts.metadata.get("modelspec.title") or Path(facts.path).stem
+    return title.replace(",", " ")

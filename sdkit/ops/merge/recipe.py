@@ -1,0 +1,176 @@
+"""A merge written down: inputs, method, parameters, weights, output dtype.
+
+The same structure is read from a YAML recipe file (`sdkit merge --recipe r.yaml`) and
+stored as JSON in the output's `sdkit.recipe` metadata (with each input's sha256 and the
+sdkit version), which is what `sdkit merge --replay FILE` runs again.
+
+    inputs:                      # A, B, C... in order; a path or {path, sha256}
+      - base.safetensors
+      - {path: style.safetensors, sha256: 3f2a…}
+    method: weighted_sum
+    params: {alpha: 0.3}         # the method's parameters (see `sdkit merge --list-methods`)
+    blocks: {BASE: 0, IN00: 0.5} # or a list, one value per block
+    components: {te: 0.7}        # per-component alpha
+    take: {vae: B}               # component -> input to copy it from, or "merge"
+    dtype: fp16                  # output dtype of float tensors; default: as the inputs
+    allow_nan: false
+    output: merged.safetensors   # optional, the command line's -o wins
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sdkit import __version__
+from sdkit.errors import SdkitError
+from sdkit.io.dtypes import NAME_TO_CODE
+
+RECIPE_KEY = "sdkit.recipe"
+_FIELDS = {"inputs", "method", "params", "blocks", "components", "take", "dtype",
+           "allow_nan", "output", "sdkit_version", "operation"}
+
+
+@dataclass(frozen=True)
+class RecipeInput:
+    path: str
+    sha256: str | None = None
+
+
+@dataclass
+class MergeRecipe:
+    """Everything that determines a merge's output tensors."""
+
+    inputs: list[RecipeInput]
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[str, float] | list[float] | None = None
+    components: dict[str, float] = field(default_factory=dict)
+    take: dict[str, str] = field(default_factory=dict)
+    dtype: str | None = None
+    allow_nan: bool = False
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) < 1:
+            raise SdkitError("merge recipe: no inputs")
+        if self.dtype is not None and self.dtype not in ("fp16", "bf16", "fp32"):
+            raise SdkitError(f"merge recipe: dtype must be fp16, bf16 or fp32, got {self.dtype!r}")
+
+    @property
+    def dtype_code(self) -> str | None:
+        return NAME_TO_CODE[self.dtype] if self.dtype else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The stored form (inputs with their sha256 when known)."""
+        return {
+            "operation": "merge",
+            "sdkit_version": __version__,
+            "inputs": [{"path": i.path, "sha256": i.sha256} for i in self.inputs],
+            "method": self.method,
+            "params": dict(self.params),
+            "blocks": self.blocks,
+            "components": dict(self.components),
+            "take": dict(self.take),
+            "dtype": self.dtype,
+            "allow_nan": self.allow_nan,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], origin: str) -> "MergeRecipe":
+        """Build from parsed YAML/JSON, refusing unknown fields and wrong types."""
+        if not isinstance(data, Mapping):
+            raise SdkitError(f"{origin}: a merge recipe must be a mapping")
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise SdkitError(f"{origin}: unknown recipe field {unknown[0]!r}")
+        if data.get("operation", "merge") != "merge":
+            raise SdkitError(f"{origin}: recipe is for {data['operation']!r}, not merge")
+        if "method" not in data or "inputs" not in data:
+            raise SdkitError(f"{origin}: a merge recipe needs `inputs` and `method`")
+        return cls(
+            inputs=[_recipe_input(item, origin) for item in _as_list(data["inputs"], "inputs", origin)],
+            method=str(data["method"]),
+            params=dict(_as_map(data.get("params"), "params", origin)),
+            blocks=_blocks(data.get("blocks"), origin),
+            components={str(k): float(v) for k, v in _as_map(data.get("components"), "components", origin).items()},
+            take={str(k): str(v) for k, v in _as_map(data.get("take"), "take", origin).items()},
+            dtype=data.get("dtype"),
+            allow_nan=bool(data.get("allow_nan", False)),
+            output=data.get("output"),
+        )
+
+
+def _as_list(value: Any, name: str, origin: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise SdkitError(f"{origin}: recipe field {name} must be a list")
+    return value
+
+
+def _as_map(value: Any, name: str, origin: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SdkitError(f"{origin}: recipe field {name} must be a mapping")
+    return value
+
+
+def _recipe_input(item: Any, origin: str) -> RecipeInput:
+    if isinstance(item, str):
+        return RecipeInput(item)
+    if isinstance(item, Mapping) and "path" in item:
+        return RecipeInput(str(item["path"]), item.get("sha256"))
+    raise SdkitError(f"{origin}: each recipe input is a path or {{path, sha256}}, got {item!r}")
+
+
+def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | None:
+    if value is None or isinstance(value, (list, Mapping)):
+        try:
+            if isinstance(value, list):
+                return [float(v) for v in value]
+            return {str(k): float(v) for k, v in value.items()} if value else None
+        except (TypeError, ValueError):
+            pass
+    raise SdkitError(f"{origin}: recipe field blocks must be a list of numbers or NAME: number")
+
+
+def load_recipe_file(path: str | Path) -> MergeRecipe:
+    """A recipe from a YAML (or JSON) file; relative input paths are taken from its folder."""
+    import yaml
+
+    source = Path(path)
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SdkitError(f"{source}: cannot read recipe ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SdkitError(f"{source}: not valid YAML ({_first_line(exc)})") from None
+    recipe = MergeRecipe.from_mapping(data, str(source))
+    base = source.parent
+    recipe.inputs = [RecipeInput(_relative_to(i.path, base), i.sha256) for i in recipe.inputs]
+    if recipe.output is not None:
+        recipe.output = _relative_to(recipe.output, base)
+    return recipe
+
+
+def _relative_to(path: str, base: Path) -> str:
+    candidate = Path(path).expanduser()
+    return str(candidate if candidate.is_absolute() else base / candidate)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+
+
+def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecipe:
+    """The recipe stored in a merged file's metadata."""
+    text = metadata.get(RECIPE_KEY)
+    if text is None:
+        raise SdkitError(f"{origin}: no {RECIPE_KEY} in its metadata (not merged by sdkit)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise SdkitError(f"{origin}: {RECIPE_KEY} metadata is not valid JSON") from None
+    return MergeRecipe.from_mapping(data, origin)

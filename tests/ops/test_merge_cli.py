@@ -1,0 +1,98 @@
+"""`sdkit merge` on the command line: options, recipe files, replay, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from sdkit.cli import merge_cmd  # noqa: F401  (attaches `merge` to the group)
+from sdkit.cli.main import cli, main
+from test_merge_support import checkpoint, write
+
+UNET = "model.diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    return {name: write(folder / f"{name}.safetensors", checkpoint("sd1", seed))
+            for name, seed in (("a", 1), ("b", 2), ("c", 3))}
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["merge", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", *args])
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+def test_merge_with_options_and_json_report(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    code, text = invoke(str(models["a"]), str(models["b"]), "--method", "weighted-sum",
+                        "--alpha", "0", "--blocks", "IN04:1,MID:0.5", "--te-alpha", "1",
+                        "--vae", "B", "--dtype", "fp32", "-o", str(out), "--json")
+    assert code == 0
+    report = json.loads(text)
+    assert report["recipe"]["blocks"] == {"IN04": 1.0, "MID": 0.5}
+    assert report["recipe"]["components"] == {"te": 1.0}
+    assert report["report"]["components_taken"] == {"vae": "B"}
+    merged, a, b = load_file(out), load_file(models["a"]), load_file(models["b"])
+    text_key = "cond_stage_model.transformer.text_model.final_layer_norm.bias"
+    assert torch.equal(merged[text_key], b[text_key].float())
+    assert torch.equal(merged[UNET + "input_blocks.1.0.in_layers.0.weight"],
+                       a[UNET + "input_blocks.1.0.in_layers.0.weight"].float())
+    assert torch.equal(merged["first_stage_model.decoder.conv_in.weight"],
+                       b["first_stage_model.decoder.conv_in.weight"].float())
+
+
+def test_recipe_file_then_replay(models: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {"inputs": [str(models["a"]), {"path": str(models["b"])}, str(models["c"])],
+              "method": "ties", "params": {"k": 0.5}, "dtype": "fp16", "output": "from_recipe.safetensors"}
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    code, _ = invoke("--recipe", str(recipe_path), "-p", "alpha=0.75")
+    assert code == 0
+    out = tmp_path / "from_recipe.safetensors"  # relative to the recipe's folder
+    with safe_open(str(out), "pt") as file:
+        stored = json.loads(file.metadata()["sdkit.recipe"])
+    assert (stored["method"], stored["params"]) == ("ties", {"alpha": 0.75, "k": 0.5})
+    code, text = invoke("--replay", str(out))
+    assert code == 0 and "identical" in text
+    tensors = load_file(out)
+    tensors[UNET + "out.0.weight"] = tensors[UNET + "out.0.weight"] * 2
+    with safe_open(str(out), "pt") as file:
+        write(tmp_path / "edited.safetensors", tensors, file.metadata())
+    code, text = invoke("--replay", str(tmp_path / "edited.safetensors"), "--json")
+    assert code == 1 and json.loads(text)["different"] == [UNET + "out.0.weight"]
+
+
+def test_errors_are_one_line(models: dict[str, Path], tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "m.safetensors"
+    code, err = run_main(capsys, str(models["a"]), str(models["b"]), "-m", "blend", "-o", str(out))
+    assert code == 1 and err.startswith("sdkit: error: unknown merge method 'blend'")
+    assert len(err.strip().splitlines()) == 1
+    out.write_bytes(b"keep me")
+    code, err = run_main(capsys, str(models["a"]), str(models["b"]), "-o", str(out))
+    assert code == 1 and "already exists" in err and out.read_bytes() == b"keep me"
+    code, err = run_main(capsys, str(models["a"]), str(models["b"]), "-p", "k=1", "-o", str(tmp_path / "x.safetensors"))
+    assert code == 1 and "has no parameter k" in err
+
+
+def test_list_methods() -> None:
+    code, text = invoke("--list-methods")
+    assert code == 0
+    for name in ("weighted_sum", "add_difference", "train_difference", "ties", "dare", "slerp",
+                 "n_average", "copy"):
+        assert name in text
