@@ -33,6 +33,8 @@ LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
 @dataclass(frozen=True)
 class Hashes:
+    """Lowercase hex digests (Civitai shows them uppercase); None where not applicable."""
+
     sha256: str | None
     autov2: str | None
     legacy: str | None
@@ -56,14 +58,16 @@ def _tensor_data_start(file: BinaryIO, size: int) -> int | None:
 
 
 class _DigestThread(threading.Thread):
-    """Feeds the chunks queued for it to one digest, acknowledging each when done.
+    """Digests the file from byte `start` on, fed chunk by chunk through a queue.
 
-    Each digest runs at its own pace, a few chunks behind the reader, so that a thread
-    briefly descheduled on a busy machine does not stall the others.
+    Each digest runs at its own pace, a few chunks behind the reader, acknowledging each
+    chunk when done, so that a thread briefly descheduled on a busy machine does not
+    stall the others.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, start: int) -> None:
         super().__init__(daemon=True)
+        self.start_offset = start
         self.digest = hashlib.sha256()
         self.chunks: queue.Queue[memoryview | None] = queue.Queue()
         self.done: queue.Queue[None] = queue.Queue()
@@ -81,26 +85,23 @@ def _window(chunk: memoryview, position: int) -> memoryview:
     return chunk[max(0, begin - position):max(0, end - position)]
 
 
-def _read_and_hash(file: BinaryIO, full: _DigestThread, after_header: _DigestThread | None,
-                   data_start: int, legacy: "hashlib._Hash",
+def _read_and_hash(file: BinaryIO, digests: list[_DigestThread], legacy: "hashlib._Hash",
                    progress: Callable[[int], None] | None) -> None:
     """Read the file through a ring of buffers, queueing every chunk to the digests."""
-    workers = [full] if after_header is None else [full, after_header]
     buffers = [memoryview(bytearray(CHUNK_BYTES)) for _ in range(RING_BUFFERS)]
     position, in_flight = 0, 0
     for sequence in itertools.count():
         if in_flight == RING_BUFFERS:  # the oldest buffer is reused once every digest had it
-            for worker in workers:
-                worker.done.get()
+            for digest in digests:
+                digest.done.get()
             in_flight -= 1
         buffer = buffers[sequence % RING_BUFFERS]
         count = file.readinto(buffer)
         if not count:
             return
         chunk = buffer[:count]
-        full.chunks.put(chunk)
-        if after_header is not None:
-            after_header.chunks.put(chunk[max(0, data_start - position):])
+        for digest in digests:
+            digest.chunks.put(chunk[max(0, digest.start_offset - position):])
         legacy.update(_window(chunk, position))
         in_flight += 1
         position += count
@@ -111,21 +112,19 @@ def _read_and_hash(file: BinaryIO, full: _DigestThread, after_header: _DigestThr
 def _hash_open_file(file: BinaryIO, size: int, is_safetensors: bool,
                     progress: Callable[[int], None] | None) -> Hashes:
     data_start = _tensor_data_start(file, size) if is_safetensors else None
-    full = _DigestThread()
-    after_header = _DigestThread() if data_start is not None else None
-    workers = [full] if after_header is None else [full, after_header]
+    digests = [_DigestThread(0)] + ([] if data_start is None else [_DigestThread(data_start)])
     legacy = hashlib.sha256()
-    for worker in workers:
-        worker.start()
+    for digest in digests:
+        digest.start()
     try:
-        _read_and_hash(file, full, after_header, data_start or 0, legacy, progress)
+        _read_and_hash(file, digests, legacy, progress)
     finally:
-        for worker in workers:
-            worker.chunks.put(None)
-        for worker in workers:
-            worker.join()
-    sha256 = full.digest.hexdigest()
-    addnet = after_header.digest.hexdigest() if after_header is not None else None
+        for digest in digests:
+            digest.chunks.put(None)
+        for digest in digests:
+            digest.join()
+    sha256 = digests[0].digest.hexdigest()
+    addnet = digests[1].digest.hexdigest() if data_start is not None else None
     return Hashes(sha256=sha256, autov2=sha256[:10], legacy=legacy.hexdigest()[:8],
                   autov3=addnet[:12] if addnet else None, addnet_full=addnet)
 
