@@ -14,8 +14,10 @@ that are the very same view are listed in `extra["__shared__"]` as sorted groups
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import struct
+import weakref
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -27,8 +29,6 @@ from sdkit.io.model_file import DTYPE_BITS, ModelFile, TensorInfo
 from sdkit.io.unpickler import PickledTensor, StorageRef, restricted_load
 
 if TYPE_CHECKING:
-    import mmap
-
     import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -164,7 +164,9 @@ class _CheckpointTensors:
         self.path = path
         self.fileno: int | None = fileno
         self.tensors = tensors
-        self.mappings: dict[str, tuple[mmap.mmap, int]] = {}
+        # weak: a storage's mapping lives as long as some loaded tensor uses it, so a
+        # streaming consumer holds one storage at a time, while tied views still share one
+        self.mappings: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
 
     def load(self, name: str) -> "torch.Tensor":
         import torch
@@ -181,10 +183,12 @@ class _CheckpointTensors:
     def _mapping(self, storage: StorageRef, name: str) -> tuple[mmap.mmap, int]:
         if self.fileno is None:
             raise SdkitError(f"{self.path}: file was closed before tensor {name!r} was loaded")
-        if storage.key not in self.mappings:
-            self.mappings[storage.key] = map_region(self.fileno, storage.file_offset,
-                                                    storage.nbytes)
-        return self.mappings[storage.key]
+        mapping = self.mappings.get(storage.key)
+        if mapping is None:
+            mapping, start = map_region(self.fileno, storage.file_offset, storage.nbytes)
+            self.mappings[storage.key] = mapping
+            return mapping, start
+        return mapping, storage.file_offset % mmap.ALLOCATIONGRANULARITY
 
     def close(self) -> None:
         self.mappings.clear()  # loaded tensors keep their own mappings alive
