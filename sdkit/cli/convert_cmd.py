@@ -1,0 +1,118 @@
+"""`sdkit convert`: formats, layouts, precision, pruning and repairs of model files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from sdkit.cli.main import cli
+
+_SHOWN_KEYS = 3
+
+
+@cli.command("convert")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str),
+              help="Output .safetensors file, .pt (A1111 embeddings) or folder (diffusers).")
+@click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers"]),
+              default="safetensors", show_default=True,
+              help="safetensors: keep the key layout; single-file: LDM / A1111 keys (kohya names "
+                   "for LoRA); diffusers: a diffusers folder (diffusers / peft names for LoRA).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Cast float tensors (integer tensors are never touched).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
+              help="Keys that keep their stored dtype: a glob (first_stage_model.*) or re:REGEX. Repeatable.")
+@click.option("--clamp", is_flag=True, help="Clamp values beyond the fp16 range instead of refusing.")
+@click.option("--allow-inf", is_flag=True, help="Let values beyond the fp16 range become inf (reported).")
+@click.option("--prune", is_flag=True, help="Drop EMA, scheduler buffers, training leftovers, non-model keys.")
+@click.option("--ema", is_flag=True, help="Use the EMA weights as the UNet (model_ema.* -> model.diffusion_model.*).")
+@click.option("--only", type=click.Choice(["unet", "vae", "text_encoder", "text_encoder_2"]),
+              help="Write this component alone (single-file: no checkpoint prefix, as A1111 / ComfyUI load it).")
+@click.option("--fix-clip", is_flag=True, help="Rewrite broken CLIP position_ids as int64 0..n-1.")
+@click.option("--config", "config_dir", type=click.Path(path_type=str),
+              help="A local diffusers folder of the same model: configs, tokenizers and scheduler come from it.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.pass_context
+def convert_command(ctx: click.Context, source: str, output: str, target: str, clamp: bool,
+                    allow_inf: bool, as_json: bool, **options: Any) -> None:
+    """Convert a model file: pickle to safetensors, precision, pruning, repairs, single-file <-> diffusers,
+    one component, LoRA kohya <-> diffusers, embedding layouts.
+
+    Example: sdkit convert model.ckpt -o model.safetensors --dtype fp16 --prune
+    """
+    from sdkit.ops.convert import ConvertOptions, convert_model
+
+    if clamp and allow_inf:
+        raise click.UsageError("--clamp and --allow-inf exclude each other")
+    policy = "clamp" if clamp else "allow-inf" if allow_inf else "refuse"
+    settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)
+    console = Console(stderr=True)
+    quiet = bool((ctx.obj or {}).get("quiet")) or as_json
+    with _progress(console, quiet) as advance:
+        result = convert_model(source, output, settings, progress=advance)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    for line in _report_lines(result):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+class _progress:  # noqa: N801  (a context manager used like a function)
+    """A byte counter with throughput on a terminal; a no-op otherwise."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        self.enabled = not quiet and console.is_terminal
+        self.console = console
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            console=self.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("converting", total=None)
+        return lambda count: self.bar.advance(self.task, count)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _examples(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f", … ({len(keys)} keys)" if len(keys) > _SHOWN_KEYS else "")
+
+
+def _report_lines(result: Any) -> list[str]:
+    lines = [f"wrote {result.output} ({result.written}, {result.convention} keys, {result.tensors} tensors, "
+             f"{_human_bytes(result.bytes)})"]
+    if result.precision is not None:
+        report = result.precision
+        lines.append(f"• cast {len(report.cast)} float tensors to {report.target}"
+                     + (f", kept {len(report.kept)} by --keep-fp32" if report.kept else ""))
+    for reason, keys in result.prune.dropped.items():
+        lines.append(f"• dropped ({reason}, {_human_bytes(result.prune.bytes.get(reason, 0))}): {_examples(keys)}")
+    if result.prune.ema_swapped:
+        lines.append(f"• EMA weights used for {result.prune.ema_swapped} UNet tensors")
+    for name, problem in result.fixed_position_ids.items():
+        lines.append(f"• fixed {name} ({problem})")
+    if result.shared:
+        lines.append(f"• {len(result.shared)} groups of tensors shared storage in the pickle; each written "
+                     f"as its own copy ({_examples([', '.join(g) for g in result.shared])})")
+    lines += [f"• {note}" for note in result.notes]
+    return lines

@@ -1,0 +1,365 @@
+"""`convert_model`: one file or folder in, one out — format, layout, precision, pruning, repair.
+
+The input is opened lazily and seen as a checkpoint-shaped view (`convert_layout`); then,
+all on lazy tensors, in this order:
+1. `--ema` puts the EMA weights in the UNet's place; `--prune` drops what is not model
+   weights; `--fix-clip` rewrites broken CLIP position ids (without it they are noted);
+2. the layout changes if asked (single-file ⇄ diffusers) and `--only` keeps one component;
+3. float tensors are cast (`--dtype`, `--keep-fp32`, overflow policy);
+4. the streaming writer pulls one tensor at a time into a safetensors file, a component
+   folder or a diffusers pipeline folder — always atomically.
+Pickle inputs are read by the restricted unpickler; tensors that share storage come out
+as separate copies of their own bytes (safetensors cannot alias) and are reported.
+LoRA and embedding files go to `convert_lora` / `convert_embedding`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from sdkit.arch import Identity, identify
+from sdkit.arch.hygiene import broken_position_ids
+from sdkit.arch.keymaps import LAYOUTS, ldm_layout
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model, write_safetensors
+from sdkit.io.dtypes import NAME_TO_CODE
+from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
+from sdkit.ops.convert_layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
+                                      is_ldm_checkpoint, model_view)
+from sdkit.ops.convert_precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
+                                         overflow_error, scan_overflow)
+from sdkit.ops.convert_prune import PruneReport, prune_tensors, swap_in_ema
+from sdkit.ops.convert_repair import fix_position_ids
+from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, BackgroundHash, SpecFacts, build_metadata
+
+Progress = Callable[[int], None]
+TARGETS = ("safetensors", "single-file", "diffusers")
+DTYPES = ("fp32", "fp16", "bf16")
+_SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+_SHOWN = 3
+
+
+@dataclass
+class ConvertOptions:
+    """What `sdkit convert` was asked to do (see the CLI help for each)."""
+
+    to: str = "safetensors"  # keep the layout | "single-file" (LDM) | "diffusers"
+    dtype: str | None = None  # "fp32" | "fp16" | "bf16"
+    keep_fp32: tuple[str, ...] = ()
+    overflow: str = "refuse"  # "refuse" | "clamp" | "allow-inf"
+    prune: bool = False
+    ema: bool = False
+    only: str | None = None  # one of COMPONENTS
+    fix_clip: bool = False
+    config_dir: str | None = None  # a local diffusers folder to take configs / tokenizers from
+    force: bool = False
+
+    def check(self) -> None:
+        if self.to not in TARGETS:
+            raise SdkitError(f"--to must be one of {', '.join(TARGETS)}, not {self.to!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise SdkitError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise SdkitError(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}")
+        if self.keep_fp32 and self.dtype is None:
+            raise SdkitError("--keep-fp32 only means something with --dtype")
+        if self.only is not None and self.only not in COMPONENTS:
+            raise SdkitError(f"--only must be one of {', '.join(COMPONENTS)}, not {self.only!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"to": self.to, "dtype": self.dtype, "keep_fp32": list(self.keep_fp32),
+                "overflow": self.overflow, "prune": self.prune, "ema": self.ema, "only": self.only,
+                "fix_clip": self.fix_clip, "config": self.config_dir}
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote and everything it changed or noticed on the way."""
+
+    output: Path
+    written: str  # "file" | "folder"
+    kind: str  # what the input is (identify's kind)
+    family: str
+    convention: str  # key convention of the output
+    tensors: int = 0
+    bytes: int = 0
+    precision: PrecisionReport | None = None
+    prune: PruneReport = field(default_factory=PruneReport)
+    fixed_position_ids: dict[str, str] = field(default_factory=dict)
+    broken_position_ids: dict[str, str] = field(default_factory=dict)
+    shared: list[list[str]] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # no place in the output layout
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output), "written": self.written, "kind": self.kind, "family": self.family,
+            "convention": self.convention, "tensors": self.tensors, "bytes": self.bytes,
+            "precision": self.precision.to_json() if self.precision else None,
+            "prune": self.prune.to_json(), "fixed_position_ids": self.fixed_position_ids,
+            "broken_position_ids": self.broken_position_ids, "shared_tensors": self.shared,
+            "left_out": len(self.left_out), "notes": self.notes,
+        }
+
+
+def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str],
+                  options: ConvertOptions | None = None, progress: Progress | None = None) -> ConvertResult:
+    """Convert `source` into `output` as `options` say; SdkitError for refused input."""
+    options = options or ConvertOptions()
+    options.check()
+    source, output = Path(source), Path(output)
+    _refuse_same_path(source, output)
+    with open_model(source) as model:
+        identity = identify(model)
+        if identity.kind == "lora":
+            from sdkit.ops.convert_lora import convert_lora_file
+            return convert_lora_file(model, identity, output, options, progress)
+        if identity.kind == "hypernetwork":
+            raise SdkitError(f"{source}: hypernetworks load only as A1111 .pt files; nothing to convert")
+        if identity.kind == "embedding":
+            from sdkit.ops.convert_embedding import convert_embedding_file
+            return convert_embedding_file(model, identity, output, options, progress)
+        return _ModelConversion(model, identity, output, options, progress).run()
+
+
+def _refuse_same_path(source: Path, output: Path) -> None:
+    if output.exists() and source.exists() and os.path.samefile(source, output):
+        raise SdkitError(f"{output}: is the input; write the conversion to another path")
+
+
+def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | None:
+    """Component prefixes of an LDM checkpoint of a known layout (None for anything else)."""
+    if identity.kind != "checkpoint" or not is_ldm_checkpoint(model):
+        return None
+    return tuple(part.prefix for part in LAYOUTS[ldm_layout(model.infos)])
+
+
+def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
+    """Component configs (`<component>/config.json`) of a local diffusers folder."""
+    if folder is None:
+        return {}
+    from sdkit.io.diffusers_folder import read_json
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SdkitError(f"{root}: --config must be a diffusers folder")
+    configs = {}
+    for component in COMPONENTS:
+        path = root / component / "config.json"
+        if path.is_file():
+            config = read_json(path)
+            if not isinstance(config, dict):
+                raise SdkitError(f"{path}: not a JSON object")
+            configs[component] = config
+    if not configs:
+        raise SdkitError(f"{root}: no unet/, vae/ or text_encoder/ config.json found (--config)")
+    return configs
+
+
+class _ModelConversion:
+    """One checkpoint / component / pipeline conversion, step by step."""
+
+    def __init__(self, model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
+                 progress: Progress | None) -> None:
+        self.model, self.identity, self.output, self.options = model, identity, output, options
+        self.progress = progress
+        self.configs = read_config_dir(options.config_dir)
+        self.convention = "ldm"
+        self.result = ConvertResult(output, "file", identity.kind, identity.family, "ldm")
+        self.result.shared = list(model.extra.get("__shared__") or [])
+        self.input_hash = BackgroundHash(model.path)  # runs while the output is planned and written
+
+    def run(self) -> ConvertResult:
+        try:
+            return self._run()
+        except BaseException:
+            self.input_hash.cancel()
+            raise
+
+    def _run(self) -> ConvertResult:
+        tensors = self._hygiene(lazy_tensors(self.model))
+        view = model_view(self.model, self.identity, self._standalone_component())
+        view.tensors = self._renamed(view, tensors)
+        others = [name for name in self.model.components if name not in view.components and not view.standalone]
+        if others:
+            self.result.notes.append(f"components other than UNet, VAE and text encoders are not converted: "
+                                     f"{', '.join(others)}")
+        if self.options.only and self.options.only not in view.components:
+            raise SdkitError(f"{self.model.path}: has no {self.options.only} "
+                             f"(it holds {', '.join(view.components) or 'no model component'})")
+        self.convention = self._target_convention(view)
+        converted = convert_view(view, self.convention, self.configs)
+        self.result.left_out = converted.dropped
+        outputs, sources = self._select(view, converted)
+        self.result.convention = self.convention
+        self._note_left_out()
+        self._write(view, converted, outputs, sources)
+        return self.result
+
+    # -- 1. hygiene ------------------------------------------------------------------
+
+    def _hygiene(self, tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+        where = str(self.model.path)
+        if self.options.ema:
+            tensors = swap_in_ema(tensors, self.result.prune, where)
+        if self.options.prune:
+            tensors = prune_tensors(tensors, model_prefixes(self.model, self.identity), self.result.prune)
+        broken = {name: problem for name, problem in broken_position_ids(self.model).items() if name in tensors}
+        if broken and self.options.fix_clip:
+            self.result.fixed_position_ids = broken
+            return fix_position_ids(tensors, broken)
+        if broken:
+            self.result.broken_position_ids = broken
+            self.result.notes.append(f"{len(broken)} broken CLIP position_ids kept as they are "
+                                     "(--fix-clip rewrites them as 0..n-1 int64)")
+        return tensors
+
+    def _standalone_component(self) -> str | None:
+        """What a lone component file or folder holds, when --only says so."""
+        pipeline = self.model.components and self.model.extra.get("model_index") is not None
+        return None if pipeline or is_ldm_checkpoint(self.model) else self.options.only
+
+    def _renamed(self, view: ModelView, tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
+        """`tensors` (named as in the file) in the view's namespace."""
+        if not view.standalone:
+            return {name: lazy for name, lazy in tensors.items() if name in view.tensors}
+        prefix = component_prefix(view, view.components[0])
+        if self.model.components:  # a lone component folder: `<folder name>/<key>`
+            return {prefix + name.split("/", 1)[1]: lazy for name, lazy in tensors.items()}
+        return {prefix + name: lazy for name, lazy in tensors.items()}
+
+    # -- 2. layout -------------------------------------------------------------------
+
+    def _target_convention(self, view: ModelView) -> str:
+        if self.options.to == "safetensors":
+            return view.convention
+        if view.plain:
+            raise SdkitError(f"{self.model.path}: a {self.identity.kind} file holds no UNet, VAE or text "
+                             "encoder to convert between single-file and diffusers layouts")
+        return "ldm" if self.options.to == "single-file" else "diffusers"
+
+    def _select(self, view: ModelView, converted: Converted) -> tuple[dict[str, LazyTensor], dict[str, list[str]]]:
+        """Output tensors by final name, and the names each is made from (for --keep-fp32)."""
+        component = self.options.only or (view.components[0] if view.standalone else None)
+        if component is None:
+            return converted.tensors, {n: [n, *converted.sources[n]] for n in converted.tensors}
+        prefix = component_prefix(view, component, self.convention)
+        outputs, sources = {}, {}
+        for name, lazy in converted.tensors.items():
+            if name.startswith(prefix):
+                final = name[len(prefix):]
+                outputs[final] = lazy
+                sources[final] = [final, name, *converted.sources[name]]
+        if not outputs:
+            raise SdkitError(f"{self.model.path}: no {component} tensors")
+        return outputs, sources
+
+    def _note_left_out(self) -> None:
+        # position ids are made again on the way back to a single file: not worth a note
+        left = [key for key in self.result.left_out if not key.endswith("position_ids")]
+        if left:
+            shown = ", ".join(left[:_SHOWN]) + (", …" if len(left) > _SHOWN else "")
+            self.result.notes.append(f"{len(left)} tensors have no place in the {self.convention} layout and "
+                                     f"were left out ({shown})")
+
+    # -- 3. precision and 4. writing --------------------------------------------------
+
+    def _cast(self, outputs: dict[str, LazyTensor], sources: dict[str, list[str]]) -> dict[str, LazyTensor]:
+        if self.options.dtype is None:
+            return outputs
+        code = NAME_TO_CODE[self.options.dtype]
+        cast, report = cast_tensors(outputs, code, keep=self.options.keep_fp32, sources=sources,
+                                    policy=self.options.overflow)
+        self.result.precision = report
+        return cast
+
+    def _write(self, view: ModelView, converted: Converted, outputs: dict[str, LazyTensor],
+               sources: dict[str, list[str]]) -> None:
+        final = self._cast(outputs, sources)
+        try:
+            self._write_output(view, converted, final)
+        except OverflowStop:
+            self.input_hash.cancel()
+            cast = self.result.precision.cast if self.result.precision else []
+            found = scan_overflow({name: outputs[name] for name in cast}, NAME_TO_CODE[self.options.dtype or "fp16"])
+            raise overflow_error(str(self.model.path), found) from None
+        if self.result.precision and self.result.precision.overflow.tensors:
+            verb = "clamped" if self.options.overflow == "clamp" else "kept as inf"
+            self.result.notes.append(self.result.precision.overflow.summary() + f"; {verb}")
+        self.result.tensors = len(final)
+        self.result.bytes = _size(self.output)
+
+    def _metadata(self, component: str | None) -> dict[str, str]:
+        implementation = DIFFUSERS_IMPLEMENTATION if self.convention == "diffusers" else None
+        facts = SpecFacts.from_identity(self.identity, implementation=implementation,
+                                        adapter="vae" if component == "vae" else None)
+        carried = {} if self.model.components else self.model.metadata
+        return build_metadata("convert", [self.model.path], self.options.to_json(), facts, title=self.output.stem,
+                              carried=carried, hashes={str(self.model.path): self.input_hash.placeholder})
+
+    def _write_output(self, view: ModelView, converted: Converted, tensors: dict[str, LazyTensor]) -> None:
+        component = self.options.only or (view.components[0] if view.standalone else None)
+        as_file = self.output.suffix.lower() in _SAFETENSORS_SUFFIXES
+        if self.convention == "diffusers" and component is None:
+            if as_file:
+                raise SdkitError(f"{self.output}: a diffusers pipeline is a folder; give a folder path "
+                                 "(--to single-file makes one LDM file, --only COMPONENT one component)")
+            self._write_pipeline(converted, tensors)
+        elif self.convention == "diffusers" and not as_file:
+            self.result.written = "folder"
+            config = converted.configs[component]
+            build_in_partial(self.output, self.options.force, lambda folder: write_component_folder(
+                folder, component, tensors, config, self._metadata(component), self.progress,
+                self.input_hash.patch))
+        else:
+            if not as_file:
+                raise SdkitError(f"{self.output}: the output must be a .safetensors file")
+            write_file(self.output, tensors, self._metadata(component), self.input_hash, self.options.force,
+                       self.progress)
+
+    def _write_pipeline(self, converted: Converted, tensors: dict[str, LazyTensor]) -> None:
+        self.result.written = "folder"
+        config_dir = Path(self.options.config_dir) if self.options.config_dir else (
+            self.model.path if self.model.components else None)
+        folder = write_pipeline_folder(
+            self.output, tensors, converted.configs, converted.layout, prediction=self.identity.prediction,
+            metadata_for=self._metadata, config_dir=config_dir, overwrite=self.options.force,
+            progress=self.progress, finish=self.input_hash.patch)
+        self.result.notes += folder.notes
+        for name, where in folder.tokenizers.items():
+            self.result.notes.append(f"{name}/ copied from {where}")
+
+
+def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str],
+               input_hash: BackgroundHash, overwrite: bool, progress: Progress | None) -> None:
+    """Write a safetensors file whose metadata waits for the input's sha256.
+
+    The tensors stream into a hidden file beside `path` while the input is hashed; the
+    digest is patched into its header and only then is it renamed into place.
+    """
+    if path.is_dir():
+        raise SdkitError(f"{path}: is a folder; a .safetensors output is a file")
+    if path.exists() and not overwrite:
+        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+    hidden = path.parent / f".{path.name}.{secrets.token_hex(6)}.converting"
+    try:
+        write_safetensors(hidden, tensors, metadata, progress=progress)
+        input_hash.patch(hidden)
+        if path.exists() and not overwrite:  # it may have appeared while we wrote
+            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+        os.replace(hidden, path)
+    except BaseException as exc:
+        hidden.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        raise
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0

@@ -1,0 +1,282 @@
+"""Write a diffusers pipeline folder from converted tensors, atomically.
+
+The folder holds `model_index.json`, each component's `config.json` (the config the key
+plan followed) with its weights written by the streaming writer
+(`diffusion_pytorch_model.safetensors` for UNet / VAE, `model.safetensors` for text
+encoders), a scheduler config, and tokenizers when one can be had without the network:
+from `config_dir` (a local diffusers folder of the same model), else from the family's
+reference repository in the local Hugging Face cache when its vocabulary fits the text
+encoder. A single file holds no tokenizer; without either source the folder is written
+without one and the result says so.
+
+Everything is built in a hidden `.partial` folder beside the target and renamed into
+place at the end, so a failure leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor, write_safetensors
+
+Progress = Callable[[int], None]
+Finish = Callable[[Path], None]
+_WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+_CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+_TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+_SLOTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
+          "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
+          "sdxl_refiner": ("unet", "vae", "text_encoder", "text_encoder_2")}
+_SD_PIPELINE = ("StableDiffusionPipeline", {"safety_checker": [None, None], "feature_extractor": [None, None],
+                                             "image_encoder": [None, None], "requires_safety_checker": False})
+_PIPELINES = {
+    "sd1": _SD_PIPELINE,
+    "sd2": _SD_PIPELINE,
+    "sdxl": ("StableDiffusionXLPipeline", {"image_encoder": [None, None], "feature_extractor": [None, None],
+                                           "force_zeros_for_empty_prompt": True}),
+    "sdxl_refiner": ("StableDiffusionXLImg2ImgPipeline", {
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+        "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}),
+}
+# the scheduler each family's reference repository ships (betas of the LDM training schedule)
+_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
+_SCHEDULERS = {"sd1": ("PNDMScheduler", {"skip_prk_steps": True}),
+               "sd2": ("DDIMScheduler", {}),
+               "sdxl": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "interpolation_type": "linear"}),
+               "sdxl_refiner": ("EulerDiscreteScheduler", {"timestep_spacing": "leading",
+                                                           "interpolation_type": "linear"})}
+_REFERENCE_REPOS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
+                    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                    "sdxl_refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
+
+
+@dataclass
+class FolderResult:
+    path: Path
+    components: list[str]
+    tokenizers: dict[str, str] = field(default_factory=dict)  # tokenizer folder -> where it came from
+    notes: list[str] = field(default_factory=list)
+
+
+def _diffusers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _text_encoder_class(config: Mapping[str, Any]) -> str:
+    architectures = config.get("architectures") or ["CLIPTextModel"]
+    return str(architectures[0])
+
+
+def component_config(component: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config.json of a component: the plan's config with the class it names."""
+    written = dict(config)
+    if component in _CLASSES:
+        written["_class_name"] = _CLASSES[component][1]
+        written.setdefault("_diffusers_version", _diffusers_version())
+    else:
+        written.setdefault("architectures", [_text_encoder_class(config)])
+        written.setdefault("model_type", "clip_text_model")
+    return written
+
+
+def scheduler_config(layout: str, prediction: str) -> dict[str, Any]:
+    name, settings = _SCHEDULERS[layout]
+    return {"_class_name": name, "_diffusers_version": _diffusers_version(), **_SCHEDULE, **settings,
+            "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _model_index(layout: str, components: list[str], configs: Mapping[str, dict], written: list[str],
+                 scheduler: list[str], base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """model_index.json: `written` names the config-only folders (tokenizers, ...) present."""
+    class_name, settings = _PIPELINES[layout]
+    index: dict[str, Any] = dict(base) if base else {"_class_name": class_name, **settings}
+    index["_diffusers_version"] = _diffusers_version()
+    for name, value in list(index.items()):  # parts we do not write must not be looked for
+        if isinstance(value, list) and name not in components and name not in written:
+            index[name] = [None, None]
+    for component in _SLOTS[layout]:
+        present = component in components
+        if component in _CLASSES:
+            index[component] = list(_CLASSES[component]) if present else [None, None]
+            continue
+        index[component] = ["transformers", _text_encoder_class(configs[component])] if present else [None, None]
+        tokenizer = _TOKENIZER_OF[component]
+        copied = index.get(tokenizer) if isinstance(index.get(tokenizer), list) else None
+        if tokenizer not in written:
+            index[tokenizer] = [None, None]
+        elif not copied or copied[-1] is None:  # keep the class a copied folder was saved with
+            index[tokenizer] = ["transformers", "CLIPTokenizer"]
+    index["scheduler"] = scheduler
+    return index
+
+
+def _vocab_size(folder: Path) -> int | None:
+    try:
+        return len(json.loads((folder / "vocab.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def _cached_tokenizer(layout: str, name: str, rows: int) -> Path | None:
+    """The reference repository's tokenizer from the local HF cache, if its ids fit `rows`."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(_REFERENCE_REPOS[layout], allow_patterns=[f"{name}/*"],
+                                        local_files_only=True)) / name
+    except Exception:  # huggingface_hub raises several types for "not in the cache"
+        return None
+    size = _vocab_size(folder) if folder.is_dir() else None
+    return folder if size is not None and size <= rows else None
+
+
+def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str, dict],
+                       config_dir: Path | None) -> dict[str, tuple[Path, str]]:
+    """tokenizer folder name -> (source folder, description)."""
+    found: dict[str, tuple[Path, str]] = {}
+    for component, name in _TOKENIZER_OF.items():
+        if component not in components:
+            continue
+        if config_dir is not None and (config_dir / name).is_dir():
+            found[name] = (config_dir / name, str(config_dir / name))
+            continue
+        cached = _cached_tokenizer(layout, name, int(configs[component].get("vocab_size", 0)))
+        if cached is not None:
+            found[name] = (cached, f"{_REFERENCE_REPOS[layout]} (local Hugging Face cache)")
+    return found
+
+
+def _partial(path: Path) -> Path:
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+
+
+def _install_folder(built: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished folder into place; an existing target needs `overwrite`."""
+    if target.exists() and not overwrite:
+        raise SdkitError(f"{target}: already exists (overwriting needs --force)")
+    old = _partial(target) if target.exists() or target.is_symlink() else None
+    if old is not None:
+        os.replace(target, old)
+    os.replace(built, target)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+def build_in_partial(target: Path, overwrite: bool, fill: Callable[[Path], Any]) -> Any:
+    """Run `fill(folder)` on a fresh hidden folder beside `target`, then install it there."""
+    if target.exists() and not overwrite:
+        raise SdkitError(f"{target}: already exists (overwriting needs --force)")
+    if not target.parent.is_dir():
+        raise SdkitError(f"{target.parent}: no such folder")
+    built = _partial(target)
+    try:
+        built.mkdir()
+        result = fill(built)
+        _install_folder(built, target, overwrite)
+    except BaseException as exc:
+        shutil.rmtree(built, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise SdkitError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        raise
+    return result
+
+
+def write_component_folder(folder: Path, component: str, tensors: Mapping[str, LazyTensor],
+                           config: Mapping[str, Any], metadata: Mapping[str, str],
+                           progress: Progress | None = None, finish: Finish | None = None) -> None:
+    """config.json + weights of one component into an existing empty folder.
+
+    `finish(weights)` runs on the written weight file (e.g. to patch its metadata).
+    """
+    _write_json(folder / "config.json", component_config(component, config))
+    weights = write_safetensors(folder / _WEIGHT_NAMES[component], tensors, metadata, progress=progress)
+    if finish is not None:
+        finish(weights)
+
+
+def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], configs: Mapping[str, dict],
+                          layout: str, *, prediction: str, metadata_for: Callable[[str], Mapping[str, str]],
+                          config_dir: Path | None = None, overwrite: bool = False,
+                          progress: Progress | None = None, finish: Finish | None = None) -> FolderResult:
+    """A loadable diffusers pipeline folder from `<component>/<key>` tensors."""
+    by_component: dict[str, dict[str, LazyTensor]] = {}
+    for name, lazy in tensors.items():
+        component, key = name.split("/", 1)
+        by_component.setdefault(component, {})[key] = lazy
+    components = [c for c in _WEIGHT_NAMES if c in by_component]
+    tokenizers = _tokenizer_sources(layout, components, configs, config_dir)
+    base_index = _read_index(config_dir)
+
+    def fill(folder: Path) -> FolderResult:
+        for component in components:
+            (folder / component).mkdir()
+            write_component_folder(folder / component, component, by_component[component], configs[component],
+                                   metadata_for(component), progress, finish)
+        scheduler = _write_scheduler(folder, layout, prediction, config_dir)
+        written = ["scheduler"]
+        for name, (source, _) in tokenizers.items():
+            shutil.copytree(source, folder / name)
+            written.append(name)
+        if config_dir is not None and (config_dir / "feature_extractor").is_dir():
+            shutil.copytree(config_dir / "feature_extractor", folder / "feature_extractor")
+            written.append("feature_extractor")
+        _write_json(folder / "model_index.json",
+                    _model_index(layout, components, configs, written, scheduler, base_index))
+        return FolderResult(target, components, {name: where for name, (_, where) in tokenizers.items()})
+
+    result = build_in_partial(target, overwrite, fill)
+    missing = [_TOKENIZER_OF[c] for c in components if c in _TOKENIZER_OF and _TOKENIZER_OF[c] not in tokenizers]
+    if missing:
+        names = " and ".join(missing)
+        passed = ", ".join(f"{name}=None" for name in missing)
+        result.notes.append(f"written without {names}: a single file holds none and none was found locally; "
+                            f"load the folder with from_pretrained(..., {passed}) or a tokenizer of your own, "
+                            "or convert again with --config <the base model's diffusers folder>")
+    return result
+
+
+def _read_index(config_dir: Path | None) -> dict[str, Any] | None:
+    if config_dir is None or not (config_dir / "model_index.json").is_file():
+        return None
+    from sdkit.io.diffusers_folder import read_json
+
+    index = read_json(config_dir / "model_index.json")
+    return index if isinstance(index, dict) else None
+
+
+def _write_scheduler(folder: Path, layout: str, prediction: str, config_dir: Path | None) -> list[str]:
+    """Write scheduler/ (copied from `config_dir` when it has one); its model_index entry."""
+    copied = config_dir / "scheduler" if config_dir is not None else None
+    if copied is not None and (copied / "scheduler_config.json").is_file():
+        from sdkit.io.diffusers_folder import read_json
+
+        shutil.copytree(copied, folder / "scheduler")
+        config = read_json(copied / "scheduler_config.json")
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+            return ["diffusers", config["_class_name"]]
+        shutil.rmtree(folder / "scheduler")
+    (folder / "scheduler").mkdir()
+    config = scheduler_config(layout, prediction)
+    _write_json(folder / "scheduler" / "scheduler_config.json", config)
+    return ["diffusers", config["_class_name"]]

@@ -1,0 +1,203 @@
+"""LoRA files between kohya (A1111 / ComfyUI) and diffusers / peft naming.
+
+- kohya: `<kohya name>.lora_down.weight`, `.lora_up.weight`, and `.alpha` (a 0-d tensor;
+  the layer's scale is alpha / rank);
+- diffusers / peft (what `save_lora_weights` writes): `<component>.<module path>.lora_A.weight`
+  (= down) and `.lora_B.weight` (= up), alphas in the `lora_adapter_metadata` metadata as
+  one peft `LoraConfig` per component, flattened under `<component>.`: the commonest rank
+  and alpha as `r` / `lora_alpha`, the others in `rank_pattern` / `alpha_pattern`.
+Factor tensors are copied bit for bit; only names and the place of alpha change. A module
+without alpha gets alpha = rank (scale 1), which is what peft and kohya assume.
+Module names are resolved through `LoraNameIndex` (built from the base model's structure).
+Plain LoRA / LoCon modules convert; LyCORIS algorithms, Tucker `lora_mid`, DoRA and bias
+deltas have no diffusers-side spelling here and are refused with their names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from sdkit.adapters.lora_format import LORA, LoraFile, LoraModule, parse_lora
+from sdkit.arch import Identity
+from sdkit.arch.keymaps import diffusers_layout
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor, ModelFile, lazy_tensors, write_safetensors
+from sdkit.io.dtypes import NAME_TO_CODE
+from sdkit.ops.convert import ConvertOptions, ConvertResult, read_config_dir
+from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY
+from sdkit.ops.convert_lora_names import LoraNameIndex, LoraTarget
+from sdkit.ops.convert_precision import OverflowStop, cast_tensors, overflow_error, scan_overflow
+from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+STYLES = {"single-file": "kohya", "diffusers": "diffusers"}
+_SHOWN = 3
+
+
+def _alpha_tensor(alpha: float) -> "torch.Tensor":
+    import torch
+
+    return torch.tensor(alpha, dtype=torch.float32)
+
+
+def lora_layout(identity: Identity, configs: dict[str, dict]) -> str:
+    """The base model's layout: from its configs when given, else the detected family."""
+    if configs:
+        return diffusers_layout(list(configs), configs)
+    layout = LAYOUT_OF_FAMILY.get(identity.family)
+    if layout is None:
+        raise SdkitError(f"cannot tell which model this LoRA was made for (family {identity.family}); "
+                         "give the base model's diffusers folder with --config")
+    return layout
+
+
+def _check_module(module: LoraModule) -> None:
+    problem = None
+    if module.type != LORA:
+        problem = f"is {module.type}"
+    elif "mid" in module.tensors:
+        problem = "has a Tucker lora_mid"
+    elif module.dora_scale is not None:
+        problem = "is DoRA"
+    elif "bias" in module.tensors:
+        problem = "has a bias delta"
+    if problem:
+        raise SdkitError(f"{module.name}: {problem}; only plain LoRA / LoCon modules convert between "
+                         "kohya and diffusers names")
+
+
+def _resolve(lora: LoraFile, index: LoraNameIndex) -> dict[str, LoraTarget]:
+    targets, unknown = {}, []
+    for name, module in lora.modules.items():
+        _check_module(module)
+        target = index.resolve(name)
+        if target is None:
+            unknown.append(name)
+        else:
+            targets[name] = target
+    if unknown:
+        shown = ", ".join(unknown[:_SHOWN])
+        raise SdkitError(f"{len(unknown)} LoRA modules are not modules of the {index.layout} base model "
+                         f"({shown}); give the base model's diffusers folder with --config")
+    if lora.unrecognised:
+        key, why = next(iter(lora.unrecognised.items()))
+        raise SdkitError(f"{key}: {why} ({len(lora.unrecognised)} keys not understood)")
+    return targets
+
+
+def _alpha(module: LoraModule) -> float:
+    """The alpha a converted module carries: the stored one, or the rank (scale 1)."""
+    if module.alpha is None or module.alpha == 0:  # kohya reads 0 as "alpha = rank"
+        return float(module.rank or 0)
+    return module.alpha
+
+
+def to_kohya(lora: LoraFile, targets: dict[str, LoraTarget]) -> dict[str, LazyTensor]:
+    out: dict[str, LazyTensor] = {}
+    for name, module in lora.modules.items():
+        kohya = targets[name].kohya
+        out[f"{kohya}.lora_down.weight"] = module.tensors["down"]
+        out[f"{kohya}.lora_up.weight"] = module.tensors["up"]
+        out[f"{kohya}.alpha"] = LazyTensor("F32", (), partial(_alpha_tensor, _alpha(module)))
+    return out
+
+
+def to_diffusers(lora: LoraFile, targets: dict[str, LoraTarget]) -> tuple[dict[str, LazyTensor], str]:
+    """(tensors, `lora_adapter_metadata` JSON) in diffusers / peft naming."""
+    out: dict[str, LazyTensor] = {}
+    per_component: dict[str, list[tuple[str, int, float]]] = {}
+    for name, module in lora.modules.items():
+        target = targets[name]
+        out[f"{target.peft}.lora_A.weight"] = module.tensors["down"]
+        out[f"{target.peft}.lora_B.weight"] = module.tensors["up"]
+        per_component.setdefault(target.component, []).append(
+            (target.diffusers, int(module.rank or 0), _alpha(module)))
+    return out, adapter_metadata(per_component)
+
+
+def adapter_metadata(per_component: dict[str, list[tuple[str, int, float]]]) -> str:
+    """diffusers' `lora_adapter_metadata`: one peft LoraConfig per component, flattened."""
+    flat: dict[str, Any] = {}
+    for component, modules in sorted(per_component.items()):
+        rank = Counter(r for _, r, _ in modules).most_common(1)[0][0]
+        alpha = Counter(a for _, _, a in modules).most_common(1)[0][0]
+        config = {
+            "r": rank, "lora_alpha": alpha,
+            "rank_pattern": {path: r for path, r, _ in modules if r != rank},
+            "alpha_pattern": {path: a for path, _, a in modules if a != alpha},
+            "target_modules": sorted(path for path, _, _ in modules),
+            "use_dora": False, "lora_bias": False,
+        }
+        flat.update({f"{component}.{key}": value for key, value in config.items()})
+    return json.dumps(flat, indent=2, sort_keys=True)
+
+
+def _check_options(options: ConvertOptions, output: Path) -> None:
+    for flag, given in (("--only", options.only), ("--ema", options.ema), ("--fix-clip", options.fix_clip),
+                        ("--prune", options.prune)):
+        if given:
+            raise SdkitError(f"{flag} applies to checkpoints, not to LoRA files")
+    if output.suffix.lower() != ".safetensors":
+        raise SdkitError(f"{output}: a converted LoRA is written as a .safetensors file")
+
+
+def _renamed(model: ModelFile, identity: Identity, style: str | None,
+             options: ConvertOptions) -> tuple[dict[str, LazyTensor], dict[str, str], str | None]:
+    """(tensors, metadata additions, layout) of the output."""
+    if style is None:
+        return lazy_tensors(model), {}, LAYOUT_OF_FAMILY.get(identity.family)
+    lora = parse_lora(model)
+    source = lora.prefix_style
+    if style == source:
+        return lazy_tensors(model), {}, LAYOUT_OF_FAMILY.get(identity.family)
+    if source not in ("kohya", "diffusers"):
+        raise SdkitError(f"{model.path}: {source}-named LoRA modules cannot be renamed (kohya and "
+                         "diffusers names only)")
+    configs = read_config_dir(options.config_dir)
+    layout = lora_layout(identity, configs)
+    targets = _resolve(lora, LoraNameIndex(layout, configs))
+    if style == "kohya":
+        return to_kohya(lora, targets), {}, layout
+    tensors, config = to_diffusers(lora, targets)
+    return tensors, {ADAPTER_METADATA_KEY: config}, layout
+
+
+def _implementation(style: str | None, source: str, layout: str | None) -> str | None:
+    """ModelSpec implementation as sd-scripts writes it for kohya LoRA (sgm for SDXL)."""
+    if (style or source) == "kohya" and layout and layout.startswith("sdxl"):
+        return LDM_IMPLEMENTATIONS["sdxl-base"]
+    return DIFFUSERS_IMPLEMENTATION
+
+
+def convert_lora_file(model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
+                      progress: Callable[[int], None] | None) -> ConvertResult:
+    """Rename (`--to single-file` = kohya, `--to diffusers`) and / or cast a LoRA file."""
+    _check_options(options, output)
+    style = STYLES.get(options.to)
+    tensors, added, layout = _renamed(model, identity, style, options)
+    result = ConvertResult(output, "file", identity.kind, identity.family, style or identity.key_convention)
+    final = tensors
+    if options.dtype is not None:
+        final, result.precision = cast_tensors(tensors, NAME_TO_CODE[options.dtype], keep=options.keep_fp32,
+                                               policy=options.overflow)
+    # peft alphas describe diffusers names only: kohya files carry theirs in `.alpha` tensors
+    carried = {k: v for k, v in model.metadata.items() if style != "kohya" or k != ADAPTER_METADATA_KEY}
+    facts = SpecFacts.from_identity(identity, adapter="lora",
+                                    implementation=_implementation(style, identity.key_convention, layout))
+    metadata = build_metadata("convert", [model.path], options.to_json(), facts, added, title=output.stem,
+                              carried=carried, progress=progress)
+    try:
+        write_safetensors(output, final, metadata, overwrite=options.force, progress=progress)
+    except OverflowStop:
+        found = scan_overflow({name: tensors[name] for name in result.precision.cast},
+                              NAME_TO_CODE[options.dtype or "fp16"])
+        raise overflow_error(str(model.path), found) from None
+    result.tensors, result.bytes = len(final), output.stat().st_size
+    return result

@@ -1,0 +1,226 @@
+"""The metadata every file sdkit writes carries: ModelSpec and the `sdkit.recipe`.
+
+- `modelspec.*` (Stability AI's model spec 1.0.1): the MUST fields `sai_model_spec`,
+  `architecture` (from the family table), `implementation`, `title`, `resolution`, and
+  `prediction_type` when known. Descriptive fields the input already had (author,
+  description, license, tags, trigger phrase, ...) are carried over.
+- `sdkit.recipe`: JSON with the operation, the inputs with their sha256, the parameters
+  and the sdkit version, so the output can be made again from its own metadata.
+- `format: pt`, which transformers requires of the safetensors files it loads.
+
+Keys that describe the input's bytes rather than the model (`modelspec.hash_sha256`,
+kohya's `sshs_*` addnet hashes, an earlier `sdkit.recipe`) are not carried: they would be
+wrong for the output. No date is written, so the same command gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from sdkit import __version__
+from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
+from sdkit.errors import SdkitError
+
+RECIPE_KEY = "sdkit.recipe"
+SPEC_VERSION = "1.0.1"
+# LDM single-file key names follow these codebases (sd-scripts writes the same strings)
+LDM_IMPLEMENTATIONS = {
+    "sd1": "https://github.com/CompVis/stable-diffusion",
+    "sd2": "https://github.com/Stability-AI/stablediffusion",
+    "sdxl-base": "https://github.com/Stability-AI/generative-models",
+    "sdxl-refiner": "https://github.com/Stability-AI/generative-models",
+    "playground-v2.5": "https://github.com/Stability-AI/generative-models",
+}
+DIFFUSERS_IMPLEMENTATION = "diffusers"
+_STALE_KEYS = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash", RECIPE_KEY,
+               "modelspec.sai_model_spec")
+_FOLDER_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
+_CHUNK_BYTES = 16 << 20
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SpecFacts:
+    """What ModelSpec needs to know about the model an output holds.
+
+    `family` is a key of FAMILIES (or "unknown"); `adapter` the ModelSpec suffix for
+    adapters and parts ("lora", "textual-inversion", "vae"); `implementation` overrides
+    the family's LDM codebase (e.g. "diffusers" for a diffusers-layout output).
+    """
+
+    family: str = "unknown"
+    variant: str = "normal"
+    prediction: str = "unknown"
+    adapter: str | None = None
+    implementation: str | None = None
+
+    @classmethod
+    def from_identity(cls, identity: Any, **changes: Any) -> "SpecFacts":
+        """Facts from an `sdkit.arch.Identity` (kind, family, variant, prediction)."""
+        facts = {"family": identity.family, "variant": identity.variant,
+                 "prediction": identity.prediction}
+        facts.update(changes)
+        return cls(**facts)
+
+
+def file_sha256(path: Path, progress: Progress | None = None) -> str:
+    """sha256 of a file's bytes (one digest only: cheaper than `hash_file`'s set)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK_BYTES)
+    view = memoryview(buffer)
+    try:
+        with open(path, "rb", buffering=0) as file:
+            while count := file.readinto(buffer):
+                digest.update(view[:count])  # releases the GIL: runs beside the writer
+                if progress is not None:
+                    progress(count)
+    except OSError as exc:
+        raise SdkitError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def input_sha256(path: str | os.PathLike[str], progress: Progress | None = None) -> str:
+    """sha256 of a file; for a folder, of its files' relative names and sha256s."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path, progress)
+    folder = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _FOLDER_FILES):
+        relative = file.relative_to(path).as_posix()
+        folder.update(f"{relative}:{file_sha256(file, progress)}\n".encode())
+    return folder.hexdigest()
+
+
+class _Cancelled(Exception):
+    """Ends a background hash early."""
+
+
+class BackgroundHash:
+    """An input's sha256 computed in a thread while outputs are written.
+
+    `placeholder` (64 random hex digits, as long as a sha256) stands in the outputs'
+    metadata; `patch(file)` writes the real digest over it in the file's header once the
+    hash is done, before the file is renamed into place. Same header length, so the
+    safetensors file stays valid.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.placeholder = secrets.token_hex(32)
+        self._stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=1)
+        self._future = pool.submit(input_sha256, path, self._check)
+        pool.shutdown(wait=False)
+
+    def _check(self, count: int) -> None:
+        if self._stop.is_set():
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        """Stop hashing (the conversion failed; nobody will ask for the digest)."""
+        self._stop.set()
+
+    def digest(self) -> str:
+        return self._future.result()
+
+    def patch(self, file: Path) -> None:
+        """Replace the placeholder in `file`'s safetensors header with the digest."""
+        digest = self.digest().encode()
+        with open(file, "r+b") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = handle.read(header_size)
+            start = header.find(self.placeholder.encode())
+            while start >= 0:
+                handle.seek(8 + start)
+                handle.write(digest)
+                start = header.find(self.placeholder.encode(), start + 1)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def recipe_json(operation: str, inputs: Sequence[str | os.PathLike[str]], params: Mapping[str, Any],
+                hashes: Mapping[str, str] | None = None, progress: Progress | None = None) -> str:
+    """The `sdkit.recipe` value: operation, inputs with sha256, parameters, sdkit version.
+
+    `hashes` maps input paths (as given) to sha256s already known; others are computed.
+    """
+    known = dict(hashes or {})
+    records = [{"path": str(path), "sha256": known.get(str(path)) or input_sha256(path, progress)}
+               for path in inputs]
+    return json.dumps({"operation": operation, "inputs": records, "parameters": dict(params),
+                       "sdkit_version": __version__}, sort_keys=True, default=str)
+
+
+def modelspec(facts: SpecFacts, title: str) -> dict[str, str]:
+    """The ModelSpec fields sdkit knows for a model with these facts (no architecture
+    for an unknown family: the caller keeps what the input said, or writes "unknown")."""
+    family = facts.family if facts.family in FAMILIES else None
+    prediction = facts.prediction if facts.prediction in ("epsilon", "v") else "epsilon"
+    architecture = None
+    if family is not None:
+        architecture = modelspec_architecture(family, variant=facts.variant, prediction=prediction,
+                                              adapter=facts.adapter)
+        if architecture is None:  # a family the spec has no string for (Kolors, Playground)
+            architecture = f"{family}/{facts.adapter}" if facts.adapter else family
+    spec = {
+        "modelspec.sai_model_spec": SPEC_VERSION,
+        "modelspec.implementation": facts.implementation or LDM_IMPLEMENTATIONS.get(
+            facts.family, DIFFUSERS_IMPLEMENTATION),
+        "modelspec.title": title,
+    }
+    if architecture is not None:
+        spec["modelspec.architecture"] = architecture
+    if family is not None:
+        side = default_resolution(family, prediction=prediction)
+        spec["modelspec.resolution"] = f"{side}x{side}"
+    if facts.prediction in ("epsilon", "v"):
+        spec["modelspec.prediction_type"] = facts.prediction
+    return spec
+
+
+def carried_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """An input's metadata without the keys that describe the input's own bytes."""
+    return {key: value for key, value in metadata.items() if key not in _STALE_KEYS}
+
+
+def spec_facts(described: "SpecFacts | Any | str | None") -> SpecFacts:
+    """SpecFacts from SpecFacts, an `sdkit.arch.Identity`, a family name, or nothing."""
+    if isinstance(described, SpecFacts):
+        return described
+    if isinstance(described, str):
+        return SpecFacts(family=described)
+    if described is None:
+        return SpecFacts()
+    return SpecFacts.from_identity(described)
+
+
+def build_metadata(operation: str, inputs: Sequence[str | os.PathLike[str]], params: Mapping[str, Any],
+                   facts: SpecFacts | Any | str | None = None, extra: Mapping[str, str] | None = None, *,
+                   title: str | None = None, carried: Mapping[str, str] | None = None,
+                   hashes: Mapping[str, str] | None = None,
+                   progress: Progress | None = None) -> dict[str, str]:
+    """All metadata of an output file, as str -> str.
+
+    `facts` describes the output model: SpecFacts, an Identity or a family name. `title`
+    defaults to the first input's name. Precedence, lowest first: `carried` (the input's
+    metadata, stale keys removed), the computed ModelSpec (the input's own title wins over
+    `title`), `extra`, the recipe.
+    """
+    metadata = {"format": "pt"}
+    metadata.update(carried_metadata(carried or {}))
+    spec = modelspec(spec_facts(facts), title or (Path(inputs[0]).stem if inputs else "untitled"))
+    if carried and carried.get("modelspec.title"):
+        spec["modelspec.title"] = carried["modelspec.title"]
+    metadata.update(spec)
+    metadata.setdefault("modelspec.architecture", "unknown")
+    metadata.update(extra or {})
+    metadata[RECIPE_KEY] = recipe_json(operation, inputs, params, hashes, progress)
+    return metadata
