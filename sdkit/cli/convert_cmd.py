@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from typing import Any
 
 import click
 from rich.console import Console
 
+from sdkit.cli.common import byte_progress, human_bytes, key_examples
 from sdkit.cli.main import cli
 
-_SHOWN_KEYS = 3
 
 
 @cli.command("convert")
@@ -52,7 +52,7 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
     settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
-    with _progress(console, quiet) as advance:
+    with byte_progress(console, quiet, "converting") as advance:
         result = convert_model(source, output, settings, progress=advance)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
@@ -61,58 +61,21 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-class _progress:  # noqa: N801  (a context manager used like a function)
-    """A byte counter with throughput on a terminal; a no-op otherwise."""
-
-    def __init__(self, console: Console, quiet: bool) -> None:
-        self.enabled = not quiet and console.is_terminal
-        self.console = console
-
-    def __enter__(self) -> Callable[[int], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self.bar = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            console=self.console, transient=True)
-        self.bar.start()
-        self.task = self.bar.add_task("converting", total=None)
-        return lambda count: self.bar.advance(self.task, count)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.bar.stop()
-
-
-def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
-def _examples(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", … ({len(keys)} keys)" if len(keys) > _SHOWN_KEYS else "")
-
-
 def _report_lines(result: Any) -> list[str]:
     lines = [f"wrote {result.output} ({result.written}, {result.convention} keys, {result.tensors} tensors, "
-             f"{_human_bytes(result.bytes)})"]
+             f"{human_bytes(result.bytes)})"]
     if result.precision is not None:
         report = result.precision
         lines.append(f"• cast {len(report.cast)} float tensors to {report.target}"
                      + (f", kept {len(report.kept)} by --keep-fp32" if report.kept else ""))
     for reason, keys in result.prune.dropped.items():
-        lines.append(f"• dropped ({reason}, {_human_bytes(result.prune.bytes.get(reason, 0))}): {_examples(keys)}")
+        lines.append(f"• dropped ({reason}, {human_bytes(result.prune.bytes.get(reason, 0))}): {key_examples(keys)}")
     if result.prune.ema_swapped:
         lines.append(f"• EMA weights used for {result.prune.ema_swapped} UNet tensors")
     for name, problem in result.fixed_position_ids.items():
         lines.append(f"• fixed {name} ({problem})")
     if result.shared:
         lines.append(f"• {len(result.shared)} groups of tensors shared storage in the pickle; each written "
-                     f"as its own copy ({_examples([', '.join(g) for g in result.shared])})")
+                     f"as its own copy ({key_examples([', '.join(g) for g in result.shared])})")
     lines += [f"• {note}" for note in result.notes]
     return lines

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sdkit.cli.common import byte_progress
 from sdkit.cli.main import cli
 
 
@@ -91,13 +92,12 @@ def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], out
 
     Example: sdkit embed add model.safetensors style.pt:mystyle -o model-mystyle.safetensors
     """
-    from sdkit.cli.merge_cmd import _progress_bar
     from sdkit.ops.embed import add_embeddings
 
     requests = [_request(spec) for spec in embeddings]
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
-    with _progress_bar(console, quiet, "writing") as advance:
+    with byte_progress(console, quiet, "writing") as advance:
         result = add_embeddings(model, requests, output, tokenizer_source=tokenizer_source,
                                 force=force, progress=advance)
     if as_json:

@@ -13,6 +13,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColu
                            TimeRemainingColumn, TransferSpeedColumn)
 from rich.table import Table
 
+from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
 from sdkit.errors import SdkitError
 
@@ -43,16 +44,12 @@ class _RichProgress:
         self.bar.stop()
 
 
-def _quiet(ctx: click.Context) -> bool:
-    return bool((ctx.find_root().obj or {}).get("quiet"))
-
-
 def _errors_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
 def _notifier(ctx: click.Context) -> Callable[[str], None] | None:
-    if _quiet(ctx):
+    if is_quiet(ctx):
         return None
     console = _errors_console()
     return lambda message: console.print(message, markup=False)
@@ -114,7 +111,7 @@ def download_command(ctx: click.Context, source: str, library: Path | None, outp
 
     policy = _policy(rename, overwrite)
     console = _errors_console()
-    show_bar = not _quiet(ctx) and console.is_terminal
+    show_bar = not is_quiet(ctx) and console.is_terminal
     options = TransferOptions(policy=RetryPolicy(attempts=retries),
                               progress=_RichProgress(console) if show_bar else None,
                               notify=_notifier(ctx))

@@ -9,18 +9,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
 
 _VALUE_WIDTH = 72
-
-
-def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{size} B"
 
 
 def _short(value: str) -> str:
@@ -44,7 +36,7 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
     dtypes = ", ".join(f"{dtype}×{count}" for dtype, count in report["dtypes"].items())
     table.add_row("tensors", f"{report['tensors']:,} ({dtypes})")
     table.add_row("parameters", f"{report['parameters']:,}")
-    table.add_row("size", _human_bytes(report["size_bytes"]))
+    table.add_row("size", human_bytes(report["size_bytes"]))
     for name, value in (report.get("hashes") or {}).items():
         table.add_row(name, value or "—")
     console.print(table)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from sdkit.cli.common import byte_progress, human_bytes, key_examples
 from sdkit.cli.main import cli
 
-_SHOWN_KEYS = 3
 
 
 @cli.command("merge")
@@ -65,7 +65,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     if replay_file:
         if inputs or recipe_file:
             raise click.UsageError("--replay takes no inputs and no --recipe")
-        with _progress_bar(console, quiet, "replaying") as advance:
+        with byte_progress(console, quiet, "replaying") as advance:
             result = replay_merge(replay_file, threads=threads, progress=advance)
         _report_replay(result, as_json, console)
         if not result.identical:
@@ -77,7 +77,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
         recipe = _override(load_recipe_file(recipe_file), options)
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
-    with _progress_bar(console, quiet, "merging") as advance:
+    with byte_progress(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
 
@@ -137,49 +137,6 @@ def _takes(items: tuple[str, ...], vae_source: str | None) -> dict[str, str]:
     return takes
 
 
-class _progress_bar:  # noqa: N801  (a context manager used like a function)
-    """A byte progress bar with throughput on a terminal; a no-op otherwise."""
-
-    def __init__(self, console: Console, quiet: bool, label: str) -> None:
-        self.enabled = not quiet and console.is_terminal
-        self.label = label
-        self.console = console
-
-    def __enter__(self) -> Callable[[int], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        self.progress = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
-        self.progress.start()
-        self.task = self.progress.add_task(self.label, total=None)
-        return self._advance
-
-    def _advance(self, count: int) -> None:
-        self.progress.advance(self.task, count)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-
-def _human_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{size} B"
-
-
-def _examples(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", … ({len(keys)} keys)" if len(keys) > _SHOWN_KEYS else "")
-
-
 def _report_lines(result: Any) -> Iterator[str]:
     report = result.report
     copied = ", ".join(f"{count} from {name}" for name, count in sorted(report.copied.items()))
@@ -187,11 +144,11 @@ def _report_lines(result: Any) -> Iterator[str]:
     for component, source in sorted(report.components_taken.items()):
         yield f"{component}: taken from {source}"
     for name, keys in sorted(report.missing.items()):
-        yield f"missing in {name} (taken from the first input that has them): {_examples(keys)}"
+        yield f"missing in {name} (taken from the first input that has them): {key_examples(keys)}"
     for name, keys in sorted(report.only_in.items()):
-        yield f"not in A, copied from {name}: {_examples(keys)}"
+        yield f"not in A, copied from {name}: {key_examples(keys)}"
     if report.partial_channels:
-        yield f"A's extra input channels kept: {_examples(report.partial_channels)}"
+        yield f"A's extra input channels kept: {key_examples(report.partial_channels)}"
     for key, count in sorted(result.non_finite.items()):
         yield f"NaN/Inf kept in {key}: {count} values"
 
@@ -204,7 +161,7 @@ def _report_merge(result: Any, as_json: bool, console: Console) -> None:
             "non_finite": result.non_finite,
         }, indent=2))
         return
-    console.print(f"wrote {result.path} ({_human_bytes(result.output_bytes)})")
+    console.print(f"wrote {result.path} ({human_bytes(result.output_bytes)})")
     for line in _report_lines(result):
         console.print(f"• {line}", markup=False, highlight=False)
 
@@ -223,7 +180,7 @@ def _report_replay(result: Any, as_json: bool, console: Console) -> None:
     for label, keys in (("differ", result.different), ("missing from the file", result.missing),
                         ("not produced by the recipe", result.extra)):
         if keys:
-            console.print(f"• {label}: {_examples(keys)}", markup=False, highlight=False)
+            console.print(f"• {label}: {key_examples(keys)}", markup=False, highlight=False)
 
 
 def _print_methods(console: Console) -> None:

@@ -192,7 +192,7 @@ def test_kohya_oft_constraint_semantics(how):
     assert module.extra["oft_constraint"] == "kohya"
     expected = kohya_oft(blocks, 0.01, base, 0.7) - base
     torch.testing.assert_close(delta_weight(module, base, 0.7)[0], expected, rtol=1e-5, atol=1e-6)
-    lycoris_read = parse_lora({f"x.oft_blocks": blocks, "x.alpha": torch.tensor(0.0)}).modules["x"]
+    lycoris_read = parse_lora({"x.oft_blocks": blocks, "x.alpha": torch.tensor(0.0)}).modules["x"]
     assert lycoris_read.extra["oft_constraint"] == "lycoris"
     assert not torch.allclose(delta_weight(lycoris_read, base)[0], kohya_oft(blocks, 0.0, base, 1) - base)
 
