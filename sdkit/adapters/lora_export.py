@@ -7,6 +7,9 @@ one text encoder of SD1/SD2, `lora_te1_` / `lora_te2_` for SDXL's two, text path
 Hugging Face CLIP names with `text_model.`; dots become underscores. Each module stores
 `<name>.lora_up.weight`, `<name>.lora_down.weight` (or another LyCORIS algorithm's
 tensors) and `<name>.alpha`, a 0-d float32 tensor (every loader reads it with `.item()`).
+LoRA modules all get the same alpha, the commonest one, a module with another alpha
+having the ratio folded into its `lora_up`: the delta is the same in every loader, and
+diffusers, whose `alpha_pattern` misses kohya module names, scales every module right.
 Metadata: sd-scripts' `ss_network_module / dim / alpha / args`, `ss_base_model_version`,
 `ss_v2`, the addnet hashes `sshs_model_hash` / `sshs_legacy_hash` (sha256 of the tensor
 data; sha256 of 64 KiB at 1 MiB of the file written with only the `ss_*` metadata, first
@@ -24,7 +27,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -60,8 +63,10 @@ class ExportModule:
 
     @property
     def rank(self) -> int | None:
-        down = self.tensors.get("lora_down.weight")
-        return None if down is None else int(down.shape[0])
+        for factor in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):  # the rank-wide factor
+            if factor in self.tensors:
+                return int(self.tensors[factor].shape[0])
+        return None
 
     @property
     def is_conv(self) -> bool:
@@ -105,6 +110,25 @@ def _text_path(module: ExportModule) -> str | None:
     if path.startswith(_TEXT_WRAP) or path.startswith("text_projection"):
         return path
     return _TEXT_WRAP + path
+
+
+def uniform_alphas(modules: Sequence[ExportModule]) -> list[ExportModule]:
+    """The modules with one alpha for every plain LoRA module (the ratio to a module's own
+    alpha folded into its up factor; the delta is unchanged)."""
+    alphas = [m.alpha for m in modules if m.alpha is not None and "lora_up.weight" in m.tensors]
+    if len(set(alphas)) < 2:
+        return list(modules)
+    common = Counter(alphas).most_common(1)[0][0]
+    out = []
+    for module in modules:
+        if module.alpha in (None, common) or "lora_up.weight" not in module.tensors:
+            out.append(module)
+            continue
+        tensors = dict(module.tensors)
+        up = tensors["lora_up.weight"]
+        tensors["lora_up.weight"] = (up.float() * (module.alpha / common)).to(up.dtype)
+        out.append(replace(module, tensors=tensors, alpha=common))
+    return out
 
 
 def kohya_state_dict(modules: Sequence[ExportModule], sdxl: bool, dtype: "torch.dtype | None") -> dict[str, "torch.Tensor"]:
@@ -239,6 +263,7 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
     path = Path(path)
     sdxl = sdxl_naming(facts.family, modules)
     if format == "kohya":
+        modules = uniform_alphas(modules)
         state, extra = kohya_state_dict(modules, sdxl, dtype), network_metadata(modules, facts)
     else:
         state, adapter = peft_state_dict(modules, dtype)

@@ -30,7 +30,7 @@ from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES
 
 ADAPTABLE = ("unet", "text_encoder", "text_encoder_2")
-# adapter-name prefix -> component (None: decided by the path)
+# adapter-name prefix -> component (None: a bare path, looked up in every component)
 _NAME_PREFIXES: tuple[tuple[str, str | None], ...] = (
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"), ("lycoris_", "unet"), ("unet.", "unet"),
@@ -73,7 +73,6 @@ class ModelNames:
 
     targets: list[Target]
     names: dict[tuple[str, str], Target | None]  # (component, underscore path); None: ambiguous
-    layout: str  # a key of sdkit.arch.keymaps.LAYOUTS
     notes: list[str] = field(default_factory=list)
 
     def components(self) -> list[str]:
@@ -125,7 +124,7 @@ def underscore_names(target: Target) -> set[str]:
     return names
 
 
-def index_names(targets: list[Target], layout: str, notes: list[str]) -> ModelNames:
+def index_names(targets: list[Target], notes: list[str]) -> ModelNames:
     names: dict[tuple[str, str], Target | None] = {}
     for target in targets:
         for name in underscore_names(target):
@@ -134,7 +133,7 @@ def index_names(targets: list[Target], layout: str, notes: list[str]) -> ModelNa
                 names[key] = None
             else:
                 names[key] = target
-    return ModelNames(targets, names, layout, notes)
+    return ModelNames(targets, names, notes)
 
 
 # ---- building the index from a model's tensors -----------------------------------------
@@ -155,7 +154,7 @@ def model_names(convention: str, layout: str, tensors: Mapping[str, LazyTensor],
             builder.add_ldm_names(checkpoint_to_ldm(own, dict(configs or {}), layout).plan)
     except SdkitError as exc:  # names in the base's own convention still work
         notes.append(f"layer names of the other convention unavailable: {exc}")
-    return index_names(builder.targets(), layout, notes)
+    return index_names(builder.targets(), notes)
 
 
 def _ldm_to_diffusers(layout: str, tensors: Mapping[str, LazyTensor]) -> KeyPlan:

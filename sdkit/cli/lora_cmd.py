@@ -1,0 +1,283 @@
+"""`sdkit lora`: check adapters against a base, bake them in, merge, extract and resize LoRAs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sdkit.cli.common import byte_progress, is_quiet
+from sdkit.cli.main import cli
+
+_SHOWN = 5
+_DTYPES = click.Choice(["fp16", "bf16", "fp32"])
+_FORMATS = click.Choice(["kohya", "diffusers"])
+_DYNAMIC = (click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), float)
+
+
+@cli.group("lora")
+def lora_group() -> None:
+    """LoRA / LyCORIS adapters: check, bake into a model, merge, extract, resize.
+
+    Example: sdkit lora bake model.safetensors style.safetensors:0.8 -o baked.safetensors
+    """
+
+
+def _console() -> Console:
+    return Console(stderr=True)
+
+
+def _quiet(as_json: bool) -> bool:
+    return as_json or is_quiet()
+
+
+def _emit(report: dict[str, Any], as_json: bool, render: Callable[[Console, dict[str, Any]], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        render(Console(), report)
+
+
+def _shown(items: dict[str, str], console: Console, label: str) -> None:
+    for name, reason in list(items.items())[:_SHOWN]:
+        console.print(f"  {label} {name}: {reason}", markup=False, highlight=False)
+    if len(items) > _SHOWN:
+        console.print(f"  … and {len(items) - _SHOWN} more (--json lists all)")
+
+
+# ---- check -------------------------------------------------------------------------------
+
+@lora_group.command("check")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("lora", type=click.Path(path_type=str))
+@click.option("--rank", type=int, help="Rank alpha is divided by (adapters saved without it).")
+@click.option("--alpha", type=float, help="Alpha for adapters that store none.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def check_command(base: str, lora: str, rank: int | None, alpha: float | None, as_json: bool) -> None:
+    """Tell whether an adapter fits a model: families, modules that map and those that don't.
+
+    Exits 1 when the adapter was made for another family or none of its modules fits.
+    Example: sdkit lora check model.safetensors style.safetensors
+    """
+    from sdkit.ops.bake_plan import check_adapter
+
+    report = check_adapter(base, lora, rank=rank, alpha=alpha)
+    _emit(report, as_json, _render_check)
+    if not report["family_match"] or not report["mapped"]:
+        sys.exit(1)
+
+
+def _render_check(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=report["path"], show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    verdict = "yes" if report["family_match"] else f"NO: {report['family_problem']}"
+    evidence = f" from {report['family_evidence']}" if report["family_evidence"] else ""
+    table.add_row("families", f"adapter {report['family']}{evidence}, base {report['base_family']} ({verdict})")
+    table.add_row("type", str(report["adapter_type"]))
+    per = ", ".join(f"{c} {n}" for c, n in report["by_component"].items()) or "none"
+    table.add_row("modules mapped", f"{report['mapped']} of {report['modules']} ({per})")
+    console.print(table)
+    _shown(report["unmapped"], console, "unmapped")
+    for note in report["notes"]:
+        console.print(f"  note: {note}", markup=False, highlight=False)
+
+
+# ---- bake --------------------------------------------------------------------------------
+
+@lora_group.command("bake")
+@click.argument("base", type=click.Path(path_type=str))
+@click.argument("adapters", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str),
+              help="Output .safetensors file (or folder for a diffusers model).")
+@click.option("--dtype", type=_DTYPES, help="Output dtype of float tensors (default: each keeps the base's).")
+@click.option("--unet-only", is_flag=True, help="Apply only the UNet modules.")
+@click.option("--te-only", is_flag=True, help="Apply only the text-encoder modules.")
+@click.option("--blocks", help='Per-block strength factors: "BASE:0,IN04:0.5,…" or one value per block '
+                                "(BASE, IN…, M00, OUT…).")
+@click.option("--rank", type=int, help="Rank alpha is divided by (adapters saved without it).")
+@click.option("--alpha", type=float, help="Alpha for adapters that store none.")
+@click.option("--to", "to", type=click.Choice(["ldm", "diffusers"]),
+              help="Output convention (default: the base's).")
+@click.option("--force", is_flag=True, help="Overwrite the output; bake adapters made for another family.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def bake_command(base: str, adapters: tuple[str, ...], output: str, dtype: str | None, unet_only: bool,
+                 te_only: bool, blocks: str | None, rank: int | None, alpha: float | None, to: str | None,
+                 force: bool, as_json: bool) -> None:
+    """Bake LoRA / LyCORIS adapters into a model: W + Σ strength·ΔW, streamed.
+
+    Example: sdkit lora bake model.safetensors a.safetensors:0.7 b.safetensors -o baked.safetensors
+    """
+    from sdkit.ops.bake import BakeOptions, bake_loras
+    from sdkit.ops.bake_plan import parse_adapter_arg
+
+    if unet_only and te_only:
+        raise click.UsageError("--unet-only and --te-only exclude each other")
+    components = "unet" if unet_only else "te" if te_only else "all"
+    options = BakeOptions(dtype, components, blocks, rank, alpha, force, to)
+    with byte_progress(_console(), _quiet(as_json), "baking") as advance:
+        result = bake_loras(base, [parse_adapter_arg(a) for a in adapters], output, options,
+                            overwrite=force, progress=advance)
+    _emit(result.to_json(), as_json, _render_bake)
+
+
+def _render_bake(console: Console, report: dict[str, Any]) -> None:
+    console.print(f"wrote {report['output']} ({report['convention']}, {report['touched']} of "
+                  f"{report['tensors']} tensors changed)")
+    for adapter in report["adapters"]:
+        per = ", ".join(f"{c} {n}" for c, n in adapter["by_component"].items())
+        console.print(f"• {adapter['path']} ×{adapter['strength']:g}: {adapter['mapped']} of "
+                      f"{adapter['modules']} modules applied ({per})", markup=False, highlight=False)
+        if adapter["family_problem"]:
+            console.print(f"  baked although {adapter['family_problem']}", markup=False, highlight=False)
+        _shown(adapter["unmapped"], console, "unmapped")
+        _shown(adapter["skipped"], console, "skipped")
+        if adapter["dropped_biases"]:
+            console.print(f"  bias deltas dropped (the base layer has no bias): "
+                          f"{len(adapter['dropped_biases'])}")
+    for note in report["notes"]:
+        console.print(f"• {note}", markup=False, highlight=False)
+
+
+class _layer_progress:  # noqa: N801  (a context manager used like a function)
+    """A count of layers done on a terminal; yields None (no bar) otherwise."""
+
+    def __init__(self, console: Console, quiet: bool, label: str) -> None:
+        self.enabled = not quiet and console.is_terminal
+        self.console, self.label = console, label
+
+    def __enter__(self) -> Callable[[int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.progress = Progress(TextColumn(self.label), BarColumn(), TextColumn("{task.completed} layers"),
+                                 console=self.console, transient=True)
+        self.progress.start()
+        task = self.progress.add_task(self.label, total=None)
+        return lambda count: self.progress.advance(task, count)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+# ---- merge / extract / resize --------------------------------------------------------------
+
+@lora_group.command("merge")
+@click.argument("inputs", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
+@click.option("--rank", type=int, help="Re-factorise every layer's summed delta to this rank (SVD); "
+                                       "default: exact concatenation.")
+@click.option("--conv-rank", type=int, help="Rank of 3x3 conv layers with --rank (default: --rank).")
+@click.option("--clamp-quantile", type=float, help="With --rank: clamp factors to this quantile (kohya: 0.99).")
+@click.option("--base", type=click.Path(path_type=str), help="Base model: aligns names across conventions, "
+                                                              "gives layer shapes and base weights.")
+@click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
+@click.option("--dtype", type=_DTYPES, help="Output dtype (default: the first input's).")
+@click.option("--force", is_flag=True, help="Overwrite the output; merge LoRAs of different families.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def merge_command(inputs: tuple[str, ...], output: str, rank: int | None, conv_rank: int | None,
+                  clamp_quantile: float | None, base: str | None, fmt: str, dtype: str | None,
+                  force: bool, as_json: bool) -> None:
+    """Merge LoRAs into one whose delta is Σ weight·ΔW.
+
+    Example: sdkit lora merge a.safetensors:0.6 b.safetensors:0.4 -o ab.safetensors
+    """
+    from sdkit.ops.bake_plan import parse_adapter_arg
+    from sdkit.ops.lora_merge import MergeOptions, merge_loras
+
+    options = MergeOptions(rank, conv_rank, clamp_quantile, base, force, fmt, dtype)
+    result = merge_loras([parse_adapter_arg(item) for item in inputs], output, options, overwrite=force)
+    _emit(result.to_json(), as_json, _render_merge)
+
+
+def _render_merge(console: Console, report: dict[str, Any]) -> None:
+    ranks = sorted(set(report["ranks"].values()))
+    console.print(f"wrote {report['output']}: {report['layers']} layers, {report['method']}, "
+                  f"rank {'/'.join(map(str, ranks))}")
+    if report["retained"]:
+        values = list(report["retained"].values())
+        console.print(f"• energy retained: mean {sum(values) / len(values):.2%}, lowest {min(values):.2%}")
+    for note in report["notes"]:
+        console.print(f"• {note}", markup=False, highlight=False)
+
+
+@lora_group.command("extract")
+@click.argument("tuned", type=click.Path(path_type=str))
+@click.argument("base", type=click.Path(path_type=str))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
+@click.option("--rank", type=int, default=4, show_default=True, help="Rank (the cap with --dynamic).")
+@click.option("--conv-rank", type=int, help="Also extract ResNet convs and samplers, 3x3 at this rank.")
+@click.option("--dynamic", type=_DYNAMIC, metavar="METHOD VALUE",
+              help="Per-layer rank: sv_ratio, sv_fro or sv_cumulative, and its value.")
+@click.option("--min-diff", type=float, default=0.01, show_default=True,
+              help="Leave the text encoders out when no weight differs by more.")
+@click.option("--clamp-quantile", type=float, default=0.99, show_default=True,
+              help="Clamp the factors to this quantile of their values (1 = no clamp).")
+@click.option("--randomized", is_flag=True, help="Randomized SVD (torch.svd_lowrank); reports its error on a sample.")
+@click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
+@click.option("--dtype", type=_DTYPES, help="Output dtype (default: the base's).")
+@click.option("--force", is_flag=True, help="Overwrite the output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: int | None,
+                    dynamic: tuple[str, float] | None, min_diff: float, clamp_quantile: float,
+                    randomized: bool, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Extract a LoRA approximating TUNED − BASE (sd-scripts' extract_lora_from_models).
+
+    Example: sdkit lora extract finetune.safetensors base.safetensors -o diff.safetensors --rank 32
+    """
+    from sdkit.ops.lora_extract import ExtractOptions, extract_lora
+
+    method, value = dynamic if dynamic else (None, None)
+    clamp = None if clamp_quantile >= 1 else clamp_quantile
+    options = ExtractOptions(rank, conv_rank, method, value, clamp, min_diff, randomized,
+                             format=fmt, dtype=dtype)
+    with _layer_progress(_console(), _quiet(as_json), "extracting") as advance:
+        report = extract_lora(tuned, base, output, options, overwrite=force, progress=advance)
+    _emit(report.to_json(), as_json, _render_svd)
+
+
+@lora_group.command("resize")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
+@click.option("--rank", type=int, default=4, show_default=True, help="New rank (the cap with --dynamic).")
+@click.option("--conv-rank", type=int, help="New rank of 3x3 conv layers (default: --rank).")
+@click.option("--dynamic", type=_DYNAMIC, metavar="METHOD VALUE",
+              help="Per-layer rank: sv_ratio, sv_fro or sv_cumulative, and its value.")
+@click.option("--base", type=click.Path(path_type=str), help="Base model (layer shapes for some LyCORIS modules).")
+@click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
+@click.option("--dtype", type=_DTYPES, help="Output dtype (default: the input's).")
+@click.option("--force", is_flag=True, help="Overwrite the output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def resize_command(source: str, output: str, rank: int, conv_rank: int | None, dynamic: tuple[str, float] | None,
+                   base: str | None, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Change a LoRA's rank, keeping its strength (sd-scripts' resize_lora).
+
+    Example: sdkit lora resize big.safetensors -o small.safetensors --rank 16
+    """
+    from sdkit.ops.lora_extract import ResizeOptions, resize_lora
+
+    method, value = dynamic if dynamic else (None, None)
+    options = ResizeOptions(rank, conv_rank, method, value, base, fmt, dtype)
+    report = resize_lora(source, output, options, overwrite=force)
+    _emit(report.to_json(), as_json, _render_svd)
+
+
+def _render_svd(console: Console, report: dict[str, Any]) -> None:
+    layers = report["layers"]
+    ranks = sorted({layer["rank"] for layer in layers})
+    console.print(f"wrote {report['output']}: {len(layers)} layers, rank {'/'.join(map(str, ranks))}")
+    if layers:
+        lowest = min(layers, key=lambda layer: layer["retained"])
+        console.print(f"• energy retained: mean {report['mean_retained']:.2%}, lowest "
+                      f"{lowest['retained']:.2%} ({lowest['name']})", markup=False, highlight=False)
+    for check in report["randomized_check"]:
+        console.print(f"• {check['layer']}: relative error {check['error_randomized']:.3g} randomized, "
+                      f"{check['error_full_svd']:.3g} full SVD", markup=False, highlight=False)
+    for note in report["notes"][:_SHOWN]:
+        console.print(f"• {note}", markup=False, highlight=False)

@@ -1,0 +1,203 @@
+"""Bake LoRA-family adapters into a base model: `W' = W + Σ strength · ΔW`.
+
+The output is a set of lazy tensors over the base. Keys no adapter touches are copied as
+they are (cast only with `dtype`); a touched key gets each adapter's delta in float32
+(into its rows, for a q/k/v third of an OpenCLIP `in_proj_weight`) and is cast once to
+the base's dtype (or `dtype`), see `bake_compute`. Deltas are computed against the
+original base weight, so the order of the adapters does not matter, also for the types
+whose delta depends on the weight (IA3, GLoRA, OFT, DoRA). Bias deltas go to the layer's
+bias where the base has one and are reported where it has none. Touched keys are
+computed on worker threads ahead of the streaming writer.
+
+The output keeps the base's convention (single file or diffusers folder) unless `to`
+asks for the other one; metadata records the recipe (inputs with sha256, strengths,
+options) and ModelSpec.
+
+    from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras
+    bake_loras("base.safetensors", [AdapterInput("style.safetensors", 0.8)], "out.safetensors")
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor, write_safetensors
+from sdkit.io.model_file import FLOAT_DTYPES
+from sdkit.io.writer import write_order
+from sdkit.ops.bake_compute import KeyBaker
+from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
+                                 plan_bake)
+from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
+from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
+from sdkit.ops.convert_precision import cast_tensors
+from sdkit.ops.merge.prefetch import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["AdapterInput", "BakeOptions", "BakeResult", "bake_loras"]
+
+Progress = Callable[[int], None]
+DTYPE_CODES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+_SAFETENSORS = (".safetensors", ".sft")
+
+
+@dataclass(frozen=True)
+class BakeOptions:
+    """How to bake: output dtype, which components, per-block factors, the scale of
+    alpha-less adapters, the family check, the output convention."""
+
+    dtype: str | None = None  # "fp16" | "bf16" | "fp32"; None keeps each key's dtype
+    components: str = "all"  # "all" | "unet" | "te"
+    blocks: str | None = None  # "BASE:0,IN04:0.5,…" or one value per block
+    rank: int | None = None  # the divisor of alpha for adapters trained with a known rank
+    alpha: float | None = None  # alpha for adapters that store none
+    force: bool = False  # bake adapters made for another family
+    to: str | None = None  # "ldm" | "diffusers"; None keeps the base's convention
+
+    def check(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPE_CODES:
+            raise SdkitError(f"dtype must be one of {', '.join(DTYPE_CODES)}, not {self.dtype!r}")
+        if self.components not in COMPONENT_CHOICES:
+            raise SdkitError(f"components must be one of {', '.join(COMPONENT_CHOICES)}")
+        if self.to is not None and self.to not in CONVENTIONS:
+            raise SdkitError(f"--to must be one of {', '.join(CONVENTIONS)}, not {self.to!r}")
+
+
+@dataclass
+class BakeResult:
+    output: str
+    convention: str
+    adapters: list[AdapterReport]
+    tensors: int = 0
+    touched: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"output": self.output, "convention": self.convention, "tensors": self.tensors,
+                "touched": self.touched, "adapters": [a.to_json() for a in self.adapters],
+                "notes": self.notes}
+
+
+def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
+               output: str | os.PathLike[str], options: BakeOptions = BakeOptions(), *,
+               overwrite: bool = False, progress: Progress | None = None) -> BakeResult:
+    """Bake `adapters` into `base` and write the result to `output`."""
+    options.check()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    with ExitStack() as stack:
+        opened = open_base(str(base), stack)
+        plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
+                         rank=options.rank, alpha=options.alpha, force=options.force)
+        result = BakeResult(str(output), options.to or opened.view.convention, plan.reports,
+                            notes=list(opened.names.notes))
+        baker = key_baker(plan, options.dtype)
+        # touched keys are computed on worker threads ahead of the writer, which meanwhile
+        # copies the untouched ones; one torch thread each, as for merges
+        ahead = stack.enter_context(Prefetcher(baker.compute, cost=baker.cost, budget=AHEAD_BUDGET))
+        tensors = baked_tensors(plan, baker, ahead.get, options.dtype, result)
+        ahead.start([name for name in write_order(tensors) if name in baker.codes])
+        stack.enter_context(single_threaded_torch())
+        _write(opened, tensors, output, options, adapters, result, overwrite, progress)
+    if baker.clamped:
+        result.notes.append(f"{len(baker.clamped)} baked tensors clamped to the output dtype's range "
+                            f"(e.g. {baker.clamped[0]})")
+    return result
+
+
+# ---- the baked tensors -------------------------------------------------------------------
+
+def key_baker(plan: BakePlan, dtype: str | None) -> KeyBaker:
+    target = DTYPE_CODES[dtype] if dtype else None
+    codes = {}
+    for name, lazy in plan.base.view.tensors.items():
+        if name in plan.weights or name in plan.biases:
+            codes[name] = target if target and lazy.dtype in FLOAT_DTYPES else lazy.dtype
+    return KeyBaker(plan.base.view.tensors, plan.weights, plan.biases, codes)
+
+
+def baked_tensors(plan: BakePlan, baker: KeyBaker, load: Callable[[str], "torch.Tensor"], dtype: str | None,
+                  result: BakeResult) -> dict[str, LazyTensor]:
+    """The base's tensors (view names), touched keys produced by `load(name)`."""
+    sources = plan.base.view.tensors
+    touched = {name: LazyTensor(code, sources[name].shape, partial(load, name))
+               for name, code in baker.codes.items()}
+    untouched = {name: lazy for name, lazy in sources.items() if name not in touched}
+    result.touched = len(touched)
+    if dtype:
+        untouched, report = cast_tensors(untouched, DTYPE_CODES[dtype], policy="clamp")
+        result.notes.append(f"{len(report.cast)} untouched tensors cast to {dtype}")
+    return {name: touched.get(name) or untouched[name] for name in sources}
+
+
+# ---- writing -----------------------------------------------------------------------------
+
+def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, options: BakeOptions,
+           adapters: Sequence[AdapterInput], result: BakeResult, overwrite: bool,
+           progress: Progress | None) -> None:
+    view = opened.view
+    convention = options.to or view.convention
+    metadata = _metadata(opened, adapters, options, output, convention)
+    if view.standalone:
+        if convention != view.convention:
+            raise SdkitError(f"{opened.model.path}: a lone component keeps its convention here; "
+                             "convert the baked file with `sdkit convert`")
+        _write_standalone(opened, tensors, output, metadata, overwrite, progress)
+        result.tensors = len(tensors)
+        return
+    baked = ModelView(view.convention, view.layout, tensors, view.components, view.configs)
+    converted = convert_view(baked, convention)
+    result.tensors = len(converted.tensors)
+    if convention == "ldm":
+        _require_file(output)
+        write_safetensors(output, converted.tensors, metadata, overwrite=overwrite, progress=progress)
+        return
+    if output.suffix.lower() in _SAFETENSORS:
+        raise SdkitError(f"{output}: a diffusers pipeline is a folder; give a folder path")
+    config_dir = Path(opened.model.path) if opened.model.components else None
+    folder = write_pipeline_folder(output, converted.tensors, converted.configs, converted.layout,
+                                   prediction=opened.identity.prediction, metadata_for=lambda _: metadata,
+                                   config_dir=config_dir, overwrite=overwrite, progress=progress)
+    result.notes += folder.notes
+
+
+def _require_file(output: Path) -> None:
+    if output.suffix.lower() not in _SAFETENSORS:
+        raise SdkitError(f"{output}: the output must be a .safetensors file")
+
+
+def _write_standalone(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path,
+                      metadata: dict[str, str], overwrite: bool, progress: Progress | None) -> None:
+    """A lone component back under its own names (the view added a component prefix)."""
+    view = opened.view
+    component = view.components[0]
+    prefix = component_prefix(view, component)
+    own = {name[len(prefix):]: lazy for name, lazy in tensors.items()}
+    if opened.model.components:  # a component folder in, a component folder out
+        config = view.configs.get(component, {})
+        build_in_partial(output, overwrite, lambda folder: write_component_folder(
+            folder, component, own, config, metadata, progress))
+        return
+    _require_file(output)
+    write_safetensors(output, own, metadata, overwrite=overwrite, progress=progress)
+
+
+def _metadata(opened: OpenBase, adapters: Sequence[AdapterInput], options: BakeOptions, output: Path,
+              convention: str) -> dict[str, str]:
+    params = {"strengths": [item.strength for item in adapters],
+              **{k: v for k, v in asdict(options).items() if v not in (None, False, "all")}}
+    implementation = DIFFUSERS_IMPLEMENTATION if convention == "diffusers" else None
+    facts = SpecFacts.from_identity(opened.identity, implementation=implementation)
+    carried = {} if opened.model.components else {
+        k: v for k, v in opened.model.metadata.items() if k != "modelspec.title"}
+    inputs = [str(opened.model.path), *(item.path for item in adapters)]
+    return build_metadata("lora-bake", inputs, params, facts, title=output.stem, carried=carried)

@@ -1,0 +1,142 @@
+"""The arithmetic of a bake: `W' = W + Σ strength · ΔW` for one base key at a time.
+
+Every delta is `lora_math.delta_weight` at strength 1 (a plain LoRA module's `scale ·
+up @ down` is formed here with the same operations, to skip a pass), times the strength,
+added in float32 to the original weight, then narrowed to the output dtype. Anything
+that applies the same deltas in the same order (the sampler's runtime LoRAs) gets the
+same bits. The elementwise part runs in blocks of rows small enough to stay in the CPU
+cache (it gives the same bits as the whole tensor at once): each block of the base is
+widened, gets every delta added, is checked against the output dtype's range and is
+written narrowed into the output, so the weight crosses memory once instead of once
+per step. Deltas that depend on the weight (IA3, GLoRA, OFT, DoRA) see the original
+weight; OFT's strength acts inside its rotation. Values beyond the output dtype's range
+are clamped to it (and counted).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from sdkit.adapters.lora_format import BOFT, LORA, OFT, LoraModule
+from sdkit.adapters.lora_math import delta_weight, needs_base_weight
+from sdkit.io import LazyTensor
+from sdkit.io.model_file import tensor_nbytes
+from sdkit.ops.bake_plan import Contribution
+
+if TYPE_CHECKING:
+    import torch
+
+_BLOCK_ELEMENTS = 1 << 17  # float32 elements per row block (512 KiB)
+
+
+def is_plain_lora(module: LoraModule) -> bool:
+    return module.type == LORA and "mid" not in module.tensors and module.dora_scale is None
+
+
+class KeyBaker:
+    """Computes baked base keys; `clamped` lists keys whose values were clamped."""
+
+    def __init__(self, sources: dict[str, LazyTensor], weights: dict[str, list[Contribution]],
+                 biases: dict[str, list[Contribution]], codes: dict[str, str]) -> None:
+        self.sources = sources
+        self.weights = weights
+        self.biases = biases
+        self.codes = codes  # output dtype code of every touched key
+        self.clamped: list[str] = []
+        self._lock = threading.Lock()
+
+    def cost(self, name: str) -> int:
+        """Bytes a computed key holds while it waits for the writer."""
+        return tensor_nbytes(self.codes[name], self.sources[name].shape)
+
+    def compute(self, name: str) -> "torch.Tensor":
+        import torch
+
+        from sdkit.io.dtypes import CODE_TO_TORCH
+
+        source = self.sources[name].load()
+        weights, biases = self.weights.get(name, []), self.biases.get(name, [])
+        original = None
+        if any(needs_base_weight(c.module) for c in weights):
+            original = source.to(torch.float32)
+        deltas = [_delta(c, original) for c in weights]
+        deltas += [_bias(c) for c in biases]
+        return self._blocked(name, source, deltas, CODE_TO_TORCH[self.codes[name]])
+
+    def _note_clamp(self, name: str) -> None:
+        with self._lock:
+            if name not in self.clamped:
+                self.clamped.append(name)
+
+    def _narrow(self, name: str, values: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+        """`values` (float32, changed in place) made fit for `dtype`."""
+        import torch
+
+        if dtype.is_floating_point and dtype.itemsize < 4:
+            limit = torch.finfo(dtype).max
+            low, high = torch.aminmax(values)
+            if float(high) > limit or float(low) < -limit:
+                values.clamp_(-limit, limit)
+                self._note_clamp(name)
+        return values
+
+    def _blocked(self, name: str, source: "torch.Tensor", deltas: Sequence["_Delta"],
+                 dtype: "torch.dtype") -> "torch.Tensor":
+        import torch
+
+        out = torch.empty(source.shape, dtype=dtype)
+        flat_source = source.reshape(source.shape[0], -1)
+        flat_out = out.view(flat_source.shape)
+        rows = flat_source.shape[0]
+        step = max(1, _BLOCK_ELEMENTS // max(1, flat_source.shape[1]))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            block = flat_source[start:stop].to(torch.float32, copy=True)
+            for delta in deltas:
+                first, last = delta.rows or (0, rows)
+                low, high = max(start, first), min(stop, last)
+                if low < high:
+                    part = delta.values[low - first:high - first]
+                    block[low - start:high - start].add_(part if delta.strength is None
+                                                         else part.mul_(delta.strength))
+            flat_out[start:stop].copy_(self._narrow(name, block, dtype))
+        return out
+
+
+@dataclass
+class _Delta:
+    """A delta over rows `rows` of a key (all rows: None), as a (rows, columns) matrix, and
+    the strength still to multiply it by (None: already applied)."""
+
+    values: "torch.Tensor"
+    rows: tuple[int, int] | None
+    strength: float | None
+
+
+def _delta(contribution: Contribution, original: "torch.Tensor | None") -> _Delta:
+    module, rows = contribution.module, contribution.target.weight.rows
+    if is_plain_lora(module):
+        # lora_math's `scale * up @ down`, the same operations (so the same bits)
+        up = module.tensors["up"].load().float().flatten(1)
+        down = module.tensors["down"].load().float()
+        values = (up @ down.flatten(1)).mul_(module.scale)
+        return _Delta(values, rows, contribution.strength)
+    context = None
+    if needs_base_weight(module) and original is not None:
+        context = original if rows is None else original[rows[0]:rows[1]]
+    part_rows = (rows[1] - rows[0]) if rows else contribution.target.shape[0]
+    if module.type in (OFT, BOFT):  # the strength blends each rotation with the identity
+        delta, _ = delta_weight(module, context, contribution.strength)
+        return _Delta(delta.reshape(part_rows, -1), rows, None)
+    delta, _ = delta_weight(module, context, 1.0)
+    return _Delta(delta.reshape(part_rows, -1), rows, contribution.strength)
+
+
+def _bias(contribution: Contribution) -> _Delta:
+    import torch
+
+    bias = contribution.module.tensors["bias"].load().to(torch.float32)
+    rows = contribution.target.bias.rows
+    return _Delta(bias.reshape(-1, 1), rows, contribution.strength)

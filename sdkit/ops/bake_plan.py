@@ -1,0 +1,236 @@
+"""Planning a bake: the base seen as named layers, each adapter's modules mapped onto
+them, family checks, and per-key lists of what to add.
+
+Nothing heavy happens here: the base's header, each adapter's header and its alpha
+scalars are read; tensors stay on disk until the writer pulls the baked keys.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora
+from sdkit.adapters.lora_names import ModelNames, ModuleMapping, Target, map_modules, model_names, require_some
+from sdkit.arch import Identity, identify
+from sdkit.arch.blocks import BASE, BlockLayout, block_layout
+from sdkit.errors import SdkitError
+from sdkit.io import ModelFile, open_model
+from sdkit.ops.convert_layout import ModelView, model_view
+from sdkit.ops.merge.weights import BlockSpec, parse_block_spec, resolve_blocks
+
+COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": ("unet",),
+                     "te": ("text_encoder", "text_encoder_2")}
+# families whose LoRAs fit each other's models (same architecture, other training)
+_SAME_ARCHITECTURE = ({"sdxl-base", "playground-v2.5"},)
+_BASE_KINDS = ("checkpoint", "unet", "text-encoder")
+# guesses from which parts an adapter touches: too weak to refuse an adapter on
+_WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names")
+
+
+@dataclass(frozen=True)
+class AdapterInput:
+    """One adapter to apply, with its strength (`FILE[:STRENGTH]` on the command line)."""
+
+    path: str
+    strength: float = 1.0
+
+
+def parse_adapter_arg(text: str) -> AdapterInput:
+    """`FILE[:STRENGTH]`; a trailing `:number` is the strength (Windows drive colons stay)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")):
+        try:
+            return AdapterInput(head, float(tail))
+        except ValueError:
+            pass
+    return AdapterInput(text, 1.0)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One module's delta on one base layer, at its final strength."""
+
+    module: LoraModule
+    strength: float
+    target: Target
+
+
+@dataclass
+class AdapterReport:
+    """What happened to one adapter's modules."""
+
+    path: str
+    strength: float
+    family: str
+    family_evidence: str | None
+    adapter_type: str | None
+    modules: int
+    mapped: int = 0
+    by_component: dict[str, int] = field(default_factory=dict)
+    unmapped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # mapped but left out on request
+    dropped_biases: list[str] = field(default_factory=list)
+    family_problem: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "strength": self.strength, "family": self.family,
+                "family_evidence": self.family_evidence, "adapter_type": self.adapter_type, "modules": self.modules, "mapped": self.mapped,
+                "by_component": self.by_component, "unmapped": self.unmapped, "skipped": self.skipped,
+                "dropped_biases": self.dropped_biases, "family_problem": self.family_problem}
+
+
+@dataclass
+class OpenBase:
+    """The base model opened and indexed."""
+
+    model: ModelFile
+    identity: Identity
+    view: ModelView
+    names: ModelNames
+
+    @property
+    def bias_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: lazy.shape for name, lazy in self.view.tensors.items()}
+
+
+def open_base(path: str, stack: ExitStack) -> OpenBase:
+    """Open a model file or folder as a base for adapters (headers only)."""
+    model = stack.enter_context(open_model(path))
+    identity = identify(model)
+    if identity.kind not in _BASE_KINDS:
+        raise SdkitError(f"{path}: is a {identity.kind}, not a model adapters can be applied to")
+    view = model_view(model, identity)
+    names = model_names(view.convention, view.layout, view.tensors, view.configs)
+    if not names.targets:
+        raise SdkitError(f"{path}: holds no UNet or text-encoder layers")
+    return OpenBase(model, identity, view, names)
+
+
+def open_adapter(path: str, stack: ExitStack, *, rank: int | None = None,
+                 alpha: float | None = None) -> tuple[LoraFile, Identity]:
+    model = stack.enter_context(open_model(path))
+    identity = identify(model)
+    if identity.kind != "lora":
+        raise SdkitError(f"{path}: is a {identity.kind}, not a LoRA / LyCORIS adapter")
+    return parse_lora(model, default_alpha=alpha, rank_override=rank), identity
+
+
+def family_problem(base: str, adapter: str) -> str | None:
+    """Why an adapter made for `adapter` does not fit a `base` model (None: it fits, or
+    one side is unknown and the layer shapes decide)."""
+    if "unknown" in (base, adapter) or base == adapter:
+        return None
+    if any({base, adapter} <= group for group in _SAME_ARCHITECTURE):
+        return None
+    return f"made for {adapter}, the base is {base}"
+
+
+def decisive_family(identity: Identity) -> str:
+    """The adapter's family when metadata or layer widths say it, else "unknown" (a
+    guess from which parts it touches leaves the decision to the layer shapes)."""
+    evidence = identity.facts.get("family_evidence")
+    return "unknown" if evidence in _WEAK_FAMILY_EVIDENCE else identity.family
+
+
+def map_adapter(base: OpenBase, item: AdapterInput, lora: LoraFile,
+                identity: Identity) -> tuple[AdapterReport, ModuleMapping]:
+    mapping = map_modules(lora, base.names, base.bias_shapes)
+    report = AdapterReport(item.path, item.strength, identity.family, identity.facts.get("family_evidence"),
+                           identity.adapter_type,
+                           len(lora.modules), unmapped=dict(mapping.unmapped),
+                           family_problem=family_problem(base.identity.family, decisive_family(identity)))
+    return report, mapping
+
+
+@dataclass
+class BakePlan:
+    """Per base key (as the view names it), the contributions to its weight or bias."""
+
+    base: OpenBase
+    reports: list[AdapterReport]
+    weights: dict[str, list[Contribution]]
+    biases: dict[str, list[Contribution]]
+
+
+class BlockStrengths:
+    """Per-layer strength factors from `--blocks` (UNet blocks; text encoders are BASE)."""
+
+    def __init__(self, names: ModelNames, spec: BlockSpec | None) -> None:
+        self.layout: BlockLayout | None = None
+        self.factors: dict[str, float] = {}
+        if spec:
+            ldm_keys = [t.ldm_key for t in names.targets if t.ldm_key and t.component == "unet"]
+            if not ldm_keys:
+                raise SdkitError("--blocks: the base's UNet layers have no LDM names to take block ids from")
+            self.layout = block_layout(ldm_keys)
+            self.factors = resolve_blocks(spec, self.layout)
+
+    def factor(self, target: Target) -> float:
+        if not self.factors:
+            return 1.0
+        if target.component != "unet":
+            return self.factors.get(BASE, 1.0)
+        block = self.layout.block_of(target.ldm_key) if self.layout and target.ldm_key else None
+        return self.factors.get(block or BASE, 1.0)
+
+
+def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack, *,
+              components: str = "all", blocks: str | BlockSpec | None = None,
+              rank: int | None = None, alpha: float | None = None, force: bool = False) -> BakePlan:
+    """Map every adapter onto `base`; refuse wrong families (unless `force`) and adapters
+    none of whose modules fit."""
+    if not adapters:
+        raise SdkitError("no adapter to bake")
+    allowed = COMPONENT_CHOICES[components]
+    strengths = BlockStrengths(base.names, parse_block_spec(blocks) if isinstance(blocks, str) else blocks)
+    plan = BakePlan(base, [], {}, {})
+    for item in adapters:
+        lora, identity = open_adapter(item.path, stack, rank=rank, alpha=alpha)
+        report, mapping = map_adapter(base, item, lora, identity)
+        if report.family_problem and not force:
+            raise SdkitError(f"{item.path}: {report.family_problem} (--force bakes it anyway)")
+        require_some(mapping, item.path)
+        _add_contributions(plan, report, mapping, lora, item.strength, allowed, strengths)
+        plan.reports.append(report)
+    return plan
+
+
+def _add_contributions(plan: BakePlan, report: AdapterReport, mapping: ModuleMapping, lora: LoraFile,
+                       strength: float, allowed: Sequence[str], strengths: BlockStrengths) -> None:
+    for name, target in mapping.mapped.items():
+        if target.component not in allowed:
+            report.skipped[name] = f"{target.component} left out"
+            continue
+        factor = strengths.factor(target)
+        if factor == 0:
+            report.skipped[name] = "block weight 0"
+            continue
+        report.mapped += 1
+        report.by_component[target.component] = report.by_component.get(target.component, 0) + 1
+        contribution = Contribution(lora.modules[name], strength * factor, target)
+        plan.weights.setdefault(target.weight.key, []).append(contribution)
+        if "bias" in contribution.module.tensors:
+            if target.bias is None:
+                report.dropped_biases.append(name)
+            else:
+                plan.biases.setdefault(target.bias.key, []).append(contribution)
+
+
+# ---- `sdkit lora check` ------------------------------------------------------------------
+
+def check_adapter(base_path: str, lora_path: str, *, rank: int | None = None,
+                  alpha: float | None = None) -> dict[str, Any]:
+    """How an adapter fits a base: families, modules mapped per component, the others and why."""
+    with ExitStack() as stack:
+        base = open_base(base_path, stack)
+        lora, identity = open_adapter(lora_path, stack, rank=rank, alpha=alpha)
+        report, mapping = map_adapter(base, AdapterInput(lora_path), lora, identity)
+        report.mapped = len(mapping.mapped)
+        for target in mapping.mapped.values():
+            report.by_component[target.component] = report.by_component.get(target.component, 0) + 1
+        return {"base": str(Path(base_path)), "base_family": base.identity.family,
+                "base_convention": base.view.convention, "family_match": report.family_problem is None,
+                "notes": base.names.notes, **report.to_json()}

@@ -1,0 +1,272 @@
+"""LoRA from the difference of two checkpoints (extract), and LoRA rank changes (resize).
+
+Extract follows sd-scripts' `extract_lora_from_models`: the layers it adapts are the
+Linear and 1×1 conv layers of the UNet's transformer blocks (proj_in / proj_out,
+attention q / k / v / out, feed-forward), the text encoders' attention and MLP layers,
+and with a conv rank also the ResNet blocks (3×3 convs at the conv rank, their
+time-embedding Linear and 1×1 shortcut at the rank) and the down / up samplers. Each
+layer's `tuned − base` is factorised (`sdkit.ops.lora_svd`), alpha = rank, both factors
+clamped to the 0.99 quantile by default; the text encoders are left out when no weight
+differs by more than `min_diff`. The two models may be in either convention: layers are
+matched through their names in both.
+
+Resize follows sd-scripts' `resize_lora`: each module's `up @ down` is re-factorised to
+the new rank (or a dynamic one, capped at it), and alpha becomes
+`alpha_old / rank_old · rank_new` so the strength of the LoRA is kept; no clamp.
+LyCORIS modules are re-factorised from their delta (alpha = the new rank).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from sdkit.adapters.lora_export import (ExportModule, LoraFacts, Provenance, kohya_module_name, sdxl_naming,
+                                        write_lora)
+from sdkit.adapters.lora_names import Target, underscore_names
+from sdkit.errors import SdkitError
+from sdkit.ops.bake_compute import is_plain_lora
+from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
+from sdkit.ops.lora_merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
+from sdkit.ops.lora_svd import Factors, RankRule, factorize, relative_error
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[int], None]
+_ATTENTION = re.compile(r"(^|\.)attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+                        r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))$")
+_RESNET = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|"
+                     r"(down|up)samplers\.0\.conv)$")
+_TEXT = re.compile(r"(^|\.)(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    rank: int = 4
+    conv_rank: int | None = None  # also adapt ResNet blocks and samplers
+    dynamic: str | None = None
+    value: float | None = None
+    clamp_quantile: float | None = 0.99
+    min_diff: float = 0.01
+    randomized: bool = False
+    oversample: int = 8
+    iterations: int = 2
+    sample_layers: int = 4  # layers checked against the full SVD with `randomized`
+    format: str = "kohya"
+    dtype: str | None = None  # default: the base's dtype
+
+    def rule(self) -> RankRule:
+        rule = RankRule(self.rank, self.conv_rank, self.dynamic, self.value, self.clamp_quantile,
+                        self.randomized, self.oversample, self.iterations)
+        rule.check()
+        return rule
+
+
+@dataclass
+class LayerReport:
+    name: str
+    rank: int
+    retained: float  # Σσ² kept / Σσ²
+
+
+@dataclass
+class SvdReport:
+    """Per-layer ranks and retained energy; randomized runs add sampled errors."""
+
+    output: str
+    layers: list[LayerReport] = field(default_factory=list)
+    randomized_check: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, name: str, factors: Factors) -> None:
+        self.layers.append(LayerReport(name, factors.rank, factors.retained))
+
+    def to_json(self) -> dict[str, Any]:
+        retained = [layer.retained for layer in self.layers]
+        return {"output": self.output, "layers": [asdict(layer) for layer in self.layers],
+                "mean_retained": sum(retained) / len(retained) if retained else None,
+                "randomized_check": self.randomized_check, "notes": self.notes}
+
+
+# ---- extract -----------------------------------------------------------------------------
+
+def is_extracted_layer(target: Target, conv_rank: int | None) -> bool:
+    """Whether sd-scripts' LoRA network adapts this layer."""
+    path = target.diffusers_path
+    if path is None or len(target.shape) < 2:
+        return False
+    if target.component == "unet":
+        return bool(_ATTENTION.search(path)) or (conv_rank is not None and bool(_RESNET.search(path)))
+    return bool(_TEXT.search(path))
+
+
+def _counterpart(target: Target, tuned: OpenBase) -> Target:
+    for name in sorted(underscore_names(target)):
+        hit = tuned.names.names.get((target.component, name))
+        if hit is not None:
+            if hit.shape != target.shape:
+                raise SdkitError(f"{target.path}: shape {list(hit.shape)} in the tuned model, "
+                                 f"{list(target.shape)} in the base")
+            return hit
+    raise SdkitError(f"{target.component}.{target.path}: the tuned model has no such layer")
+
+
+def _load(opened: OpenBase, target: Target) -> "torch.Tensor":
+    tensor = opened.view.tensors[target.weight.key].load().float()
+    rows = target.weight.rows
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
+                 output: str | os.PathLike[str], options: ExtractOptions = ExtractOptions(), *,
+                 overwrite: bool = False, progress: Progress | None = None) -> SvdReport:
+    """Write the LoRA approximating `tuned − base` to `output`."""
+    rule = options.rule()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    report = SvdReport(str(output))
+    with ExitStack() as stack:
+        original = open_base(str(base), stack)
+        finetuned = open_base(str(tuned), stack)
+        problem = family_problem(original.identity.family, finetuned.identity.family)
+        if problem:
+            raise SdkitError(f"{tuned}: {problem}")
+        pairs = [(t, _counterpart(t, finetuned)) for t in original.names.targets
+                 if is_extracted_layer(t, options.conv_rank)]
+        pairs = _drop_same_text_encoders(pairs, original, finetuned, options.min_diff, report)
+        sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
+        modules, identical = [], 0
+        for target, other in pairs:
+            delta = _load(finetuned, other) - _load(original, target)
+            module = _extract_layer(target, delta, rule, report, sdxl, options.sample_layers)
+            if module is None:
+                identical += 1
+            else:
+                modules.append(module)
+            if progress is not None:
+                progress(1)
+        if identical:
+            report.notes.append(f"{identical} layers are identical in both models and left out")
+        _write(output, modules, original, options, Provenance(
+            "lora-extract", (str(tuned), str(base)), _params(options)), overwrite)
+    return report
+
+
+def _drop_same_text_encoders(pairs: list[tuple[Target, Target]], original: OpenBase, finetuned: OpenBase,
+                             min_diff: float, report: SvdReport) -> list[tuple[Target, Target]]:
+    """sd-scripts keeps the text encoders only if some weight differs by more than min_diff."""
+    text = [(t, o) for t, o in pairs if t.component != "unet"]
+    largest = 0.0
+    for target, other in text:
+        largest = max(largest, float((_load(finetuned, other) - _load(original, target)).abs().max()))
+        if largest > min_diff:
+            return pairs
+    if text:
+        report.notes.append(f"text encoders left out: no weight differs by more than {min_diff} "
+                            f"(largest {largest:.3g})")
+    return [(t, o) for t, o in pairs if t.component == "unet"]
+
+
+def _extract_layer(target: Target, delta: "torch.Tensor", rule: RankRule, report: SvdReport,
+                   sdxl: bool, samples: int) -> ExportModule | None:
+    module = ExportModule(target.component, target.diffusers_path, target.ldm_path, {})
+    if not bool(delta.any()):
+        return None
+    factors = factorize(delta, rule)
+    name = kohya_module_name(module, sdxl)
+    report.add(name, factors)
+    if rule.randomized and len(report.randomized_check) < samples:
+        full = factorize(delta, replace(rule, randomized=False, dynamic=None), cap=factors.rank)
+        report.randomized_check.append({"layer": name, "rank": factors.rank,
+                                        "error_randomized": relative_error(delta, factors),
+                                        "error_full_svd": relative_error(delta, full)})
+    module.tensors = {"lora_up.weight": factors.up, "lora_down.weight": factors.down}
+    module.alpha = float(factors.rank)
+    return module
+
+
+def _params(options: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(options).items() if v is not None}
+
+
+def _write(output: Path, modules: list[ExportModule], base: OpenBase, options: Any,
+           provenance: Provenance, overwrite: bool) -> None:
+    import torch
+
+    from sdkit.io.dtypes import CODE_TO_TORCH
+
+    if not modules:
+        raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
+    dtype = getattr(torch, DTYPES[options.dtype]) if options.dtype else CODE_TO_TORCH[modules_dtype(base)]
+    facts = LoraFacts(base.identity.family, "v" if base.identity.prediction == "v" else "epsilon")
+    write_lora(output, modules, facts, provenance, format=options.format, dtype=dtype, overwrite=overwrite)
+
+
+def modules_dtype(base: OpenBase) -> str:
+    dominant = base.identity.precision.dominant
+    return dominant if dominant in ("F16", "BF16", "F32") else "F32"
+
+
+# ---- resize ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    rank: int = 4
+    conv_rank: int | None = None
+    dynamic: str | None = None
+    value: float | None = None
+    base: str | None = None  # resolves names and shapes (needed for some LyCORIS modules)
+    format: str = "kohya"
+    dtype: str | None = None  # default: the input's
+
+    def rule(self) -> RankRule:
+        rule = RankRule(self.rank, self.conv_rank, self.dynamic, self.value)
+        rule.check()
+        return rule
+
+
+def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
+                options: ResizeOptions = ResizeOptions(), *, overwrite: bool = False) -> SvdReport:
+    """Write `source` re-factorised to a new (or dynamic) rank."""
+    rule = options.rule()
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    report = SvdReport(str(output))
+    with ExitStack() as stack:
+        base = open_base(options.base, stack) if options.base else None
+        lora, identity = open_adapter(str(source), stack)
+        layers = group_layers([(AdapterInput(str(source)), lora)], base, report.notes)
+        modules = [_resized(layer, rule, base, report) for layer in layers]
+        facts = LoraFacts(identity.family, "v" if identity.prediction == "v" else "epsilon")
+        inputs = (str(source),) + ((options.base,) if options.base else ())
+        write_lora(output, modules, facts, Provenance("lora-resize", inputs, _params(options)),
+                   format=options.format, dtype=lora_dtype(options.dtype, [lora]), overwrite=overwrite)
+    return report
+
+
+def _resized(layer: Layer, rule: RankRule, base: OpenBase | None, report: SvdReport) -> ExportModule:
+    module = layer.members[0].module
+    export = layer.export
+    if is_plain_lora(module) and len(layer.members) == 1:  # sd-scripts: factor up @ down, keep alpha / rank
+        up, down = module.tensors["up"].load().float(), module.tensors["down"].load().float()
+        product = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        cap = min(rule.cap_for(tuple(product.shape)), module.rank or 1)
+        factors = factorize(product, rule, cap=cap)
+        alpha = module.scale * factors.rank
+    else:
+        delta = summed_delta(layer, base)
+        factors = factorize(delta, rule)
+        alpha = float(factors.rank)
+    label = export.name or kohya_module_name(export, False)
+    note_dropped_biases(layer, label, report.notes)
+    report.add(label, factors)
+    export.tensors = {"lora_up.weight": factors.up, "lora_down.weight": factors.down}
+    export.alpha = alpha
+    return export
