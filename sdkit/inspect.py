@@ -29,8 +29,20 @@ def _dtype_counts(model: ModelFile) -> dict[str, int]:
     return dict(sorted(Counter(info.dtype for info in model.infos.values()).items()))
 
 
+def inspect_png(path: str | Path) -> dict[str, Any]:
+    """The generation parameters an image carries (A1111 `parameters` text chunk)."""
+    from sdkit.runtime.sample_png import read_png_parameters
+
+    return {"path": str(path), "format": "png", "kind": "image", "parameters": read_png_parameters(path)}
+
+
 def inspect_path(path: str | Path, *, with_hashes: bool = False, deep: bool = False) -> dict[str, Any]:
-    """Describe a model file or diffusers folder: what it is, for which family, what it holds."""
+    """Describe a model file or diffusers folder: what it is, for which family, what it holds.
+
+    A PNG gets its generation parameters instead (see `inspect_png`).
+    """
+    if str(path).lower().endswith(".png"):
+        return inspect_png(path)
     with open_model(path) as model:
         identity = identify(model, deep=deep)
         ident = identity.to_json()

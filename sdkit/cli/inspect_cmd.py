@@ -51,6 +51,15 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
         console.print(f"• {note}")
 
 
+def _render_parameters(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=report["path"], show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for field, value in report["parameters"].items():
+        table.add_row(field, value)
+    console.print(table)
+
+
 @cli.command("inspect")
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README).")
@@ -66,6 +75,8 @@ def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> 
     report = inspect_path(path, with_hashes=with_hashes, deep=deep)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=False))
+    elif report["format"] == "png":
+        _render_parameters(Console(), report)
     else:
         _render_report(Console(), report)
 

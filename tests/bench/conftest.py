@@ -31,7 +31,7 @@ def sd15_unet_shapes() -> dict[str, tuple[int, ...]]:
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel()  # the default config is SD1.x's
+        unet = UNet2DConditionModel(cross_attention_dim=768)  # SD1.x: the defaults but the context width
     return {name: tuple(tensor.shape) for name, tensor in unet.state_dict().items()}
 
 

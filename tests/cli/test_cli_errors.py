@@ -76,3 +76,25 @@ def test_inspect_json_schema(tmp_path: Path) -> None:
     assert report["metadata"] == {"ss_network_module": "networks.lora"}
     assert set(report["hashes"]) == {"sha256", "autov2", "legacy", "autov3"}
     assert report["hashes"]["autov2"] == report["hashes"]["sha256"][:10]
+
+
+def test_inspect_png_prints_generation_parameters(tmp_path: Path) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    text = ("a red circle\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
+            "Seed: 42, Size: 32x32, Model hash: 0123456789")
+    info = PngInfo()
+    info.add_text("parameters", text)
+    path = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    result = run_sdkit("inspect", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    params = json.loads(result.stdout)["parameters"]
+    assert params["Prompt"] == "a red circle"
+    assert params["Negative prompt"] == "blurry"
+    assert params["Seed"] == "42"
+    assert params["Model hash"] == "0123456789"
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    assert_clean_error(run_sdkit("inspect", str(plain)))

@@ -1,0 +1,1 @@
+"""Torch-side runtime: pipelines, sampler, trainer, validators, and the toy-world scorer."""

@@ -1,0 +1,135 @@
+"""A1111's `parameters` PNG text: written with every sample, read back from any PNG.
+
+The text is what A1111 (`modules/processing.py::create_infotext`) writes and what
+A1111's "PNG Info", ComfyUI and civitai read:
+
+    a red circle <lora:style:0.8>
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 0123456789, Model: toy-sd1, Lora hashes: "style: 0123456789ab", Version: sdkit 0.1.0
+
+Fields whose value holds a comma, a colon or a line break are JSON-quoted, others are
+written as they are; fields without a value are left out; the negative-prompt line only
+when there is one. Reading follows A1111's `parse_generation_parameters`: the last line
+is the field line when it holds at least three `key: value` pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from sdkit.errors import SdkitError
+
+PARAMETERS_KEY = "parameters"
+# `key: value` where value is a JSON string or runs to the next comma
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def quote(value: Any) -> str:
+    text = str(value)
+    if any(mark in text for mark in ",\n:"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return str(json.loads(text))
+        except ValueError:
+            return text
+    return text
+
+
+def format_number(value: float) -> str:
+    """7.0 -> "7", 7.5 -> "7.5", as people type them."""
+    return f"{value:g}"
+
+
+def format_parameters(prompt: str, negative: str, fields: Iterable[tuple[str, Any]]) -> str:
+    """The `parameters` text for one image; fields with value None are left out."""
+    line = ", ".join(f"{key}: {quote(value)}" for key, value in fields if value is not None)
+    negative_line = f"\n{_NEGATIVE} {negative}" if negative else ""
+    return f"{prompt}{negative_line}\n{line}".strip()
+
+
+def format_hashes(hashes: dict[str, str]) -> str | None:
+    """`name: hash, name: hash` with `:` and `,` taken out of names, as A1111 writes
+    its `Lora hashes` and `TI hashes` fields; None when empty."""
+    if not hashes:
+        return None
+    clean = {name.translate(str.maketrans("", "", ":,")): value for name, value in hashes.items()}
+    return ", ".join(f"{name}: {value}" for name, value in clean.items())
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """`{"Prompt", "Negative prompt", <field>: <value>, ...}` from a `parameters` text."""
+    *lines, last = text.strip().split("\n")
+    if len(_FIELD.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith(_NEGATIVE):
+            negative.append(line[len(_NEGATIVE):].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _FIELD.findall(last):
+        result[key.strip()] = unquote(value.strip())
+    return result
+
+
+def parse_hashes(value: str) -> dict[str, str]:
+    """`"a: 0123, b: 4567"` (a `Lora hashes` / `TI hashes` value) -> {"a": "0123", ...}."""
+    pairs = (item.split(":", 1) for item in value.split(",") if ":" in item)
+    return {name.strip(): digest.strip() for name, digest in pairs}
+
+
+def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The A1111 generation parameters stored in a PNG, parsed into fields.
+
+    Keys: "Prompt", "Negative prompt", then every field in the order written ("Steps",
+    "Sampler", "Seed", "Size", "Model hash", "Lora hashes", ...); values are strings.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise SdkitError(f"{path}: not a PNG image ({image.format})")
+            text = image.info.get(PARAMETERS_KEY)
+    except FileNotFoundError:
+        raise SdkitError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise SdkitError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise SdkitError(f"{path}: the PNG holds no generation parameters (no '{PARAMETERS_KEY}' text)")
+    return parse_parameters(text)
+
+
+def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False) -> Path:
+    """Write `image` with its `parameters` text atomically (temporary file, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    if path.exists() and not overwrite:
+        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        image.save(temporary, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    return path

@@ -1,0 +1,152 @@
+"""`sdkit sample` as one library call: load, sample every prompt (and XY value), write PNGs.
+
+Layouts of what is drawn:
+- plain: every prompt, `batch` seeds each (seed, seed+1, ...), one PNG per picture:
+  `OUT` for a single picture, else `OUT-<n>` numbered in drawing order;
+- `grid`: the same pictures in one PNG, a row per prompt and a column per seed;
+- `xy` (an `Axis`): one PNG, a column per value of the parameter and a row per prompt
+  (and per seed when `batch` > 1).
+Grids carry the parameters of their first picture, as A1111's grids do. Every output
+path is checked before anything is drawn, so a refused run leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from sdkit.errors import SdkitError
+from sdkit.runtime.pipeline import load_model
+from sdkit.runtime.sample import Sample, Sampler, Settings, check_settings, settings_with
+from sdkit.runtime.sample_grid import Axis, grid_image
+from sdkit.runtime.sample_library import Library, resolve_file
+from sdkit.runtime.sample_plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
+from sdkit.runtime.sample_png import save_png
+
+# (label of the current picture run, steps done, steps in that run)
+RunProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class SampleJob:
+    """Everything `sdkit sample` is asked to do."""
+
+    model: str
+    prompts: Sequence[str]
+    settings: Settings = Settings()
+    batch: int = 1
+    adapters: AdapterArgs = AdapterArgs()
+    library: str | None = None
+    config: str | None = None
+    vae: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    grid: bool = False
+    xy: Axis | None = None
+
+
+@dataclass
+class SampleResult:
+    outputs: list[Path]
+    samples: list[Sample]
+    notes: list[str] = field(default_factory=list)
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """`OUT` for one picture, `OUT-0`, `OUT-1`, ... (same suffix) for several."""
+    if output.suffix.lower() != ".png":
+        raise SdkitError(f"{output}: the output must be a .png file")
+    if count == 1:
+        return [output]
+    width = len(str(count - 1))
+    return [output.with_name(f"{output.stem}-{index:0{width}d}{output.suffix}") for index in range(count)]
+
+
+def _check_outputs(paths: Sequence[Path], overwrite: bool) -> None:
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+        if not path.parent.is_dir():
+            raise SdkitError(f"{path.parent}: no such folder for the output")
+
+
+def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: bool = False,
+               progress: RunProgress | None = None) -> SampleResult:
+    """Draw what `job` asks for and write it under `output`."""
+    if not job.prompts:
+        raise SdkitError("no prompt given (--prompt TEXT)")
+    # checked before the minutes a large model may take to load
+    for value in job.xy.values if job.xy is not None else (None,):
+        settings = job.settings if value is None else settings_with(job.settings, job.xy.parameter, value)
+        check_settings(settings, job.batch)
+    output = Path(output)
+    pictures = 1 if (job.grid or job.xy is not None) else len(job.prompts) * job.batch
+    paths = output_paths(output, pictures)
+    _check_outputs(paths, overwrite)
+    library = Library(Path(job.library)) if job.library else None
+    vae = resolve_file(job.vae, "vae", library, f"--vae {job.vae}") if job.vae else None
+    adapters = resolve_adapters(job.adapters, library)
+    plans = [plan_prompt(prompt, adapters, library) for prompt in job.prompts]
+    model = load_model(job.model, config=job.config, vae=vae, device=job.device, dtype=job.dtype)
+    sampler = Sampler(model, library, adapters)
+    try:
+        images, samples = _draw(sampler, plans, job, progress)
+    finally:
+        sampler.close()
+    texts = [sample.parameters for sample in samples[:len(images)]]  # a grid: its first picture's
+    written = [save_png(image, path, text, overwrite=overwrite) for image, path, text in zip(images, paths, texts)]
+    return SampleResult(written, samples, list(sampler.notes))
+
+
+def _draw(sampler: Sampler, plans: list[PromptPlan], job: SampleJob,
+          progress: RunProgress | None) -> tuple[list[Any], list[Sample]]:
+    """(the pictures to write, every sample drawn: row by row for a grid)."""
+    if job.xy is not None:
+        rows, columns, row_labels = _xy_cells(sampler, plans, job, progress)
+        return [grid_image(_images(rows), columns, row_labels)], [s for row in rows for s in row]
+    rows = _plain_cells(sampler, plans, job, progress)
+    samples = [sample for row in rows for sample in row]
+    if job.grid:
+        columns = [f"seed {sample.seed}" for sample in rows[0]]
+        return [grid_image(_images(rows), columns, list(job.prompts))], samples
+    return [sample.image for sample in samples], samples
+
+
+def _images(rows: list[list[Sample]]) -> list[list[Any]]:
+    return [[sample.image for sample in row] for row in rows]
+
+
+def _label(progress: RunProgress | None, label: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(label, done, total)
+
+
+def _plain_cells(sampler: Sampler, plans: list[PromptPlan], job: SampleJob,
+                 progress: RunProgress | None) -> list[list[Sample]]:
+    rows = []
+    for index, plan in enumerate(plans, start=1):
+        label = f"prompt {index}/{len(plans)}"
+        rows.append(sampler.generate(plan, job.settings, job.batch, _label(progress, label)))
+    return rows
+
+
+def _xy_cells(sampler: Sampler, plans: list[PromptPlan], job: SampleJob,
+              progress: RunProgress | None) -> tuple[list[list[Sample]], list[str], list[str]]:
+    """Pictures per (prompt, seed) row and axis-value column, with the labels."""
+    axis = job.xy
+    columns: list[list[Sample]] = []
+    total = len(plans) * len(axis.values)
+    for value_index, value in enumerate(axis.values):
+        settings = settings_with(job.settings, axis.parameter, value)
+        column: list[Sample] = []
+        for plan_index, plan in enumerate(plans):
+            run = value_index * len(plans) + plan_index + 1
+            column += sampler.generate(plan, settings, job.batch, _label(progress, f"{axis.parameter} {run}/{total}"))
+        columns.append(column)
+    rows = [[column[row] for column in columns] for row in range(len(columns[0]))]
+    row_labels = [prompt if job.batch == 1 else f"{prompt} (seed +{offset})"
+                  for prompt in job.prompts for offset in range(job.batch)]
+    return rows, [axis.label(value) for value in axis.values], row_labels
