@@ -356,6 +356,9 @@ def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[
         hidden.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        if isinstance(exc, SdkitError) and str(exc).startswith(str(hidden)):
+            # the writer names the hidden file it was given; the user knows the output path
+            raise SdkitError(f"{path}{str(exc)[len(str(hidden)):]}") from None
         raise
 
 

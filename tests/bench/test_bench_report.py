@@ -1,0 +1,151 @@
+"""The benchmark report (`make bench`): every file operation on full-size SD1.5-shaped
+models (and SDXL-shaped with SDKIT_BENCH_SDXL=1), timed as separate processes against a
+plain read+write of the same bytes and against peer tools, written to bench/report.md
+and bench/report.png.
+
+Inputs are built once into $SDKIT_BENCH_DIR (default: sdkit-bench in the temp folder):
+three checkpoints, a VAE and a LoRA per family (about 6.6 GB for SD1.5, 21 GB for SDXL).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from bench_measure import (
+    Measurement,
+    driver,
+    machine,
+    measure,
+    peer_installed,
+    remove,
+    sdkit,
+    size_of,
+)
+from bench_models import BenchInputs, build_inputs
+from bench_render import Row, chart, markdown
+
+REPORT_FOLDER = Path(__file__).resolve().parents[2] / "bench"
+MIB = 1 << 20
+
+
+@dataclass
+class Operation:
+    """One timed operation: its sdkit command, what it reads, and peer programs doing the
+    same (name -> argv), all writing to `output` (None: writes nothing)."""
+
+    name: str
+    command: list[str]
+    reads: list[Path]
+    output: Path | None = None
+    peers: dict[str, list[str]] = field(default_factory=dict)
+
+
+def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
+    a, b, c, lora, vae = (str(path) for path in (inputs.a, inputs.b, inputs.c, inputs.lora, inputs.vae))
+    out = scratch / "out.safetensors"
+    mecha = peer_installed("sd_mecha")
+
+    def merge(name: str, method: str, models: list[str], full_load: str | None) -> Operation:
+        peers = {"sd-mecha": driver(f"sd-mecha-{method}", str(out), *models)} if mecha else {}
+        if full_load:
+            peers["full load"] = driver(full_load, str(out), *models)
+        return Operation(name, sdkit("merge", *models, "--method", method.replace("-", "_"), "-o", str(out)),
+                         [Path(m) for m in models], out, peers)
+
+    return [
+        Operation("inspect", sdkit("inspect", a, "--json"), [inputs.a]),
+        Operation("hash (sha256, AutoV2, legacy, AutoV3)", sdkit("hash", a), [inputs.a]),
+        Operation("convert fp16 → bf16", sdkit("convert", a, "-o", str(out), "--dtype", "bf16"), [inputs.a], out),
+        Operation("prune (no EMA present: a checked copy)", sdkit("convert", a, "-o", str(out), "--prune"),
+                  [inputs.a], out),
+        merge("merge weighted sum α=0.5", "weighted-sum", [a, b], "full-load-weighted-sum"),
+        merge("merge add difference A+(B−C)", "add-difference", [a, b, c], "full-load-add-difference"),
+        merge("merge TIES k=0.2 (base + 2)", "ties", [a, b, c], None),
+        Operation("LoRA bake (rank 32, all layers)", sdkit("lora", "bake", a, lora, "-o", str(out)),
+                  [inputs.a, inputs.lora], out, {
+                      "diffusers fuse_lora": driver("diffusers-fuse-lora", str(scratch / "fused"), a, lora,
+                                                    str(inputs.config)),
+                      "full load": driver("full-load-bake", str(out), a, lora, str(inputs.lora_map))}),
+        # randomized: a full SVD of every layer (the default, as sd-scripts does) takes the
+        # better part of an hour on two cores
+        Operation("LoRA extract rank 64 (randomized SVD)",
+                  sdkit("lora", "extract", b, a, "-o", str(out), "--rank", "64", "--randomized"),
+                  [inputs.b, inputs.a], out),
+        Operation("VAE swap", sdkit("vae", "swap", a, vae, "-o", str(out)), [inputs.a, inputs.vae], out),
+    ]
+
+
+class Baselines:
+    """Plain read+write runs, one per (inputs, output size), measured on first use."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.scratch = scratch
+        self.done: dict[tuple[tuple[Path, ...], int], Measurement] = {}
+
+    def get(self, reads: list[Path], size: int) -> Measurement:
+        key = (tuple(reads), round(size / MIB))
+        if key not in self.done:
+            target = self.scratch / "baseline.bin"
+            self.done[key] = measure(driver("baseline", str(target), str(size), *map(str, reads)))
+            remove(target)
+        return self.done[key]
+
+
+def _detail(reads: list[Path], written: int) -> str:
+    sizes = " + ".join(f"{path.stat().st_size / 1e9:.2f}" for path in reads)
+    return f"{sizes} GB → {written / 1e9:.2f} GB" if written else f"{sizes} GB → header"
+
+
+def _warm(paths: list[Path]) -> None:
+    """Read every input once so that no operation pays for a cold page cache alone."""
+    buffer = bytearray(16 * MIB)
+    for path in paths:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
+def run_family(inputs: BenchInputs, scratch: Path, baselines: Baselines) -> list[Row]:
+    rows = []
+    _warm([inputs.a, inputs.b, inputs.c, inputs.lora, inputs.vae])
+    for operation in operations(inputs, scratch):
+        result = measure(operation.command)
+        written = size_of(operation.output) if operation.output else 0
+        if operation.output:
+            remove(operation.output)
+        peers = {}
+        for name, argv in operation.peers.items():
+            peers[name] = measure(argv)
+            for leftover in scratch.iterdir():
+                remove(leftover)
+        baseline = baselines.get(operation.reads, written) if result.ok else None
+        row = Row(inputs.family, operation.name, _detail(operation.reads, written), result, baseline, peers)
+        rows.append(row)
+        for name, measurement in {"sdkit": result, **peers}.items():
+            ratio = row.ratio(measurement)
+            print(f"{row.family} {row.operation}, {name}: {measurement.wall:.1f} s, {measurement.rss_mb:,.0f} MiB"
+                  + (f", ×{ratio:.2f} baseline" if ratio else f" ({measurement.error})"), flush=True)
+    return rows
+
+
+def test_bench_report(bench_cache: Path, tmp_path: Path) -> None:
+    families = ["sd15"] + (["sdxl"] if os.environ.get("SDKIT_BENCH_SDXL") == "1" else [])
+    about = machine()
+    startup = measure([sys.executable, "-c", "import torch, diffusers"])
+    baselines = Baselines(tmp_path)
+    rows: list[Row] = []
+    for family in families:
+        rows += run_family(build_inputs(bench_cache, family), tmp_path, baselines)
+    about["load average at end (1, 5, 15 min)"] = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    remark = ("**Shared machine**: other jobs ran while this was measured (see the load averages); "
+              "single runs, so treat differences under ~20% as noise.")
+    REPORT_FOLDER.mkdir(exist_ok=True)
+    (REPORT_FOLDER / "report.md").write_text(markdown(about, rows, startup, remark), encoding="utf-8")
+    chart(REPORT_FOLDER / "report.png", rows)
+    failed = [f"{row.family} {row.operation}: {row.sdkit.error}" for row in rows if not row.sdkit.ok]
+    if failed:
+        pytest.fail("sdkit failed: " + "; ".join(failed))
