@@ -33,7 +33,7 @@ def _register_commands() -> None:
     # each command group lives in its own module; importing it attaches it to `cli`
     from sdkit.cli import (  # noqa: F401
         convert_cmd, embed_cmd, hub_cmd, hypernet_cmd, inspect_cmd, lora_cmd, merge_cmd, sample_cmd,
-        vae_cmd,
+        train_cmd, vae_cmd,
     )
 
 

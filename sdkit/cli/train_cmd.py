@@ -1,0 +1,239 @@
+"""`sdkit train` and `sdkit verify`: train an adapter or a fine-tune; measure its effect."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from sdkit.cli.main import cli
+from sdkit.errors import SdkitError
+from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
+                                        PRECISIONS, PREDICTIONS, SAVE_PRECISIONS)
+
+_PATH = click.Path(path_type=Path)
+
+
+def _ratio_range(text: str | None) -> tuple[float | None, float | None]:
+    if not text:
+        return None, None
+    low, sep, high = text.partition(":")
+    try:
+        return (float(low) if low else None), (float(high) if high else None)
+    except ValueError:
+        raise SdkitError(f"--aspect-range {text!r}: expected MIN:MAX width/height ratios, e.g. 0.5:2") from None
+
+
+def _numbers(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise SdkitError(f"{what} {text!r}: expected comma-separated numbers, e.g. 1,2,1") from None
+
+
+@contextmanager
+def _train_progress(quiet: bool) -> Iterator[Any]:
+    """A rich bar per phase (loss, it/s and time left while training) on a terminal."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(event: Any) -> None:
+            if event.phase not in tasks:
+                tasks[event.phase] = bar.add_task(event.phase, total=event.total, loss="", rate="")
+            task = tasks[event.phase]
+            fields = {}
+            if event.loss is not None:
+                fields["loss"] = f"loss {event.loss:.4f}"
+                speed = next(t for t in bar.tasks if t.id == task).speed
+                fields["rate"] = f"{speed:.2f} it/s" if speed else ""
+            bar.update(task, completed=event.done, total=event.total, **fields)
+        yield update
+
+
+@cli.command("train")
+@click.argument("method", type=click.Choice(METHODS))
+@click.option("--base", required=True, type=_PATH, help="Model to train on: a checkpoint file or diffusers folder.")
+@click.option("--data", "data_dir", required=True, type=_PATH,
+              help="Folder of images with captions (sidecar .txt/.caption, metadata.csv or metadata.jsonl).")
+@click.option("--output", "-o", required=True, type=_PATH,
+              help="File to write (.safetensors; .pt for hypernetworks or A1111 embeddings; a folder for "
+                   "DreamBooth --format diffusers).")
+@click.option("--config", "config_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Local diffusers folder of the base's family (tokenizers, configs).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+# data
+@click.option("--resolution", type=int, help="Training side in pixels (default: the model's native size).")
+@click.option("--no-buckets", is_flag=True, help="Square crops only, no aspect-ratio buckets.")
+@click.option("--bucket-step", type=int, help="Bucket side step (default: VAE factor x UNet downsampling).")
+@click.option("--crop", type=click.Choice(CROPS), default="center", show_default=True)
+@click.option("--min-width", type=int, default=0, show_default=True, help="Drop narrower images.")
+@click.option("--min-height", type=int, default=0, show_default=True, help="Drop lower images.")
+@click.option("--aspect-range", metavar="MIN:MAX", help="Keep images whose width/height ratio is in this range.")
+@click.option("--cache-latents", type=click.Choice(CACHES), default="memory", show_default=True,
+              help="Run the VAE once and keep the latents in memory or on disk.")
+@click.option("--cache-dir", type=_PATH, help="Disk cache folder (default: DATA/.sdkit-latents).")
+@click.option("--caption-dropout", type=float, default=0.0, show_default=True,
+              help="Probability of training a sample with an empty caption.")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Times each image appears per epoch.")
+@click.option("--trigger", help="Word put in front of every caption.")
+# optimisation
+@click.option("--steps", type=int, default=500, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Learning rate.")
+@click.option("--text-encoder-lr", type=float, help="Learning rate of trained text encoders (default: --lr).")
+@click.option("--lr-scheduler", type=click.Choice(LR_SCHEDULERS), default="constant", show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--weight-decay", type=float, default=1e-2, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations to save memory.")
+@click.option("--prediction-type", type=click.Choice(PREDICTIONS), help="Override the base's scheduler config.")
+@click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting (5 is usual).")
+@click.option("--noise-offset", type=float, default=0.0, show_default=True)
+# methods
+@click.option("--rank", type=int, default=4, show_default=True, help="LoRA / LoHa / LoKr rank.")
+@click.option("--alpha", type=float, help="Network alpha (default: the rank).")
+@click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout (LoHa/LoKr: rank dropout).")
+@click.option("--train-text-encoder", is_flag=True, help="Also train the text encoder(s) (networks, DreamBooth).")
+@click.option("--token", help="Textual-inversion trigger word (default: the output's file name).")
+@click.option("--init-word", default="*", show_default=True, help="Word the new vectors start from.")
+@click.option("--vectors", type=int, default=1, show_default=True, help="Vectors per embedding.")
+@click.option("--layer-structure", default="1,2,1", show_default=True, help="Hypernetwork layer widths.")
+@click.option("--activation", default="linear", show_default=True, help="Hypernetwork activation (A1111 names).")
+@click.option("--layer-norm", is_flag=True, help="Hypernetwork layer norm.")
+@click.option("--hypernet-dropout", is_flag=True, help="Hypernetwork dropout (A1111's use_dropout).")
+@click.option("--weight-init", default="Normal", show_default=True, help="Hypernetwork weight initialisation.")
+@click.option("--class-prompt", help="DreamBooth prior preservation: prompt of the class pictures.")
+@click.option("--class-dir", type=_PATH, help="Folder of class pictures (drawn there when too few).")
+@click.option("--num-class-images", type=int, default=50, show_default=True)
+@click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
+@click.option("--format", "output_format", type=click.Choice(DREAMBOOTH_FORMATS), default="single-file",
+              show_default=True, help="DreamBooth output: one checkpoint file or a diffusers folder.")
+# run
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on CPU.")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
+@click.option("--save-precision", type=click.Choice(SAVE_PRECISIONS),
+              help="dtype of the written tensors (default: fp16 for checkpoints, fp32 for adapters).")
+@click.option("--save-every", type=int, default=0, show_default=True,
+              help="Save the training state every N steps (for --resume).")
+@click.option("--state-dir", type=_PATH, help="Where the state goes (default: OUTPUT.state).")
+@click.option("--resume", type=_PATH, help="Continue from a saved training state.")
+@click.option("--preview-every", type=int, default=0, show_default=True, help="Sample previews every N steps.")
+@click.option("--preview-prompt", "preview_prompts", multiple=True, help="Preview prompt (repeatable).")
+@click.option("--preview-seeds", type=int, default=1, show_default=True, help="Seeds per preview prompt.")
+@click.option("--sample-steps", type=int, default=20, show_default=True,
+              help="Sampling steps of previews and class pictures.")
+@click.option("--json", "as_json", is_flag=True, help="Report as one JSON object.")
+@click.pass_context
+def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, output: Path, **options: Any) -> None:
+    """Train a LoRA, LoHa, LoKr, textual inversion, hypernetwork or DreamBooth fine-tune.
+
+    Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
+    """
+    from sdkit.runtime.train import train
+
+    config = _train_config(method, base, data_dir, output, options)
+    quiet = ctx.obj.get("quiet", False) or options["as_json"]
+    with _train_progress(quiet) as progress:
+        result = train(config, progress)
+    if not result.main_process:
+        return
+    if options["as_json"]:
+        click.echo(json.dumps({"outputs": [str(p) for p in result.outputs], "record": str(result.record),
+                               "loss_curve": str(result.loss_curve), "steps": result.steps,
+                               "resumed_from": result.resumed_from, "precision": result.precision,
+                               "final_loss": result.losses[-1] if result.losses else None,
+                               "timings": result.timings, "notes": result.notes}))
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    click.echo(f"trained {config.method} for {result.steps} steps ({result.precision}{loss}) -> "
+               f"{', '.join(str(p) for p in result.outputs)}")
+    click.echo(f"record: {result.record}  loss curve: {result.loss_curve}")
+
+
+def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict[str, Any]) -> Any:
+    from sdkit.runtime.train import (DataOptions, DreamBoothOptions, EmbeddingOptions, HypernetOptions, LossOptions,
+                                     NetworkOptions, OptimOptions, RunOptions, TrainConfig)
+
+    low, high = _ratio_range(o["aspect_range"])
+    data = DataOptions(data_dir, o["resolution"], not o["no_buckets"], o["bucket_step"], o["crop"], o["min_width"],
+                       o["min_height"], low, high, o["cache_latents"], o["cache_dir"], o["caption_dropout"],
+                       o["repeats"], o["trigger"])
+    optim = OptimOptions(o["steps"], o["batch_size"], o["grad_accum"], o["lr"], o["text_encoder_lr"],
+                         o["lr_scheduler"], o["warmup_steps"], o["optimizer"], o["weight_decay"], o["max_grad_norm"],
+                         o["gradient_checkpointing"])
+    return TrainConfig(
+        method, base, output, data, o["config_dir"], optim,
+        LossOptions(o["prediction_type"], o["min_snr_gamma"], o["noise_offset"]),
+        NetworkOptions(o["rank"], o["alpha"], o["dropout"], o["train_text_encoder"]),
+        EmbeddingOptions(o["token"], o["init_word"], o["vectors"]),
+        HypernetOptions(_numbers(o["layer_structure"], "--layer-structure"), o["activation"], o["layer_norm"],
+                        o["hypernet_dropout"], o["weight_init"]),
+        DreamBoothOptions(o["class_prompt"], o["class_dir"], o["num_class_images"], o["prior_loss_weight"],
+                          o["train_text_encoder"], o["output_format"]),
+        RunOptions(o["seed"], o["precision"], o["device"], o["save_precision"], o["save_every"], o["state_dir"],
+                   o["resume"], o["preview_every"], tuple(o["preview_prompts"]), o["preview_seeds"],
+                   o["sample_steps"], o["force"]))
+
+
+@cli.command("verify")
+@click.argument("adapter", type=_PATH)
+@click.option("--base", required=True, type=_PATH, help="The model the adapter was trained on.")
+@click.option("--concept", required=True, help="Prompt that should show the concept (name embeddings by trigger).")
+@click.option("--expect", required=True, metavar="LABEL[/LABEL...]",
+              help="Labels the scorer must read in a picture, e.g. red/circle.")
+@click.option("--seeds", type=int, default=8, show_default=True, help="Pictures per side (seeds SEED, SEED+1, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--min-rate", type=float, default=0.8, show_default=True,
+              help="Fraction of pictures with the adapter that must show the concept.")
+@click.option("--scorer", metavar="MODULE:CALLABLE", help="picture -> label(s) (default: the toy colour/shape scorer).")
+@click.option("--strength", type=float, default=1.0, show_default=True, help="LoRA / hypernetwork strength.")
+@click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--cfg", type=float, default=7.0, show_default=True)
+@click.option("--size", type=int, help="Picture side in pixels (default: the model's native size).")
+@click.option("--config", "config_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Local diffusers folder of the base's family (tokenizers, configs).")
+@click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Report as one JSON object.")
+def verify_command(adapter: Path, base: Path, concept: str, expect: str, seeds: int, seed: int, min_rate: float,
+                   scorer: str | None, strength: float, steps: int, cfg: float, size: int | None,
+                   config_dir: Path | None, device: str, as_json: bool) -> None:
+    """Sample a concept with and without an adapter; fail (exit 1) when it shows too rarely.
+
+    Example: sdkit verify sks.safetensors --base toy-sd1.safetensors --concept "a photo of sks" --expect purple/cross
+    """
+    from sdkit.runtime.train.verify import VerifyJob, verify_adapter
+
+    job = VerifyJob(adapter, base, concept, expect, seeds, seed, min_rate, scorer, strength, steps, cfg,
+                    size=size, config=config_dir, device=device)
+    result = verify_adapter(job)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        wanted = "/".join(result.expected)
+        click.echo(f"{adapter} ({result.kind}): {wanted!r} in {result.with_rate:.0%} of {seeds} pictures with it, "
+                   f"{result.without_rate:.0%} without; needed {min_rate:.0%}: "
+                   f"{'passed' if result.passed else 'FAILED'}")
+    if not result.passed:
+        raise SdkitError(f"{adapter}: the concept showed in {result.with_rate:.0%} of pictures, "
+                         f"below --min-rate {min_rate:g}")
+

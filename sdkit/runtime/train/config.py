@@ -1,0 +1,282 @@
+"""What a training run is asked to do: one `TrainConfig`, checked before any work starts.
+
+The options follow the names of diffusers' example trainers and kohya's sd-scripts where
+they exist (research: train.md §1-2); defaults are the small, safe ones of those scripts
+(LoRA rank 4 with alpha = rank, AdamW with weight decay 1e-2, gradient clipping at 1.0,
+constant learning rate).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdkit.errors import SdkitError
+
+METHODS = ("lora", "loha", "lokr", "ti", "hypernet", "dreambooth")
+NETWORK_METHODS = ("lora", "loha", "lokr")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+CROPS = ("center", "random")
+CACHES = ("memory", "disk", "off")
+PREDICTIONS = ("epsilon", "v_prediction")
+DREAMBOOTH_FORMATS = ("single-file", "diffusers")
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class DataOptions:
+    """Where the pictures are and how they become training samples."""
+
+    folder: Path
+    resolution: int | None = None  # None: the model's native size
+    buckets: bool = True
+    bucket_step: int | None = None  # None: VAE factor x UNet downsampling
+    crop: str = "center"
+    min_width: int = 0
+    min_height: int = 0
+    min_aspect: float | None = None  # width / height
+    max_aspect: float | None = None
+    cache: str = "memory"
+    cache_dir: Path | None = None  # disk cache; None: <folder>/.sdkit-latents
+    caption_dropout: float = 0.0
+    repeats: int = 1
+    trigger: str | None = None
+
+
+@dataclass
+class OptimOptions:
+    """Steps, batches, optimizer and learning-rate schedule."""
+
+    steps: int = 500
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    text_encoder_lr: float | None = None  # None: lr
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossOptions:
+    prediction_type: str | None = None  # None: the base's scheduler config
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+
+
+@dataclass
+class NetworkOptions:
+    """LoRA / LoHa / LoKr."""
+
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank
+    dropout: float = 0.0
+    train_text_encoder: bool = False
+
+
+@dataclass
+class EmbeddingOptions:
+    """Textual inversion."""
+
+    token: str | None = None  # None: the output's file name
+    init_word: str = "*"
+    vectors: int = 1
+
+
+@dataclass
+class HypernetOptions:
+    layer_structure: tuple[float, ...] = (1, 2, 1)
+    activation: str = "linear"
+    layer_norm: bool = False
+    dropout: bool = False
+    weight_init: str = "Normal"
+
+
+@dataclass
+class DreamBoothOptions:
+    class_prompt: str | None = None  # None: no prior preservation
+    class_dir: Path | None = None  # None: <output>.class-images
+    num_class_images: int = 50
+    prior_loss_weight: float = 1.0
+    train_text_encoder: bool = False
+    format: str = "single-file"
+
+
+@dataclass
+class RunOptions:
+    """Device, precision, seed, checkpoints and previews."""
+
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    save_precision: str | None = None  # None: fp16 for checkpoints, fp32 for adapters
+    save_every: int = 0  # training state every N steps (0: never)
+    state_dir: Path | None = None  # None: <output>.state
+    resume: Path | None = None
+    preview_every: int = 0
+    preview_prompts: tuple[str, ...] = ()
+    preview_seeds: int = 1
+    sample_steps: int = 20  # sampling steps of previews and class pictures
+    overwrite: bool = False
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    base: Path
+    output: Path
+    data: DataOptions
+    config_dir: Path | None = None  # a local diffusers folder of the base's family
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    embedding: EmbeddingOptions = field(default_factory=EmbeddingOptions)
+    hypernet: HypernetOptions = field(default_factory=HypernetOptions)
+    dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def to_json(self) -> dict[str, Any]:
+        """The options that matter for this method, JSON-ready (paths as strings)."""
+        record = json.loads(json.dumps(asdict(self), default=str))
+        unused = {"network": NETWORK_METHODS, "embedding": ("ti",), "hypernet": ("hypernet",),
+                  "dreambooth": ("dreambooth",)}
+        for group, methods in unused.items():
+            if self.method not in methods:
+                del record[group]
+        return record
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run.state_dir or self.output.with_name(self.output.name + ".state")
+
+    @property
+    def stem(self) -> Path:
+        """The output path without its suffix: where the side files go."""
+        return self.output.with_suffix("") if self.output.suffix else self.output
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        if self.method in NETWORK_METHODS:
+            return self.network.train_text_encoder
+        return self.method == "dreambooth" and self.dreambooth.train_text_encoder
+
+    @property
+    def token(self) -> str:
+        return self.embedding.token or self.stem.name
+
+
+def _choice(what: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SdkitError(f"{what} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _at_least(what: str, value: float, low: float) -> None:
+    if value < low:
+        raise SdkitError(f"{what} must be at least {low:g}, not {value:g}")
+
+
+def _probability(what: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise SdkitError(f"{what} must be in [0, 1), not {value:g}")
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse contradictory or out-of-range options with one line naming the option."""
+    _choice("method", config.method, METHODS)
+    _check_data(config.data)
+    _check_optim(config.optim)
+    _check_loss(config.loss)
+    _check_run(config.run)
+    _check_output(config)
+    if config.method in NETWORK_METHODS:
+        _at_least("--rank", config.network.rank, 1)
+        _probability("--dropout", config.network.dropout)
+    if config.method == "ti":
+        _at_least("--vectors", config.embedding.vectors, 1)
+        if not config.embedding.init_word.strip():
+            raise SdkitError("--init-word must be a word")
+    if config.method == "dreambooth":
+        _choice("--format", config.dreambooth.format, DREAMBOOTH_FORMATS)
+        _at_least("--num-class-images", config.dreambooth.num_class_images, 1)
+        _at_least("--prior-loss-weight", config.dreambooth.prior_loss_weight, 0)
+
+
+def _check_data(data: DataOptions) -> None:
+    if not data.folder.is_dir():
+        raise SdkitError(f"{data.folder}: --data must be a folder of images")
+    _choice("--crop", data.crop, CROPS)
+    _choice("--cache-latents", data.cache, CACHES)
+    if data.crop == "random" and data.cache != "off":
+        raise SdkitError("--crop random draws a new crop every epoch, so latents cannot be cached; "
+                         "add --cache-latents off")
+    _probability("--caption-dropout", data.caption_dropout)
+    _at_least("--repeats", data.repeats, 1)
+    if data.resolution is not None:
+        _at_least("--resolution", data.resolution, 8)
+    low, high = data.min_aspect, data.max_aspect
+    if (low is not None and low <= 0) or (high is not None and high <= 0) or \
+            (low is not None and high is not None and low > high):
+        raise SdkitError(f"--aspect-range {low}:{high} must be two positive ratios, the smaller first")
+
+
+def _check_optim(optim: OptimOptions) -> None:
+    _at_least("--steps", optim.steps, 1)
+    _at_least("--batch-size", optim.batch_size, 1)
+    _at_least("--grad-accum", optim.grad_accum, 1)
+    _at_least("--warmup-steps", optim.warmup_steps, 0)
+    _choice("--lr-scheduler", optim.lr_scheduler, LR_SCHEDULERS)
+    _choice("--optimizer", optim.optimizer, OPTIMIZERS)
+    if optim.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise SdkitError("--optimizer adamw8bit needs the bitsandbytes package, which is not installed "
+                         "(pip install bitsandbytes); or use --optimizer adamw")
+    if optim.lr <= 0 or (optim.text_encoder_lr is not None and optim.text_encoder_lr <= 0):
+        raise SdkitError("learning rates must be positive")
+
+
+def _check_loss(loss: LossOptions) -> None:
+    if loss.prediction_type is not None:
+        _choice("--prediction-type", loss.prediction_type, PREDICTIONS)
+    if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
+        raise SdkitError(f"--min-snr-gamma must be positive, not {loss.min_snr_gamma:g}")
+    _at_least("--noise-offset", loss.noise_offset, 0)
+
+
+def _check_run(run: RunOptions) -> None:
+    _choice("--precision", run.precision, PRECISIONS)
+    _choice("--device", run.device, ("auto", "cpu", "cuda"))
+    if run.save_precision is not None:
+        _choice("--save-precision", run.save_precision, SAVE_PRECISIONS)
+    for what, value in (("--save-every", run.save_every), ("--preview-every", run.preview_every)):
+        _at_least(what, value, 0)
+    _at_least("--preview-seeds", run.preview_seeds, 1)
+    if run.preview_every and not run.preview_prompts:
+        raise SdkitError("--preview-every needs at least one --preview-prompt")
+    if run.resume is not None and not (run.resume / "state.pt").is_file():
+        raise SdkitError(f"{run.resume}: --resume needs a training-state folder (one with state.pt)")
+
+
+_SUFFIXES = {"lora": (".safetensors",), "loha": (".safetensors",), "lokr": (".safetensors",),
+             "ti": (".safetensors", ".pt"), "hypernet": (".pt",)}
+
+
+def _check_output(config: TrainConfig) -> None:
+    output = config.output
+    if config.method == "dreambooth":
+        allowed = ("",) if config.dreambooth.format == "diffusers" else (".safetensors",)
+    else:
+        allowed = _SUFFIXES[config.method]
+    if output.suffix.lower() not in allowed:
+        wanted = "a folder name without a suffix" if allowed == ("",) else " or ".join(allowed)
+        raise SdkitError(f"{output}: a {config.method} output is {wanted}")
+    if not output.parent.is_dir():
+        raise SdkitError(f"{output.parent}: no such folder for the output")
+    if output.exists() and not config.run.overwrite:
+        raise SdkitError(f"{output}: already exists (overwriting needs --force)")

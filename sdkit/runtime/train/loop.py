@@ -1,0 +1,367 @@
+"""`train(config)`: load, prepare the data, train, save — the whole run.
+
+The loop runs under 🤗 accelerate: `Accelerator` places the model, wraps it for
+data-parallel training when launched on several GPUs (`accelerate launch -m sdkit train
+...`), applies mixed precision and gradient accumulation; on a plain CPU run it is a
+single process. Each optimizer step is `--grad-accum` micro-steps; micro-step m on
+process p trains global batch m·P + p of an endless sequence of shuffled epochs, and
+draws all its randomness from generators seeded by (seed, m, p) — so the same seed gives
+the same weights, and a resumed run continues exactly where the saved one stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sdkit import __version__
+from sdkit.io import hash_file
+from sdkit.runtime.pipeline import load_model, resolve_device
+from sdkit.runtime.train.buckets import BatchPlan
+from sdkit.runtime.train.config import TrainConfig, check_config
+from sdkit.runtime.train.data import DatasetScan, ImageFilter, scan_dataset
+from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
+from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
+from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
+from sdkit.runtime.train.objective import Objective
+from sdkit.runtime.train.outputs import RunFacts, draw_loss_curve, kohya_metadata, loss_summary, write_json_atomic
+from sdkit.runtime.train.precision import PrecisionPlan, resolve_precision
+from sdkit.runtime.train.sampling import draw_previews, ensure_class_images
+from sdkit.runtime.train.setup import (bucket_counts, cast_frozen, class_samples, enable_checkpointing, freeze,
+                                       instance_samples, make_accelerator, make_lr_scheduler, make_optimizer,
+                                       micro_seed, side_path, training_buckets)
+from sdkit.runtime.train.state import TrainState, load_state, restore_optimizer, restore_parameters, save_state
+
+
+@dataclass
+class TrainEvent:
+    """Progress of one phase: "latents", "class-images", "train", "preview", "save"."""
+
+    phase: str
+    done: int
+    total: int
+    loss: float | None = None
+
+
+Progress = Callable[[TrainEvent], None]
+
+
+@dataclass
+class TrainResult:
+    outputs: list[Path]
+    record: Path
+    loss_curve: Path
+    steps: int
+    resumed_from: int
+    losses: list[float]
+    precision: str
+    main_process: bool = True  # False on the other processes of a multi-GPU run (they write nothing)
+    notes: list[str] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Run the training `config` describes; returns what was written."""
+    return Trainer(config, progress).run()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, progress: Progress | None) -> None:
+        check_config(config)
+        self.config = config
+        self.progress = progress
+        self.notes: list[str] = []
+        self.timings: dict[str, float] = {}
+        self.previews: list[Path] = []
+        device = resolve_device(config.run.device)
+        self.plan: PrecisionPlan = resolve_precision(config.run.precision, device)
+        if self.plan.note:
+            self.notes.append(self.plan.note)
+        self.accelerator = make_accelerator(self.plan, config.optim.grad_accum, cpu=device.type == "cpu")
+        self._clock = time.perf_counter()
+
+    # ---- phases ---------------------------------------------------------------------
+
+    def _lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 3)
+        self._clock = now
+
+    def _emit(self, phase: str, done: int, total: int, loss: float | None = None) -> None:
+        if self.progress is not None and self.accelerator.is_main_process:
+            self.progress(TrainEvent(phase, done, total, loss))
+
+    def run(self) -> TrainResult:
+        config = self.config
+        started_at = time.time()
+        hashes = self._hash_base()
+        # loaded on the CPU in float32, moved to the device once frozen weights are cast
+        self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32")
+        self._lap("load_s")
+        self.scan = self._scan()
+        self.resolution, buckets = training_buckets(self.model, config.data)
+        self.samples = instance_samples(self.scan, buckets, config.data)
+        self.classes = self._class_samples()
+        self._lap("data_s")
+        self.method = self._build_method()
+        self.instance_latents = self._latents(self.samples, config.data.cache)
+        self.class_latents = self._latents(self.classes, "memory") if self.classes else None
+        self._lap("latents_s")
+        losses, resumed_from = self._train()
+        self._lap("train_s")
+        outputs = self._save(losses, started_at, hashes)
+        self._lap("save_s")
+        return self._finish(outputs, losses, resumed_from)
+
+    def _hash_base(self) -> Future | None:
+        if not self.config.base.is_file() or not self.accelerator.is_main_process:
+            return None
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdkit-train-hash")
+        future = pool.submit(hash_file, self.config.base)
+        pool.shutdown(wait=False)
+        return future
+
+    def _scan(self) -> DatasetScan:
+        data = self.config.data
+        # folders the run writes pictures into may sit inside the data folder
+        exclude = (self._class_folder(), side_path(self.config, ".previews"), side_path(self.config, ".loss.png"),
+                   *((data.cache_dir,) if data.cache_dir else ()))
+        scan = scan_dataset(data.folder, ImageFilter(data.min_width, data.min_height, data.min_aspect,
+                                                     data.max_aspect), exclude)
+        if scan.dropped:
+            first, reason = next(iter(scan.dropped.items()))
+            self.notes.append(f"{len(scan.dropped)} of {len(scan.dropped) + len(scan.records)} images dropped "
+                              f"(e.g. {first}: {reason}); see the record for all")
+        if scan.uncaptioned:
+            self.notes.append(f"{scan.uncaptioned} images have no caption")
+        return scan
+
+    def _class_folder(self) -> Path:
+        return self.config.dreambooth.class_dir or side_path(self.config, ".class-images")
+
+    def _class_samples(self) -> list[TrainSample]:
+        options = self.config.dreambooth
+        if self.config.method != "dreambooth" or not options.class_prompt:
+            return []
+        folder = self._class_folder()
+        paths = []
+        if self.accelerator.is_main_process:
+            self._to_device()
+            paths = ensure_class_images(self.model, options.class_prompt, folder, options.num_class_images,
+                                        self.resolution, self.config.run.sample_steps,
+                                        lambda done, total: self._emit("class-images", done, total))
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            from sdkit.runtime.train.data import image_files
+
+            paths = image_files(folder)[:options.num_class_images]
+        return class_samples(paths, options.class_prompt, self.resolution)
+
+    def _build_method(self) -> TrainingMethod:
+        model, config = self.model, self.config
+        freeze(model)
+        method = make_method(config, model)
+        torch.manual_seed(config.run.seed)  # peft initialises its layers from the global generator
+        method.setup(torch.Generator().manual_seed(config.run.seed))
+        modules = [model.pipe.unet, *(getattr(model.pipe, name) for name in model.text_components)]
+        cast_frozen(modules, self.plan.frozen_dtype)
+        self._to_device()
+        if config.optim.gradient_checkpointing:
+            enable_checkpointing(model, method.text_grad)
+        self.denoiser = Denoiser(model.pipe, model.family, method.text_grad, method.extra_module())
+        return method
+
+    def _to_device(self) -> None:
+        self.model.pipe.to(self.accelerator.device)
+        self.model.device = self.accelerator.device
+
+    def _latents(self, samples: list[TrainSample], mode: str) -> LatentSource:
+        data = self.config.data
+        cache_dir = data.cache_dir or data.folder / ".sdkit-latents"
+        source = LatentSource(self.model.pipe.vae, samples, mode, data.crop, cache_dir)
+        source.prepare(lambda done, total: self._emit("latents", done, total))
+        return source
+
+    # ---- training -------------------------------------------------------------------
+
+    def _named_trainables(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.denoiser.named_parameters() if p.requires_grad}
+
+    def _train(self) -> tuple[list[float], int]:
+        config, accelerator = self.config, self.accelerator
+        optimizer = make_optimizer(self.method.parameter_groups(), config.optim, accelerator.device)
+        self.objective = Objective(self.model.scheduler_config, config.loss)
+        start, losses, state = 0, [], None
+        if config.run.resume is not None:
+            state = load_state(config.run.resume, config)
+            restore_parameters(self._named_trainables(), state.parameters, config.run.resume)
+            restore_optimizer(optimizer, state.optimizer)
+            start, losses = state.step, state.losses
+            self.notes.append(f"resumed from step {start} ({config.run.resume})")
+        scheduler = make_lr_scheduler(optimizer, config.optim, start)
+        self.wrapped, self.optimizer = accelerator.prepare(self.denoiser, optimizer)
+        if state is not None and state.scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state.scaler)
+        self.scheduler = scheduler
+        processes = accelerator.num_processes
+        self.instance_plan = BatchPlan([s.bucket for s in self.samples], config.optim.batch_size, config.run.seed)
+        self.class_plan = BatchPlan([s.bucket for s in self.classes], config.optim.batch_size,
+                                    config.run.seed + 1) if self.classes else None
+        self.batches_per_epoch = self.instance_plan.per_epoch
+        self.processes = processes
+        self.denoiser.train()
+        for step in range(start, config.optim.steps):
+            losses.append(self._optimizer_step(step))
+            self._emit("train", step + 1, config.optim.steps, losses[-1])
+            self._after_step(step + 1, losses)
+        return losses, start
+
+    def _optimizer_step(self, step: int) -> float:
+        config, accelerator = self.config, self.accelerator
+        total = torch.zeros((), device=accelerator.device)
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for index in range(config.optim.grad_accum):
+            micro = step * config.optim.grad_accum + index
+            with accelerator.accumulate(self.wrapped):
+                loss = self._micro_loss(micro)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.optim.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+        self.scheduler.step()
+        self.method.after_optimizer_step()
+        mean = accelerator.reduce(total / config.optim.grad_accum, reduction="mean")
+        return float(mean)
+
+    def _micro_loss(self, micro: int) -> torch.Tensor:
+        process = self.accelerator.process_index
+        seed = micro_seed(self.config.run.seed, micro, process)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # dropout layers draw from the global generators
+        rng = random.Random(seed)
+        index = micro * self.processes + process
+        batch = self.instance_latents.batch(self.instance_plan.batch_at(index), generator, rng)
+        loss = self._batch_loss(batch, generator, rng, self.config.data.caption_dropout)
+        if self.class_plan is not None:
+            prior = self.class_latents.batch(self.class_plan.batch_at(index), generator, rng)
+            loss = loss + self.config.dreambooth.prior_loss_weight * self._batch_loss(prior, generator, rng, 0.0)
+        return loss
+
+    def _batch_loss(self, batch: LatentBatch, generator: torch.Generator, rng: random.Random,
+                    dropout: float) -> torch.Tensor:
+        captions = [self.method.caption("" if dropout and rng.random() < dropout else sample.caption)
+                    for sample in batch.samples]
+        noisy = self.objective.noisy_batch(batch.latents.to(self.accelerator.device), generator)
+        time_ids = None
+        if self.denoiser.sdxl:
+            sizes = [(s.record.width, s.record.height) for s in batch.samples]
+            time_ids = sdxl_time_ids(sizes, batch.crops, batch.samples[0].bucket)
+        prediction = self.wrapped(noisy.noisy, noisy.timesteps, self.denoiser.tokenize(captions), time_ids)
+        return self.objective.loss(prediction, noisy).mean()
+
+    def _after_step(self, done: int, losses: list[float]) -> None:
+        run = self.config.run
+        if run.preview_every and done % run.preview_every == 0:
+            self._preview(done)
+        if run.save_every and (done % run.save_every == 0 or done == self.config.optim.steps):
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+                state = TrainState(done, self._named_trainables(), self.optimizer.state_dict(), scaler, losses)
+                save_state(self.config.state_dir, state, self.config)
+
+    def _preview(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from sdkit.runtime.sample import Sampler
+
+        run = self.config.run
+        self.denoiser.eval()
+        try:
+            with self.accelerator.autocast():
+                written = draw_previews(Sampler(self.model), run.preview_prompts, self.method.prompt,
+                                        run.preview_seeds, self.resolution, run.sample_steps, step,
+                                        side_path(self.config, ".previews"))
+        finally:
+            self.denoiser.train()
+        self.previews += written
+        self._emit("preview", step, self.config.optim.steps)
+
+    # ---- outputs --------------------------------------------------------------------
+
+    def _run_facts(self, losses: list[float], started_at: float, hashes: Future | None) -> RunFacts:
+        found = hashes.result() if hashes is not None else None
+        base_hashes = {"sha256": found.sha256, "legacy": found.legacy, "autov2": found.autov2} if found else {}
+        return RunFacts(family=self.model.family, prediction=self.prediction, precision=self.plan.name,
+                        resolution=self.resolution, buckets=bucket_counts(self.samples), samples=len(self.samples),
+                        class_images=len(self.classes), batches_per_epoch=self.batches_per_epoch,
+                        processes=self.processes, steps_done=len(losses), started_at=started_at,
+                        finished_at=time.time(), base_hashes=base_hashes)
+
+    @property
+    def prediction(self) -> str:
+        return "v" if self.objective.prediction == "v_prediction" else "epsilon"
+
+    def _save(self, losses: list[float], started_at: float, hashes: Future | None) -> list[Path]:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return []
+        self.facts = self._run_facts(losses, started_at, hashes)
+        config = self.config
+        default = torch.float16 if config.method == "dreambooth" else torch.float32
+        dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+        inputs = [str(config.base), str(config.data.folder)]
+        input_hashes = {str(config.data.folder): self.scan.fingerprint()}
+        if self.facts.base_hashes.get("sha256"):
+            input_hashes[str(config.base)] = self.facts.base_hashes["sha256"]
+        autov2 = self.facts.base_hashes.get("autov2")
+        context = SaveContext(path=config.output, steps=len(losses), prediction=self.prediction,
+                              dtype=dtypes[config.run.save_precision] if config.run.save_precision else default,
+                              training_metadata=kohya_metadata(config, self.scan, self.facts),
+                              recipe_params=config.to_json(), inputs=inputs, input_hashes=input_hashes,
+                              base_short_hash=autov2, overwrite=config.run.overwrite)
+        self._emit("save", 0, 1)
+        written = self.method.save(context)
+        self.notes += self.method.notes
+        return written
+
+    def _finish(self, outputs: list[Path], losses: list[float], resumed_from: int) -> TrainResult:
+        config = self.config
+        record, curve = side_path(config, ".train.json"), side_path(config, ".loss.png")
+        result = TrainResult(outputs, record, curve, len(losses), resumed_from, losses, self.plan.name,
+                             self.accelerator.is_main_process, self.notes, self.previews, dict(self.timings))
+        if not self.accelerator.is_main_process:
+            return result
+        trained = len(losses) - resumed_from
+        result.timings["steps_per_second"] = round(trained / self.timings["train_s"], 3) if trained else 0.0
+        write_json_atomic(record, self._record(result))
+        draw_loss_curve(curve, losses, f"{config.method} {config.stem.name}: loss per step")
+        return result
+
+    def _record(self, result: TrainResult) -> dict[str, Any]:
+        facts, config = self.facts, self.config
+        return {
+            "sdkit_version": __version__, "method": config.method, "config": config.to_json(),
+            "base": {"path": str(config.base), "family": facts.family, "prediction": facts.prediction,
+                     **{k: v for k, v in facts.base_hashes.items() if v}},
+            "data": {**self.scan.report(), "samples_per_epoch": facts.samples, "class_images": facts.class_images,
+                     "resolution": facts.resolution, "buckets": {f"{w}x{h}": n for (w, h), n in
+                                                                  sorted(facts.buckets.items())},
+                     "latents_encoded": self.instance_latents.encoded},
+            "precision": self.plan.name, "device": str(self.accelerator.device), "processes": facts.processes,
+            "steps": {"done": result.steps, "resumed_from": result.resumed_from,
+                      "batches_per_epoch": facts.batches_per_epoch},
+            "loss": loss_summary(result.losses), "timings": result.timings,
+            "started_at": facts.started_at, "finished_at": facts.finished_at,
+            "outputs": [str(p) for p in result.outputs], "previews": [str(p) for p in result.previews],
+            "notes": result.notes,
+        }

@@ -1,0 +1,119 @@
+"""LoRA, LoHa and LoKr: peft adapters on the attention projections, saved as kohya files.
+
+Targets are those of diffusers' LoRA trainers and kohya's attention LoRAs: the UNet's
+`to_q`, `to_k`, `to_v`, `to_out.0` and, with `--train-text-encoder`, every text encoder's
+`q_proj`, `k_proj`, `v_proj`, `out_proj`. peft injects the layers (`LoraConfig`,
+`LoHaConfig`, `LoKrConfig`), initialised as kohya initialises them (down / first factors
+random, up / second factors zero, so training starts from the base model). `--dropout`
+is peft's `lora_dropout` for LoRA and `rank_dropout` for LoHa / LoKr.
+
+The file is written by `sdkit.adapters.lora_export` in kohya format (`lora_unet_`,
+`lora_te_` or SDXL `lora_te1_` / `lora_te2_` names, the configured alpha stored as
+`.alpha`), with sd-scripts' `ss_*` training metadata and ModelSpec.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdkit.adapters.lora_export import LoraFacts, Provenance, write_lora
+from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod, trainable
+from sdkit.runtime.train.methods.lyco import export_modules
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+_NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
+
+
+class NetworkMethod(TrainingMethod):
+    """`lora`, `loha` or `lokr` (the method name picks the peft config)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = self.config.method
+        self.text_grad = self.config.network.train_text_encoder
+        self._ldm_paths: dict[str, str] = {}
+
+    @property
+    def alpha(self) -> float:
+        options = self.config.network
+        return float(options.alpha if options.alpha is not None else options.rank)
+
+    def _peft_config(self, targets: list[str]) -> Any:
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+        options = self.config.network
+        if self.name == "lora":
+            return LoraConfig(r=options.rank, lora_alpha=self.alpha, lora_dropout=options.dropout,
+                              target_modules=targets)
+        config_class = LoHaConfig if self.name == "loha" else LoKrConfig
+        return config_class(r=options.rank, alpha=self.alpha, rank_dropout=options.dropout,
+                            target_modules=targets)
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        found = {"unet": self.pipe.unet}
+        if self.config.network.train_text_encoder:
+            found.update({name: getattr(self.pipe, name) for name in self.model.text_components})
+        return found
+
+    def setup(self, generator: torch.Generator) -> None:
+        from peft import inject_adapter_in_model
+
+        if self.model.family == "sdxl-base":  # kohya names SDXL UNet layers after LDM paths
+            self._ldm_paths = unet_ldm_paths(self.model)
+        for name, module in self.components().items():
+            targets = UNET_TARGETS if name == "unet" else TEXT_TARGETS
+            inject_adapter_in_model(self._peft_config(targets), module, adapter_name="default")
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        groups = []
+        optim = self.config.optim
+        for name, module in self.components().items():
+            lr = optim.lr if name == "unet" else (optim.text_encoder_lr or optim.lr)
+            groups.append({"params": trainable(module), "lr": lr})
+        return groups
+
+    def network_metadata(self) -> dict[str, str]:
+        options = self.config.network
+        args: dict[str, Any] = {}
+        if self.name != "lora":
+            args = {"algo": self.name, "preset": "attn-only", "dropout": 0.0, "rank_dropout": options.dropout}
+            if self.name == "lokr":
+                args["factor"] = -1
+        metadata = {"ss_network_module": _NETWORK_MODULES[self.name], "ss_network_dim": str(options.rank),
+                    "ss_network_alpha": str(self.alpha), "ss_network_dropout": str(options.dropout),
+                    "ss_network_train_unet_only": str(not options.train_text_encoder)}
+        if args:
+            metadata["ss_network_args"] = json.dumps(args)
+        return metadata
+
+    def save(self, context: SaveContext) -> list[Path]:
+        from peft.utils import get_peft_model_state_dict
+
+        modules = []
+        for name, module in self.components().items():
+            state = get_peft_model_state_dict(module, adapter_name="default")
+            paths = self._ldm_paths if name == "unet" else None
+            modules += export_modules(state, name, self.config.network.rank, self.alpha, paths)
+        facts = LoraFacts(family=self.model.family, prediction=context.prediction,
+                          network_module=_NETWORK_MODULES[self.name],
+                          notes={**context.training_metadata, **self.network_metadata()})
+        provenance = Provenance("train", tuple(context.inputs), context.recipe_params, context.input_hashes)
+        return [write_lora(context.path, modules, facts, provenance, dtype=context.dtype,
+                           overwrite=context.overwrite)]
+
+
+def unet_ldm_paths(model: Any) -> dict[str, str]:
+    """diffusers module path -> LDM module path of every UNet layer of a loaded model."""
+    from sdkit.adapters.lora_names import model_names
+    from sdkit.runtime.sample_lora import pipeline_tensors
+
+    unet = model.pipe.unet
+    names = model_names("diffusers", model.layout, pipeline_tensors(model.pipe, ["unet"]),
+                        {"unet": dict(unet.config)})
+    return {t.diffusers_path: t.ldm_path for t in names.targets
+            if t.component == "unet" and t.diffusers_path and t.ldm_path}

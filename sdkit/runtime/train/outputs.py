@@ -1,0 +1,152 @@
+"""What a run leaves beside its output: kohya `ss_*` metadata, `train.json`, a loss curve.
+
+`ss_*` keys follow sd-scripts' `train_network.py` (research: formats.md (f)): every value
+a string, structured ones JSON, hashes of the base as kohya computes them
+(`ss_sd_model_hash` = A1111's legacy hash, `ss_new_sd_model_hash` = sha256).
+`<output stem>.train.json` records the run: options, base, data (with what the filters
+dropped), steps, a loss summary and every step's loss, timings and the files written.
+`<output stem>.loss.png` plots the loss (each step and a moving average), drawn with
+Pillow so no plotting library is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from sdkit import __version__
+from sdkit.arch.families import FAMILIES, kohya_base_model_version
+from sdkit.runtime.train.buckets import Size
+from sdkit.runtime.train.config import TrainConfig
+from sdkit.runtime.train.data import DatasetScan, tag_frequency
+
+_OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
+
+
+@dataclass
+class RunFacts:
+    """What the loop measured and decided, for metadata and the record."""
+
+    family: str
+    prediction: str  # "epsilon" | "v"
+    precision: str  # "fp32" | "fp16" | "bf16"
+    resolution: int
+    buckets: dict[Size, int]  # bucket -> instance samples in it
+    samples: int  # instance samples per epoch (repeats included)
+    class_images: int
+    batches_per_epoch: int
+    processes: int
+    steps_done: int
+    started_at: float
+    finished_at: float
+    base_hashes: dict[str, str | None] = field(default_factory=dict)  # sha256, legacy
+
+
+def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> dict[str, str]:
+    """sd-scripts' `ss_*` training keys for this run (all strings)."""
+    optim, data = config.optim, config.data
+    epochs = math.ceil(facts.steps_done * optim.grad_accum * facts.processes / max(facts.batches_per_epoch, 1))
+    sides = [side for bucket in facts.buckets for side in bucket]
+    metadata = {
+        "ss_output_name": config.stem.name, "ss_sd_model_name": config.base.name,
+        "ss_learning_rate": str(optim.lr), "ss_unet_lr": str(optim.lr),
+        "ss_text_encoder_lr": str(optim.text_encoder_lr or optim.lr),
+        "ss_steps": str(facts.steps_done), "ss_max_train_steps": str(optim.steps), "ss_epoch": str(epochs),
+        "ss_num_epochs": str(epochs), "ss_num_batches_per_epoch": str(facts.batches_per_epoch),
+        "ss_batch_size_per_device": str(optim.batch_size), "ss_gradient_accumulation_steps": str(optim.grad_accum),
+        "ss_total_batch_size": str(optim.batch_size * optim.grad_accum * facts.processes),
+        "ss_lr_scheduler": optim.lr_scheduler, "ss_lr_warmup_steps": str(optim.warmup_steps),
+        "ss_optimizer": f"{_OPTIMIZER_NAMES[optim.optimizer]}(weight_decay={optim.weight_decay})",
+        "ss_max_grad_norm": str(optim.max_grad_norm), "ss_gradient_checkpointing": str(optim.gradient_checkpointing),
+        "ss_mixed_precision": "no" if facts.precision == "fp32" else facts.precision,
+        "ss_seed": str(config.run.seed), "ss_resolution": str((facts.resolution, facts.resolution)),
+        "ss_enable_bucket": str(data.buckets), "ss_min_bucket_reso": str(min(sides)),
+        "ss_max_bucket_reso": str(max(sides)), "ss_bucket_no_upscale": "False",
+        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(bucket), "count": count}
+                                                  for i, (bucket, count) in enumerate(sorted(facts.buckets.items()))}}),
+        "ss_num_train_images": str(facts.samples), "ss_num_reg_images": str(facts.class_images),
+        "ss_dataset_dirs": json.dumps({scan.folder.name: {"n_repeats": data.repeats, "img_count": len(scan.records)}}),
+        "ss_tag_frequency": json.dumps(tag_frequency(scan)),
+        "ss_caption_dropout_rate": str(data.caption_dropout), "ss_cache_latents": str(data.cache != "off"),
+        "ss_noise_offset": str(config.loss.noise_offset), "ss_min_snr_gamma": str(config.loss.min_snr_gamma),
+        "ss_training_started_at": str(facts.started_at), "ss_training_finished_at": str(facts.finished_at),
+        "ss_v2": str(facts.family == "sd2"),
+        "ss_training_comment": f"sdkit {__version__} train {config.method}",
+    }
+    if config.method == "dreambooth":
+        metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_loss_weight)
+    if facts.family in FAMILIES:
+        version = kohya_base_model_version(facts.family, prediction=facts.prediction)
+        if version:
+            metadata["ss_base_model_version"] = version
+    hashes = facts.base_hashes
+    if hashes.get("legacy"):
+        metadata["ss_sd_model_hash"] = str(hashes["legacy"])
+    if hashes.get("sha256"):
+        metadata["ss_new_sd_model_hash"] = str(hashes["sha256"])
+    return metadata
+
+
+def loss_summary(losses: Sequence[float]) -> dict[str, Any]:
+    if not losses:
+        return {"steps": 0}
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"steps": len(losses), "first": losses[0], "last": losses[-1], "min": min(losses),
+            "mean": sum(losses) / len(losses), "mean_last_tenth": sum(tail) / len(tail), "per_step": list(losses)}
+
+
+def write_json_atomic(path: Path, value: Any) -> Path:
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    partial.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    averaged, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        averaged.append(total / min(index + 1, window))
+    return averaged
+
+
+def draw_loss_curve(path: Path, losses: Sequence[float], title: str, size: tuple[int, int] = (640, 360)) -> Path:
+    """A PNG of the per-step loss (light) and its moving average (dark)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 56, 16, 28, 32
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 8), title, fill="black")
+    draw.rectangle((left, top, width - right, height - bottom), outline="black")
+    if losses:
+        low, high = min(losses), max(losses)
+        span = (high - low) or 1.0
+        count = max(len(losses) - 1, 1)
+
+        def point(index: int, value: float) -> tuple[float, float]:
+            x = left + (width - left - right) * index / count
+            y = height - bottom - (height - top - bottom) * (value - low) / span
+            return x, y
+
+        window = max(1, len(losses) // 20)
+        for series, colour in ((losses, (150, 180, 230)), (moving_average(losses, window), (20, 60, 160))):
+            points = [point(i, v) for i, v in enumerate(series)]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+        draw.text((4, top), f"{high:.4g}", fill="black")
+        draw.text((4, height - bottom - 10), f"{low:.4g}", fill="black")
+        draw.text((left, height - bottom + 8), "step 1", fill="black")
+        draw.text((width - right - 60, height - bottom + 8), f"step {len(losses)}", fill="black")
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+    return path

@@ -1,0 +1,141 @@
+"""Pieces the loop is assembled from: accelerator, samples, optimizer, schedule, freezing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sdkit.errors import SdkitError
+from sdkit.runtime.pipeline import LoadedModel
+from sdkit.runtime.train.buckets import Size, bucket_resolutions, bucket_step, nearest_bucket
+from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig
+from sdkit.runtime.train.data import DatasetScan, ImageRecord, image_size, with_trigger
+from sdkit.runtime.train.latents import TrainSample
+from sdkit.runtime.train.precision import PrecisionPlan
+
+
+def make_accelerator(plan: PrecisionPlan, grad_accum: int, cpu: bool) -> Any:
+    """accelerate's Accelerator for this precision. accelerate keeps one global state per
+    process; a single process that trained before at another precision gets it reset."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    settings = {"mixed_precision": plan.mixed_precision, "gradient_accumulation_steps": grad_accum, "cpu": cpu}
+    try:
+        return Accelerator(**settings)
+    except ValueError as exc:
+        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
+            raise SdkitError(f"accelerate: {exc}") from None
+        AcceleratorState._reset_state()
+        return Accelerator(**settings)
+
+
+def micro_seed(seed: int, micro: int, process: int) -> int:
+    """The seed of one micro-step's randomness on one process (63 bits)."""
+    digest = hashlib.sha256(f"{seed}:{micro}:{process}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def unet_levels(model: LoadedModel) -> int:
+    return len(model.pipe.unet.config.block_out_channels)
+
+
+def training_buckets(model: LoadedModel, data: DataOptions) -> tuple[int, list[Size]]:
+    """(resolution, the buckets pictures may go to)."""
+    resolution = data.resolution or model.default_size
+    minimum = bucket_step(model.vae_scale_factor, unet_levels(model))
+    step = data.bucket_step or minimum
+    if step % minimum:
+        raise SdkitError(f"--bucket-step {step} must be a multiple of {minimum} (VAE factor x UNet downsampling)")
+    if resolution % minimum:
+        raise SdkitError(f"--resolution {resolution} must be a multiple of {minimum} "
+                         "(VAE factor x UNet downsampling)")
+    if not data.buckets:
+        return resolution, [(resolution, resolution)]
+    return resolution, bucket_resolutions(resolution, step)
+
+
+def instance_samples(scan: DatasetScan, buckets: Sequence[Size], data: DataOptions) -> list[TrainSample]:
+    """Every picture `repeats` times, in its bucket, with the trigger word in its caption."""
+    samples = []
+    for record in scan.records:
+        bucket = nearest_bucket(record.width, record.height, buckets)
+        caption = with_trigger(record.caption, data.trigger)
+        samples += [TrainSample(record, bucket, caption)] * data.repeats
+    return samples
+
+
+def class_samples(paths: Sequence[Path], prompt: str, resolution: int) -> list[TrainSample]:
+    samples = []
+    for path in paths:
+        size = image_size(path)
+        if isinstance(size, str):
+            raise SdkitError(f"{path}: class picture {size}")
+        samples.append(TrainSample(ImageRecord(path, prompt, *size), (resolution, resolution), prompt, True))
+    return samples
+
+
+def bucket_counts(samples: Sequence[TrainSample]) -> dict[Size, int]:
+    return dict(Counter(sample.bucket for sample in samples))
+
+
+def freeze(model: LoadedModel) -> None:
+    for name in ("unet", "vae", *model.text_components):
+        getattr(model.pipe, name).requires_grad_(False)
+
+
+def cast_frozen(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> None:
+    """Frozen float weights to `dtype`; trainable ones stay float32."""
+    if dtype == torch.float32:
+        return
+    for module in modules:
+        for parameter in module.parameters():
+            if not parameter.requires_grad and parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim: OptimOptions, device: torch.device) -> torch.optim.Optimizer:
+    groups = [group for group in groups if group["params"]]
+    if not groups:
+        raise SdkitError("nothing to train: the method made no parameter trainable")
+    settings = {"lr": optim.lr, "weight_decay": optim.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **settings)
+    if device.type != "cuda":
+        raise SdkitError("--optimizer adamw8bit runs on CUDA GPUs only; use --optimizer adamw here")
+    import bitsandbytes  # present: check_config made sure
+
+    return bitsandbytes.optim.AdamW8bit(groups, **settings)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimOptions, done: int = 0) -> Any:
+    """diffusers' `get_scheduler`, advanced to `done` steps (a resumed run's position)."""
+    import warnings
+
+    from diffusers.optimization import get_scheduler
+
+    name = optim.lr_scheduler
+    if name == "constant" and optim.warmup_steps:
+        name = "constant_with_warmup"
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=optim.steps)
+    with warnings.catch_warnings():  # stepping the schedule alone is what replaying it means
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done):
+            scheduler.step()
+    return scheduler
+
+
+def enable_checkpointing(model: LoadedModel, text_grad: bool) -> None:
+    model.pipe.unet.enable_gradient_checkpointing()
+    if text_grad:
+        for name in model.text_components:
+            getattr(model.pipe, name).gradient_checkpointing_enable()
+
+
+def side_path(config: TrainConfig, suffix: str) -> Path:
+    """A file beside the output named after it: `<stem><suffix>`."""
+    return config.stem.with_name(config.stem.name + suffix)
