@@ -9,11 +9,23 @@ single-file checkpoints) with `<stem>.train.json` and `<stem>.loss.png` beside t
 `verify_adapter` samples with and without an adapter and measures its effect.
 """
 
+from typing import Any
+
 from sdkit.runtime.train.config import (DataOptions, DreamBoothOptions, EmbeddingOptions, HypernetOptions,
                                         LossOptions, NetworkOptions, OptimOptions, RunOptions, TrainConfig)
-from sdkit.runtime.train.loop import TrainEvent, TrainResult, train
 
 __all__ = [
     "DataOptions", "DreamBoothOptions", "EmbeddingOptions", "HypernetOptions", "LossOptions", "NetworkOptions",
     "OptimOptions", "RunOptions", "TrainConfig", "TrainEvent", "TrainResult", "train",
 ]
+
+_LOOP_NAMES = ("TrainEvent", "TrainResult", "train")
+
+
+def __getattr__(name: str) -> Any:
+    # the loop needs torch and diffusers: import it on first use, so that `sdkit --help` and
+    # every command that only reads option lists from the config start in milliseconds
+    if name in _LOOP_NAMES:
+        from sdkit.runtime.train import loop
+        return getattr(loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
