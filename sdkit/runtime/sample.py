@@ -102,13 +102,19 @@ def encode_skipped(pipe: Any, text: str, clip_skip: int) -> torch.Tensor:
 
 
 def text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
-    """The prompt arguments of a pipeline call for this CLIP skip."""
+    """The prompt arguments of a pipeline call for this CLIP skip.
+
+    An empty negative prompt is passed as no negative prompt: SDXL pipelines then use
+    zeroed conditioning for the unconditional pass (`force_zeros_for_empty_prompt`, as
+    A1111 does for an empty SDXL negative), which is what SDXL models are trained to see
+    there; encoding "" instead gives a different, off-distribution unconditional pass.
+    SD1/SD2 pipelines encode "" for a missing negative prompt, so nothing changes there."""
     encoder = pipe.text_encoder_2 if family == "sdxl-base" else pipe.text_encoder
     check_clip_skip(clip_skip, encoder.config.num_hidden_layers)
     if family == "sdxl-base":
-        return {"prompt": text, "negative_prompt": negative, "clip_skip": sdxl_clip_skip(clip_skip)}
+        return {"prompt": text, "negative_prompt": negative or None, "clip_skip": sdxl_clip_skip(clip_skip)}
     if clip_skip == 1:
-        return {"prompt": text, "negative_prompt": negative}
+        return {"prompt": text, "negative_prompt": negative or None}
     return {"prompt_embeds": encode_skipped(pipe, text, clip_skip),
             "negative_prompt_embeds": encode_skipped(pipe, negative, clip_skip)}
 
