@@ -14,17 +14,23 @@ OpenCLIP text encoders in single files keep q, k and v fused in `in_proj_weight`
 key map's split recipe tells which rows hold each, so a `q_proj` module targets one third
 of that tensor. Adapter names are never turned back from underscores into dots: they are
 only looked up.
+
+A base known only by its structure (a layout and the diffusers configs at hand, as when
+renaming an adapter with no base weights) gets the same index from the key maps' links,
+its layers carrying paths but no tensors (`structure_names`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 from sdkit.adapters.lora_format import BOFT, FULL, IA3, LOHA, LOKR, LORA, NORM, OFT, LoraFile, LoraModule
 from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm, checkpoint_to_ldm,
                                 infer_clip_config_from_ldm)
+from sdkit.arch.keymaps.clip import clip_links, has_projection
+from sdkit.arch.keymaps.unet import unet_links
 from sdkit.errors import SdkitError
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES
@@ -50,16 +56,22 @@ class TensorRef:
 
 
 @dataclass
-class Target:
-    """One adaptable layer of the base: where its weight (and bias) live."""
+class Layer:
+    """An adaptable layer of a base model, by its module paths inside its component."""
 
-    component: str
+    component: str  # unet | text_encoder | text_encoder_2
+    diffusers_path: str | None = None  # diffusers / transformers names
+    ldm_path: str | None = None  # LDM names
+
+
+@dataclass(kw_only=True)
+class Target(Layer):
+    """An adaptable layer of a loaded base: where its weight (and bias) live."""
+
     weight: TensorRef
     shape: tuple[int, ...]  # the weight's shape (of its rows, for a fused third)
     dtype: str
     bias: TensorRef | None = None
-    diffusers_path: str | None = None  # module path inside the component, diffusers names
-    ldm_path: str | None = None  # module path inside the component, LDM names
     ldm_key: str | None = None  # the weight's LDM checkpoint key (block ids come from it)
 
     @property
@@ -67,22 +79,25 @@ class Target:
         return self.diffusers_path or self.ldm_path or self.weight.key
 
 
+LayerT = TypeVar("LayerT", bound=Layer)
+
+
 @dataclass
-class ModelNames:
+class ModelNames(Generic[LayerT]):
     """Every adaptable layer of a model and the names that reach it."""
 
-    targets: list[Target]
-    names: dict[tuple[str, str], Target | None]  # (component, underscore path); None: ambiguous
+    targets: list[LayerT]
+    names: dict[tuple[str, str], LayerT | None]  # (component, underscore path); None: ambiguous
     notes: list[str] = field(default_factory=list)
 
     def components(self) -> list[str]:
         return [c for c in ADAPTABLE if any(t.component == c for t in self.targets)]
 
-    def resolve(self, module_name: str) -> tuple[Target | None, str | None]:
+    def resolve(self, module_name: str) -> tuple[LayerT | None, str | None]:
         """(target, None) or (None, why the name reaches no layer of this model)."""
         component, path = adapter_address(module_name)
         candidates = [component] if component else list(ADAPTABLE)
-        found: list[Target] = []
+        found: list[LayerT] = []
         for candidate in candidates:
             key = (candidate, path)
             if key in self.names:
@@ -115,7 +130,7 @@ def adapter_address(module_name: str) -> tuple[str | None, str]:
     return component, rest.replace(".", "_")
 
 
-def underscore_names(target: Target) -> set[str]:
+def underscore_names(target: Layer) -> set[str]:
     """The underscore spellings that reach `target`."""
     names = {p.replace(".", "_") for p in (target.diffusers_path, target.ldm_path) if p}
     if target.component != "unet" and target.diffusers_path:
@@ -124,8 +139,8 @@ def underscore_names(target: Target) -> set[str]:
     return names
 
 
-def index_names(targets: list[Target], notes: list[str]) -> ModelNames:
-    names: dict[tuple[str, str], Target | None] = {}
+def index_names(targets: Sequence[LayerT], notes: list[str]) -> ModelNames[LayerT]:
+    names: dict[tuple[str, str], LayerT | None] = {}
     for target in targets:
         for name in underscore_names(target):
             key = (target.component, name)
@@ -133,13 +148,13 @@ def index_names(targets: list[Target], notes: list[str]) -> ModelNames:
                 names[key] = None
             else:
                 names[key] = target
-    return ModelNames(targets, names, notes)
+    return ModelNames(list(targets), names, notes)
 
 
 # ---- building the index from a model's tensors -----------------------------------------
 
 def model_names(convention: str, layout: str, tensors: Mapping[str, LazyTensor],
-                configs: Mapping[str, dict] | None = None) -> ModelNames:
+                configs: Mapping[str, dict] | None = None) -> ModelNames[Target]:
     """The index of a model whose `tensors` are named as a checkpoint of `layout` in
     `convention` ("ldm" keys, or diffusers `<component>/<key>`); `configs` are the
     diffusers component configs known (needed to name a diffusers model's layers in LDM)."""
@@ -209,8 +224,8 @@ class _TargetBuilder:
             elif len(lazy.shape) >= 1:
                 own = {"diffusers_path": path} if self.convention == "diffusers" else \
                     {"ldm_path": path, "ldm_key": name}
-                self.by_place[(name, None)] = Target(component, TensorRef(name), lazy.shape,
-                                                     lazy.dtype, **own)
+                self.by_place[(name, None)] = Target(component, weight=TensorRef(name), shape=lazy.shape,
+                                                     dtype=lazy.dtype, **own)
         for target in self.by_place.values():
             target.bias = self.biases.get((target.component, target.path))
 
@@ -230,8 +245,8 @@ class _TargetBuilder:
             target = self.by_place.get((ref.key, ref.rows))
             if target is None and ref.rows is not None:
                 lazy = tensors[ref.key]
-                target = Target(component, ref, (ref.rows[1] - ref.rows[0], *lazy.shape[1:]), lazy.dtype,
-                                ldm_key=ref.key)
+                target = Target(component, weight=ref, shape=(ref.rows[1] - ref.rows[0], *lazy.shape[1:]),
+                                dtype=lazy.dtype, ldm_key=ref.key)
                 self.by_place[(ref.key, ref.rows)] = target
             if target is not None:
                 target.diffusers_path = path
@@ -262,6 +277,57 @@ def _source_ref(recipe: KeyRecipe, tensors: Mapping[str, LazyTensor]) -> TensorR
         rows = tensors[recipe.sources[0]].shape[0] // parts
         return TensorRef(recipe.sources[0], (index * rows, (index + 1) * rows))
     return None
+
+
+# ---- building the index from a model's structure ---------------------------------------
+
+# the released families' structure: what the key maps read from a config
+_SDXL_UNET = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+              "block_out_channels": [320, 640, 1280], "transformer_layers_per_block": [1, 2, 10],
+              "addition_embed_type": "text_time"}
+_REFINER_UNET = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                 "block_out_channels": [384, 768, 1536, 1536], "transformer_layers_per_block": 4,
+                 "addition_embed_type": "text_time"}
+_CLIP_L = {"num_hidden_layers": 12, "architectures": ["CLIPTextModel"]}
+_BIG_G = {"num_hidden_layers": 32, "architectures": ["CLIPTextModelWithProjection"]}
+REFERENCE_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd1": {"unet": {}, "text_encoder": _CLIP_L},  # UNet2DConditionModel's defaults are SD1's
+    "sd2": {"unet": {}, "text_encoder": {"num_hidden_layers": 23, "architectures": ["CLIPTextModel"]}},
+    "sdxl": {"unet": _SDXL_UNET, "text_encoder": _CLIP_L, "text_encoder_2": _BIG_G},
+    "sdxl_refiner": {"unet": _REFINER_UNET, "text_encoder_2": _BIG_G},
+}
+
+
+def structure_names(layout: str, configs: Mapping[str, Mapping[str, Any]] | None = None) -> ModelNames[Layer]:
+    """The index of a base known by its structure alone: `layout` (a key of
+    `REFERENCE_CONFIGS`) and the diffusers component configs given (the others are the
+    released family's). Its layers have paths and no tensors."""
+    if layout not in REFERENCE_CONFIGS:
+        raise SdkitError(f"LoRA names: no module index for layout {layout!r}")
+    chosen = {**REFERENCE_CONFIGS[layout],
+              **{name: dict(config) for name, config in (configs or {}).items() if name in REFERENCE_CONFIGS[layout]}}
+    layers = []
+    for link in unet_links(chosen["unet"]):
+        diffusers, ldm = _module_path(link.diffusers), _module_path(link.ldm)
+        if diffusers is not None and ldm is not None:
+            layers.append(Layer("unet", diffusers, ldm))
+    for component in ("text_encoder", "text_encoder_2"):
+        config = chosen.get(component)
+        if config is None:
+            continue
+        # adapters name text-encoder layers by their transformers path, never the LDM one (OpenCLIP)
+        for link in clip_links(config, "hf", has_projection(config)):
+            path = _module_path(link.diffusers)
+            if path is not None:
+                layers.append(Layer(component, path))
+    return index_names(layers, [])
+
+
+def _module_path(keys: tuple[str, ...]) -> str | None:
+    """The module path of a link's single `.weight` tensor (None for other links)."""
+    return keys[0][: -len(".weight")] if len(keys) == 1 and keys[0].endswith(".weight") else None
 
 
 # ---- shape checks ----------------------------------------------------------------------
@@ -334,7 +400,7 @@ class ModuleMapping:
     unmapped: dict[str, str]
 
 
-def map_modules(lora: LoraFile, names: ModelNames, bias_shapes: Mapping[str, tuple[int, ...]]) -> ModuleMapping:
+def map_modules(lora: LoraFile, names: ModelNames[Target], bias_shapes: Mapping[str, tuple[int, ...]]) -> ModuleMapping:
     """Resolve every module of `lora`; `bias_shapes` maps base bias keys to their shapes
     (of the whole tensor; row slices are resolved here)."""
     mapped: dict[str, Target] = {}

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
 from rich.console import Console
 
+if TYPE_CHECKING:
+    from rich.progress import ProgressColumn
+
 SHOWN_KEYS = 3
+BYTES = "bytes"
 
 
 def human_bytes(size: int) -> str:
@@ -25,37 +29,55 @@ def key_examples(keys: Sequence[str]) -> str:
     return shown + (f", … ({len(keys)} keys)" if len(keys) > SHOWN_KEYS else "")
 
 
+def quiet_peer_logs() -> None:
+    """Silence transformers' notices about optional packages it misses (torchvision), which
+    it prints when a pipeline module loads; diffusers' own warnings (a prompt cut at 77
+    tokens) still show. Commands skip this under --debug."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 def is_quiet(ctx: click.Context | None = None) -> bool:
     """The group's --quiet flag."""
     ctx = ctx or click.get_current_context(silent=True)
     return bool(ctx and (ctx.find_root().obj or {}).get("quiet"))
 
 
-class byte_progress:  # noqa: N801  (a context manager used like a function)
-    """A byte progress bar with throughput on a terminal; yields None (no bar) otherwise.
+class progress_bar:  # noqa: N801  (a context manager used like a function)
+    """A progress bar on a terminal; yields None (no bar) otherwise.
 
-    `with byte_progress(console, quiet, "merging") as advance:` — pass `advance` (or None)
-    as the library call's progress callback, which reports bytes done per step.
+    `with progress_bar(console, quiet, "merging") as advance:` — pass `advance` (or None)
+    as the library call's progress callback, which reports how much was done per step:
+    bytes by default (sizes, throughput, time left), else a count of `unit`.
     """
 
-    def __init__(self, console: Console, quiet: bool, label: str, total: int | None = None) -> None:
+    def __init__(self, console: Console, quiet: bool, label: str, total: int | None = None,
+                 unit: str = BYTES) -> None:
         self.enabled = not quiet and console.is_terminal
         self.label = label
         self.total = total
+        self.unit = unit
         self.console = console
 
     def __enter__(self) -> Callable[[int], None] | None:
         if not self.enabled:
             return None
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
+        from rich.progress import Progress
 
-        self.progress = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=True)
+        self.progress = Progress(*self._columns(), console=self.console, transient=True)
         self.progress.start()
         self.task = self.progress.add_task(self.label, total=self.total)
         return self._advance
+
+    def _columns(self) -> list[ProgressColumn]:
+        from rich.progress import (BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        if self.unit == BYTES:
+            return [TextColumn(self.label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn()]
+        return [TextColumn(self.label), BarColumn(), TextColumn(f"{{task.completed}} {self.unit}")]
 
     def _advance(self, count: int) -> None:
         self.progress.advance(self.task, count)

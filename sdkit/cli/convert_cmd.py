@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from sdkit.cli.common import byte_progress, human_bytes, key_examples
+from sdkit.cli.common import human_bytes, key_examples, progress_bar
 from sdkit.cli.main import cli
 
 
@@ -52,7 +52,7 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
     settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
-    with byte_progress(console, quiet, "converting") as advance:
+    with progress_bar(console, quiet, "converting") as advance:
         result = convert_model(source, output, settings, progress=advance)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))

@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sdkit.cli.common import byte_progress
+from sdkit.cli.common import progress_bar
 from sdkit.cli.main import cli
 
 
@@ -97,7 +97,7 @@ def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], out
     requests = [_request(spec) for spec in embeddings]
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
-    with byte_progress(console, quiet, "writing") as advance:
+    with progress_bar(console, quiet, "writing") as advance:
         result = add_embeddings(model, requests, output, tokenizer_source=tokenizer_source,
                                 force=force, progress=advance)
     if as_json:

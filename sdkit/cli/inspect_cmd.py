@@ -20,6 +20,13 @@ def _short(value: str) -> str:
     return value if len(value) <= _VALUE_WIDTH else value[: _VALUE_WIDTH - 1] + "…"
 
 
+def _literal_console() -> Console:
+    """A console that prints text as it is: paths, metadata and prompts come from files,
+    and A1111 prompt syntax (`[a:b:0.5]`, `<lora:name:1>`) must not be read as rich
+    markup or `:emoji:` codes."""
+    return Console(markup=False, emoji=False, highlight=False)
+
+
 def _render_report(console: Console, report: dict[str, Any]) -> None:
     table = Table(title=report["path"], show_header=False, title_justify="left")
     table.add_column(style="bold cyan")
@@ -76,9 +83,9 @@ def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> 
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=False))
     elif report["format"] == "png":
-        _render_parameters(Console(), report)
+        _render_parameters(_literal_console(), report)
     else:
-        _render_report(Console(), report)
+        _render_report(_literal_console(), report)
 
 
 @cli.command("hash")
@@ -98,4 +105,4 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
     table = Table("path", "sha256", "AutoV2", "legacy", "AutoV3")
     for row in rows:
         table.add_row(row["path"], row["sha256"], row["autov2"], row["legacy"], row["autov3"] or "—")
-    Console().print(table)
+    _literal_console().print(table)

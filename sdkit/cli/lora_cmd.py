@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sdkit.cli.common import byte_progress, is_quiet
+from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
 
 _SHOWN = 5
@@ -119,7 +119,7 @@ def bake_command(base: str, adapters: tuple[str, ...], output: str, dtype: str |
         raise click.UsageError("--unet-only and --te-only exclude each other")
     components = "unet" if unet_only else "te" if te_only else "all"
     options = BakeOptions(dtype, components, blocks, rank, alpha, force, to)
-    with byte_progress(_console(), _quiet(as_json), "baking") as advance:
+    with progress_bar(_console(), _quiet(as_json), "baking") as advance:
         result = bake_loras(base, [parse_adapter_arg(a) for a in adapters], output, options,
                             overwrite=force, progress=advance)
     _emit(result.to_json(), as_json, _render_bake)
@@ -141,29 +141,6 @@ def _render_bake(console: Console, report: dict[str, Any]) -> None:
                           f"{len(adapter['dropped_biases'])}")
     for note in report["notes"]:
         console.print(f"• {note}", markup=False, highlight=False)
-
-
-class _layer_progress:  # noqa: N801  (a context manager used like a function)
-    """A count of layers done on a terminal; yields None (no bar) otherwise."""
-
-    def __init__(self, console: Console, quiet: bool, label: str) -> None:
-        self.enabled = not quiet and console.is_terminal
-        self.console, self.label = console, label
-
-    def __enter__(self) -> Callable[[int], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn
-
-        self.progress = Progress(TextColumn(self.label), BarColumn(), TextColumn("{task.completed} layers"),
-                                 console=self.console, transient=True)
-        self.progress.start()
-        task = self.progress.add_task(self.label, total=None)
-        return lambda count: self.progress.advance(task, count)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
 
 
 # ---- merge / extract / resize --------------------------------------------------------------
@@ -237,7 +214,7 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
     clamp = None if clamp_quantile >= 1 else clamp_quantile
     options = ExtractOptions(rank, conv_rank, method, value, clamp, min_diff, randomized,
                              format=fmt, dtype=dtype)
-    with _layer_progress(_console(), _quiet(as_json), "extracting") as advance:
+    with progress_bar(_console(), _quiet(as_json), "extracting", unit="layers") as advance:
         report = extract_lora(tuned, base, output, options, overwrite=force, progress=advance)
     _emit(report.to_json(), as_json, _render_svd)
 

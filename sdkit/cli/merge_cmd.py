@@ -10,7 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sdkit.cli.common import byte_progress, human_bytes, key_examples
+from sdkit.cli.common import human_bytes, key_examples, progress_bar
 from sdkit.cli.main import cli
 
 
@@ -65,7 +65,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     if replay_file:
         if inputs or recipe_file:
             raise click.UsageError("--replay takes no inputs and no --recipe")
-        with byte_progress(console, quiet, "replaying") as advance:
+        with progress_bar(console, quiet, "replaying") as advance:
             result = replay_merge(replay_file, threads=threads, progress=advance)
         _report_replay(result, as_json, console)
         if not result.identical:
@@ -77,7 +77,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
         recipe = _override(load_recipe_file(recipe_file), options)
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
-    with byte_progress(console, quiet, "merging") as advance:
+    with progress_bar(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
 

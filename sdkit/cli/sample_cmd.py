@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import click
 
+from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
 from sdkit.runtime.sample_scheduler import SAMPLERS
 
@@ -33,14 +34,6 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
         def update(label: str, done: int, total: int) -> None:
             bar.update(task, description=label, completed=done, total=total)
         yield update
-
-
-def _quiet_peer_logs() -> None:
-    """transformers announces optional packages it misses (torchvision) on import; diffusers'
-    own warnings (a prompt cut at 77 tokens) still show."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
 
 
 @cli.command("sample")
@@ -104,7 +97,7 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
                     vae=vae, device=device, dtype=dtype, grid=grid, xy=parse_axis(xy) if xy else None)
     quiet = bool((ctx.obj or {}).get("quiet"))
     if not (ctx.obj or {}).get("debug"):
-        _quiet_peer_logs()
+        quiet_peer_logs()
     with _step_bar(quiet or as_json) as progress:
         result = run_sample(job, output, overwrite=force, progress=progress)
     if as_json:

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import click
 
+from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
 from sdkit.errors import SdkitError
 from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
@@ -79,13 +80,15 @@ def _train_progress(quiet: bool) -> Iterator[Any]:
 @click.option("--resolution", type=int, help="Training side in pixels (default: the model's native size).")
 @click.option("--no-buckets", is_flag=True, help="Square crops only, no aspect-ratio buckets.")
 @click.option("--bucket-step", type=int, help="Bucket side step (default: VAE factor x UNet downsampling).")
-@click.option("--crop", type=click.Choice(CROPS), default="center", show_default=True)
+@click.option("--crop", type=click.Choice(CROPS), default="center", show_default=True,
+              help="random: a new crop at every load (needs --cache-latents off, as in kohya).")
 @click.option("--min-width", type=int, default=0, show_default=True, help="Drop narrower images.")
 @click.option("--min-height", type=int, default=0, show_default=True, help="Drop lower images.")
 @click.option("--aspect-range", metavar="MIN:MAX", help="Keep images whose width/height ratio is in this range.")
 @click.option("--cache-latents", type=click.Choice(CACHES), default="memory", show_default=True,
-              help="Run the VAE once and keep the latents in memory or on disk.")
-@click.option("--cache-dir", type=_PATH, help="Disk cache folder (default: DATA/.sdkit-latents).")
+              help="Run the VAE once per picture and keep the latents in memory or on disk.")
+@click.option("--cache-dir", type=_PATH,
+              help="Folder of --cache-latents disk (default: DATA/.sdkit-latents).")
 @click.option("--caption-dropout", type=float, default=0.0, show_default=True,
               help="Probability of training a sample with an empty caption.")
 @click.option("--repeats", type=int, default=1, show_default=True, help="Times each image appears per epoch.")
@@ -120,8 +123,8 @@ def _train_progress(quiet: bool) -> Iterator[Any]:
 @click.option("--weight-init", default="Normal", show_default=True, help="Hypernetwork weight initialisation.")
 @click.option("--class-prompt", help="DreamBooth prior preservation: prompt of the class pictures.")
 @click.option("--class-dir", type=_PATH, help="Folder of class pictures (drawn there when too few).")
-@click.option("--num-class-images", type=int, default=50, show_default=True)
-@click.option("--prior-loss-weight", type=float, default=1.0, show_default=True)
+@click.option("--num-class-images", type=int, help="Class pictures for prior preservation (default: 50).")
+@click.option("--prior-loss-weight", type=float, help="Weight of the class pictures' loss (default: 1.0).")
 @click.option("--format", "output_format", type=click.Choice(DREAMBOOTH_FORMATS), default="single-file",
               show_default=True, help="DreamBooth output: one checkpoint file or a diffusers folder.")
 # run
@@ -130,7 +133,8 @@ def _train_progress(quiet: bool) -> Iterator[Any]:
               help="auto: bf16 where the GPU has it, else fp16 with loss scaling; fp32 on CPU.")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
 @click.option("--save-precision", type=click.Choice(SAVE_PRECISIONS),
-              help="dtype of the written tensors (default: fp16 for checkpoints, fp32 for adapters).")
+              help="dtype of the written tensors (default: fp16 for checkpoints, fp32 for adapters; "
+                   "hypernetworks are always fp32).")
 @click.option("--save-every", type=int, default=0, show_default=True,
               help="Save the training state every N steps (for --resume).")
 @click.option("--state-dir", type=_PATH, help="Where the state goes (default: OUTPUT.state).")
@@ -147,9 +151,14 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
 
     Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
     """
+    from sdkit.io.output_path import check_output_path
     from sdkit.runtime.train import train
 
+    if not (ctx.obj or {}).get("debug"):
+        quiet_peer_logs()
     config = _train_config(method, base, data_dir, output, options)
+    inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"])
+    check_output_path(output, inputs, force=options["force"])
     quiet = ctx.obj.get("quiet", False) or options["as_json"]
     with _train_progress(quiet) as progress:
         result = train(config, progress)
@@ -205,7 +214,11 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-rate", type=float, default=0.8, show_default=True,
               help="Fraction of pictures with the adapter that must show the concept.")
-@click.option("--scorer", metavar="MODULE:CALLABLE", help="picture -> label(s) (default: the toy colour/shape scorer).")
+@click.option("--max-base-rate", type=float, default=0.2, show_default=True,
+              help="Fraction of pictures without the adapter that may show it.")
+@click.option("--scorer", metavar="MODULE|FILE.py:CALLABLE",
+              help="picture -> label(s): module:callable (the current folder is searched) or "
+                   "path/to/file.py:callable (default: the toy colour/shape scorer).")
 @click.option("--strength", type=float, default=1.0, show_default=True, help="LoRA / hypernetwork strength.")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--cfg", type=float, default=7.0, show_default=True)
@@ -214,26 +227,29 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
               help="Local diffusers folder of the base's family (tokenizers, configs).")
 @click.option("--device", type=click.Choice(("auto", "cpu", "cuda")), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Report as one JSON object.")
-def verify_command(adapter: Path, base: Path, concept: str, expect: str, seeds: int, seed: int, min_rate: float,
-                   scorer: str | None, strength: float, steps: int, cfg: float, size: int | None,
-                   config_dir: Path | None, device: str, as_json: bool) -> None:
-    """Sample a concept with and without an adapter; fail (exit 1) when it shows too rarely.
+@click.pass_context
+def verify_command(ctx: click.Context, adapter: Path, base: Path, concept: str, expect: str, seeds: int, seed: int,
+                   min_rate: float, max_base_rate: float, scorer: str | None, strength: float, steps: int,
+                   cfg: float, size: int | None, config_dir: Path | None, device: str, as_json: bool) -> None:
+    """Sample a concept with and without an adapter; fail (exit 1) when it shows too rarely
+    with it, or too often without it.
 
     Example: sdkit verify sks.safetensors --base toy-sd1.safetensors --concept "a photo of sks" --expect purple/cross
     """
     from sdkit.runtime.train.verify import VerifyJob, verify_adapter
 
+    if not (ctx.obj or {}).get("debug"):
+        quiet_peer_logs()
     job = VerifyJob(adapter, base, concept, expect, seeds, seed, min_rate, scorer, strength, steps, cfg,
-                    size=size, config=config_dir, device=device)
+                    size=size, config=config_dir, device=device, max_base_rate=max_base_rate)
     result = verify_adapter(job)
     if as_json:
         click.echo(json.dumps(result.to_json()))
     else:
         wanted = "/".join(result.expected)
         click.echo(f"{adapter} ({result.kind}): {wanted!r} in {result.with_rate:.0%} of {seeds} pictures with it, "
-                   f"{result.without_rate:.0%} without; needed {min_rate:.0%}: "
-                   f"{'passed' if result.passed else 'FAILED'}")
+                   f"{result.without_rate:.0%} without; needed at least {min_rate:.0%} with it and at most "
+                   f"{max_base_rate:.0%} without: {'passed' if result.passed else 'FAILED'}")
     if not result.passed:
-        raise SdkitError(f"{adapter}: the concept showed in {result.with_rate:.0%} of pictures, "
-                         f"below --min-rate {min_rate:g}")
+        raise SdkitError(f"{adapter}: {'; '.join(result.failures())}")
 

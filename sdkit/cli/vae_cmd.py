@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from sdkit.cli.common import byte_progress, is_quiet
+from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
 
 
@@ -46,7 +46,7 @@ def swap_command(ctx: click.Context, checkpoint: str, vae: str, output: str, for
     from sdkit.ops.vae import swap_vae
 
     console = Console(stderr=True)
-    with byte_progress(console, _quiet(ctx, as_json), "swapping") as advance:
+    with progress_bar(console, _quiet(ctx, as_json), "swapping") as advance:
         result = swap_vae(checkpoint, vae, output, force=force, progress=advance)
     if as_json:
         _print_json(result.to_json())
@@ -75,7 +75,7 @@ def extract_command(ctx: click.Context, checkpoint: str, output: str, convention
     from sdkit.ops.vae import extract_vae
 
     console = Console(stderr=True)
-    with byte_progress(console, _quiet(ctx, as_json), "extracting") as advance:
+    with progress_bar(console, _quiet(ctx, as_json), "extracting") as advance:
         result = extract_vae(checkpoint, output, to=convention, force=force, progress=advance)
     if as_json:
         _print_json(result.to_json())

@@ -9,6 +9,9 @@ The file is read once in 16 MiB chunks; the whole-file and after-header digests 
 two threads of their own (hashlib releases the GIL on large updates) while the reader
 fills the next buffer, so on two free cores hashing a safetensors file costs the wall
 time of a single sha256. Folders (diffusers) get no hashes: all None.
+
+A file hashed before and unchanged since is answered from the hash cache
+(`sdkit.io.hash_cache`) without being read.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import itertools
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 from sdkit.errors import SdkitError
+from sdkit.io.hash_cache import remembered_digests
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
 from sdkit.io.safetensors_reader import SAFETENSORS_SUFFIXES
 
@@ -43,6 +47,7 @@ class Hashes:
 
 
 NO_HASHES = Hashes(None, None, None, None, None)
+HASH_NAMES = tuple(field.name for field in fields(Hashes))
 
 
 def _tensor_data_start(file: BinaryIO, size: int) -> int | None:
@@ -129,12 +134,7 @@ def _hash_open_file(file: BinaryIO, size: int, is_safetensors: bool,
                   autov3=addnet[:12] if addnet else None, addnet_full=addnet)
 
 
-def hash_file(path: str | os.PathLike[str], *,
-              progress: Callable[[int], None] | None = None) -> Hashes:
-    """All hashes of a file in one pass; `progress(n)` after each chunk of n bytes."""
-    path = Path(path)
-    if path.is_dir():
-        return NO_HASHES
+def _read_hashes(path: Path, progress: Callable[[int], None] | None) -> Hashes:
     try:
         with open(path, "rb", buffering=0) as file:
             size = os.fstat(file.fileno()).st_size
@@ -144,3 +144,14 @@ def hash_file(path: str | os.PathLike[str], *,
         raise SdkitError(f"{path}: no such file or directory") from None
     except OSError as exc:
         raise SdkitError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def hash_file(path: str | os.PathLike[str], *,
+              progress: Callable[[int], None] | None = None) -> Hashes:
+    """All hashes of a file in one pass; `progress(n)` after each chunk of n bytes (once,
+    with the whole size, when the hash cache already knows the file)."""
+    path = Path(path)
+    if path.is_dir():
+        return NO_HASHES
+    digests = remembered_digests(path, HASH_NAMES, lambda: asdict(_read_hashes(path, progress)), progress)
+    return Hashes(**{name: digests[name] for name in HASH_NAMES})

@@ -1,10 +1,12 @@
 """Streaming, atomic safetensors writer.
 
 The header is written first (every dtype and shape is known before any tensor exists),
-then each tensor is produced, checked, written and dropped, so peak memory is one tensor.
-The bytes go to `.<name>.<random>.partial` beside the target, which is fsynced and
-renamed over the target only when complete; on any failure, Ctrl-C included, the
-partial file is removed and the target is untouched.
+then each tensor is produced, checked, written and dropped. The next tensors are produced
+on worker threads while this one is written (`sdkit.io.ahead`), within a byte budget, so
+peak memory is a few tensors and computing overlaps the disk. The bytes go to a hidden partial file beside the target (`sdkit.io.output_path`), which
+is fsynced and renamed over the target only when complete; on any failure, Ctrl-C
+included, the partial file is removed and the target is untouched, and partial files
+left by killed processes are swept on the next write of the same target.
 
 Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
 alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors
@@ -16,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import IO, Callable, Mapping
 
 from sdkit.errors import SdkitError
+from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
 from sdkit.io.lazy import LazyTensor
+from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
 
 # dtype codes by increasing alignment, as the reference `Dtype` enum orders them
@@ -31,6 +34,8 @@ DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4
 _RANK = {code: rank for rank, code in enumerate(DTYPE_ORDER)}
 
 Progress = Callable[[int], None]
+Cost = Callable[[str], int]
+Finish = Callable[[Path], None]
 
 
 def write_order(tensors: Mapping[str, LazyTensor]) -> list[str]:
@@ -82,12 +87,11 @@ def _check_request(path: Path, tensors: Mapping[str, LazyTensor],
         _check_text(path, value, f"metadata[{key!r}]")
 
 
-def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> int:
+def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, tensor: object) -> int:
     import torch
 
     from sdkit.io.dtypes import CODE_TO_TORCH
 
-    tensor = lazy.load()
     produced = (f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor)
                 else type(tensor).__name__)
     if not isinstance(tensor, torch.Tensor) or tensor.dtype != CODE_TO_TORCH[lazy.dtype] \
@@ -113,13 +117,6 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass  # the original error is the one worth reporting
-
-
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder")
@@ -128,24 +125,30 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
 
 
 def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
-               progress: Progress | None) -> None:
+               ahead: Prefetcher, progress: Progress | None) -> None:
     file.write(len(header).to_bytes(8, "little"))
     file.write(header)
-    for name in write_order(tensors):
-        written = _write_tensor(file, path, name, tensors[name])
-        if progress is not None:
-            progress(written)
+    order = write_order(tensors)
+    with ahead.start(order):
+        for name in order:
+            written = _write_tensor(file, path, name, tensors[name], ahead.get(name))
+            if progress is not None:
+                progress(written)
     file.flush()
-    os.fsync(file.fileno())
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
-                      progress: Progress | None = None) -> Path:
+                      progress: Progress | None = None, workers: int = 1, cost: Cost | None = None,
+                      finish: Finish | None = None) -> Path:
     """Write `tensors` (produced one at a time) to a safetensors file, atomically.
 
     `metadata` None writes no `__metadata__`; `progress(n)` is called after each tensor
-    with the bytes just written. Returns the path written.
+    with the bytes just written. `workers` threads produce the next tensors ahead of the
+    writer (0: produced on the calling thread), holding at most `AHEAD_BUDGET` bytes by
+    `cost(name)` (default: the tensor's size). `finish(temp_path)` runs once every byte
+    is written and before the file is made durable and renamed into place (e.g. to patch
+    a digest computed meanwhile into the header). Returns the path written.
     """
     path = Path(path)
     _check_request(path, tensors, metadata)
@@ -154,18 +157,24 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     if len(header) > MAX_HEADER_SIZE:
         raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
                          f"{MAX_HEADER_SIZE}-byte limit of the format")
-    partial = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    sweep_dead_partials(path)
+    partial = partial_path(path)
     try:
         file = open(partial, "xb")
     except OSError as exc:
         raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    ahead = Prefetcher(lambda name: tensors[name].load(), workers,
+                       cost=cost or (lambda name: tensors[name].nbytes), budget=AHEAD_BUDGET)
     try:
         with file:
-            _write_all(file, path, tensors, header, progress)
+            _write_all(file, path, tensors, header, ahead, progress)
+            if finish is not None:
+                finish(partial)
+            os.fsync(file.fileno())
         _refuse_existing(path, overwrite)  # it may have appeared while we wrote
         os.replace(partial, path)
     except BaseException as exc:
-        _remove_quietly(partial)
+        remove_quietly(partial)
         if isinstance(exc, OSError):
             raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise

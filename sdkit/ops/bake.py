@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.model_file import FLOAT_DTYPES
+from sdkit.io.output_path import check_output_path
 from sdkit.io.writer import write_order
 from sdkit.ops.bake_compute import KeyBaker
 from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
@@ -36,8 +37,8 @@ from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport,
 from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
 from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
 from sdkit.ops.convert_precision import cast_tensors
-from sdkit.ops.merge.prefetch import AHEAD_BUDGET, Prefetcher, single_threaded_torch
-from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
+from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -92,9 +93,9 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
     """Bake `adapters` into `base` and write the result to `output`."""
     options.check()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    check_output_path(output, (base, *(item.path for item in adapters)), force=overwrite)
     with ExitStack() as stack:
+        digests = stack.enter_context(InputDigests([base, *(item.path for item in adapters)]))
         opened = open_base(str(base), stack)
         plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
                          rank=options.rank, alpha=options.alpha, force=options.force)
@@ -107,7 +108,7 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
         tensors = baked_tensors(plan, baker, ahead.get, options.dtype, result)
         ahead.start([name for name in write_order(tensors) if name in baker.codes])
         stack.enter_context(single_threaded_torch())
-        _write(opened, tensors, output, options, adapters, result, overwrite, progress)
+        _write(opened, tensors, output, options, adapters, result, overwrite, progress, digests)
     if baker.clamped:
         result.notes.append(f"{len(baker.clamped)} baked tensors clamped to the output dtype's range "
                             f"(e.g. {baker.clamped[0]})")
@@ -143,15 +144,15 @@ def baked_tensors(plan: BakePlan, baker: KeyBaker, load: Callable[[str], "torch.
 
 def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, options: BakeOptions,
            adapters: Sequence[AdapterInput], result: BakeResult, overwrite: bool,
-           progress: Progress | None) -> None:
+           progress: Progress | None, digests: InputDigests) -> None:
     view = opened.view
     convention = options.to or view.convention
-    metadata = _metadata(opened, adapters, options, output, convention)
+    metadata = _metadata(opened, adapters, options, output, convention, digests)
     if view.standalone:
         if convention != view.convention:
             raise SdkitError(f"{opened.model.path}: a lone component keeps its convention here; "
                              "convert the baked file with `sdkit convert`")
-        _write_standalone(opened, tensors, output, metadata, overwrite, progress)
+        _write_standalone(opened, tensors, output, metadata, overwrite, progress, digests.patch)
         result.tensors = len(tensors)
         return
     baked = ModelView(view.convention, view.layout, tensors, view.components, view.configs)
@@ -159,14 +160,16 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
     result.tensors = len(converted.tensors)
     if convention == "ldm":
         _require_file(output)
-        write_safetensors(output, converted.tensors, metadata, overwrite=overwrite, progress=progress)
+        write_safetensors(output, converted.tensors, metadata, overwrite=overwrite, progress=progress,
+                          finish=digests.patch)
         return
     if output.suffix.lower() in _SAFETENSORS:
         raise SdkitError(f"{output}: a diffusers pipeline is a folder; give a folder path")
     config_dir = Path(opened.model.path) if opened.model.components else None
     folder = write_pipeline_folder(output, converted.tensors, converted.configs, converted.layout,
                                    prediction=opened.identity.prediction, metadata_for=lambda _: metadata,
-                                   config_dir=config_dir, overwrite=overwrite, progress=progress)
+                                   config_dir=config_dir, overwrite=overwrite, progress=progress,
+                                   finish=digests.patch)
     result.notes += folder.notes
 
 
@@ -176,7 +179,8 @@ def _require_file(output: Path) -> None:
 
 
 def _write_standalone(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path,
-                      metadata: dict[str, str], overwrite: bool, progress: Progress | None) -> None:
+                      metadata: dict[str, str], overwrite: bool, progress: Progress | None,
+                      finish: Callable[[Path], None]) -> None:
     """A lone component back under its own names (the view added a component prefix)."""
     view = opened.view
     component = view.components[0]
@@ -185,19 +189,19 @@ def _write_standalone(opened: OpenBase, tensors: dict[str, LazyTensor], output: 
     if opened.model.components:  # a component folder in, a component folder out
         config = view.configs.get(component, {})
         build_in_partial(output, overwrite, lambda folder: write_component_folder(
-            folder, component, own, config, metadata, progress))
+            folder, component, own, config, metadata, progress, finish))
         return
     _require_file(output)
-    write_safetensors(output, own, metadata, overwrite=overwrite, progress=progress)
+    write_safetensors(output, own, metadata, overwrite=overwrite, progress=progress, finish=finish)
 
 
 def _metadata(opened: OpenBase, adapters: Sequence[AdapterInput], options: BakeOptions, output: Path,
-              convention: str) -> dict[str, str]:
+              convention: str, digests: InputDigests) -> dict[str, str]:
     params = {"strengths": [item.strength for item in adapters],
               **{k: v for k, v in asdict(options).items() if v not in (None, False, "all")}}
     implementation = DIFFUSERS_IMPLEMENTATION if convention == "diffusers" else None
     facts = SpecFacts.from_identity(opened.identity, implementation=implementation)
     carried = {} if opened.model.components else {
         k: v for k, v in opened.model.metadata.items() if k != "modelspec.title"}
-    inputs = [str(opened.model.path), *(item.path for item in adapters)]
-    return build_metadata("lora-bake", inputs, params, facts, title=output.stem, carried=carried)
+    return build_metadata("lora-bake", digests.paths, params, facts, title=output.stem, carried=carried,
+                          hashes=digests.placeholders)

@@ -16,7 +16,6 @@ LoRA and embedding files go to `convert_lora` / `convert_embedding`.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -27,6 +26,7 @@ from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model, write_safetensors
 from sdkit.io.dtypes import NAME_TO_CODE
+from sdkit.io.output_path import check_output_path
 from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
 from sdkit.ops.convert_layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
                                       is_ldm_checkpoint, model_view)
@@ -112,9 +112,18 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
     options = options or ConvertOptions()
     options.check()
     source, output = Path(source), Path(output)
-    _refuse_same_path(source, output)
+    check_output_path(output, (source, options.config_dir), force=options.force)
     with open_model(source) as model:
-        identity = identify(model)
+        # the input's sha256 goes into the output's recipe: it is computed beside
+        # everything else from here on (identifying, importing torch, writing)
+        input_hash = BackgroundHash(model.path)
+        try:
+            identity = identify(model)
+        except BaseException:
+            input_hash.cancel()
+            raise
+        if identity.kind in ("lora", "hypernetwork", "embedding"):  # converted without a recipe hash
+            input_hash.cancel()
         if identity.kind == "lora":
             from sdkit.ops.convert_lora import convert_lora_file
             return convert_lora_file(model, identity, output, options, progress)
@@ -123,12 +132,7 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         if identity.kind == "embedding":
             from sdkit.ops.convert_embedding import convert_embedding_file
             return convert_embedding_file(model, identity, output, options, progress)
-        return _ModelConversion(model, identity, output, options, progress).run()
-
-
-def _refuse_same_path(source: Path, output: Path) -> None:
-    if output.exists() and source.exists() and os.path.samefile(source, output):
-        raise SdkitError(f"{output}: is the input; write the conversion to another path")
+        return _ModelConversion(model, identity, output, options, progress, input_hash).run()
 
 
 def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | None:
@@ -164,14 +168,14 @@ class _ModelConversion:
     """One checkpoint / component / pipeline conversion, step by step."""
 
     def __init__(self, model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, input_hash: BackgroundHash) -> None:
         self.model, self.identity, self.output, self.options = model, identity, output, options
         self.progress = progress
         self.configs = read_config_dir(options.config_dir)
         self.convention = "ldm"
         self.result = ConvertResult(output, "file", identity.kind, identity.family, "ldm")
         self.result.shared = list(model.extra.get("__shared__") or [])
-        self.input_hash = BackgroundHash(model.path)  # runs while the output is planned and written
+        self.input_hash = input_hash  # runs while the output is planned and written
 
     def run(self) -> ConvertResult:
         try:
@@ -336,30 +340,12 @@ class _ModelConversion:
 
 def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str],
                input_hash: BackgroundHash, overwrite: bool, progress: Progress | None) -> None:
-    """Write a safetensors file whose metadata waits for the input's sha256.
-
-    The tensors stream into a hidden file beside `path` while the input is hashed; the
-    digest is patched into its header and only then is it renamed into place.
-    """
+    """Write a safetensors file whose metadata waits for the input's sha256: the tensors
+    stream out while the input is hashed, and the digest is patched into the header
+    before the file is renamed into place."""
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder; a .safetensors output is a file")
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-    hidden = path.parent / f".{path.name}.{secrets.token_hex(6)}.converting"
-    try:
-        write_safetensors(hidden, tensors, metadata, progress=progress)
-        input_hash.patch(hidden)
-        if path.exists() and not overwrite:  # it may have appeared while we wrote
-            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-        os.replace(hidden, path)
-    except BaseException as exc:
-        hidden.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        if isinstance(exc, SdkitError) and str(exc).startswith(str(hidden)):
-            # the writer names the hidden file it was given; the user knows the output path
-            raise SdkitError(f"{path}{str(exc)[len(str(hidden)):]}") from None
-        raise
+    write_safetensors(path, tensors, metadata, overwrite=overwrite, progress=progress, finish=input_hash.patch)
 
 
 def _size(path: Path) -> int:

@@ -16,7 +16,6 @@ unless `--dtype` says otherwise.
 from __future__ import annotations
 
 import os
-import secrets
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -26,6 +25,7 @@ from sdkit.arch import Identity
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, write_safetensors
 from sdkit.io.dtypes import CODE_TO_TORCH, NAME_TO_CODE
+from sdkit.io.output_path import partial_path, sweep_dead_partials
 from sdkit.ops.convert import ConvertOptions, ConvertResult
 from sdkit.ops.recipe_meta import LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
 
@@ -52,11 +52,22 @@ def embedding_tensors(embedding: Embedding, layout: str, dtype: str) -> dict[str
     return {"emb_params" if layout == "kohya" else embedding.token: _lazy(rows, dtype)}
 
 
-def _write_a1111_pt(path: Path, embedding: Embedding, dtype: str, metadata: Mapping[str, str],
-                    overwrite: bool) -> None:
-    """An A1111 `.pt` embedding, written to a hidden file and renamed into place."""
+def write_a1111_pt(path: str | os.PathLike[str], embedding: Embedding, dtype: str, metadata: Mapping[str, str],
+                   *, overwrite: bool = False) -> Path:
+    """Write `embedding` as an A1111 textual-inversion `.pt` file; returns the path written.
+
+    The file is the pickle A1111 saves: `string_to_token` (`{"*": 265}`), `string_to_param`
+    (`{"*": tensor (vectors, width)}` in `dtype`, a safetensors dtype code), `name` (the
+    token), `step`, `sd_checkpoint`, `sd_checkpoint_name`, then `metadata` as plain string
+    entries, `sd_checkpoint` among them when given (A1111, ComfyUI and diffusers ignore keys
+    they do not know). It is written to a hidden file beside `path`, fsynced and renamed
+    into place, so `path` never holds part of a file; an existing `path` is replaced only
+    with `overwrite`. SD1 / SD2 embeddings only: SDXL ones (clip_l + clip_g) have no `.pt`
+    layout and are refused.
+    """
     import torch
 
+    path = Path(path)
     if set(embedding.vectors) != {"text_encoder"}:
         raise SdkitError(f"{path}: SDXL embeddings have no A1111 .pt layout; write a .safetensors file")
     if path.exists() and not overwrite:
@@ -68,18 +79,20 @@ def _write_a1111_pt(path: Path, embedding: Embedding, dtype: str, metadata: Mapp
         "sd_checkpoint": None, "sd_checkpoint_name": embedding.checkpoint_name,
         **metadata,
     }
-    partial_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
+    sweep_dead_partials(path)
+    temporary = partial_path(path)
     try:
-        with open(partial_path, "xb") as file:
+        with open(temporary, "xb") as file:
             torch.save(data, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(partial_path, path)
+        os.replace(temporary, path)
     except BaseException as exc:
-        partial_path.unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
+    return path
 
 
 def _check_options(options: ConvertOptions, output: Path) -> None:
@@ -109,7 +122,7 @@ def convert_embedding_file(model: ModelFile, identity: Identity, output: Path, o
                               progress=progress)
     result = ConvertResult(output, "file", identity.kind, identity.family, layout)
     if layout == "a1111":
-        _write_a1111_pt(output, embedding, dtype, metadata, options.force)
+        write_a1111_pt(output, embedding, dtype, metadata, overwrite=options.force)
         result.tensors = 1
     else:
         tensors = embedding_tensors(embedding, layout, dtype)

@@ -16,8 +16,6 @@ place at the end, so a failure leaves no half-written output.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
+from sdkit.io.output_path import install_folder, partial_path, sweep_dead_partials
 
 Progress = Callable[[int], None]
 Finish = Callable[[Path], None]
@@ -164,36 +163,20 @@ def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str,
     return found
 
 
-def _partial(path: Path) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
-
-
-def _install_folder(built: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished folder into place; an existing target needs `overwrite`."""
-    if target.exists() and not overwrite:
-        raise SdkitError(f"{target}: already exists (overwriting needs --force)")
-    old = _partial(target) if target.exists() or target.is_symlink() else None
-    if old is not None:
-        os.replace(target, old)
-    os.replace(built, target)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
-
-
 def build_in_partial(target: Path, overwrite: bool, fill: Callable[[Path], Any]) -> Any:
     """Run `fill(folder)` on a fresh hidden folder beside `target`, then install it there."""
     if target.exists() and not overwrite:
         raise SdkitError(f"{target}: already exists (overwriting needs --force)")
     if not target.parent.is_dir():
         raise SdkitError(f"{target.parent}: no such folder")
-    built = _partial(target)
+    sweep_dead_partials(target)
+    built = partial_path(target)
     try:
         built.mkdir()
         result = fill(built)
-        _install_folder(built, target, overwrite)
+        if target.exists() and not overwrite:  # it may have appeared while we wrote
+            raise SdkitError(f"{target}: already exists (overwriting needs --force)")
+        install_folder(built, target)
     except BaseException as exc:
         shutil.rmtree(built, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -207,12 +190,11 @@ def write_component_folder(folder: Path, component: str, tensors: Mapping[str, L
                            progress: Progress | None = None, finish: Finish | None = None) -> None:
     """config.json + weights of one component into an existing empty folder.
 
-    `finish(weights)` runs on the written weight file (e.g. to patch its metadata).
+    `finish(path)` runs on the written weight file before it is renamed into place (e.g. to
+    patch a digest into its metadata).
     """
     _write_json(folder / "config.json", component_config(component, config))
-    weights = write_safetensors(folder / _WEIGHT_NAMES[component], tensors, metadata, progress=progress)
-    if finish is not None:
-        finish(weights)
+    write_safetensors(folder / _WEIGHT_NAMES[component], tensors, metadata, progress=progress, finish=finish)
 
 
 def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], configs: Mapping[str, dict],

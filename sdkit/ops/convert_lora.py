@@ -8,7 +8,8 @@
   and alpha as `r` / `lora_alpha`, the others in `rank_pattern` / `alpha_pattern`.
 Factor tensors are copied bit for bit; only names and the place of alpha change. A module
 without alpha gets alpha = rank (scale 1), which is what peft and kohya assume.
-Module names are resolved through `LoraNameIndex` (built from the base model's structure).
+Module names are resolved on the base model's structure (`sdkit.adapters.lora_names`) and
+written as sdkit's LoRA writer names them (`sdkit.adapters.lora_export`).
 Plain LoRA / LoCon modules convert; LyCORIS algorithms, Tucker `lora_mid`, DoRA and bias
 deltas have no diffusers-side spelling here and are refused with their names.
 """
@@ -21,7 +22,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from sdkit.adapters.lora_export import ExportModule, kohya_module_name
 from sdkit.adapters.lora_format import LORA, LoraFile, LoraModule, parse_lora
+from sdkit.adapters.lora_names import Layer, ModelNames, structure_names
 from sdkit.arch import Identity
 from sdkit.arch.keymaps import diffusers_layout
 from sdkit.errors import SdkitError
@@ -29,7 +32,6 @@ from sdkit.io import LazyTensor, ModelFile, lazy_tensors, write_safetensors
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.ops.convert import ConvertOptions, ConvertResult, read_config_dir
 from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY
-from sdkit.ops.convert_lora_names import LoraNameIndex, LoraTarget
 from sdkit.ops.convert_precision import OverflowStop, cast_tensors, overflow_error, scan_overflow
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
 
@@ -73,18 +75,18 @@ def _check_module(module: LoraModule) -> None:
                          "kohya and diffusers names")
 
 
-def _resolve(lora: LoraFile, index: LoraNameIndex) -> dict[str, LoraTarget]:
+def _resolve(lora: LoraFile, names: ModelNames[Layer], layout: str) -> dict[str, Layer]:
     targets, unknown = {}, []
     for name, module in lora.modules.items():
         _check_module(module)
-        target = index.resolve(name)
+        target, _ = names.resolve(name)
         if target is None:
             unknown.append(name)
         else:
             targets[name] = target
     if unknown:
         shown = ", ".join(unknown[:_SHOWN])
-        raise SdkitError(f"{len(unknown)} LoRA modules are not modules of the {index.layout} base model "
+        raise SdkitError(f"{len(unknown)} LoRA modules are not modules of the {layout} base model "
                          f"({shown}); give the base model's diffusers folder with --config")
     if lora.unrecognised:
         key, why = next(iter(lora.unrecognised.items()))
@@ -99,26 +101,33 @@ def _alpha(module: LoraModule) -> float:
     return module.alpha
 
 
-def to_kohya(lora: LoraFile, targets: dict[str, LoraTarget]) -> dict[str, LazyTensor]:
+def _kohya_name(layer: Layer, layout: str) -> str:
+    """The name kohya's trainer gives `layer` of a base of `layout`."""
+    module = ExportModule(layer.component, layer.diffusers_path, layer.ldm_path, tensors={})
+    return kohya_module_name(module, sdxl=layout.startswith("sdxl"))
+
+
+def to_kohya(lora: LoraFile, targets: dict[str, Layer], layout: str) -> dict[str, LazyTensor]:
     out: dict[str, LazyTensor] = {}
     for name, module in lora.modules.items():
-        kohya = targets[name].kohya
+        kohya = _kohya_name(targets[name], layout)
         out[f"{kohya}.lora_down.weight"] = module.tensors["down"]
         out[f"{kohya}.lora_up.weight"] = module.tensors["up"]
         out[f"{kohya}.alpha"] = LazyTensor("F32", (), partial(_alpha_tensor, _alpha(module)))
     return out
 
 
-def to_diffusers(lora: LoraFile, targets: dict[str, LoraTarget]) -> tuple[dict[str, LazyTensor], str]:
+def to_diffusers(lora: LoraFile, targets: dict[str, Layer]) -> tuple[dict[str, LazyTensor], str]:
     """(tensors, `lora_adapter_metadata` JSON) in diffusers / peft naming."""
     out: dict[str, LazyTensor] = {}
     per_component: dict[str, list[tuple[str, int, float]]] = {}
     for name, module in lora.modules.items():
         target = targets[name]
-        out[f"{target.peft}.lora_A.weight"] = module.tensors["down"]
-        out[f"{target.peft}.lora_B.weight"] = module.tensors["up"]
+        peft = f"{target.component}.{target.diffusers_path}"
+        out[f"{peft}.lora_A.weight"] = module.tensors["down"]
+        out[f"{peft}.lora_B.weight"] = module.tensors["up"]
         per_component.setdefault(target.component, []).append(
-            (target.diffusers, int(module.rank or 0), _alpha(module)))
+            (target.diffusers_path, int(module.rank or 0), _alpha(module)))
     return out, adapter_metadata(per_component)
 
 
@@ -162,9 +171,9 @@ def _renamed(model: ModelFile, identity: Identity, style: str | None,
                          "diffusers names only)")
     configs = read_config_dir(options.config_dir)
     layout = lora_layout(identity, configs)
-    targets = _resolve(lora, LoraNameIndex(layout, configs))
+    targets = _resolve(lora, structure_names(layout, configs), layout)
     if style == "kohya":
-        return to_kohya(lora, targets), {}, layout
+        return to_kohya(lora, targets, layout), {}, layout
     tensors, config = to_diffusers(lora, targets)
     return tensors, {ADAPTER_METADATA_KEY: config}, layout
 

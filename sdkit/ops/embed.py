@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from sdkit.adapters.embedding import Embedding, vector_tokens
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, hash_file, lazy_tensors, open_model, write_safetensors
 from sdkit.io.diffusers_folder import find_weights, read_json
+from sdkit.io.output_path import check_output_path, install_folder, partial_path, sweep_dead_partials
 
 if TYPE_CHECKING:
     import torch
@@ -110,8 +110,10 @@ def add_embeddings(model_path: str | os.PathLike[str], requests: Sequence[Embedd
     """
     output, source = Path(output), Path(model_path)
     _check_requests(requests)
-    if output.resolve() == source.resolve() or source.resolve() in output.resolve().parents:
-        raise SdkitError(f"{output}: the output cannot be the model itself")
+    inputs = (source, tokenizer_source, *(request.embedding.path for request in requests))
+    check_output_path(output, inputs, force=force)
+    if source.resolve() in output.resolve().parents:  # the copy would be built inside what it copies
+        raise SdkitError(f"{output}: is inside the model folder {source}; write the copy elsewhere")
     with open_model(source) as model:
         if model.format == "diffusers":
             if model.extra.get("model_index") is None:
@@ -244,23 +246,9 @@ def _recipe(model: ModelFile, requests: Sequence[EmbeddingRequest]) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
-def _partial(path: Path) -> Path:
-    return path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
-
-
 def _refuse_existing(path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-
-
-def _install_folder(built: Path, target: Path) -> None:
-    """Move a finished folder into place, replacing what was there (checked by the caller)."""
-    old = _partial(target) if target.exists() or target.is_symlink() else None
-    if old is not None:
-        os.replace(target, old)
-    os.replace(built, target)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _copying(progress: Progress | None) -> Callable[[str, str], Any]:
@@ -293,12 +281,12 @@ def _add_to_pipeline(model: ModelFile, requests: Sequence[EmbeddingRequest], out
                      force: bool, progress: Progress | None) -> EmbedResult:
     slots = _pipeline_slots(model)
     _check_fit(model, slots, requests)
-    _refuse_existing(output, force)
     edits = {slot.component: _extend_tokenizer(model.path / _tokenizer_name(slot), requests, force)
              for slot in slots}
     result = EmbedResult(output, output, {})
     metadata = {"format": "pt", RECIPE_KEY: _recipe(model, requests)}
-    built = _partial(output)
+    sweep_dead_partials(output)
+    built = partial_path(output)
     try:
         built.mkdir()
         changed = {slot.component for slot in slots} | {_tokenizer_name(slot) for slot in slots}
@@ -315,7 +303,7 @@ def _add_to_pipeline(model: ModelFile, requests: Sequence[EmbeddingRequest], out
             result.rows[slot.component] = (slot.rows, rows)
             _collect_ids(result, slot.component, edit)
         _refuse_existing(output, force)
-        _install_folder(built, output)
+        install_folder(built, output)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise
@@ -404,7 +392,6 @@ def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], o
     slots, family = _checkpoint_slots(model)
     _check_fit(model, slots, requests)
     companion = companion_folder(output)
-    _refuse_existing(output, force)
     _refuse_existing(companion, force)
     given = Path(tokenizer_source) if tokenizer_source is not None else None
     bases = _base_tokenizers(model, slots, family, given)
@@ -418,13 +405,14 @@ def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], o
         _collect_ids(result, slot.component, edits[slot.component])
     metadata = dict(model.metadata) if model.format == "safetensors" else {}
     metadata[RECIPE_KEY] = _recipe(model, requests)
-    built = _partial(companion)
+    sweep_dead_partials(companion)
+    built = partial_path(companion)
     try:
         for slot in slots:
             (built / _tokenizer_name(slot)).mkdir(parents=True)
             _save_tokenizer(edits[slot.component], built / _tokenizer_name(slot))
         write_safetensors(output, tensors, metadata, overwrite=force, progress=progress)
-        _install_folder(built, companion)
+        install_folder(built, companion)
     except BaseException:
         shutil.rmtree(built, ignore_errors=True)
         raise

@@ -29,6 +29,8 @@ from sdkit.adapters.lora_export import (ExportModule, LoraFacts, Provenance, koh
                                         write_lora)
 from sdkit.adapters.lora_names import Target, underscore_names
 from sdkit.errors import SdkitError
+from sdkit.io.ahead import Prefetcher, single_threaded_torch
+from sdkit.io.output_path import check_output_path
 from sdkit.ops.bake_compute import is_plain_lora
 from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
 from sdkit.ops.lora_merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
@@ -128,8 +130,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
     """Write the LoRA approximating `tuned − base` to `output`."""
     rule = options.rule()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    check_output_path(output, (tuned, base), force=overwrite)
     report = SvdReport(str(output))
     with ExitStack() as stack:
         original = open_base(str(base), stack)
@@ -142,15 +143,27 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
         pairs = _drop_same_text_encoders(pairs, original, finetuned, options.min_diff, report)
         sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
         modules, identical = [], 0
-        for target, other in pairs:
+
+        def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
+            target, other = pairs[index]
             delta = _load(finetuned, other) - _load(original, target)
-            module = _extract_layer(target, delta, rule, report, sdxl, options.sample_layers)
-            if module is None:
-                identical += 1
-            else:
-                modules.append(module)
-            if progress is not None:
-                progress(1)
+            return _extract_layer(target, delta, rule, sdxl, check=index < options.sample_layers)
+
+        # layers are factorised two at a time on worker threads, one torch thread each:
+        # an SVD of a few-hundred-wide matrix gains little from torch's own threads
+        with single_threaded_torch(), Prefetcher(extract).start(range(len(pairs))) as ahead:
+            for index in range(len(pairs)):
+                extracted = ahead.get(index)
+                if extracted is None:
+                    identical += 1
+                else:
+                    module, factors, check = extracted
+                    report.add(kohya_module_name(module, sdxl), factors)
+                    if check is not None:
+                        report.randomized_check.append(check)
+                    modules.append(module)
+                if progress is not None:
+                    progress(1)
         if identical:
             report.notes.append(f"{identical} layers are identical in both models and left out")
         _write(output, modules, original, options, Provenance(
@@ -173,22 +186,23 @@ def _drop_same_text_encoders(pairs: list[tuple[Target, Target]], original: OpenB
     return [(t, o) for t, o in pairs if t.component == "unet"]
 
 
-def _extract_layer(target: Target, delta: "torch.Tensor", rule: RankRule, report: SvdReport,
-                   sdxl: bool, samples: int) -> ExportModule | None:
+def _extract_layer(target: Target, delta: "torch.Tensor", rule: RankRule, sdxl: bool, check: bool
+                   ) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
+    """The module for one layer's delta (None when it is zero), its factors, and with
+    `check` and a randomized rule its error next to the full SVD's."""
     module = ExportModule(target.component, target.diffusers_path, target.ldm_path, {})
     if not bool(delta.any()):
         return None
     factors = factorize(delta, rule)
-    name = kohya_module_name(module, sdxl)
-    report.add(name, factors)
-    if rule.randomized and len(report.randomized_check) < samples:
+    comparison = None
+    if rule.randomized and check:
         full = factorize(delta, replace(rule, randomized=False, dynamic=None), cap=factors.rank)
-        report.randomized_check.append({"layer": name, "rank": factors.rank,
-                                        "error_randomized": relative_error(delta, factors),
-                                        "error_full_svd": relative_error(delta, full)})
+        comparison = {"layer": kohya_module_name(module, sdxl), "rank": factors.rank,
+                      "error_randomized": relative_error(delta, factors),
+                      "error_full_svd": relative_error(delta, full)}
     module.tensors = {"lora_up.weight": factors.up, "lora_down.weight": factors.down}
     module.alpha = float(factors.rank)
-    return module
+    return module, factors, comparison
 
 
 def _params(options: Any) -> dict[str, Any]:
@@ -236,8 +250,7 @@ def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
     """Write `source` re-factorised to a new (or dynamic) rank."""
     rule = options.rule()
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    check_output_path(output, (source, options.base), force=overwrite)
     report = SvdReport(str(output))
     with ExitStack() as stack:
         base = open_base(options.base, stack) if options.base else None

@@ -32,6 +32,7 @@ from sdkit.adapters.lora_math import delta_weight, needs_base_weight
 from sdkit.adapters.lora_names import Target, adapter_address, map_modules
 from sdkit.arch import Identity
 from sdkit.errors import SdkitError
+from sdkit.io.output_path import check_output_path
 from sdkit.ops.bake_compute import is_plain_lora
 from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
 from sdkit.ops.lora_svd import RankRule, factorize
@@ -229,8 +230,7 @@ def merge_loras(inputs: Sequence[AdapterInput], output: str | os.PathLike[str],
     if len(inputs) < 1:
         raise SdkitError("no LoRA to merge")
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise SdkitError(f"{output}: already exists (overwriting needs --force)")
+    check_output_path(output, (*(item.path for item in inputs), options.base), force=overwrite)
     rule = RankRule(options.rank, options.conv_rank, clamp_quantile=options.clamp_quantile) \
         if options.rank else None
     if rule is not None:

@@ -73,19 +73,26 @@ class SpecFacts:
 
 
 def file_sha256(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file's bytes (one digest only: cheaper than `hash_file`'s set)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK_BYTES)
-    view = memoryview(buffer)
-    try:
-        with open(path, "rb", buffering=0) as file:
-            while count := file.readinto(buffer):
-                digest.update(view[:count])  # releases the GIL: runs beside the writer
-                if progress is not None:
-                    progress(count)
-    except OSError as exc:
-        raise SdkitError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return digest.hexdigest()
+    """sha256 of a file's bytes (one digest only: cheaper than `hash_file`'s set), from
+    the hash cache when it knows the file as it is now (`progress` then gets its size at
+    once; see `sdkit.io.hash_cache`)."""
+    from sdkit.io.hash_cache import remembered_digests
+
+    def read() -> dict[str, str]:
+        digest = hashlib.sha256()
+        buffer = bytearray(_CHUNK_BYTES)
+        view = memoryview(buffer)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                while count := file.readinto(buffer):
+                    digest.update(view[:count])  # releases the GIL: runs beside the writer
+                    if progress is not None:
+                        progress(count)
+        except OSError as exc:
+            raise SdkitError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return {"sha256": digest.hexdigest()}
+
+    return remembered_digests(path, ("sha256",), read, progress)["sha256"]
 
 
 def input_sha256(path: str | os.PathLike[str], progress: Progress | None = None) -> str:
@@ -113,11 +120,18 @@ class BackgroundHash:
     safetensors file stays valid.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str],
+                 compute: Callable[[Progress], str] | None = None) -> None:
+        """Hash `path` with `input_sha256`, or with `compute(progress)` when given (a
+        digest of another definition; it must call `progress` as it reads, which is
+        where a cancelled hash stops)."""
         self.placeholder = secrets.token_hex(32)
         self._stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=1)
-        self._future = pool.submit(input_sha256, path, self._check)
+        if compute is None:
+            self._future = pool.submit(input_sha256, path, self._check)
+        else:
+            self._future = pool.submit(compute, self._check)
         pool.shutdown(wait=False)
 
     def _check(self, count: int) -> None:
@@ -142,8 +156,34 @@ class BackgroundHash:
                 handle.seek(8 + start)
                 handle.write(digest)
                 start = header.find(self.placeholder.encode(), start + 1)
-            handle.flush()
-            os.fsync(handle.fileno())
+
+
+class InputDigests:
+    """The sha256 of several inputs, each hashed on its own thread while the output is
+    written: `placeholders` go into `build_metadata(hashes=...)`, `patch` is the writer's
+    `finish`, and leaving the `with` block stops hashes nobody will ask for."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        self.paths = [str(path) for path in paths]  # as given, repeats kept (for the recipe)
+        self.running = {path: BackgroundHash(path) for path in dict.fromkeys(self.paths)}
+
+    @property
+    def placeholders(self) -> dict[str, str]:
+        return {path: running.placeholder for path, running in self.running.items()}
+
+    def digest(self, path: str | os.PathLike[str]) -> str:
+        return self.running[str(path)].digest()
+
+    def patch(self, file: Path) -> None:
+        for running in self.running.values():
+            running.patch(file)
+
+    def __enter__(self) -> "InputDigests":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for running in self.running.values():
+            running.cancel()
 
 
 def recipe_json(operation: str, inputs: Sequence[str | os.PathLike[str]], params: Mapping[str, Any],

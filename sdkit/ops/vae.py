@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,9 +28,10 @@ from sdkit.arch import Identity, identify
 from sdkit.arch.keymaps import checkpoint_from_ldm
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, TensorInfo, open_model, write_safetensors
+from sdkit.io.output_path import check_output_path
 from sdkit.ops.convert_folder import build_in_partial, write_component_folder
 from sdkit.ops.convert_layout import ModelView, extract_component, model_view, replace_component
-from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata, input_sha256
+from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 
 Progress = Callable[[int], None]
 CONVENTIONS = ("ldm", "diffusers")
@@ -132,12 +133,6 @@ class VaeSwapResult:
                 "vae_sha256": self.vae_sha256, "notes": self.notes}
 
 
-def _refuse_input_path(output: Path, *inputs: Path) -> None:
-    for given in inputs:
-        if output.exists() and given.exists() and os.path.samefile(given, output):
-            raise SdkitError(f"{output}: is an input; write the result to another path")
-
-
 def _source_notes(source: VaeSource) -> list[str]:
     notes = []
     if source.dropped:
@@ -155,8 +150,8 @@ def swap_vae(checkpoint: str | os.PathLike[str], vae: str | os.PathLike[str], ou
     copy of the folder with a new `vae/`. SdkitError for refused input, before anything is written.
     """
     checkpoint, vae, output = Path(checkpoint), Path(vae), Path(output)
-    _refuse_input_path(output, checkpoint, vae)
-    with open_model(checkpoint) as model, open_vae_source(vae) as source:
+    check_output_path(output, (checkpoint, vae), force=force)
+    with open_model(checkpoint) as model, open_vae_source(vae) as source, InputDigests([checkpoint, vae]) as digests:
         identity = identify(model)
         if identity.kind != "checkpoint" or "vae" not in identity.components:
             raise SdkitError(f"{checkpoint}: not a checkpoint with a VAE (identified as {identity.kind} "
@@ -166,20 +161,20 @@ def swap_vae(checkpoint: str | os.PathLike[str], vae: str | os.PathLike[str], ou
         _check_output(model, output, as_folder)
         check_latent_channels(model, identity, source)
         tensors = replace_component(model, "vae", source.model, identity=identity, source_identity=source.identity)
-        hashes = {str(checkpoint): input_sha256(checkpoint, progress), str(vae): input_sha256(vae, progress)}
-        result = VaeSwapResult(output, "folder" if as_folder else "file", identity.family, view.convention,
-                               source.identity.key_convention, sum(1 for name in tensors if _is_vae_name(view, name)),
-                               hashes[str(checkpoint)], hashes[str(vae)], _source_notes(source))
+        hashes = digests.placeholders
         # a folder gets the metadata on its new vae/ weights, a single file on the whole model
         facts = SpecFacts.from_identity(identity, adapter="vae" if as_folder else None,
                                         implementation=DIFFUSERS_IMPLEMENTATION if as_folder else None)
         metadata = build_metadata("vae swap", [checkpoint, vae], {"dropped_leftovers": len(source.dropped)}, facts,
                                   title=output.stem, carried={} if as_folder else model.metadata, hashes=hashes)
         if as_folder:
-            _write_pipeline_copy(model, identity, source, view, tensors, metadata, output, force, progress)
+            _write_pipeline_copy(model, identity, source, view, tensors, metadata, output, force, progress,
+                                 digests.patch)
         else:
-            write_safetensors(output, tensors, metadata, overwrite=force, progress=progress)
-    return result
+            write_safetensors(output, tensors, metadata, overwrite=force, progress=progress, finish=digests.patch)
+        return VaeSwapResult(output, "folder" if as_folder else "file", identity.family, view.convention,
+                             source.identity.key_convention, sum(1 for name in tensors if _is_vae_name(view, name)),
+                             digests.digest(checkpoint), digests.digest(vae), _source_notes(source))
 
 
 def _check_output(model: ModelFile, output: Path, as_folder: bool) -> None:
@@ -199,7 +194,7 @@ def _is_vae_name(view: ModelView, name: str) -> bool:
 
 def _write_pipeline_copy(model: ModelFile, identity: Identity, source: VaeSource, view: ModelView,
                          tensors: dict[str, LazyTensor], metadata: dict[str, str], output: Path, force: bool,
-                         progress: Progress | None) -> None:
+                         progress: Progress | None, finish: Callable[[Path], None]) -> None:
     """A copy of the pipeline folder `model` with `vae/` written from the new tensors."""
     config = dict(view.configs.get("vae") or vae_config(model, identity))
     incoming = (source.model.extra.get("configs") or {}).get("vae") if source.model.components else None
@@ -216,7 +211,7 @@ def _write_pipeline_copy(model: ModelFile, identity: Identity, source: VaeSource
             else:
                 shutil.copy2(entry, folder / entry.name)
         (folder / "vae").mkdir()
-        write_component_folder(folder / "vae", "vae", vae_tensors, config, metadata, progress)
+        write_component_folder(folder / "vae", "vae", vae_tensors, config, metadata, progress, finish)
 
     build_in_partial(output, force, fill)
 
@@ -249,22 +244,24 @@ def extract_vae(checkpoint: str | os.PathLike[str], output: str | os.PathLike[st
     if to not in CONVENTIONS:
         raise SdkitError(f"--to must be one of {', '.join(CONVENTIONS)}, not {to!r}")
     checkpoint, output = Path(checkpoint), Path(output)
-    _refuse_input_path(output, checkpoint)
+    check_output_path(output, (checkpoint,), force=force)
     as_file = output.suffix.lower() in _SAFETENSORS_SUFFIXES
     if not as_file and to == "ldm":
         raise SdkitError(f"{output}: the output must be a .safetensors file (a folder only with --to diffusers)")
-    with open_vae_source(checkpoint) as source:  # a VAE file too: its convention changes
+    with ExitStack() as stack:
+        source = stack.enter_context(open_vae_source(checkpoint))  # a VAE file too: its convention changes
         model, identity = source.model, source.identity
         tensors = vae_of(model, identity, to)
         config = None if as_file else vae_config(model, identity)
-        sha256 = input_sha256(checkpoint, progress)
+        digests = stack.enter_context(InputDigests([checkpoint]))
         facts = SpecFacts.from_identity(identity, adapter="vae", prediction="unknown",
                                         implementation=DIFFUSERS_IMPLEMENTATION if to == "diffusers" else None)
         metadata = build_metadata("vae extract", [checkpoint], {"to": to}, facts, title=output.stem,
-                                  hashes={str(checkpoint): sha256})
+                                  hashes=digests.placeholders)
         if config is None:
-            write_safetensors(output, tensors, metadata, overwrite=force, progress=progress)
+            write_safetensors(output, tensors, metadata, overwrite=force, progress=progress, finish=digests.patch)
         else:
             build_in_partial(output, force, lambda folder: write_component_folder(
-                folder, "vae", tensors, config, metadata, progress))
+                folder, "vae", tensors, config, metadata, progress, digests.patch))
+        sha256 = digests.digest(checkpoint)
     return VaeExtractResult(output, "file" if as_file else "folder", identity.family, to, len(tensors), sha256)

@@ -302,11 +302,12 @@ def _hash_in_background(path: Path) -> Future:
 
 def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] | None = None,
                vae: str | os.PathLike[str] | None = None, device: str = "auto",
-               dtype: str = "auto") -> LoadedModel:
+               dtype: str = "auto", require_vae: bool = True) -> LoadedModel:
     """Load a checkpoint file or diffusers folder (and optionally another VAE) for sampling.
 
     The file hashes the PNG parameters name (AutoV2) are computed in a background
-    thread while the weights load.
+    thread while the weights load. `require_vae=False` accepts a model that carries no
+    VAE (for tools that only run its UNet and text encoders): its `pipe.vae` is None.
     """
     path = Path(path)
     config_dir = Path(config) if config is not None else None
@@ -321,9 +322,11 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
         converted = convert_view(view, "diffusers", {c: given[c] for c in _MODEL_COMPONENTS if c in given})
         extras = _own_configs(model, given)
         modules = _build_components(path, config_dir, identity, converted.tensors, converted.configs,
-                                    given, torch_dtype)
+                                    given, torch_dtype, require_vae)
     vae_path = Path(vae) if vae is not None else None
     if vae_path is not None:
+        if "vae" not in modules:
+            raise SdkitError(f"{path}: has no VAE for {vae_path} to replace")
         modules["vae"] = _load_vae(vae_path, converted.configs["vae"], torch_dtype)
         if vae_path.is_file():
             hashes["vae"] = _hash_in_background(vae_path)
@@ -336,18 +339,21 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
 
 def _build_components(path: Path, config_dir: Path | None, identity: Identity,
                       tensors: Mapping[str, LazyTensor], configs: Mapping[str, dict],
-                      given: Mapping[str, dict], dtype: torch.dtype) -> dict[str, Any]:
+                      given: Mapping[str, dict], dtype: torch.dtype, require_vae: bool) -> dict[str, Any]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    for needed in ("unet", "vae", "text_encoder" if identity.family != "sdxl-base" else "text_encoder_2"):
+    text = "text_encoder" if identity.family != "sdxl-base" else "text_encoder_2"
+    for needed in ("unet", "vae", text) if require_vae else ("unet", text):
         if needed not in configs:
             raise SdkitError(f"{path}: has no {needed}; sample needs a whole model")
     modules: dict[str, Any] = {
         "unet": _build_diffusers_model(UNet2DConditionModel, configs["unet"],
                                        _component_tensors(tensors, "unet"), dtype, f"{path}: unet"),
-        "vae": _build_diffusers_model(AutoencoderKL, configs["vae"], _component_tensors(tensors, "vae"),
-                                      dtype, f"{path}: vae"),
     }
+    # --config's VAE config alone is no VAE: its weights must be in the model
+    if require_vae or "vae" in identity.components:
+        modules["vae"] = _build_diffusers_model(AutoencoderKL, configs["vae"], _component_tensors(tensors, "vae"),
+                                                dtype, f"{path}: vae")
     folder_configs = path.is_dir()
     for component in ("text_encoder", "text_encoder_2"):
         if component not in configs:
@@ -389,13 +395,13 @@ def _assemble(family: str, modules: dict[str, Any], scheduler_config: dict[str, 
     if family == "sdxl-base":
         force_zeros = model_index.get("force_zeros_for_empty_prompt", True)
         pipe = StableDiffusionXLPipeline(
-            vae=modules["vae"], text_encoder=modules.get("text_encoder"),
+            vae=modules.get("vae"), text_encoder=modules.get("text_encoder"),
             text_encoder_2=modules["text_encoder_2"], tokenizer=modules.get("tokenizer"),
             tokenizer_2=modules["tokenizer_2"], unet=modules["unet"], scheduler=scheduler,
             force_zeros_for_empty_prompt=bool(force_zeros))
     else:
         pipe = StableDiffusionPipeline(
-            vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=modules["tokenizer"],
+            vae=modules.get("vae"), text_encoder=modules["text_encoder"], tokenizer=modules["tokenizer"],
             unet=modules["unet"], scheduler=scheduler, safety_checker=None, feature_extractor=None,
             image_encoder=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sdkit.errors import SdkitError
+from sdkit.io.output_path import partial_path, sweep_dead_partials
 
 PARAMETERS_KEY = "parameters"
 # `key: value` where value is a JSON string or runs to the next comma
@@ -125,7 +126,8 @@ def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    temporary = path.with_name(f".{path.name}.partial")
+    sweep_dead_partials(path)
+    temporary = partial_path(path)
     try:
         image.save(temporary, format="PNG", pnginfo=info)
         os.replace(temporary, path)

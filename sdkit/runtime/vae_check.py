@@ -10,9 +10,9 @@
      by the base's scaling factor) at TIMESTEPS with the unconditional context (the
      empty prompt; zeros for SDXL, as its pipelines and training use). Its error is
      divided by that of an oracle that knows only each latent channel's mean and variance
-     (Wiener filter: error ᾱσ²/(ᾱσ²+1−ᾱ)): a UNet trained on this latent space beats the
-     oracle; one that is not, does not. With a base VAE, the same numbers on the base's
-     own latents (same noise) give the reference: `ratio` = candidate score / base score.
+     (Wiener filter: error ᾱσ²/(ᾱσ²+1−ᾱ)): the `score`. With a base VAE, the same numbers
+     on the base's own latents (same noise) give the reference: `ratio` = candidate score
+     / base score. Without one, the oracle is the reference (see max_denoise_score).
    - *latents* (base VAE only): cosine similarity of the two encoders' latents, per-channel
      mean and std side by side;
    - *decoding*: PSNR of each VAE's round trip, and of the candidate's decoder on the base
@@ -49,8 +49,16 @@ FP16_MAX = 65504.0
 THRESHOLDS = {
     # candidate denoising score / base denoising score; the base's own VAE gives 1.0
     "max_denoise_ratio": 1.25,
-    # without a base VAE: UNet error / per-channel Gaussian oracle error on the candidate
-    "max_denoise_score": 0.85,
+    # Without a base VAE: UNet error / per-channel oracle error on the candidate's latents.
+    # The oracle is the best denoiser that knows only each channel's mean and variance, so
+    # a UNet denoises the latent space it was trained on at least as well (score <= 1, far
+    # below on pictures like those it learned), while latents from another space are
+    # foreign to it and it does worse than the oracle. The 15 % above 1 is for probes far
+    # from what a model learned: on toy models that only know shapes on plain backgrounds
+    # (toy-sd1, toy-sd1-b, toy-sdxl), their own VAEs score 0.82-1.05 and VAEs trained
+    # separately on the same pictures 1.29-2.47 (the lowest, 1.29, from one whose channels
+    # happen to line up with the base VAE's; compared with the base VAE its ratio is 1.30).
+    "max_denoise_score": 1.15,
     # mean cosine similarity of the candidate's and the base's latents (same images)
     "min_latent_cosine": 0.8,
     # dB the candidate's decoder may lose against the base decoder on the base's latents
@@ -161,43 +169,22 @@ def _scaling(identity: Identity, config: dict[str, Any] | None, source: str) -> 
     return FAMILIES[identity.family].vae_scaling_factor, f"the {identity.family} family default"
 
 
-def _load_with_vae(path: Path, identity: Identity, config: Path | None) -> _Denoiser:
-    from sdkit.runtime.pipeline import load_model
+def _load_base(path: Path, identity: Identity, config: Path | None) -> _Denoiser:
+    """The base's UNet, text encoder and VAE (None when it carries none) as the runtime
+    loader builds them; without a VAE the scaling factor comes from --config's, else the family."""
+    from sdkit.runtime.pipeline import load_model, read_config_folder
 
-    loaded = load_model(path, config=config, device="cpu", dtype="fp32")
+    loaded = load_model(path, config=config, device="cpu", dtype="fp32", require_vae=False)
     pipe = loaded.pipe
+    if pipe.vae is not None:
+        scale, source = _scaling(identity, dict(pipe.vae.config), "the base's VAE config")
+    else:
+        given = read_config_folder(config).get("vae") if config is not None else None
+        scale, source = _scaling(identity, given, "--config's VAE config")
     sdxl = identity.family == "sdxl-base"
-    scale, source = _scaling(identity, dict(pipe.vae.config), "the base's VAE config")
     return _Denoiser(pipe.unet, None if sdxl else pipe.tokenizer, None if sdxl else pipe.text_encoder,
                      _alphas(loaded.scheduler_config), loaded.scheduler_config.get("prediction_type", "epsilon"),
                      scale, source, pipe.vae)
-
-
-def _load_without_vae(model: ModelFile, identity: Identity, config: Path | None) -> _Denoiser:
-    """UNet (and text encoder) of a base that carries no VAE, built as the runtime loader
-    builds them; the scaling factor comes from --config's VAE, else the family."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from sdkit.ops.convert_layout import convert_view, model_view
-    from sdkit.runtime.pipeline import default_scheduler_config, find_tokenizer, read_config_folder
-
-    given = read_config_folder(config) if config is not None else {}
-    converted = convert_view(model_view(model, identity), "diffusers",
-                             {c: given[c] for c in ("unet", "text_encoder") if c in given})
-    unet = _module(UNet2DConditionModel.from_config(converted.configs["unet"]), converted.tensors, "unet")
-    tokenizer = text_encoder = None
-    if identity.family != "sdxl-base":
-        tokenizer = find_tokenizer(model.path, config, identity.family, "tokenizer")
-        text_config = {**converted.configs["text_encoder"], "bos_token_id": tokenizer.bos_token_id,
-                       "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-        text_encoder = _module(CLIPTextModel(CLIPTextConfig.from_dict(text_config)), converted.tensors,
-                               "text_encoder")
-    folder = dict(model.extra.get("configs") or {}) if model.components else {}
-    scheduler = given.get("scheduler") or folder.get("scheduler") or default_scheduler_config(identity)
-    scale, source = _scaling(identity, given.get("vae"), "--config's VAE config")
-    return _Denoiser(unet, tokenizer, text_encoder, _alphas(scheduler),
-                     scheduler.get("prediction_type", "epsilon"), scale, source, None)
 
 
 def _module(module: torch.nn.Module, tensors: dict[str, Any], component: str) -> torch.nn.Module:
@@ -460,10 +447,7 @@ def check_vae(base: str | os.PathLike[str], vae: str | os.PathLike[str], *,
 
 def _measure(report: VaeCheckReport, model: ModelFile, identity: Identity, source: VaeSource,
              config: Path | None, timesteps: tuple[int, ...], max_image_size: int, fp16: bool) -> None:
-    if report.base["has_vae"]:
-        denoiser = _load_with_vae(model.path, identity, config)
-    else:
-        denoiser = _load_without_vae(model, identity, config)
+    denoiser = _load_base(model.path, identity, config)
     candidate = _candidate_module(source, denoiser.vae, config)
     size = _probe_size(denoiser.unet, candidate, max_image_size)
     _condition(denoiser, size)

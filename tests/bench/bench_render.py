@@ -15,6 +15,14 @@ NOTES = """\
 - *baseline*: a plain Python loop reading the operation's inputs in 16 MiB chunks and
   writing as many bytes as its output, fsynced, measured in the same run; *×baseline* is
   wall time divided by it (1.0 = as fast as copying the bytes).
+- Each sdkit operation runs several times (`SDKIT_BENCH_REPEATS`, default 3; TIES and
+  extract once), each run right after a run of its baseline, because the disk's write
+  speed varies several-fold within minutes on a shared machine; the table shows the
+  fastest run of each and the largest peak RSS of all runs. Peers run once.
+- Input hashes: sdkit records each input's sha256 in its outputs. Its hash cache (kept
+  with the bench inputs) knows them after the first run, as it would on a user's
+  machine after the first `sdkit hash` or operation; the "hash cache off" row shows an
+  operation that hashes its inputs on background threads while it writes.
 - Peak RSS is the process's own maximum resident set (`wait4`), memory-mapped file pages
   it touched included.
 - sdkit and the baseline fsync their output before exiting; the peers do not, so part of
@@ -69,7 +77,7 @@ def markdown(machine: dict[str, str], rows: list[Row], startup: Measurement, rem
         wall, rss, ratio = _cell(row, row.sdkit)
         base = f"{row.baseline.wall:.1f}" if row.baseline and row.baseline.ok else "—"
         lines.append(f"| {row.family} | {row.operation} | {row.detail} | {base} | {wall} | {ratio} | {rss} | {_peers(row)} |")
-    lines += ["", (f"Start-up floor: `python -c 'import torch, diffusers'` takes {startup.wall:.1f} s and "
+    lines += ["", (f"Start-up floor: `python -c 'import torch'` takes {startup.wall:.1f} s and "
                    f"{startup.rss_mb:,.0f} MiB here."), ""]
     return "\n".join(lines)
 

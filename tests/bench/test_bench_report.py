@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,10 @@ from bench_render import Row, chart, markdown
 
 REPORT_FOLDER = Path(__file__).resolve().parents[2] / "bench"
 MIB = 1 << 20
+# each operation runs this many times, each run right after a run of its baseline (disk
+# write speed on shared machines varies several-fold within minutes); the report keeps
+# the fastest of each and the largest peak RSS
+REPEATS = int(os.environ.get("SDKIT_BENCH_REPEATS", "3"))
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Operation:
     reads: list[Path]
     output: Path | None = None
     peers: dict[str, list[str]] = field(default_factory=dict)
+    repeats: int | None = None  # None: REPEATS; slow operations run once
 
 
 def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
@@ -58,13 +63,17 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
 
     return [
         Operation("inspect", sdkit("inspect", a, "--json"), [inputs.a]),
-        Operation("hash (sha256, AutoV2, legacy, AutoV3)", sdkit("hash", a), [inputs.a]),
+        Operation("hash (sha256, AutoV2, legacy, AutoV3; hash cache off)",
+                  ["env", "SDKIT_HASH_CACHE=off", *sdkit("hash", a)], [inputs.a]),
         Operation("convert fp16 → bf16", sdkit("convert", a, "-o", str(out), "--dtype", "bf16"), [inputs.a], out),
         Operation("prune (no EMA present: a checked copy)", sdkit("convert", a, "-o", str(out), "--prune"),
                   [inputs.a], out),
         merge("merge weighted sum α=0.5", "weighted-sum", [a, b], "full-load-weighted-sum"),
+        Operation("merge weighted sum α=0.5, hash cache off (inputs hashed while writing)",
+                  ["env", "SDKIT_HASH_CACHE=off", *sdkit("merge", a, b, "--method", "weighted_sum", "-o", str(out))],
+                  [inputs.a, inputs.b], out),
         merge("merge add difference A+(B−C)", "add-difference", [a, b, c], "full-load-add-difference"),
-        merge("merge TIES k=0.2 (base + 2)", "ties", [a, b, c], None),
+        replace(merge("merge TIES k=0.2 (base + 2)", "ties", [a, b, c], None), repeats=1),
         Operation("LoRA bake (rank 32, all layers)", sdkit("lora", "bake", a, lora, "-o", str(out)),
                   [inputs.a, inputs.lora], out, {
                       "diffusers fuse_lora": driver("diffusers-fuse-lora", str(scratch / "fused"), a, lora,
@@ -74,25 +83,43 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
         # better part of an hour on two cores
         Operation("LoRA extract rank 64 (randomized SVD)",
                   sdkit("lora", "extract", b, a, "-o", str(out), "--rank", "64", "--randomized"),
-                  [inputs.b, inputs.a], out),
+                  [inputs.b, inputs.a], out, repeats=1),
         Operation("VAE swap", sdkit("vae", "swap", a, vae, "-o", str(out)), [inputs.a, inputs.vae], out),
     ]
 
 
-class Baselines:
-    """Plain read+write runs, one per (inputs, output size), measured on first use."""
+def baseline_of(operation: Operation, scratch: Path, size: int) -> Measurement:
+    """A plain read of the operation's inputs + write of `size` bytes, fsynced."""
+    target = scratch / "baseline.bin"
+    measurement = measure(driver("baseline", str(target), str(size), *map(str, operation.reads)))
+    remove(target)
+    return measurement
 
-    def __init__(self, scratch: Path) -> None:
-        self.scratch = scratch
-        self.done: dict[tuple[tuple[Path, ...], int], Measurement] = {}
 
-    def get(self, reads: list[Path], size: int) -> Measurement:
-        key = (tuple(reads), round(size / MIB))
-        if key not in self.done:
-            target = self.scratch / "baseline.bin"
-            self.done[key] = measure(driver("baseline", str(target), str(size), *map(str, reads)))
-            remove(target)
-        return self.done[key]
+def best(measurements: list[Measurement]) -> Measurement:
+    """The fastest run, with the largest peak RSS of all runs (a failed run wins: it is
+    what the report must show)."""
+    failed = [m for m in measurements if not m.ok]
+    if failed:
+        return failed[0]
+    fastest = min(measurements, key=lambda m: m.wall)
+    return replace(fastest, rss_mb=max(m.rss_mb for m in measurements))
+
+
+def measure_paired(operation: Operation, scratch: Path) -> tuple[Measurement, Measurement | None, int]:
+    """(sdkit, baseline, bytes written): each run of the operation right after a baseline
+    run of the same bytes."""
+    runs, baselines, written = [], [], 0
+    for _ in range(operation.repeats or REPEATS):
+        result = measure(operation.command)
+        written = size_of(operation.output) if operation.output else 0
+        if operation.output:
+            remove(operation.output)
+        runs.append(result)
+        if not result.ok:
+            break
+        baselines.append(baseline_of(operation, scratch, written))
+    return best(runs), (best(baselines) if baselines else None), written
 
 
 def _detail(reads: list[Path], written: int) -> str:
@@ -109,20 +136,16 @@ def _warm(paths: list[Path]) -> None:
                 pass
 
 
-def run_family(inputs: BenchInputs, scratch: Path, baselines: Baselines) -> list[Row]:
+def run_family(inputs: BenchInputs, scratch: Path) -> list[Row]:
     rows = []
     _warm([inputs.a, inputs.b, inputs.c, inputs.lora, inputs.vae])
     for operation in operations(inputs, scratch):
-        result = measure(operation.command)
-        written = size_of(operation.output) if operation.output else 0
-        if operation.output:
-            remove(operation.output)
+        result, baseline, written = measure_paired(operation, scratch)
         peers = {}
         for name, argv in operation.peers.items():
             peers[name] = measure(argv)
             for leftover in scratch.iterdir():
                 remove(leftover)
-        baseline = baselines.get(operation.reads, written) if result.ok else None
         row = Row(inputs.family, operation.name, _detail(operation.reads, written), result, baseline, peers)
         rows.append(row)
         for name, measurement in {"sdkit": result, **peers}.items():
@@ -132,14 +155,16 @@ def run_family(inputs: BenchInputs, scratch: Path, baselines: Baselines) -> list
     return rows
 
 
-def test_bench_report(bench_cache: Path, tmp_path: Path) -> None:
+def test_bench_report(bench_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # sdkit's hash cache lives with the bench inputs: the first run of an operation
+    # hashes its inputs (while writing), later runs find the digests there
+    monkeypatch.setenv("SDKIT_CACHE_DIR", str(bench_cache / "hash-cache"))
     families = ["sd15"] + (["sdxl"] if os.environ.get("SDKIT_BENCH_SDXL") == "1" else [])
     about = machine()
-    startup = measure([sys.executable, "-c", "import torch, diffusers"])
-    baselines = Baselines(tmp_path)
+    startup = measure([sys.executable, "-c", "import torch"])
     rows: list[Row] = []
     for family in families:
-        rows += run_family(build_inputs(bench_cache, family), tmp_path, baselines)
+        rows += run_family(build_inputs(bench_cache, family), tmp_path)
     about["load average at end (1, 5, 15 min)"] = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     remark = ("**Shared machine**: other jobs ran while this was measured (see the load averages); "
               "single runs, so treat differences under ~20% as noise.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,20 @@ def test_inspect_png_prints_generation_parameters(tmp_path: Path) -> None:
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert_clean_error(run_sdkit("inspect", str(plain)))
+
+
+def test_inspect_png_prints_a1111_prompt_syntax_literally(tmp_path: Path) -> None:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    prompt = "a [cat:dog:0.5] photo, [/] <lora:fire:1> :smile:"
+    negative = "[bold]blurry"
+    info = PngInfo()
+    info.add_text("parameters", f"{prompt}\nNegative prompt: {negative}\nSteps: 20, Seed: 1")
+    path = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    wide = {**os.environ, "COLUMNS": "400"}  # one table row per value
+    result = subprocess.run([sys.executable, "-m", "sdkit", "inspect", str(path)], capture_output=True,
+                            text=True, timeout=120, env=wide)
+    assert result.returncode == 0, result.stderr
+    assert prompt in result.stdout and negative in result.stdout

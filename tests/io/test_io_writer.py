@@ -85,22 +85,49 @@ def test_non_contiguous_and_grad_tensors(tmp_path: Path) -> None:
     assert torch.equal(loaded["s"], base[:, ::2].detach())
 
 
-def test_one_tensor_alive_at_a_time(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_tensors_alive_are_bounded_by_the_workers(tmp_path: Path, workers: int) -> None:
+    """The tensor being written plus at most `workers` produced ahead of it."""
     alive: list[weakref.ref] = []
+    most = [0]
 
     def producer(size: int) -> Callable[[], torch.Tensor]:
         def load() -> torch.Tensor:  # refcounting frees a dropped tensor at once
-            assert all(ref() is None for ref in alive), "an earlier tensor is still referenced"
             tensor = torch.full((size,), float(size))
             alive.append(weakref.ref(tensor))
+            most[0] = max(most[0], sum(ref() is not None for ref in alive))
             return tensor
         return load
 
-    tensors = {f"t{i}": LazyTensor("F32", (1000 + i,), producer(1000 + i)) for i in range(5)}
+    tensors = {f"t{i}": LazyTensor("F32", (1000 + i,), producer(1000 + i)) for i in range(8)}
     progress: list[int] = []
-    path = write_safetensors(tmp_path / "s.safetensors", tensors, progress=progress.append)
-    assert sorted(progress) == [4 * (1000 + i) for i in range(5)]
+    path = write_safetensors(tmp_path / "s.safetensors", tensors, progress=progress.append, workers=workers)
+    assert progress == [4 * (1000 + i) for i in range(8)]  # in write order, each once
     assert safetensors.torch.load_file(path)["t3"][0].item() == 1003.0
+    assert most[0] <= workers + 1
+
+
+def test_a_failing_producer_leaves_nothing(tmp_path: Path) -> None:
+    def broken() -> torch.Tensor:
+        raise SdkitError("the source went away")
+
+    tensors = {f"t{i}": LazyTensor("F32", (4,), lambda: torch.zeros(4)) for i in range(6)}
+    tensors["t3"] = LazyTensor("F32", (4,), broken)
+    with pytest.raises(SdkitError, match="went away"):
+        write_safetensors(tmp_path / "s.safetensors", tensors, workers=2)
+    assert files_in(tmp_path) == []
+
+
+def test_finish_runs_on_the_complete_file_before_the_rename(tmp_path: Path) -> None:
+    target = tmp_path / "f.safetensors"
+    seen = []
+
+    def finish(partial: Path) -> None:
+        seen.append((partial.name, partial.stat().st_size, target.exists()))
+
+    write_safetensors(target, {"w": LazyTensor("F32", (4,), lambda: torch.ones(4))}, finish=finish)
+    (name, size, existed), = seen
+    assert name != target.name and size == target.stat().st_size and not existed
 
 
 def test_existing_output_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ from sdkit.adapters.embedding import read_embedding
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
 from sdkit.ops.convert import ConvertOptions, convert_model
+from sdkit.ops.convert_embedding import write_a1111_pt
 from sdkit.ops.convert_lora import adapter_metadata
-from sdkit.ops.convert_lora_names import LoraNameIndex
 
 UNET_TARGETS = ["attn2.to_k", "attn2.to_v", "proj_in", "conv1", "conv2", "time_emb_proj", "conv"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -127,20 +127,22 @@ def test_diffusers_lora_cast_in_place_keeps_its_peft_alphas(loras, tmp_path):
 
 def test_per_module_alphas_survive_kohya_to_diffusers(tmp_path):
     """kohya alphas that differ per attention layer come back as peft alpha patterns."""
-    index = LoraNameIndex("sd1")
-    q, k = (index.resolve(f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_{x}") for x in "qk")
+    paths = {x: f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_{x}" for x in "qk"}
     torch.manual_seed(0)
     tensors = {}
-    for target, alpha in ((q, 2.0), (k, 6.0)):
-        tensors[f"{target.kohya}.lora_down.weight"] = torch.randn(4, 320)
-        tensors[f"{target.kohya}.lora_up.weight"] = torch.randn(320, 4)
-        tensors[f"{target.kohya}.alpha"] = torch.tensor(alpha)
+    for x, alpha in (("q", 2.0), ("k", 6.0)):
+        kohya = "lora_unet_" + paths[x].replace(".", "_")
+        tensors[f"{kohya}.lora_down.weight"] = torch.randn(4, 320)
+        tensors[f"{kohya}.lora_up.weight"] = torch.randn(320, 4)
+        tensors[f"{kohya}.alpha"] = torch.tensor(alpha)
     save_file(tensors, tmp_path / "kohya.safetensors", metadata={"ss_base_model_version": "sd_v1"})
     convert_model(tmp_path / "kohya.safetensors", tmp_path / "peft.safetensors", ConvertOptions(to="diffusers"))
     config = json.loads(metadata(tmp_path / "peft.safetensors")["lora_adapter_metadata"])
     patterns = {config["unet.lora_alpha"], *config["unet.alpha_pattern"].values()}
     assert patterns == {2.0, 6.0} and len(config["unet.alpha_pattern"]) == 1
-    assert sorted(config["unet.target_modules"]) == sorted([q.diffusers, k.diffusers])
+    assert sorted(config["unet.target_modules"]) == sorted(paths.values())
+    assert sorted(load_file(tmp_path / "peft.safetensors")) == sorted(
+        f"unet.{path}.lora_{role}.weight" for path in paths.values() for role in "AB")
     assert json.loads(adapter_metadata({"unet": [("a", 4, 4.0)]}))["unet.r"] == 4
 
 
@@ -209,6 +211,21 @@ def test_embedding_back_to_a1111_pt(a1111_embedding, tmp_path):
     assert torch.equal(data["string_to_param"]["*"], original.half())
     assert json.loads(data["sdkit.recipe"])["operation"] == "convert"
     assert torch.equal(read_embedding(tmp_path / "again.pt").vectors["text_encoder"], original.half().float())
+
+
+def test_write_a1111_pt_loads_in_diffusers_and_replaces_only_when_asked(a1111_embedding, tmp_path):
+    embedding = read_embedding(a1111_embedding)
+    vectors = embedding.vectors["text_encoder"]
+    path = write_a1111_pt(tmp_path / "style.pt", embedding, "F16", {"sd_checkpoint": "0123abcd", "note": "kept"})
+    assert torch.equal(loaded_rows(path, tmp_path / "tokenizer", token="style"), vectors.half().float())
+    data = torch.load(path, weights_only=True)
+    assert (data["name"], data["sd_checkpoint"], data["sd_checkpoint_name"], data["note"]) == \
+        ("style", "0123abcd", "base", "kept")
+    with pytest.raises(SdkitError, match="already exists"):
+        write_a1111_pt(path, embedding, "F32", {})
+    write_a1111_pt(path, embedding, "F32", {}, overwrite=True)
+    assert torch.equal(torch.load(path, weights_only=True)["string_to_param"]["*"], vectors.float())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["style.pt"]
 
 
 def test_sdxl_embedding_keeps_clip_l_and_clip_g(tmp_path):

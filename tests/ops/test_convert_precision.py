@@ -187,12 +187,14 @@ def test_metadata_is_carried_without_stale_hashes(ldm, tmp_path):
     assert json.loads(meta["sdkit.recipe"])["parameters"]["dtype"] == "fp16"
 
 
-def test_existing_output_needs_force_and_input_is_never_the_output(ldm, tmp_path):
+def test_existing_output_or_the_input_as_output_needs_force(ldm, tmp_path):
     source = S.write_ldm(tmp_path / "in.safetensors", ldm)
     (tmp_path / "out.safetensors").write_bytes(b"x")
     with pytest.raises(SdkitError, match="already exists"):
         convert_model(source, tmp_path / "out.safetensors")
     assert (tmp_path / "out.safetensors").read_bytes() == b"x"
     convert_model(source, tmp_path / "out.safetensors", ConvertOptions(force=True))
-    with pytest.raises(SdkitError, match="is the input"):
-        convert_model(source, source, ConvertOptions(force=True))
+    before = source.read_bytes()
+    with pytest.raises(SdkitError, match=r"is one of the inputs \(use --force to replace it\)"):
+        convert_model(source, source)
+    assert source.read_bytes() == before

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from sdkit.adapters.lora_format import parse_lora
-from sdkit.adapters.lora_names import adapter_address, map_modules, model_names
+from sdkit.adapters.lora_names import adapter_address, map_modules, model_names, structure_names
 from sdkit.arch import identify
+from sdkit.errors import SdkitError
 from sdkit.io import model_from_tensors
 from sdkit.ops.convert_layout import model_view
 from test_lora_support import single_thread  # noqa: F401  (autouse)
-from test_lora_support import diffusers_state, ldm_state, tiny_pipeline
+from test_lora_support import configs, diffusers_state, ldm_state, tiny_pipeline
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 Q_LDM = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
@@ -22,8 +23,6 @@ def names_of(tensors: dict[str, torch.Tensor], pipe=None):
     if pipe is None:
         model = model_from_tensors(tensors)
     else:  # a diffusers folder as the reader lays it out
-        from test_lora_support import configs
-
         model = model_from_tensors(tensors)
         model.format = "diffusers"
         model.components = {name: model_from_tensors({k.split("/", 1)[1]: v for k, v in tensors.items()
@@ -34,9 +33,14 @@ def names_of(tensors: dict[str, torch.Tensor], pipe=None):
 
 
 @pytest.fixture(scope="module")
-def sd1():
-    pipe = tiny_pipeline("sd1")
-    return {"ldm": names_of(ldm_state(pipe)), "diffusers": names_of(diffusers_state(pipe), pipe)}
+def sd1_pipe():
+    return tiny_pipeline("sd1")
+
+
+@pytest.fixture(scope="module")
+def sd1(sd1_pipe):
+    return {"ldm": names_of(ldm_state(sd1_pipe)), "diffusers": names_of(diffusers_state(sd1_pipe), sd1_pipe),
+            "structure": structure_names("sd1", configs(sd1_pipe))}
 
 
 @pytest.mark.parametrize("name", [
@@ -101,3 +105,45 @@ def test_sdxl_fused_thirds_and_ambiguous_bare_names():
 def test_adapter_address():
     assert adapter_address("lora_te2_text_model_x") == ("text_encoder_2", "text_model_x")
     assert adapter_address("base_model.model.encoder.layers.0.mlp.fc1") == (None, "encoder_layers_0_mlp_fc1")
+
+
+# ---- a base known by its structure alone ------------------------------------------------
+
+def test_structure_index_lists_the_layers_of_the_model_it_describes(sd1):
+    """Built from the configs, it names the same layers as the index of the model's tensors."""
+    def paths(names, component):
+        return {(t.diffusers_path.removeprefix("text_model."), t.ldm_path if component == "unet" else None)
+                for t in names.targets if t.component == component}
+
+    for component in ("unet", "text_encoder"):
+        assert paths(sd1["structure"], component) == paths(sd1["diffusers"], component)
+        assert paths(sd1["structure"], component) == paths(sd1["ldm"], component)
+
+
+@pytest.mark.parametrize("name", [
+    "lora_unet_" + Q.replace(".", "_"), "lora_unet_" + Q_LDM.replace(".", "_"), "unet." + Q,
+    "unet.base_model.model." + Q, "lycoris_" + Q.replace(".", "_"),
+])
+def test_structure_index_reaches_layers_by_every_spelling(sd1, name):
+    layer, reason = sd1["structure"].resolve(name)
+    assert reason is None, reason
+    assert (layer.component, layer.diffusers_path, layer.ldm_path) == ("unet", Q, Q_LDM)
+
+
+def test_structure_index_of_the_released_sdxl():
+    names = structure_names("sdxl")
+    # kohya names SDXL UNet layers by LDM path: level 1's first attention is input block 4
+    layer, _ = names.resolve("lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k")
+    assert layer.diffusers_path == "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"
+    layer, _ = names.resolve("lora_unet_middle_block_1_transformer_blocks_9_ff_net_2")
+    assert layer.diffusers_path == "mid_block.attentions.0.transformer_blocks.9.ff.net.2"
+    for name in ("lora_te2_text_model_encoder_layers_31_mlp_fc2", "text_encoder_2.encoder.layers.31.mlp.fc2",
+                 "text_encoder_2.text_model.encoder.layers.31.mlp.fc2"):
+        layer, reason = names.resolve(name)
+        assert reason is None and layer.component == "text_encoder_2"
+        assert layer.diffusers_path.endswith("encoder.layers.31.mlp.fc2")
+    assert names.resolve("lora_te1_text_model_encoder_layers_12_mlp_fc2")[0] is None  # CLIP-L has 12 layers
+    assert structure_names("sdxl_refiner").resolve("lora_te1_text_model_encoder_layers_0_mlp_fc1") == \
+        (None, "the base has no text_encoder")
+    with pytest.raises(SdkitError, match="no module index for layout 'flux'"):
+        structure_names("flux")

@@ -15,7 +15,7 @@ from sdkit.arch.blocks import block_layout, component_of
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
 from sdkit.ops.merge import MergeRecipe, RecipeInput, merge_models, replay_merge
-from sdkit.ops.merge.prefetch import Prefetcher
+from sdkit.io.ahead import Prefetcher
 from test_merge_support import checkpoint, write, write_diffusers_folder
 
 VAE = "first_stage_model."
@@ -233,7 +233,7 @@ def test_refusals_before_any_byte_is_written(models: dict[str, Path], tmp_path: 
     with pytest.raises(SdkitError, match="takes 3 models"):
         merge_models(recipe([models["a"], models["b"]], "add_difference"), tmp_path / "m.safetensors")
     with pytest.raises(SdkitError, match="is one of the inputs"):
-        merge_models(recipe([models["a"], models["b"]]), models["b"], overwrite=True)
+        merge_models(recipe([models["a"], models["b"]]), models["b"])
 
     class Full:
         free = 1000

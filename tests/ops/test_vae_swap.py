@@ -230,8 +230,8 @@ def test_swap_refuses_an_output_of_the_wrong_kind(base: dict[str, Any], candidat
         swap_vae(base["folder"], vae, tmp_path / "out.safetensors")
     with pytest.raises(SdkitError, match="must be a .safetensors file"):
         swap_vae(base["single"], vae, tmp_path / "out")
-    with pytest.raises(SdkitError, match="is an input"):
-        swap_vae(base["single"], vae, base["single"], force=True)
+    with pytest.raises(SdkitError, match=r"is one of the inputs \(use --force to replace it\)"):
+        swap_vae(base["single"], vae, base["single"])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -72,11 +72,18 @@ def test_filters_drop_small_and_out_of_range_pictures_with_reasons(tmp_path):
     scan = scan_dataset(tmp_path, ImageFilter(min_width=32, min_height=32, min_aspect=0.5, max_aspect=2.0))
     assert [r.path.name for r in scan.records] == ["ok.png"]
     assert set(scan.dropped) == {"small.png", "wide.png", "broken.png"}
-    assert "smaller than 32x32" in scan.dropped["small.png"]
+    assert scan.dropped["small.png"] == "16x64 is narrower than the minimum width 32"
     assert "aspect ratio 4.00 is outside 0.5-2" in scan.dropped["wide.png"]
     assert "not a readable image" in scan.dropped["broken.png"]
     with pytest.raises(SdkitError, match="all 4 images were filtered out"):
         scan_dataset(tmp_path, ImageFilter(min_width=1000))
+
+
+def test_a_minimum_on_one_side_names_only_that_side():
+    only_width = ImageFilter(min_width=32)
+    assert only_width.reason_to_drop(16, 64) == "16x64 is narrower than the minimum width 32"
+    assert only_width.reason_to_drop(64, 16) is None
+    assert ImageFilter(min_height=32).reason_to_drop(64, 16) == "64x16 is lower than the minimum height 32"
 
 
 def test_an_empty_folder_and_an_excluded_subfolder(tmp_path):
@@ -162,6 +169,21 @@ def test_memory_cache_runs_the_vae_once_per_picture(vae, tmp_path):
     assert torch.allclose(first.latents, expected, atol=1e-5)
 
 
+def test_repeats_of_a_picture_share_one_cache_entry(vae, tmp_path):
+    samples = _samples(concept_pictures(tmp_path / "data", count=2))
+    repeated = samples * 3  # what --repeats 3 makes
+    source = LatentSource(vae, repeated, "memory", "center")
+    seen = []
+    source.prepare(lambda done, total: seen.append((done, total)))
+    assert source.encoded == 2 and seen == [(1, 2), (2, 2)]
+    batch = source.batch([0, 2, 4], torch.Generator().manual_seed(0), random.Random(0))
+    assert source.encoded == 2 and batch.latents.shape == (3, 4, 16, 16)
+    alone = LatentSource(vae, samples[:1], "memory", "center")
+    alone.prepare()
+    assert torch.equal(batch.latents[0], alone.batch([0], torch.Generator().manual_seed(0),
+                                                     random.Random(0)).latents[0])
+
+
 def test_disk_cache_is_reused_and_invalidated_by_a_changed_picture(vae, tmp_path):
     data = concept_pictures(tmp_path / "data", count=2)
     cache = tmp_path / "cache"
@@ -171,7 +193,8 @@ def test_disk_cache_is_reused_and_invalidated_by_a_changed_picture(vae, tmp_path
     again = LatentSource(vae, _samples(data), "disk", "center", cache)
     again.prepare()
     assert again.encoded == 0
-    assert torch.equal(again._memory[0], first._memory[0])
+    draws = [source.batch([0], torch.Generator().manual_seed(0), random.Random(0)).latents for source in (first, again)]
+    assert torch.equal(*draws)
     _picture(data / "0.png", colour="blue")
     changed = LatentSource(vae, _samples(data), "disk", "center", cache)
     changed.prepare()

@@ -3,6 +3,8 @@ and in the peers (diffusers, lycoris-lora) — on the tiny random models, a few 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -196,6 +198,10 @@ def test_dreambooth_trains_the_unet_only_and_writes_a_loadable_checkpoint(sd1, b
     assert _same(reloaded, pipe.unet.state_dict())
     with open_model(config.output) as file:
         assert file.metadata["ss_num_reg_images"] == "2" and file.metadata["ss_prior_loss_weight"] == "1.0"
+        assert json.loads(file.metadata["ss_reg_dataset_dirs"]) == {"dreambooth.class-images": {"n_repeats": 1,
+                                                                                                "img_count": 2}}
+        regularisation = json.loads(file.metadata["ss_datasets"])[0]["subsets"][1]
+        assert regularisation["is_reg"] and regularisation["class_tokens"] == "a photo"
 
 
 def test_dreambooth_diffusers_folder_loads_in_diffusers(sd1, data, tmp_path):
@@ -207,3 +213,33 @@ def test_dreambooth_diffusers_folder_loads_in_diffusers(sd1, data, tmp_path):
     peer = StableDiffusionPipeline.from_pretrained(config.output, safety_checker=None)
     assert all(torch.equal(peer.unet.state_dict()[k], trained[k]) for k in trained)
     assert (tmp_path / "tuned.train.json").is_file() and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.parametrize("output_format, save_precision", [("single-file", None), ("diffusers", "fp32")])
+def test_dreambooth_in_bf16_writes_the_untouched_parts_from_the_base_file(sd1, base, data, tmp_path, output_format,
+                                                                         save_precision):
+    """Frozen parts are rounded to bf16 while training; the checkpoint carries the base's own
+    weights, cast only by --save-precision (fp16 by default)."""
+    output = tmp_path / ("tuned" if output_format == "diffusers" else "tuned.safetensors")
+    config = tiny_config("dreambooth", sd1.file, data, tmp_path, steps=1, output=output,
+                         run={"precision": "bf16", "save_precision": save_precision},
+                         dreambooth={"format": output_format})
+    trainer = run_trainer(config)
+    assert trainer.plan.name == "bf16"
+    if output_format == "single-file":
+        from safetensors.torch import load_file
+
+        assert trainer.model.pipe.text_encoder.get_input_embeddings().weight.dtype == torch.bfloat16
+
+        written, original = load_file(str(output)), load_file(str(sd1.file))
+        untouched = [k for k in original if k.startswith(("cond_stage_model.", "first_stage_model."))]
+        assert untouched and all(torch.equal(written[k], original[k].to(torch.float16)) for k in untouched)
+        unet = [k for k in original if k.startswith("model.diffusion_model.")]
+        assert any(not torch.equal(written[k], original[k].to(torch.float16)) for k in unet)
+        return
+    from diffusers import StableDiffusionPipeline
+
+    peer = StableDiffusionPipeline.from_pretrained(output, safety_checker=None)
+    for name in ("text_encoder", "vae"):
+        assert _same(getattr(peer, name).state_dict(), getattr(base.pipe, name).state_dict()), name
+    assert not _same(peer.unet.state_dict(), base.pipe.unet.state_dict())

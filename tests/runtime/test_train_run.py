@@ -4,6 +4,8 @@ with clear messages, options that reach the loss, metadata and the side files.""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,15 +69,34 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(sd1, data, tmp_p
     assert record["steps"] == {"done": 4, "resumed_from": 2, "batches_per_epoch": 4}
 
 
-def test_a_state_of_another_method_or_finished_run_is_refused(sd1, data, tmp_path):
+def test_a_state_of_another_run_is_refused_naming_what_differs(sd1, data, tmp_path):
     first = tiny_config("lora", sd1.file, data, tmp_path, steps=1, run={"save_every": 1})
     run_trainer(first)
-    with pytest.raises(SdkitError, match="other network options"):
-        run_trainer(tiny_config("lora", sd1.file, data, tmp_path, steps=2, network={"rank": 8},
-                                output=tmp_path / "other.safetensors", run={"resume": first.state_dir}))
+    other_data = shutil.copytree(data, tmp_path / "other-data")
+    (other_data / "0.txt").write_text("a photo of something else")
+    other_base = tmp_path / "other-base.safetensors"
+    other_base.write_bytes(sd1.file.read_bytes()[:-1] + b"\1")  # refused before it would load
+    changed = {"optim": {"batch_size": 2, "grad_accum": 2}, "network": {"rank": 8},
+               "data": {"trigger": "ohwx", "repeats": 2, "min_width": 8, "caption_dropout": 0.1}}
+    with pytest.raises(SdkitError) as refused:
+        run_trainer(tiny_config("lora", other_base, other_data, tmp_path, steps=2,
+                                output=tmp_path / "other.safetensors", run={"seed": 5, "resume": first.state_dir},
+                                **changed))
+    message = str(refused.value)
+    assert message.startswith(f"{first.state_dir}: this state is from another run (base model: sha256 ")
+    assert message.endswith("; only --steps and the learning rates may change when resuming") and "\n" not in message
+    for difference in ("training pictures: sha256 ", "--seed: 0 then, 5 now", "--batch-size: 1 then, 2 now",
+                       "--grad-accum: 1 then, 2 now", "--trigger: null then, \"ohwx\" now", "--repeats: 1 then, 2 now",
+                       "--min-width: 0 then, 8 now", "--caption-dropout: 0.0 then, 0.1 now", "--rank: 4 then, 8 now"):
+        assert difference in message
+    assert not (tmp_path / "other.train.json").exists()
     with pytest.raises(SdkitError, match="leaves nothing to train"):
         run_trainer(tiny_config("lora", sd1.file, data, tmp_path, steps=1, output=tmp_path / "again.safetensors",
                                 run={"resume": first.state_dir}))
+    resumed = run_trainer(tiny_config("lora", sd1.file, data, tmp_path, steps=2, lr=5e-3,
+                                      optim={"text_encoder_lr": 1e-3}, output=tmp_path / "longer.safetensors",
+                                      run={"resume": first.state_dir}))
+    assert resumed.result.resumed_from == 1 and len(resumed.result.losses) == 2
 
 
 def test_gradient_checkpointing_does_not_change_the_result(sd1, data, tmp_path):
@@ -123,6 +144,26 @@ def test_fp16_on_cpu_is_refused_in_one_clear_line(sd1, data, tmp_path, capsys):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_train_silences_transformers_notices_unless_debugging(sd1, data, tmp_path, capsys):
+    """transformers prints notices about torchvision when pipelines load; the command turns
+    its log level to errors (the subprocess test in test_verify.py reads real stderr)."""
+    from transformers.utils import logging
+
+    args = ["train", "lora", "--base", str(sd1.file), "--data", str(data), "-o", str(tmp_path / "x.safetensors"),
+            "--precision", "fp16", "--steps", "1"]  # refused on this CPU: the check comes first
+    before = logging.get_verbosity()
+    try:
+        logging.set_verbosity_warning()
+        with pytest.raises(SdkitError):
+            main(["--debug", *args])
+        assert logging.get_verbosity() == logging.WARNING
+        with pytest.raises(SystemExit):
+            main(args)
+        assert logging.get_verbosity() == logging.ERROR
+    finally:
+        logging.set_verbosity(before)
+
+
 # ---- what reaches the loss -------------------------------------------------------------
 
 def test_captions_get_the_trigger_repeats_count_and_dropout_empties_them(sd1, data, tmp_path, monkeypatch):
@@ -133,7 +174,8 @@ def test_captions_get_the_trigger_repeats_count_and_dropout_empties_them(sd1, da
     trainer = run_trainer(tiny_config("lora", sd1.file, data, tmp_path / "t", steps=3,
                                       data={"trigger": "ohwx", "repeats": 3}, output=tmp_path / "t.safetensors"))
     assert seen == [["ohwx, a photo of sks"]] * 3
-    assert json.loads(trainer.result.record.read_text())["data"]["samples_per_epoch"] == 12
+    record = json.loads(trainer.result.record.read_text())["data"]
+    assert record["samples_per_epoch"] == 12 and record["latents_encoded"] == 4  # once per picture, not per repeat
     seen.clear()
     run_trainer(tiny_config("lora", sd1.file, data, tmp_path, steps=3, data={"caption_dropout": 0.999}))
     assert seen == [[""]] * 3
@@ -172,12 +214,24 @@ def test_noise_offset_shifts_each_channel_by_one_constant():
 # ---- outputs ---------------------------------------------------------------------------
 
 def test_metadata_record_loss_curve_and_previews(sd1, data, tmp_path):
-    config = tiny_config("lora", sd1.file, data, tmp_path, steps=2, lr=5e-3,
+    config = tiny_config("lora", sd1.file, data, tmp_path, steps=2, lr=5e-3, data={"trigger": "ohwx"},
                          run={"seed": 7, "preview_every": 1, "preview_prompts": ("a photo of sks",),
                               "preview_seeds": 2})
     result = run_trainer(config).result
     with safe_open(str(config.output), "pt") as file:
         metadata = file.metadata()
+    # the family's native 64x64 is not what this LoRA was trained at
+    assert (metadata["modelspec.resolution"], metadata["modelspec.trigger_phrase"]) == ("32x32", "ohwx")
+    assert {key: metadata[key] for key in ("ss_random_crop", "ss_clip_skip", "ss_flip_aug", "ss_shuffle_caption",
+                                           "ss_keep_tokens", "ss_reg_dataset_dirs")} == {
+        "ss_random_crop": "False", "ss_clip_skip": "None", "ss_flip_aug": "False", "ss_shuffle_caption": "False",
+        "ss_keep_tokens": "0", "ss_reg_dataset_dirs": "{}"}
+    assert 0 <= int(metadata["ss_session_id"]) <= 2 ** 32
+    dataset, = json.loads(metadata["ss_datasets"])
+    assert dataset["is_dreambooth"] and dataset["num_train_images"] == 4 and dataset["resolution"] == [32, 32]
+    assert dataset["subsets"] == [{"img_count": 4, "num_repeats": 1, "color_aug": False, "flip_aug": False,
+                                   "random_crop": False, "shuffle_caption": False, "keep_tokens": 0,
+                                   "image_dir": data.name, "class_tokens": "ohwx", "is_reg": False}]
     for key in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_learning_rate", "ss_steps",
                 "ss_base_model_version", "ss_sd_model_hash", "ss_new_sd_model_hash", "ss_resolution", "ss_seed",
                 "ss_num_train_images", "ss_tag_frequency", "ss_mixed_precision", "ss_training_started_at",
@@ -222,6 +276,35 @@ def test_contradictory_options_are_refused_in_one_line(sd1, data, tmp_path, chan
         change = {"output": tmp_path / change["output"]}
     with pytest.raises(SdkitError, match=message):
         run_trainer(tiny_config("lora", sd1.file, data, tmp_path, **change))
+
+
+@pytest.mark.parametrize("method, changes, message", [
+    ("dreambooth", {"dreambooth": {"class_dir": Path("class")}},
+     "--class-dir is for prior preservation, which needs --class-prompt"),
+    ("dreambooth", {"dreambooth": {"num_class_images": 10}}, "--num-class-images is for prior preservation"),
+    ("dreambooth", {"dreambooth": {"prior_loss_weight": 0.5}}, "--prior-loss-weight is for prior preservation"),
+    ("lora", {"dreambooth": {"class_prompt": "a photo"}}, "--class-prompt applies to dreambooth, not lora"),
+    ("lora", {"data": {"cache_dir": Path("cache")}},
+     "--cache-dir is where --cache-latents disk keeps latents, and the cache is memory, so it would be ignored"),
+    ("lora", {"data": {"bucket_step": 64, "buckets": False}}, "--bucket-step sets the sides of aspect-ratio buckets"),
+    ("ti", {"network": {"train_text_encoder": True}},
+     "--train-text-encoder applies to lora, loha, lokr and dreambooth, not ti"),
+    ("hypernet", {"network": {"train_text_encoder": True}}, "--train-text-encoder applies to"),
+    ("hypernet", {"run": {"save_precision": "fp16"}}, "--save-precision does not apply to hypernetworks"),
+    ("ti", {"embedding": {"vectors": 76}}, "--vectors must be at most 75"),
+    ("lora", {"network": {"alpha": -1.0}}, "--alpha must be positive, not -1"),
+    ("hypernet", {"hypernet": {"activation": "nope"}}, "--activation 'nope' is unknown"),
+    ("hypernet", {"hypernet": {"activation": "threshold"}}, "--activation 'threshold' cannot be built without"),
+    ("hypernet", {"hypernet": {"weight_init": "Zeros"}}, "--weight-init must be one of Normal, XavierUniform"),
+    ("hypernet", {"hypernet": {"layer_structure": (1, 2)}}, "--layer-structure 1,2: must start and end with 1"),
+])
+def test_ignored_or_invalid_options_are_refused_up_front_naming_the_option(sd1, data, tmp_path, method, changes,
+                                                                           message):
+    from sdkit.runtime.train.config import check_config
+
+    with pytest.raises(SdkitError) as refused:
+        check_config(tiny_config(method, sd1.file, data, tmp_path, **changes))
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
 def test_8bit_adam_without_bitsandbytes_is_refused_before_loading(sd1, data, tmp_path, monkeypatch):

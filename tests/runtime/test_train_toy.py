@@ -137,8 +137,8 @@ def test_dreambooth_prior_preservation_keeps_the_class(tmp_path):
     data = render_concept(tmp_path / "instance", COLOUR, "circle", "a photo of sks circle")
     outputs, drift = {}, {}
     for name, prior in (("prior", "a photo of a circle"), ("plain", None)):
-        options = DreamBoothOptions(class_prompt=prior, num_class_images=16, class_dir=tmp_path / "class",
-                                    train_text_encoder=True)
+        preservation = {"class_prompt": prior, "num_class_images": 16, "class_dir": tmp_path / "class"} if prior else {}
+        options = DreamBoothOptions(train_text_encoder=True, **preservation)
         outputs[name] = toy_train("dreambooth", data, tmp_path / f"{name}.safetensors", 150, 3e-4,
                                   text_encoder_lr=3e-3, dreambooth=options)
         instance = verified(outputs[name], "a photo of sks circle", f"{COLOUR}/circle")

@@ -22,7 +22,9 @@ from sdkit.arch import FAMILIES
 from sdkit.arch.keymaps import convert_state_dict, plan_for
 from sdkit.cli import vae_cmd  # noqa: F401  (attaches `vae` to the group)
 from sdkit.cli.main import cli
+from sdkit.errors import SdkitError
 from sdkit.runtime import vae_table
+from sdkit.runtime.pipeline import load_model
 from sdkit.runtime.toyscore import LIGHT_BACKGROUNDS, random_scene, render_scene
 from sdkit.runtime.vae_check import THRESHOLDS, check_vae
 
@@ -70,8 +72,14 @@ def decoder_finetune(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_ldm_vae(vae, tmp_path_factory.mktemp("ft") / "toy-ft-decoder.vae.safetensors")
 
 
-@pytest.fixture(scope="module")
-def base_without_vae(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["diffusers folder", "single file"])
+def base_without_vae(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """toy-sd1 without its VAE: the folder without vae/, the single file without first_stage_model.*"""
+    if request.param == "single file":
+        tensors = load_file(TOY / "sd1" / "toy-sd1.safetensors")
+        path = tmp_path_factory.mktemp("novae") / "toy-sd1-novae.safetensors"
+        save_file({k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, path)
+        return path
     folder = tmp_path_factory.mktemp("novae") / "toy-sd1-novae"
     shutil.copytree(SD1, folder, ignore=shutil.ignore_patterns("vae"))
     index = json.loads((folder / "model_index.json").read_text())
@@ -120,8 +128,6 @@ def test_single_file_base_with_config() -> None:
     assert report["denoising"]["ratio"] == pytest.approx(1.0, abs=0.02)
 
 
-@pytest.mark.xfail(strict=False, reason="the no-VAE score threshold (0.85) was set on stand-in "
-                   "models; on the committed toy-sd1 its own VAE scores above it")
 def test_base_without_vae_scores_against_the_oracle(base_without_vae: Path, decoder_finetune: Path) -> None:
     own = check(base_without_vae, TOY / "sd1" / "toy-sd1.vae.safetensors", config=SD1)
     other = check(base_without_vae, SDXL / "vae", config=SD1)
@@ -129,6 +135,15 @@ def test_base_without_vae_scores_against_the_oracle(base_without_vae: Path, deco
     assert own["verdict"] == "match" and own["denoising"]["candidate_score"] < THRESHOLDS["max_denoise_score"]
     assert other["verdict"] == "mismatch" and other["denoising"]["candidate_score"] > THRESHOLDS["max_denoise_score"]
     assert check(base_without_vae, decoder_finetune, config=SD1)["verdict"] == "match"
+
+
+def test_loader_takes_a_base_without_vae_only_when_asked(base_without_vae: Path) -> None:
+    with pytest.raises(SdkitError, match="vae"):
+        load_model(base_without_vae, config=SD1, device="cpu", dtype="fp32")
+    loaded = load_model(base_without_vae, config=SD1, device="cpu", dtype="fp32", require_vae=False)
+    assert loaded.pipe.vae is None and loaded.pipe.unet is not None and loaded.pipe.text_encoder is not None
+    with pytest.raises(SdkitError, match="has no VAE"):
+        load_model(base_without_vae, config=SD1, vae=SD1 / "vae", device="cpu", require_vae=False)
 
 
 @pytest.mark.parametrize("changes, problem", [

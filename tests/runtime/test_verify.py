@@ -1,13 +1,18 @@
 """`sdkit verify`: every adapter kind is sampled with and without, a plugged-in scorer
-decides, and the exit code follows --min-rate."""
+(a module of the current folder or a file) decides, and the exit code follows --min-rate
+and --max-base-rate."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sdkit.cli.train_cmd  # noqa: F401  (attaches `train` and `verify` to the cli group)
 from runtime_models import kohya_lora_tensors, write_adapter
@@ -22,7 +27,7 @@ import numpy as np
 calls = []
 
 def always(picture):
-    calls.append(picture.size)
+    calls.append(np.asarray(picture))
     return ["purple", "circle"]
 
 def never(picture):
@@ -57,7 +62,14 @@ def adapters(sd1, tmp_path_factory):
     embedding = folder / "sks.safetensors"
     save_file({"emb_params": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}, str(embedding))
     hypernet = save_hypernetwork(folder / "hn.pt", new_hypernetwork("hn", [32, 64]))
-    return {"lora": lora, "embedding": embedding, "hypernetwork": hypernet, "checkpoint": sd1.file}
+    tuned = load_file(str(sd1.file))
+    for key in tuned:
+        if key.startswith("model.diffusion_model.out."):  # the UNet's last layers, nudged
+            tuned[key] = tuned[key] * 1.5
+    save_file(tuned, str(folder / "tuned.safetensors"))
+    shutil.copytree(sd1.file.with_name(sd1.file.name + ".tokenizer"), folder / "tuned.safetensors.tokenizer")
+    return {"lora": lora, "embedding": embedding, "hypernetwork": hypernet, "checkpoint": sd1.file,
+            "tuned": folder / "tuned.safetensors"}
 
 
 def _job(adapter, base, **changes):
@@ -67,12 +79,17 @@ def _job(adapter, base, **changes):
     return VerifyJob(adapter, base, **settings)
 
 
-@pytest.mark.parametrize("kind", ["lora", "embedding", "hypernetwork", "checkpoint"])
-def test_every_adapter_kind_is_sampled_with_and_without(sd1, adapters, scorers, kind):
-    result = verify_adapter(_job(adapters[kind], sd1.file))
+@pytest.mark.parametrize("kind, adapter", [("lora", "lora"), ("embedding", "embedding"),
+                                           ("hypernetwork", "hypernetwork"), ("checkpoint", "tuned")])
+def test_every_adapter_kind_is_sampled_with_and_without(sd1, adapters, scorers, kind, adapter):
+    result = verify_adapter(_job(adapters[adapter], sd1.file))
     assert result.kind == kind and result.expected == ["purple", "circle"]
-    assert (result.with_rate, result.without_rate, result.passed) == (1.0, 1.0, True)
-    assert scorers.calls == [(32, 32)] * 4  # two seeds without, two with
+    without, with_adapter = scorers.calls[:2], scorers.calls[2:]  # two seeds without, then with
+    assert [picture.shape for picture in scorers.calls] == [(32, 32, 3)] * 4
+    assert all(not np.array_equal(a, b) for a, b in zip(without, with_adapter))
+    # a scorer that sees the concept everywhere sees it in the base too: no proof of the adapter
+    assert (result.with_rate, result.without_rate, result.passed) == (1.0, 1.0, False)
+    assert result.failures() == ["the base alone showed it in 100% of pictures, above --max-base-rate 0.2"]
 
 
 def test_the_rate_is_the_fraction_of_seeds_showing_every_expected_label(sd1, adapters, scorers):
@@ -92,17 +109,59 @@ def test_the_rate_is_the_fraction_of_seeds_showing_every_expected_label(sd1, ada
     assert both.with_rate == 0.0
 
 
-def test_cli_exit_code_follows_min_rate(sd1, adapters, scorers, capsys):
-    common = ["verify", str(adapters["lora"]), "--base", str(sd1.file), "--concept", "a photo of sks",
-              "--expect", "purple", "--seeds", "2", "--steps", "3", "--size", "32"]
-    main(common + ["--scorer", "my_scorers:always", "--json"])
+def _verify_args(sd1, adapters, *extra):
+    return ["verify", str(adapters["lora"]), "--base", str(sd1.file), "--concept", "a photo of sks",
+            "--expect", "purple", "--seeds", "2", "--steps", "3", "--size", "32", *extra]
+
+
+def test_cli_exit_code_follows_min_rate_and_max_base_rate(sd1, adapters, scorers, capsys):
+    main(_verify_args(sd1, adapters, "--scorer", "my_scorers:always", "--max-base-rate", "1", "--json"))
     report = json.loads(capsys.readouterr().out)
     assert report["passed"] and report["with_rate"] == 1.0 and report["kind"] == "lora"
-    with pytest.raises(SystemExit) as exit_info:
-        main(common + ["--scorer", "my_scorers:never"])
-    captured = capsys.readouterr()
-    assert exit_info.value.code == 1 and "FAILED" in captured.out
-    assert captured.err.startswith("sdkit: error:") and "below --min-rate 0.8" in captured.err
+    assert report["max_base_rate"] == 1.0
+    for scorer, why in (("never", "the concept showed in 0% of pictures with it, below --min-rate 0.8"),
+                        ("always", "the base alone showed it in 100% of pictures, above --max-base-rate 0.2")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(_verify_args(sd1, adapters, "--scorer", f"my_scorers:{scorer}"))
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 1 and "FAILED" in captured.out
+        assert captured.err == f"sdkit: error: {adapters['lora']}: {why}\n"
+
+
+SCORER_FILE = '''
+def sees_purple(picture):
+    return ["purple"]
+'''
+
+
+def test_cli_loads_a_scorer_from_the_current_folder_or_a_file(sd1, adapters, tmp_path, monkeypatch, capsys):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "scorer_in_this_folder.py").write_text(SCORER_FILE)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "scorer_file.py").write_text(SCORER_FILE)
+    monkeypatch.chdir(here)
+    search_path = list(sys.path)
+    for scorer in ("scorer_in_this_folder:sees_purple", f"{tmp_path / 'elsewhere' / 'scorer_file.py'}:sees_purple",
+                   "../elsewhere/scorer_file.py:sees_purple"):
+        main(_verify_args(sd1, adapters, "--scorer", scorer, "--max-base-rate", "1", "--json"))
+        report = json.loads(capsys.readouterr().out)
+        assert report["passed"] and report["labels_with"] == [["purple"]] * 2, scorer
+    assert sys.path == search_path
+    with pytest.raises(SdkitError, match="missing.py is not a file"):
+        load_scorer("missing.py:sees_purple")
+
+
+def test_the_installed_command_finds_a_file_scorer_and_prints_no_peer_notices(sd1, adapters, tmp_path):
+    """`python -I -m sdkit` searches what the installed `sdkit` command searches: not the
+    current folder, nor PYTHONPATH."""
+    (tmp_path / "scorer_file.py").write_text(SCORER_FILE)
+    done = subprocess.run([sys.executable, "-I", "-m", "sdkit", *_verify_args(sd1, adapters, "--scorer",
+                           "scorer_file.py:sees_purple", "--max-base-rate", "1", "--json")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["passed"]
+    assert "torchvision" not in done.stderr and "[transformers]" not in done.stderr
 
 
 def test_scorer_problems_are_refused_in_one_line(sd1, adapters, scorers):

@@ -21,11 +21,13 @@ from sdkit.errors import SdkitError
 from sdkit.ops.merge.align import (aligned_input, check_same_family, input_facts,
                                    mergeable_identity, open_inputs)
 from sdkit.ops.merge.compute import KeyComputer
-from sdkit.ops.merge.hashes import hash_inputs
+from sdkit.ops.merge.hashes import InputHashes, hash_inputs, legacy_hash, start_hashes
 from sdkit.ops.merge.plan import MERGE, AlignedInput, MergePlan, PlanReport, build_plan
-from sdkit.ops.merge.prefetch import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
+from sdkit.io.output_path import check_output_path
 from sdkit.ops.merge.provenance import InputFacts, merge_metadata
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput
+from sdkit.ops.recipe_meta import BackgroundHash
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod, get_method, input_index, input_letter
 from sdkit.ops.merge.weights import (KeyWeights, component_names, resolve_blocks,
                                      resolve_components)
@@ -54,9 +56,21 @@ class PreparedMerge:
     facts: list[InputFacts]
     plan: MergePlan
     computer: KeyComputer
+    pending: list[BackgroundHash] = field(default_factory=list)  # input hashes still running
 
     def compute(self, key: str) -> Any:
         return self.computer(self._actions[key])
+
+    def patch_hashes(self, file: Path) -> None:
+        """Write the input digests over their placeholders in `file`'s header."""
+        for running in self.pending:
+            running.patch(file)
+
+    def hashed_recipe(self) -> MergeRecipe:
+        """The recipe with every input's real sha256 (waits for running hashes)."""
+        digests = {running.placeholder: running.digest() for running in self.pending}
+        return replace(self.recipe, inputs=[replace(item, sha256=digests.get(item.sha256, item.sha256))
+                                            for item in self.recipe.inputs])
 
     def cost(self, key: str) -> int:
         """Memory a key holds while computed ahead: its output and its mapped inputs."""
@@ -83,19 +97,19 @@ def merge_models(recipe: MergeRecipe, output: str | Path | None = None, *,
     it is written.
     """
     from sdkit.io.lazy import LazyTensor
-    from sdkit.io.writer import write_order, write_safetensors
+    from sdkit.io.writer import write_safetensors
 
     target = _output_path(recipe, output)
-    if target.exists() and not overwrite:
-        raise SdkitError(f"{target}: already exists (use --force to overwrite)")
+    check_output_path(target, [item.path for item in recipe.inputs], force=overwrite)
     with prepare_merge(recipe, target) as prepared:
         metadata = merge_metadata(prepared.recipe, prepared.facts, target)
-        prefetcher = Prefetcher(prepared.compute, threads, cost=prepared.cost, budget=AHEAD_BUDGET)
-        tensors = {action.key: LazyTensor(action.dtype, action.shape, partial(prefetcher.get, action.key))
+        tensors = {action.key: LazyTensor(action.dtype, action.shape, partial(prepared.compute, action.key))
                    for action in prepared.plan.actions}
-        with single_threaded_torch(), prefetcher.start(write_order(tensors)):
-            write_safetensors(target, tensors, metadata, overwrite=overwrite, progress=progress)
-        return MergeResult(target, prepared.recipe, prepared.plan.report,
+        with single_threaded_torch():
+            write_safetensors(target, tensors, metadata, overwrite=overwrite, progress=progress,
+                              workers=DEFAULT_WORKERS if threads is None else threads, cost=prepared.cost,
+                              finish=prepared.patch_hashes)
+        return MergeResult(target, prepared.hashed_recipe(), prepared.plan.report,
                            dict(prepared.computer.non_finite.counts), prepared.plan.output_bytes)
 
 
@@ -110,6 +124,13 @@ def prepare_merge(recipe: MergeRecipe, target: Path, *,
 def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bool) -> PreparedMerge:
     settings = _method_settings(recipe)
     models = open_inputs(recipe.inputs, stack)
+    # hashing reads every input in full; unless the recipe names the digests its inputs
+    # must have, it starts now and runs beside everything else (from the checks and the
+    # import of torch to the writing); a refused merge stops it at its next chunk
+    pending: list[BackgroundHash] = []
+    if not any(given.sha256 for given in recipe.inputs):
+        pending = start_hashes(models)
+        stack.callback(lambda: [running.cancel() for running in pending])
     inputs = [aligned_input(input_letter(i), model) for i, model in enumerate(models)]
     identities = [mergeable_identity(model) for model in models]
     check_same_family(models, identities)
@@ -119,8 +140,10 @@ def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bo
                       recipe.dtype_code)
     if check_disk:
         _check_disk_space(target, plan.output_bytes)
-    # hashing reads every input in full: only once everything else is known to be fine
-    hashes = hash_inputs(models)
+    if pending:
+        hashes = [InputHashes(running.placeholder, legacy_hash(model)) for running, model in zip(pending, models)]
+    else:  # checked against the recipe before any work
+        hashes = hash_inputs(models)
     facts = [input_facts(aligned.name, model, identity, hashed, given.sha256)
              for aligned, model, identity, hashed, given
              in zip(inputs, models, identities, hashes, recipe.inputs)]
@@ -130,7 +153,7 @@ def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bo
                      params=dict(settings.params))
     computer = KeyComputer(inputs, settings.method, settings.params, str(target),
                            allow_nan=recipe.allow_nan)
-    return PreparedMerge(recipe, inputs, facts, plan, computer)
+    return PreparedMerge(recipe, inputs, facts, plan, computer, pending)
 
 
 def _output_path(recipe: MergeRecipe, output: str | Path | None) -> Path:
@@ -140,16 +163,7 @@ def _output_path(recipe: MergeRecipe, output: str | Path | None) -> Path:
     target = Path(chosen)
     if target.suffix.lower() not in (".safetensors", ".sft"):
         raise SdkitError(f"{target}: merges are written as .safetensors")
-    if any(_same_file(target, Path(item.path)) for item in recipe.inputs):
-        raise SdkitError(f"{target}: is one of the inputs; write the merge to a new file")
     return target
-
-
-def _same_file(first: Path, second: Path) -> bool:
-    try:
-        return first.exists() and second.exists() and first.samefile(second)
-    except OSError:
-        return False
 
 
 def _method_settings(recipe: MergeRecipe) -> _Settings:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -82,20 +82,58 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2) -> T
     Each task vector keeps its top-k fraction of entries by magnitude; the sign of each
     entry is elected from the sum of the trimmed vectors; the entries that agree with it
     are averaged (disjoint mean) and alpha times that mean is added to A.
+
+    Only the trim thresholds need the whole tensor; everything else runs slice by slice,
+    so the working set beyond the inputs is a few slices, never whole-tensor deltas.
     """
-    deltas = [_keep_top_fraction(model - base, k) for model in models]
-    return base + alpha * _disjoint_mean(deltas)
+    flat_base = base.reshape(-1)
+    flat_models = [model.reshape(-1) for model in models]
+    thresholds = [_top_fraction_threshold(model, flat_base, k) for model in flat_models]
+    out = torch.empty_like(flat_base)
+    for start in range(0, flat_base.numel(), _REDUCE_SLICE):
+        stop = start + _REDUCE_SLICE
+        part = flat_base[start:stop]
+        deltas = []
+        for model, threshold in zip(flat_models, thresholds):
+            delta = model[start:stop] - part
+            if threshold is not None:
+                delta = torch.where(delta.abs() >= threshold, delta, 0.0)
+            deltas.append(delta)
+        out[start:stop] = part + alpha * _disjoint_mean(deltas)
+    return out.reshape(base.shape)
 
 
-def _keep_top_fraction(delta: Tensor, fraction: float) -> Tensor:
-    """Zero all but the `fraction` largest-magnitude entries (ties at the threshold kept)."""
-    count = delta.numel()
+def _top_fraction_threshold(model: Tensor, base: Tensor, fraction: float) -> float | None:
+    """The magnitude of the ceil(fraction·n)-th largest entry of |model − base| (keeping
+    every entry at least that large keeps the top fraction, ties included), or None when
+    everything is kept.
+
+    An exact radix select instead of a sort or `kthvalue` over the whole tensor: a
+    non-negative float32 orders like its bit pattern, so one pass counts the entries per
+    top-16-bit bucket, which names the bucket holding the answer, and a second pass
+    selects within the few entries of that bucket.
+    """
+    count = base.numel()
     keep = math.ceil(fraction * count)
     if count == 0 or keep >= count:
-        return delta
-    magnitude = delta.abs()
-    threshold = magnitude.flatten().kthvalue(count - keep + 1).values
-    return torch.where(magnitude >= threshold, delta, 0.0)
+        return None
+    buckets = torch.zeros(1 << 15, dtype=torch.int64)
+    for bits in _magnitude_bits(model, base):
+        buckets += torch.bincount(bits >> 16, minlength=1 << 15)
+    at_or_above = buckets.flip(0).cumsum(0).flip(0)  # entries in this bucket or a higher one
+    bucket = int((at_or_above >= keep).nonzero().max())
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
+    inside = torch.cat([bits[(bits >> 16) == bucket] for bits in _magnitude_bits(model, base)])
+    rank = keep - above  # the answer is the rank-th largest entry inside the bucket
+    answer = inside.kthvalue(inside.numel() - rank + 1).values
+    return float(answer.view(torch.float32))
+
+
+def _magnitude_bits(model: Tensor, base: Tensor) -> Iterator[Tensor]:
+    """|model − base| slice by slice, as the int32 bit patterns of the float32 values."""
+    for start in range(0, base.numel(), _REDUCE_SLICE):
+        stop = start + _REDUCE_SLICE
+        yield (model[start:stop] - base[start:stop]).abs_().view(torch.int32)
 
 
 def _disjoint_mean(deltas: list[Tensor]) -> Tensor:

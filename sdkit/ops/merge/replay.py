@@ -15,7 +15,7 @@ import torch
 
 from sdkit.errors import SdkitError
 from sdkit.ops.merge.engine import prepare_merge
-from sdkit.ops.merge.prefetch import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher, single_threaded_torch
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput, recipe_from_metadata
 
 

@@ -26,6 +26,9 @@ CACHES = ("memory", "disk", "off")
 PREDICTIONS = ("epsilon", "v_prediction")
 DREAMBOOTH_FORMATS = ("single-file", "diffusers")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+MAX_VECTORS = 75  # a CLIP prompt chunk holds 75 tokens: A1111's most vectors per embedding
+DEFAULT_CLASS_IMAGES = 50
+DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
 
 
 @dataclass
@@ -104,10 +107,18 @@ class HypernetOptions:
 class DreamBoothOptions:
     class_prompt: str | None = None  # None: no prior preservation
     class_dir: Path | None = None  # None: <output>.class-images
-    num_class_images: int = 50
-    prior_loss_weight: float = 1.0
+    num_class_images: int | None = None  # None: DEFAULT_CLASS_IMAGES
+    prior_loss_weight: float | None = None  # None: DEFAULT_PRIOR_LOSS_WEIGHT
     train_text_encoder: bool = False
     format: str = "single-file"
+
+    @property
+    def class_image_count(self) -> int:
+        return self.num_class_images if self.num_class_images is not None else DEFAULT_CLASS_IMAGES
+
+    @property
+    def prior_weight(self) -> float:
+        return self.prior_loss_weight if self.prior_loss_weight is not None else DEFAULT_PRIOR_LOSS_WEIGHT
 
 
 @dataclass
@@ -189,24 +200,82 @@ def _probability(what: str, value: float) -> None:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Refuse contradictory or out-of-range options with one line naming the option."""
+    """Refuse contradictory, out-of-range or ignored options with one line naming the option."""
     _choice("method", config.method, METHODS)
     _check_data(config.data)
     _check_optim(config.optim)
     _check_loss(config.loss)
     _check_run(config.run)
     _check_output(config)
+    _check_method_options(config)
     if config.method in NETWORK_METHODS:
         _at_least("--rank", config.network.rank, 1)
         _probability("--dropout", config.network.dropout)
+        if config.network.alpha is not None and config.network.alpha <= 0:
+            raise SdkitError(f"--alpha must be positive, not {config.network.alpha:g} "
+                             "(the update is scaled by alpha / rank)")
     if config.method == "ti":
         _at_least("--vectors", config.embedding.vectors, 1)
+        if config.embedding.vectors > MAX_VECTORS:
+            raise SdkitError(f"--vectors must be at most {MAX_VECTORS} (each vector takes one of the "
+                             f"{MAX_VECTORS} tokens of a prompt), not {config.embedding.vectors}")
         if not config.embedding.init_word.strip():
             raise SdkitError("--init-word must be a word")
+    if config.method == "hypernet":
+        _check_hypernet(config.hypernet)
     if config.method == "dreambooth":
-        _choice("--format", config.dreambooth.format, DREAMBOOTH_FORMATS)
-        _at_least("--num-class-images", config.dreambooth.num_class_images, 1)
-        _at_least("--prior-loss-weight", config.dreambooth.prior_loss_weight, 0)
+        _check_dreambooth(config.dreambooth)
+
+
+def _ignored(option: str, why: str) -> SdkitError:
+    return SdkitError(f"{option} {why}, so it would be ignored; drop it")
+
+
+def _check_method_options(config: TrainConfig) -> None:
+    """Options the chosen method would silently ignore."""
+    method, run = config.method, config.run
+    if method in ("ti", "hypernet") and config.network.train_text_encoder:
+        raise _ignored("--train-text-encoder", f"applies to lora, loha, lokr and dreambooth, not {method}")
+    if method == "hypernet" and run.save_precision is not None:
+        raise _ignored("--save-precision", "does not apply to hypernetworks (their .pt files are written in float32)")
+    if method != "dreambooth" and config.dreambooth.class_prompt is not None:
+        raise _ignored("--class-prompt", f"applies to dreambooth, not {method}")
+
+
+def _check_dreambooth(options: DreamBoothOptions) -> None:
+    _choice("--format", options.format, DREAMBOOTH_FORMATS)
+    if options.class_prompt is None:
+        given = [option for option, value in (("--class-dir", options.class_dir),
+                                              ("--num-class-images", options.num_class_images),
+                                              ("--prior-loss-weight", options.prior_loss_weight))
+                 if value is not None]
+        if given:
+            verb = "is" if len(given) == 1 else "are"
+            raise SdkitError(f"{', '.join(given)} {verb} for prior preservation, which needs --class-prompt "
+                             "(the prompt of the class pictures)")
+    _at_least("--num-class-images", options.class_image_count, 1)
+    _at_least("--prior-loss-weight", options.prior_weight, 0)
+
+
+def _check_hypernet(options: HypernetOptions) -> None:
+    """The MLP settings, checked before any model loads."""
+    from sdkit.adapters.hypernet import WEIGHT_INITS, activation_classes
+
+    structure = options.layer_structure
+    if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1 or min(structure) <= 0:
+        shown = ",".join(f"{value:g}" for value in structure)
+        raise SdkitError(f"--layer-structure {shown}: must start and end with 1 and hold positive "
+                         "width multipliers (e.g. 1,2,1)")
+    _choice("--weight-init", options.weight_init, WEIGHT_INITS)
+    if options.activation != "linear":
+        found = activation_classes().get(options.activation)
+        if found is None:
+            raise SdkitError(f"--activation {options.activation!r} is unknown (A1111's names: linear, relu, "
+                             "leakyrelu, elu, swish, tanh, sigmoid, or a torch.nn activation in lowercase)")
+        try:
+            found()  # A1111 builds activations without arguments
+        except TypeError:
+            raise SdkitError(f"--activation {options.activation!r} cannot be built without arguments") from None
 
 
 def _check_data(data: DataOptions) -> None:
@@ -217,6 +286,10 @@ def _check_data(data: DataOptions) -> None:
     if data.crop == "random" and data.cache != "off":
         raise SdkitError("--crop random draws a new crop every epoch, so latents cannot be cached; "
                          "add --cache-latents off")
+    if data.cache_dir is not None and data.cache != "disk":
+        raise _ignored("--cache-dir", f"is where --cache-latents disk keeps latents, and the cache is {data.cache}")
+    if data.bucket_step is not None and not data.buckets:
+        raise _ignored("--bucket-step", "sets the sides of aspect-ratio buckets, and --no-buckets turns them off")
     _probability("--caption-dropout", data.caption_dropout)
     _at_least("--repeats", data.repeats, 1)
     if data.resolution is not None:

@@ -45,8 +45,10 @@ class ImageFilter:
     max_aspect: float | None = None
 
     def reason_to_drop(self, width: int, height: int) -> str | None:
-        if width < self.min_width or height < self.min_height:
-            return f"{width}x{height} is smaller than {self.min_width}x{self.min_height}"
+        if width < self.min_width:
+            return f"{width}x{height} is narrower than the minimum width {self.min_width}"
+        if height < self.min_height:
+            return f"{width}x{height} is lower than the minimum height {self.min_height}"
         aspect = width / height
         low = self.min_aspect if self.min_aspect is not None else 0.0
         high = self.max_aspect if self.max_aspect is not None else float("inf")
@@ -68,6 +70,15 @@ class DatasetScan:
     def report(self) -> dict[str, object]:
         return {"folder": str(self.folder), "images": len(self.records), "dropped": dict(self.dropped),
                 "caption_source": self.caption_source, "uncaptioned": self.uncaptioned}
+
+    def listing_digest(self) -> str:
+        """sha256 over every kept image's name, byte size and caption: cheap (no picture is
+        read), and changed by any added, removed, resized or recaptioned picture."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            name = record.path.relative_to(self.folder).as_posix()
+            digest.update(f"{name}\0{record.path.stat().st_size}\0{record.caption}\0".encode())
+        return digest.hexdigest()
 
     def fingerprint(self) -> str:
         """sha256 over every kept image's and caption's name and bytes: what was trained on."""

@@ -6,7 +6,13 @@ do, so a cached run and an uncached one train on the same kind of samples. The V
 runs in float32 (the SDXL VAE overflows in float16: "NaN detected in latents", research
 train.md §8); non-finite latents are refused naming the picture.
 
-The disk cache is one small safetensors file per picture, named by a hash of the picture
+A cache entry belongs to a (picture, bucket, crop): the samples `--repeats` makes of one
+picture share it, so the VAE runs once per picture, not once per repeat. Random crops are
+never cached: a cached latent would freeze one crop for the whole run, which is why
+kohya's sd-scripts refuses `--cache_latents` with `--random_crop`, and `check_config`
+refuses `--crop random` unless `--cache-latents off` (each load then encodes its own crop).
+
+The disk cache is one small safetensors file per entry, named by a hash of the picture
 file (name, size, modification time), its bucket and crop, and the VAE's weights, so a
 changed picture, crop or VAE is never served stale.
 """
@@ -28,6 +34,7 @@ from sdkit.runtime.train.buckets import Crop, Size, load_pixels, plan_crop
 from sdkit.runtime.train.data import ImageRecord
 
 Progress = Callable[[int, int], None]  # (pictures encoded, pictures in all)
+CacheKey = tuple[Path, Size, Crop]  # (picture, bucket, crop)
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class LatentSource:
         self.crop_mode = crop_mode
         self.cache_dir = cache_dir
         self.encoded = 0  # pictures the VAE has seen (for reports and tests)
-        self._memory: dict[int, torch.Tensor] = {}
+        self._memory: dict[CacheKey, torch.Tensor] = {}
         self._fingerprint: str | None = None
         config = vae.config
         self.scaling = float(config.scaling_factor)
@@ -77,7 +84,7 @@ class LatentSource:
         return next(self.vae.parameters()).device
 
     def prepare(self, progress: Progress | None = None) -> None:
-        """Encode every picture once (nothing to do when not caching)."""
+        """Encode every (picture, bucket, crop) once (nothing to do when not caching)."""
         if self.mode == "off":
             return
         if self.mode == "disk":
@@ -85,11 +92,11 @@ class LatentSource:
                 raise ValueError("a disk cache needs a folder")
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self._fingerprint = vae_fingerprint(self.vae)
-        for index, sample in enumerate(self.samples):
-            crop = plan_crop(sample.record.width, sample.record.height, sample.bucket, "center")
-            self._memory[index] = self._cached(sample, crop)
+        entries = {_cache_key(sample): sample for sample in self.samples}  # repeats share an entry
+        for done, (key, sample) in enumerate(entries.items(), start=1):
+            self._memory[key] = self._cached(sample, key[2])
             if progress is not None:
-                progress(index + 1, len(self.samples))
+                progress(done, len(entries))
 
     def _cached(self, sample: TrainSample, crop: Crop) -> torch.Tensor:
         if self.mode == "memory":
@@ -128,8 +135,9 @@ class LatentSource:
                 crop = plan_crop(sample.record.width, sample.record.height, sample.bucket, self.crop_mode, rng)
                 distributions.append(self._encode(sample, crop))
             else:
-                crop = plan_crop(sample.record.width, sample.record.height, sample.bucket, "center")
-                distributions.append(self._memory[index])
+                key = _cache_key(sample)
+                crop = key[2]
+                distributions.append(self._memory[key])
             crops.append(crop)
         stacked = torch.stack(distributions)
         mean, logvar = stacked.chunk(2, dim=1)
@@ -137,6 +145,12 @@ class LatentSource:
         latents = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
         scaled = (latents - self.shift) * self.scaling
         return LatentBatch(scaled, crops, [self.samples[i] for i in indices])
+
+
+def _cache_key(sample: TrainSample) -> CacheKey:
+    """A cached sample's entry: cached latents are always of the center crop."""
+    record = sample.record
+    return record.path, sample.bucket, plan_crop(record.width, record.height, sample.bucket, "center")
 
 
 def _save_atomic(path: Path, distribution: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from sdkit import __version__
+from sdkit.errors import SdkitError
 from sdkit.io import hash_file
 from sdkit.runtime.pipeline import load_model, resolve_device
 from sdkit.runtime.train.buckets import BatchPlan
@@ -30,13 +31,15 @@ from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
 from sdkit.runtime.train.objective import Objective
-from sdkit.runtime.train.outputs import RunFacts, draw_loss_curve, kohya_metadata, loss_summary, write_json_atomic
+from sdkit.runtime.train.outputs import (RunFacts, draw_loss_curve, kohya_metadata, loss_summary, spec_metadata,
+                                         write_json_atomic)
 from sdkit.runtime.train.precision import PrecisionPlan, resolve_precision
 from sdkit.runtime.train.sampling import draw_previews, ensure_class_images
 from sdkit.runtime.train.setup import (bucket_counts, cast_frozen, class_samples, enable_checkpointing, freeze,
                                        instance_samples, make_accelerator, make_lr_scheduler, make_optimizer,
                                        micro_seed, side_path, training_buckets)
-from sdkit.runtime.train.state import TrainState, load_state, restore_optimizer, restore_parameters, save_state
+from sdkit.runtime.train.state import (TrainState, folder_digest, load_state, restore_optimizer, restore_parameters,
+                                       run_identity, save_state)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Trainer:
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self.previews: list[Path] = []
+        self._run_identity: dict[str, Any] | None = None
         device = resolve_device(config.run.device)
         self.plan: PrecisionPlan = resolve_precision(config.run.precision, device)
         if self.plan.note:
@@ -90,8 +94,9 @@ class Trainer:
     # ---- phases ---------------------------------------------------------------------
 
     def _lap(self, name: str) -> None:
+        """Time since the last lap, added to phase `name`."""
         now = time.perf_counter()
-        self.timings[name] = round(now - self._clock, 3)
+        self.timings[name] = round(self.timings.get(name, 0.0) + now - self._clock, 3)
         self._clock = now
 
     def _emit(self, phase: str, done: int, total: int, loss: float | None = None) -> None:
@@ -101,11 +106,14 @@ class Trainer:
     def run(self) -> TrainResult:
         config = self.config
         started_at = time.time()
-        hashes = self._hash_base()
+        self.hashes = self._hash_base()
+        self.scan = self._scan()
+        # a state of another run is refused before the model loads
+        self.resume_state = load_state(config.run.resume, config, self._identity()) if config.run.resume else None
+        self._lap("data_s")
         # loaded on the CPU in float32, moved to the device once frozen weights are cast
         self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32")
         self._lap("load_s")
-        self.scan = self._scan()
         self.resolution, buckets = training_buckets(self.model, config.data)
         self.samples = instance_samples(self.scan, buckets, config.data)
         self.classes = self._class_samples()
@@ -116,17 +124,32 @@ class Trainer:
         self._lap("latents_s")
         losses, resumed_from = self._train()
         self._lap("train_s")
-        outputs = self._save(losses, started_at, hashes)
+        outputs = self._save(losses, started_at, self.hashes)
         self._lap("save_s")
         return self._finish(outputs, losses, resumed_from)
 
     def _hash_base(self) -> Future | None:
-        if not self.config.base.is_file() or not self.accelerator.is_main_process:
+        """sha256 (and the short hashes) of a base file, computed in the background: for the
+        metadata on the main process, and on every process that checks a state to resume."""
+        if not self.config.base.is_file():
+            return None
+        if not self.accelerator.is_main_process and self.config.run.resume is None:
             return None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdkit-train-hash")
         future = pool.submit(hash_file, self.config.base)
         pool.shutdown(wait=False)
         return future
+
+    def _identity(self) -> dict[str, Any]:
+        """This run's identity for training states (see `state.run_identity`)."""
+        if self._run_identity is None:
+            base = self.config.base
+            if not base.exists():
+                raise SdkitError(f"{base}: no such file or directory")
+            digest = f"sha256:{self.hashes.result().sha256}" if self.hashes is not None else \
+                f"files:{folder_digest(base)}"
+            self._run_identity = run_identity(self.config, digest, f"sha256:{self.scan.listing_digest()}")
+        return self._run_identity
 
     def _scan(self) -> DatasetScan:
         data = self.config.data
@@ -154,14 +177,14 @@ class Trainer:
         paths = []
         if self.accelerator.is_main_process:
             self._to_device()
-            paths = ensure_class_images(self.model, options.class_prompt, folder, options.num_class_images,
+            paths = ensure_class_images(self.model, options.class_prompt, folder, options.class_image_count,
                                         self.resolution, self.config.run.sample_steps,
                                         lambda done, total: self._emit("class-images", done, total))
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             from sdkit.runtime.train.data import image_files
 
-            paths = image_files(folder)[:options.num_class_images]
+            paths = image_files(folder)[:options.class_image_count]
         return class_samples(paths, options.class_prompt, self.resolution)
 
     def _build_method(self) -> TrainingMethod:
@@ -198,9 +221,8 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         optimizer = make_optimizer(self.method.parameter_groups(), config.optim, accelerator.device)
         self.objective = Objective(self.model.scheduler_config, config.loss)
-        start, losses, state = 0, [], None
-        if config.run.resume is not None:
-            state = load_state(config.run.resume, config)
+        start, losses, state = 0, [], self.resume_state
+        if state is not None:
             restore_parameters(self._named_trainables(), state.parameters, config.run.resume)
             restore_optimizer(optimizer, state.optimizer)
             start, losses = state.step, state.losses
@@ -253,7 +275,7 @@ class Trainer:
         loss = self._batch_loss(batch, generator, rng, self.config.data.caption_dropout)
         if self.class_plan is not None:
             prior = self.class_latents.batch(self.class_plan.batch_at(index), generator, rng)
-            loss = loss + self.config.dreambooth.prior_loss_weight * self._batch_loss(prior, generator, rng, 0.0)
+            loss = loss + self.config.dreambooth.prior_weight * self._batch_loss(prior, generator, rng, 0.0)
         return loss
 
     def _batch_loss(self, batch: LatentBatch, generator: torch.Generator, rng: random.Random,
@@ -277,7 +299,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
                 state = TrainState(done, self._named_trainables(), self.optimizer.state_dict(), scaler, losses)
-                save_state(self.config.state_dir, state, self.config)
+                save_state(self.config.state_dir, state, self.config, self._identity())
 
     def _preview(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -305,7 +327,8 @@ class Trainer:
                         resolution=self.resolution, buckets=bucket_counts(self.samples), samples=len(self.samples),
                         class_images=len(self.classes), batches_per_epoch=self.batches_per_epoch,
                         processes=self.processes, steps_done=len(losses), started_at=started_at,
-                        finished_at=time.time(), base_hashes=base_hashes)
+                        finished_at=time.time(), base_hashes=base_hashes,
+                        class_dir=self._class_folder() if self.classes else None)
 
     @property
     def prediction(self) -> str:
@@ -326,7 +349,8 @@ class Trainer:
         autov2 = self.facts.base_hashes.get("autov2")
         context = SaveContext(path=config.output, steps=len(losses), prediction=self.prediction,
                               dtype=dtypes[config.run.save_precision] if config.run.save_precision else default,
-                              training_metadata=kohya_metadata(config, self.scan, self.facts),
+                              training_metadata={**kohya_metadata(config, self.scan, self.facts),
+                                                 **spec_metadata(config, self.facts)},
                               recipe_params=config.to_json(), inputs=inputs, input_hashes=input_hashes,
                               base_short_hash=autov2, overwrite=config.run.overwrite)
         self._emit("save", 0, 1)

@@ -1,8 +1,13 @@
 """What a run leaves beside its output: kohya `ss_*` metadata, `train.json`, a loss curve.
 
 `ss_*` keys follow sd-scripts' `train_network.py` (research: formats.md (f)): every value
-a string, structured ones JSON, hashes of the base as kohya computes them
-(`ss_sd_model_hash` = A1111's legacy hash, `ss_new_sd_model_hash` = sha256).
+a string (`str()` of a number, a bool or None, as kohya writes them), structured ones
+JSON, hashes of the base as kohya computes them (`ss_sd_model_hash` = A1111's legacy hash,
+`ss_new_sd_model_hash` = sha256). Augmentations sdkit does not have (flips, colour, caption
+shuffling, kept tokens, CLIP skip) are written as kohya writes them when they are off.
+`ss_datasets` describes the one dataset as kohya's dataset-config runs do: a folder with
+caption files is a DreamBooth-style dataset (class pictures a regularisation subset), one
+with `metadata.jsonl` / `metadata.csv` a fine-tuning dataset.
 `<output stem>.train.json` records the run: options, base, data (with what the filters
 dropped), steps, a loss summary and every step's loss, timings and the files written.
 `<output stem>.loss.png` plots the loss (each step and a moving average), drawn with
@@ -15,8 +20,8 @@ import json
 import math
 import os
 import secrets
-from dataclasses import dataclass, field
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from sdkit import __version__
@@ -45,6 +50,9 @@ class RunFacts:
     started_at: float
     finished_at: float
     base_hashes: dict[str, str | None] = field(default_factory=dict)  # sha256, legacy
+    class_dir: Path | None = None  # where the DreamBooth class pictures are
+    # kohya's random integer telling which training session a file came from
+    session_id: int = field(default_factory=lambda: secrets.randbelow(2 ** 32 + 1))
 
 
 def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> dict[str, str]:
@@ -53,7 +61,8 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
     epochs = math.ceil(facts.steps_done * optim.grad_accum * facts.processes / max(facts.batches_per_epoch, 1))
     sides = [side for bucket in facts.buckets for side in bucket]
     metadata = {
-        "ss_output_name": config.stem.name, "ss_sd_model_name": config.base.name,
+        "ss_session_id": str(facts.session_id), "ss_output_name": config.stem.name,
+        "ss_sd_model_name": config.base.name,
         "ss_learning_rate": str(optim.lr), "ss_unet_lr": str(optim.lr),
         "ss_text_encoder_lr": str(optim.text_encoder_lr or optim.lr),
         "ss_steps": str(facts.steps_done), "ss_max_train_steps": str(optim.steps), "ss_epoch": str(epochs),
@@ -67,11 +76,14 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_seed": str(config.run.seed), "ss_resolution": str((facts.resolution, facts.resolution)),
         "ss_enable_bucket": str(data.buckets), "ss_min_bucket_reso": str(min(sides)),
         "ss_max_bucket_reso": str(max(sides)), "ss_bucket_no_upscale": "False",
-        "ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(bucket), "count": count}
-                                                  for i, (bucket, count) in enumerate(sorted(facts.buckets.items()))}}),
+        "ss_bucket_info": json.dumps(_bucket_info(facts)),
         "ss_num_train_images": str(facts.samples), "ss_num_reg_images": str(facts.class_images),
         "ss_dataset_dirs": json.dumps({scan.folder.name: {"n_repeats": data.repeats, "img_count": len(scan.records)}}),
+        "ss_reg_dataset_dirs": json.dumps(_reg_dirs(facts)),
+        "ss_datasets": json.dumps([_dataset(config, scan, facts, min(sides), max(sides))]),
         "ss_tag_frequency": json.dumps(tag_frequency(scan)),
+        "ss_random_crop": str(data.crop == "random"), "ss_flip_aug": "False", "ss_color_aug": "False",
+        "ss_shuffle_caption": "False", "ss_keep_tokens": "0", "ss_clip_skip": "None",
         "ss_caption_dropout_rate": str(data.caption_dropout), "ss_cache_latents": str(data.cache != "off"),
         "ss_noise_offset": str(config.loss.noise_offset), "ss_min_snr_gamma": str(config.loss.min_snr_gamma),
         "ss_training_started_at": str(facts.started_at), "ss_training_finished_at": str(facts.finished_at),
@@ -79,7 +91,7 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_training_comment": f"sdkit {__version__} train {config.method}",
     }
     if config.method == "dreambooth":
-        metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_loss_weight)
+        metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_weight)
     if facts.family in FAMILIES:
         version = kohya_base_model_version(facts.family, prediction=facts.prediction)
         if version:
@@ -90,6 +102,50 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
     if hashes.get("sha256"):
         metadata["ss_new_sd_model_hash"] = str(hashes["sha256"])
     return metadata
+
+
+def spec_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+    """ModelSpec keys the run knows better than the family: the trained resolution, the trigger."""
+    spec = {"modelspec.resolution": f"{facts.resolution}x{facts.resolution}"}
+    if config.data.trigger:
+        spec["modelspec.trigger_phrase"] = config.data.trigger
+    return spec
+
+
+def _bucket_info(facts: RunFacts) -> dict[str, Any]:
+    return {"buckets": {str(i): {"resolution": list(bucket), "count": count}
+                        for i, (bucket, count) in enumerate(sorted(facts.buckets.items()))}}
+
+
+def _reg_dirs(facts: RunFacts) -> dict[str, dict[str, int]]:
+    if not facts.class_images or facts.class_dir is None:
+        return {}
+    return {facts.class_dir.name: {"n_repeats": 1, "img_count": facts.class_images}}
+
+
+def _subset(images: int, repeats: int, random_crop: bool) -> dict[str, Any]:
+    return {"img_count": images, "num_repeats": repeats, "color_aug": False, "flip_aug": False,
+            "random_crop": random_crop, "shuffle_caption": False, "keep_tokens": 0}
+
+
+def _dataset(config: TrainConfig, scan: DatasetScan, facts: RunFacts, low: int, high: int) -> dict[str, Any]:
+    """kohya's `ss_datasets` entry for the run's one dataset."""
+    data = config.data
+    dreambooth_style = not scan.caption_source.startswith("metadata")
+    subset = _subset(len(scan.records), data.repeats, data.crop == "random")
+    if dreambooth_style:
+        subset.update(image_dir=scan.folder.name, class_tokens=data.trigger, is_reg=False)
+    else:
+        subset["metadata_file"] = scan.caption_source
+    subsets = [subset]
+    if facts.class_images and facts.class_dir is not None:
+        subsets.append({**_subset(facts.class_images, 1, False), "image_dir": facts.class_dir.name,
+                        "class_tokens": config.dreambooth.class_prompt, "is_reg": True})
+    return {"is_dreambooth": dreambooth_style, "batch_size_per_device": config.optim.batch_size,
+            "num_train_images": facts.samples, "num_reg_images": facts.class_images,
+            "resolution": [facts.resolution, facts.resolution], "enable_bucket": data.buckets,
+            "min_bucket_reso": low, "max_bucket_reso": high, "tag_frequency": tag_frequency(scan),
+            "bucket_info": _bucket_info(facts), "subsets": subsets}
 
 
 def loss_summary(losses: Sequence[float]) -> dict[str, Any]:

@@ -1,8 +1,15 @@
 """Training state for `--resume`: written every `--save-every` steps, read back exactly.
 
 A state folder holds `state.pt` (the trained parameters by name, the optimizer's moments,
-the fp16 loss scaler, the losses so far and the step) and `config.json` (the options of
-the run). The step number restores the rest exactly: every micro-step draws its noise,
+the fp16 loss scaler, the losses so far, the step and the run's identity) and
+`config.json` (the options of the run). The identity is what a state may only continue:
+the base model (the sha256 of its file — the run computes it for the metadata anyway —
+or, for a diffusers folder, a digest of its files' names and sizes), the training
+pictures (a digest of their names, byte sizes and captions), the seed, batch size,
+gradient accumulation, every data option that shapes the samples (resolution, buckets,
+crop, filters, repeats, caption dropout, trigger) and the method's own options. A state
+of another run is refused naming each difference; `--steps` and the learning rates may
+change. The step number restores the rest exactly: every micro-step draws its noise,
 timesteps, dropout masks and caption dropout from generators seeded by (seed, micro-step,
 process), batch order comes from (seed, epoch), and the learning-rate schedule is
 replayed to the step under the resumed run's own options (so `--steps` may grow). A
@@ -14,6 +21,7 @@ only tensors, numbers, strings and containers and is read with `weights_only=Tru
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +35,14 @@ from sdkit.runtime.train.config import TrainConfig
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
-_VERSION = 1
-# what must match for a state to continue a run: the method and what shapes the trained part
-_MUST_MATCH = ("method", "network", "embedding", "hypernet", "dreambooth")
+_VERSION = 2
+_METHOD_GROUPS = ("network", "embedding", "hypernet", "dreambooth")
+_FREE_DATA_OPTIONS = ("folder", "cache", "cache_dir")  # where the data is and how latents are kept
+# option labels that are not "--" + the field name
+_LABELS = {"data.buckets": "buckets (--no-buckets)", "data.min_aspect": "--aspect-range minimum",
+           "data.max_aspect": "--aspect-range maximum", "hypernet.dropout": "--hypernet-dropout"}
+_DIGESTS = ("base model", "training pictures")  # identity entries "<kind>:<hex digest>"
+_DIGEST_SHOWN = 12
 
 
 @dataclass
@@ -41,10 +54,52 @@ class TrainState:
     losses: list[float]
 
 
-def save_state(folder: Path, state: TrainState, config: TrainConfig) -> Path:
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and byte sizes of every file under `folder`."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+    return digest.hexdigest()
+
+
+def _label(group: str, name: str) -> str:
+    return _LABELS.get(f"{group}.{name}", "--" + name.replace("_", "-"))
+
+
+def run_identity(config: TrainConfig, base_digest: str, data_digest: str) -> dict[str, Any]:
+    """What a state must share with the run that continues it: option label -> value."""
+    options = config.to_json()
+    identity: dict[str, Any] = {"method": config.method, "base model": base_digest,
+                                "training pictures": data_digest, "--seed": config.run.seed,
+                                "--batch-size": config.optim.batch_size, "--grad-accum": config.optim.grad_accum}
+    for name, value in options["data"].items():
+        if name not in _FREE_DATA_OPTIONS:
+            identity[_label("data", name)] = value
+    for group in _METHOD_GROUPS:
+        for name, value in options.get(group, {}).items():
+            identity[_label(group, name)] = value
+    return identity
+
+
+def _shown(label: str, value: Any) -> str:
+    """An identity entry as a refusal shows it: digests shortened, options as JSON."""
+    if label in _DIGESTS and isinstance(value, str):
+        kind, _, digest = value.partition(":")
+        return f"{kind} {digest[:_DIGEST_SHOWN]}"
+    return json.dumps(value)
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'label: saved then, current now' for every entry that differs."""
+    labels = list(saved) + [label for label in current if label not in saved]
+    return [f"{label}: {_shown(label, saved.get(label))} then, {_shown(label, current.get(label))} now"
+            for label in labels if saved.get(label) != current.get(label)]
+
+
+def save_state(folder: Path, state: TrainState, config: TrainConfig, identity: dict[str, Any]) -> Path:
     payload = {"version": _VERSION, "step": state.step, "losses": list(state.losses),
                "parameters": {name: tensor.detach().cpu().clone() for name, tensor in state.parameters.items()},
-               "optimizer": state.optimizer, "scaler": state.scaler}
+               "optimizer": state.optimizer, "scaler": state.scaler, "identity": identity}
 
     def fill(partial: Path) -> None:
         torch.save(payload, partial / STATE_FILE)
@@ -54,20 +109,18 @@ def save_state(folder: Path, state: TrainState, config: TrainConfig) -> Path:
     return folder
 
 
-def load_state(folder: Path, config: TrainConfig) -> TrainState:
-    """The state saved in `folder`, refused when it belongs to a different run."""
+def load_state(folder: Path, config: TrainConfig, identity: dict[str, Any]) -> TrainState:
+    """The state saved in `folder`, refused when it belongs to a run of another `identity`."""
     try:
-        saved_config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         payload = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         raise SdkitError(f"{folder}: not a readable training state ({exc.__class__.__name__})") from None
     if payload.get("version") != _VERSION:
         raise SdkitError(f"{folder}: training state version {payload.get('version')} is not {_VERSION}")
-    current = config.to_json()
-    for key in _MUST_MATCH:
-        if saved_config.get(key) != current.get(key):
-            raise SdkitError(f"{folder}: this state was saved by a run with other {key} options "
-                             f"({saved_config.get(key)} vs {current.get(key)})")
+    differences = identity_differences(payload["identity"], identity)
+    if differences:
+        raise SdkitError(f"{folder}: this state is from another run ({'; '.join(differences)}); only --steps "
+                         "and the learning rates may change when resuming")
     if payload["step"] >= config.optim.steps:
         raise SdkitError(f"{folder}: the state is at step {payload['step']}; --steps {config.optim.steps} "
                          "leaves nothing to train")

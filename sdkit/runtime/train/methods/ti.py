@@ -23,7 +23,7 @@ import torch
 from sdkit.adapters.embedding import Embedding
 from sdkit.errors import SdkitError
 from sdkit.io import write_safetensors
-from sdkit.ops.convert_embedding import _write_a1111_pt, embedding_tensors
+from sdkit.ops.convert_embedding import embedding_tensors, write_a1111_pt
 from sdkit.ops.recipe_meta import LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
 from sdkit.runtime.sample_prompt import mentions, replace_name
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod
@@ -122,8 +122,8 @@ class EmbeddingMethod(TrainingMethod):
         metadata = build_metadata("train", context.inputs, context.recipe_params, facts, extra,
                                   title=context.path.stem, hashes=context.input_hashes)
         if context.path.suffix.lower() == ".pt":
-            _write_a1111_pt(context.path, embedding, dtype, {"sd_checkpoint": context.base_short_hash, **metadata},
-                            context.overwrite)
+            write_a1111_pt(context.path, embedding, dtype, {"sd_checkpoint": context.base_short_hash, **metadata},
+                           overwrite=context.overwrite)
         else:
             write_safetensors(context.path, embedding_tensors(embedding, "kohya", dtype), metadata,
                               overwrite=context.overwrite)
