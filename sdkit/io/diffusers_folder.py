@@ -20,6 +20,8 @@ from sdkit.io.model_file import ModelFile, TensorInfo
 if TYPE_CHECKING:
     import torch
 
+    from sdkit.io.byte_span import ByteSpan
+
 # weight files in the order diffusers and transformers look for them
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -101,11 +103,14 @@ def open_sharded(index_path: Path, open_file: OpenFile) -> ModelFile:
     def load(key: str) -> "torch.Tensor":
         return shards[weight_map[key]].load(key)
 
+    def span(key: str) -> "ByteSpan | None":
+        return shards[weight_map[key]].span(key)
+
     first = next(iter(shards.values()), None)
     return ModelFile(path=index_path, format=first.format if first else "safetensors",
                      infos=infos, metadata=metadata,
                      size_bytes=sum(s.size_bytes for s in shards.values()),
-                     _loader=load, _closer=close)
+                     _loader=load, _closer=close, _spanner=span)
 
 
 def _open_weights(weights: Path, open_file: OpenFile) -> ModelFile:
@@ -136,9 +141,13 @@ def _combine(folder: Path, components: dict[str, ModelFile], extra: dict[str, An
         component, key = name.split("/", 1)
         return components[component].load(key)
 
+    def span(name: str) -> "ByteSpan | None":
+        component, key = name.split("/", 1)
+        return components[component].span(key)
+
     return ModelFile(path=folder, format="diffusers", infos=infos, metadata=metadata, extra=extra,
                      components=components,
-                     size_bytes=sum(m.size_bytes for m in components.values()), _loader=load)
+                     size_bytes=sum(m.size_bytes for m in components.values()), _loader=load, _spanner=span)
 
 
 def _open_all(folder: Path, names: list[str], open_file: OpenFile) -> dict[str, ModelFile]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
+from sdkit.io.byte_span import ByteSpan
 from sdkit.io.model_file import ModelFile, tensor_nbytes
 
 if TYPE_CHECKING:
@@ -18,11 +19,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor not yet produced: `load()` must return exactly this dtype and shape."""
+    """A tensor not yet produced: `load()` must return exactly this dtype and shape.
+
+    `span()`, when given, may name open file bytes that already hold exactly the tensor's
+    data (an unchanged input tensor): the writer then copies those bytes in the kernel
+    instead of calling `load()`. Only keep it on a tensor whose bytes are the source's.
+    """
 
     dtype: str  # safetensors code, e.g. "F16"
     shape: tuple[int, ...]
     load: Callable[[], "torch.Tensor"]
+    span: Callable[[], ByteSpan | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -31,5 +38,5 @@ class LazyTensor:
 
 def lazy_tensors(model_file: ModelFile) -> dict[str, LazyTensor]:
     """Every tensor of a ModelFile, wrapped without loading any of them."""
-    return {name: LazyTensor(info.dtype, info.shape, partial(model_file.load, name))
+    return {name: LazyTensor(info.dtype, info.shape, partial(model_file.load, name), model_file.span_of(name))
             for name, info in model_file.infos.items()}

@@ -9,11 +9,14 @@ a header-only reader never has to import torch to describe a file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 if TYPE_CHECKING:  # torch is imported lazily: inspecting a header must stay fast
     import torch
+
+    from sdkit.io.byte_span import ByteSpan
 
 # safetensors dtype code -> bits per element (sub-byte float formats included)
 DTYPE_BITS: dict[str, int] = {
@@ -78,6 +81,7 @@ class ModelFile:
     size_bytes: int = 0
     _loader: Callable[[str], "torch.Tensor"] | None = field(default=None, repr=False)
     _closer: Callable[[], None] | None = field(default=None, repr=False)
+    _spanner: Callable[[str], "ByteSpan | None"] | None = field(default=None, repr=False)
 
     # mapping-like access over tensor names
     def keys(self) -> list[str]:
@@ -106,6 +110,17 @@ class ModelFile:
         if self._loader is None:
             raise RuntimeError(f"{self.path}: tensors of this file cannot be loaded")
         return self._loader(name)
+
+    def span(self, name: str) -> "ByteSpan | None":
+        """The file bytes holding tensor `name` exactly as stored, while the file is open;
+        None where the format keeps no such bytes (pickles)."""
+        if self._spanner is None or name not in self.infos:
+            return None
+        return self._spanner(name)
+
+    def span_of(self, name: str) -> Callable[[], "ByteSpan | None"] | None:
+        """`span` for later (None when this file never has spans)."""
+        return None if self._spanner is None else partial(self.span, name)
 
     @property
     def parameters(self) -> int:

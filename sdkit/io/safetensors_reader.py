@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdkit.errors import SdkitError
+from sdkit.io.byte_span import ByteSpan
 from sdkit.io.mapped import read_tensor, torch_dtype
 from sdkit.io.model_file import ModelFile
 from sdkit.io.safetensors_header import SafetensorsHeader, read_safetensors_header
@@ -39,6 +40,12 @@ class _SafetensorsTensors:
         begin = self.header.spans[name][0]
         return read_tensor(self.fileno, begin, dtype, info.numel).reshape(info.shape)
 
+    def span(self, name: str) -> ByteSpan:
+        if self.fileno is None:
+            raise SdkitError(f"{self.path}: file was closed before tensor {name!r} was copied")
+        begin, end = self.header.spans[name]
+        return ByteSpan(str(self.path), self.fileno, begin, end - begin)
+
     def close(self) -> None:
         if self.fileno is not None:
             os.close(self.fileno)
@@ -58,4 +65,4 @@ def open_safetensors(path: Path) -> ModelFile:
     tensors = _SafetensorsTensors(path, fileno, header)
     return ModelFile(path=path, format="safetensors", infos=dict(header.infos),
                      metadata=dict(header.metadata), size_bytes=file_size,
-                     _loader=tensors.load, _closer=tensors.close)
+                     _loader=tensors.load, _closer=tensors.close, _spanner=tensors.span)

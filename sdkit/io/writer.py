@@ -23,6 +23,7 @@ from typing import IO, Callable, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
+from sdkit.io.byte_span import ByteSpan, copy_span
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
@@ -124,17 +125,39 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
 
 
+def _copy_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, span: ByteSpan) -> int:
+    if span.length != lazy.nbytes:
+        raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
+                         f"({lazy.nbytes} bytes) but its source holds {span.length} bytes")
+    file.flush()  # the kernel appends at the descriptor's position: nothing may be buffered
+    copy_span(span, file.fileno())
+    return span.length
+
+
 def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
-               ahead: Prefetcher, progress: Progress | None) -> None:
+               ahead: Prefetcher, spans: Mapping[str, ByteSpan], progress: Progress | None) -> None:
     file.write(len(header).to_bytes(8, "little"))
     file.write(header)
     order = write_order(tensors)
-    with ahead.start(order):
+    with ahead.start([name for name in order if name not in spans]):
         for name in order:
-            written = _write_tensor(file, path, name, tensors[name], ahead.get(name))
+            if name in spans:
+                written = _copy_tensor(file, path, name, tensors[name], spans[name])
+            else:
+                written = _write_tensor(file, path, name, tensors[name], ahead.get(name))
             if progress is not None:
                 progress(written)
     file.flush()
+
+
+def _spans(tensors: Mapping[str, LazyTensor]) -> dict[str, ByteSpan]:
+    """The tensors whose bytes are copied from an input file as they are."""
+    found = {}
+    for name, lazy in tensors.items():
+        span = lazy.span() if lazy.span is not None else None
+        if span is not None:
+            found[name] = span
+    return found
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTensor],
@@ -167,7 +190,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
                        cost=cost or (lambda name: tensors[name].nbytes), budget=AHEAD_BUDGET)
     try:
         with file:
-            _write_all(file, path, tensors, header, ahead, progress)
+            _write_all(file, path, tensors, header, ahead, _spans(tensors), progress)
             if finish is not None:
                 finish(partial)
             os.fsync(file.fileno())

@@ -95,7 +95,9 @@ def plan_tensors(plan: KeyPlan, tensors: Mapping[str, LazyTensor]) -> dict[str, 
                              f"({', '.join(sorted(dtypes))})")
         dtype = dtypes.pop() if dtypes else "I64"  # only position-id ramps have no input
         shape = _recipe_shape(recipe, [lazy.shape for lazy in inputs])
-        out[name] = LazyTensor(dtype, shape, partial(_apply, recipe, inputs))
+        # a copy or reshape stores the source's bytes unchanged: the writer may copy them
+        span = inputs[0].span if recipe.kind in ("copy", "reshape") and len(inputs) == 1 else None
+        out[name] = LazyTensor(dtype, shape, partial(_apply, recipe, inputs), span)
     return out
 
 

@@ -8,8 +8,6 @@ is the same bytes however it is scheduled. Every output tensor is checked for Na
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from dataclasses import dataclass, field
 from threading import Lock
 from typing import Any, Callable, Sequence
@@ -21,8 +19,7 @@ from sdkit.io.dtypes import CODE_TO_TORCH
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
 
-SLICE_ELEMENTS = 1 << 20  # 1 Mi elements: 4 MiB per float32 operand
-TRIM_AFTER_BYTES = 1 << 20
+SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
 
 
 @dataclass
@@ -49,10 +46,7 @@ class KeyComputer:
     non_finite: NonFiniteLog = field(default_factory=NonFiniteLog)
 
     def __call__(self, action: KeyAction) -> torch.Tensor:
-        result = self._merge(action) if action.merged else self._copy(action)
-        if action.nbytes >= TRIM_AFTER_BYTES:
-            release_freed_memory()
-        return result
+        return self._merge(action) if action.merged else self._copy(action)
 
     def _copy(self, action: KeyAction) -> torch.Tensor:
         tensor = self.inputs[action.sources[0]].load(action.key)
@@ -126,18 +120,3 @@ def _suspicious(tensor: torch.Tensor) -> bool:
     low, high = torch.aminmax(tensor)
     limit = torch.finfo(tensor.dtype).max
     return not (float(low) >= -limit and float(high) <= limit)
-
-
-def _malloc_trim() -> Callable[[], None]:
-    """glibc's malloc_trim, or a no-op elsewhere."""
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-    return lambda: trim(0)
-
-
-# Worker threads allocate and free megabyte-sized slices in their own malloc arenas,
-# which keep the freed memory; handing it back after each large key keeps the resident
-# size near the few tensors actually alive.
-release_freed_memory = _malloc_trim()
