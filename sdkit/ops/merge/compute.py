@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from threading import Lock
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
