@@ -198,3 +198,19 @@ def test_existing_output_or_the_input_as_output_needs_force(ldm, tmp_path):
     with pytest.raises(SdkitError, match=r"is one of the inputs \(use --force to replace it\)"):
         convert_model(source, source)
     assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("source, target", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                            (torch.float32, torch.float16), (torch.float16, torch.float32)])
+def test_fast_cast_gives_torchs_bytes(source: torch.dtype, target: torch.dtype) -> None:
+    from sdkit.ops.convert_precision import cast_tensor
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 300_001, generator=generator) * 1e4  # beyond one slice, not a multiple
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 6e-8, 1e-40, 65504.0, 3e38])
+    values[0, : special.numel()] = special
+    tensor = values.to(source)
+    expected = tensor.to(target)
+    produced = cast_tensor(tensor, target)
+    assert produced.dtype == target and produced.shape == expected.shape
+    assert torch.equal(produced.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
