@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-from sdkit.cli.common import is_quiet, progress_bar
+from sdkit.cli.common import is_quiet, progress_bar, quiet_peer_logs
 from sdkit.cli.main import cli
 
 
@@ -103,6 +103,8 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
 
     from sdkit.runtime.vae_check import check_vae
 
+    if not (ctx.obj or {}).get("debug"):
+        quiet_peer_logs()
     console = Console(stderr=True)
     spinning = console.is_terminal and not _quiet(ctx, as_json)
     with console.status("loading the base model and measuring") if spinning else nullcontext():

@@ -12,8 +12,12 @@ from __future__ import annotations
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sdkit.errors import SdkitError
+
+if TYPE_CHECKING:
+    import torch
 
 _COPY_STEP = 1 << 30  # bytes per system call (the calls take at most ~2 GiB)
 # errors that mean "this way of copying is not available here", not a failed copy
@@ -73,3 +77,18 @@ def _advance(span: ByteSpan, done: int, count: int) -> int:
         raise SdkitError(f"{span.path}: ended {span.length - done} bytes early (the file was cut "
                          "short while being read)")
     return done + count
+
+
+def read_elements(span: ByteSpan, dtype: "torch.dtype", start: int, count: int) -> "torch.Tensor":
+    """Elements [start, start+count) of the span as a 1-D tensor, read (not mapped): the
+    memory is the caller's alone and freed with the tensor."""
+    import torch
+
+    size = dtype.itemsize
+    buffer = bytearray(count * size)
+    view = memoryview(buffer)
+    position = span.offset + start * size
+    done = 0
+    while done < len(buffer):
+        done = _advance(span, done, os.preadv(span.fileno, [view[done:]], position + done))
+    return torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from sdkit.io.byte_span import ByteSpan
 from sdkit.io.model_file import ModelFile, tensor_nbytes
@@ -24,12 +24,17 @@ class LazyTensor:
     `span()`, when given, may name open file bytes that already hold exactly the tensor's
     data (an unchanged input tensor): the writer then copies those bytes in the kernel
     instead of calling `load()`. Only keep it on a tensor whose bytes are the source's.
+
+    `chunks()`, when given, yields the tensor's data in pieces (tensors of this dtype
+    whose flattened concatenation is the tensor): the writer writes each as it comes, so
+    a tensor far larger than a slice never exists whole in memory.
     """
 
     dtype: str  # safetensors code, e.g. "F16"
     shape: tuple[int, ...]
     load: Callable[[], "torch.Tensor"]
     span: Callable[[], ByteSpan | None] | None = None
+    chunks: Callable[[], Iterator["torch.Tensor"]] | None = None
 
     @property
     def nbytes(self) -> int:

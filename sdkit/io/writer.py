@@ -125,6 +125,26 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
 
 
+def _write_chunks(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> int:
+    import torch
+
+    from sdkit.io.dtypes import CODE_TO_TORCH
+
+    assert lazy.chunks is not None
+    written = 0
+    for chunk in lazy.chunks():
+        if not isinstance(chunk, torch.Tensor) or chunk.dtype != CODE_TO_TORCH[lazy.dtype]:
+            raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} but a piece of it is "
+                             f"{getattr(chunk, 'dtype', type(chunk).__name__)}")
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        file.write(data)  # type: ignore[arg-type]
+        written += data.nbytes
+    if written != lazy.nbytes:
+        raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
+                         f"({lazy.nbytes} bytes) but its pieces hold {written} bytes")
+    return written
+
+
 def _copy_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, span: ByteSpan) -> int:
     if span.length != lazy.nbytes:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
@@ -139,10 +159,15 @@ def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], h
     file.write(len(header).to_bytes(8, "little"))
     file.write(header)
     order = write_order(tensors)
-    with ahead.start([name for name in order if name not in spans]):
+    # copied spans and tensors written in pieces are not produced ahead: the first needs
+    # no producing, the second is produced piece by piece as it is written
+    produced = [name for name in order if name not in spans and tensors[name].chunks is None]
+    with ahead.start(produced):
         for name in order:
             if name in spans:
                 written = _copy_tensor(file, path, name, tensors[name], spans[name])
+            elif tensors[name].chunks is not None:
+                written = _write_chunks(file, path, name, tensors[name])
             else:
                 written = _write_tensor(file, path, name, tensors[name], ahead.get(name))
             if progress is not None:

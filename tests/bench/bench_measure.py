@@ -36,20 +36,25 @@ class Measurement:
         return self.status == 0
 
 
-# spawns argv[1:] with stdout to /dev/null, waits, prints "status seconds maxrss_kib"
+# spawns argv[1:] with stdout to $SDKIT_BENCH_STDOUT (default /dev/null), waits, prints
+# "status seconds maxrss_kib"
 LAUNCHER = """
 import os, sys, time
 started = time.perf_counter()
+out = os.environ.get("SDKIT_BENCH_STDOUT", os.devnull)
 pid = os.posix_spawnp(sys.argv[1], sys.argv[1:], os.environ,
-                      file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
+                      file_actions=[(os.POSIX_SPAWN_OPEN, 1, out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)])
 _, status, usage = os.wait4(pid, 0)
 print(os.waitstatus_to_exitcode(status), time.perf_counter() - started, usage.ru_maxrss)
 """
 
 
-def measure(argv: list[str], timeout: float = 3600) -> Measurement:
-    """Run `argv` from the repository root; wall time and the child's own peak RSS."""
+def measure(argv: list[str], timeout: float = 3600, stdout: Path | None = None) -> Measurement:
+    """Run `argv` from the repository root; wall time and the child's own peak RSS (its
+    standard output goes to `stdout` when given)."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    if stdout is not None:
+        environment["SDKIT_BENCH_STDOUT"] = str(stdout)
     with tempfile.TemporaryFile() as errors:
         launched = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *argv], cwd=REPO, env=environment,
                                   stdout=subprocess.PIPE, stderr=errors, text=True, timeout=timeout)

@@ -9,10 +9,12 @@ three checkpoints, a VAE and a LoRA per family (about 6.6 GB for SD1.5, 21 GB fo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from bench_measure import (
@@ -47,6 +49,7 @@ class Operation:
     output: Path | None = None
     peers: dict[str, list[str]] = field(default_factory=dict)
     repeats: int | None = None  # None: REPEATS; slow operations run once
+    remark: Callable[[str], str] | None = None  # a note for the report from sdkit's stdout
 
 
 def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
@@ -88,10 +91,22 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
         # randomized: a full SVD of every layer (the default, as sd-scripts does) takes the
         # better part of an hour on two cores
         Operation("LoRA extract rank 64 (randomized SVD)",
-                  sdkit("lora", "extract", b, a, "-o", str(out), "--rank", "64", "--randomized"),
-                  [inputs.b, inputs.a], out, repeats=1),
+                  sdkit("lora", "extract", b, a, "-o", str(out), "--rank", "64", "--randomized", "--json"),
+                  [inputs.b, inputs.a], out, repeats=1, remark=svd_error_remark),
         Operation("VAE swap", sdkit("vae", "swap", a, vae, "-o", str(out)), [inputs.a, inputs.vae], out),
     ]
+
+
+def svd_error_remark(report: str) -> str:
+    """The relative error of the randomized factors next to a full SVD's, on the layers
+    `lora extract` checks (its --json `randomized_check`)."""
+    checks = json.loads(report).get("randomized_check") or []
+    if not checks:
+        return ""
+    randomized = max(check["error_randomized"] for check in checks)
+    full = max(check["error_full_svd"] for check in checks)
+    return (f"relative error on {len(checks)} checked layers: randomized ≤ {randomized:.4f}, "
+            f"full SVD ≤ {full:.4f}")
 
 
 def baseline_of(operation: Operation, scratch: Path, size: int) -> Measurement:
@@ -117,7 +132,7 @@ def measure_paired(operation: Operation, scratch: Path) -> tuple[Measurement, Me
     run of the same bytes."""
     runs, baselines, written = [], [], 0
     for _ in range(operation.repeats or REPEATS):
-        result = measure(operation.command)
+        result = measure(operation.command, stdout=scratch / "stdout.txt" if operation.remark else None)
         written = size_of(operation.output) if operation.output else 0
         if operation.output:
             remove(operation.output)
@@ -152,7 +167,12 @@ def run_family(inputs: BenchInputs, scratch: Path) -> list[Row]:
             peers[name] = measure(argv)
             for leftover in scratch.iterdir():
                 remove(leftover)
-        row = Row(inputs.family, operation.name, _detail(operation.reads, written), result, baseline, peers)
+        name = operation.name
+        stdout = scratch / "stdout.txt"
+        if operation.remark and result.ok and stdout.exists():
+            name = f"{name}; {operation.remark(stdout.read_text())}"
+        remove(stdout)
+        row = Row(inputs.family, name, _detail(operation.reads, written), result, baseline, peers)
         rows.append(row)
         for name, measurement in {"sdkit": result, **peers}.items():
             ratio = row.ratio(measurement)

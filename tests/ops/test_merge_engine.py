@@ -307,3 +307,39 @@ def test_prefetch_stays_within_its_budget() -> None:
     assert len(ahead) == len(order)  # each key computed once, the out-of-order one too
     assert max(ahead) <= 3  # the key asked for, plus at most `budget` worth ahead
     assert not running
+
+
+@pytest.mark.parametrize("method, letters, params", [
+    ("weighted_sum", "ab", {"alpha": 0.3}),
+    ("add_difference", "abc", {"alpha": 0.7}),
+    ("train_difference", "abc", {}),
+])
+def test_tensors_written_in_pieces_are_the_same_bytes(models: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, method: str,
+                                                      letters: str, params: dict[str, float]) -> None:
+    import sdkit.ops.merge.compute as compute
+
+    folder = write_diffusers_folder(tmp_path / "b-folder", "sd1", load_file(models["b"]))
+    inputs = [folder if letter == "b" else models[letter] for letter in letters]  # spans through a key map too
+    whole = merge_models(recipe(inputs, method, params=params), tmp_path / "whole.safetensors").path
+    monkeypatch.setattr(compute, "PIECEWISE_BYTES", 0)
+    monkeypatch.setattr(compute, "SLICE_ELEMENTS", 1000)  # many pieces, a ragged last one
+    pieces = merge_models(recipe(inputs, method, params=params), tmp_path / "pieces.safetensors").path
+    expected, produced = load_file(whole), load_file(pieces)
+    assert produced.keys() == expected.keys()
+    assert all(torch.equal(produced[k].view(-1).view(torch.uint8), expected[k].view(-1).view(torch.uint8))
+               for k in expected)
+
+
+def test_nan_in_a_piece_stops_the_merge(models: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdkit.ops.merge.compute as compute
+
+    broken = load_file(models["b"])
+    key = next(k for k in broken if k.startswith(UNET) and broken[k].dim() == 4)
+    broken[key].view(-1)[-1] = float("nan")
+    b = write(tmp_path / "nan.safetensors", broken)
+    monkeypatch.setattr(compute, "PIECEWISE_BYTES", 0)
+    with pytest.raises(SdkitError, match="NaN"):
+        merge_models(recipe([models["a"], b]), tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.safetensors"]

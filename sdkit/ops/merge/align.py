@@ -34,7 +34,7 @@ def open_inputs(inputs: Sequence[RecipeInput], stack: ExitStack) -> list[ModelFi
 def aligned_input(name: str, model: ModelFile) -> AlignedInput:
     """`model` seen with LDM single-file key names."""
     if model.format != "diffusers":
-        return AlignedInput(name, str(model.path), dict(model.infos), model.load)
+        return AlignedInput(name, str(model.path), dict(model.infos), model.load, model.span)
     return _aligned_diffusers(name, model)
 
 
@@ -49,7 +49,13 @@ def _aligned_diffusers(name: str, model: ModelFile) -> AlignedInput:
         recipe = plan[key]
         return recipe.apply([model.load(source) for source in recipe.sources])
 
-    return AlignedInput(name, str(model.path), infos, load)
+    def span(key: str) -> Any:
+        recipe = plan[key]  # a copy or reshape keeps the stored bytes as they are
+        if recipe.kind in ("copy", "reshape") and len(recipe.sources) == 1:
+            return model.span(recipe.sources[0])
+        return None
+
+    return AlignedInput(name, str(model.path), infos, load, span)
 
 
 def _planned_info(key: str, recipe: Any, infos: dict[str, TensorInfo]) -> TensorInfo:

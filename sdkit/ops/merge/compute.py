@@ -8,9 +8,11 @@ is the same bytes however it is scheduled. Every output tensor is checked for Na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import partial
 from threading import Lock
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -20,6 +22,8 @@ from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
+# elementwise merges of tensors at least this large are written slice by slice
+PIECEWISE_BYTES = 32 << 20
 
 
 @dataclass
@@ -47,6 +51,35 @@ class KeyComputer:
 
     def __call__(self, action: KeyAction) -> torch.Tensor:
         return self._merge(action) if action.merged else self._copy(action)
+
+    def pieces(self, action: KeyAction) -> Callable[[], Iterator[torch.Tensor]] | None:
+        """For a large elementwise merge of stored inputs: the output produced slice by
+        slice from slices read from the inputs (memory: a few slices, whatever the tensor
+        size); None where the key is computed whole."""
+        if not (action.merged and self.method.elementwise and action.channels is None
+                and action.nbytes >= PIECEWISE_BYTES):
+            return None
+        spans = [self.inputs[i].span(action.key) for i in action.sources]
+        if any(span is None for span in spans):
+            return None
+        return partial(self._merge_pieces, action, spans)
+
+    def _merge_pieces(self, action: KeyAction, spans: list[Any]) -> Iterator[torch.Tensor]:
+        from sdkit.io.byte_span import read_elements
+
+        params = dict(self.params)
+        if action.alpha is not None:
+            params[BLEND_PARAM] = action.alpha
+        dtypes = [CODE_TO_TORCH[self.inputs[i].infos[action.key].dtype] for i in action.sources]
+        dtype = CODE_TO_TORCH[action.dtype]
+        count = math.prod(action.shape)
+        for start in range(0, count, SLICE_ELEMENTS):
+            size = min(SLICE_ELEMENTS, count - start)
+            parts = [read_elements(span, source, start, size).to(torch.float32) for span, source in zip(spans, dtypes)]
+            piece = self._run(action.key, parts, params).to(dtype)
+            if _suspicious(piece):
+                self._count_non_finite(action.key, piece)
+            yield piece
 
     def _copy(self, action: KeyAction) -> torch.Tensor:
         tensor = self.inputs[action.sources[0]].load(action.key)

@@ -103,7 +103,8 @@ def merge_models(recipe: MergeRecipe, output: str | Path | None = None, *,
     check_output_path(target, [item.path for item in recipe.inputs], force=overwrite)
     with prepare_merge(recipe, target) as prepared:
         metadata = merge_metadata(prepared.recipe, prepared.facts, target)
-        tensors = {action.key: LazyTensor(action.dtype, action.shape, partial(prepared.compute, action.key))
+        tensors = {action.key: LazyTensor(action.dtype, action.shape, partial(prepared.compute, action.key),
+                                          chunks=prepared.computer.pieces(action))
                    for action in prepared.plan.actions}
         with single_threaded_torch():
             write_safetensors(target, tensors, metadata, overwrite=overwrite, progress=progress,

@@ -43,6 +43,7 @@ class AlignedInput:
     path: str
     infos: dict[str, TensorInfo]
     load: Callable[[str], Any]
+    span: Callable[[str], Any] = lambda key: None  # the key's stored bytes (io.ByteSpan), if any
 
 
 @dataclass(frozen=True)
