@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, Callable, Mapping
+from typing import IO, TYPE_CHECKING, Callable, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
@@ -27,6 +27,9 @@ from sdkit.io.byte_span import ByteSpan, copy_span
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 # dtype codes by increasing alignment, as the reference `Dtype` enum orders them
 DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
@@ -99,6 +102,12 @@ def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, tens
             or tuple(tensor.shape) != lazy.shape:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
                          f"but produced {produced}")
+    return _write_bytes(file, tensor)
+
+
+def _write_bytes(file: IO[bytes], tensor: "torch.Tensor") -> int:
+    import torch
+
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     file.write(data)  # type: ignore[arg-type]  # numpy arrays expose the buffer protocol
     return data.nbytes
@@ -136,9 +145,7 @@ def _write_chunks(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> i
         if not isinstance(chunk, torch.Tensor) or chunk.dtype != CODE_TO_TORCH[lazy.dtype]:
             raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} but a piece of it is "
                              f"{getattr(chunk, 'dtype', type(chunk).__name__)}")
-        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        file.write(data)  # type: ignore[arg-type]
-        written += data.nbytes
+        written += _write_bytes(file, chunk)
     if written != lazy.nbytes:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
                          f"({lazy.nbytes} bytes) but its pieces hold {written} bytes")

@@ -218,3 +218,27 @@ def test_disk_full_is_a_clean_error(tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert files_in(tmp_path) == []
+
+
+def test_a_tensor_written_in_pieces(tmp_path: Path) -> None:
+    values = torch.arange(10, dtype=torch.float32)
+
+    def pieces(*sizes: int, dtype: torch.dtype = torch.float32) -> Callable[[], object]:
+        def produce():
+            start = 0
+            for size in sizes:
+                yield values[start:start + size].to(dtype)
+                start += size
+        return produce
+
+    def never() -> torch.Tensor:
+        raise AssertionError("a tensor written in pieces is never loaded whole")
+
+    good = LazyTensor("F32", (2, 5), never, chunks=pieces(4, 4, 2))
+    path = write_safetensors(tmp_path / "p.safetensors", {"w": good, "b": lazy(torch.ones(3))})
+    assert torch.equal(safetensors.torch.load_file(path)["w"], values.reshape(2, 5))
+    for wrong, problem in ((pieces(4, 4), "pieces hold 32 bytes"), (pieces(4, 6, dtype=torch.float16), "F16|float16")):
+        with pytest.raises(SdkitError, match=problem):
+            write_safetensors(tmp_path / "bad.safetensors", {"w": LazyTensor("F32", (2, 5), never, chunks=wrong)})
+        assert not (tmp_path / "bad.safetensors").exists()
+    assert files_in(tmp_path) == ["p.safetensors"]
