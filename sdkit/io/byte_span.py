@@ -79,6 +79,13 @@ def _advance(span: ByteSpan, done: int, count: int) -> int:
     return done + count
 
 
+def read_into(span: ByteSpan, start: int, target: memoryview) -> None:
+    """Fill `target` with the span's bytes from `start` on (read, not mapped)."""
+    done = 0
+    while done < len(target):
+        done = _advance(span, done, os.preadv(span.fileno, [target[done:]], span.offset + start + done))
+
+
 def read_elements(span: ByteSpan, dtype: "torch.dtype", start: int, count: int) -> "torch.Tensor":
     """Elements [start, start+count) of the span as a 1-D tensor, read (not mapped): the
     memory is the caller's alone and freed with the tensor."""
@@ -86,9 +93,5 @@ def read_elements(span: ByteSpan, dtype: "torch.dtype", start: int, count: int) 
 
     size = dtype.itemsize
     buffer = bytearray(count * size)
-    view = memoryview(buffer)
-    position = span.offset + start * size
-    done = 0
-    while done < len(buffer):
-        done = _advance(span, done, os.preadv(span.fileno, [view[done:]], position + done))
+    read_into(span, start * size, memoryview(buffer))
     return torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
-from sdkit.io.byte_span import ByteSpan, copy_span
+from sdkit.io.byte_span import ByteSpan
+from sdkit.io.file_sink import BufferedSink, DirectSink, open_sink
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
@@ -91,7 +92,10 @@ def _check_request(path: Path, tensors: Mapping[str, LazyTensor],
         _check_text(path, value, f"metadata[{key!r}]")
 
 
-def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, tensor: object) -> int:
+Sink = BufferedSink | DirectSink
+
+
+def _write_tensor(sink: Sink, path: Path, name: str, lazy: LazyTensor, tensor: object) -> int:
     import torch
 
     from sdkit.io.dtypes import CODE_TO_TORCH
@@ -102,15 +106,13 @@ def _write_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, tens
             or tuple(tensor.shape) != lazy.shape:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
                          f"but produced {produced}")
-    return _write_bytes(file, tensor)
+    return _write_bytes(sink, tensor)
 
 
-def _write_bytes(file: IO[bytes], tensor: "torch.Tensor") -> int:
+def _write_bytes(sink: Sink, tensor: "torch.Tensor") -> int:
     import torch
 
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    file.write(data)  # type: ignore[arg-type]  # numpy arrays expose the buffer protocol
-    return data.nbytes
+    return sink.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -134,7 +136,7 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
 
 
-def _write_chunks(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> int:
+def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor) -> int:
     import torch
 
     from sdkit.io.dtypes import CODE_TO_TORCH
@@ -145,26 +147,24 @@ def _write_chunks(file: IO[bytes], path: Path, name: str, lazy: LazyTensor) -> i
         if not isinstance(chunk, torch.Tensor) or chunk.dtype != CODE_TO_TORCH[lazy.dtype]:
             raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} but a piece of it is "
                              f"{getattr(chunk, 'dtype', type(chunk).__name__)}")
-        written += _write_bytes(file, chunk)
+        written += _write_bytes(sink, chunk)
     if written != lazy.nbytes:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
                          f"({lazy.nbytes} bytes) but its pieces hold {written} bytes")
     return written
 
 
-def _copy_tensor(file: IO[bytes], path: Path, name: str, lazy: LazyTensor, span: ByteSpan) -> int:
+def _copy_tensor(sink: Sink, path: Path, name: str, lazy: LazyTensor, span: ByteSpan) -> int:
     if span.length != lazy.nbytes:
         raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} {list(lazy.shape)} "
                          f"({lazy.nbytes} bytes) but its source holds {span.length} bytes")
-    file.flush()  # the kernel appends at the descriptor's position: nothing may be buffered
-    copy_span(span, file.fileno())
-    return span.length
+    return sink.copy(span)
 
 
-def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
+def _write_all(sink: Sink, path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
                ahead: Prefetcher, spans: Mapping[str, ByteSpan], progress: Progress | None) -> None:
-    file.write(len(header).to_bytes(8, "little"))
-    file.write(header)
+    sink.write(len(header).to_bytes(8, "little"))
+    sink.write(header)
     order = write_order(tensors)
     # copied spans and tensors written in pieces are not produced ahead: the first needs
     # no producing, the second is produced piece by piece as it is written
@@ -172,14 +172,14 @@ def _write_all(file: IO[bytes], path: Path, tensors: Mapping[str, LazyTensor], h
     with ahead.start(produced):
         for name in order:
             if name in spans:
-                written = _copy_tensor(file, path, name, tensors[name], spans[name])
+                written = _copy_tensor(sink, path, name, tensors[name], spans[name])
             elif tensors[name].chunks is not None:
-                written = _write_chunks(file, path, name, tensors[name])
+                written = _write_chunks(sink, path, name, tensors[name])
             else:
-                written = _write_tensor(file, path, name, tensors[name], ahead.get(name))
+                written = _write_tensor(sink, path, name, tensors[name], ahead.get(name))
             if progress is not None:
                 progress(written)
-    file.flush()
+    sink.finish()
 
 
 def _spans(tensors: Mapping[str, LazyTensor]) -> dict[str, ByteSpan]:
@@ -215,14 +215,17 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     sweep_dead_partials(path)
     partial = partial_path(path)
     try:
-        file = open(partial, "xb")
+        file, sink = open_sink(partial)
     except OSError as exc:
         raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
     ahead = Prefetcher(lambda name: tensors[name].load(), workers,
                        cost=cost or (lambda name: tensors[name].nbytes), budget=AHEAD_BUDGET)
     try:
         with file:
-            _write_all(file, path, tensors, header, ahead, _spans(tensors), progress)
+            try:
+                _write_all(sink, path, tensors, header, ahead, _spans(tensors), progress)
+            finally:
+                sink.close()
             if finish is not None:
                 finish(partial)
             os.fsync(file.fileno())

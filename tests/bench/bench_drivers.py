@@ -3,6 +3,7 @@ process: `python tests/bench/bench_drivers.py NAME OUTPUT INPUT...`.
 
 - baseline: read every input in 16 MiB chunks and write as many bytes as the operation's
   output to a new file, fsynced: the plain I/O an operation cannot avoid.
+  baseline-direct: the same with O_DIRECT writes (no page cache), as sdkit writes.
 - full-load references, the way the WebUI merger and kohya's scripts work: `load_file`
   everything, compute in float32, `save_file`.
 - peers: sd-mecha merges and diffusers' LoRA fuse.
@@ -18,20 +19,26 @@ from pathlib import Path
 CHUNK = 16 << 20
 
 
-def baseline(output: str, size: str, *inputs: str) -> None:
-    """Read the inputs side by side and write `size` bytes (from what was read), fsynced."""
+def baseline(output: str, size: str, *inputs: str, direct: bool = False) -> None:
+    """Read the inputs side by side and write `size` bytes (from what was read), fsynced;
+    `direct`: the writes bypass the page cache (O_DIRECT, whole 4 KiB blocks, as sdkit's
+    writer does where it can), the file cut to `size` at the end."""
+    import mmap
+
     remaining = int(size)
-    buffer = bytearray(CHUNK)
+    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT needs
     sources = [open(path, "rb", buffering=0) for path in inputs]
-    with open(output, "wb", buffering=0) as target:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if direct else 0)
+    with open(os.open(output, flags, 0o644), "wb", buffering=0) as target:
         while sources or remaining:
             for source in list(sources):
                 if not source.readinto(buffer):
                     source.close()
                     sources.remove(source)
             count = min(remaining, CHUNK)
-            target.write(memoryview(buffer)[:count])
+            target.write(memoryview(buffer)[:count + (-count % 4096 if direct else 0)])
             remaining -= count
+        target.truncate(int(size))
         os.fsync(target.fileno())
 
 
@@ -103,6 +110,7 @@ def diffusers_fuse(output: str, base: str, lora: str, config: str) -> None:
 
 DRIVERS = {
     "baseline": baseline,
+    "baseline-direct": lambda *args: baseline(*args, direct=True),
     "full-load-weighted-sum": full_load_weighted_sum,
     "full-load-add-difference": full_load_add_difference,
     "full-load-bake": full_load_bake,

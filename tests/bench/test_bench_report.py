@@ -71,6 +71,10 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
                          [Path(m) for m in models], out, peers)
 
     return [
+        # the same bytes as the baseline, written as sdkit's writer does (bypassing the page
+        # cache): how much of any ratio below 1 is the disk path alone
+        Operation("plain copy, O_DIRECT writes (reference, not sdkit)",
+                  driver("baseline-direct", str(out), str(inputs.a.stat().st_size), a), [inputs.a], out),
         Operation("inspect", sdkit("inspect", a, "--json"), [inputs.a]),
         Operation("hash (sha256, AutoV2, legacy, AutoV3; hash cache off)",
                   ["env", "SDKIT_HASH_CACHE=off", *sdkit("hash", a)], [inputs.a]),

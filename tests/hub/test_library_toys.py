@@ -49,3 +49,13 @@ def test_toy_files_are_filed_by_kind_and_family(layout: str, tmp_path: Path, toy
         assert entry.kind == kind
         if family:
             assert entry.family == family
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count open files")
+def test_identifying_files_leaves_none_open(toy_lora: Path) -> None:
+    from sdkit.hub.library.library import identify_file
+
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    kinds = [identify_file(path)[0] for path in (TOY / "sd1" / "toy-sd1.safetensors", toy_lora)]
+    assert kinds == ["checkpoint", "lora"]
+    assert len(list(Path("/proc/self/fd").iterdir())) == before

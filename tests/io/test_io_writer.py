@@ -4,6 +4,7 @@ tensor in memory at a time, and never a partial or clobbered output."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import struct
 import weakref
@@ -18,6 +19,17 @@ import torch
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, lazy_tensors, model_from_tensors, write_safetensors
 from sdkit.io.dtypes import CODE_TO_TORCH, TORCH_TO_CODE
+
+
+@pytest.fixture(autouse=True, params=["direct", "buffered"])
+def sink(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every writer test runs through both sinks: O_DIRECT from staging buffers (small
+    ones here, so that tensors straddle them) and the page cache."""
+    from sdkit.io import file_sink
+
+    monkeypatch.setattr(file_sink, "STAGING", 2 * file_sink.BLOCK)
+    monkeypatch.setenv("SDKIT_DIRECT_IO", "on" if request.param == "direct" else "off")
+    return request.param
 
 
 def lazy(tensor: torch.Tensor) -> LazyTensor:
@@ -242,3 +254,61 @@ def test_a_tensor_written_in_pieces(tmp_path: Path) -> None:
             write_safetensors(tmp_path / "bad.safetensors", {"w": LazyTensor("F32", (2, 5), never, chunks=wrong)})
         assert not (tmp_path / "bad.safetensors").exists()
     assert files_in(tmp_path) == ["p.safetensors"]
+
+
+def test_finished_stretches_are_sent_to_disk_while_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            sink: str) -> None:
+    from sdkit.io import writeback
+
+    if sink == "direct" or writeback._sync_file_range is None:
+        pytest.skip("write-out requests are for writes through the page cache (on Linux)")
+    requests: list[tuple[int, int]] = []
+    real = writeback._sync_file_range
+
+    def spy(fileno: int, offset: int, count: int, flags: int) -> int:
+        assert os.fstat(fileno).st_size >= offset + count  # only bytes already written
+        requests.append((offset, count))
+        return real(fileno, offset, count, flags)
+
+    monkeypatch.setattr(writeback, "_sync_file_range", spy)
+    monkeypatch.setattr(writeback, "STEP", 1000)
+    tensors = {f"t{i}": torch.full((100 + i,), float(i)) for i in range(40)}
+    ours = write_safetensors(tmp_path / "ours.safetensors", {name: lazy(t) for name, t in tensors.items()})
+    safetensors.torch.save_file(tensors, tmp_path / "reference.safetensors")
+    assert ours.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    # contiguous stretches from the first byte, each at least a step, never past the end
+    assert requests and requests[0][0] == 0
+    assert all(offset == before + count for (before, count), (offset, _) in zip(requests, requests[1:]))
+    assert all(count >= 1000 for _, count in requests)
+    assert sum(count for _, count in requests) > ours.stat().st_size - 1000 - 4 * 140
+
+
+def test_write_out_requests_stop_where_the_file_system_refuses_them(tmp_path: Path) -> None:
+    from sdkit.io.writeback import EarlyWriteback
+
+    reader, writer = os.pipe()  # sync_file_range refuses pipes (ESPIPE)
+    try:
+        early = EarlyWriteback(writer, step=1)
+        os.write(writer, b"xy")
+        early.written_to(2)
+        assert not early.enabled and not early.due(10)
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_unchanged_tensors_copied_from_a_file_keep_their_bytes(tmp_path: Path) -> None:
+    from sdkit.io import open_model
+
+    generator = torch.Generator().manual_seed(5)
+    tensors = {"big": torch.randn(3000, generator=generator), "odd": torch.randn(7, generator=generator).half(),
+               "mid": torch.randn(1500, generator=generator).bfloat16()}
+    source = tmp_path / "source.safetensors"
+    safetensors.torch.save_file(tensors, source)
+    with open_model(source) as model:
+        lazies = lazy_tensors(model)
+        assert all(lazy.span is not None and lazy.span() is not None for lazy in lazies.values())
+        lazies["extra"] = lazy(torch.arange(5))  # produced, between copied ones
+        copied = write_safetensors(tmp_path / "copied.safetensors", lazies)
+    safetensors.torch.save_file({**tensors, "extra": torch.arange(5)}, tmp_path / "reference.safetensors")
+    assert copied.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()

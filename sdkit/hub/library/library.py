@@ -48,7 +48,8 @@ def identify_file(path: Path) -> tuple[str, str, str | None]:
     from sdkit.io import open_model
 
     try:
-        identity = identify(open_model(path))
+        with open_model(path) as model:
+            identity = identify(model)
     except Exception:  # one odd file must not stop a library of thousands; it stays "unknown"
         return "unknown", "unknown", None
     return identity.kind, identity.family, identity.adapter_type
