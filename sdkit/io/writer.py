@@ -3,10 +3,12 @@
 The header is written first (every dtype and shape is known before any tensor exists),
 then each tensor is produced, checked, written and dropped. The next tensors are produced
 on worker threads while this one is written (`sdkit.io.ahead`), within a byte budget, so
-peak memory is a few tensors and computing overlaps the disk. The bytes go to a hidden partial file beside the target (`sdkit.io.output_path`), which
-is fsynced and renamed over the target only when complete; on any failure, Ctrl-C
-included, the partial file is removed and the target is untouched, and partial files
-left by killed processes are swept on the next write of the same target.
+peak memory is a few tensors and computing overlaps the disk. Bytes go to the disk
+directly where the file system allows it (`sdkit.io.file_sink`), into a hidden partial
+file beside the target (`sdkit.io.output_path`), which is fsynced and renamed over the
+target only when complete; on any failure, Ctrl-C included, the partial file is removed
+and the target is untouched, and partial files left by killed processes are swept on
+the next write of the same target.
 
 Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
 alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors

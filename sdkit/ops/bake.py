@@ -28,16 +28,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
+from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.model_file import FLOAT_DTYPES
 from sdkit.io.output_path import check_output_path
-from sdkit.io.writer import write_order
 from sdkit.ops.bake_compute import KeyBaker
 from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
                                  plan_bake)
 from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
 from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
 from sdkit.ops.convert_precision import cast_tensors
-from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher, single_threaded_torch
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 
 if TYPE_CHECKING:
@@ -102,13 +101,11 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
         result = BakeResult(str(output), options.to or opened.view.convention, plan.reports,
                             notes=list(opened.names.notes))
         baker = key_baker(plan, options.dtype)
-        # touched keys are computed on worker threads ahead of the writer, which meanwhile
+        tensors = baked_tensors(plan, baker, baker.compute, options.dtype, result)
+        # touched keys are computed on the writer's worker threads, ahead of it, while it
         # copies the untouched ones; one torch thread each, as for merges
-        ahead = stack.enter_context(Prefetcher(baker.compute, cost=baker.cost, budget=AHEAD_BUDGET))
-        tensors = baked_tensors(plan, baker, ahead.get, options.dtype, result)
-        ahead.start([name for name in write_order(tensors) if name in baker.codes])
         stack.enter_context(single_threaded_torch())
-        _write(opened, tensors, output, options, adapters, result, overwrite, progress, digests)
+        _write(opened, tensors, output, options, adapters, result, overwrite, progress, digests, baker)
     if baker.clamped:
         result.notes.append(f"{len(baker.clamped)} baked tensors clamped to the output dtype's range "
                             f"(e.g. {baker.clamped[0]})")
@@ -144,7 +141,7 @@ def baked_tensors(plan: BakePlan, baker: KeyBaker, load: Callable[[str], "torch.
 
 def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, options: BakeOptions,
            adapters: Sequence[AdapterInput], result: BakeResult, overwrite: bool,
-           progress: Progress | None, digests: InputDigests) -> None:
+           progress: Progress | None, digests: InputDigests, baker: KeyBaker) -> None:
     view = opened.view
     convention = options.to or view.convention
     metadata = _metadata(opened, adapters, options, output, convention, digests)
@@ -160,8 +157,10 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
     result.tensors = len(converted.tensors)
     if convention == "ldm":
         _require_file(output)
-        write_safetensors(output, converted.tensors, metadata, overwrite=overwrite, progress=progress,
-                          finish=digests.patch)
+        written = converted.tensors
+        write_safetensors(output, written, metadata, overwrite=overwrite, progress=progress, finish=digests.patch,
+                          workers=DEFAULT_WORKERS,
+                          cost=lambda name: baker.cost(name) if name in baker.codes else written[name].nbytes)
         return
     if output.suffix.lower() in _SAFETENSORS:
         raise SdkitError(f"{output}: a diffusers pipeline is a folder; give a folder path")
