@@ -14,7 +14,10 @@ NOTES = """\
   included (see the start-up row).
 - *baseline*: a plain Python loop reading the operation's inputs in 16 MiB chunks and
   writing as many bytes as its output, fsynced, measured in the same run; *×baseline* is
-  wall time divided by it (1.0 = as fast as copying the bytes).
+  wall time divided by it (1.0 = as fast as copying the bytes). It writes through the
+  page cache, as most programs do; sdkit's writer bypasses it (O_DIRECT) where the file
+  system allows. The "plain copy, O_DIRECT writes" row is that baseline with such
+  writes: its ratio is how much of an sdkit ratio below 1 is the write path alone.
 - Each sdkit operation runs several times (`SDKIT_BENCH_REPEATS`, default 3; TIES and
   extract once), each run right after a run of its baseline, because the disk's write
   speed varies several-fold within minutes on a shared machine; the table shows the
