@@ -21,7 +21,8 @@ NOTES = """\
 - Each sdkit operation runs several times (`SDKIT_BENCH_REPEATS`, default 3; TIES and
   extract once), each run right after a run of its baseline, because the disk's write
   speed varies several-fold within minutes on a shared machine; the table shows the
-  fastest run of each and the largest peak RSS of all runs. Peers run once.
+  fastest run of each and the largest peak RSS of all runs. Peers run once. The inputs
+  are read once, untimed, before each pair (the host pages cold files out).
 - Input hashes: sdkit records each input's sha256 in its outputs. Its hash cache (kept
   with the bench inputs) knows them after the first run, as it would on a user's
   machine after the first `sdkit hash` or operation; the "hash cache off" row shows an

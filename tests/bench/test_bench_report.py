@@ -136,6 +136,10 @@ def measure_paired(operation: Operation, scratch: Path) -> tuple[Measurement, Me
     run of the same bytes."""
     runs, baselines, written = [], [], 0
     for _ in range(operation.repeats or REPEATS):
+        # the host may page the inputs out within minutes (and a long operation before this
+        # one evicts them): read them first, so that neither run of the pair pays for a
+        # cold cache that the other does not
+        _warm(operation.reads)
         result = measure(operation.command, stdout=scratch / "stdout.txt" if operation.remark else None)
         written = size_of(operation.output) if operation.output else 0
         if operation.output:

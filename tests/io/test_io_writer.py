@@ -312,3 +312,28 @@ def test_unchanged_tensors_copied_from_a_file_keep_their_bytes(tmp_path: Path) -
         copied = write_safetensors(tmp_path / "copied.safetensors", lazies)
     safetensors.torch.save_file({**tensors, "extra": torch.arange(5)}, tmp_path / "reference.safetensors")
     assert copied.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 sink: str) -> None:
+    import errno
+    import fcntl
+
+    from sdkit.io import file_sink
+
+    if sink != "direct" or not hasattr(os, "O_DIRECT"):
+        pytest.skip("about direct writes")
+    real, refused = os.pwrite, []
+
+    def refuse_direct(fileno: int, data, offset: int) -> int:
+        if fcntl.fcntl(fileno, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fileno, data, offset)
+
+    monkeypatch.setattr(file_sink.os, "pwrite", refuse_direct)
+    tensors = mixed_tensors() | {"long": torch.arange(5000, dtype=torch.float32)}
+    ours = write_safetensors(tmp_path / "ours.safetensors", {name: lazy(t) for name, t in tensors.items()})
+    safetensors.torch.save_file(tensors, tmp_path / "reference.safetensors")
+    assert refused == [0]  # refused once, then buffered from where it stood
+    assert ours.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
