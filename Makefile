@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 # On a CUDA machine: make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# every other package at the versions the suite was last run with: a new release of a
+# dependency cannot break a fresh install
+CONSTRAINTS := -c constraints.txt
 
 .PHONY: install test bench fuzz fixtures clean
 
@@ -16,13 +19,13 @@ $(PY):
 install: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
 
 test:
 	$(PY) -m pytest
 
 bench:
-	$(PIP) install -q -e ".[test,bench]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test,bench]"
 	$(PY) -m pytest tests/bench -s -p no:cacheprovider -o addopts=""
 
 fuzz:

@@ -18,7 +18,7 @@ forward path, A1111 and ComfyUI do not). Strength multiplies the delta, except f
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,6 +29,7 @@ from sdkit.io.lazy import LazyTensor
 
 _NEEDS_BASE = frozenset({IA3, GLORA, OFT, BOFT})
 _EPS = torch.finfo(torch.float32).eps  # LyCORIS adds it to the DoRA norm
+PRODUCT_ELEMENTS = 1 << 20  # float32 elements per row chunk of `up @ down` (4 MiB)
 
 
 def needs_base_weight(module: LoraModule) -> bool:
@@ -93,8 +94,28 @@ def _lora_delta(module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor
     if "mid" in module.tensors:
         delta = _tucker(_f32(module, "mid"), up, down.flatten(1))
     else:
-        delta = (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        delta = lora_product(up, down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
     return delta * module.scale
+
+
+def lora_product_chunks(up: torch.Tensor, down: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """`up @ down` as (first row, rows) chunks of at most PRODUCT_ELEMENTS elements.
+
+    A bake consumes the chunks one at a time instead of holding a layer-sized float32
+    product. The chunk boundaries depend only on the shapes, and every product is formed
+    this way, because a matrix product's bits can depend on how many rows it is given.
+    """
+    step = max(1, PRODUCT_ELEMENTS // max(1, down.shape[1]))
+    for start in range(0, up.shape[0], step):
+        yield start, up[start:start + step] @ down
+
+
+def lora_product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`up @ down`, assembled from `lora_product_chunks` (the same bits as a bake)."""
+    product = torch.empty(up.shape[0], down.shape[1], dtype=torch.result_type(up, down), device=up.device)
+    for start, chunk in lora_product_chunks(up, down):
+        product[start:start + chunk.shape[0]] = chunk
+    return product
 
 
 def _loha_delta(module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor:

@@ -15,12 +15,12 @@ are clamped to it (and counted).
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from sdkit.adapters.lora_format import BOFT, LORA, OFT, LoraModule
-from sdkit.adapters.lora_math import delta_weight, needs_base_weight
+from sdkit.adapters.lora_math import PRODUCT_ELEMENTS, delta_weight, lora_product_chunks, needs_base_weight
 from sdkit.io import LazyTensor
 from sdkit.io.model_file import tensor_nbytes
 from sdkit.ops.bake_plan import Contribution
@@ -48,8 +48,16 @@ class KeyBaker:
         self._lock = threading.Lock()
 
     def cost(self, name: str) -> int:
-        """Bytes a computed key holds while it waits for the writer."""
-        return tensor_nbytes(self.codes[name], self.sources[name].shape)
+        """Bytes a key holds at its peak: its output, and the float32 deltas (and copy of
+        the base weight) that exist together while it is computed."""
+        shape = self.sources[name].shape
+        elements = math.prod(shape)
+        columns = elements // shape[0] if shape and shape[0] else 0
+        weights = self.weights.get(name, [])
+        held = sum(_held_elements(c, columns) for c in weights)
+        if any(needs_base_weight(c.module) for c in weights):
+            held += elements
+        return tensor_nbytes(self.codes[name], shape) + 4 * held
 
     def compute(self, name: str) -> "torch.Tensor":
         import torch
@@ -96,42 +104,75 @@ class KeyBaker:
             block = flat_source[start:stop].to(torch.float32, copy=True)
             for delta in deltas:
                 first, last = delta.rows or (0, rows)
-                low, high = max(start, first), min(stop, last)
-                if low < high:
-                    part = delta.values[low - first:high - first]
-                    block[low - start:high - start].add_(part if delta.strength is None
-                                                         else part.mul_(delta.strength))
+                for low, part in delta.pieces(max(start, first) - first, min(stop, last) - first):
+                    at = first + low - start
+                    block[at:at + part.shape[0]].add_(part)
             flat_out[start:stop].copy_(self._narrow(name, block, dtype))
         return out
 
 
-@dataclass
 class _Delta:
-    """A delta over rows `rows` of a key (all rows: None), as a (rows, columns) matrix, and
-    the strength still to multiply it by (None: already applied)."""
+    """A delta over rows `rows` of a key (all rows: None), as a (rows, columns) matrix made
+    in chunks of rows, in order (`chunks` yields each chunk's first row and the chunk),
+    times `strength` (None: already applied)."""
 
-    values: "torch.Tensor"
-    rows: tuple[int, int] | None
-    strength: float | None
+    def __init__(self, chunks: Iterator[tuple[int, "torch.Tensor"]], rows: tuple[int, int] | None,
+                 strength: float | None) -> None:
+        self.rows = rows
+        self.strength = strength
+        self._chunks = chunks
+        self._first, self._chunk = 0, None
+
+    def pieces(self, low: int, high: int) -> Iterator[tuple[int, "torch.Tensor"]]:
+        """Rows [low, high) of the delta, strength applied, as (first row, rows) pieces;
+        asked for in increasing order of rows."""
+        while low < high:
+            chunk = self._chunk_at(low)
+            end = min(high, self._first + chunk.shape[0])
+            part = chunk[low - self._first:end - self._first]
+            yield low, (part if self.strength is None else part.mul_(self.strength))
+            low = end
+
+    def _chunk_at(self, row: int) -> "torch.Tensor":
+        while self._chunk is None or row >= self._first + self._chunk.shape[0]:
+            self._first, self._chunk = next(self._chunks)
+        return self._chunk
+
+
+def _whole(values: "torch.Tensor") -> Iterator[tuple[int, "torch.Tensor"]]:
+    yield 0, values
 
 
 def _delta(contribution: Contribution, original: "torch.Tensor | None") -> _Delta:
     module, rows = contribution.module, contribution.target.weight.rows
     if is_plain_lora(module):
-        # lora_math's `scale * up @ down`, the same operations (so the same bits)
+        # lora_math's `scale * up @ down`, the same operations (so the same bits), a chunk
+        # of rows at a time: a layer-sized float32 product is never held
         up = module.tensors["up"].load().float().flatten(1)
-        down = module.tensors["down"].load().float()
-        values = (up @ down.flatten(1)).mul_(module.scale)
-        return _Delta(values, rows, contribution.strength)
+        down = module.tensors["down"].load().float().flatten(1)
+        chunks = ((first, chunk.mul_(module.scale)) for first, chunk in lora_product_chunks(up, down))
+        return _Delta(chunks, rows, contribution.strength)
     context = None
     if needs_base_weight(module) and original is not None:
         context = original if rows is None else original[rows[0]:rows[1]]
-    part_rows = (rows[1] - rows[0]) if rows else contribution.target.shape[0]
+    part_rows = _part_rows(contribution)
     if module.type in (OFT, BOFT):  # the strength blends each rotation with the identity
         delta, _ = delta_weight(module, context, contribution.strength)
-        return _Delta(delta.reshape(part_rows, -1), rows, None)
+        return _Delta(_whole(delta.reshape(part_rows, -1)), rows, None)
     delta, _ = delta_weight(module, context, 1.0)
-    return _Delta(delta.reshape(part_rows, -1), rows, contribution.strength)
+    return _Delta(_whole(delta.reshape(part_rows, -1)), rows, contribution.strength)
+
+
+def _held_elements(contribution: Contribution, columns: int) -> int:
+    """Float32 elements of a contribution's delta held at once (a plain LoRA's: a chunk)."""
+    elements = _part_rows(contribution) * columns
+    return min(elements, PRODUCT_ELEMENTS + columns) if is_plain_lora(contribution.module) else elements
+
+
+def _part_rows(contribution: Contribution) -> int:
+    """Rows of the base weight a contribution's delta covers."""
+    rows = contribution.target.weight.rows
+    return (rows[1] - rows[0]) if rows else contribution.target.shape[0]
 
 
 def _bias(contribution: Contribution) -> _Delta:
@@ -139,4 +180,4 @@ def _bias(contribution: Contribution) -> _Delta:
 
     bias = contribution.module.tensors["bias"].load().to(torch.float32)
     rows = contribution.target.bias.rows
-    return _Delta(bias.reshape(-1, 1), rows, contribution.strength)
+    return _Delta(_whole(bias.reshape(-1, 1)), rows, contribution.strength)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from sdkit.adapters import lora_math
+from sdkit.adapters.lora_format import parse_lora
 from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
 from sdkit.cli.main import main
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
-from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras
-from sdkit.ops.bake_plan import check_adapter, parse_adapter_arg
+from sdkit.ops import bake_compute
+from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras, key_baker
+from sdkit.ops.bake_plan import check_adapter, open_base, parse_adapter_arg, plan_bake
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (configs, kohya_lora, lora_delta, save_folder, save_ldm, tiny_pipeline, write)
 
@@ -66,6 +70,46 @@ def test_kohya_alpha_differs_from_rank(sd1, tmp_path):
                                    rtol=1e-5, atol=1e-6)
     untouched = f"{UNET}input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(baked[untouched], sd1["tensors"][untouched])
+
+
+def test_a_product_made_in_chunks_bakes_the_bits_of_the_whole_delta(sd1, tmp_path, monkeypatch):
+    # chunks of a few rows that straddle the elementwise blocks: the bake must add the
+    # same float32 delta that lora_math (and so the sampler's runtime LoRA) forms
+    monkeypatch.setattr(lora_math, "PRODUCT_ELEMENTS", 200)
+    monkeypatch.setattr(bake_compute, "_BLOCK_ELEMENTS", 300)
+    modules = ldm_unet_modules(sd1["tensors"])
+    state = kohya_lora([(name, shape) for _, name, shape in modules], rank=4, alpha=3.0)
+    lora = write(tmp_path / "kohya.safetensors", state, {"ss_network_module": "networks.lora"})
+    out = tmp_path / "baked.safetensors"
+    bake_loras(sd1["single"], [AdapterInput(str(lora), 0.7)], out)
+    baked, parsed = load_file(str(out)), parse_lora(load_file(str(lora)))
+    for path, name, _ in modules:
+        base = sd1["tensors"][f"{UNET}{path}.weight"]
+        assert base.shape[0] * base[0].numel() > 200  # in chunks indeed
+        delta, _ = lora_math.delta_weight(parsed.modules[name], base, 0.7)
+        assert torch.equal(baked[f"{UNET}{path}.weight"], (base.float() + delta.reshape(base.shape)).to(base.dtype))
+
+
+def test_a_key_costs_its_output_and_the_float32_deltas_held_while_computing_it(sd1, tmp_path, monkeypatch):
+    # the writer computes keys ahead within a byte budget by this cost: a plain LoRA's
+    # delta is held a chunk at a time, a LoHa's whole
+    monkeypatch.setattr(bake_compute, "PRODUCT_ELEMENTS", 64)
+    (plain_path, plain, shape), (hada_path, hadamard, hada_shape) = ldm_unet_modules(sd1["tensors"])[:2]
+    state = kohya_lora([(plain, shape)], rank=4, alpha=4.0)
+    generator = torch.Generator().manual_seed(1)
+    for half in ("w1", "w2"):
+        state[f"{hadamard}.hada_{half}_a"] = torch.randn(hada_shape[0], 2, generator=generator)
+        state[f"{hadamard}.hada_{half}_b"] = torch.randn(2, hada_shape[1], generator=generator)
+    lora = write(tmp_path / "mixed.safetensors", state)
+    with ExitStack() as stack:
+        plan = plan_bake(open_base(str(sd1["single"]), stack), [AdapterInput(str(lora), 1.0)], stack)
+        baker = key_baker(plan, "fp16")
+        costs = {name: baker.cost(name) for name in baker.codes}
+    assert costs.keys() == {f"{UNET}{plain_path}.weight", f"{UNET}{hada_path}.weight"}
+    for path, layer_shape in ((plain_path, shape), (hada_path, hada_shape)):
+        output = 2 * layer_shape[0] * layer_shape[1]
+        held = 4 * (64 + layer_shape[1]) if path == plain_path else 2 * output
+        assert costs[f"{UNET}{path}.weight"] == output + held
 
 
 def test_ldm_and_diffusers_unet_names_bake_the_same(sd1, tmp_path):
