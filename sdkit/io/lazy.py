@@ -16,6 +16,9 @@ from sdkit.io.model_file import ModelFile, tensor_nbytes
 if TYPE_CHECKING:
     import torch
 
+# producers that can make a tensor in pieces (merges, casts) do so from this size on
+PIECEWISE_BYTES = 32 << 20
+
 
 @dataclass(frozen=True)
 class LazyTensor:

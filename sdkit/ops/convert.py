@@ -24,10 +24,10 @@ from sdkit.arch import Identity, identify
 from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.errors import SdkitError
-from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model, write_safetensors
+from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.output_path import check_output_path
-from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
+from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_on_workers, write_pipeline_folder
 from sdkit.ops.convert_layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
                                       is_ldm_checkpoint, model_view)
 from sdkit.ops.convert_precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
@@ -345,7 +345,7 @@ def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[
     before the file is renamed into place."""
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder; a .safetensors output is a file")
-    write_safetensors(path, tensors, metadata, overwrite=overwrite, progress=progress, finish=input_hash.patch)
+    write_on_workers(path, tensors, metadata, overwrite=overwrite, progress=progress, finish=input_hash.patch)
 
 
 def _size(path: Path) -> int:

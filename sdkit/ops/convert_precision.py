@@ -15,13 +15,15 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor
+from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.io.model_file import FLOAT_DTYPES
 
 if TYPE_CHECKING:
@@ -131,19 +133,47 @@ def _cast_load(name: str, lazy: LazyTensor, target: str, policy: str,
                report: PrecisionReport) -> "torch.Tensor":
     from sdkit.io.dtypes import CODE_TO_TORCH
 
-    tensor = lazy.load()
-    if can_overflow(lazy.dtype, target):
-        limit = _largest(target)
-        found = overflow_of(tensor, limit)
-        if found is not None:
-            report.overflow.tensors[name] = found
-            if policy == "refuse":
-                raise OverflowStop(name)
-            if policy == "clamp":
-                tensor = tensor.clamp(-limit, limit)
-    return cast_tensor(tensor, CODE_TO_TORCH[target])
+    checked, _ = _check_overflow(name, lazy.load(), lazy.dtype, target, policy, report, (0, 0.0))
+    return cast_tensor(checked, CODE_TO_TORCH[target])
 
 
+def _cast_pieces(name: str, lazy: LazyTensor, target: str, policy: str,
+                 report: PrecisionReport) -> Iterator["torch.Tensor"]:
+    """The cast a piece at a time, read from the source file's bytes: a large tensor (the
+    token embeddings) is never whole in memory, neither as input nor as output."""
+    from sdkit.io.byte_span import read_elements
+    from sdkit.io.dtypes import CODE_TO_TORCH
+
+    span = lazy.span() if lazy.span is not None else None
+    if span is None:  # nothing to read pieces from
+        yield _cast_load(name, lazy, target, policy, report)
+        return
+    source, dtype = CODE_TO_TORCH[lazy.dtype], CODE_TO_TORCH[target]
+    count, found = math.prod(lazy.shape), (0, 0.0)
+    for start in range(0, count, PIECE_ELEMENTS):
+        piece = read_elements(span, source, start, min(PIECE_ELEMENTS, count - start))
+        piece, found = _check_overflow(name, piece, lazy.dtype, target, policy, report, found)
+        yield cast_tensor(piece, dtype)
+
+
+def _check_overflow(name: str, tensor: "torch.Tensor", source: str, target: str, policy: str,
+                    report: PrecisionReport, earlier: tuple[int, float]) -> tuple["torch.Tensor", tuple[int, float]]:
+    """`tensor` (a whole tensor or a piece of one) handled by the overflow policy, and the
+    tensor's overflow so far (`earlier`: that of its previous pieces), also reported."""
+    if not can_overflow(source, target):
+        return tensor, earlier
+    limit = _largest(target)
+    found = overflow_of(tensor, limit)
+    if found is None:
+        return tensor, earlier
+    total = (earlier[0] + found[0], max(earlier[1], found[1]))
+    report.overflow.tensors[name] = total
+    if policy == "refuse":
+        raise OverflowStop(name)
+    return (tensor.clamp(-limit, limit) if policy == "clamp" else tensor), total
+
+
+PIECE_ELEMENTS = 1 << 21  # elements per piece of a cast written in pieces
 _CAST_SLICE = 1 << 18  # elements per step: the float32 temporary stays in the CPU cache
 _HALF_WIDTHS = ("float16", "bfloat16")
 
@@ -197,7 +227,9 @@ def cast_tensors(tensors: Mapping[str, LazyTensor], target: str, *, keep: Sequen
             out[name] = lazy
         else:
             report.cast.append(name)
-            out[name] = LazyTensor(target, lazy.shape, partial(_cast_load, name, lazy, target, policy, report))
+            cast = (name, lazy, target, policy, report)
+            pieces = partial(_cast_pieces, *cast) if lazy.span is not None and lazy.nbytes >= PIECEWISE_BYTES else None
+            out[name] = LazyTensor(target, lazy.shape, partial(_cast_load, *cast), chunks=pieces)
     return out, report
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import test_convert_support as S
 from sdkit.errors import SdkitError
+from sdkit.ops import convert_precision
 from sdkit.ops.convert import ConvertOptions, convert_model
 
 UNET = "model.diffusion_model."
@@ -66,6 +67,24 @@ def test_fp16_overflow_clamped_or_kept_as_inf_is_reported(ldm, tmp_path):
     out = load_file(tmp_path / "inf.safetensors")
     assert torch.isinf(out[VAE + "decoder.conv_out.bias"][0]) and kept.precision.overflow.count == 3
     assert any("kept as inf" in note for note in kept.notes)
+
+
+def test_large_tensors_cast_in_pieces_give_the_same_bytes_and_report(ldm, tmp_path, monkeypatch):
+    tensors = with_big_values(ldm)
+    tensors[UNET + "out.2.weight"].view(-1)[-1] = 8e4  # in another piece than the first two
+    source = S.write_ldm(tmp_path / "in.safetensors", tensors)
+    whole = convert_model(source, tmp_path / "whole.safetensors", ConvertOptions(dtype="fp16", overflow="clamp"))
+    monkeypatch.setattr(convert_precision, "PIECEWISE_BYTES", 0)
+    monkeypatch.setattr(convert_precision, "PIECE_ELEMENTS", 100)  # ragged last pieces
+    assert tensors[UNET + "out.2.weight"].numel() > 100
+    pieces = convert_model(source, tmp_path / "pieces.safetensors", ConvertOptions(dtype="fp16", overflow="clamp"))
+    expected, got = load_file(tmp_path / "whole.safetensors"), load_file(tmp_path / "pieces.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert pieces.precision.overflow.tensors == whole.precision.overflow.tensors
+    assert pieces.precision.overflow.tensors[UNET + "out.2.weight"] == (3, 1e5)
+    with pytest.raises(SdkitError, match="4 values in 2 tensors"):
+        convert_model(source, tmp_path / "refused.safetensors", ConvertOptions(dtype="fp16"))
+    assert not (tmp_path / "refused.safetensors").exists()
 
 
 def test_dtype_casts_floats_only_and_bf16_takes_big_values(ldm, tmp_path):

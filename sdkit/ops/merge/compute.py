@@ -18,12 +18,11 @@ import torch
 
 from sdkit.errors import SdkitError
 from sdkit.io.dtypes import CODE_TO_TORCH
+from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
-# elementwise merges of tensors at least this large are written slice by slice
-PIECEWISE_BYTES = 32 << 20
 
 
 @dataclass
