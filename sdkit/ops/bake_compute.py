@@ -1,7 +1,9 @@
 """The arithmetic of a bake: `W' = W + Σ strength · ΔW` for one base key at a time.
 
 Every delta is `lora_math.delta_weight` at strength 1 (a plain LoRA module's `scale ·
-up @ down` is formed here with the same operations, to skip a pass), times the strength,
+up @ down` is formed here with the same operations, to skip a pass, and a few MiB of
+rows at a time: the float32 product of an SDXL feed-forward layer alone is 52 MiB,
+per worker), times the strength,
 added in float32 to the original weight, then narrowed to the output dtype. Anything
 that applies the same deltas in the same order (the sampler's runtime LoRAs) gets the
 same bits. The elementwise part runs in blocks of rows small enough to stay in the CPU
