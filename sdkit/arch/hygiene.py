@@ -13,6 +13,7 @@ from sdkit.arch.identity import Precision
 from sdkit.io.model_file import FLOAT_DTYPES, ModelFile
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 _EMA_PREFIX = "model_ema."
@@ -34,23 +35,46 @@ def broken_position_ids(model: ModelFile) -> dict[str, str]:
     Merges that average every tensor turn them into floats that drift off the integers
     (arenasys toolkit `fix_clip`, ComfyUI `process_clip_state_dict`).
     """
-    import torch
+    import numpy as np
 
     problems = {}
     for name, info in model.infos.items():
         if not name.endswith("position_ids"):
             continue
-        values = model.load(name).reshape(-1)
-        expected = torch.arange(values.numel(), dtype=torch.float64)
-        wrong = int((values.to(torch.float64) != expected).sum())
+        values = _as_float64(model, name)
+        wrong = int(np.count_nonzero(values != np.arange(values.size, dtype=np.float64)))
         issues = []
         if info.dtype in FLOAT_DTYPES:
             issues.append(f"stored as {info.dtype} instead of I64")
         if wrong:
-            issues.append(f"{wrong} of {values.numel()} values are not 0..{values.numel() - 1}")
+            issues.append(f"{wrong} of {values.size} values are not 0..{values.size - 1}")
         if issues:
             problems[name] = "; ".join(issues)
     return problems
+
+
+# little-endian numpy types of the safetensors codes a position-ids buffer comes in
+_NUMPY_CODES = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
+                "F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def _as_float64(model: ModelFile, name: str) -> "np.ndarray":
+    """A small tensor's values, flattened, as float64 (exact for these dtypes). Read from
+    the file's bytes where it has them, so that describing a file needs no torch."""
+    import numpy as np
+
+    from sdkit.io.byte_span import read_into
+
+    code, span = model.infos[name].dtype, model.span(name)
+    if span is None or (code not in _NUMPY_CODES and code != "BF16"):
+        import torch
+
+        return model.load(name).reshape(-1).to(torch.float64).numpy()
+    raw = bytearray(span.length)
+    read_into(span, 0, memoryview(raw))
+    if code == "BF16":  # the upper half of a float32
+        return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return np.frombuffer(raw, _NUMPY_CODES[code]).astype(np.float64)
 
 
 def non_finite_tensors(model: ModelFile) -> list[str]:

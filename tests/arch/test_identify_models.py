@@ -3,11 +3,17 @@ and full-size decisive keys (header-only tensors) for the real families."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from safetensors.torch import save_file
 from arch_models import diffusers_model_file, empty, pipeline_parts, tiny_clip, tiny_unet, tiny_vae
 
 from sdkit.arch import identify
+from sdkit.arch.hygiene import broken_position_ids
+from sdkit.io import open_model
 from sdkit.io.model_file import model_from_tensors
 
 UNET = "model.diffusion_model."
@@ -314,6 +320,31 @@ def test_broken_position_ids(position_ids, broken):
     identity = identify(model_from_tensors(tensors))
     assert ("broken_position_ids" in identity.facts) == broken
     assert any("broken CLIP position_ids" in n for n in identity.notes) == broken
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.float32, torch.float16,
+                                   torch.bfloat16])
+def test_position_ids_read_from_the_file_match_the_loaded_tensor(dtype, tmp_path):
+    # a file's position ids are read from its bytes (no torch); in memory, through torch
+    ramp = torch.arange(77)[None]
+    for values in (ramp, ramp.flip(-1), ramp.clamp(max=70)):
+        tensors = {"cond_stage_model.transformer.text_model.embeddings.position_ids": values.to(dtype)}
+        save_file(tensors, str(tmp_path / "clip.safetensors"))
+        with open_model(tmp_path / "clip.safetensors") as model:
+            from_file = broken_position_ids(model)
+        assert from_file == broken_position_ids(model_from_tensors(tensors))
+        assert bool(from_file) == (dtype.is_floating_point or not torch.equal(values, ramp))
+
+
+def test_inspecting_a_safetensors_file_does_not_import_torch(ldm_checkpoint, tmp_path):
+    tensors = ldm_checkpoint("sd1")
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0)[None]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    script = ("import sys; from sdkit.inspect import inspect_path; "
+              f"report = inspect_path({str(tmp_path / 'model.safetensors')!r}); "
+              "assert 'broken_position_ids' in report['facts'], report; print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
 
 
 def test_nan_scan_only_when_deep(ldm_checkpoint):
