@@ -112,13 +112,15 @@ def _text_path(module: ExportModule) -> str | None:
     return _TEXT_WRAP + path
 
 
-def uniform_alphas(modules: Sequence[ExportModule]) -> list[ExportModule]:
+def uniform_alphas(modules: Sequence[ExportModule], common: float | None = None) -> list[ExportModule]:
     """The modules with one alpha for every plain LoRA module (the ratio to a module's own
-    alpha folded into its up factor; the delta is unchanged)."""
+    alpha folded into its up factor; the delta is unchanged). The alpha is `common` when
+    some module has it, else the most frequent one."""
     alphas = [m.alpha for m in modules if m.alpha is not None and "lora_up.weight" in m.tensors]
     if len(set(alphas)) < 2:
         return list(modules)
-    common = Counter(alphas).most_common(1)[0][0]
+    if common not in alphas:
+        common = Counter(alphas).most_common(1)[0][0]
     out = []
     for module in modules:
         if module.alpha in (None, common) or "lora_up.weight" not in module.tensors:
@@ -252,8 +254,10 @@ class Provenance:
 
 def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], facts: LoraFacts,
                provenance: Provenance, *, format: str = "kohya", dtype: "torch.dtype | None" = None,
-               overwrite: bool = False) -> Path:
-    """Write `modules` as one LoRA file (atomically); returns the path written."""
+               common_alpha: float | None = None, overwrite: bool = False) -> Path:
+    """Write `modules` as one LoRA file (atomically); returns the path written.
+    `common_alpha`: the alpha to give every plain LoRA module in a kohya file (see
+    `uniform_alphas`)."""
     from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
 
     if format not in FORMATS:
@@ -263,7 +267,7 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
     path = Path(path)
     sdxl = sdxl_naming(facts.family, modules)
     if format == "kohya":
-        modules = uniform_alphas(modules)
+        modules = uniform_alphas(modules, common_alpha)
         state, extra = kohya_state_dict(modules, sdxl, dtype), network_metadata(modules, facts)
     else:
         state, adapter = peft_state_dict(modules, dtype)

@@ -8,7 +8,10 @@ does not depend on the number of workers.
 
 When the workers do heavy math (merges, bakes), torch's own intra-op pool is set to one
 thread (`single_threaded_torch`): splitting megabyte-sized slices across its pool costs
-more in synchronisation than it gains (many times more on a busy machine).
+more in synchronisation than it gains (many times more on a busy machine). OpenMP and
+MKL keep that count per thread, so each worker takes the count its creator had: a new
+thread would otherwise use every core for LAPACK calls, and with MKL choosing its thread
+count from the load, an SVD's bits would change from run to run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -43,6 +47,17 @@ def single_threaded_torch() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _torch_threads() -> int | None:
+    """The calling thread's torch thread count (None when torch is not loaded)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.get_num_threads()
+
+
+def _set_torch_threads(count: int | None) -> None:
+    if count is not None:
+        sys.modules["torch"].set_num_threads(count)
 
 
 def bound_allocator_caches() -> None:
@@ -97,7 +112,8 @@ class Prefetcher:
         self._order = order
         if self.workers > 0:
             bound_allocator_caches()
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sdkit-ahead")
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sdkit-ahead",
+                                            initializer=_set_torch_threads, initargs=(_torch_threads(),))
         return self
 
     def get(self, key: str) -> Any:

@@ -18,8 +18,11 @@ LyCORIS modules are re-factorised from their delta (alpha = the new rank).
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import threading
+from collections import Counter
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,9 +122,19 @@ def _counterpart(target: Target, tuned: OpenBase) -> Target:
 
 
 def _load(opened: OpenBase, target: Target) -> "torch.Tensor":
-    tensor = opened.view.tensors[target.weight.key].load().float()
+    """The layer's weight as stored (a view of the file where it can be)."""
+    tensor = opened.view.tensors[target.weight.key].load()
     rows = target.weight.rows
     return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def _delta(tuned: OpenBase, tuned_target: Target, base: OpenBase, base_target: Target) -> "torch.Tensor":
+    """`tuned − base` in float32, with one float32 buffer (the subtraction promotes the
+    stored halves exactly, so the bits are those of converting both first)."""
+    import torch
+
+    delta = _load(tuned, tuned_target).to(torch.float32, copy=True)  # never the file's own buffer
+    return delta.sub_(_load(base, base_target))
 
 
 def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
@@ -142,12 +155,16 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
                  if is_extracted_layer(t, options.conv_rank)]
         pairs = _drop_same_text_encoders(pairs, original, finetuned, options.min_diff, report)
         sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
+        dtype = _output_dtype(options, original)
+        common_alpha = _common_alpha([target for target, _ in pairs], rule) if options.format == "kohya" else None
+        held = _HeldFactors(dtype, common_alpha)
         modules, identical = [], 0
 
         def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
             target, other = pairs[index]
-            delta = _load(finetuned, other) - _load(original, target)
-            return _extract_layer(target, delta, rule, sdxl, check=index < options.sample_layers)
+            delta = _delta(finetuned, other, original, target)
+            extracted = _extract_layer(target, delta, rule, sdxl, check=index < options.sample_layers)
+            return None if extracted is None else held.hold(*extracted)
 
         # layers are factorised two at a time on worker threads, one torch thread each:
         # an SVD of a few-hundred-wide matrix gains little from torch's own threads
@@ -166,9 +183,62 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
                     progress(1)
         if identical:
             report.notes.append(f"{identical} layers are identical in both models and left out")
-        _write(output, modules, original, options, Provenance(
-            "lora-extract", (str(tuned), str(base)), _params(options)), overwrite)
+        if not modules:
+            raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
+        facts = LoraFacts(original.identity.family, "v" if original.identity.prediction == "v" else "epsilon")
+        write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), _params(options)),
+                   format=options.format, dtype=dtype, common_alpha=common_alpha, overwrite=overwrite)
     return report
+
+
+def _common_alpha(targets: list[Target], rule: RankRule) -> float | None:
+    """The alpha the kohya file gives every module (alpha = rank, the others' up factors
+    rescaled to it), chosen from the layers' shapes before any is factorised: the rank
+    most layers get."""
+    ranks = Counter(min(rule.cap_for(t.shape), t.shape[0], math.prod(t.shape[1:])) for t in targets)
+    return float(ranks.most_common(1)[0][0]) if ranks else None
+
+
+class _HeldFactors:
+    """Where the layers' factors wait for the writer.
+
+    They are kept in the output dtype where that gives the bytes a cast at the end would
+    (`down` always; `up` unless the writer rescales it to the common alpha), and packed
+    into blocks of their own: allocated one by one they would sit in malloc's arenas
+    between the layers' temporaries, whose holes are not given back (an SDXL extract
+    grew by the float32 size of every factor, 1.7 GiB at its peak)."""
+
+    BLOCK = 64 << 20
+
+    def __init__(self, dtype: "torch.dtype", common_alpha: float | None) -> None:
+        self.dtype = dtype
+        self.common_alpha = common_alpha
+        self._lock = threading.Lock()
+        self._block: "torch.Tensor | None" = None
+        self._used = 0
+
+    def hold(self, module: ExportModule, factors: Factors, check: dict[str, Any] | None
+             ) -> tuple[ExportModule, Factors, dict[str, Any] | None]:
+        tensors = module.tensors
+        up, down = tensors["lora_up.weight"], tensors["lora_down.weight"]
+        rescaled = self.common_alpha is not None and module.alpha != self.common_alpha
+        tensors["lora_up.weight"] = self._copy(up, up.dtype if rescaled else self.dtype)
+        tensors["lora_down.weight"] = self._copy(down, self.dtype)
+        light = replace(factors, up=tensors["lora_up.weight"], down=tensors["lora_down.weight"])
+        return module, light, check
+
+    def _copy(self, tensor: "torch.Tensor", dtype: "torch.dtype") -> "torch.Tensor":
+        """`tensor.to(dtype)` (the same conversion) stored in the current block."""
+        import torch
+
+        size = tensor.numel() * dtype.itemsize
+        with self._lock:
+            if self._block is None or self._used + size > len(self._block):
+                self._block = torch.empty(max(self.BLOCK, size), dtype=torch.uint8)
+                self._used = 0
+            block, start = self._block, self._used
+            self._used += -(-size // 64) * 64  # the next one starts aligned
+        return block[start:start + size].view(dtype).view(tensor.shape).copy_(tensor)
 
 
 def _drop_same_text_encoders(pairs: list[tuple[Target, Target]], original: OpenBase, finetuned: OpenBase,
@@ -177,7 +247,7 @@ def _drop_same_text_encoders(pairs: list[tuple[Target, Target]], original: OpenB
     text = [(t, o) for t, o in pairs if t.component != "unet"]
     largest = 0.0
     for target, other in text:
-        largest = max(largest, float((_load(finetuned, other) - _load(original, target)).abs().max()))
+        largest = max(largest, float(_delta(finetuned, other, original, target).abs().max()))
         if largest > min_diff:
             return pairs
     if text:
@@ -209,17 +279,12 @@ def _params(options: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(options).items() if v is not None}
 
 
-def _write(output: Path, modules: list[ExportModule], base: OpenBase, options: Any,
-           provenance: Provenance, overwrite: bool) -> None:
+def _output_dtype(options: ExtractOptions, base: OpenBase) -> "torch.dtype":
     import torch
 
     from sdkit.io.dtypes import CODE_TO_TORCH
 
-    if not modules:
-        raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
-    dtype = getattr(torch, DTYPES[options.dtype]) if options.dtype else CODE_TO_TORCH[modules_dtype(base)]
-    facts = LoraFacts(base.identity.family, "v" if base.identity.prediction == "v" else "epsilon")
-    write_lora(output, modules, facts, provenance, format=options.format, dtype=dtype, overwrite=overwrite)
+    return getattr(torch, DTYPES[options.dtype]) if options.dtype else CODE_TO_TORCH[modules_dtype(base)]
 
 
 def modules_dtype(base: OpenBase) -> str:

@@ -11,8 +11,8 @@ sd-scripts' dynamic methods, capped at the requested rank:
 - a zero matrix gets rank 1.
 
 The optional clamp bounds both factors to ±q-quantile of their joined values (sd-scripts'
-extract and svd-merge use q = 0.99). `randomized` uses `torch.svd_lowrank` (rank +
-oversampling columns, a few power iterations) instead of the full SVD; `sv_cumulative`
+extract and svd-merge use q = 0.99). `randomized` uses a randomized SVD (rank +
+oversampling columns, a few power iterations: `randomized_svd`) instead of the full SVD; `sv_cumulative`
 then sums only the singular values it computed. Every result carries the retained
 energy Σσ²(kept) / ‖delta‖²_F.
 """
@@ -107,12 +107,30 @@ def decompose(matrix: "torch.Tensor", rule: RankRule, cap: int
     import torch
 
     if rule.randomized:
-        columns = min(cap + rule.oversample, *matrix.shape)
-        with torch.random.fork_rng(devices=[]):  # the same factors on every run
-            torch.manual_seed(0)
-            u, s, v = torch.svd_lowrank(matrix, q=columns, niter=rule.iterations)
-        return u, s, v.T
+        return randomized_svd(matrix, min(cap + rule.oversample, *matrix.shape), rule.iterations)
     return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def randomized_svd(matrix: "torch.Tensor", columns: int, iterations: int
+                   ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(U, S, Vh) of the leading `columns` singular triplets, by Halko, Martinsson and
+    Tropp's range finder with `iterations` power iterations: the steps and the result of
+    `torch.svd_lowrank` after `torch.manual_seed(0)`, but drawn from a generator of its
+    own, so factorisations on concurrent threads cannot interleave their draws (the
+    global generator made them differ from run to run)."""
+    import torch
+
+    transposed = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.mT if transposed else matrix
+    sketch = torch.randn(tall.shape[1], columns, dtype=tall.dtype,
+                         generator=torch.Generator().manual_seed(0))
+    basis = torch.linalg.qr(tall @ sketch).Q
+    for _ in range(iterations):
+        basis = torch.linalg.qr(tall.mT @ basis).Q
+        basis = torch.linalg.qr(tall @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mT @ tall, full_matrices=False)
+    u = basis @ u
+    return (vh.mT, s, u.mT) if transposed else (u, s, vh)
 
 
 def factorize(delta: "torch.Tensor", rule: RankRule, cap: int | None = None) -> Factors:

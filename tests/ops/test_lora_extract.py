@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 
 from sdkit.ops.bake import AdapterInput, bake_loras
 from sdkit.ops.lora_extract import ExtractOptions, ResizeOptions, extract_lora, resize_lora
+from sdkit.ops.lora_svd import randomized_svd
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (diffusers_state, kohya_lora, ldm_state, ldm_to_diffusers, lora_delta, save_folder,
                                save_ldm, tiny_pipeline, write)
@@ -113,6 +116,62 @@ def test_randomized_svd_reports_its_error(pairs, tmp_path):
         assert check["error_full_svd"] <= check["error_randomized"] + 1e-6
         assert check["error_randomized"] < check["error_full_svd"] * 1.2 + 1e-3
 
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_randomized_svd_is_torchs_seeded_svd_lowrank(shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(matrix, q=12, niter=2)
+    ours = randomized_svd(matrix, 12, 2)
+    for mine, theirs in zip(ours, (u, s, v.T)):
+        assert torch.equal(mine, theirs)
+
+
+def test_randomized_svd_is_the_same_on_concurrent_threads():
+    """Factorisations run two at a time; each must still draw its own sketch (seeding
+    torch's global generator let one thread's draw move the other's; the threads are
+    made to switch often so that shows)."""
+    interval = sys.getswitchinterval()
+    matrix = torch.randn(64, 48, generator=torch.Generator().manual_seed(5))
+    alone = randomized_svd(matrix, 10, 2)[1]
+    mismatches = []
+
+    def factorise_many() -> None:
+        torch.set_num_threads(1)  # as the caller: LAPACK's own split is another matter
+        for _ in range(300):
+            if not torch.equal(randomized_svd(matrix, 10, 2)[1], alone):
+                mismatches.append(1)
+
+    threads = [threading.Thread(target=factorise_many) for _ in range(2)]
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not mismatches
+
+
+@pytest.mark.parametrize("format", ["kohya", "diffusers"])
+def test_half_precision_output_is_the_float32_one_cast(pairs, tmp_path, format):
+    """Factors are held in the output dtype as they are computed; the file must hold the
+    bytes of casting float32 factors at the end, up factors rescaled to the common alpha
+    included (rank 48 is capped on the toy's narrower layers, so alphas differ)."""
+    pair = pairs["sdxl"]
+    options = dict(rank=48, clamp_quantile=None, min_diff=0.0, format=format)
+    report = extract_lora(pair["b_folder"], pair["a_file"], tmp_path / "h.safetensors",
+                          ExtractOptions(**options, dtype="fp16"))
+    assert len({layer.rank for layer in report.layers}) > 1
+    extract_lora(pair["b_folder"], pair["a_file"], tmp_path / "f.safetensors", ExtractOptions(**options, dtype="fp32"))
+    half, single = load_file(str(tmp_path / "h.safetensors")), load_file(str(tmp_path / "f.safetensors"))
+    assert half.keys() == single.keys()
+    for key, value in single.items():
+        expected = value if key.endswith(".alpha") else value.to(torch.float16)
+        assert half[key].dtype == expected.dtype and torch.equal(half[key], expected), key
 
 def test_unchanged_text_encoder_is_left_out(pairs, tmp_path):
     pair = pairs["sd1"]

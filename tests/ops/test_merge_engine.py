@@ -15,7 +15,7 @@ from sdkit.arch.blocks import block_layout, component_of
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
 from sdkit.ops.merge import MergeRecipe, RecipeInput, merge_models, replay_merge
-from sdkit.io.ahead import Prefetcher
+from sdkit.io.ahead import Prefetcher, single_threaded_torch
 from test_merge_support import checkpoint, write, write_diffusers_folder
 
 VAE = "first_stage_model."
@@ -308,6 +308,17 @@ def test_prefetch_stays_within_its_budget() -> None:
     assert max(ahead) <= 3  # the key asked for, plus at most `budget` worth ahead
     assert not running
 
+
+
+def test_workers_compute_what_the_calling_thread_would() -> None:
+    """A LAPACK call on a worker gives the caller's bits: the worker runs with the caller's
+    thread count (a fresh thread would use every core, and MKL varies the split with load)."""
+    matrix = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    with single_threaded_torch():
+        alone = torch.linalg.svd(matrix, full_matrices=False).U
+        order = list(range(40))
+        with Prefetcher(lambda index: torch.linalg.svd(matrix.clone(), full_matrices=False).U, 2).start(order) as ahead:
+            assert all(torch.equal(ahead.get(index), alone) for index in order)
 
 @pytest.mark.parametrize("method, letters, params", [
     ("weighted_sum", "ab", {"alpha": 0.3}),
