@@ -6,12 +6,14 @@ so memory stays bounded while computing (a cast, a merge, a bake) overlaps the d
 Every tensor is produced by the same function whichever thread runs it, so the output
 does not depend on the number of workers.
 
-When the workers do heavy math (merges, bakes), torch's own intra-op pool is set to one
-thread (`single_threaded_torch`): splitting megabyte-sized slices across its pool costs
-more in synchronisation than it gains (many times more on a busy machine). OpenMP and
-MKL keep that count per thread, so each worker takes the count its creator had: a new
-thread would otherwise use every core for LAPACK calls, and with MKL choosing its thread
-count from the load, an SVD's bits would change from run to run.
+When the workers do heavy math (merges, bakes), the calling thread's torch pool is set to
+one thread (`single_threaded_torch`): splitting megabyte-sized slices across its pool
+costs more in synchronisation than it gains (many times more on a busy machine). OpenMP
+and MKL keep thread counts per thread: a worker starts with a new thread's default (every
+core), which merges gain from when the budget leaves one large tensor in flight (SDXL add
+difference 18-19 s, 22-28 s with one thread per worker). Where results must not depend on
+the load, `threads` fixes each worker's count: LAPACK (an SVD) splits its work by the
+threads MKL finds free, and its bits then change from run to run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
@@ -49,15 +50,11 @@ def single_threaded_torch() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _torch_threads() -> int | None:
-    """The calling thread's torch thread count (None when torch is not loaded)."""
-    torch = sys.modules.get("torch")
-    return None if torch is None else torch.get_num_threads()
-
-
 def _set_torch_threads(count: int | None) -> None:
     if count is not None:
-        sys.modules["torch"].set_num_threads(count)
+        import torch
+
+        torch.set_num_threads(count)
 
 
 def bound_allocator_caches() -> None:
@@ -91,12 +88,14 @@ class Prefetcher:
 
     At most `workers` keys are ahead, and no more than `budget` bytes of them by `cost`
     (an estimate of the memory a key holds while computed and waiting), except that one
-    key is always allowed so a single huge tensor still proceeds.
+    key is always allowed so a single huge tensor still proceeds. `threads`: torch's
+    thread count on each worker (None: a new thread's default).
     """
 
     def __init__(self, compute: Callable[[str], Any], workers: int | None = None, *,
-                 cost: Callable[[str], int] = lambda key: 0, budget: int = 0) -> None:
+                 cost: Callable[[str], int] = lambda key: 0, budget: int = 0, threads: int | None = None) -> None:
         self.compute = compute
+        self.threads = threads
         self.workers = DEFAULT_WORKERS if workers is None else max(0, workers)
         self.cost = cost
         self.budget = budget
@@ -113,7 +112,7 @@ class Prefetcher:
         if self.workers > 0:
             bound_allocator_caches()
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="sdkit-ahead",
-                                            initializer=_set_torch_threads, initargs=(_torch_threads(),))
+                                            initializer=_set_torch_threads, initargs=(self.threads,))
         return self
 
     def get(self, key: str) -> Any:

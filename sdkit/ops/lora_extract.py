@@ -166,9 +166,10 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
             extracted = _extract_layer(target, delta, rule, sdxl, check=index < options.sample_layers)
             return None if extracted is None else held.hold(*extracted)
 
-        # layers are factorised two at a time on worker threads, one torch thread each:
-        # an SVD of a few-hundred-wide matrix gains little from torch's own threads
-        with single_threaded_torch(), Prefetcher(extract).start(range(len(pairs))) as ahead:
+        # layers are factorised two at a time on worker threads, one torch thread each: an
+        # SVD of a few-hundred-wide matrix gains little from more, and with a fixed count
+        # its bits do not depend on the machine's load
+        with single_threaded_torch(), Prefetcher(extract, threads=1).start(range(len(pairs))) as ahead:
             for index in range(len(pairs)):
                 extracted = ahead.get(index)
                 if extracted is None:
