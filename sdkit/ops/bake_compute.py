@@ -132,7 +132,8 @@ class _Delta:
             chunk = self._chunk_at(low)
             end = min(high, self._first + chunk.shape[0])
             part = chunk[low - self._first:end - self._first]
-            yield low, (part if self.strength is None else part.mul_(self.strength))
+            # a strength of 1 leaves the values as they are: no pass over them
+            yield low, (part if self.strength in (None, 1.0) else part.mul_(self.strength))
             low = end
 
     def _chunk_at(self, row: int) -> "torch.Tensor":
