@@ -74,14 +74,20 @@ def int_tuple(values: tuple[int, ...]) -> bytes:
     return b"(" + b"".join(integer(v) for v in values) + b"t"
 
 
-def tensor_call(storage_key: str, offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
-                storage: str = "FloatStorage", numel: int = 1) -> bytes:
-    """_rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict())."""
-    pid = b"(" + text("storage") + glob("torch", storage) + text(storage_key) + text("cpu") \
-        + integer(numel) + b"tQ"  # BINPERSID
+def storage_ref(key: str, numel: int, storage: str = "FloatStorage") -> bytes:
+    """The persistent id torch writes for a storage (BINPERSID)."""
+    return b"(" + text("storage") + glob("torch", storage) + text(key) + text("cpu") + integer(numel) + b"tQ"
+
+
+def tensor_call(storage: bytes, offset: int, shape: tuple[int, ...] | bytes,
+                stride: tuple[int, ...] | bytes) -> bytes:
+    """_rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict()); shape and
+    stride given as integers or as pickle code."""
     hooks = glob("collections", "OrderedDict") + b")R"
-    return glob("torch._utils", "_rebuild_tensor_v2") + b"(" + pid + integer(offset) \
-        + int_tuple(shape) + int_tuple(stride) + b"\x89" + hooks + b"tR"
+    shape_code = shape if isinstance(shape, bytes) else int_tuple(shape)
+    stride_code = stride if isinstance(stride, bytes) else int_tuple(stride)
+    return glob("torch._utils", "_rebuild_tensor_v2") + b"(" + storage + integer(offset) \
+        + shape_code + stride_code + b"\x89" + hooks + b"tR"
 
 
 # ---- files -------------------------------------------------------------------------------
