@@ -26,6 +26,7 @@ _MAX_DEPTH = 100
 # flattening it would.
 _MAX_NODES = 2_000_000
 _MAX_NAMES = 200_000
+_MAX_NAME_LENGTH = 4096  # real tensor names are under 300 characters
 
 
 class FlattenError(ValueError):
@@ -80,6 +81,8 @@ class _Walker:
         return found, nodes
 
     def add(self, name: str, value: Any, depth: int) -> None:
+        if len(name) > _MAX_NAME_LENGTH:  # else nesting a long key would repeat it in every name below
+            raise FlattenError(f"a name longer than {_MAX_NAME_LENGTH} characters ({printable(name)!r})")
         self._count(depth)
         holds, nodes = self._measure(value)
         if not holds:

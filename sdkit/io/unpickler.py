@@ -218,6 +218,10 @@ _ALLOWED: dict[tuple[str, str], Callable[..., Any]] = {
 }
 
 
+# what a refusal tells instead of torch's advice to load the file with weights_only=False
+_WHAT_LOADS = "sdkit loads tensors, plain containers, numbers and strings, and runs no pickled code"
+
+
 def _python3_name(module: str, name: str) -> tuple[str, str]:
     """Python 2 spellings in protocol-2 pickles (`__builtin__.set`) -> Python 3 names."""
     if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -270,7 +274,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         if module == "torch" and name in TORCH_DTYPE_CODES:
             return _TorchDtype(TORCH_DTYPE_CODES[name])
         raise SdkitError(f"{self._path}: refused pickle: forbidden global "
-                         f"'{printable(f'{module}.{name}')}'")
+                         f"'{printable(f'{module}.{name}')}' ({_WHAT_LOADS})")
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":

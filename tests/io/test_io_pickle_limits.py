@@ -217,3 +217,24 @@ def test_class_instantiation_opcodes_are_refused(tmp_path: Path, opcode: str) ->
 def test_a_huge_persistent_id_is_not_printed(tmp_path: Path) -> None:
     endless = shared_lists_filled_late(20).code  # a million nodes when printed
     refused(zip_file(tmp_path / "pid.pt", state_dict_pickle({"x": endless + b"Q"})), "persistent id (a list)")
+
+
+# ---- names --------------------------------------------------------------------------------
+
+def test_a_long_key_repeated_down_a_nest_is_refused(tmp_path: Path) -> None:
+    # {"deep": {K: {K: ... {K: tensor}}}} with one 100 000-character K: 50 levels would
+    # make names of up to 5 MB, 130 MB of them in all
+    key, levels = "k" * 100_000, 50
+    weight = tensor_call(storage_ref("0", 1), 0, (1,), (1,))
+    nest = b"}" + text(key) + put(0) + b"".join(b"}" + get(0) for _ in range(levels - 1)) + weight + b"s" * levels
+    path = zip_file(tmp_path / "names.pt", state_dict_pickle({"deep": nest}), {"0": floats(1)})
+    refused(path, "a name longer than 4096 characters")
+
+
+def test_a_shared_tree_of_a_quarter_million_names_is_refused(tmp_path: Path) -> None:
+    # t = (t, t) 18 times over one empty tensor: 262 144 names claiming no bytes
+    empty = tensor_call(storage_ref("0", 1), 0, (0,), (1,))
+    tree = empty + b"\x85" + b"2\x86" * 18
+    path = zip_file(tmp_path / "tree.pt", state_dict_pickle({"tree": tree}), {"0": floats(1)})
+    assert path.stat().st_size < 3000
+    refused(path, "more than 200,000 tensor and value names")
