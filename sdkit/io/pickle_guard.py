@@ -101,8 +101,8 @@ class PickleGuard:
         return depth, nodes
 
     def built(self, container: Any) -> None:
-        """A new container: measure it from its items."""
-        if isinstance(container, _CONTAINERS):
+        """A new container: measure it from its items (an empty one measures itself)."""
+        if isinstance(container, slice) or isinstance(container, _CONTAINERS) and container:
             self._record(container, (0, 1), _items(container))
 
     def filled(self, container: Any, items: Iterable[Any], before: tuple[int, int]) -> None:
@@ -113,8 +113,13 @@ class PickleGuard:
         depth, nodes = start
         count = 0
         for item in items:
+            count += 1
+            if not isinstance(item, _CONTAINERS):  # the common case, kept cheap
+                nodes += 1
+                depth = depth or 1
+                continue
             inner_depth, inner_nodes = start if item is container else self.shape(item)
-            depth, nodes, count = max(depth, inner_depth + 1), nodes + inner_nodes, count + 1
+            depth, nodes = max(depth, inner_depth + 1), nodes + inner_nodes
         self.spend(count)
         if depth > MAX_DEPTH:
             raise PickleLimit(f"containers nested more than {MAX_DEPTH} levels deep (sdkit's limit)")
@@ -191,8 +196,13 @@ def _reduce(load: Load, cost: int) -> Load:
         if type(arguments) is not tuple:
             raise PickleLimit("a call whose arguments are not a tuple")
         # an allowed callable may copy its argument (set(list), bytes of a str): pay for it
-        guard.spend(sum(len(value) // (64 if isinstance(value, (str, bytes)) else 1) for value in arguments
-                        if isinstance(value, (str, bytes, tuple, list, dict, set, frozenset))))
+        copied = 0
+        for value in arguments:
+            if isinstance(value, (str, bytes)):
+                copied += len(value) // 64
+            elif isinstance(value, (tuple, list, dict, set, frozenset)):
+                copied += len(value)
+        guard.spend(copied)
         load(unpickler)
         guard.built(unpickler.stack[-1])
     return run
