@@ -190,17 +190,19 @@ def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
 @click.option("--family-subfolders/--no-family-subfolders", default=None,
               help="File by family too (models/Lora/sdxl/…).")
 @click.option("--rename", is_flag=True, help="If the name is taken, use 'name (1).ext'.")
-@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@_force_options
 @click.option("--json", "as_json", is_flag=True)
 def add_command(files: tuple[Path, ...], library: Path | None, method: str,
-                family_subfolders: bool | None, rename: bool, overwrite: bool, as_json: bool) -> None:
-    """Put FILES where their identified kind belongs, and index them.
+                family_subfolders: bool | None, rename: bool, force: bool, force_alias: bool,
+                as_json: bool) -> None:
+    """Put FILES where their identified kind belongs, and index them. A file that is not
+    a model file (one `sdkit inspect` refuses) stops the command before anything is added.
 
     Example: sdkit library add ~/Downloads/*.safetensors --move --library ~/ComfyUI
     """
     from sdkit.hub.library import Library
 
-    policy = _policy(rename, overwrite)
+    policy = _policy(rename, force or force_alias)
     with Library.open(_library_root(library)) as lib:
         placements = lib.add(list(files), method=method, policy=policy,  # type: ignore[arg-type]
                              family_subfolders=family_subfolders)
@@ -263,7 +265,7 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.entries(kind=kind, family=family)
     if as_json:
         _echo_json([e.to_json() for e in entries])
@@ -282,7 +284,7 @@ def find_command(query: str, library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.find(query)
     if as_json:
         _echo_json([e.to_json() for e in entries])
@@ -302,7 +304,7 @@ def dupes_command(library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         groups = lib.index.duplicates()
     if as_json:
         _echo_json([[e.to_json() for e in group] for group in groups])
@@ -324,7 +326,7 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library, verify_library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         report = verify_library(lib, full=full)
     if as_json:
         _echo_json({"ok": report.ok, **vars(report)})
@@ -357,7 +359,7 @@ def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json
     if root is None:
         result = lookup_file(file, None, client)
     else:
-        with Library.open(root) as lib:
+        with Library.open_existing(root) as lib:
             result = lookup_file(file, lib, client)
     if as_json:
         _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,
