@@ -276,6 +276,9 @@ def build_in_partial(target: Path, overwrite: bool, fill: Callable[[Path], T]) -
         remove_quietly(built)
         if isinstance(exc, OSError):
             raise SdkitError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        if isinstance(exc, SdkitError) and str(built) in str(exc):
+            # name a file as the output will hold it, not inside a hidden folder that is gone
+            raise SdkitError(str(exc).replace(str(built), str(target))) from None
         raise
     fsync_folder(target.parent)
     return result
