@@ -140,13 +140,15 @@ def add_embeddings(model_path: str | os.PathLike[str], requests: Sequence[Embedd
 
 
 def _single_file_refusal(source: Path, requests: Sequence[EmbeddingRequest]) -> SdkitError:
+    """What works instead; the clients call an embedding by its file name."""
     files = ", ".join(request.embedding.path.name for request in requests)
     names = ", ".join(request.embedding.path.stem for request in requests)
     return SdkitError(
         f"{source}: new tokens cannot go into a single-file checkpoint: ComfyUI, A1111 and Forge build "
         f"CLIP with its 49408 token rows and their own tokenizer, so a grown table does not load; "
         f"put {files} in the client's embeddings folder and write {names} in the prompt "
-        f"(ComfyUI: embedding:{names.split(', ')[0]}), or write a diffusers folder: --to diffusers -o FOLDER")
+        f"(ComfyUI: embedding:{requests[0].embedding.path.stem}), or write a diffusers folder: "
+        "--to diffusers -o FOLDER")
 
 
 def _check_requests(requests: Sequence[EmbeddingRequest]) -> None:
