@@ -5,10 +5,11 @@ then each tensor is produced, checked, written and dropped. The next tensors are
 on worker threads while this one is written (`sdkit.io.ahead`), within a byte budget, so
 peak memory is a few tensors and computing overlaps the disk. Bytes go to the disk
 directly where the file system allows it (`sdkit.io.file_sink`), into a hidden partial
-file beside the target (`sdkit.io.output_path`), which is fsynced and renamed over the
-target only when complete; on any failure, Ctrl-C included, the partial file is removed
-and the target is untouched, and partial files left by killed processes are swept on
-the next write of the same target.
+file beside the target (`sdkit.io.output_path`), which is fsynced and installed in one
+rename only when complete (without `overwrite` it replaces nothing, not even a file that
+another writer installed meanwhile); on any failure, Ctrl-C included, the partial file
+is removed and the target is untouched, and partial files left by killed processes are
+swept on the next write of the same target.
 
 Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
 alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors
@@ -34,7 +35,8 @@ from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
 from sdkit.io.byte_span import ByteSpan
 from sdkit.io.file_sink import BufferedSink, DataDigest, DirectSink, open_sink
 from sdkit.io.lazy import LazyTensor
-from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
+from sdkit.io.output_path import (OutputExists, fsync_folder, install_file, partial_path, remove_quietly,
+                                  sweep_dead_partials)
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -126,25 +128,11 @@ def _write_bytes(sink: Sink, tensor: "torch.Tensor") -> int:
     return sink.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable; folders cannot be opened on every platform (best effort)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExists(path)
 
 
 def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor) -> int:
@@ -243,13 +231,13 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     """
     path = Path(path)
     _check_request(path, tensors, metadata)
+    sweep_dead_partials(path)
     _refuse_existing(path, overwrite)
     metadata, placeholder = _with_digest_placeholder(metadata)
     header = build_header(tensors, metadata)
     if len(header) > MAX_HEADER_SIZE:
         raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
                          f"{MAX_HEADER_SIZE}-byte limit of the format")
-    sweep_dead_partials(path)
     partial = partial_path(path)
     digest = DataDigest(8 + len(header)) if placeholder is not None else None
     try:
@@ -269,12 +257,11 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
             if finish is not None:
                 finish(partial)
             os.fsync(file.fileno())
-        _refuse_existing(path, overwrite)  # it may have appeared while we wrote
-        os.replace(partial, path)
+        install_file(partial, path, replace=overwrite)  # refuses one that appeared while we wrote
     except BaseException as exc:
         remove_quietly(partial)
         if isinstance(exc, OSError):
             raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path

@@ -25,7 +25,7 @@ from sdkit.arch import Identity
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, write_safetensors
 from sdkit.io.dtypes import CODE_TO_TORCH, NAME_TO_CODE
-from sdkit.io.output_path import partial_path, sweep_dead_partials
+from sdkit.io.output_path import write_file_atomically
 from sdkit.io.writer import DATA_SHA256
 from sdkit.ops.convert import ConvertOptions, ConvertResult
 from sdkit.ops.recipe_meta import EMBEDDING_IMPLEMENTATION, SpecFacts, build_metadata
@@ -81,20 +81,7 @@ def write_a1111_pt(path: str | os.PathLike[str], embedding: Embedding, dtype: st
         # a pickle has no safetensors data section to hash
         **{key: value for key, value in metadata.items() if value != DATA_SHA256},
     }
-    sweep_dead_partials(path)
-    temporary = partial_path(path)
-    try:
-        with open(temporary, "xb") as file:
-            torch.save(data, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        temporary.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    return path
+    return write_file_atomically(path, lambda temporary: torch.save(data, temporary), overwrite=overwrite)
 
 
 def _check_options(options: ConvertOptions, output: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sdkit.errors import SdkitError
-from sdkit.io.output_path import partial_path, sweep_dead_partials
+from sdkit.io.output_path import write_file_atomically
 
 PARAMETERS_KEY = "parameters"
 # `key: value` where value is a JSON string or runs to the next comma
@@ -170,16 +170,7 @@ def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False
     """Write `image` with its `parameters` text atomically (temporary file, then rename)."""
     from PIL.PngImagePlugin import PngInfo
 
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    sweep_dead_partials(path)
-    temporary = partial_path(path)
-    try:
-        image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    return write_file_atomically(path, lambda partial: image.save(partial, format="PNG", pnginfo=info),
+                                 overwrite=overwrite)
