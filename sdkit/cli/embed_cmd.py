@@ -60,16 +60,21 @@ def _render(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _request(spec: str) -> Any:
+def _split_spec(spec: str) -> tuple[str, str | None]:
     """EMB[:TOKEN]: the path wins when a file by the whole name exists (drive letters, colons)."""
+    if Path(spec).exists() or ":" not in spec:
+        return spec, None
+    path, token = spec.rsplit(":", 1)
+    if not token:
+        raise click.UsageError(f"{spec!r}: empty token after ':'")
+    return path, token
+
+
+def _request(spec: str) -> Any:
     from sdkit.adapters.embedding import read_embedding
     from sdkit.ops.embed import EmbeddingRequest
 
-    path, token = spec, None
-    if not Path(spec).exists() and ":" in spec:
-        path, token = spec.rsplit(":", 1)
-        if not token:
-            raise click.UsageError(f"{spec!r}: empty token after ':'")
+    path, token = _split_spec(spec)
     embedding = read_embedding(path, token)
     return EmbeddingRequest(embedding, embedding.token)
 
@@ -103,8 +108,9 @@ def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], out
 
     Example: sdkit embed add model.safetensors style.pt:mystyle --to diffusers -o model-mystyle
     """
-    require_inputs(model, config_dir, tokenizer_source)
-    require_output(output, (model, config_dir, tokenizer_source), force=force)
+    paths = [_split_spec(spec)[0] for spec in embeddings]
+    require_inputs(model, *paths, config_dir, tokenizer_source)
+    require_output(output, (model, *paths, config_dir, tokenizer_source), force=force)
     from sdkit.ops.embed import CheckpointSources, add_embeddings
 
     requests = [_request(spec) for spec in embeddings]

@@ -339,7 +339,7 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
             echo(f"changed: {path}")
         for path in report.missing:
             echo(f"missing: {path}")
-        click.echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
+        echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
     if not report.ok:
         raise SdkitError(f"{len(report.changed)} changed and {len(report.missing)} missing "
                          "since they were indexed")

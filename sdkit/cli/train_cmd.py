@@ -153,10 +153,10 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
     Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
     """
     require_inputs(base, options["config_dir"])
-    config = _train_config(method, base, data_dir, output, options)
-    check_config(config)  # the output's suffix and folder first: no torch until it passes
     inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"])
     require_output(output, inputs, force=options["force"])
+    config = _train_config(method, base, data_dir, output, options)
+    check_config(config)  # the output's suffix first: torch only for a hypernetwork's options
     from sdkit.runtime.train import train
 
     if not (ctx.obj or {}).get("debug"):
