@@ -2,6 +2,8 @@
 
 Exit codes: 0 ok, 1 refused input or failed check, 2 usage error (click's own).
 A refused input prints one line `sdkit: error: ...`; a traceback only with --debug.
+Error lines, usage errors and Python warnings are escaped for the terminal here, in one
+place (sdkit.cli.terminal); every other output goes through its console and echo.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from sdkit.errors import SdkitError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdkit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print only errors, --json output and the reports of reporting commands "
+                   "(no progress bars, summaries, notes or warnings).")
 @click.option("--record-paths", is_flag=True,
               help="Record inputs in written metadata by absolute path, not file name.")
 @click.pass_context
@@ -35,6 +39,8 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, record_paths: bool) -> Non
     ctx.obj["debug"] = debug
     ctx.obj["quiet"] = quiet
     ctx.with_resource(full_paths_recorded(record_paths))
+    if quiet:
+        warnings.simplefilter("ignore")  # the peers' warnings are chatter too
 
 
 def _register_commands() -> None:

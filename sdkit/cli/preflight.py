@@ -34,7 +34,7 @@ def require_output(output: PathLike, inputs: Iterable[PathLike | None] = (), *, 
     file or one of `inputs` without `force`."""
     path = Path(output)
     if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise SdkitError(f"{path}: the output must be a {' or '.join(suffixes)} file")
+        raise SdkitError(f"{path}: the output's name must end in {' or '.join(suffixes)}")
     folder = path.parent
     if not folder.is_dir():
         raise SdkitError(f"{folder}: no such folder for the output")
