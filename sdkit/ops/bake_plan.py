@@ -18,7 +18,7 @@ from sdkit.arch import Identity, identify
 from sdkit.arch.blocks import BASE, BlockLayout, block_layout
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
-from sdkit.ops.adapter_input import AdapterInput, parse_adapter_arg  # noqa: F401  (re-exported)
+from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.convert_layout import ModelView, model_view
 from sdkit.ops.merge.weights import BlockSpec, parse_block_spec, resolve_blocks
 
