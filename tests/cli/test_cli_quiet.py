@@ -17,7 +17,7 @@ TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
 A = str(TOY / "sd1" / "toy-sd1.safetensors")
 B = str(TOY / "sd1-b" / "toy-sd1-b.safetensors")
 VAE = str(TOY / "sd1" / "toy-sd1.vae.safetensors")
-PIPELINE = str(TOY / "sd1" / "diffusers")  # its tokenizer/ for embed add
+PIPELINE = str(TOY / "sd1" / "diffusers")  # configs and tokenizer/ for embed add
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -49,17 +49,17 @@ WRITING = {
     "lora resize": lambda i, out: ["lora", "resize", i["lora"], "--rank", "1", "-o", out],
     "vae swap": lambda i, out: ["vae", "swap", A, VAE, "-o", out],
     "vae extract": lambda i, out: ["vae", "extract", A, "-o", out],
-    "embed add": lambda i, out: ["embed", "add", A, f"{i['embedding']}:mystyle", "-o", out, "--tokenizer", PIPELINE],
+    "embed add": lambda i, out: ["embed", "add", A, f"{i['embedding']}:mystyle", "--to", "diffusers", "-o",
+                                 out.removesuffix(".safetensors"), "--config", PIPELINE],
 }
 
 
 @pytest.mark.parametrize("command", sorted(WRITING))
 def test_quiet_writing_commands_print_nothing(inputs: dict[str, str], tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str], command: str) -> None:
-    output = tmp_path / "out.safetensors"
-    code, out, err = run(capsys, "-q", *WRITING[command](inputs, str(output)))
+    code, out, err = run(capsys, "-q", *WRITING[command](inputs, str(tmp_path / "out.safetensors")))
     assert (code, out, err) == (0, "", "")
-    assert output.is_file()
+    assert [path.name for path in tmp_path.iterdir()] in (["out.safetensors"], ["out"])  # a file, or a folder
 
 
 def test_without_quiet_the_summary_shows_and_json_stays_with_it(tmp_path: Path,

@@ -153,7 +153,7 @@ class Library:
         layout = detect_layout(root)
         if layout is None:
             raise SdkitError(_not_a_library(root))
-        raise SdkitError(f"{root}: a {layout.name} folder that sdkit has not indexed yet; "
+        raise SdkitError(f"{root}: {with_article(layout.name)} folder that sdkit has not indexed yet; "
                          f"index it with `sdkit library scan {root}`")
 
     def close(self) -> None:
