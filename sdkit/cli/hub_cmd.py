@@ -16,7 +16,7 @@ from rich.table import Table
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
-from sdkit.cli.terminal import SafeConsole, echo, markup_literal
+from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError
 
 LIBRARY_ENV = "SDKIT_LIBRARY"
@@ -26,14 +26,14 @@ class _RichProgress:
     """A transfer bar on stderr; sdkit.hub calls begin/update/end."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                             transient=True)
         self.task: TaskID | None = None
 
     def begin(self, name: str, total: int | None, done: int) -> None:
         self.bar.start()
-        self.task = self.bar.add_task(markup_literal(name), total=total, completed=done)
+        self.task = self.bar.add_task(shown(name), total=total, completed=done)
 
     def update(self, done: int) -> None:
         if self.task is not None:

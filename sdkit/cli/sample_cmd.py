@@ -12,7 +12,7 @@ import click
 from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import require_inputs, require_output
-from sdkit.cli.terminal import SafeConsole, echo
+from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.runtime.sample_png import picture_paths
 from sdkit.runtime.sample_scheduler import SAMPLERS
 
@@ -29,12 +29,12 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
     if quiet or not console.is_terminal:
         yield None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
         def update(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            bar.update(task, description=shown(label), completed=done, total=total)
         yield update
 
 

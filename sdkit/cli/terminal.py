@@ -9,6 +9,8 @@ helpers below apply it at the boundary, so the library keeps the real strings.
 
 Rich also reads `[bold]` or `[link=…]` in a string as markup and `:smile:` as an emoji
 code; the consoles made here do neither, so text styled on purpose is built as `Text`.
+Progress-bar columns parse their text as markup on their own: a column that shows such
+text is made with `markup=False` and given `shown(text)`.
 JSON output needs nothing more: json.dumps escapes every control and non-ASCII character.
 """
 
@@ -18,7 +20,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.text import Text
 
 # kept: they only break lines, and multi-line output (JSON, click's usage text) needs them
@@ -46,12 +47,6 @@ def shown(text: object) -> str:
     """`text` as a terminal may display it: control and bidi characters written out as
     escapes (`\\x1b`, `\\u202e`); newlines and tabs kept."""
     return str(text).translate(_ESCAPES)
-
-
-def markup_literal(text: object) -> str:
-    """`text` for the few places rich always reads as markup (progress-bar columns):
-    escaped for the terminal, and its `[` made literal."""
-    return escape(shown(text))
 
 
 class SafeConsole(Console):

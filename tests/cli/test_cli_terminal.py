@@ -216,3 +216,23 @@ def _json_or_literal(argument: object) -> bool:
     if isinstance(argument, ast.IfExp):
         return _json_or_literal(argument.body) and _json_or_literal(argument.orelse)
     return isinstance(argument, ast.Call) and ast.unparse(argument.func) == "json.dumps"
+
+
+
+@pytest.mark.parametrize(("hostile", "escaped"), HOSTILE, ids=IDS)
+def test_a_download_bar_shows_the_file_name_escaped(hostile: str, escaped: str) -> None:
+    """The transfer bar names the file a server chose; rich's columns read markup and emoji."""
+    import io
+
+    from sdkit.cli.hub_cmd import _RichProgress
+    from sdkit.cli.terminal import SafeConsole
+
+    screen = io.StringIO()
+    bar = _RichProgress(SafeConsole(file=screen, force_terminal=True, width=200))
+    bar.begin(f"file{hostile}", 100, 0)
+    bar.update(50)
+    bar.end()
+    shown = screen.getvalue()  # a terminal's stream: rich's own cursor and colour codes included
+    assert f"file{escaped}" in shown, shown
+    if hostile != escaped:
+        assert hostile not in shown, shown
