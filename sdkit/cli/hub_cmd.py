@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
+from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError
 
 LIBRARY_ENV = "SDKIT_LIBRARY"
@@ -24,14 +26,14 @@ class _RichProgress:
     """A transfer bar on stderr; sdkit.hub calls begin/update/end."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                             transient=True)
         self.task: TaskID | None = None
 
     def begin(self, name: str, total: int | None, done: int) -> None:
         self.bar.start()
-        self.task = self.bar.add_task(name, total=total, completed=done)
+        self.task = self.bar.add_task(shown(name), total=total, completed=done)
 
     def update(self, done: int) -> None:
         if self.task is not None:
@@ -45,20 +47,26 @@ class _RichProgress:
 
 
 def _errors_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return SafeConsole(stderr=True)
 
 
 def _notifier(ctx: click.Context) -> Callable[[str], None] | None:
     if is_quiet(ctx):
         return None
     console = _errors_console()
-    return lambda message: console.print(message, markup=False)
+    return lambda message: console.print(message)
 
 
-def _policy(rename: bool, overwrite: bool) -> str:
-    if rename and overwrite:
-        raise click.UsageError("--rename and --overwrite exclude each other")
-    return "rename" if rename else "overwrite" if overwrite else "refuse"
+def _policy(rename: bool, force: bool) -> str:
+    if rename and force:
+        raise click.UsageError("--rename and --force exclude each other")
+    return "rename" if rename else "overwrite" if force else "refuse"
+
+
+def _force_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--force, and --overwrite: its old name, hidden, kept so that scripts still work."""
+    command = click.option("--overwrite", "force_alias", is_flag=True, hidden=True)(command)
+    return click.option("--force", is_flag=True, help="If the name is taken, replace that file.")(command)
 
 
 def _size(count: int | None) -> str:
@@ -89,30 +97,36 @@ def _echo_json(value: Any) -> None:
 @click.option("--format", "file_format", help="Civitai format: SafeTensor, PickleTensor, GGUF, …")
 @click.option("--sha256", "expected_sha256", help="Expected sha256 of a plain URL's file.")
 @click.option("--rename", is_flag=True, help="If the name is taken, save as 'name (1).ext'.")
-@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@_force_options
 @click.option("--family-subfolders/--no-family-subfolders", default=None,
               help="In a library, file by family too (models/Lora/sdxl/…).")
 @click.option("--retries", type=click.IntRange(1, 100), default=6, show_default=True,
-              help="Tries per file before giving up (a later run still resumes).")
+              help="Give up on a file after this many failed tries that brought under 1 MiB "
+                   "each, or 10 times as many tries in all (a later run still resumes).")
+@click.option("--max-time", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after this many seconds in all (a later run still resumes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @click.pass_context
 def download_command(ctx: click.Context, source: str, library: Path | None, output: Path | None,
                      file_type: str | None, fp: str | None, file_format: str | None,
-                     expected_sha256: str | None, rename: bool, overwrite: bool,
-                     family_subfolders: bool | None, retries: int, as_json: bool) -> None:
+                     expected_sha256: str | None, rename: bool, force: bool, force_alias: bool,
+                     family_subfolders: bool | None, retries: int, max_time: float | None,
+                     as_json: bool) -> None:
     """Download SOURCE, resuming any earlier attempt, and verify its sha256.
 
     SOURCE: hf:OWNER/REPO[/PATH][@REVISION], civitai:MODEL_ID[@VERSION_ID], a civitai.com
-    model URL, or any https:// URL. Tokens come from HF_TOKEN and CIVITAI_TOKEN.
+    model URL, or any https:// URL. Tokens come from HF_TOKEN and CIVITAI_TOKEN. No more
+    bytes are read than the hub lists for the file. A connection slower than 1 KiB/s over
+    60 s is cut and counts as a failed try.
 
     Example: sdkit download civitai:4201 --library ~/stable-diffusion-webui
     """
     from sdkit.hub import FileChoice, RetryPolicy, TransferOptions, download
 
-    policy = _policy(rename, overwrite)
+    policy = _policy(rename, force or force_alias)
     console = _errors_console()
     show_bar = not is_quiet(ctx) and console.is_terminal
-    options = TransferOptions(policy=RetryPolicy(attempts=retries),
+    options = TransferOptions(policy=RetryPolicy(attempts=retries, max_time=max_time),
                               progress=_RichProgress(console) if show_bar else None,
                               notify=_notifier(ctx))
     outcomes = download(source, library=library, output=output,
@@ -125,7 +139,7 @@ def download_command(ctx: click.Context, source: str, library: Path | None, outp
     for outcome in outcomes:
         what = f" ({outcome.kind}, {outcome.family})" if outcome.kind else ""
         verb = "downloaded" if outcome.status == "downloaded" else "already present"
-        click.echo(f"{verb}: {outcome.path}{what} [{_size(outcome.size)}]")
+        echo(f"{verb}: {outcome.path}{what} [{_size(outcome.size)}]")
 
 
 # --- library ----------------------------------------------------------------------------
@@ -166,7 +180,7 @@ def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
     from sdkit.hub.library import Library
 
     with Library.init(directory, layout, family_subfolders=family_subfolders) as library:
-        click.echo(f"{library.root}: {layout} library, index at {library.index.path}")
+        echo(f"{library.root}: {layout} library, index at {library.index.path}")
 
 
 @library_group.command("add")
@@ -178,17 +192,19 @@ def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
 @click.option("--family-subfolders/--no-family-subfolders", default=None,
               help="File by family too (models/Lora/sdxl/…).")
 @click.option("--rename", is_flag=True, help="If the name is taken, use 'name (1).ext'.")
-@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@_force_options
 @click.option("--json", "as_json", is_flag=True)
 def add_command(files: tuple[Path, ...], library: Path | None, method: str,
-                family_subfolders: bool | None, rename: bool, overwrite: bool, as_json: bool) -> None:
-    """Put FILES where their identified kind belongs, and index them.
+                family_subfolders: bool | None, rename: bool, force: bool, force_alias: bool,
+                as_json: bool) -> None:
+    """Put FILES where their identified kind belongs, and index them. A file that is not
+    a model file (one `sdkit inspect` refuses) stops the command before anything is added.
 
     Example: sdkit library add ~/Downloads/*.safetensors --move --library ~/ComfyUI
     """
     from sdkit.hub.library import Library
 
-    policy = _policy(rename, overwrite)
+    policy = _policy(rename, force or force_alias)
     with Library.open(_library_root(library)) as lib:
         placements = lib.add(list(files), method=method, policy=policy,  # type: ignore[arg-type]
                              family_subfolders=family_subfolders)
@@ -197,8 +213,8 @@ def add_command(files: tuple[Path, ...], library: Path | None, method: str,
         return
     for source, placement in zip(files, placements):
         verb = "added" if placement.status == "installed" else "already present"
-        click.echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
-                   f"{placement.entry.family})")
+        echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
+             f"{placement.entry.family})")
 
 
 @library_group.command("scan")
@@ -224,9 +240,9 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
         _echo_json(vars(report))
         return
     rebuilt_note = " (the damaged index was set aside and rebuilt)" if rebuilt else ""
-    click.echo(f"{library.root}: {report.files} model files; {report.added} added, "
-               f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
-               f"{report.rehashed} hashed{rebuilt_note}")
+    echo(f"{library.root}: {report.files} model files; {report.added} added, "
+         f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
+         f"{report.rehashed} hashed{rebuilt_note}")
 
 
 def _entries_table(entries: list[Any], title: str | None = None) -> Table:
@@ -251,12 +267,12 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.entries(kind=kind, family=family)
     if as_json:
         _echo_json([e.to_json() for e in entries])
     else:
-        Console().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries))
 
 
 @library_group.command("find")
@@ -270,14 +286,16 @@ def find_command(query: str, library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.find(query)
     if as_json:
         _echo_json([e.to_json() for e in entries])
+        if not entries:
+            sys.exit(1)  # like grep: no match is a failed search, in every output form
     elif not entries:
         raise SdkitError(f"{query}: nothing in the library matches")
     else:
-        Console().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries))
 
 
 @library_group.command("dupes")
@@ -290,7 +308,7 @@ def dupes_command(library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         groups = lib.index.duplicates()
     if as_json:
         _echo_json([[e.to_json() for e in group] for group in groups])
@@ -298,7 +316,7 @@ def dupes_command(library: Path | None, as_json: bool) -> None:
     if not groups:
         click.echo("no duplicates")
     for group in groups:
-        Console().print(_entries_table(group, title=f"{len(group)} copies of {group[0].sha256[:12]}"))
+        SafeConsole().print(_entries_table(group, title=f"{len(group)} copies of {group[0].sha256[:12]}"))
 
 
 @library_group.command("verify")
@@ -312,16 +330,16 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library, verify_library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         report = verify_library(lib, full=full)
     if as_json:
         _echo_json({"ok": report.ok, **vars(report)})
     else:
         for path in report.changed:
-            click.echo(f"changed: {path}")
+            echo(f"changed: {path}")
         for path in report.missing:
-            click.echo(f"missing: {path}")
-        click.echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
+            echo(f"missing: {path}")
+        echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
     if not report.ok:
         raise SdkitError(f"{len(report.changed)} changed and {len(report.missing)} missing "
                          "since they were indexed")
@@ -345,15 +363,15 @@ def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json
     if root is None:
         result = lookup_file(file, None, client)
     else:
-        with Library.open(root) as lib:
+        with Library.open_existing(root) as lib:
             result = lookup_file(file, lib, client)
     if as_json:
         _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,
                     **result.facts})
         return
     facts = result.facts
-    click.echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
-               f"({facts['model_type']}, {facts['base_model']})")
+    echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
+         f"({facts['model_type']}, {facts['base_model']})")
     if facts["trigger_words"]:
-        click.echo(f"trigger words: {', '.join(facts['trigger_words'])}")
+        echo(f"trigger words: {', '.join(facts['trigger_words'])}")
     click.echo("stored in the library index" if result.stored else "not in a library: nothing stored")

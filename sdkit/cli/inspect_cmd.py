@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from typing import Any
 
 import click
@@ -11,6 +13,8 @@ from rich.table import Table
 
 from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
+from sdkit.cli.terminal import SafeConsole
+from sdkit.errors import SdkitError
 
 _VALUE_WIDTH = 72
 
@@ -23,8 +27,8 @@ def _short(value: str) -> str:
 def _literal_console() -> Console:
     """A console that prints text as it is: paths, metadata and prompts come from files,
     and A1111 prompt syntax (`[a:b:0.5]`, `<lora:name:1>`) must not be read as rich
-    markup or `:emoji:` codes."""
-    return Console(markup=False, emoji=False, highlight=False)
+    markup or `:emoji:` codes (control characters are escaped)."""
+    return SafeConsole()
 
 
 def _render_report(console: Console, report: dict[str, Any]) -> None:
@@ -71,10 +75,12 @@ def _render_parameters(console: Console, report: dict[str, Any]) -> None:
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, legacy and AutoV3 hashes.")
-@click.option("--deep", is_flag=True, help="Read every tensor (finds NaN/Inf); slower.")
+@click.option("--deep", is_flag=True,
+              help="Read every tensor to find NaN/Inf values (exit 1 if any); slower.")
 def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> None:
     """Tell what a model file is: kind, family, convention, precision, notable facts.
 
+    With --deep, exits 1 when a tensor holds NaN or Inf values (after the report).
     Example: sdkit inspect model.safetensors --hash
     """
     from sdkit.inspect import inspect_path
@@ -86,6 +92,18 @@ def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> 
         _render_parameters(_literal_console(), report)
     else:
         _render_report(_literal_console(), report)
+    if (report.get("facts") or {}).get("nan_tensors"):
+        sys.exit(1)  # a failed check, like `lora check`: the report says which tensors
+
+
+def _refuse_unhashable(path: str) -> None:
+    """A folder (a diffusers model, any directory) has no single hash: the hashes A1111
+    and Civitai show are of one file's bytes."""
+    if os.path.isdir(path):
+        raise SdkitError(f"{path}: a folder has no single hash; give the model files in it "
+                         "instead (e.g. its */*.safetensors)")
+    if not os.path.exists(path):
+        raise SdkitError(f"{path}: no such file")
 
 
 @cli.command("hash")
@@ -98,6 +116,8 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
     """
     from sdkit.inspect import hashes_report
 
+    for path in paths:  # all checked before any is read: no partial table
+        _refuse_unhashable(path)
     rows = [{"path": path, **hashes_report(path)} for path in paths]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

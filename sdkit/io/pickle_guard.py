@@ -29,6 +29,8 @@ from collections import OrderedDict
 from itertools import chain
 from typing import Any, Callable, Iterable
 
+from sdkit.errors import with_article
+
 MAX_WORK = 3_000_000
 MAX_MEMO = 1_000_000
 MAX_DEPTH = 200
@@ -216,7 +218,9 @@ def _build(unpickler: Any) -> None:
     target = unpickler.stack[-1]
     if type(target) is not OrderedDict or not (
             state is None or (type(state) is dict and all(type(key) is str for key in state))):
-        raise PickleLimit(f"the pickle tries to set attributes of a {type(target).__name__} (BUILD)")
+        named = getattr(target, "global_name", None)  # what find_class handed out
+        raise PickleLimit(f"the pickle tries to set attributes of {named or with_article(type(target).__name__)} "
+                          "(BUILD)")
 
 
 def _refused(name: str) -> Load:

@@ -20,7 +20,7 @@ import pickle
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.model_file import DTYPE_BITS
 from sdkit.io.pickle_guard import PickleGuard, PickleLimit, guarded_dispatch
 
@@ -80,35 +80,47 @@ class PickledTensor:
         return count * DTYPE_BITS[self.dtype] // 8
 
 
-class _Global:
-    """What find_class hands out for an allowed global: calling it runs one of our own
-    functions. Never the real class or function, so that no pickle can change what they
-    do for the rest of the process (BUILD on it is refused; it has no attributes to set)."""
+class _HandedOut:
+    """What find_class returns for an allowed global: a fresh object of our own, never the
+    real class or function, so that no pickle can change what they do for the rest of the
+    process (BUILD on it is refused, and it has no other attributes to set)."""
+
+    __slots__ = ("global_name",)
+
+    def __init__(self, global_name: str) -> None:
+        self.global_name = global_name
+
+
+class _Global(_HandedOut):
+    """An allowed callable: calling it runs one of our own functions."""
 
     __slots__ = ("_function",)
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    def __init__(self, global_name: str, function: Callable[..., Any]) -> None:
+        super().__init__(global_name)
         self._function = function
 
     def __call__(self, *args: Any) -> Any:
         return self._function(*args)
 
 
-class _StorageType:
+class _StorageType(_HandedOut):
     """What `torch.FloatStorage` & co. resolve to: just the element dtype."""
 
     __slots__ = ("dtype",)
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, global_name: str, dtype: str) -> None:
+        super().__init__(global_name)
         self.dtype = dtype
 
 
-class _TorchDtype:
+class _TorchDtype(_HandedOut):
     """What `torch.float16` & co. resolve to: the dtype's code ("F16")."""
 
     __slots__ = ("code",)
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, global_name: str, code: str) -> None:
+        super().__init__(global_name)
         self.code = code
 
 
@@ -243,7 +255,7 @@ def _described(value: Any) -> str:
         return repr(printable(value))
     if isinstance(value, tuple):
         return f"a tuple of {len(value)}"
-    return f"a {type(value).__name__}"
+    return with_article(type(value).__name__)
 
 
 class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
@@ -267,14 +279,15 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _python3_name(module, name)
+        spelled = f"{module}.{name}"
         if (module, name) in _ALLOWED:
-            return _Global(_ALLOWED[module, name])
+            return _Global(spelled, _ALLOWED[module, name])
         if module in _STORAGE_MODULES and name in STORAGE_DTYPES:
-            return _StorageType(STORAGE_DTYPES[name])
+            return _StorageType(spelled, STORAGE_DTYPES[name])
         if module == "torch" and name in TORCH_DTYPE_CODES:
-            return _TorchDtype(TORCH_DTYPE_CODES[name])
+            return _TorchDtype(spelled, TORCH_DTYPE_CODES[name])
         raise SdkitError(f"{self._path}: refused pickle: forbidden global "
-                         f"'{printable(f'{module}.{name}')}' ({_WHAT_LOADS})")
+                         f"'{printable(spelled)}' ({_WHAT_LOADS})")
 
     def persistent_load(self, pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] != "storage":

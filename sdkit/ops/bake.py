@@ -30,11 +30,11 @@ from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.model_file import FLOAT_DTYPES
-from sdkit.io.output_path import check_output_path
+from sdkit.io.output_path import build_in_partial, check_output_path
 from sdkit.ops.bake_compute import KeyBaker
 from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
                                  plan_bake)
-from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
+from sdkit.ops.convert_folder import write_component_folder, write_pipeline_folder
 from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
 from sdkit.ops.convert_precision import cast_tensors
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
@@ -59,7 +59,7 @@ class BakeOptions:
     blocks: str | None = None  # "BASE:0,IN04:0.5,…" or one value per block
     rank: int | None = None  # the divisor of alpha for adapters trained with a known rank
     alpha: float | None = None  # alpha for adapters that store none
-    force: bool = False  # bake adapters made for another family
+    allow_family_mismatch: bool = False  # bake adapters made for another family
     to: str | None = None  # "ldm" | "diffusers"; None keeps the base's convention
 
     def check(self) -> None:
@@ -97,7 +97,8 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
         digests = stack.enter_context(InputDigests([base, *(item.path for item in adapters)]))
         opened = open_base(str(base), stack)
         plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
-                         rank=options.rank, alpha=options.alpha, force=options.force)
+                         rank=options.rank, alpha=options.alpha,
+                         allow_family_mismatch=options.allow_family_mismatch)
         result = BakeResult(str(output), options.to or opened.view.convention, plan.reports,
                             notes=list(opened.names.notes))
         baker = key_baker(plan, options.dtype)

@@ -11,6 +11,9 @@ Fields whose value holds a comma, a colon or a line break are JSON-quoted, other
 written as they are; fields without a value are left out; the negative-prompt line only
 when there is one. Reading follows A1111's `parse_generation_parameters`: the last line
 is the field line when it holds at least three `key: value` pairs.
+
+Also where a run's PNGs go (`picture_paths`), without torch, so the command line can
+refuse a bad output path before it loads anything.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from sdkit.errors import SdkitError
-from sdkit.io.output_path import partial_path, sweep_dead_partials
+from sdkit.io.output_path import write_file_atomically
 
 PARAMETERS_KEY = "parameters"
 # `key: value` where value is a JSON string or runs to the next comma
@@ -95,6 +98,54 @@ def parse_hashes(value: str) -> dict[str, str]:
     return {name.strip(): digest.strip() for name, digest in pairs}
 
 
+# fields read as numbers in `generation_summary`, by the name A1111 writes
+_INTEGER_FIELDS = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Hires steps": "hires_steps"}
+_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Denoising strength": "denoising_strength",
+                 "Hires upscale": "hires_upscale"}
+_TEXT_FIELDS = {"Sampler": "sampler", "Schedule type": "schedule_type", "Model": "model",
+                "Model hash": "model_hash", "VAE": "vae", "VAE hash": "vae_hash", "Version": "version"}
+_HASH_FIELDS = {"Lora hashes": "lora_hashes", "TI hashes": "ti_hashes"}
+_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+def _parsed(value: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return None
+
+
+def generation_summary(fields: dict[str, str]) -> dict[str, Any]:
+    """The fields of `parse_parameters` as typed values (README: `inspect` of a PNG).
+
+    Numbers become numbers (None where the text is not one), `Size` becomes width and
+    height, `Lora hashes` / `TI hashes` maps of name -> hash, the prompt's LoRA and
+    hypernetwork tags a list of {kind, name, te_strength, unet_strength}; every other field
+    is kept as text under `other`.
+    """
+    from sdkit.runtime.sample_prompt import extract_networks
+
+    summary: dict[str, Any] = {"prompt": fields.get("Prompt", ""),
+                               "negative_prompt": fields.get("Negative prompt", "")}
+    for names, kind in ((_INTEGER_FIELDS, int), (_FLOAT_FIELDS, float), (_TEXT_FIELDS, str)):
+        for field, key in names.items():
+            summary[key] = _parsed(fields[field], kind) if field in fields else None
+    size = _SIZE.match(fields.get("Size", ""))
+    summary["width"], summary["height"] = (int(size[1]), int(size[2])) if size else (None, None)
+    for field, key in _HASH_FIELDS.items():
+        summary[key] = parse_hashes(fields.get(field, ""))
+    try:
+        tags = extract_networks(summary["prompt"])[1]
+    except SdkitError:  # a malformed tag: the prompt stays readable as text
+        tags = []
+    summary["networks"] = [{"kind": tag.kind, "name": tag.name, "te_strength": tag.te_strength,
+                            "unet_strength": tag.unet_strength} for tag in tags]
+    known = {"Prompt", "Negative prompt", "Size", *_INTEGER_FIELDS, *_FLOAT_FIELDS, *_TEXT_FIELDS,
+             *_HASH_FIELDS}
+    summary["other"] = {field: value for field, value in fields.items() if field not in known}
+    return summary
+
+
 def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
     """The A1111 generation parameters stored in a PNG, parsed into fields.
 
@@ -118,20 +169,36 @@ def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
     return parse_parameters(text)
 
 
+def picture_paths(output: str | os.PathLike[str], prompts: int, batch: int, *, one_picture: bool) -> list[Path]:
+    """Where a run's pictures go: one PNG for a grid or an XY plot (`one_picture`), else one
+    per prompt and seed."""
+    return output_paths(Path(output), 1 if one_picture else prompts * batch)
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """`OUT` for one picture, `OUT-0`, `OUT-1`, ... (same suffix) for several."""
+    if output.suffix.lower() != ".png":
+        raise SdkitError(f"{output}: the output must be a .png file")
+    if count == 1:
+        return [output]
+    width = len(str(count - 1))
+    return [output.with_name(f"{output.stem}-{index:0{width}d}{output.suffix}") for index in range(count)]
+
+
+def check_output_paths(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that exist (unless `overwrite`) or whose folder is missing."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+        if not path.parent.is_dir():
+            raise SdkitError(f"{path.parent}: no such folder for the output")
+
+
 def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False) -> Path:
     """Write `image` with its `parameters` text atomically (temporary file, then rename)."""
     from PIL.PngImagePlugin import PngInfo
 
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    sweep_dead_partials(path)
-    temporary = partial_path(path)
-    try:
-        image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    return write_file_atomically(path, lambda partial: image.save(partial, format="PNG", pnginfo=info),
+                                 overwrite=overwrite)

@@ -109,7 +109,7 @@ def test_every_written_file_carries_modelspec_and_recipe(files, tmp_path):
         expected = "stable-diffusion-xl-v1-base" + ("/vae" if weights.parent.name == "vae" else "")
         assert meta["modelspec.architecture"] == expected
         recipe = json.loads(meta["sdkit.recipe"])
-        assert recipe["operation"] == "convert" and recipe["inputs"] == [{"path": str(files["sdxl"]), "sha256": digest}]
+        assert recipe["operation"] == "convert" and recipe["inputs"] == [{"path": files["sdxl"].name, "sha256": digest}]
         assert recipe["parameters"]["to"] == "diffusers" and recipe["parameters"]["dtype"] == "fp16"
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 
 METHODS = ("lora", "loha", "lokr", "ti", "hypernet", "dreambooth")
 NETWORK_METHODS = ("lora", "loha", "lokr")
@@ -154,9 +154,15 @@ class TrainConfig:
     dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
-    def to_json(self) -> dict[str, Any]:
-        """The options that matter for this method, JSON-ready (paths as strings)."""
-        record = json.loads(json.dumps(asdict(self), default=str))
+    def to_json(self, *, recorded: bool = False) -> dict[str, Any]:
+        """The options that matter for this method, JSON-ready (paths as strings; with
+        `recorded`, as metadata records them: file and folder names, see `recorded_path`)."""
+        from sdkit.ops.recipe_meta import recorded_path
+
+        def path_text(value: Any) -> str:
+            return recorded_path(value) if recorded and isinstance(value, Path) else str(value)
+
+        record = json.loads(json.dumps(asdict(self), default=path_text))
         unused = {"network": NETWORK_METHODS, "embedding": ("ti",), "hypernet": ("hypernet",),
                   "dreambooth": ("dreambooth",)}
         for group, methods in unused.items():
@@ -348,7 +354,7 @@ def _check_output(config: TrainConfig) -> None:
         allowed = _SUFFIXES[config.method]
     if output.suffix.lower() not in allowed:
         wanted = "a folder name without a suffix" if allowed == ("",) else " or ".join(allowed)
-        raise SdkitError(f"{output}: a {config.method} output is {wanted}")
+        raise SdkitError(f"{output}: {with_article(config.method)} output is {wanted}")
     if not output.parent.is_dir():
         raise SdkitError(f"{output.parent}: no such folder for the output")
     if output.exists() and not config.run.overwrite:

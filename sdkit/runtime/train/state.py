@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
+from sdkit.io.output_path import build_in_partial
 from sdkit.io.torch_checkpoint import load_torch_object
-from sdkit.ops.convert_folder import build_in_partial
 from sdkit.runtime.train.config import TrainConfig
 
 STATE_FILE = "state.pt"
@@ -190,8 +190,8 @@ def _problem(payload: dict[str, Any]) -> str | None:
 
 def _check_payload(folder: Path, payload: Any) -> None:
     if not isinstance(payload, dict):
-        raise SdkitError(f"{folder}: not a valid training state: {STATE_FILE} holds a {type(payload).__name__}, "
-                         "not a dict")
+        raise SdkitError(f"{folder}: not a valid training state: {STATE_FILE} holds "
+                         f"{with_article(type(payload).__name__)}, not a dict")
     if type(payload.get("version")) is not int:
         raise SdkitError(f"{folder}: not a valid training state: it has no version number")
     problem = _problem(payload) if payload["version"] == _VERSION else None
