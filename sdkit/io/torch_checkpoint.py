@@ -27,6 +27,7 @@ from sdkit.errors import SdkitError
 from sdkit.io.flatten import FlattenError, Flattened, flatten_checkpoint
 from sdkit.io.mapped import map_region, tensor_from_mapping, torch_dtype
 from sdkit.io.model_file import DTYPE_BITS, ModelFile, TensorInfo
+from sdkit.io.pickle_guard import PickleGuard
 from sdkit.io.unpickler import PickledTensor, StorageRef, restricted_load
 
 if TYPE_CHECKING:
@@ -131,15 +132,16 @@ def _load_legacy(path: Path, file: BinaryIO) -> Any:
             raise _invalid(path, f"storage {key!r} is declared twice differently")
         return ref
 
-    if restricted_load(file, path, no_storage) != _LEGACY_MAGIC:
+    guard = PickleGuard()  # one budget for the file's five pickles
+    if restricted_load(file, path, no_storage, guard) != _LEGACY_MAGIC:
         raise _invalid(path, "not a torch.save file (magic number missing)")
-    if restricted_load(file, path, no_storage) != _LEGACY_PROTOCOL:
+    if restricted_load(file, path, no_storage, guard) != _LEGACY_PROTOCOL:
         raise _invalid(path, "unsupported legacy protocol version")
-    system = restricted_load(file, path, no_storage)
+    system = restricted_load(file, path, no_storage, guard)
     if not isinstance(system, dict) or system.get("little_endian") is not True:
         raise _invalid(path, "big-endian checkpoints are not supported")
-    obj = restricted_load(file, path, record)
-    keys = restricted_load(file, path, no_storage)
+    obj = restricted_load(file, path, record, guard)
+    keys = restricted_load(file, path, no_storage, guard)
     _locate_legacy_storages(path, file, refs, keys)
     return obj
 

@@ -270,12 +270,12 @@ class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
     dispatch = guarded_dispatch(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
-    def __init__(self, file: Any, path: Path,
-                 resolve_storage: Callable[[str, str, int], StorageRef]) -> None:
+    def __init__(self, file: Any, path: Path, resolve_storage: Callable[[str, str, int], StorageRef],
+                 guard: PickleGuard) -> None:
         super().__init__(file, encoding="utf-8")
         self._path = path
         self._resolve_storage = resolve_storage
-        self.guard = PickleGuard()
+        self.guard = guard
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _python3_name(module, name)
@@ -336,13 +336,16 @@ class _BoundedReader:
         return count
 
 
-def restricted_load(file: IO[bytes], path: Path,
-                    resolve_storage: Callable[[str, str, int], StorageRef]) -> Any:
-    """Unpickle one object; SdkitError for forbidden globals and for any malformed data."""
+def restricted_load(file: IO[bytes], path: Path, resolve_storage: Callable[[str, str, int], StorageRef],
+                    guard: PickleGuard | None = None) -> Any:
+    """Unpickle one object; SdkitError for forbidden globals and for any malformed data.
+
+    Pickles read one after another from one file (the legacy layout) share a `guard`:
+    the budgets are the file's, not each pickle's."""
     # a BytesIO already returns no more than it holds
     source = file if isinstance(file, io.BytesIO) else _BoundedReader(file)
     try:
-        return RestrictedUnpickler(source, path, resolve_storage).load()
+        return RestrictedUnpickler(source, path, resolve_storage, guard or PickleGuard()).load()
     except SdkitError:
         raise
     except (_Invalid, PickleLimit) as exc:

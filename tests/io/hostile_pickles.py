@@ -118,15 +118,19 @@ def zip_file(path: Path, data_pkl: bytes, storages: dict[str, bytes] | None = No
     return path
 
 
-def legacy_file(path: Path, object_pickle: bytes, storages: dict[str, bytes]) -> Path:
+def legacy_file(path: Path, object_pickle: bytes, storages: dict[str, bytes], padding: int = 0) -> Path:
     """The legacy torch.save layout around a pickle written by hand; `storages` in order,
-    each given as its raw bytes of 4-byte elements (FloatStorage)."""
-    head = b"".join(pickle.dumps(value, protocol=2) for value in (
+    each given as its raw bytes of 4-byte elements (FloatStorage). `padding` no-op
+    opcode pairs go after the PROTO opcode of each of the file's five pickles."""
+    def padded(pickled: bytes) -> bytes:
+        return pickled[:2] + b"N0" * padding + pickled[2:]
+
+    head = b"".join(padded(pickle.dumps(value, protocol=2)) for value in (
         0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True,
                                        "type_sizes": {"short": 2, "int": 4, "long": 4}}))
-    tail = pickle.dumps(list(storages), protocol=2)
+    tail = padded(pickle.dumps(list(storages), protocol=2))
     body = b"".join(struct.pack("<q", len(data) // 4) + data for data in storages.values())
-    path.write_bytes(head + object_pickle + tail + body)
+    path.write_bytes(head + padded(object_pickle) + tail + body)
     return path
 
 

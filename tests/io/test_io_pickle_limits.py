@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hostile_pickles import (get, glob, int_tuple, integer, put, shared_lists_filled_late, state_dict_pickle,
-                             storage_ref, tensor_call, text, zip_file)
+from hostile_pickles import (get, glob, int_tuple, integer, legacy_file, put, shared_lists_filled_late,
+                             state_dict_pickle, storage_ref, tensor_call, text, zip_file)
 
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
@@ -238,3 +238,17 @@ def test_a_shared_tree_of_a_quarter_million_names_is_refused(tmp_path: Path) -> 
     path = zip_file(tmp_path / "tree.pt", state_dict_pickle({"tree": tree}), {"0": floats(1)})
     assert path.stat().st_size < 3000
     refused(path, "more than 200,000 tensor and value names")
+
+
+# ---- one budget per file ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding", [1000, 700_000], ids=["light", "heavy"])
+def test_the_five_pickles_of_a_legacy_file_share_one_budget(tmp_path: Path, padding: int) -> None:
+    # 5 x 1.4 million no-op opcodes: each pickle within the budget, the file far past it
+    weight = tensor_call(storage_ref("0", 2), 0, (2,), (1,))
+    path = legacy_file(tmp_path / "legacy.pt", state_dict_pickle({"w": weight}), {"0": floats(2)}, padding)
+    if padding == 1000:
+        with open_model(path) as model:
+            assert model.load("w").tolist() == [0.0, 1.0]
+    else:
+        refused(path, "pickle operations")
