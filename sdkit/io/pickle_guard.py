@@ -74,8 +74,9 @@ def _items(container: Any) -> Iterable[Any]:
 
 
 class PickleGuard:
-    """The budgets of one `load()`; `shapes` keeps every measured container alive so
-    that no id is reused while the table refers to it."""
+    """The budgets of one file's unpickling (the legacy layout's five pickles share one).
+    `_shapes` keeps every measured container alive, so that no id is reused while the
+    table refers to it."""
 
     def __init__(self) -> None:
         self.work = 0

@@ -17,8 +17,8 @@ from faults_cli import CliServer
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "io"))  # the hostile pickle builders
-from hostile_pickles import (Raw, get, glob, nesting, put, state_dict_pickle, storage_ref, tensor_call, text,  # noqa: E402
-                             torch_file, zip_file)
+from hostile_pickles import (Raw, deep_lists_filled_late, get, glob, nesting, put, state_dict_pickle,  # noqa: E402
+                             storage_ref, tensor_call, text, torch_file, zip_file)
 
 from sdkit.errors import SdkitError  # noqa: E402
 from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig  # noqa: E402
@@ -143,6 +143,8 @@ HOSTILE = {  # name: (writer of state.pt, what the refusal says)
     "a million nested tuples": (lambda path: torch_file(path, nesting("tuple-key")), "nested more than 200 levels"),
     # in-process (the million above crashes a reader that hashes it; the command test runs it)
     "nested tuples": (lambda path: torch_file(path, nesting("tuple-key", 5000)), "nested more than 200 levels"),
+    "lists nested deep, filled late": (lambda path: torch_file(path, deep_lists_filled_late(1000)),
+                                       "nested deeper than 100 levels"),
     "a forbidden global": (forbidden_global_state, "forbidden global 'os.system' (sdkit loads tensors, plain "
                                                    "containers, numbers and strings"),
     "a broadcast view": (broadcast_state, "claims 16777216 elements"),

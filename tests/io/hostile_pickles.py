@@ -104,14 +104,14 @@ def torch_file(path: Path, hostile: Any, layout: str = "zip-p2", deflate: bool =
         with zipfile.ZipFile(path, "w") as target:
             for name, data in records:
                 method = zipfile.ZIP_DEFLATED if name.endswith("/data.pkl") else zipfile.ZIP_STORED
-                target.writestr(name, data, compress_type=method, compresslevel=9)
+                target.writestr(name, data, compress_type=method, compresslevel=6)
     return path
 
 
 def zip_file(path: Path, data_pkl: bytes, storages: dict[str, bytes] | None = None) -> Path:
     """A torch zip archive around a data.pkl written by hand (deflated)."""
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", data_pkl, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        archive.writestr("archive/data.pkl", data_pkl, compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
         archive.writestr("archive/byteorder", b"little")
         for key, data in (storages or {}).items():
             archive.writestr(f"archive/data/{key}", data)
@@ -177,6 +177,14 @@ def shared_lists_filled_late(levels: int = 64) -> Raw:
     code = b"".join(b"]" + put(k) + b"0" for k in range(levels + 1))
     code += b"".join(get(k) + b"(" + get(k - 1) + get(k - 1) + b"e0" for k in range(levels, 0, -1))
     return Raw(code + get(levels))
+
+
+def deep_lists_filled_late(levels: int = 200_000) -> Raw:
+    """Lists L0..Ln with L(k) = [L(k+1)], each filled while the one it holds is still
+    empty: nested `levels` deep, yet only ever one level deep when filled."""
+    code = b"".join(b"]" + put(k) + b"0" for k in range(levels + 1))
+    code += b"".join(get(k) + get(k + 1) + b"a0" for k in range(levels))
+    return Raw(code + get(0))
 
 
 def flood(kind: str, count: int) -> bytes:
