@@ -28,7 +28,7 @@ from sdkit.io.flatten import FlattenError, Flattened, flatten_checkpoint
 from sdkit.io.mapped import map_region, tensor_from_mapping, torch_dtype
 from sdkit.io.model_file import DTYPE_BITS, ModelFile, TensorInfo
 from sdkit.io.pickle_guard import PickleGuard
-from sdkit.io.unpickler import PickledTensor, StorageRef, restricted_load
+from sdkit.io.unpickler import PickledTensor, StorageRef, printable, restricted_load
 
 if TYPE_CHECKING:
     import torch
@@ -61,27 +61,27 @@ class _ZipStorages:
             ref = self.refs[key] = StorageRef(key, dtype, nbytes)
             ref.file_offset = self._record_offset(key, nbytes)
         elif ref.dtype != dtype or ref.nbytes != nbytes:
-            raise _invalid(self.path, f"storage {key!r} is declared twice differently")
+            raise _invalid(self.path, f"storage {printable(key)!r} is declared twice differently")
         return ref
 
     def _record_offset(self, key: str, nbytes: int) -> int:
         try:
             record = self.archive.getinfo(f"{self.prefix}data/{key}")
         except KeyError:
-            raise _invalid(self.path, f"storage {key!r} is missing from the archive") from None
+            raise _invalid(self.path, f"storage {printable(key)!r} is missing from the archive") from None
         if record.compress_type != zipfile.ZIP_STORED:
-            raise _invalid(self.path, f"storage {key!r} is compressed; PyTorch stores them raw")
+            raise _invalid(self.path, f"storage {printable(key)!r} is compressed; PyTorch stores them raw")
         if record.file_size < nbytes:
-            raise _invalid(self.path, f"storage {key!r} has {record.file_size} bytes, "
+            raise _invalid(self.path, f"storage {printable(key)!r} has {record.file_size} bytes, "
                                       f"{nbytes} declared")
         self.file.seek(record.header_offset)
         local = self.file.read(_LOCAL_HEADER.size)
         if len(local) < _LOCAL_HEADER.size or local[:4] != b"PK\x03\x04":
-            raise _invalid(self.path, f"storage {key!r}: broken zip entry")
+            raise _invalid(self.path, f"storage {printable(key)!r}: broken zip entry")
         name_length, extra_length = _LOCAL_HEADER.unpack(local)[1:]
         offset = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
         if offset + nbytes > self.file_size:
-            raise _invalid(self.path, f"storage {key!r} runs past the end of the file")
+            raise _invalid(self.path, f"storage {printable(key)!r} runs past the end of the file")
         return offset
 
 
@@ -129,7 +129,7 @@ def _load_legacy(path: Path, file: BinaryIO) -> Any:
     def record(key: str, dtype: str, nbytes: int) -> StorageRef:
         ref = refs.setdefault(key, StorageRef(key, dtype, nbytes))
         if ref.dtype != dtype or ref.nbytes != nbytes:
-            raise _invalid(path, f"storage {key!r} is declared twice differently")
+            raise _invalid(path, f"storage {printable(key)!r} is declared twice differently")
         return ref
 
     guard = PickleGuard()  # one budget for the file's five pickles
@@ -160,7 +160,7 @@ def _locate_legacy_storages(path: Path, file: BinaryIO, refs: dict[str, StorageR
         ref.file_offset = position + 8
         position = ref.file_offset + count * DTYPE_BITS[ref.dtype] // 8
         if count * DTYPE_BITS[ref.dtype] != ref.nbytes * 8 or position > file_size:
-            raise _invalid(path, f"storage {key!r} is truncated or has the wrong size")
+            raise _invalid(path, f"storage {printable(key)!r} is truncated or has the wrong size")
 
 
 class _CheckpointTensors:

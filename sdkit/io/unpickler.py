@@ -125,6 +125,7 @@ class _TorchDtype(_HandedOut):
 
 
 _MAX_DIM = 2**63  # torch holds sizes, strides and offsets as int64
+_MAX_NDIM = 64  # real tensors have a handful
 
 
 def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
@@ -133,30 +134,36 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _view_text(shape: tuple[int, ...], stride: tuple[int, ...], offset: int) -> str:
+    text = f"tensor view {list(shape)} / {list(stride)} @ {offset}"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _check_view(storage: StorageRef, dtype: str, offset: int, shape: tuple[int, ...],
                 stride: tuple[int, ...]) -> None:
     """A view torch can build that reads only its storage's bytes, each element once at
     most per view: so that the bytes a file's tensors claim stay bounded by its size."""
-    described = f"tensor view {list(shape)} / {list(stride)} @ {offset}"
+    if len(shape) > _MAX_NDIM:
+        raise _Invalid(f"a tensor of {len(shape)} dimensions (sdkit's limit: {_MAX_NDIM})")
     if len(stride) != len(shape) or min((offset, *shape, *stride)) < 0:
-        raise _Invalid(f"{described} is malformed")
+        raise _Invalid(f"{_view_text(shape, stride, offset)} is malformed")
     count = 1
     for size in shape:
         count *= max(size, 1)
     if max((offset, count, *stride)) >= _MAX_DIM:
-        raise _Invalid(f"{described} does not fit in 64 bits")
+        raise _Invalid(f"{_view_text(shape, stride, offset)} does not fit in 64 bits")
     if 0 in shape:
         return
     capacity = storage.nbytes * 8 // DTYPE_BITS[dtype]
     if count > capacity:
-        raise _Invalid(f"{described} claims {count} elements; its storage {storage.key!r} "
-                       f"holds {capacity}")
+        raise _Invalid(f"{_view_text(shape, stride, offset)} claims {count} elements; its storage "
+                       f"{printable(storage.key)!r} holds {capacity}")
     if any(size > 1 and step == 0 for size, step in zip(shape, stride)):
-        raise _Invalid(f"{described} repeats elements of its storage (stride 0)")
+        raise _Invalid(f"{_view_text(shape, stride, offset)} repeats elements of its storage (stride 0)")
     last = offset + sum((size - 1) * step for size, step in zip(shape, stride))
     if last >= capacity:
         raise _Invalid(f"tensor view {list(shape)} @ {offset} reaches past the end of "
-                       f"storage {storage.key!r} ({storage.nbytes} bytes)")
+                       f"storage {printable(storage.key)!r} ({storage.nbytes} bytes)")
 
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None = None

@@ -252,3 +252,17 @@ def test_the_five_pickles_of_a_legacy_file_share_one_budget(tmp_path: Path, padd
             assert model.load("w").tolist() == [0.0, 1.0]
     else:
         refused(path, "pickle operations")
+
+
+LONG_MESSAGES = {  # what would make a long error message: (storage key, shape, stride)
+    "a storage key of a million characters": ("k" * 1_000_000, (1,), (1,)),
+    "a view of 100 000 dimensions": ("0", (1,) * 100_000, (1,) * 100_000),
+    "a view of 600-digit sizes": ("0", (2**2000,) * 20, (1,) * 20),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LONG_MESSAGES))
+def test_error_messages_stay_short_whatever_the_file_holds(tmp_path: Path, case: str) -> None:
+    key, shape, stride = LONG_MESSAGES[case]
+    data_pkl = state_dict_pickle({"w": tensor_call(storage_ref(key, 1), 0, shape, stride)})
+    refused(zip_file(tmp_path / "long.pt", data_pkl, {"0": floats(1)}), "not a valid checkpoint")
