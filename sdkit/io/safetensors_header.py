@@ -7,8 +7,10 @@ We are stricter on purpose where two tools could disagree or where a valid file 
 cost minutes and gigabytes to read:
 - the JSON must start with `{` (no leading whitespace) and no object may repeat a key,
   so that two tools can never disagree about which duplicate wins;
-- a dimension must be below 2**63 (torch sizes are signed 64-bit), a shape may have at
-  most MAX_DIMS dimensions, and a tensor entry holds no nested value besides its arrays;
+- a shape's non-zero dimensions must multiply to less than 2**63 (torch counts elements
+  in int64, and refuses the shape otherwise even when a zero makes it empty), a shape
+  has at most MAX_DIMS dimensions, and a tensor entry holds no nested value besides its
+  arrays;
 - the header may list at most MAX_TENSORS tensors and MAX_METADATA_KEYS metadata keys,
   and names and keys are at most MAX_NAME_BYTES long.
 The header is read entry by entry (`safetensors_json`), so a file over a limit is refused
@@ -251,6 +253,12 @@ def _tensor_field(scanner: JsonScanner, name: str, field: str, refuse: _Refusal)
 
 
 def _exact_nbytes(info: TensorInfo, refuse: _Refusal) -> int:
+    nonzero = 1
+    for dim in info.shape:
+        nonzero *= dim or 1
+    if nonzero >= _DIM_LIMIT:  # torch multiplies every size into an int64, zeros aside
+        raise refuse(f"tensor {info.name!r}: shape {list(info.shape)} is too large: its "
+                     "non-zero dimensions multiply to 2**63 or more, past torch's int64 count")
     bits = info.numel * DTYPE_BITS[info.dtype]
     if bits >= 8 * _USIZE_LIMIT:
         raise refuse(f"tensor {info.name!r}: shape {list(info.shape)} is too large")

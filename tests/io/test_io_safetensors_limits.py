@@ -1,0 +1,191 @@
+"""Valid-looking but hostile safetensors headers: each is refused with its limit named,
+in seconds and a bounded amount of memory, or (at the limit) read just as quickly.
+
+Each file is opened in a fresh interpreter that reports its own wall time and peak RSS,
+so the numbers are those of one `open_model` (what every command does first). Before
+these limits, a million empty tensors took ~40 s and 1 GB, and 100 MB of empty objects
+2.5 GB, before anything was said.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from sdkit.errors import SdkitError
+from sdkit.io import open_model
+
+MB = 1_000_000
+SECONDS = 15  # generous for a loaded 2-core machine; the slowest class takes ~2 s alone
+PEAK_MIB = 450  # the header itself may take 100 MB; the old parser took 1-2.5 GB
+
+# VmHWM is this process's own peak: ru_maxrss would carry over the parent's (pytest's)
+# peak through fork and exec
+_MEASURE = """
+import json, resource, sys, time
+def peak_mib():
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+from sdkit.errors import SdkitError
+from sdkit.io import open_model
+try:
+    with open_model(sys.argv[1]) as model:
+        outcome = f"accepted {len(model)} tensors, {len(model.metadata)} metadata keys"
+except SdkitError as exc:
+    outcome = str(exc)
+print(json.dumps({"seconds": time.perf_counter() - start, "outcome": outcome,
+                  "peak_mib": peak_mib()}))
+"""
+
+
+def frame(header: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header
+
+
+def empty_tensor(name: bytes) -> bytes:
+    return b'"' + name + b'":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+
+
+def many_empty_tensors(count: int) -> bytes:
+    return b"{" + b",".join(empty_tensor(b"t%d" % i) for i in range(count)) + b"}"
+
+
+def many_spaced_tensors(count: int) -> bytes:
+    """The same, spelled the way json.dumps spells it and with the keys reordered."""
+    entries = (b'"t%d": {"shape": [0], "dtype": "F32", "data_offsets": [0, 0]}' % i
+               for i in range(count))
+    return b"{" + b", ".join(entries) + b"}"
+
+
+def many_metadata_keys(count: int) -> bytes:
+    return b'{"__metadata__":{' + b",".join(b'"k%d":"v"' % i for i in range(count)) + b"}}"
+
+
+def repeated(item: bytes, total: int) -> bytes:
+    """`item,item,…` of about `total` bytes, built without a list of parts."""
+    return (item + b",") * (total // (len(item) + 1)) + item
+
+
+TENSOR = b'"dtype":"F32","shape":[0],"data_offsets":[0,0]'
+HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
+    "a million empty tensors (59 MB)": (
+        lambda: many_empty_tensors(1_000_000), "more than 50000 tensors"),
+    "a million empty tensors, spelled loosely (67 MB)": (
+        lambda: many_spaced_tensors(1_000_000), "more than 50000 tensors"),
+    "a million metadata keys (14 MB)": (
+        lambda: many_metadata_keys(1_000_000), "more than 50000 keys"),
+    "a 50 MB tensor name": (
+        lambda: b"{" + empty_tensor(b"n" * (50 * MB)) + b"}", "over the limit of 4096"),
+    "a 50 MB metadata key": (
+        lambda: b'{"__metadata__":{"' + b"k" * (50 * MB) + b'":"v"}}', "over the limit of 4096"),
+    "100 MB of empty objects as entries": (
+        lambda: b"{" + repeated(b'"":{}', 99 * MB) + b"}", "unknown dtype"),
+    "100 MB of empty objects in an extra field": (
+        lambda: b'{"a":{' + TENSOR + b',"x":[' + repeated(b"{}", 99 * MB) + b"]}}",
+        "'x' holds an array"),
+    "100 MB of empty objects as a shape": (
+        lambda: b'{"a":{"dtype":"F32","shape":[' + repeated(b"{}", 99 * MB) + b'],'
+                b'"data_offsets":[0,0]}}', "shape holds a nested value"),
+    "100 MB of empty arrays as a metadata value": (
+        lambda: b'{"__metadata__":{"k":[' + repeated(b"[]", 99 * MB) + b"]}}", "is a array"),
+    "100 MB of nested arrays in an extra field": (
+        lambda: b'{"a":{' + TENSOR + b',"x":' + b"[" * (50 * MB) + b"]" * (49 * MB) + b"}}",
+        "'x' holds an array"),
+    "a shape of 50 million zeros": (
+        lambda: b'{"a":{"dtype":"F32","shape":[' + repeated(b"0", 99 * MB) + b'],'
+                b'"data_offsets":[0,0]}}', "more than 64"),
+}
+
+
+def measure(path: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True,
+                            text=True, timeout=120, check=True)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_header_refused_fast_and_frugally(tmp_path: Path, case: str) -> None:
+    build, limit = HOSTILE[case]
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(frame(build()))
+    report = measure(path)
+    assert "not a valid safetensors file" in report["outcome"] and limit in report["outcome"]
+    assert report["outcome"].count("\n") == 0 and len(report["outcome"]) < 400
+    assert report["seconds"] < SECONDS, report
+    assert report["peak_mib"] < PEAK_MIB, report
+
+
+@pytest.mark.parametrize("case,header,outcome", [
+    ("50 000 empty tensors", lambda: many_empty_tensors(50_000), "accepted 50000 tensors"),
+    ("50 000 loosely spelled", lambda: many_spaced_tensors(50_000), "accepted 50000 tensors"),
+    ("50 000 metadata keys", lambda: many_metadata_keys(50_000), "50000 metadata keys"),
+])
+def test_headers_at_the_limits_are_read_fast(tmp_path: Path, case: str, header, outcome: str) -> None:
+    path = tmp_path / "edge.safetensors"
+    path.write_bytes(frame(header()))
+    report = measure(path)
+    assert report["outcome"].startswith("accepted") and outcome in report["outcome"]
+    assert report["seconds"] < SECONDS, report
+    assert report["peak_mib"] < PEAK_MIB, report
+
+
+def write_header(tmp_path: Path, header: dict, data: bytes = b"") -> Path:
+    path = tmp_path / "case.safetensors"
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+@pytest.mark.parametrize("shape", [
+    [2**63, 0], [0, 2**63], [2**64 - 1, 0], [2**62, 2, 0], [2**62, 0, 4], [2**32, 2**31, 0, 1],
+])
+def test_shapes_torch_cannot_count_are_refused(tmp_path: Path, shape: list[int]) -> None:
+    # no bytes, so the layout check alone would pass them (torch.empty(0).reshape fails)
+    path = write_header(tmp_path, {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
+    with pytest.raises(SdkitError, match="2\\*\\*63") as error:
+        open_model(path)
+    assert "not a valid safetensors file" in str(error.value)
+
+
+@pytest.mark.parametrize("shape", [[2**63 - 1, 0], [0, 2**63 - 1], [2**31, 2**31, 0], [1] * 64, []])
+def test_largest_shapes_torch_can_count_load(tmp_path: Path, shape: list[int]) -> None:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    path = write_header(tmp_path, {"a": {"dtype": "F32", "shape": shape,
+                                         "data_offsets": [0, 4 * numel]}}, b"\0" * (4 * numel))
+    with open_model(path) as model:
+        assert model.load("a").shape == torch.Size(shape)
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, "has 65 items, more than 64"),
+    ({"n" * 4097: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, "4097 bytes long"),
+    ({"__metadata__": {"k" * 4097: "v"}}, "4097 bytes long"),
+    ({"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0], "x": {}}}, "'x' holds an object"),
+])
+def test_limits_just_past_the_edge_are_named(tmp_path: Path, header: dict, message: str) -> None:
+    data = b"\0" * 4 if header.get("a", {}).get("data_offsets") == [0, 4] else b""
+    with pytest.raises(SdkitError, match="not a valid safetensors file") as error:
+        open_model(write_header(tmp_path, header, data))
+    assert message in str(error.value)
+
+
+def test_names_and_values_at_the_edge_are_read(tmp_path: Path) -> None:
+    name, key, value = "n" * 4096, "k" * 4096, "v" * (5 * MB)  # kohya values reach MBs
+    header = {"__metadata__": {key: value}, name: {"dtype": "F32", "shape": [0],
+                                                   "data_offsets": [0, 0], "note": 1.5}}
+    with open_model(write_header(tmp_path, header)) as model:
+        assert model.keys() == [name] and model.metadata == {key: value}
