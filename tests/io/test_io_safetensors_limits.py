@@ -189,3 +189,52 @@ def test_names_and_values_at_the_edge_are_read(tmp_path: Path) -> None:
                                                    "data_offsets": [0, 0], "note": 1.5}}
     with open_model(write_header(tmp_path, header)) as model:
         assert model.keys() == [name] and model.metadata == {key: value}
+
+
+TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "sd1" / "toy-sd1.safetensors"
+
+
+def commands(bad: Path, out: Path) -> dict[str, list[str]]:
+    """Every command that reads a model or adapter file, with `bad` as that file."""
+    return {
+        "inspect": ["inspect", str(bad)],
+        "inspect --json": ["inspect", "--json", str(bad)],
+        "convert": ["convert", str(bad), "-o", str(out)],
+        "merge": ["merge", str(TOY), str(bad), "-o", str(out)],
+        "lora check": ["lora", "check", str(TOY), str(bad)],
+        "lora bake": ["lora", "bake", str(TOY), str(bad), "-o", str(out)],
+        "lora merge": ["lora", "merge", str(bad), "-o", str(out)],
+        "lora resize": ["lora", "resize", str(bad), "-o", str(out)],
+        "embed inspect": ["embed", "inspect", str(bad)],
+        "hypernet inspect": ["hypernet", "inspect", str(bad)],
+        "vae swap": ["vae", "swap", str(TOY), str(bad), "-o", str(out)],
+    }
+
+
+BAD_FILES = {
+    "a dimension of 2**63": {"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}},
+    "dimensions multiplying past 2**63": {
+        "lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2**40, 2**40, 0],
+                                         "data_offsets": [0, 0]}},
+    "a name past the limit": {"n" * 5000: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}},
+}
+
+
+@pytest.mark.parametrize("bad_file", list(BAD_FILES))
+def test_every_reading_command_refuses_in_one_line(tmp_path: Path, bad_file: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from sdkit.cli.main import main
+
+    bad = write_header(tmp_path, BAD_FILES[bad_file])
+    before = bad.read_bytes()
+    out = tmp_path / "out.safetensors"
+    for name, argv in commands(bad, out).items():
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--quiet", *argv])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 1, name
+        assert error.startswith("sdkit: error: ") and error.count("\n") == 1, (name, error)
+        assert "not a valid safetensors file" in error, (name, error)  # the header's refusal
+        assert not out.exists(), name
+    assert bad.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]
