@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
 # a string token; the unrolled form matches each byte one way only, so failing is linear
@@ -161,3 +161,25 @@ class JsonScanner:
         if _NUMBER.fullmatch(item) or _LITERAL.fullmatch(item):
             raise self.fail(f"{what} holds {shown}, not a non-negative integer")
         raise self.fail(f"header is not valid JSON ({what} holds {shown!r})")
+
+
+# A metadata value parsed as JSON builds one Python object per JSON value: kohya's
+# ss_tag_frequency of several MB holds a few hundred thousand; 90 MB of `[],[],…` would
+# hold 30 million (2 GB). Every value but the first follows a `[`, `{`, `,` or `:`, so
+# counting those bounds the objects before any is built.
+MAX_METADATA_JSON_VALUES = 2_000_000
+
+
+def metadata_json(text: str | None) -> Any:
+    """A metadata value (ss_tag_frequency, ss_network_args, lora_adapter_metadata, …)
+    parsed as JSON; None when it is empty, not JSON, nested deeper than Python parses,
+    or would build more than MAX_METADATA_JSON_VALUES values."""
+    if not text:
+        return None
+    bound = 1 + sum(text.count(char) for char in "[{,:")
+    if bound > MAX_METADATA_JSON_VALUES:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None

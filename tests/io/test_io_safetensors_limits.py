@@ -23,6 +23,7 @@ from sdkit.errors import SdkitError
 from sdkit.io import open_model
 
 MB = 1_000_000
+TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "sd1" / "toy-sd1.safetensors"
 SECONDS = 15  # generous for a loaded 2-core machine; the slowest class takes ~2 s alone
 PEAK_MIB = 450  # the header itself may take 100 MB; the old parser took 1-2.5 GB
 
@@ -191,9 +192,6 @@ def test_names_and_values_at_the_edge_are_read(tmp_path: Path) -> None:
         assert model.keys() == [name] and model.metadata == {key: value}
 
 
-TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "sd1" / "toy-sd1.safetensors"
-
-
 def commands(bad: Path, out: Path) -> dict[str, list[str]]:
     """Every command that reads a model or adapter file, with `bad` as that file."""
     return {
@@ -238,3 +236,64 @@ def test_every_reading_command_refuses_in_one_line(tmp_path: Path, bad_file: str
         assert not out.exists(), name
     assert bad.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [bad.name]
+
+
+# ---- JSON inside metadata values -------------------------------------------------------
+
+def test_metadata_json_parses_real_values_and_refuses_huge_ones() -> None:
+    from sdkit.io.safetensors_json import metadata_json
+
+    tags = {"folder": {f"tag {i}": i for i in range(200_000)}}  # a big kohya dataset
+    assert metadata_json(json.dumps(tags)) == tags
+    assert metadata_json('{"algo": "lokr"}') == {"algo": "lokr"}
+    for hostile in ("[" + ",".join(["[]"] * 2_000_000) + "]", "[" * 1_000_000 + "]" * 1_000_000,
+                    '{"a":' * 100_000 + "1" + "}" * 100_000, "not json", ""):
+        assert metadata_json(hostile) is None
+
+
+_COMMANDS = """
+import contextlib, io, json, sys, time
+from sdkit.cli.main import main
+report = []
+for argv in json.loads(sys.argv[1]):
+    start, errors = time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(["--quiet", *argv])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    report.append({"argv": argv, "code": code, "stderr": errors.getvalue(),
+                   "seconds": time.perf_counter() - start})
+with open("/proc/self/status") as status:
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+print(json.dumps({"commands": report, "peak_mib": peak}))
+"""
+
+
+def test_huge_json_in_metadata_values_stays_bounded(tmp_path: Path) -> None:
+    """45 MB of `[],[],…` in each metadata value sdkit parses as JSON: the old reader built
+    15 million lists (over 1 GB) in inspect, lora check and merge."""
+    from safetensors.torch import load_file, save_file
+
+    value = "[" + ",".join(["[]"] * 15_000_000) + "]"
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    lora = {f"{module}.lora_up.weight": torch.zeros(32, 2), f"{module}.lora_down.weight": torch.zeros(2, 32)}
+    for key in ("ss_tag_frequency", "ss_network_args", "lora_adapter_metadata"):
+        save_file(lora, str(tmp_path / f"{key}.safetensors"),
+                  metadata={key: value, "ss_network_module": "networks.lora"})
+    save_file(load_file(str(TOY)), str(tmp_path / "merged-before.safetensors"),
+              metadata={"sd_merge_models": value})
+    del value
+    commands = [["inspect", str(tmp_path / "ss_tag_frequency.safetensors")],
+                ["inspect", str(tmp_path / "ss_network_args.safetensors")],
+                ["lora", "check", str(TOY), str(tmp_path / "lora_adapter_metadata.safetensors")],
+                ["merge", str(TOY), str(tmp_path / "merged-before.safetensors"), "-o",
+                 str(tmp_path / "out.safetensors")]]
+    result = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps(commands)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert all(run["code"] == 0 for run in report["commands"]), report["commands"]
+    assert all(run["seconds"] < SECONDS for run in report["commands"]), report["commands"]
+    assert report["peak_mib"] < 500, report["peak_mib"]
