@@ -297,3 +297,25 @@ def test_huge_json_in_metadata_values_stays_bounded(tmp_path: Path) -> None:
     assert all(run["code"] == 0 for run in report["commands"]), report["commands"]
     assert all(run["seconds"] < SECONDS for run in report["commands"]), report["commands"]
     assert report["peak_mib"] < 500, report["peak_mib"]
+
+
+def test_human_inspect_shows_the_first_metadata_keys(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """50 000 keys (the limit) took rich minutes to lay out; --json still has them all."""
+    import time
+
+    from sdkit.cli.main import main
+
+    path = tmp_path / "keys.safetensors"
+    path.write_bytes(frame(many_metadata_keys(50_000)))
+    start = time.perf_counter()
+    main(["inspect", str(path)])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    shown = [line for line in out.splitlines() if line.startswith("│ k") and "kind" not in line]
+    assert len(shown) == 200 and "and 49,800 more keys (all with --json)" in out
+    assert shown[0].split()[1] == "k0"  # sorted: k0, k1, k10, k100, …
+    assert elapsed < SECONDS
+    main(["inspect", "--json", str(path)])
+    assert len(json.loads(capsys.readouterr().out)["metadata"]) == 50_000
+
