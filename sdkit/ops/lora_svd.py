@@ -135,6 +135,8 @@ def randomized_svd(matrix: "torch.Tensor", columns: int, iterations: int
 
 def factorize(delta: "torch.Tensor", rule: RankRule, cap: int | None = None) -> Factors:
     """LoRA factors of `delta` (out, in[, kh, kw]) under `rule` (`cap` overrides its rank)."""
+    if delta.numel() == 0:
+        return _empty_factors(tuple(delta.shape))
     cap = cap or rule.cap_for(tuple(delta.shape))
     matrix = delta.float().reshape(delta.shape[0], -1)
     cap = min(cap, *matrix.shape)
@@ -152,8 +154,9 @@ def factorize_product(up: "torch.Tensor", down: "torch.Tensor", rule: RankRule,
     factors costs a few MB. A fixed rank above k keeps its size with zero components,
     as the full SVD's would be (up to rounding)."""
     shape = (up.shape[0], *down.shape[1:])
-    left = up.float().reshape(up.shape[0], -1)
-    right = down.float().reshape(down.shape[0], -1)
+    left, right = up.float().flatten(1), down.float().flatten(1)
+    if left.shape[0] == 0 or right.shape[1] == 0:
+        return _empty_factors(shape)
     cap = min(cap or rule.cap_for(shape), left.shape[0], right.shape[1])
     u, s, vh = product_svd(left, right)
     u, s, vh = _zero_padded(u, s, vh, cap)
@@ -170,6 +173,14 @@ def product_svd(left: "torch.Tensor", right: "torch.Tensor"
     q_right, r_right = torch.linalg.qr(right.mT)
     u, s, vh = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
     return q_left @ u, s, vh @ q_right.mT
+
+
+def _empty_factors(shape: tuple[int, ...]) -> Factors:
+    """A layer without values gets the rank-1 zero factors a zero delta gets."""
+    import torch
+
+    up = torch.zeros(shape[0], 1, *((1, 1) if len(shape) == 4 else ()))
+    return Factors(up, torch.zeros(1, *shape[1:]), 1, 1.0)
 
 
 def _zero_padded(u: "torch.Tensor", s: "torch.Tensor", vh: "torch.Tensor", count: int

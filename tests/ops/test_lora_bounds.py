@@ -251,9 +251,16 @@ def test_factored_svd_is_the_full_products_within_rounding(out, inputs, kernel, 
                                rtol=1e-4, atol=1e-4 * float(product.abs().max()))
 
 
-def test_factored_svd_of_a_zero_product_is_rank_one() -> None:
+@pytest.mark.parametrize("up_shape,down_shape", [
+    ((10, 3), (3, 7)),  # a zero up
+    ((10, 0), (0, 7)),  # rank 0
+    ((0, 3), (3, 7)), ((10, 3), (3, 0)), ((10, 0, 1, 1), (0, 4, 3, 3)),  # empty layers
+])
+def test_factored_svd_of_zero_and_empty_products_is_rank_one(up_shape, down_shape) -> None:
     rule = RankRule(4)
-    up, down = torch.zeros(10, 3), torch.randn(3, 7)
-    full, factored = factorize(up @ down, rule), factorize_product(up, down, rule)
+    up, down = torch.zeros(up_shape), torch.randn(down_shape)
+    product = (up.flatten(1) @ down.flatten(1)).reshape(up_shape[0], *down_shape[1:])
+    full, factored = factorize(product, rule), factorize_product(up, down, rule)
     assert (factored.rank, factored.retained) == (full.rank, full.retained) == (1, 1.0)
-    assert float(factored.up.abs().max()) == 0.0
+    assert factored.up.shape == full.up.shape and factored.down.shape == full.down.shape
+    assert not factored.up.any()
