@@ -19,8 +19,10 @@ import re
 from typing import Any, Callable, Iterator
 
 _WHITESPACE = re.compile(rb"[ \t\n\r]*")
-# a string token; the unrolled form matches each byte one way only, so failing is linear
-_STRING = re.compile(rb'"[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*"')
+# A piece of a string's body: plain bytes and escapes, each byte matched one way only.
+# The repeat is capped because re keeps state for every repetition of a group (a 45 MB
+# value of escapes would take 1.7 GB); `_string_end` joins the pieces.
+_STRING_PIECE = re.compile(rb'[^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*){0,4096}', re.DOTALL)
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _LITERAL = re.compile(rb"true|false|null")
 _UNSIGNED = re.compile(rb"0|[1-9][0-9]*")
@@ -97,10 +99,10 @@ class JsonScanner:
     def string(self, max_bytes: int | None = None, what: str = "a string") -> str:
         """The string token here, refused unread when its JSON form is over `max_bytes`."""
         self.skip_whitespace()
-        match = _STRING.match(self.raw, self.pos)
-        if match is None:
+        begin = self.pos
+        end = self._string_end(begin)
+        if end is None:
             raise self.invalid(f"{what} in double quotes")
-        begin, end = match.span()
         if max_bytes is not None and end - begin - 2 > max_bytes:
             start = self.raw[begin + 1:begin + 41].decode("utf-8", "replace")
             raise self.fail(f"{what} starting {start!r} is {end - begin - 2} bytes long, over "
@@ -119,6 +121,21 @@ class JsonScanner:
         except UnicodeEncodeError:
             raise self.fail(f"{what} at byte {begin} contains an invalid unicode escape") from None
         return text
+
+    def _string_end(self, begin: int) -> int | None:
+        """The end of the string token opening at `begin` (after its closing quote), or
+        None where there is no valid one (unterminated, a raw control character)."""
+        if self.raw[begin:begin + 1] != b'"':
+            return None
+        position = begin + 1
+        while True:
+            after = _STRING_PIECE.match(self.raw, position).end()  # type: ignore[union-attr]
+            stop = self.raw[after:after + 1]
+            if stop == b'"':
+                return after + 1
+            if stop != b"\\" or after == position:  # not a capped repeat: no end here
+                return None
+            position = after
 
     def skip_scalar(self) -> None:
         """Step over a string, number, true, false or null (containers are the caller's

@@ -132,6 +132,8 @@ def test_hostile_header_refused_fast_and_frugally(tmp_path: Path, case: str) -> 
     ("50 000 empty tensors", lambda: many_empty_tensors(50_000), "accepted 50000 tensors"),
     ("50 000 loosely spelled", lambda: many_spaced_tensors(50_000), "accepted 50000 tensors"),
     ("50 000 metadata keys", lambda: many_metadata_keys(50_000), "50000 metadata keys"),
+    ("a 45 MB metadata value of escapes", lambda: b'{"__metadata__":{"k":"' + b'\\"a' * 15_000_000
+     + b'"}}', "1 metadata keys"),
 ])
 def test_headers_at_the_limits_are_read_fast(tmp_path: Path, case: str, header, outcome: str) -> None:
     path = tmp_path / "edge.safetensors"
