@@ -246,8 +246,8 @@ def _tensor_field(scanner: JsonScanner, name: str, field: str, refuse: _Refusal)
             raise refuse(f"tensor {name!r}: unknown dtype ({with_article(kind)}, not a name)")
         return scanner.string(MAX_NAME_BYTES, f"the dtype of tensor {name!r}")
     if kind in ("object", "array"):
-        raise refuse(f"tensor {name!r}: {field!r} holds {with_article(kind)}, where a tensor entry holds "
-                     "only dtype, shape, data_offsets and scalars")
+        raise refuse(f"tensor {name!r}: {field!r} holds {with_article(kind)}, where a tensor "
+                     "entry holds only dtype, shape, data_offsets and scalars")
     scanner.skip_scalar()
     return None
 

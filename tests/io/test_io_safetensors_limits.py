@@ -100,7 +100,7 @@ HOSTILE: dict[str, tuple[Callable[[], bytes], str]] = {
         lambda: b'{"a":{"dtype":"F32","shape":[' + repeated(b"{}", 99 * MB) + b'],'
                 b'"data_offsets":[0,0]}}', "shape holds a nested value"),
     "100 MB of empty arrays as a metadata value": (
-        lambda: b'{"__metadata__":{"k":[' + repeated(b"[]", 99 * MB) + b"]}}", "is a array"),
+        lambda: b'{"__metadata__":{"k":[' + repeated(b"[]", 99 * MB) + b"]}}", "is an array"),
     "100 MB of nested arrays in an extra field": (
         lambda: b'{"a":{' + TENSOR + b',"x":' + b"[" * (50 * MB) + b"]" * (49 * MB) + b"}}",
         "'x' holds an array"),
