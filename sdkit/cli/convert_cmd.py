@@ -20,7 +20,8 @@ from sdkit.cli.main import cli
 @click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers"]),
               default="safetensors", show_default=True,
               help="safetensors: keep the key layout; single-file: LDM / A1111 keys (kohya names "
-                   "for LoRA); diffusers: a diffusers folder (diffusers / peft names for LoRA).")
+                   "for LoRA, what ComfyUI and A1111 load); diffusers: a diffusers folder (diffusers / peft "
+                   "names for LoRA, for diffusers only: ComfyUI and A1111 miss them on SD/SDXL).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Cast float tensors (integer tensors are never touched).")
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
@@ -51,11 +52,15 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
     policy = "clamp" if clamp else "allow-inf" if allow_inf else "refuse"
     settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)
     console = Console(stderr=True)
-    quiet = bool((ctx.obj or {}).get("quiet")) or as_json
-    with progress_bar(console, quiet, "converting") as advance:
+    quiet = bool((ctx.obj or {}).get("quiet"))
+    with progress_bar(console, quiet or as_json, "converting") as advance:
         result = convert_model(source, output, settings, progress=advance)
+    for warning in result.warnings:  # shown under --quiet and --json too: the output misleads otherwise
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    if quiet:
         return
     for line in _report_lines(result):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
