@@ -43,7 +43,8 @@ from sdkit.cli.main import cli
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=str),
               help="Run a YAML recipe (inputs, method, params, blocks, …); options given here override it.")
 @click.option("--replay", "replay_file", type=click.Path(path_type=str),
-              help="Re-run the recipe stored in a merged file and check the tensors are identical.")
+              help="Re-run the recipe stored in a merged file: check the tensors are identical, "
+                   "or with -o write the result there.")
 @click.option("--list-methods", is_flag=True, help="List the merge methods and their parameters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.pass_context
@@ -55,7 +56,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     Inputs are A, B, C… in order. Example:
     sdkit merge a.safetensors b.safetensors --method weighted_sum --alpha 0.3 -o ab.safetensors
     """
-    from sdkit.ops.merge import load_recipe_file, merge_models, replay_merge
+    from sdkit.ops.merge import load_recipe_file, merge_models, replay_into, replay_merge
 
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
@@ -65,6 +66,11 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     if replay_file:
         if inputs or recipe_file:
             raise click.UsageError("--replay takes no inputs and no --recipe")
+        if output:
+            with progress_bar(console, quiet, "replaying") as advance:
+                written = replay_into(replay_file, output, overwrite=force, threads=threads, progress=advance)
+            _report_merge(written, as_json, console)
+            return
         with progress_bar(console, quiet, "replaying") as advance:
             result = replay_merge(replay_file, threads=threads, progress=advance)
         _report_replay(result, as_json, console)
@@ -77,6 +83,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
         recipe = _override(load_recipe_file(recipe_file), options)
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
+    _check_arity(recipe)
     with progress_bar(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
@@ -88,6 +95,22 @@ def _recipe_from_inputs(inputs: tuple[str, ...]) -> Any:
     if len(inputs) < 1:
         raise click.UsageError("give the models to merge (A B [C …]), --recipe or --replay")
     return MergeRecipe([RecipeInput(path) for path in inputs], "weighted_sum")
+
+
+def _check_arity(recipe: Any) -> None:
+    """A method given the wrong number of models is a usage error (an unknown method is
+    left to the merge, which lists the known ones)."""
+    from sdkit.errors import SdkitError
+    from sdkit.ops.merge import get_method
+
+    try:
+        method = get_method(recipe.method)
+    except SdkitError:
+        return
+    try:
+        method.check_inputs(len(recipe.inputs))
+    except SdkitError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _override(recipe: Any, options: dict[str, Any]) -> Any:
