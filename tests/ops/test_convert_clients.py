@@ -225,6 +225,8 @@ COPIES = {  # name: (tensors, options that change nothing in them, a hint the re
     "good position ids, --fix-clip": (half_checkpoint, dict(dtype="fp16", fix_clip=True), "not broken"),
     "fp16 VAE alone, --dtype fp16": (vae_alone, dict(dtype="fp16"), "already fp16"),
     "fp16 LoRA, --dtype fp16": (half_lora, dict(dtype="fp16"), "already fp16"),
+    "fp16 embedding, --dtype fp16": (lambda: {"emb_params": torch.randn(2, 768).half()}, dict(dtype="fp16"),
+                                     "already fp16"),
     "F32 position ids, --dtype fp16": (lambda: {**half_checkpoint(), POSITION_IDS: broken_ids("F32 drifted", 16)},
                                        dict(dtype="fp16"), "--fix-clip"),
 }
