@@ -5,8 +5,9 @@ all on lazy tensors, in this order:
 1. `--ema` puts the EMA weights in the UNet's place; `--prune` drops what is not model
    weights; `--fix-clip` rewrites broken CLIP position ids (without it they are noted);
 2. the layout changes if asked (single-file ⇄ diffusers) and `--only` keeps one component;
-   a diffusers config derived from LDM weights is written only where the weights fix
-   every setting or the model has the released model's sizes (`sdkit.arch.keymaps.stock`);
+   a config.json derived from LDM weights takes what no weight says (attention heads, norm
+   groups, sample size, …) from the released model of the same sizes; a model of other
+   sizes needs `--config` and is refused without it (`sdkit.arch.keymaps.stock`);
 3. float tensors are cast (`--dtype`, `--keep-fp32`, overflow policy); CLIP position ids
    never are (they index a table; `--fix-clip` rewrites broken ones as int64);
 4. the streaming writer pulls one tensor at a time into a safetensors file, a component
@@ -314,16 +315,18 @@ class _ModelConversion:
         self.result.precision = report
         return {name: cast.get(name, lazy) for name, lazy in outputs.items()}
 
+    def _copies_input(self, final: Mapping[str, LazyTensor]) -> bool:
+        """Whether the output file would hold the safetensors input's tensors as they are."""
+        if self.model.format != "safetensors" or self.model.components or not self._writes_as_file():
+            return False
+        if self.result.prune.dropped or self.result.prune.ema_swapped or self.result.fixed_position_ids:
+            return False
+        return {name: (lazy.dtype, lazy.shape) for name, lazy in final.items()} == \
+            {name: (info.dtype, info.shape) for name, info in self.model.infos.items()}
+
     def _refuse_a_copy(self, final: Mapping[str, LazyTensor]) -> None:
-        """Refuse when what was asked (a dtype, pruning, a CLIP fix) changes nothing: the
-        output would hold the safetensors input's tensors as they are."""
-        asked = self.options.dtype or self.options.prune or self.options.fix_clip
-        unchanged = (self.model.format == "safetensors" and not self.model.components
-                     and not self.result.prune.dropped and not self.result.prune.ema_swapped
-                     and not self.result.fixed_position_ids and self._writes_as_file()
-                     and {name: (lazy.dtype, lazy.shape) for name, lazy in final.items()}
-                     == {name: (info.dtype, info.shape) for name, info in self.model.infos.items()})
-        if not asked or not unchanged:
+        """Refuse when what was asked (a dtype, pruning, a CLIP fix) changes nothing."""
+        if not (self.options.dtype or self.options.prune or self.options.fix_clip) or not self._copies_input(final):
             return
         reasons = []
         if self.options.dtype:

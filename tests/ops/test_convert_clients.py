@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import test_convert_support as S
@@ -54,11 +53,6 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, 
         code = int(exit_info.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), "pt") as file:
-        return file.metadata()
 
 
 # ---- text encoders of diffusers outputs ------------------------------------------------
