@@ -30,10 +30,13 @@ def _dtype_counts(model: ModelFile) -> dict[str, int]:
 
 
 def inspect_png(path: str | Path) -> dict[str, Any]:
-    """The generation parameters an image carries (A1111 `parameters` text chunk)."""
-    from sdkit.runtime.sample_png import read_png_parameters
+    """The generation parameters an image carries (A1111 `parameters` text chunk): the
+    fields as written, and typed (`generation`; README, "inspect of a PNG")."""
+    from sdkit.runtime.sample_png import generation_summary, read_png_parameters
 
-    return {"path": str(path), "format": "png", "kind": "image", "parameters": read_png_parameters(path)}
+    fields = read_png_parameters(path)
+    return {"path": str(path), "format": "png", "kind": "image", "parameters": fields,
+            "generation": generation_summary(fields)}
 
 
 def inspect_path(path: str | Path, *, with_hashes: bool = False, deep: bool = False) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 from sdkit.arch.hypernetwork_detect import is_hypernetwork
 from sdkit.errors import SdkitError
 from sdkit.io import ModelFile, open_model
+from sdkit.io.output_path import write_file_atomically
 
 WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "KaimingNormal")
 _KEY = re.compile(r"^(\d+)\.([01])\.(.+)$")
@@ -348,18 +348,7 @@ def save_hypernetwork(path: str | os.PathLike[str], hn: Hypernetwork, *, overwri
     path = Path(path)
     if path.suffix.lower() != ".pt":
         raise SdkitError(f"{path}: A1111 loads hypernetworks only from .pt files")
-    if path.is_dir() or (path.exists() and not overwrite):
+    if path.is_dir():
         raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-    partial = path.parent / f".{path.name}.{secrets.token_hex(6)}.partial"
-    try:
-        with open(partial, "xb") as file:
-            torch.save(hypernetwork_object(hn), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException as exc:
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    return path
+    saved = hypernetwork_object(hn)
+    return write_file_atomically(path, lambda partial: torch.save(saved, partial), overwrite=overwrite)

@@ -76,36 +76,43 @@ def _request(spec: str) -> Any:
 @click.argument("model", type=click.Path(path_type=str))
 @click.argument("embeddings", nargs=-1, required=True, metavar="EMB[:TOKEN]...")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
-              help="New diffusers folder (for a folder MODEL) or .safetensors checkpoint.")
+              help="The new diffusers pipeline folder.")
+@click.option("--to", "to", type=click.Choice(["diffusers"]),
+              help="Needed for a single-file MODEL: convert it to a diffusers folder on the way.")
+@click.option("--config", "config_dir", type=click.Path(path_type=str),
+              help="Single-file MODEL: a local diffusers folder of the same model; configs, scheduler and "
+                   "tokenizers come from it.")
 @click.option("--tokenizer", "tokenizer_source", type=click.Path(path_type=str),
               help="Single-file MODEL: a pipeline folder with tokenizer/ (and tokenizer_2/) to extend; "
-                   "default: the family's tokenizer from the local Hugging Face cache.")
+                   "default: --config's, else the family's tokenizer from the local Hugging Face cache.")
 @click.option("--force", is_flag=True,
               help="Overwrite the output, and let tokens already in the vocabulary take the vectors.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.pass_context
-def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], output: str,
-                tokenizer_source: str | None, force: bool, as_json: bool) -> None:
+def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], output: str, to: str | None,
+                config_dir: str | None, tokenizer_source: str | None, force: bool, as_json: bool) -> None:
     """Insert embeddings into a model: the tokenizer learns the tokens, the text encoder
-    the vectors. A single-file checkpoint gets its tokenizers in OUT's companion folder
-    <OUT without suffix>.tokenizer/.
+    the vectors. What is written is a diffusers pipeline folder, where the tokenizer
+    travels with the model; a single-file MODEL is converted to one with --to diffusers.
 
-    Example: sdkit embed add model.safetensors style.pt:mystyle -o model-mystyle.safetensors
+    No single-file checkpoint is written: ComfyUI, A1111 and Forge build CLIP with its
+    49408 token rows and their own tokenizer, so a grown one does not load. For them, put
+    the embedding file in their embeddings folder and write its name in the prompt.
+
+    Example: sdkit embed add model.safetensors style.pt:mystyle --to diffusers -o model-mystyle
     """
-    from sdkit.ops.embed import add_embeddings
+    from sdkit.ops.embed import CheckpointSources, add_embeddings
 
     requests = [_request(spec) for spec in embeddings]
+    sources = CheckpointSources(*(Path(given) if given else None for given in (config_dir, tokenizer_source)))
     console = Console(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
     with progress_bar(console, quiet, "writing") as advance:
-        result = add_embeddings(model, requests, output, tokenizer_source=tokenizer_source,
-                                force=force, progress=advance)
+        result = add_embeddings(model, requests, output, to=to, sources=sources, force=force, progress=advance)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     console.print(f"wrote {result.output}", markup=False, highlight=False)
-    if result.tokenizer_folder != result.output:
-        console.print(f"tokenizers in {result.tokenizer_folder}", markup=False, highlight=False)
     for token, per_encoder in result.ids.items():
         ids = "; ".join(f"{name} ids {', '.join(map(str, ids))}" for name, ids in per_encoder.items())
         console.print(f"• {token}: {ids}", markup=False, highlight=False)

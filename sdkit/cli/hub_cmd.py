@@ -55,10 +55,16 @@ def _notifier(ctx: click.Context) -> Callable[[str], None] | None:
     return lambda message: console.print(message, markup=False)
 
 
-def _policy(rename: bool, overwrite: bool) -> str:
-    if rename and overwrite:
-        raise click.UsageError("--rename and --overwrite exclude each other")
-    return "rename" if rename else "overwrite" if overwrite else "refuse"
+def _policy(rename: bool, force: bool) -> str:
+    if rename and force:
+        raise click.UsageError("--rename and --force exclude each other")
+    return "rename" if rename else "overwrite" if force else "refuse"
+
+
+def _force_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--force, and --overwrite: its old name, hidden, kept so that scripts still work."""
+    command = click.option("--overwrite", "force_alias", is_flag=True, hidden=True)(command)
+    return click.option("--force", is_flag=True, help="If the name is taken, replace that file.")(command)
 
 
 def _size(count: int | None) -> str:
@@ -89,30 +95,36 @@ def _echo_json(value: Any) -> None:
 @click.option("--format", "file_format", help="Civitai format: SafeTensor, PickleTensor, GGUF, …")
 @click.option("--sha256", "expected_sha256", help="Expected sha256 of a plain URL's file.")
 @click.option("--rename", is_flag=True, help="If the name is taken, save as 'name (1).ext'.")
-@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@_force_options
 @click.option("--family-subfolders/--no-family-subfolders", default=None,
               help="In a library, file by family too (models/Lora/sdxl/…).")
 @click.option("--retries", type=click.IntRange(1, 100), default=6, show_default=True,
-              help="Tries per file before giving up (a later run still resumes).")
+              help="Give up on a file after this many failed tries that brought under 1 MiB "
+                   "each, or 10 times as many tries in all (a later run still resumes).")
+@click.option("--max-time", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop after this many seconds in all (a later run still resumes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @click.pass_context
 def download_command(ctx: click.Context, source: str, library: Path | None, output: Path | None,
                      file_type: str | None, fp: str | None, file_format: str | None,
-                     expected_sha256: str | None, rename: bool, overwrite: bool,
-                     family_subfolders: bool | None, retries: int, as_json: bool) -> None:
+                     expected_sha256: str | None, rename: bool, force: bool, force_alias: bool,
+                     family_subfolders: bool | None, retries: int, max_time: float | None,
+                     as_json: bool) -> None:
     """Download SOURCE, resuming any earlier attempt, and verify its sha256.
 
     SOURCE: hf:OWNER/REPO[/PATH][@REVISION], civitai:MODEL_ID[@VERSION_ID], a civitai.com
-    model URL, or any https:// URL. Tokens come from HF_TOKEN and CIVITAI_TOKEN.
+    model URL, or any https:// URL. Tokens come from HF_TOKEN and CIVITAI_TOKEN. No more
+    bytes are read than the hub lists for the file. A connection slower than 1 KiB/s over
+    60 s is cut and counts as a failed try.
 
     Example: sdkit download civitai:4201 --library ~/stable-diffusion-webui
     """
     from sdkit.hub import FileChoice, RetryPolicy, TransferOptions, download
 
-    policy = _policy(rename, overwrite)
+    policy = _policy(rename, force or force_alias)
     console = _errors_console()
     show_bar = not is_quiet(ctx) and console.is_terminal
-    options = TransferOptions(policy=RetryPolicy(attempts=retries),
+    options = TransferOptions(policy=RetryPolicy(attempts=retries, max_time=max_time),
                               progress=_RichProgress(console) if show_bar else None,
                               notify=_notifier(ctx))
     outcomes = download(source, library=library, output=output,
@@ -178,17 +190,19 @@ def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
 @click.option("--family-subfolders/--no-family-subfolders", default=None,
               help="File by family too (models/Lora/sdxl/…).")
 @click.option("--rename", is_flag=True, help="If the name is taken, use 'name (1).ext'.")
-@click.option("--overwrite", is_flag=True, help="If the name is taken, replace that file.")
+@_force_options
 @click.option("--json", "as_json", is_flag=True)
 def add_command(files: tuple[Path, ...], library: Path | None, method: str,
-                family_subfolders: bool | None, rename: bool, overwrite: bool, as_json: bool) -> None:
-    """Put FILES where their identified kind belongs, and index them.
+                family_subfolders: bool | None, rename: bool, force: bool, force_alias: bool,
+                as_json: bool) -> None:
+    """Put FILES where their identified kind belongs, and index them. A file that is not
+    a model file (one `sdkit inspect` refuses) stops the command before anything is added.
 
     Example: sdkit library add ~/Downloads/*.safetensors --move --library ~/ComfyUI
     """
     from sdkit.hub.library import Library
 
-    policy = _policy(rename, overwrite)
+    policy = _policy(rename, force or force_alias)
     with Library.open(_library_root(library)) as lib:
         placements = lib.add(list(files), method=method, policy=policy,  # type: ignore[arg-type]
                              family_subfolders=family_subfolders)
@@ -251,7 +265,7 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.entries(kind=kind, family=family)
     if as_json:
         _echo_json([e.to_json() for e in entries])
@@ -270,7 +284,7 @@ def find_command(query: str, library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.find(query)
     if as_json:
         _echo_json([e.to_json() for e in entries])
@@ -290,7 +304,7 @@ def dupes_command(library: Path | None, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         groups = lib.index.duplicates()
     if as_json:
         _echo_json([[e.to_json() for e in group] for group in groups])
@@ -312,7 +326,7 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
     """
     from sdkit.hub.library import Library, verify_library
 
-    with Library.open(_library_root(library)) as lib:
+    with Library.open_existing(_library_root(library)) as lib:
         report = verify_library(lib, full=full)
     if as_json:
         _echo_json({"ok": report.ok, **vars(report)})
@@ -345,7 +359,7 @@ def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json
     if root is None:
         result = lookup_file(file, None, client)
     else:
-        with Library.open(root) as lib:
+        with Library.open_existing(root) as lib:
             result = lookup_file(file, lib, client)
     if as_json:
         _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,

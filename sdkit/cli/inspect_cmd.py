@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
+from sdkit.errors import SdkitError
 
 _VALUE_WIDTH = 72
 
@@ -88,6 +90,16 @@ def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> 
         _render_report(_literal_console(), report)
 
 
+def _refuse_unhashable(path: str) -> None:
+    """A folder (a diffusers model, any directory) has no single hash: the hashes A1111
+    and Civitai show are of one file's bytes."""
+    if os.path.isdir(path):
+        raise SdkitError(f"{path}: a folder has no single hash; give the model files in it "
+                         "instead (e.g. its */*.safetensors)")
+    if not os.path.exists(path):
+        raise SdkitError(f"{path}: no such file")
+
+
 @cli.command("hash")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {path, sha256, autov2, legacy, autov3}.")
@@ -98,6 +110,8 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
     """
     from sdkit.inspect import hashes_report
 
+    for path in paths:  # all checked before any is read: no partial table
+        _refuse_unhashable(path)
     rows = [{"path": path, **hashes_report(path)} for path in paths]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

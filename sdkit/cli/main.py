@@ -18,15 +18,20 @@ from sdkit.errors import SdkitError
 @click.version_option(__version__, prog_name="sdkit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")
+@click.option("--record-paths", is_flag=True,
+              help="Record inputs in written metadata by absolute path, not file name.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, record_paths: bool) -> None:
     """Inspect, convert, merge and apply Stable Diffusion model files.
 
     Example: sdkit inspect fixtures/toy/sd1/toy-sd1.safetensors
     """
+    from sdkit.ops.recipe_meta import full_paths_recorded
+
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     ctx.obj["quiet"] = quiet
+    ctx.with_resource(full_paths_recorded(record_paths))
 
 
 def _register_commands() -> None:

@@ -21,12 +21,12 @@ from sdkit.errors import SdkitError
 from sdkit.hub.civitai import (CivitaiClient, CivitaiRef, FileChoice, civitai_ref_from_url,
                                parse_civitai, resolve_civitai)
 from sdkit.hub.huggingface import HfSource, hf_source_from_url, parse_hf, resolve_hf
-from sdkit.hub.http import redact_url
 from sdkit.hub.jobstate import remove_job
 from sdkit.hub.library.library import Library
 from sdkit.hub.library.scan import MODEL_SUFFIXES
 from sdkit.hub.names import sanitize_filename
 from sdkit.hub.placement import AlreadyPresent, Policy, choose_download_name, place
+from sdkit.hub.redact import redact_text, redact_url
 from sdkit.hub.transfer import RemoteFile, TransferOptions, Transferred, transfer
 
 
@@ -59,7 +59,7 @@ def resolve_source(source: str, *, choice: FileChoice | None = None,
     text = source.strip()
     civitai_ref = civitai_ref_from_url(text) if text.startswith(("https://", "http://")) else None
     if choice != FileChoice() and not (text.startswith("civitai:") or civitai_ref):
-        raise SdkitError(f"{redact_url(text)}: --file-type, --fp and --format choose among a "
+        raise SdkitError(f"{redact_text(text)}: --file-type, --fp and --format choose among a "
                          "Civitai version's files; this is not a Civitai source")
     if expected_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", expected_sha256):
         raise SdkitError(f"{expected_sha256}: --sha256 needs 64 hex digits")
@@ -75,7 +75,7 @@ def resolve_source(source: str, *, choice: FileChoice | None = None,
         remote = RemoteFile(url=text, source=redact_url(text),
                             sha256=expected_sha256.lower() if expected_sha256 else None)
         return Resolved(remote.source, [remote], True, None)
-    raise SdkitError(f"{redact_url(source)}: unrecognised source (expected hf:OWNER/REPO[/PATH][@REVISION], "
+    raise SdkitError(f"{redact_text(source)}: unrecognised source (expected hf:OWNER/REPO[/PATH][@REVISION], "
                      "civitai:MODEL_ID[@VERSION_ID], a civitai.com model URL or an https:// URL)")
 
 

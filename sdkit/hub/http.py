@@ -2,7 +2,8 @@
 
 Credentials only ever travel in request headers (`Authorization: Bearer …`); requests
 drops that header when a redirect leaves the host (signed storage URLs carry their own
-authorisation). URLs are redacted before they are shown or stored anywhere.
+authorisation). URLs and server messages go through sdkit.hub.redact before they are
+shown or stored anywhere.
 """
 
 from __future__ import annotations
@@ -12,24 +13,30 @@ import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
 from sdkit.errors import SdkitError
+from sdkit.hub.redact import redact_text
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-SECRET_QUERY_KEYS = frozenset({"token", "access_token", "api_key", "apikey", "auth", "key"})
 NETWORK_ERRORS = (requests.ConnectionError, requests.Timeout)
 
 
 @dataclass
 class RetryPolicy:
-    """How often and how long to wait before giving up on a flaky server.
+    """How often and how long to try before giving up on a flaky or hostile server.
 
-    `attempts` counts consecutive failures without progress; waits double from `backoff`
-    up to `backoff_cap`; a server's Retry-After is honoured up to `retry_after_cap`.
-    `sleep` is injectable so tests can record waits instead of spending them.
+    A file gives up after `attempts` failed tries (dropped connection, timeout, 429, 5xx)
+    that brought fewer than `progress_bytes` new bytes each. A failed try that brought
+    more is forgiven, but a server sending a little per connection must not keep a
+    download going forever: `attempts * tries_per_attempt` tries in all end it too. A
+    connection slower than `min_speed` bytes/s over `speed_window` seconds is cut (a
+    failed try), and with `max_time` nothing goes on past that many seconds after the
+    policy was made (one command). Waits double from `backoff` up to `backoff_cap`; a
+    server's Retry-After is honoured up to `retry_after_cap`. `sleep` is injectable so
+    tests can record waits instead of spending them.
     """
 
     attempts: int = 6
@@ -37,13 +44,53 @@ class RetryPolicy:
     backoff_cap: float = 60.0
     retry_after_cap: float = 300.0
     timeout: float = 30.0
+    progress_bytes: int = 1 << 20
+    tries_per_attempt: int = 10
+    min_speed: float = 1024.0
+    speed_window: float = 60.0
+    max_time: float | None = None
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False)
+    started: float = field(default_factory=time.monotonic, repr=False)
 
     def wait_before(self, failures: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number `failures` (1-based)."""
         if retry_after is not None:
             return min(max(retry_after, 0.0), self.retry_after_cap)
         return min(self.backoff * 2 ** (failures - 1), self.backoff_cap)
+
+    def time_left(self) -> float | None:
+        """Seconds until `max_time` runs out (never below 0); None without a limit."""
+        if self.max_time is None:
+            return None
+        return max(0.0, self.started + self.max_time - time.monotonic())
+
+    def read_timeout(self) -> float:
+        """The socket timeout for the next request: `timeout`, shortened near the deadline."""
+        left = self.time_left()
+        return self.timeout if left is None else max(0.1, min(self.timeout, left))
+
+
+class RetryBudget:
+    """The tries one file (or one API call) has spent under a RetryPolicy."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.tries = 0       # failed tries
+        self.fruitless = 0   # failed tries that brought less than policy.progress_bytes
+
+    def spend(self, new_bytes: int, retry_after: float | None) -> tuple[float, str | None]:
+        """Count a failed try that brought `new_bytes`: (seconds to wait before the next
+        try, None) or (0, why to give up now)."""
+        policy = self.policy
+        self.tries += 1
+        self.fruitless += new_bytes < policy.progress_bytes
+        if self.fruitless >= policy.attempts or self.tries >= policy.attempts * policy.tries_per_attempt:
+            return 0.0, f"gave up after {self.tries} tries"
+        wait = policy.wait_before(max(1, self.fruitless), retry_after)
+        left = policy.time_left()
+        if left is not None and wait >= left:
+            return 0.0, f"gave up after {self.tries} tries: --max-time {policy.max_time:g} s reached"
+        return wait, None
 
 
 class HttpRefused(SdkitError):
@@ -76,15 +123,6 @@ def retry_after_seconds(response: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def redact_url(url: str) -> str:
-    """The URL without credentials: user:password and token-like query parameters."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k.lower() not in SECRET_QUERY_KEYS]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), parts.fragment))
-
-
 def query_token(url: str) -> str | None:
     """A `token=` query parameter (Civitai's alternative to the header), if any."""
     for key, value in parse_qsl(urlsplit(url).query):
@@ -111,7 +149,7 @@ def _server_words(response: requests.Response) -> str:
     words = [str(body[k]) for k in ("error", "message") if body.get(k)]
     if not words and response.headers.get("X-Error-Message"):
         words.append(response.headers["X-Error-Message"])
-    return ": ".join(words)
+    return redact_text(": ".join(words))  # a server may echo the signed URL it refused
 
 
 def describe_http_error(response: requests.Response, *, token_sent: bool,
@@ -151,10 +189,10 @@ def get_json(session: requests.Session, url: str, *, headers: dict[str, str], wh
              policy: RetryPolicy, token_env: str | None,
              notify: Callable[[str], None] | None = None) -> Any:
     """GET a JSON document, retrying transient failures under `policy`."""
-    failures = 0
+    budget = RetryBudget(policy)
     while True:
         try:
-            response = session.get(url, headers=headers, timeout=policy.timeout)
+            response = session.get(url, headers=headers, timeout=policy.read_timeout())
             check_response(response, what=what, token_sent="Authorization" in headers,
                            token_env=token_env)
             try:
@@ -165,10 +203,18 @@ def get_json(session: requests.Session, url: str, *, headers: dict[str, str], wh
             error = RetryableError(f"network error: {exc.__class__.__name__}")
         except RetryableError as exc:
             error = exc
-        failures += 1
-        if failures >= policy.attempts:
-            raise SdkitError(f"{what}: {error} (gave up after {failures} tries)")
-        wait = policy.wait_before(failures, error.retry_after)
+        except requests.RequestException as exc:
+            raise request_refused(what, exc) from None
+        wait, give_up = budget.spend(0, error.retry_after)
+        if give_up is not None:
+            raise SdkitError(f"{what}: {error} ({give_up})")
         if notify is not None:
             notify(f"{what}: {error}; retrying in {wait:.0f} s")
         policy.sleep(wait)
+
+
+def request_refused(what: str, exc: requests.RequestException) -> SdkitError:
+    """One line for a request requests itself refused (a bad URL, a redirect loop, an
+    unsupported scheme): its text names the URL, so it is redacted."""
+    detail = redact_text(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
+    return SdkitError(f"{what}: {exc.__class__.__name__}" + (f": {detail}" if detail else ""))

@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlsplit
 
 from sdkit.errors import SdkitError
 from sdkit.hub.http import bearer
+from sdkit.hub.redact import redact_text, redact_url
 from sdkit.hub.transfer import RemoteFile
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -78,8 +79,8 @@ def _hub_error(source: HfSource, exc: Exception) -> SdkitError:
     if isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return SdkitError(f"{source}: the Hub answered HTTP {status} {first}".rstrip())
-    return SdkitError(f"{source}: cannot reach {hf_endpoint()} ({exc.__class__.__name__})")
+        return SdkitError(redact_text(f"{source}: the Hub answered HTTP {status} {first}".rstrip()))
+    return SdkitError(f"{source}: cannot reach {redact_url(hf_endpoint())} ({exc.__class__.__name__})")
 
 
 def _is_network_error(exc: Exception) -> bool:

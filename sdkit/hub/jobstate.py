@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from sdkit.errors import SdkitError
+from sdkit.hub.redact import redact_url
 
 STATE_VERSION = 1
 PART_SUFFIX = ".part"
@@ -54,6 +55,7 @@ def state_path(folder: Path, name: str) -> Path:
 def save_state(folder: Path, state: JobState) -> None:
     """Write the state atomically (temp file + rename), so a kill never leaves half a JSON."""
     state.updated = time.time()
+    state.url = redact_url(state.url)  # already redacted by the downloader; never trust it
     target = state_path(folder, state.name)
     temp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     temp.write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")

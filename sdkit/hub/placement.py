@@ -1,7 +1,7 @@
 """Putting a file at its destination without ever clobbering another one.
 
 Policies when the name is taken: "refuse" (the default: say so and suggest --rename or
---overwrite), "rename" (the first free `name (n).ext`), "overwrite" (atomic replace). An
+--force), "rename" (the first free `name (n).ext`), "overwrite" (atomic replace). An
 identical file already there (same sha256) is "already present", whatever the policy.
 Without overwrite the final step is a hard link, which fails instead of replacing when a
 concurrent writer took the name first; filesystems without hard links fall back to a
@@ -49,7 +49,7 @@ def same_content(path: Path, sha256: str | None) -> bool:
 
 def _taken_message(target: Path) -> str:
     return (f"{target}: a different file already has this name; use --rename to keep both "
-            "or --overwrite to replace it")
+            "or --force to replace it")
 
 
 def choose_download_name(folder: Path, name: str, *, sha256: str | None, size: int | None,

@@ -5,9 +5,12 @@ Bytes stream into `<name>.part` beside the target while a sha256 runs over them;
 A resumed request says `Range: bytes=N-` with `If-Range: <validator>`: a 206 appends, a
 200 (the server ignored the range, or the file changed) restarts from zero, a 416 means
 the part is already complete or stale. Dropped connections, timeouts, 429 and 5xx are
-retried with exponential backoff (Retry-After honoured); each retry resumes. The result
-is checked against the size and sha256 the hub publishes; a mismatch discards the part.
-Only then does `install` run, while the part is still locked against other processes.
+retried with exponential backoff (Retry-After honoured); each retry resumes, within the
+bounds of the RetryPolicy (failed tries, tries in all, a speed floor, `max_time`). No more
+bytes are read than the hub lists: a longer body or Content-Length discards the part.
+The result is checked against the size and sha256 the hub publishes; a mismatch discards
+the part. Only then does `install` run, while the part is still locked against other
+processes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Protocol, TypeVar
@@ -23,11 +27,12 @@ import requests
 import urllib3
 
 from sdkit.errors import SdkitError
-from sdkit.hub.http import (NETWORK_ERRORS, RetryableError, RetryPolicy, check_response,
-                            redact_url)
+from sdkit.hub.http import (NETWORK_ERRORS, RetryableError, RetryBudget, RetryPolicy,
+                            check_response, request_refused)
 from sdkit.hub.jobstate import (JobState, find_state, is_locked, open_part, part_path,
                                 remove_job, save_state, state_path)
 from sdkit.hub.names import filename_from_content_disposition, filename_from_url, sanitize_filename
+from sdkit.hub.redact import redact_text, redact_url
 
 _STREAM_ERRORS = NETWORK_ERRORS + (requests.exceptions.ChunkedEncodingError,
                                    urllib3.exceptions.HTTPError)
@@ -49,6 +54,9 @@ class RemoteFile:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     token_env: str | None = None   # the variable that would carry a token, for 401 advice
     facts: dict[str, Any] = field(default_factory=dict)  # trigger words, base model, ids
+
+    def __post_init__(self) -> None:
+        self.source = redact_text(self.source)  # shown in every message and stored in indexes
 
 
 class TransferProgress(Protocol):
@@ -106,15 +114,41 @@ def transfer(remote: RemoteFile, folder: Path, choose_name: ChooseName,
         job.close()
 
 
-def _chunks(response: requests.Response, size: int) -> Iterator[bytes]:
+def _chunks(response: requests.Response, size: int, limit: int | None) -> Iterator[bytes]:
     """The body as it arrives: `read1` hands over every byte received before a drop,
-    where iter_content would lose the last partial chunk."""
+    where iter_content would lose the last partial chunk. With a `limit` (the bytes still
+    expected) no read asks for more than one byte past it, so an overlong body is seen
+    without being read."""
     read1 = getattr(response.raw, "read1", None)  # urllib3 >= 2
     if read1 is None:
         yield from response.iter_content(size)
         return
-    while chunk := read1(size, decode_content=True):
+    while True:
+        wanted = size if limit is None else max(1, min(size, limit + 1))
+        chunk = read1(wanted, decode_content=True)
+        if not chunk:
+            return
+        if limit is not None:
+            limit -= len(chunk)
         yield chunk
+
+
+class _SpeedFloor:
+    """Cuts a connection that trickles: under `min_speed` bytes/s over `window` seconds."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.min_speed, self.window = policy.min_speed, policy.speed_window
+        self.since, self.bytes = time.monotonic(), 0
+
+    def passed(self, count: int) -> None:
+        self.bytes += count
+        elapsed = time.monotonic() - self.since
+        if elapsed < self.window:
+            return
+        if self.bytes < self.min_speed * elapsed:
+            raise RetryableError(f"the server sent {self.bytes} bytes in {elapsed:.0f} s, "
+                                 f"under {self.min_speed:g} bytes/s")
+        self.since, self.bytes = time.monotonic(), 0
 
 
 def _mib(count: int) -> str:
@@ -196,7 +230,8 @@ class _Transfer:
     # --- the retry loop -----------------------------------------------------------
 
     def run(self) -> Transferred:
-        policy, failures = self.options.policy, 0
+        policy = self.options.policy
+        budget = RetryBudget(policy)
         while True:
             before = self.done
             try:
@@ -207,11 +242,10 @@ class _Transfer:
                 error = RetryableError(f"connection lost ({exc.__class__.__name__})")
             except RetryableError as exc:
                 error = exc
-            failures = 1 if self.done > before else failures + 1
-            if failures >= policy.attempts:
-                raise SdkitError(f"{self.remote.source}: {error}; gave up after {failures} tries "
-                                 f"at {_mib(self.done)} (run the same command again to resume)")
-            wait = policy.wait_before(failures, error.retry_after)
+            wait, give_up = budget.spend(self.done - before, error.retry_after)
+            if give_up is not None:
+                raise SdkitError(f"{self.remote.source}: {error}; {give_up} at {_mib(self.done)} "
+                                 "(run the same command again to resume)")
             self.options.say(f"{self.remote.source}: {error} at {_mib(self.done)}; "
                              f"retrying in {wait:.1f} s")
             policy.sleep(wait)
@@ -231,10 +265,16 @@ class _Transfer:
 
     def _attempt(self) -> bool:
         """One request; True when the part is complete, False to ask again at once."""
-        timeout = self.options.policy.timeout
+        timeout = self.options.policy.read_timeout()
         headers = self._request_headers()
-        with self.session.get(self.remote.url, headers=headers, stream=True,
-                              timeout=(timeout, timeout)) as response:
+        try:
+            response = self.session.get(self.remote.url, headers=headers, stream=True,
+                                        timeout=(timeout, timeout))
+        except _STREAM_ERRORS:
+            raise
+        except requests.RequestException as exc:  # a bad URL or redirect: no retry helps
+            raise request_refused(self.remote.source, exc) from None
+        with response:
             if response.status_code == 416:
                 return self._range_not_satisfiable(response)
             check_response(response, what=self.remote.source,
@@ -281,6 +321,7 @@ class _Transfer:
         else:
             raise SdkitError(f"{self.remote.source}: unexpected HTTP {response.status_code}")
         self._check_total(total)
+        self._check_body_length(response)
         save_state(self.folder, self.state)
         return total
 
@@ -300,6 +341,14 @@ class _Transfer:
                              f"lists {expected}; nothing installed")
         self.state.expected_size = expected or total
 
+    def _check_body_length(self, response: requests.Response) -> None:
+        """A Content-Length that would carry the file past its expected size is refused
+        before a byte of the body is read."""
+        assert self.state is not None
+        expected, length = self.state.expected_size, response.headers.get("Content-Length", "")
+        if expected is not None and length.isdigit() and self.done + int(length) > expected:
+            self._refuse_oversize(f"{self.done + int(length)} bytes but {expected} are expected")
+
     def _range_not_satisfiable(self, response: requests.Response) -> bool:
         """416: the part already holds every byte, or it is stale and must go."""
         assert self.state is not None
@@ -317,22 +366,44 @@ class _Transfer:
     def _stream(self, response: requests.Response, total: int | None) -> None:
         assert self.file is not None and self.state is not None
         progress, last_saved = self.options.progress, self.done
+        expected = self.state.expected_size
+        floor = _SpeedFloor(self.options.policy)
         if progress is not None:
             progress.begin(self.state.name, total, self.done)
         try:
-            for chunk in _chunks(response, self.options.chunk_bytes):
+            limit = None if expected is None else expected - self.done
+            for chunk in _chunks(response, self.options.chunk_bytes, limit):
+                if expected is not None and self.done + len(chunk) > expected:
+                    self._refuse_oversize(f"more than the {expected} bytes expected")
                 self._write(chunk)
                 if progress is not None:
                     progress.update(self.done)
                 if self.done - last_saved >= self.options.state_every_bytes:
                     self._checkpoint()
                     last_saved = self.done
+                floor.passed(len(chunk))
+                self._check_deadline()
         finally:
-            self._checkpoint()
+            if not self.file.closed:
+                self._checkpoint()
             if progress is not None:
                 progress.end()
         if total is not None and self.done < total:
             raise RetryableError("the connection closed before the end of the file")
+
+    def _check_deadline(self) -> None:
+        policy = self.options.policy
+        if policy.time_left() == 0.0:
+            raise SdkitError(f"{self.remote.source}: stopped at {_mib(self.done)}: --max-time "
+                             f"{policy.max_time:g} s reached (run the same command again to resume)")
+
+    def _refuse_oversize(self, what: str) -> None:
+        """The server sends more than the file can hold: nothing of it is kept."""
+        assert self.file is not None
+        self.file.close()
+        self._discard()
+        raise SdkitError(f"{self.remote.source}: the server sends {what}; the download was "
+                         "discarded, nothing installed")
 
     def _write(self, chunk: bytes) -> None:
         assert self.file is not None

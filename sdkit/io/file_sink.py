@@ -14,12 +14,16 @@ cut back to its length. Where O_DIRECT is refused (tmpfs, other systems),
 write-out (`sdkit.io.writeback`).
 
 Both write from offset 0 of a new file; `finish()` puts every byte in the file (the
-caller then fsyncs); `close()` releases the sink whether or not it finished.
+caller then fsyncs); `close()` releases the sink whether or not it finished. Given a
+`DataDigest`, a sink also hashes the bytes it writes past the digest's start (the
+safetensors data section, for ModelSpec's `hash_sha256`): the direct sink on its disk
+thread, while the next buffer fills.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,26 +34,59 @@ from sdkit.io.writeback import EarlyWriteback
 
 BLOCK = 4096  # O_DIRECT offsets, lengths and addresses are multiples of this
 STAGING = 32 << 20  # bytes per staging buffer (two of them)
+_HASH_READ = 16 << 20  # bytes read at a time to hash a span the kernel copies
+
+
+class DataDigest:
+    """sha256 of the bytes a sink writes from file offset `start` on."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.sha256 = hashlib.sha256()
+
+    def written(self, data: memoryview, offset: int) -> None:
+        """`data` was written at file `offset` (calls come in file order)."""
+        skip = max(0, self.start - offset)
+        if skip < len(data):
+            self.sha256.update(data[skip:])  # releases the GIL for large buffers
+
+    def copied(self, span: ByteSpan, offset: int) -> None:
+        """The span's bytes went to file `offset` without passing through us: read them."""
+        buffer = bytearray(min(_HASH_READ, span.length))
+        done = 0
+        while done < span.length:
+            view = memoryview(buffer)[:min(len(buffer), span.length - done)]
+            read_into(span, done, view)
+            self.written(view, offset + done)
+            done += len(view)
+
+    def hexdigest(self) -> str:
+        return self.sha256.hexdigest()
 
 
 class BufferedSink:
     """Writes through a buffered file object (the page cache)."""
 
-    def __init__(self, file: IO[bytes]) -> None:
+    def __init__(self, file: IO[bytes], digest: DataDigest | None = None) -> None:
         self.file = file
         self.position = 0
+        self.digest = digest
         self.writeback = EarlyWriteback(file.fileno())
 
     def write(self, data: Any) -> int:
         """Append `data` (anything with the buffer protocol); returns its size."""
-        count = memoryview(data).nbytes
-        self.file.write(data)
-        self._advance(count)
-        return count
+        view = memoryview(data).cast("B")
+        self.file.write(view)
+        if self.digest is not None:
+            self.digest.written(view, self.position)
+        self._advance(len(view))
+        return len(view)
 
     def copy(self, span: ByteSpan) -> int:
         self.file.flush()  # the kernel appends at the descriptor's position: nothing may be buffered
         copy_span(span, self.file.fileno())
+        if self.digest is not None:
+            self.digest.copied(span, self.position)
         self._advance(span.length)
         return span.length
 
@@ -69,8 +106,10 @@ class BufferedSink:
 class DirectSink:
     """Writes a file opened with O_DIRECT from two staging buffers, on its own thread."""
 
-    def __init__(self, fileno: int, staging: int | None = None) -> None:
+    def __init__(self, fileno: int, staging: int | None = None,
+                 digest: DataDigest | None = None) -> None:
         self.fileno = fileno
+        self.digest = digest
         size = staging or STAGING
         self.buffers = [mmap.mmap(-1, size), mmap.mmap(-1, size)]
         self.current = 0  # the buffer being filled
@@ -105,14 +144,19 @@ class DirectSink:
         if self.filled == len(self.buffers[self.current]):
             self._store(self.filled)
 
-    def _store(self, length: int) -> None:
+    def _store(self, length: int, padding: int = 0) -> None:
         """Hand the current buffer to the disk thread and go on filling the other one."""
         self._wait()  # the other buffer's write has ended: it is free again
-        buffer = memoryview(self.buffers[self.current])[:length]
-        self.pending = self.pool.submit(_pwrite_all, self.fileno, buffer, self.stored)
-        self.stored += length
+        buffer = memoryview(self.buffers[self.current])[:length + padding]
+        self.pending = self.pool.submit(self._hash_and_write, buffer, length, self.stored)
+        self.stored += length + padding
         self.current = 1 - self.current
         self.filled = 0
+
+    def _hash_and_write(self, buffer: memoryview, length: int, offset: int) -> None:
+        if self.digest is not None:
+            self.digest.written(buffer[:length], offset)  # the padding is not the file's
+        _pwrite_all(self.fileno, buffer, offset)
 
     def _wait(self) -> None:
         if self.pending is not None:
@@ -124,7 +168,7 @@ class DirectSink:
         tail = -self.filled % BLOCK  # O_DIRECT writes whole blocks: pad, then cut the file back
         if self.filled:
             self.buffers[self.current][self.filled:self.filled + tail] = bytes(tail)
-            self._store(self.filled + tail)
+            self._store(self.filled, tail)
         self._wait()
         os.ftruncate(self.fileno, size)
 
@@ -163,10 +207,11 @@ def _drop_direct(fileno: int) -> bool:
     return True
 
 
-def open_sink(path: os.PathLike[str] | str) -> tuple[IO[bytes], BufferedSink | DirectSink]:
-    """Create `path` and a sink writing to it: direct where the file system allows it
-    (SDKIT_DIRECT_IO=off: never). `path` must be a new, unique name (a partial file's).
-    The caller closes both, the sink first."""
+def open_sink(path: os.PathLike[str] | str, digest: DataDigest | None = None
+              ) -> tuple[IO[bytes], BufferedSink | DirectSink]:
+    """Create `path` and a sink writing to it (hashing into `digest` when given): direct
+    where the file system allows it (SDKIT_DIRECT_IO=off: never). `path` must be a new,
+    unique name (a partial file's). The caller closes both, the sink first."""
     if hasattr(os, "O_DIRECT") and os.environ.get("SDKIT_DIRECT_IO") != "off":
         try:
             fileno = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o666)
@@ -175,7 +220,7 @@ def open_sink(path: os.PathLike[str] | str) -> tuple[IO[bytes], BufferedSink | D
                 raise
             # refused (tmpfs and others; the file may exist by now): through the page cache
             file = open(path, "wb")
-            return file, BufferedSink(file)
-        return os.fdopen(fileno, "wb", buffering=0), DirectSink(fileno)
+            return file, BufferedSink(file, digest)
+        return os.fdopen(fileno, "wb", buffering=0), DirectSink(fileno, digest=digest)
     file = open(path, "xb")
-    return file, BufferedSink(file)
+    return file, BufferedSink(file, digest)

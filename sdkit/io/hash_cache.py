@@ -34,7 +34,7 @@ import time
 from contextlib import closing
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Collection, Mapping, TypeVar
+from typing import Any, Callable, Collection, Mapping, TypeVar
 
 CACHE_FILE_NAME = "hashes.sqlite"
 SCHEMA_VERSION = 1  # a database of another version is emptied and rebuilt
@@ -221,3 +221,20 @@ def remembered_digests(path: str | os.PathLike[str], names: Collection[str],
     if before is not None and before.settled_at(started_ns) and FileState.of(key) == before:
         _with_cache(lambda connection: _store(connection, key, before, digests))
     return digests
+
+
+def files_with_digest(name: str, hexdigest: str) -> list[Path]:
+    """Files this machine hashed before whose digest `name` was `hexdigest` and which are
+    unchanged since (same device, inode, size and times): where an input recorded only by
+    its name and hash may still be."""
+    needle = f'"{name}": "{hexdigest.lower()}"'
+
+    def matching(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        return connection.execute("SELECT path, dev, ino, size, mtime_ns, ctime_ns FROM files "
+                                  "WHERE instr(digests, ?) > 0", (needle,)).fetchall()
+
+    found = []
+    for path, *state in _with_cache(matching) or []:
+        if FileState.of(path) == FileState(*state):
+            found.append(Path(path))
+    return found

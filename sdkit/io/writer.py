@@ -5,30 +5,38 @@ then each tensor is produced, checked, written and dropped. The next tensors are
 on worker threads while this one is written (`sdkit.io.ahead`), within a byte budget, so
 peak memory is a few tensors and computing overlaps the disk. Bytes go to the disk
 directly where the file system allows it (`sdkit.io.file_sink`), into a hidden partial
-file beside the target (`sdkit.io.output_path`), which is fsynced and renamed over the
-target only when complete; on any failure, Ctrl-C included, the partial file is removed
-and the target is untouched, and partial files left by killed processes are swept on
-the next write of the same target.
+file beside the target (`sdkit.io.output_path`), which is fsynced and installed in one
+rename only when complete (without `overwrite` it replaces nothing, not even a file that
+another writer installed meanwhile); on any failure, Ctrl-C included, the partial file
+is removed and the target is untouched, and partial files left by killed processes are
+swept on the next write of the same target.
 
 Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
 alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors
 the bytes are identical. The reference writer orders `__metadata__` keys arbitrarily;
 we sort them, so the two agree whenever metadata has at most one key.
+
+A metadata value `DATA_SHA256` asks for the sha256 of the file's data section (every
+byte after the header, as ModelSpec's `hash_sha256` defines it): the sink hashes the
+bytes as they go to the disk, and the digest is written over a placeholder of the same
+length in the header before the file is made durable.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
 from sdkit.io.byte_span import ByteSpan
-from sdkit.io.file_sink import BufferedSink, DirectSink, open_sink
+from sdkit.io.file_sink import BufferedSink, DataDigest, DirectSink, open_sink
 from sdkit.io.lazy import LazyTensor
-from sdkit.io.output_path import partial_path, remove_quietly, sweep_dead_partials
+from sdkit.io.output_path import (OutputExists, fsync_folder, install_file, partial_path, remove_quietly,
+                                  sweep_dead_partials)
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -39,6 +47,9 @@ DTYPE_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4
                "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
                "C64", "F64", "I64", "U64")
 _RANK = {code: rank for rank, code in enumerate(DTYPE_ORDER)}
+
+# a metadata value the writer replaces with "0x" + the sha256 of the data section
+DATA_SHA256 = "0x<sha256 of the tensor data>"
 
 Progress = Callable[[int], None]
 Cost = Callable[[str], int]
@@ -117,25 +128,11 @@ def _write_bytes(sink: Sink, tensor: "torch.Tensor") -> int:
     return sink.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable; folders cannot be opened on every platform (best effort)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def _refuse_existing(path: Path, overwrite: bool) -> None:
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder")
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+    if os.path.lexists(path) and not overwrite:
+        raise OutputExists(path)
 
 
 def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor) -> int:
@@ -184,6 +181,31 @@ def _write_all(sink: Sink, path: Path, tensors: Mapping[str, LazyTensor], header
     sink.finish()
 
 
+def _with_digest_placeholder(metadata: Mapping[str, str] | None
+                             ) -> tuple[Mapping[str, str] | None, str | None]:
+    """`metadata` with each DATA_SHA256 value replaced by a random placeholder as long as
+    the digest (so the header keeps its length when patched), and that placeholder."""
+    if metadata is None or DATA_SHA256 not in metadata.values():
+        return metadata, None
+    placeholder = "0x" + secrets.token_hex(32)
+    return {key: placeholder if value == DATA_SHA256 else value
+            for key, value in metadata.items()}, placeholder
+
+
+def patch_header(file: Path, placeholder: str, value: str) -> None:
+    """Write `value` over every `placeholder` in the safetensors header of `file` (same
+    length, so the file stays valid): digests computed while the file was written."""
+    old, new = placeholder.encode(), value.encode()
+    assert len(old) == len(new)
+    with open(file, "r+b") as handle:  # a writer's own descriptor may be O_DIRECT
+        header = handle.read(int.from_bytes(handle.read(8), "little"))
+        start = header.find(old)
+        while start >= 0:
+            handle.seek(8 + start)
+            handle.write(new)
+            start = header.find(old, start + 1)
+
+
 def _spans(tensors: Mapping[str, LazyTensor]) -> dict[str, ByteSpan]:
     """The tensors whose bytes are copied from an input file as they are."""
     found = {}
@@ -209,15 +231,17 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     """
     path = Path(path)
     _check_request(path, tensors, metadata)
+    sweep_dead_partials(path)
     _refuse_existing(path, overwrite)
+    metadata, placeholder = _with_digest_placeholder(metadata)
     header = build_header(tensors, metadata)
     if len(header) > MAX_HEADER_SIZE:
         raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
                          f"{MAX_HEADER_SIZE}-byte limit of the format")
-    sweep_dead_partials(path)
     partial = partial_path(path)
+    digest = DataDigest(8 + len(header)) if placeholder is not None else None
     try:
-        file, sink = open_sink(partial)
+        file, sink = open_sink(partial, digest)
     except OSError as exc:
         raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
     ahead = Prefetcher(lambda name: tensors[name].load(), workers,
@@ -228,15 +252,16 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
                 _write_all(sink, path, tensors, header, ahead, _spans(tensors), progress)
             finally:
                 sink.close()
+            if digest is not None and placeholder is not None:
+                patch_header(partial, placeholder, "0x" + digest.hexdigest())
             if finish is not None:
                 finish(partial)
             os.fsync(file.fileno())
-        _refuse_existing(path, overwrite)  # it may have appeared while we wrote
-        os.replace(partial, path)
+        install_file(partial, path, replace=overwrite)  # refuses one that appeared while we wrote
     except BaseException as exc:
         remove_quietly(partial)
         if isinstance(exc, OSError):
             raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
         raise
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     return path

@@ -30,11 +30,11 @@ from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.model_file import FLOAT_DTYPES
-from sdkit.io.output_path import check_output_path
+from sdkit.io.output_path import build_in_partial, check_output_path
 from sdkit.ops.bake_compute import KeyBaker
 from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
                                  plan_bake)
-from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_pipeline_folder
+from sdkit.ops.convert_folder import write_component_folder, write_pipeline_folder
 from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
 from sdkit.ops.convert_precision import cast_tensors
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata

@@ -185,6 +185,7 @@ class _ModelConversion:
         self.result = ConvertResult(output, "file", identity.kind, identity.family, "ldm")
         self.result.shared = list(model.extra.get("__shared__") or [])
         self.input_hash = input_hash  # runs while the output is planned and written
+        self.resolution: int | None = None  # pixels per side the model draws at, where a config says it
 
     def run(self) -> ConvertResult:
         try:
@@ -205,6 +206,8 @@ class _ModelConversion:
             raise SdkitError(f"{self.model.path}: has no {self.options.only} "
                              f"(it holds {', '.join(view.components) or 'no model component'})")
         self.convention = self._target_convention(view)
+        # the model's own configs or --config's say its size; a released model's is the family's
+        self.resolution = _drawn_size({**view.configs, **self.configs})
         converted = convert_view(view, self.convention, self.configs)
         self._complete_configs(view, converted)
         self.result.left_out = converted.dropped
@@ -273,9 +276,10 @@ class _ModelConversion:
         derived = {name: converted.configs[name] for name in written
                    if name in converted.configs and name not in self.configs}
         try:
-            converted.configs.update(complete_configs(view.layout, derived))
+            completed = complete_configs(view.layout, derived)
         except SdkitError as exc:
             raise SdkitError(f"{self.model.path}: {exc}") from None
+        converted.configs.update(completed)
 
     def _select(self, view: ModelView, converted: Converted) -> tuple[dict[str, LazyTensor], dict[str, list[str]]]:
         """Output tensors by final name, and the names each is made from (for --keep-fp32)."""
@@ -360,7 +364,7 @@ class _ModelConversion:
 
     def _metadata(self, component: str | None) -> dict[str, str]:
         implementation = DIFFUSERS_IMPLEMENTATION if self.convention == "diffusers" else None
-        facts = SpecFacts.from_identity(self.identity, implementation=implementation,
+        facts = SpecFacts.from_identity(self.identity, implementation=implementation, resolution=self.resolution,
                                         adapter="vae" if component == "vae" else None)
         carried = {} if self.model.components else self.model.metadata
         return build_metadata("convert", [self.model.path], self.options.to_json(), facts, title=self.output.stem,
@@ -399,6 +403,15 @@ class _ModelConversion:
         self.result.notes += folder.notes
         for name, where in folder.tokenizers.items():
             self.result.notes.append(f"{name}/ copied from {where}")
+
+
+def _drawn_size(configs: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """Pixels per side the model draws at: the UNet's sample size times the VAE's scale."""
+    unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
+    latents, levels = unet.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(latents, int) or not isinstance(levels, list) or not levels:
+        return None
+    return latents * 2 ** (len(levels) - 1)
 
 
 def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str],

@@ -25,9 +25,10 @@ from sdkit.arch import Identity
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, write_safetensors
 from sdkit.io.dtypes import CODE_TO_TORCH, NAME_TO_CODE
-from sdkit.io.output_path import partial_path, sweep_dead_partials
+from sdkit.io.output_path import write_file_atomically
+from sdkit.io.writer import DATA_SHA256
 from sdkit.ops.convert import ConvertOptions, ConvertResult
-from sdkit.ops.recipe_meta import LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import EMBEDDING_IMPLEMENTATION, SpecFacts, build_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -77,22 +78,10 @@ def write_a1111_pt(path: str | os.PathLike[str], embedding: Embedding, dtype: st
         "string_to_param": {"*": _vectors(embedding.vectors["text_encoder"], dtype)},
         "name": embedding.token, "step": embedding.step or 0,
         "sd_checkpoint": None, "sd_checkpoint_name": embedding.checkpoint_name,
-        **metadata,
+        # a pickle has no safetensors data section to hash
+        **{key: value for key, value in metadata.items() if value != DATA_SHA256},
     }
-    sweep_dead_partials(path)
-    temporary = partial_path(path)
-    try:
-        with open(temporary, "xb") as file:
-            torch.save(data, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as exc:
-        temporary.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    return path
+    return write_file_atomically(path, lambda temporary: torch.save(data, temporary), overwrite=overwrite)
 
 
 def _check_options(options: ConvertOptions, output: Path) -> None:
@@ -124,8 +113,8 @@ def convert_embedding_file(model: ModelFile, identity: Identity, output: Path, o
     sdxl = set(embedding.vectors) == set(_SDXL_NAMES)
     layout = "a1111" if output.suffix.lower() == ".pt" else (
         "diffusers" if options.to == "diffusers" and not sdxl else "kohya")
-    implementation = LDM_IMPLEMENTATIONS["sdxl-base"] if sdxl else "diffusers"
-    facts = SpecFacts.from_identity(identity, adapter="textual-inversion", implementation=implementation)
+    facts = SpecFacts.from_identity(identity, adapter="textual-inversion",
+                                    implementation=EMBEDDING_IMPLEMENTATION)
     metadata = build_metadata("convert", [model.path], options.to_json(), facts, title=output.stem,
                               carried=model.metadata if model.format == "safetensors" else {},
                               progress=progress)

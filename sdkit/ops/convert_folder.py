@@ -10,8 +10,9 @@ reference repository in the local Hugging Face cache when its vocabulary fits th
 encoder. A single file holds no tokenizer; without either source the folder is written
 without one and the result says so.
 
-Everything is built in a hidden `.partial` folder beside the target and renamed into
-place at the end, so a failure leaves no half-written output.
+Everything is built in a hidden `.partial` folder beside the target and installed at
+the end (`sdkit.io.output_path.build_in_partial`), so a failure leaves no half-written
+output.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sdkit.arch.keymaps import stored_clip_names
-from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
-from sdkit.io.output_path import install_folder, partial_path, sweep_dead_partials
+from sdkit.io.output_path import build_in_partial
 
 Progress = Callable[[int], None]
 Finish = Callable[[Path], None]
@@ -169,28 +169,6 @@ def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str,
 def stored_tensors(component: str, tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
     """A diffusers component's tensors named as its weight file stores them."""
     return stored_clip_names(tensors) if component in _TOKENIZER_OF else dict(tensors)
-
-
-def build_in_partial(target: Path, overwrite: bool, fill: Callable[[Path], Any]) -> Any:
-    """Run `fill(folder)` on a fresh hidden folder beside `target`, then install it there."""
-    if target.exists() and not overwrite:
-        raise SdkitError(f"{target}: already exists (overwriting needs --force)")
-    if not target.parent.is_dir():
-        raise SdkitError(f"{target.parent}: no such folder")
-    sweep_dead_partials(target)
-    built = partial_path(target)
-    try:
-        built.mkdir()
-        result = fill(built)
-        if target.exists() and not overwrite:  # it may have appeared while we wrote
-            raise SdkitError(f"{target}: already exists (overwriting needs --force)")
-        install_folder(built, target)
-    except BaseException as exc:
-        shutil.rmtree(built, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{target}: cannot write: {exc.strerror or exc}") from None
-        raise
-    return result
 
 
 def write_component_folder(folder: Path, component: str, tensors: Mapping[str, LazyTensor],

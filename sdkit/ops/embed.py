@@ -6,18 +6,25 @@ prompts to all of them), and its vectors become the token embedding rows of the 
 tokenizer gave them. Rows the tokenizer does not use are kept. SDXL gets the `clip_l`
 vectors in `text_encoder` and the `clip_g` vectors in `text_encoder_2`.
 
-Outputs:
-- diffusers pipeline folder -> a new pipeline folder: the text encoder folders get the
-  grown weights (`model.safetensors`, or the name of the safetensors variant they had)
-  and `vocab_size`, the tokenizer folders the new tokens, everything else is copied;
-- single-file (LDM) checkpoint -> a `.safetensors` checkpoint with the grown
-  `token_embedding` tensor(s), streamed through the writer, plus a companion folder
-  beside it, `<OUT without suffix>.tokenizer/`, holding diffusers-style `tokenizer/`
-  (and `tokenizer_2/` for SDXL) folders, since a single file has no tokenizer. Load it
-  with `CLIPTokenizer.from_pretrained(companion, subfolder="tokenizer")`. The base
-  tokenizer comes from `tokenizer_source` (a pipeline folder, an earlier companion
-  folder, or for single-encoder models a tokenizer folder); without one, from the
-  family's reference repository in the local Hugging Face cache (never downloaded).
+The output is always a diffusers pipeline folder, the one form in which a tokenizer
+travels with its text encoder: the text encoder folders get the grown weights
+(`model.safetensors`, or the name of the safetensors variant they had) and `vocab_size`,
+the tokenizer folders the new tokens. From a pipeline folder everything else is copied;
+a single-file (LDM) checkpoint is converted on the way (`to="diffusers"`) with the
+configs, scheduler and tokenizers of `sources.config_dir` where given (else the configs
+are read off the tensors, as `sdkit convert` does), its base tokenizer taken from
+`sources.tokenizer` (a pipeline folder, or for single-encoder models a tokenizer
+folder), else the config folder's, else the family's reference repository in the local
+Hugging Face cache (never downloaded). The folder is built beside the output and
+installed in one step.
+
+A grown single-file checkpoint is refused: the single-file loaders build CLIP from their
+own fixed config and tokenizer and read no tokenizer from beside the file. ComfyUI
+(`comfy/sd1_clip.py`: `sd1_clip_config.json`, vocab_size 49408, and its bundled
+`sd1_tokenizer`) stops on the size mismatch of `token_embedding` when it loads the
+state dict; A1111 and Forge likewise build a 49408-row CLIP from their own config, with
+their own tokenizer (`openai/clip-vit-large-patch14`'s). What they all load instead is
+the embedding file itself, from their embeddings folder, by its name in the prompt.
 
 Tokenizer folders keep `vocab.json`/`merges.txt` and list the new tokens in
 `added_tokens.json` beside the `tokenizer.json` that transformers writes, so both the
@@ -29,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -38,7 +46,7 @@ from sdkit.adapters.embedding import Embedding, vector_tokens
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, hash_file, lazy_tensors, open_model, write_safetensors
 from sdkit.io.diffusers_folder import find_weights, read_json
-from sdkit.io.output_path import check_output_path, install_folder, partial_path, sweep_dead_partials
+from sdkit.io.output_path import build_in_partial, check_output_path
 
 if TYPE_CHECKING:
     import torch
@@ -85,32 +93,38 @@ class TextEncoderSlot:
 
 @dataclass
 class EmbedResult:
-    output: Path
-    tokenizer_folder: Path  # the output itself for pipelines, the companion for checkpoints
+    output: Path  # a diffusers pipeline folder
     rows: dict[str, tuple[int, int]]  # component -> (rows before, rows after)
     ids: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # token -> component -> ids
 
     def to_json(self) -> dict[str, Any]:
-        return {"output": str(self.output), "tokenizer_folder": str(self.tokenizer_folder),
-                "rows": {k: list(v) for k, v in self.rows.items()}, "ids": self.ids}
+        return {"output": str(self.output), "rows": {k: list(v) for k, v in self.rows.items()}, "ids": self.ids}
 
 
-def companion_folder(output: Path) -> Path:
-    """Where the tokenizers of a single-file output go."""
-    return output.with_suffix(".tokenizer")
+@dataclass(frozen=True)
+class CheckpointSources:
+    """Where a single-file model's conversion takes what the file lacks."""
+
+    config_dir: Path | None = None  # a diffusers folder of the same model: configs, scheduler, tokenizers
+    tokenizer: Path | None = None  # a pipeline folder, or a tokenizer folder for single-encoder models
 
 
 def add_embeddings(model_path: str | os.PathLike[str], requests: Sequence[EmbeddingRequest],
-                   output: str | os.PathLike[str], *, tokenizer_source: str | os.PathLike[str] | None = None,
+                   output: str | os.PathLike[str], *, to: str | None = None,
+                   sources: CheckpointSources = CheckpointSources(),
                    force: bool = False, progress: Progress | None = None) -> EmbedResult:
-    """Write a copy of the model whose tokenizer(s) and text encoder(s) know the tokens.
+    """Write a diffusers pipeline folder of the model whose tokenizer(s) and text
+    encoder(s) know the tokens. A single-file model needs `to="diffusers"`: no
+    single-file loader could use the grown checkpoint (see the module docstring).
 
     `force` overwrites the output and lets a token that is already in the vocabulary take
     the embedding's vectors in place of its own.
     """
     output, source = Path(output), Path(model_path)
+    if to not in (None, "diffusers"):
+        raise SdkitError(f"--to must be diffusers, not {to!r}")
     _check_requests(requests)
-    inputs = (source, tokenizer_source, *(request.embedding.path for request in requests))
+    inputs = (source, sources.config_dir, sources.tokenizer, *(request.embedding.path for request in requests))
     check_output_path(output, inputs, force=force)
     if source.resolve() in output.resolve().parents:  # the copy would be built inside what it copies
         raise SdkitError(f"{output}: is inside the model folder {source}; write the copy elsewhere")
@@ -118,8 +132,23 @@ def add_embeddings(model_path: str | os.PathLike[str], requests: Sequence[Embedd
         if model.format == "diffusers":
             if model.extra.get("model_index") is None:
                 raise SdkitError(f"{source}: a lone component folder; give the pipeline folder")
+            if sources != CheckpointSources():
+                raise SdkitError(f"{source}: --config and --tokenizer are for a single-file model; "
+                                 "a pipeline folder brings its own")
             return _add_to_pipeline(model, requests, output, force, progress)
-        return _add_to_checkpoint(model, requests, output, tokenizer_source, force, progress)
+        return _add_to_checkpoint(model, requests, output, to, sources, force, progress)
+
+
+def _single_file_refusal(source: Path, requests: Sequence[EmbeddingRequest]) -> SdkitError:
+    """What works instead; the clients call an embedding by its file name."""
+    files = ", ".join(request.embedding.path.name for request in requests)
+    names = ", ".join(request.embedding.path.stem for request in requests)
+    return SdkitError(
+        f"{source}: new tokens cannot go into a single-file checkpoint: ComfyUI, A1111 and Forge build "
+        f"CLIP with its 49408 token rows and their own tokenizer, so a grown table does not load; "
+        f"put {files} in the client's embeddings folder and write {names} in the prompt "
+        f"(ComfyUI: embedding:{requests[0].embedding.path.stem}), or write a diffusers folder: "
+        "--to diffusers -o FOLDER")
 
 
 def _check_requests(requests: Sequence[EmbeddingRequest]) -> None:
@@ -246,11 +275,6 @@ def _recipe(model: ModelFile, requests: Sequence[EmbeddingRequest]) -> str:
 # --------------------------------------------------------------------------- outputs
 
 
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-
-
 def _copying(progress: Progress | None) -> Callable[[str, str], Any]:
     def copy(source: str, destination: str) -> Any:
         result = shutil.copy2(source, destination)
@@ -283,12 +307,10 @@ def _add_to_pipeline(model: ModelFile, requests: Sequence[EmbeddingRequest], out
     _check_fit(model, slots, requests)
     edits = {slot.component: _extend_tokenizer(model.path / _tokenizer_name(slot), requests, force)
              for slot in slots}
-    result = EmbedResult(output, output, {})
+    result = EmbedResult(output, {})
     metadata = {"format": "pt", RECIPE_KEY: _recipe(model, requests)}
-    sweep_dead_partials(output)
-    built = partial_path(output)
-    try:
-        built.mkdir()
+
+    def fill(built: Path) -> None:
         changed = {slot.component for slot in slots} | {_tokenizer_name(slot) for slot in slots}
         for entry in sorted(model.path.iterdir()):
             if entry.name not in changed:
@@ -302,11 +324,8 @@ def _add_to_pipeline(model: ModelFile, requests: Sequence[EmbeddingRequest], out
             _save_tokenizer(edit, built / _tokenizer_name(slot))
             result.rows[slot.component] = (slot.rows, rows)
             _collect_ids(result, slot.component, edit)
-        _refuse_existing(output, force)
-        install_folder(built, output)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
+
+    build_in_partial(output, force, fill)
     return result
 
 
@@ -384,36 +403,61 @@ def _cached_tokenizers(model: ModelFile, family: str, names: dict[str, str]) -> 
     return {component: folder / name for component, name in names.items()}
 
 
-def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], output: Path,
-                       tokenizer_source: str | os.PathLike[str] | None, force: bool,
-                       progress: Progress | None) -> EmbedResult:
-    if output.suffix.lower() != ".safetensors":
-        raise SdkitError(f"{output}: single-file outputs are written as .safetensors")
+def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], output: Path, to: str | None,
+                       sources: CheckpointSources, force: bool, progress: Progress | None) -> EmbedResult:
+    """A pipeline folder converted from the checkpoint, its token tables grown on the way."""
+    from sdkit.arch import identify
+    from sdkit.ops.convert import read_config_dir
+    from sdkit.ops.convert_folder import write_pipeline_folder
+    from sdkit.ops.convert_layout import convert_view, model_view
+
     slots, family = _checkpoint_slots(model)
     _check_fit(model, slots, requests)
-    companion = companion_folder(output)
-    _refuse_existing(companion, force)
-    given = Path(tokenizer_source) if tokenizer_source is not None else None
-    bases = _base_tokenizers(model, slots, family, given)
+    if to != "diffusers":
+        raise _single_file_refusal(model.path, requests)
+    if output.suffix.lower() in _WEIGHT_SUFFIXES:
+        raise SdkitError(f"{output}: a diffusers pipeline is a folder; give a folder path")
+    configs = read_config_dir(sources.config_dir)
+    bases = _base_tokenizers(model, slots, family, _tokenizer_source(sources, slots))
     edits = {slot.component: _extend_tokenizer(bases[slot.component], requests, force) for slot in slots}
-    result = EmbedResult(output, companion, {})
-    tensors = lazy_tensors(model)
-    for slot in slots:
+    identity = identify(model)
+    view = model_view(model, identity)
+    result = EmbedResult(output, {})
+    for slot in slots:  # grown in the checkpoint's names: the conversion reads the new shape
         rows = _rows_after(slot, edits[slot.component])
-        tensors[slot.tensor] = _grown(model, slot, rows, edits[slot.component], requests)
+        view.tensors[slot.tensor] = _grown(model, slot, rows, edits[slot.component], requests)
+        if slot.component in configs:
+            configs[slot.component] = {**configs[slot.component], "vocab_size": rows}
         result.rows[slot.component] = (slot.rows, rows)
         _collect_ids(result, slot.component, edits[slot.component])
-    metadata = dict(model.metadata) if model.format == "safetensors" else {}
-    metadata[RECIPE_KEY] = _recipe(model, requests)
-    sweep_dead_partials(companion)
-    built = partial_path(companion)
-    try:
-        for slot in slots:
-            (built / _tokenizer_name(slot)).mkdir(parents=True)
-            _save_tokenizer(edits[slot.component], built / _tokenizer_name(slot))
-        write_safetensors(output, tensors, metadata, overwrite=force, progress=progress)
-        install_folder(built, companion)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
+    converted = convert_view(view, "diffusers", configs)
+    metadata = {"format": "pt", RECIPE_KEY: _recipe(model, requests)}
+    with tempfile.TemporaryDirectory(prefix="sdkit-embed-") as scratch:
+        config_dir = _config_folder(Path(scratch), sources.config_dir, slots, edits)
+        write_pipeline_folder(output, converted.tensors, converted.configs, converted.layout,
+                              prediction=identity.prediction, metadata_for=lambda _component: metadata,
+                              config_dir=config_dir, overwrite=force, progress=progress)
     return result
+
+
+def _tokenizer_source(sources: CheckpointSources, slots: list[TextEncoderSlot]) -> Path | None:
+    """--tokenizer, else the config folder when it has every tokenizer (else the HF cache)."""
+    given = sources.config_dir
+    if sources.tokenizer is not None or given is None:
+        return sources.tokenizer
+    return given if all((given / _tokenizer_name(slot)).is_dir() for slot in slots) else None
+
+
+def _config_folder(scratch: Path, given: Path | None, slots: list[TextEncoderSlot],
+                   edits: dict[str, _TokenizerEdit]) -> Path:
+    """What the pipeline writer takes from its config folder (scheduler, feature extractor,
+    model_index.json, tokenizers): the given folder's, with the tokenizers extended."""
+    for name in ("scheduler", "feature_extractor"):
+        if given is not None and (given / name).is_dir():
+            shutil.copytree(given / name, scratch / name)
+    if given is not None and (given / "model_index.json").is_file():
+        shutil.copy2(given / "model_index.json", scratch / "model_index.json")
+    for slot in slots:
+        (scratch / _tokenizer_name(slot)).mkdir()
+        _save_tokenizer(edits[slot.component], scratch / _tokenizer_name(slot))
+    return scratch

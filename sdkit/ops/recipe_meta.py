@@ -2,15 +2,23 @@
 
 - `modelspec.*` (Stability AI's model spec 1.0.1): the MUST fields `sai_model_spec`,
   `architecture` (from the family table), `implementation`, `title`, `resolution`, and
-  `prediction_type` when known. Descriptive fields the input already had (author,
-  description, license, tags, trigger phrase, ...) are carried over.
-- `sdkit.recipe`: JSON with the operation, the inputs with their sha256, the parameters
-  and the sdkit version, so the output can be made again from its own metadata.
+  `prediction_type` when known; `date` (when the file was made, UTC) and `hash_sha256`
+  ("0x" + sha256 of the data section, filled in by the writer). Descriptive fields the
+  input already had (author, description, license, tags, trigger phrase, ...) are
+  carried over.
+- `sdkit.recipe`: JSON with the operation, the inputs (file names) with their sha256, the
+  parameters and the sdkit version, so the output can be made again from its own
+  metadata.
 - `format: pt`, which transformers requires of the safetensors files it loads.
 
 Keys that describe the input's bytes rather than the model (`modelspec.hash_sha256`,
-kohya's `sshs_*` addnet hashes, an earlier `sdkit.recipe`) are not carried: they would be
-wrong for the output. No date is written, so the same command gives the same bytes.
+`modelspec.date`, kohya's `sshs_*` addnet hashes, an earlier `sdkit.recipe`) are not
+carried: they would be wrong for the output. `SOURCE_DATE_EPOCH` (seconds) fixes the date,
+so the same command can give the same bytes.
+
+Inputs are recorded by file name, as kohya records them: where a user keeps their files
+is nobody else's business once the file is shared. `full_paths_recorded()` (the CLI's
+`--record-paths`) records absolute paths instead.
 """
 
 from __future__ import annotations
@@ -20,32 +28,66 @@ import json
 import os
 import secrets
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sdkit import __version__
 from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
 from sdkit.errors import SdkitError
+from sdkit.io.writer import DATA_SHA256
 
 RECIPE_KEY = "sdkit.recipe"
 SPEC_VERSION = "1.0.1"
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 # LDM single-file key names follow these codebases (sd-scripts writes the same strings)
 LDM_IMPLEMENTATIONS = {
     "sd1": "https://github.com/CompVis/stable-diffusion",
     "sd2": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl-base": "https://github.com/Stability-AI/generative-models",
-    "sdxl-refiner": "https://github.com/Stability-AI/generative-models",
-    "playground-v2.5": "https://github.com/Stability-AI/generative-models",
+    "sdxl-base": STABILITY_IMPLEMENTATION,
+    "sdxl-refiner": STABILITY_IMPLEMENTATION,
+    "playground-v2.5": STABILITY_IMPLEMENTATION,
 }
 DIFFUSERS_IMPLEMENTATION = "diffusers"
-_STALE_KEYS = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash", RECIPE_KEY,
-               "modelspec.sai_model_spec")
+# sd-scripts writes generative-models for every embedding and every fine-tuned single file
+# (`sai_model_spec.determine_implementation`), whatever the family
+EMBEDDING_IMPLEMENTATION = CHECKPOINT_TRAINING_IMPLEMENTATION = STABILITY_IMPLEMENTATION
+_STALE_KEYS = ("modelspec.hash_sha256", "modelspec.date", "sshs_model_hash", "sshs_legacy_hash",
+               RECIPE_KEY, "modelspec.sai_model_spec")
 _FOLDER_FILES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _CHUNK_BYTES = 16 << 20
 
 Progress = Callable[[int], None]
+
+_FULL_PATHS: ContextVar[bool] = ContextVar("sdkit_full_paths", default=False)
+
+
+@contextmanager
+def full_paths_recorded(enabled: bool = True) -> Iterator[None]:
+    """Within the block, metadata records inputs by absolute path instead of file name."""
+    token = _FULL_PATHS.set(enabled)
+    try:
+        yield
+    finally:
+        _FULL_PATHS.reset(token)
+
+
+def recorded_path(path: str | os.PathLike[str]) -> str:
+    """How metadata names an input file or folder: its name (absolute path if asked)."""
+    given = Path(path)
+    return str(given.absolute()) if _FULL_PATHS.get() else given.name
+
+
+def modelspec_date() -> str:
+    """ModelSpec's `date`: now in UTC, ISO-8601 to the second; `SOURCE_DATE_EPOCH` wins."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    seconds = int(fixed) if fixed.isdigit() else int(time.time())
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,9 @@ class SpecFacts:
     `family` is a key of FAMILIES (or "unknown"); `adapter` the ModelSpec suffix for
     adapters and parts ("lora", "textual-inversion", "vae"); `implementation` overrides
     the family's LDM codebase (e.g. "diffusers" for a diffusers-layout output).
+    `resolution`: the side in pixels the model draws at when known (from its config);
+    otherwise the family's, except for a model of non-standard dimensions, whose size the
+    family does not tell (a tiny test model), where the field is left out.
     """
 
     family: str = "unknown"
@@ -62,12 +107,14 @@ class SpecFacts:
     prediction: str = "unknown"
     adapter: str | None = None
     implementation: str | None = None
+    resolution: int | None = None
+    nonstandard: bool = False
 
     @classmethod
     def from_identity(cls, identity: Any, **changes: Any) -> "SpecFacts":
         """Facts from an `sdkit.arch.Identity` (kind, family, variant, prediction)."""
         facts = {"family": identity.family, "variant": identity.variant,
-                 "prediction": identity.prediction}
+                 "prediction": identity.prediction, "nonstandard": identity.nonstandard}
         facts.update(changes)
         return cls(**facts)
 
@@ -147,15 +194,9 @@ class BackgroundHash:
 
     def patch(self, file: Path) -> None:
         """Replace the placeholder in `file`'s safetensors header with the digest."""
-        digest = self.digest().encode()
-        with open(file, "r+b") as handle:
-            header_size = int.from_bytes(handle.read(8), "little")
-            header = handle.read(header_size)
-            start = header.find(self.placeholder.encode())
-            while start >= 0:
-                handle.seek(8 + start)
-                handle.write(digest)
-                start = header.find(self.placeholder.encode(), start + 1)
+        from sdkit.io.writer import patch_header
+
+        patch_header(file, self.placeholder, self.digest())
 
 
 class InputDigests:
@@ -193,7 +234,8 @@ def recipe_json(operation: str, inputs: Sequence[str | os.PathLike[str]], params
     `hashes` maps input paths (as given) to sha256s already known; others are computed.
     """
     known = dict(hashes or {})
-    records = [{"path": str(path), "sha256": known.get(str(path)) or input_sha256(path, progress)}
+    records = [{"path": recorded_path(path),
+                "sha256": known.get(str(path)) or input_sha256(path, progress)}
                for path in inputs]
     return json.dumps({"operation": operation, "inputs": records, "parameters": dict(params),
                        "sdkit_version": __version__}, sort_keys=True, default=str)
@@ -215,11 +257,15 @@ def modelspec(facts: SpecFacts, title: str) -> dict[str, str]:
         "modelspec.implementation": facts.implementation or LDM_IMPLEMENTATIONS.get(
             facts.family, DIFFUSERS_IMPLEMENTATION),
         "modelspec.title": title,
+        "modelspec.date": modelspec_date(),
+        "modelspec.hash_sha256": DATA_SHA256,
     }
     if architecture is not None:
         spec["modelspec.architecture"] = architecture
-    if family is not None:
+    side = facts.resolution
+    if side is None and family is not None and not facts.nonstandard:
         side = default_resolution(family, prediction=prediction)
+    if side is not None:
         spec["modelspec.resolution"] = f"{side}x{side}"
     if facts.prediction in ("epsilon", "v"):
         spec["modelspec.prediction_type"] = facts.prediction
@@ -252,13 +298,17 @@ def build_metadata(operation: str, inputs: Sequence[str | os.PathLike[str]], par
     `facts` describes the output model: SpecFacts, an Identity or a family name. `title`
     defaults to the first input's name. Precedence, lowest first: `carried` (the input's
     metadata, stale keys removed), the computed ModelSpec (the input's own title wins over
-    `title`), `extra`, the recipe.
+    `title`, its own resolution over the family's), `extra`, the recipe.
     """
     metadata = {"format": "pt"}
     metadata.update(carried_metadata(carried or {}))
-    spec = modelspec(spec_facts(facts), title or (Path(inputs[0]).stem if inputs else "untitled"))
-    if carried and carried.get("modelspec.title"):
+    described = spec_facts(facts)
+    spec = modelspec(described, title or (Path(inputs[0]).stem if inputs else "untitled"))
+    carried = carried or {}
+    if carried.get("modelspec.title"):
         spec["modelspec.title"] = carried["modelspec.title"]
+    if carried.get("modelspec.resolution") and described.resolution is None:
+        spec["modelspec.resolution"] = carried["modelspec.resolution"]  # the input knew its size
     metadata.update(spec)
     metadata.setdefault("modelspec.architecture", "unknown")
     metadata.update(extra or {})

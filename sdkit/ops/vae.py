@@ -28,8 +28,8 @@ from sdkit.arch import Identity, identify
 from sdkit.arch.keymaps import checkpoint_from_ldm
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, TensorInfo, open_model, write_safetensors
-from sdkit.io.output_path import check_output_path
-from sdkit.ops.convert_folder import build_in_partial, write_component_folder
+from sdkit.io.output_path import build_in_partial, check_output_path
+from sdkit.ops.convert_folder import write_component_folder
 from sdkit.ops.convert_layout import ModelView, extract_component, model_view, replace_component
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 

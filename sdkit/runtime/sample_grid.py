@@ -1,12 +1,15 @@
 """Grids of samples with labelled rows and columns, and the XY axis specification.
 
 `grid_image` lays equally sized pictures out in rows and columns and writes the column
-labels above and the row labels to the left (PIL's default font, wrapped to fit).
+labels above and the row labels to the left (PIL's default font, wrapped to fit; a slot
+grows where a label cannot be wrapped narrow enough, so labels never overlap).
 `parse_axis("cfg=3,5,7")` reads an XY axis: one parameter and the values it takes.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -55,16 +58,32 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+_BREAK_AFTER = re.compile(r"[^=,]+[=,]?|[=,]")  # a label may break after "=" or ","
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+def _pieces(text: str) -> list[tuple[str, str]]:
+    """(piece, what joins it to the previous one): words, themselves split after "=" and
+    ",", so `lora_strength=0.75` can break as `lora_strength=` / `0.75`."""
+    pieces: list[tuple[str, str]] = []
+    for word in text.split():
+        for index, piece in enumerate(_BREAK_AFTER.findall(word)):
+            pieces.append((piece, "" if index else " "))
+    return pieces
+
+
 def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
-    """Greedy word wrap to `width` pixels (a single long word stays on its own line)."""
+    """Greedy wrap to `width` pixels at spaces and after "=" / ","; a piece wider than
+    `width` stays on its own line (the layout then widens its slot)."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
         line = ""
-        for word in paragraph.split():
-            candidate = f"{line} {word}".strip()
+        for piece, glue in _pieces(paragraph):
+            candidate = f"{line}{glue}{piece}" if line else piece
             if line and draw.textlength(candidate, font=font) > width:
                 lines.append(line)
-                line = word
+                line = piece
             else:
                 line = candidate
         lines.append(line)
@@ -72,8 +91,51 @@ def _wrap(draw: Any, text: str, font: Any, width: int) -> list[str]:
 
 
 def _block_size(draw: Any, lines: list[str], font: Any, spacing: int) -> tuple[int, int]:
-    box = draw.multiline_textbbox((0, 0), "\n".join(lines) or " ", font=font, spacing=spacing)
-    return box[2] - box[0], box[3] - box[1]
+    box = draw.multiline_textbbox((0, 0), "\n".join(lines) or " ", font=font, spacing=spacing, align="center")
+    return math.ceil(box[2] - box[0]), math.ceil(box[3] - box[1])  # FreeType measures in fractions
+
+
+@dataclass
+class GridLayout:
+    """Where everything of a grid goes: no label overlaps another label or a picture."""
+
+    size: tuple[int, int]
+    cells: list[list[Box]]  # [row][column], each exactly a picture's size
+    labels: list[tuple[Box, list[str]]]  # the box each label's lines are drawn in
+    font: Any
+    spacing: int
+
+
+def grid_layout(rows: int, columns: int, cell_size: tuple[int, int], column_labels: Sequence[str],
+                row_labels: Sequence[str]) -> GridLayout:
+    """Slots at least a picture's size, wider or taller where a label needs the room;
+    pictures centred in their slots, labels centred over their column / beside their row."""
+    from PIL import Image, ImageDraw
+
+    cell_width, cell_height = cell_size
+    font_size = max(10, min(32, cell_width // 12))
+    font, spacing, pad = _font(font_size), font_size // 4, font_size // 2
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    column_text = [_wrap(scratch, label, font, max(cell_width - 2 * pad, font_size)) for label in column_labels]
+    row_text = [_wrap(scratch, label, font, max(cell_width, 8 * font_size)) for label in row_labels]
+    column_sizes = [_block_size(scratch, lines, font, spacing) for lines in column_text]
+    row_sizes = [_block_size(scratch, lines, font, spacing) for lines in row_text]
+    slot_width = max([cell_width] + [width + 2 * pad for width, _ in column_sizes])
+    slot_height = max([cell_height] + [height + 2 * pad for _, height in row_sizes])
+    top = max(height for _, height in column_sizes) + 2 * pad if column_labels else 0
+    left = max(width for width, _ in row_sizes) + 2 * pad if row_labels else 0
+    labels = []
+    for column, ((width, height), lines) in enumerate(zip(column_sizes, column_text)):
+        x, y = left + column * slot_width + (slot_width - width) // 2, (top - height) // 2
+        labels.append(((x, y, x + width, y + height), lines))
+    for row, ((width, height), lines) in enumerate(zip(row_sizes, row_text)):
+        y = top + row * slot_height + (slot_height - height) // 2
+        labels.append(((pad, y, pad + width, y + height), lines))
+    x0, y0 = (slot_width - cell_width) // 2, (slot_height - cell_height) // 2
+    cells = [[(left + column * slot_width + x0, top + row * slot_height + y0,
+               left + column * slot_width + x0 + cell_width, top + row * slot_height + y0 + cell_height)
+              for column in range(columns)] for row in range(rows)]
+    return GridLayout((left + columns * slot_width, top + rows * slot_height), cells, labels, font, spacing)
 
 
 def grid_image(cells: Sequence[Sequence[Any]], column_labels: Sequence[str],
@@ -82,31 +144,20 @@ def grid_image(cells: Sequence[Sequence[Any]], column_labels: Sequence[str],
     beside row labels. Empty label lists leave that margin out."""
     from PIL import Image, ImageDraw
 
-    rows, columns = len(cells), len(cells[0])
-    cell_width, cell_height = cells[0][0].size
-    font_size = max(10, min(32, cell_width // 12))
-    font, spacing, pad = _font(font_size), font_size // 4, font_size // 2
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = max(cell_width, 8 * font_size)
-    column_text = [_wrap(scratch, label, font, max(cell_width - 2 * pad, font_size)) for label in column_labels]
-    row_text = [_wrap(scratch, label, font, label_width) for label in row_labels]
-    top = max((_block_size(scratch, lines, font, spacing)[1] for lines in column_text), default=-2 * pad)
-    left = max((_block_size(scratch, lines, font, spacing)[0] for lines in row_text), default=-2 * pad)
-    top, left = top + 2 * pad if column_labels else 0, left + 2 * pad if row_labels else 0
-    grid = Image.new("RGB", (left + columns * cell_width, top + rows * cell_height), _BACKGROUND)
+    columns = len(cells[0])
+    if any(len(images) != columns for images in cells):
+        raise ValueError("every grid row needs the same number of pictures")
+    layout = grid_layout(len(cells), columns, cells[0][0].size, column_labels, row_labels)
+    grid = Image.new("RGB", layout.size, _BACKGROUND)
     draw = ImageDraw.Draw(grid)
-    for column, lines in enumerate(column_text):
-        width, height = _block_size(draw, lines, font, spacing)
-        x = left + column * cell_width + (cell_width - width) // 2
-        draw.multiline_text((x, (top - height) // 2), "\n".join(lines), fill=_INK, font=font,
-                            spacing=spacing, align="center")
-    for row, lines in enumerate(row_text):
-        height = _block_size(draw, lines, font, spacing)[1]
-        draw.multiline_text((pad, top + row * cell_height + (cell_height - height) // 2), "\n".join(lines),
-                            fill=_INK, font=font, spacing=spacing)
-    for row, images in enumerate(cells):
-        if len(images) != columns:
-            raise ValueError("every grid row needs the same number of pictures")
-        for column, image in enumerate(images):
-            grid.paste(image.convert("RGB"), (left + column * cell_width, top + row * cell_height))
+    for (x, y, _, _), lines in layout.labels:
+        text = "\n".join(lines)
+        # the text's ink starts at its bounding box's corner, not at the point it is drawn at
+        ink_left, ink_top, _, _ = draw.multiline_textbbox((0, 0), text or " ", font=layout.font,
+                                                           spacing=layout.spacing, align="center")
+        draw.multiline_text((x - ink_left, y - ink_top), text, fill=_INK, font=layout.font,
+                            spacing=layout.spacing, align="center")
+    for images, boxes in zip(cells, layout.cells):
+        for image, box in zip(images, boxes):
+            grid.paste(image.convert("RGB"), box[:2])
     return grid

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sdkit.errors import SdkitError
-from sdkit.io.output_path import partial_path, sweep_dead_partials
+from sdkit.io.output_path import write_file_atomically
 
 PARAMETERS_KEY = "parameters"
 # `key: value` where value is a JSON string or runs to the next comma
@@ -95,6 +95,54 @@ def parse_hashes(value: str) -> dict[str, str]:
     return {name.strip(): digest.strip() for name, digest in pairs}
 
 
+# fields read as numbers in `generation_summary`, by the name A1111 writes
+_INTEGER_FIELDS = {"Steps": "steps", "Seed": "seed", "Clip skip": "clip_skip", "Hires steps": "hires_steps"}
+_FLOAT_FIELDS = {"CFG scale": "cfg_scale", "Denoising strength": "denoising_strength",
+                 "Hires upscale": "hires_upscale"}
+_TEXT_FIELDS = {"Sampler": "sampler", "Schedule type": "schedule_type", "Model": "model",
+                "Model hash": "model_hash", "VAE": "vae", "VAE hash": "vae_hash", "Version": "version"}
+_HASH_FIELDS = {"Lora hashes": "lora_hashes", "TI hashes": "ti_hashes"}
+_SIZE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
+
+
+def _parsed(value: str, kind: type) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        return None
+
+
+def generation_summary(fields: dict[str, str]) -> dict[str, Any]:
+    """The fields of `parse_parameters` as typed values (README: `inspect` of a PNG).
+
+    Numbers become numbers (None where the text is not one), `Size` becomes width and
+    height, `Lora hashes` / `TI hashes` maps of name -> hash, the prompt's LoRA and
+    hypernetwork tags a list of {kind, name, te_strength, unet_strength}; every other field
+    is kept as text under `other`.
+    """
+    from sdkit.runtime.sample_prompt import extract_networks
+
+    summary: dict[str, Any] = {"prompt": fields.get("Prompt", ""),
+                               "negative_prompt": fields.get("Negative prompt", "")}
+    for names, kind in ((_INTEGER_FIELDS, int), (_FLOAT_FIELDS, float), (_TEXT_FIELDS, str)):
+        for field, key in names.items():
+            summary[key] = _parsed(fields[field], kind) if field in fields else None
+    size = _SIZE.match(fields.get("Size", ""))
+    summary["width"], summary["height"] = (int(size[1]), int(size[2])) if size else (None, None)
+    for field, key in _HASH_FIELDS.items():
+        summary[key] = parse_hashes(fields.get(field, ""))
+    try:
+        tags = extract_networks(summary["prompt"])[1]
+    except SdkitError:  # a malformed tag: the prompt stays readable as text
+        tags = []
+    summary["networks"] = [{"kind": tag.kind, "name": tag.name, "te_strength": tag.te_strength,
+                            "unet_strength": tag.unet_strength} for tag in tags]
+    known = {"Prompt", "Negative prompt", "Size", *_INTEGER_FIELDS, *_FLOAT_FIELDS, *_TEXT_FIELDS,
+             *_HASH_FIELDS}
+    summary["other"] = {field: value for field, value in fields.items() if field not in known}
+    return summary
+
+
 def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
     """The A1111 generation parameters stored in a PNG, parsed into fields.
 
@@ -122,16 +170,7 @@ def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False
     """Write `image` with its `parameters` text atomically (temporary file, then rename)."""
     from PIL.PngImagePlugin import PngInfo
 
-    if path.exists() and not overwrite:
-        raise SdkitError(f"{path}: already exists (overwriting needs --force)")
     info = PngInfo()
     info.add_text(PARAMETERS_KEY, parameters)
-    sweep_dead_partials(path)
-    temporary = partial_path(path)
-    try:
-        image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    return path
+    return write_file_atomically(path, lambda partial: image.save(partial, format="PNG", pnginfo=info),
+                                 overwrite=overwrite)

@@ -137,6 +137,23 @@ def render_scene(scene: Scene) -> Image.Image:
     return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
+def write_concept_pictures(folder: Path, colour: str, shape: str, caption: str, count: int = 16,
+                           seed: int = 0) -> Path:
+    """A training folder for a new concept: `count` pictures of one coloured shape at
+    random sizes and places on light backgrounds, each with `caption` in a `.txt` beside it."""
+    if colour not in COLOURS or shape not in SHAPES:
+        raise SdkitError(f"toy concept: colour one of {', '.join(COLOURS)}, shape one of {', '.join(SHAPES)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index in range(count):
+        size = rng.randint(12, 22)
+        left, top = rng.randint(2, IMAGE_SIZE - 2 - size), rng.randint(2, IMAGE_SIZE - 2 - size)
+        background = LIGHT_BACKGROUNDS[rng.choice(sorted(LIGHT_BACKGROUNDS))]
+        render_scene(Scene(colour, shape, background, size, left, top, caption)).save(folder / f"{index:02d}.png")
+        (folder / f"{index:02d}.txt").write_text(caption)
+    return folder
+
+
 def _shape_templates() -> dict[str, np.ndarray]:
     """Each shape filling a square box, as a boolean mask: what a blob is compared with."""
     big = _TEMPLATE_SIZE * _SUPERSAMPLE

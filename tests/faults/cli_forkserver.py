@@ -8,9 +8,13 @@ does, with stdout and stderr sent to files and, on request, a file-size limit (t
 separate process: SIGKILL ends it with no clean-up, like killing a real run.
 
 Protocol, one JSON object per line: the test writes
-`{"argv": [...], "stdout": PATH, "stderr": PATH, "fsize": BYTES|null}`; the server
-answers `{"pid": N}` once the child runs and `{"pid": N, "status": S}` when it ends
-(S: exit code, or minus the signal number).
+`{"argv": [...], "stdout": PATH, "stderr": PATH, "fsize": BYTES|null, "hooks": {...}}`
+(hooks: `install_hooks.apply`); the server answers `{"pid": N}` once the child runs and
+`{"pid": N, "status": S}` when it ends (S: exit code, or minus the signal number).
+
+A race, `{"race": [REQUEST, ...], "target": PATH}`, runs its commands at once, each held
+just before it installs PATH until every one of them is there (or has ended), then let
+go together; the server answers `{"pids": [...]}`, then `{"pids": [...], "statuses": [...]}`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import importlib
 import json
 import os
 import resource
+import select
 import signal
 import sys
 from typing import Any, TextIO
@@ -53,8 +58,11 @@ def run_child(request: dict[str, Any], channel: TextIO) -> None:
     if request.get("fsize") is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], request["fsize"]))
+    from install_hooks import apply
+
     from sdkit.cli.main import main
 
+    apply(request.get("hooks") or {})
     code = 0
     try:
         main(request["argv"])
@@ -71,18 +79,59 @@ def run_child(request: dict[str, Any], channel: TextIO) -> None:
     os._exit(code)
 
 
+def _answer(channel: TextIO, answer: dict[str, Any]) -> None:
+    channel.write(json.dumps(answer) + "\n")
+    channel.flush()
+
+
+def _exit_code(pid: int, block: bool) -> int | None:
+    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def race(requests: list[dict[str, Any]], target: str, channel: TextIO) -> None:
+    ready_read, ready_write = os.pipe()
+    go_read, go_write = os.pipe()
+    pids = []
+    for request in requests:
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_read)
+            os.close(go_write)
+            run_child({**request, "hooks": {**request.get("hooks", {}), "meet": [target, ready_write, go_read]}},
+                      channel)
+        pids.append(pid)
+    os.close(ready_write)
+    os.close(go_read)
+    _answer(channel, {"pids": pids})
+    codes: dict[int, int] = {}
+    ready = 0
+    while ready + len(codes) < len(pids):  # each child reaches the meeting point or ends first
+        if select.select([ready_read], [], [], 0.02)[0]:
+            ready += len(os.read(ready_read, 16))
+        for pid in pids:
+            if pid not in codes and (code := _exit_code(pid, block=False)) is not None:
+                codes[pid] = code
+    os.write(go_write, b"g" * len(pids))
+    os.close(go_write)
+    os.close(ready_read)
+    for pid in pids:
+        if pid not in codes:
+            codes[pid] = _exit_code(pid, block=True)
+    _answer(channel, {"pids": pids, "statuses": [codes[pid] for pid in pids]})
+
+
 def serve(channel: TextIO) -> None:
     for line in sys.stdin:
         request = json.loads(line)
+        if "race" in request:
+            race(request["race"], request["target"], channel)
+            continue
         pid = os.fork()
         if pid == 0:
             run_child(request, channel)
-        channel.write(json.dumps({"pid": pid}) + "\n")
-        channel.flush()
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        channel.write(json.dumps({"pid": pid, "status": code}) + "\n")
-        channel.flush()
+        _answer(channel, {"pid": pid})
+        _answer(channel, {"pid": pid, "status": _exit_code(pid, block=True)})
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ START_TIMEOUT = 180.0  # the server imports torch and diffusers on a loaded mach
 RUN_TIMEOUT = 120.0
 
 # every command that writes a model file: name -> argument list (INPUTS: the fixture's
-# paths; OUT: the output path); embed add also writes OUT's companion tokenizer folder
+# paths; OUT: the output path)
 WRITING_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
     "convert": lambda i, out: ["convert", str(i["a"]), "-o", str(out), "--dtype", "fp16"],
     "merge": lambda i, out: ["merge", str(i["a"]), str(i["b"]), "-o", str(out), "--alpha", "0.3"],
@@ -31,8 +31,13 @@ WRITING_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
     "lora resize": lambda i, out: ["lora", "resize", str(i["lora"]), "-o", str(out), "--rank", "2"],
     "vae swap": lambda i, out: ["vae", "swap", str(i["a"]), str(i["vae"]), "-o", str(out)],
     "vae extract": lambda i, out: ["vae", "extract", str(i["a"]), "-o", str(out)],
-    "embed add": lambda i, out: ["embed", "add", str(i["a"]), f"{i['embedding']}:mystyle", "-o", str(out),
-                                 "--tokenizer", str(i["tokenizer"])],
+}
+# every command that writes a diffusers folder at OUT
+FOLDER_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
+    "convert diffusers": lambda i, out: ["convert", str(i["a"]), "--to", "diffusers", "--config", str(i["config"]),
+                                         "-o", str(out)],
+    "embed add": lambda i, out: ["embed", "add", str(i["a"]), f"{i['embedding']}:mystyle", "--to", "diffusers",
+                                 "-o", str(out), "--tokenizer", str(i["tokenizer"])],
 }
 
 
@@ -95,7 +100,9 @@ class CliServer:
     def __init__(self, scratch: Path) -> None:
         self.scratch = scratch
         self.count = 0
-        environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        # outputs are compared byte for byte across runs: one modelspec.date for all of them
+        environment = {"SOURCE_DATE_EPOCH": "1700000000", **os.environ, "PYTHONPATH": str(REPO),
+                       "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen([sys.executable, str(SERVER)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, cwd=REPO, env=environment)
         self.answers: queue.Queue[dict[str, Any]] = queue.Queue()
@@ -115,20 +122,37 @@ class CliServer:
         except queue.Empty:
             return None
 
-    def start(self, *argv: str, fsize: int | None = None) -> Run:
+    def _request(self, argv: tuple[str, ...] | list[str], **options: Any) -> tuple[dict[str, Any], Path, Path]:
         self.count += 1
         stdout, stderr = (self.scratch / f"run{self.count}.{name}" for name in ("out", "err"))
-        request = {"argv": list(argv), "stdout": str(stdout), "stderr": str(stderr), "fsize": fsize}
+        return {"argv": list(argv), "stdout": str(stdout), "stderr": str(stderr), **options}, stdout, stderr
+
+    def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         answer = self.answer(timeout=RUN_TIMEOUT)
-        if answer is None or "pid" not in answer:
-            raise RuntimeError(f"the sdkit fork server did not start {argv}: {answer}")
-        return Run(self, answer["pid"], stdout, stderr)
+        if answer is None or not ("pid" in answer or "pids" in answer):
+            raise RuntimeError(f"the sdkit fork server did not start {request}: {answer}")
+        return answer
 
-    def run(self, *argv: str, fsize: int | None = None) -> Finished:
-        return self.start(*argv, fsize=fsize).wait()
+    def start(self, *argv: str, fsize: int | None = None, hooks: dict[str, Any] | None = None) -> Run:
+        """Start a command; `hooks` are faults to inject (see install_hooks.apply)."""
+        request, stdout, stderr = self._request(argv, fsize=fsize, hooks=hooks or {})
+        return Run(self, self._send(request)["pid"], stdout, stderr)
+
+    def run(self, *argv: str, fsize: int | None = None, hooks: dict[str, Any] | None = None) -> Finished:
+        return self.start(*argv, fsize=fsize, hooks=hooks).wait()
+
+    def race(self, commands: list[list[str]], target: Path, hooks: dict[str, Any] | None = None) -> list[Finished]:
+        """Run `commands` at once, all let go together right before they install `target`."""
+        made = [self._request(argv, hooks=hooks or {}) for argv in commands]
+        self._send({"race": [request for request, _, _ in made], "target": str(target)})
+        answer = self.answer(timeout=RUN_TIMEOUT)
+        if answer is None or "statuses" not in answer:
+            raise TimeoutError(f"the race on {target} did not end: {answer}")
+        return [Finished(status, *(path.read_text(errors="replace") if path.exists() else "" for path in (out, err)))
+                for status, (_, out, err) in zip(answer["statuses"], made)]
 
     def close(self) -> None:
         assert self.process.stdin is not None

@@ -35,7 +35,7 @@ COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
 COMMAND_INPUTS = {
     "convert": ("a",), "merge": ("a", "b"), "lora bake": ("a", "lora"), "lora extract": ("b", "a"),
     "lora merge": ("lora", "lora2"), "lora resize": ("lora",), "vae swap": ("a", "vae"),
-    "vae extract": ("a",), "embed add": ("a", "embedding"), "convert lora": ("lora",),
+    "vae extract": ("a",), "convert lora": ("lora",),
     "convert embedding": ("embedding",), "train lora": ("toy",),
 }
 CASES = [(command, role) for command, roles in sorted(COMMAND_INPUTS.items()) for role in roles]

@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -42,6 +43,10 @@ class Blob:
     corrupt: bool = False                                 # flip one byte of what is sent
     stall_at: int | None = None                           # pause there until `resume` is set
     resume: threading.Event = field(default_factory=threading.Event)
+    framing: str = "length"          # "length": Content-Length; "close": until the connection
+                                     # closes; "chunked": Transfer-Encoding: chunked
+    per_connection: int | None = None  # send at most this many bytes, then hang up
+    trickle_s: float | None = None     # send one byte, then wait this long, and so on
 
     def body(self) -> bytes:
         if not self.corrupt or not self.data:
@@ -101,6 +106,10 @@ class Handler(BaseHTTPRequestHandler):
             status = 206
         out = {"Content-Type": blob.content_type, "Accept-Ranges": "bytes",
                "Content-Length": str(total - start), **(headers or {})}
+        if blob.framing != "length":
+            del out["Content-Length"]
+            out.update({"Connection": "close"} if blob.framing == "close" else
+                       {"Transfer-Encoding": "chunked"})
         if blob.etag:
             out["ETag"] = blob.etag
         if blob.content_disposition:
@@ -112,6 +121,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if self.command == "HEAD":
+            return
+        if blob.framing != "length" or blob.per_connection is not None or blob.trickle_s is not None:
+            self._send_hostile(blob, data[start:])
             return
         if blob.stall_at is not None and start < blob.stall_at < total:
             self.wfile.write(data[start:blob.stall_at])
@@ -127,6 +139,29 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)  # the peer sees a short body
             return
         self.wfile.write(data[start:])
+
+
+    def _send_hostile(self, blob: Blob, body: bytes) -> None:
+        """The body as framed, cut short or trickled, as the blob asks; then hang up."""
+        if blob.per_connection is not None:
+            body = body[:blob.per_connection]
+        pieces = [body[i:i + 1] for i in range(len(body))] if blob.trickle_s else [body]
+        try:
+            for piece in pieces:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if blob.framing == "chunked" else piece)
+                self.wfile.flush()
+                if blob.trickle_s:
+                    time.sleep(blob.trickle_s)
+            if blob.framing == "chunked" and blob.per_connection is None:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+        except OSError:  # the client hung up: what these servers are for
+            pass
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class FakeServer(ThreadingHTTPServer):

@@ -201,17 +201,43 @@ def test_damaged_index_is_refused_then_rebuilt_by_scan(tmp_path: Path, model_fil
     assert sqlite3.connect(index).execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
+# What WebUI roots look like, and folders that merely share a name with one of their parts
+FRESH_A1111 = ["models/Stable-diffusion", "models/VAE-approx", "models/karlo", "embeddings"]
+RUN_A1111 = ["models/Stable-diffusion", "models/VAE", "models/Lora", "embeddings", "models/hypernetworks"]
+FORGE = RUN_A1111 + ["models/ControlNet", "models/text_encoder"]
+COMFYUI = ["models/checkpoints", "models/loras", "models/vae", "models/diffusion_models",
+           "models/text_encoders", "models/embeddings", "models/upscale_models"]
+NOT_ROOTS = [
+    ["my-model/vae", "my-model/unet", "my-model/text_encoder"],  # a diffusers folder in it
+    ["sdxl/lora", "any/vae"],                                    # looks like invokeai-like
+    ["vae", "unet", "lora"],
+    ["models"],
+    ["models/Stable-diffusion"],
+    ["models/Stable-diffusion", "embeddings"],                   # one companion is not enough
+    ["models/checkpoints", "models/vae", "models/embeddings"],   # no loras folder
+    ["models/checkpoints", "models/loras"],                      # nothing else of ComfyUI's
+    ["random/stuff"],
+    RUN_A1111 + COMFYUI,                                         # both: ambiguous
+]
+
+
 @pytest.mark.parametrize("folders, layout", [
-    (["models/Stable-diffusion", "embeddings"], "a1111"),
-    (["models/checkpoints", "models/loras"], "comfyui"),
-    (["sdxl/lora", "any/vae"], "invokeai-like"),
-    (["random/stuff"], None),
+    (FRESH_A1111, "a1111"), (RUN_A1111, "a1111"), (FORGE, "a1111"), (COMFYUI, "comfyui"),
+    (["models/checkpoints", "models/loras", "models/vae"], "comfyui"),
+    *[(folders, None) for folders in NOT_ROOTS],
 ])
-def test_existing_trees_are_recognised(tmp_path: Path, folders: list[str], layout: str | None) -> None:
+def test_webui_roots_are_recognised_by_several_folders(tmp_path: Path, folders: list[str],
+                                                         layout: str | None) -> None:
     for folder in folders:
         (tmp_path / folder).mkdir(parents=True)
     found = detect_layout(tmp_path)
     assert (found.name if found else None) == layout
+    if layout is None:
+        with pytest.raises(SdkitError, match="not an sdkit library"):
+            Library.open(tmp_path)
+        with pytest.raises(SdkitError, match="not an sdkit library"):
+            open_for_scan(tmp_path)
+        assert not (tmp_path / ".sdkit").exists()
 
 
 def test_folder_without_layout_or_index_is_refused(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def test_name_collision_refused_renamed_or_overwritten(file_host: FileHost, tmp_
     data = payload(2000, seed=8)
     file_host.blobs["lora.safetensors"] = Blob(data, etag='"v1"')
     (tmp_path / "lora.safetensors").write_bytes(b"someone else's file")
-    with pytest.raises(SdkitError, match="--rename.*--overwrite"):
+    with pytest.raises(SdkitError, match="--rename to keep both or --force to replace it"):
         download(file_host.url("lora.safetensors"), output=tmp_path, options=options)
     assert (tmp_path / "lora.safetensors").read_bytes() == b"someone else's file"
 

@@ -107,11 +107,12 @@ def test_every_written_file_carries_modelspec_and_recipe(files, tmp_path):
     for weights in (tmp_path / "out").glob("*/*.safetensors"):
         meta = metadata(weights)
         assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["format"] == "pt"
-        assert meta["modelspec.implementation"] == "diffusers" and meta["modelspec.resolution"] == "1024x1024"
+        # the tiny model's size, as its --config says: 8 latents, a VAE of scale 8
+        assert meta["modelspec.implementation"] == "diffusers" and meta["modelspec.resolution"] == "64x64"
         expected = "stable-diffusion-xl-v1-base" + ("/vae" if weights.parent.name == "vae" else "")
         assert meta["modelspec.architecture"] == expected
         recipe = json.loads(meta["sdkit.recipe"])
-        assert recipe["operation"] == "convert" and recipe["inputs"] == [{"path": str(files["sdxl"]), "sha256": digest}]
+        assert recipe["operation"] == "convert" and recipe["inputs"] == [{"path": files["sdxl"].name, "sha256": digest}]
         assert recipe["parameters"]["to"] == "diffusers" and recipe["parameters"]["dtype"] == "fp16"
 
 

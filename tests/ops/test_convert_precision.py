@@ -201,7 +201,10 @@ def test_metadata_is_carried_without_stale_hashes(ldm, tmp_path):
     convert_model(source, tmp_path / "out.safetensors", ConvertOptions(dtype="fp16"))
     meta = metadata(tmp_path / "out.safetensors")
     assert meta["modelspec.title"] == "My model" and meta["modelspec.author"] == "someone"
-    assert meta["ss_note"] == "kept" and "modelspec.hash_sha256" not in meta and "sshs_model_hash" not in meta
+    assert meta["ss_note"] == "kept" and "sshs_model_hash" not in meta
+    raw = (tmp_path / "out.safetensors").read_bytes()  # the output's own data hash, not the input's
+    data = raw[8 + int.from_bytes(raw[:8], "little"):]
+    assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data).hexdigest()
     assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.prediction_type"] == "epsilon"
     assert meta["modelspec.implementation"] == "https://github.com/CompVis/stable-diffusion"
     assert json.loads(meta["sdkit.recipe"])["parameters"]["dtype"] == "fp16"

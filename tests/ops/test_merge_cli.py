@@ -26,8 +26,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for name, seed in (("a", 1), ("b", 2), ("c", 3))}
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, ["merge", *args], catch_exceptions=False)
+def invoke(*args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [*options, "merge", *args], catch_exceptions=False)
     return result.exit_code, result.output
 
 
@@ -61,12 +61,14 @@ def test_recipe_file_then_replay(models: dict[str, Path], tmp_path: Path) -> Non
               "method": "ties", "params": {"k": 0.5}, "dtype": "fp16", "output": "from_recipe.safetensors"}
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
-    code, _ = invoke("--recipe", str(recipe_path), "-p", "alpha=0.75")
+    # the inputs lie in another folder and are too new for the hash cache: record their paths
+    code, _ = invoke("--recipe", str(recipe_path), "-p", "alpha=0.75", options=("--record-paths",))
     assert code == 0
     out = tmp_path / "from_recipe.safetensors"  # relative to the recipe's folder
     with safe_open(str(out), "pt") as file:
         stored = json.loads(file.metadata()["sdkit.recipe"])
     assert (stored["method"], stored["params"]) == ("ties", {"alpha": 0.75, "k": 0.5})
+    assert [item["path"] for item in stored["inputs"]] == [str(models[name]) for name in "abc"]
     code, text = invoke("--replay", str(out))
     assert code == 0 and "identical" in text
     tensors = load_file(out)
@@ -99,7 +101,9 @@ def test_list_methods() -> None:
 
 
 def test_replay_with_output_writes_what_a_direct_merge_writes(models: dict[str, Path], tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the same date in every file written
     merged = tmp_path / "merged.safetensors"
     options = ("--method", "add_difference", "--alpha", "0.4", "--dtype", "fp16")
     assert invoke(str(models["a"]), str(models["b"]), str(models["c"]), *options, "-o", str(merged))[0] == 0

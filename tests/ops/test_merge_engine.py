@@ -84,7 +84,9 @@ def test_add_difference_of_b_minus_a_gives_b(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method,params", [("ties", {"k": 0.3}), ("dare", {"p": 0.5, "seed": 3})])
 def test_random_and_ranked_methods_are_deterministic_across_threads(
-        models: dict[str, Path], tmp_path: Path, method: str, params: dict[str, object]) -> None:
+        models: dict[str, Path], tmp_path: Path, method: str, params: dict[str, object],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the same ModelSpec date in both files
     inputs = [models["a"], models["b"], models["c"]]
     paths = [tmp_path / name / "m.safetensors" for name in ("one", "three", "other")]
     for path in paths:
@@ -178,7 +180,7 @@ def test_provenance_metadata(models: dict[str, Path], tmp_path: Path) -> None:
     merged_models = json.loads(meta["sd_merge_models"])
     assert merged_models[sha256(models["b"])]["name"] == "b.safetensors"
     assert merged_models[sha256(models["b"])]["legacy_hash"] == hash_file(models["b"]).legacy
-    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
     assert meta["modelspec.title"] == "My Merge"
     assert meta["modelspec.merged_from"] == "a, b"

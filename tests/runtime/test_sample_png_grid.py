@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from runtime_models import SIZE, TEXT_WIDTH, kohya_lora_tensors, pixels, tiny_settings, write_adapter
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
 from sdkit.runtime.sample import Settings
 from sdkit.runtime.sample_plan import AdapterArgs
-from sdkit.runtime.sample_grid import grid_image, parse_axis
+from sdkit.runtime.sample_grid import grid_image, grid_layout, parse_axis
 from sdkit.runtime.sample_png import format_parameters, parse_hashes, parse_parameters, read_png_parameters
 from sdkit.runtime.sample_run import SampleJob, run_sample
 
@@ -66,6 +67,37 @@ def test_png_carries_the_parameters_of_what_was_sampled(sd1, tmp_path):
     assert fields["Version"].startswith("sdkit ")
 
 
+def test_inspect_json_of_a_png_types_every_field_and_maps_the_hashes(tmp_path, capsys):
+    from sdkit.cli.main import main
+
+    text = ('a <lora:style:0.8> cat <lora:other:0.5:1>\nNegative prompt: blurry, dark\n'
+            'Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 965400086, '
+            'Size: 512x768, Model hash: 45dee52b, Model: base, Clip skip: 2, '
+            'Lora hashes: "style: 0123456789ab, other: ba9876543210", TI hashes: "sks: 00112233aabb", '
+            'Denoising strength: 0.4, Hires upscaler: Latent, Version: v1.10.1')
+    path = tmp_path / "made-elsewhere.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    main(["inspect", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"]["Steps"] == "20"  # the fields as written stay
+    generation = report["generation"]
+    assert (generation["prompt"], generation["negative_prompt"]) == (
+        "a <lora:style:0.8> cat <lora:other:0.5:1>", "blurry, dark")
+    assert (generation["steps"], generation["cfg_scale"], generation["seed"], generation["clip_skip"]) == (
+        20, 7.5, 965400086, 2)
+    assert (generation["width"], generation["height"], generation["denoising_strength"]) == (512, 768, 0.4)
+    assert (generation["sampler"], generation["schedule_type"], generation["model_hash"]) == (
+        "DPM++ 2M", "Karras", "45dee52b")
+    assert generation["lora_hashes"] == {"style": "0123456789ab", "other": "ba9876543210"}
+    assert generation["ti_hashes"] == {"sks": "00112233aabb"}
+    assert generation["networks"] == [
+        {"kind": "lora", "name": "style", "te_strength": 0.8, "unet_strength": 0.8},
+        {"kind": "lora", "name": "other", "te_strength": 0.5, "unet_strength": 1.0}]
+    assert generation["other"] == {"Hires upscaler": "Latent"} and generation["version"] == "v1.10.1"
+
+
 def test_png_without_parameters_is_refused_in_one_line(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.jpg")
@@ -92,6 +124,34 @@ def test_grid_lays_pictures_out_under_labels():
     assert bare.shape == (2 * 48, 3 * 64, 3)
 
 
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("cell", [(8, 8), (32, 32), (64, 48)])
+def test_grid_labels_never_overlap_each_other_or_the_pictures(cell):
+    """XY labels on small pictures (`lora_strength=0.75` is wider than a 32-pixel cell):
+    slots widen instead of labels running into their neighbours."""
+    columns = [f"lora_strength={v}" for v in ("0", "0.25", "0.75", "1")]
+    rows = ["scheduler=dpm++2m-karras", "scheduler=euler-a,with,commas", "x" * 40]
+    cells = [[Image.new("RGB", cell, (200, 0, 0)) for _ in columns] for _ in rows]
+    layout = grid_layout(len(rows), len(columns), cell, columns, rows)
+    cell_boxes = [box for row in layout.cells for box in row]
+    label_boxes = [box for box, _ in layout.labels]
+    boxes = cell_boxes + label_boxes
+    assert all(not _overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(0 <= b[0] and 0 <= b[1] and b[2] <= layout.size[0] and b[3] <= layout.size[1] for b in boxes)
+    assert all((b[2] - b[0], b[3] - b[1]) == cell for b in cell_boxes)
+    grid = pixels(grid_image(cells, columns, rows))
+    assert grid.shape[:2] == (layout.size[1], layout.size[0])
+    for left, top, right, bottom in cell_boxes:
+        assert (grid[top:bottom, left:right] == (200, 0, 0)).all()
+    ink = grid.min(axis=-1) < 128
+    for left, top, right, bottom in boxes:
+        ink[top:bottom, left:right] = False
+    assert not ink.any()  # every stroke of text lies in its label's box
+
+
 def test_axis_specifications():
     axis = parse_axis("lora_strength=0,0.5,1")
     assert axis.values == (0.0, 0.5, 1.0) and axis.label(0.5) == "lora_strength=0.5"
@@ -106,13 +166,13 @@ def test_grid_of_prompts_and_seeds(sd1, tmp_path):
     result = run_sample(job, tmp_path / "grid.png")
     assert len(result.outputs) == 1 and [s.seed for s in result.samples] == [1, 2, 3, 1, 2, 3]
     grid = pixels(Image.open(result.outputs[0]))
-    height, width, _ = grid.shape
-    top, left = height - 2 * SIZE, width - 3 * SIZE
-    assert top > 0 and left > 0
+    layout = grid_layout(2, 3, (SIZE, SIZE), ["seed 1", "seed 2", "seed 3"], ["a photo", "cat"])
+    assert grid.shape[:2] == (layout.size[1], layout.size[0])
     for row in range(2):  # each cell is the picture drawn for that prompt and seed
         for column in range(3):
-            cell = grid[top + row * SIZE:top + (row + 1) * SIZE, left + column * SIZE:left + (column + 1) * SIZE]
-            assert (cell == pixels(result.samples[row * 3 + column].image)).all()
+            left, top, right, bottom = layout.cells[row][column]
+            assert top > 0 and left > 0
+            assert (grid[top:bottom, left:right] == pixels(result.samples[row * 3 + column].image)).all()
     assert read_png_parameters(result.outputs[0])["Seed"] == "1"
 
 

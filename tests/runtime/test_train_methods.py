@@ -144,6 +144,8 @@ def test_textual_inversion_trains_only_the_new_rows_and_loads_in_diffusers(sd1, 
     assert not torch.equal(table[ids[0]], original[cat])  # moved away from its initialiser
     embedding = read_embedding(config.output)
     assert embedding.token == "sks" and embedding.vector_count == 2
+    with open_model(config.output) as file:  # what sd-scripts writes for every embedding
+        assert file.metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert torch.equal(embedding.vectors["text_encoder"], table[ids].detach())
     peer = StableDiffusionPipeline.from_pretrained(sd1.folder, safety_checker=None)
     peer.load_textual_inversion(str(config.output), token="sks")
@@ -160,6 +162,7 @@ def test_textual_inversion_pt_is_the_dict_a1111_writes(sd1, data, tmp_path):
     run_trainer(config)
     saved = torch.load(config.output, weights_only=True)
     assert set(saved["string_to_param"]) == {"*"} and saved["string_to_param"]["*"].shape == (1, CONTEXT)
+    assert "modelspec.hash_sha256" not in saved  # a pickle has no data section to hash
     assert saved["name"] == "sks" and saved["step"] == 2 and saved["string_to_token"] == {"*": 265}
     assert torch.equal(read_embedding(config.output).vectors["text_encoder"], saved["string_to_param"]["*"])
 
@@ -198,6 +201,8 @@ def test_dreambooth_trains_the_unet_only_and_writes_a_loadable_checkpoint(sd1, b
     assert _same(reloaded, pipe.unet.state_dict())
     with open_model(config.output) as file:
         assert file.metadata["ss_num_reg_images"] == "2" and file.metadata["ss_prior_loss_weight"] == "1.0"
+        # sd-scripts' implementation for a fine-tuned single file, SD1 included
+        assert file.metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
         assert json.loads(file.metadata["ss_reg_dataset_dirs"]) == {"dreambooth.class-images": {"n_repeats": 1,
                                                                                                 "img_count": 2}}
         regularisation = json.loads(file.metadata["ss_datasets"])[0]["subsets"][1]

@@ -247,7 +247,11 @@ def test_metadata_record_loss_curve_and_previews(sd1, data, tmp_path):
     assert metadata["ss_new_sd_model_hash"] == hashlib.sha256(sd1.file.read_bytes()).hexdigest()
     record = json.loads(result.record.read_text())
     assert record["loss"]["per_step"] == result.losses and len(result.losses) == 2
-    assert record["config"]["optim"]["lr"] == 5e-3 and record["outputs"] == [str(config.output)]
+    assert record["config"]["optim"]["lr"] == 5e-3 and record["outputs"] == [config.output.name]
+    # where the user keeps the base, the pictures and the output stays on this machine
+    assert str(tmp_path) not in result.record.read_text() and record["base"]["path"] == sd1.file.name
+    assert not [key for key, value in metadata.items() if str(tmp_path) in value or str(sd1.file.parent) in value]
+    assert json.loads(metadata["sdkit.recipe"])["parameters"]["data"]["folder"] == data.name
     assert record["data"]["buckets"] == {"32x32": 4} and record["timings"]["train_s"] > 0
     with Image.open(result.loss_curve) as curve:
         assert curve.format == "PNG" and curve.size == (640, 360)

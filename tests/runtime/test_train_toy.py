@@ -7,14 +7,13 @@ the class drifts towards the instance."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sdkit.runtime.toyscore import LIGHT_BACKGROUNDS, Scene, render_scene, score_image
+from sdkit.runtime.toyscore import score_image, write_concept_pictures
 from sdkit.runtime.train import (DataOptions, DreamBoothOptions, EmbeddingOptions, NetworkOptions, OptimOptions,
                                  RunOptions, TrainConfig, train)
 from sdkit.runtime.train.verify import VerifyJob, verify_adapter
@@ -30,22 +29,9 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not FILE.is_file(), reason="toy models not built (make fixtures)")]
 
 
-def render_concept(folder: Path, colour: str, shape: str, caption: str, count: int = 16, seed: int = 0) -> Path:
-    """Pictures of one coloured shape at random sizes and places, each with `caption`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    for index in range(count):
-        size = rng.randint(12, 22)
-        left, top = rng.randint(2, 30 - size), rng.randint(2, 30 - size)
-        background = LIGHT_BACKGROUNDS[rng.choice(sorted(LIGHT_BACKGROUNDS))]
-        render_scene(Scene(colour, shape, background, size, left, top, caption)).save(folder / f"{index:02d}.png")
-        (folder / f"{index:02d}.txt").write_text(caption)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory) -> Path:
-    return render_concept(tmp_path_factory.mktemp("concept"), COLOUR, SHAPE, PROMPT)
+    return write_concept_pictures(tmp_path_factory.mktemp("concept"), COLOUR, SHAPE, PROMPT)
 
 
 def toy_train(method: str, data: Path, output: Path, steps: int, lr: float, text_encoder_lr: float | None = None,
@@ -134,7 +120,7 @@ def test_dreambooth_prior_preservation_keeps_the_class(tmp_path):
     purple."""
     from diffusers import StableDiffusionPipeline
 
-    data = render_concept(tmp_path / "instance", COLOUR, "circle", "a photo of sks circle")
+    data = write_concept_pictures(tmp_path / "instance", COLOUR, "circle", "a photo of sks circle")
     outputs, drift = {}, {}
     for name, prior in (("prior", "a photo of a circle"), ("plain", None)):
         preservation = {"class_prompt": prior, "num_class_images": 16, "class_dir": tmp_path / "class"} if prior else {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sdkit.errors import SdkitError
+from sdkit.hub.redact import redact_text
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
@@ -75,6 +76,7 @@ _COLUMNS = [f.name for f in fields(Entry)]
 
 def _to_row(entry: Entry) -> tuple[Any, ...]:
     values = entry.to_json()
+    values["source"] = redact_text(entry.source) if entry.source else None  # never a credential
     values["trigger_words"] = json.dumps(entry.trigger_words)
     values["hub"] = json.dumps(entry.hub) if entry.hub is not None else None
     return tuple(values[c] for c in _COLUMNS)

@@ -13,6 +13,12 @@
 Files sdkit cannot classify go to `models/other` (`<family>/other` in invokeai-like), a
 folder of sdkit's own that the WebUIs ignore. With family subfolders, a1111 and comfyui files go
 one level deeper by family (`models/Lora/sdxl/x.safetensors`); the WebUIs list subfolders.
+
+A folder without an index is taken for a WebUI root only on several folders at once: its
+checkpoint folder (A1111/Forge `models/Stable-diffusion`; ComfyUI `models/checkpoints`
+and `models/loras`) and more of the folders that WebUI ships or creates on its first run.
+One folder of a common name (`vae/`, `lora/`, `models/`) makes nothing a library, and an
+invokeai-like library is only ever one that `sdkit library init` made.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ class Layout:
     name: str
     folders: dict[str, str]            # kind -> folder relative to the library root
     extra: tuple[str, ...] = ()        # more folders the WebUI expects, created by init
-    markers: tuple[str, ...] = ()      # folders whose presence gives the layout away
+    required: tuple[str, ...] = ()     # a root of this WebUI has every one of these folders…
+    companions: tuple[str, ...] = ()   # …and at least `min_companions` of these
+    min_companions: int = 0
     family_first: bool = False         # `<family>/<kind>` instead of `<kind>/<family>`
 
     def folder_for(self, kind: str, family: str, family_subfolders: bool) -> str:
@@ -41,6 +49,13 @@ class Layout:
         if family_subfolders and family_folder and kind != "unknown":
             return f"{folder}/{family_folder}"
         return folder
+
+    def marks(self, root: Path) -> bool:
+        """Whether `root` holds this WebUI's tree (never true for a layout without markers)."""
+        if not self.required or not all((root / folder).is_dir() for folder in self.required):
+            return False
+        present = sum((root / folder).is_dir() for folder in self.companions)
+        return present >= self.min_companions
 
     def all_folders(self) -> list[str]:
         if self.family_first:
@@ -62,7 +77,12 @@ A1111 = Layout(
              "controlnet": "models/ControlNet", "unknown": "models/other"},
     extra=("models/ESRGAN", "models/RealESRGAN", "models/GFPGAN", "models/Codeformer",
            "models/SwinIR"),
-    markers=("models/Stable-diffusion", "models/Lora"),
+    # a fresh clone ships models/Stable-diffusion, models/VAE-approx, models/karlo and
+    # embeddings/; the first run adds models/VAE, models/Lora, models/hypernetworks, …
+    required=("models/Stable-diffusion",),
+    companions=("models/VAE", "models/VAE-approx", "models/Lora", "models/LyCORIS",
+                "models/hypernetworks", "models/ESRGAN", "models/karlo", "embeddings"),
+    min_companions=2,
 )
 
 COMFYUI = Layout(
@@ -73,7 +93,12 @@ COMFYUI = Layout(
              "controlnet": "models/controlnet", "unknown": "models/other"},
     extra=("models/clip_vision", "models/configs", "models/diffusers", "models/style_models",
            "models/upscale_models", "models/vae_approx"),
-    markers=("models/checkpoints", "models/loras", "models/diffusion_models"),
+    # ComfyUI ships a placeholder in every folder of folder_paths.py
+    required=("models/checkpoints", "models/loras"),
+    companions=("models/vae", "models/diffusion_models", "models/unet", "models/text_encoders",
+                "models/clip", "models/clip_vision", "models/embeddings", "models/controlnet",
+                "models/upscale_models", "models/vae_approx", "models/configs"),
+    min_companions=1,
 )
 
 INVOKEAI_LIKE = Layout(
@@ -88,14 +113,8 @@ LAYOUTS = {layout.name: layout for layout in (A1111, COMFYUI, INVOKEAI_LIKE)}
 
 
 def detect_layout(root: Path) -> Layout | None:
-    """The layout an existing folder tree follows, if it follows one."""
-    for layout in (A1111, COMFYUI):
-        if any((root / marker).is_dir() for marker in layout.markers):
-            return layout
-    type_folders = set(INVOKEAI_LIKE.folders.values())
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.is_dir() and not child.name.startswith(".") and any(
-                    (child / name).is_dir() for name in type_folders):
-                return INVOKEAI_LIKE
-    return None
+    """The WebUI whose root `root` is (A1111/Forge or ComfyUI), if exactly one fits."""
+    if not root.is_dir():
+        return None
+    found = [layout for layout in (A1111, COMFYUI) if layout.marks(root)]
+    return found[0] if len(found) == 1 else None

@@ -42,17 +42,23 @@ def find_library_root(start: Path) -> Path | None:
     return None
 
 
-def identify_file(path: Path) -> tuple[str, str, str | None]:
-    """(kind, family, adapter type) from the file's content; unknown when unreadable."""
+def identify_strictly(path: Path) -> tuple[str, str, str | None]:
+    """(kind, family, adapter type) from the file's content; a file `sdkit inspect`
+    refuses raises its reason (SdkitError)."""
     from sdkit.arch import identify
     from sdkit.io import open_model
 
+    with open_model(path) as model:
+        identity = identify(model)
+    return identity.kind, identity.family, identity.adapter_type
+
+
+def identify_file(path: Path) -> tuple[str, str, str | None]:
+    """(kind, family, adapter type) from the file's content; unknown when unreadable."""
     try:
-        with open_model(path) as model:
-            identity = identify(model)
+        return identify_strictly(path)
     except Exception:  # one odd file must not stop a library of thousands; it stays "unknown"
         return "unknown", "unknown", None
-    return identity.kind, identity.family, identity.adapter_type
 
 
 def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] | None]:
@@ -81,6 +87,12 @@ def describe_file(root: Path, path: Path, *, hashes: Hashes | None = None,
         trigger_words=previous.trigger_words if same_bytes and previous else [],
         hub=previous.hub if same_bytes and previous else None,
         added_at=previous.added_at if previous else now_iso(), indexed_at=now_iso())
+
+
+def _not_a_library(root: Path) -> str:
+    return (f"{root}: not an sdkit library (no {INDEX_FOLDER}/{INDEX_FILE}) nor an A1111/Forge "
+            "or ComfyUI folder; create one with `sdkit library init DIR --layout "
+            "a1111|comfyui|invokeai-like`")
 
 
 @dataclass
@@ -122,15 +134,27 @@ class Library:
 
     @classmethod
     def open(cls, root: Path) -> "Library":
-        """An existing library; a WebUI tree without an index gets one (layout detected)."""
+        """An existing library to write to; a WebUI root without an index gets one (its
+        layout detected). Any other folder is refused: only `init` makes a library."""
         root = root.resolve()
         if index_path(root).is_file():
             return cls(root, Index(index_path(root)))
-        layout = detect_layout(root) if root.is_dir() else None
+        layout = detect_layout(root)
         if layout is None:
-            raise SdkitError(f"{root}: not an sdkit library (no {INDEX_FOLDER}/{INDEX_FILE}); "
-                             "create one with `sdkit library init DIR --layout a1111|comfyui|invokeai-like`")
+            raise SdkitError(_not_a_library(root))
         return cls.init(root, layout.name)
+
+    @classmethod
+    def open_existing(cls, root: Path) -> "Library":
+        """An existing library to read: nothing is created, not even in a WebUI root."""
+        root = root.resolve()
+        if index_path(root).is_file():
+            return cls(root, Index(index_path(root)))
+        layout = detect_layout(root)
+        if layout is None:
+            raise SdkitError(_not_a_library(root))
+        raise SdkitError(f"{root}: a {layout.name} folder that sdkit has not indexed yet; "
+                         f"index it with `sdkit library scan {root}`")
 
     def close(self) -> None:
         self.index.close()
@@ -172,14 +196,16 @@ class Library:
 
     def place_file(self, path: Path, *, method: Method, policy: Policy,
                    family_subfolders: bool | None = None, name: str | None = None,
-                   source: str | None = None, facts: dict[str, Any] | None = None) -> Placement:
-        """Identify `path`, put it in its kind's folder and index it."""
+                   source: str | None = None, facts: dict[str, Any] | None = None,
+                   identified: tuple[str, str, str | None] | None = None) -> Placement:
+        """Identify `path` (unless `identified` says what it is), put it in its kind's
+        folder and index it."""
         layout = self._layout_or_refuse()
         hashes = hash_file(path)
         present = self.already_has(hashes.sha256)
         if present is not None:
             return Placement(self.root / present.path, present, "already-present")
-        identified = identify_file(path)
+        identified = identified or identify_file(path)
         kind, family, _ = identified
         subfolders = self.family_subfolders if family_subfolders is None else family_subfolders
         folder = self.root / layout.folder_for(kind, family, subfolders)
@@ -199,12 +225,19 @@ class Library:
 
     def add(self, paths: list[Path], *, method: Method = "copy", policy: Policy = "refuse",
             family_subfolders: bool | None = None) -> list[Placement]:
-        """Put existing files into the library where their identified kind belongs."""
+        """Put existing files into the library where their identified kind belongs.
+
+        Every file is read first: one that is not a model file (what `sdkit inspect`
+        refuses) stops the whole call before anything is copied or indexed.
+        """
+        identified = []
         for path in paths:
             if not path.is_file():
                 raise SdkitError(f"{path}: no such file")
-        return [self.place_file(path, method=method, policy=policy,
-                                family_subfolders=family_subfolders) for path in paths]
+            identified.append(identify_strictly(path))
+        return [self.place_file(path, method=method, policy=policy, identified=found,
+                                family_subfolders=family_subfolders)
+                for path, found in zip(paths, identified)]
 
     def update_entry(self, entry: Entry) -> None:
         with self.index.transaction():

@@ -59,8 +59,11 @@ def model_files(root: Path) -> Iterator[Path]:
 
 
 def open_for_scan(root: Path) -> tuple[Library, bool]:
-    """(library, rebuilt): the index opened, or created, or set aside and recreated."""
+    """(library, rebuilt): the index opened, or created in a WebUI root, or set aside and
+    recreated when damaged. A folder that is neither a library nor a WebUI root is refused."""
     root = root.resolve()
+    if not index_path(root).is_file():
+        return Library.open(root), False
     rebuilt = False
     try:
         index = Index(index_path(root))

@@ -109,4 +109,5 @@ def input_facts(name: str, model: ModelFile, identity: Identity, hashes: InputHa
     return InputFacts(name=name, path=str(Path(model.path).resolve()), kind=identity.kind,
                       sha256=hashes.sha256, legacy_hash=hashes.legacy,
                       metadata=dict(model.metadata), family=identity.family,
-                      variant=identity.variant, prediction=identity.prediction)
+                      variant=identity.variant, prediction=identity.prediction,
+                      nonstandard=identity.nonstandard)

@@ -7,8 +7,8 @@ keys and ModelSpec.
   input's sha256 to its name, legacy hash and own recipe, plus the inputs' own
   `sd_merge_models`, so a chain of merges stays traceable);
 - `modelspec.*`: Stability AI's model spec (architecture, implementation, title,
-  resolution, `merged_from`), and `format: pt` as the webui writes it. No date is
-  written: the same merge gives the same bytes on any day.
+  resolution, `merged_from`, date, hash_sha256), and `format: pt` as the webui writes it.
+  `SOURCE_DATE_EPOCH` fixes the date, so the same merge can give the same bytes.
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
+from sdkit.io.writer import DATA_SHA256
 from sdkit.ops.merge.recipe import RECIPE_KEY, MergeRecipe
-
-_IMPLEMENTATIONS = {  # LDM single-file key names follow these codebases
-    "sd1": "https://github.com/CompVis/stable-diffusion",
-    "sd2": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl-base": "https://github.com/Stability-AI/generative-models",
-    "sdxl-refiner": "https://github.com/Stability-AI/generative-models",
-}
+from sdkit.ops.recipe_meta import LDM_IMPLEMENTATIONS, SPEC_VERSION, modelspec_date
 
 
 @dataclass(frozen=True)
@@ -42,11 +37,12 @@ class InputFacts:
     family: str | None
     variant: str = "normal"
     prediction: str = "epsilon"
+    nonstandard: bool = False  # dimensions differ from the family's: its size is not the family's
 
 
 def merge_metadata(recipe: MergeRecipe, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
     """All metadata keys for the output file of `recipe`."""
-    metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe.to_json(), sort_keys=True)}
+    metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe.to_json(stored=True), sort_keys=True)}
     metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe, inputs))
     metadata["sd_merge_models"] = json.dumps(_webui_models(inputs))
     metadata.update(_modelspec(inputs, output))
@@ -98,9 +94,11 @@ def _json_or_none(text: str | None) -> Any:
 def _modelspec(inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
     first = inputs[0]
     spec = {
-        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.sai_model_spec": SPEC_VERSION,
         "modelspec.title": output.stem,
         "modelspec.merged_from": ", ".join(_title(facts) for facts in inputs),
+        "modelspec.date": modelspec_date(),
+        "modelspec.hash_sha256": DATA_SHA256,
     }
     family = first.family if first.family in FAMILIES else None
     architecture = (first.metadata.get("modelspec.architecture")
@@ -108,14 +106,17 @@ def _modelspec(inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
                                                prediction=first.prediction) if family else None))
     if architecture:
         spec["modelspec.architecture"] = architecture
-    implementation = first.metadata.get("modelspec.implementation") or _IMPLEMENTATIONS.get(family or "")
+    implementation = first.metadata.get("modelspec.implementation") or LDM_IMPLEMENTATIONS.get(family or "")
     if implementation:
         spec["modelspec.implementation"] = implementation
-    if family:
+    resolution = first.metadata.get("modelspec.resolution")
+    if family and not resolution and not first.nonstandard:
         side = default_resolution(family, prediction=first.prediction)
-        spec["modelspec.resolution"] = first.metadata.get("modelspec.resolution", f"{side}x{side}")
-        if first.prediction in ("epsilon", "v"):
-            spec["modelspec.prediction_type"] = first.prediction
+        resolution = f"{side}x{side}"
+    if resolution:
+        spec["modelspec.resolution"] = resolution
+    if family and first.prediction in ("epsilon", "v"):
+        spec["modelspec.prediction_type"] = first.prediction
     return spec
 
 

@@ -63,12 +63,16 @@ class MergeRecipe:
     def dtype_code(self) -> str | None:
         return NAME_TO_CODE[self.dtype] if self.dtype else None
 
-    def to_json(self) -> dict[str, Any]:
-        """The stored form (inputs with their sha256 when known)."""
+    def to_json(self, *, stored: bool = False) -> dict[str, Any]:
+        """The recipe as JSON (inputs with their sha256 when known); `stored`: the form a
+        merged file's metadata keeps, inputs named as `recorded_path` names them."""
+        from sdkit.ops.recipe_meta import recorded_path
+
         return {
             "operation": "merge",
             "sdkit_version": __version__,
-            "inputs": [{"path": i.path, "sha256": i.sha256} for i in self.inputs],
+            "inputs": [{"path": recorded_path(i.path) if stored else i.path, "sha256": i.sha256}
+                       for i in self.inputs],
             "method": self.method,
             "params": dict(self.params),
             "blocks": self.blocks,

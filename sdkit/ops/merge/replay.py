@@ -1,8 +1,9 @@
 """Replaying the recipe stored in a merged file: checking the result is identical, or
 writing it again.
 
-The inputs are found at the paths the recipe recorded (or, failing that, by file name
-beside the merged file) and must have the recorded sha256. `replay_merge` computes every
+The inputs are found at the paths the recipe recorded (file names, unless the merge was
+made with `--record-paths`), beside the merged file, or among the files whose sha256 this
+machine remembers, and must have the recorded sha256. `replay_merge` computes every
 tensor again and compares it bit for bit with the stored one, writing nothing;
 `replay_into` runs the recipe as a merge into a new file (atomically, with the metadata a
 direct merge writes).
@@ -80,13 +81,19 @@ def replay_merge(path: str | Path, *, threads: int | None = None,
 
 
 def _locate(item: RecipeInput, merged_path: Path) -> RecipeInput:
+    """Where an input is now: at the recorded path (a name is taken from the working
+    folder), beside the merged file, or any file this machine hashed with its sha256."""
+    from sdkit.io.hash_cache import files_with_digest
+
     recorded = Path(item.path)
-    if recorded.exists():
-        return item
-    beside = merged_path.parent / recorded.name
-    if beside.exists():
-        return replace(item, path=str(beside))
-    raise SdkitError(f"{recorded}: input of {merged_path.name} not found (nor beside it)")
+    candidates = [recorded, merged_path.parent / recorded.name]
+    if item.sha256:
+        candidates += files_with_digest("sha256", item.sha256)
+    for candidate in candidates:
+        if candidate.is_file() or (candidate.is_dir() and candidate == recorded):
+            return replace(item, path=str(candidate))
+    raise SdkitError(f"{recorded}: input of {merged_path.name} not found (recorded by name: put it "
+                     "beside the merged file)")
 
 
 def _same_bytes(ours: torch.Tensor, stored: torch.Tensor) -> bool:

@@ -154,9 +154,15 @@ class TrainConfig:
     dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
-    def to_json(self) -> dict[str, Any]:
-        """The options that matter for this method, JSON-ready (paths as strings)."""
-        record = json.loads(json.dumps(asdict(self), default=str))
+    def to_json(self, *, recorded: bool = False) -> dict[str, Any]:
+        """The options that matter for this method, JSON-ready (paths as strings; with
+        `recorded`, as metadata records them: file and folder names, see `recorded_path`)."""
+        from sdkit.ops.recipe_meta import recorded_path
+
+        def path_text(value: Any) -> str:
+            return recorded_path(value) if recorded and isinstance(value, Path) else str(value)
+
+        record = json.loads(json.dumps(asdict(self), default=path_text))
         unused = {"network": NETWORK_METHODS, "embedding": ("ti",), "hypernet": ("hypernet",),
                   "dreambooth": ("dreambooth",)}
         for group, methods in unused.items():

@@ -23,6 +23,7 @@ import torch
 from sdkit import __version__
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
+from sdkit.ops.recipe_meta import recorded_path
 from sdkit.runtime.pipeline import load_model, resolve_device
 from sdkit.runtime.train.buckets import BatchPlan
 from sdkit.runtime.train.config import TrainConfig, check_config
@@ -351,7 +352,8 @@ class Trainer:
                               dtype=dtypes[config.run.save_precision] if config.run.save_precision else default,
                               training_metadata={**kohya_metadata(config, self.scan, self.facts),
                                                  **spec_metadata(config, self.facts)},
-                              recipe_params=config.to_json(), inputs=inputs, input_hashes=input_hashes,
+                              recipe_params=config.to_json(recorded=True), inputs=inputs,
+                              input_hashes=input_hashes,
                               base_short_hash=autov2, overwrite=config.run.overwrite)
         self._emit("save", 0, 1)
         written = self.method.save(context)
@@ -374,10 +376,11 @@ class Trainer:
     def _record(self, result: TrainResult) -> dict[str, Any]:
         facts, config = self.facts, self.config
         return {
-            "sdkit_version": __version__, "method": config.method, "config": config.to_json(),
-            "base": {"path": str(config.base), "family": facts.family, "prediction": facts.prediction,
+            "sdkit_version": __version__, "method": config.method, "config": config.to_json(recorded=True),
+            "base": {"path": recorded_path(config.base), "family": facts.family, "prediction": facts.prediction,
                      **{k: v for k, v in facts.base_hashes.items() if v}},
-            "data": {**self.scan.report(), "samples_per_epoch": facts.samples, "class_images": facts.class_images,
+            "data": {**self.scan.report(), "folder": recorded_path(self.scan.folder),
+                     "samples_per_epoch": facts.samples, "class_images": facts.class_images,
                      "resolution": facts.resolution, "buckets": {f"{w}x{h}": n for (w, h), n in
                                                                   sorted(facts.buckets.items())},
                      "latents_encoded": self.instance_latents.encoded},
@@ -386,6 +389,7 @@ class Trainer:
                       "batches_per_epoch": facts.batches_per_epoch},
             "loss": loss_summary(result.losses), "timings": result.timings,
             "started_at": facts.started_at, "finished_at": facts.finished_at,
-            "outputs": [str(p) for p in result.outputs], "previews": [str(p) for p in result.previews],
+            "outputs": [recorded_path(p) for p in result.outputs],
+            "previews": [recorded_path(p) for p in result.previews],
             "notes": result.notes,
         }

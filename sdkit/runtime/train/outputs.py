@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import secrets
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Sequence
 
 from sdkit import __version__
 from sdkit.arch.families import FAMILIES, kohya_base_model_version
+from sdkit.io.output_path import write_file_atomically
 from sdkit.runtime.train.buckets import Size
 from sdkit.runtime.train.config import TrainConfig
 from sdkit.runtime.train.data import DatasetScan, tag_frequency
@@ -157,10 +157,8 @@ def loss_summary(losses: Sequence[float]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, value: Any) -> Path:
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    partial.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+    return write_file_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"), overwrite=True)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -202,7 +200,4 @@ def draw_loss_curve(path: Path, losses: Sequence[float], title: str, size: tuple
         draw.text((4, height - bottom - 10), f"{low:.4g}", fill="black")
         draw.text((left, height - bottom + 8), "step 1", fill="black")
         draw.text((width - right - 60, height - bottom + 8), f"step {len(losses)}", fill="black")
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
-    return path
+    return write_file_atomically(path, lambda partial: image.save(partial, format="PNG"), overwrite=True)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from sdkit.errors import SdkitError
-from sdkit.ops.convert_folder import build_in_partial
+from sdkit.io.output_path import build_in_partial
 from sdkit.runtime.train.config import TrainConfig
 
 STATE_FILE = "state.pt"

@@ -26,9 +26,9 @@ import torch
 from sdkit.arch import identify
 from sdkit.io import LazyTensor, open_model, write_safetensors
 from sdkit.io.model_file import dtype_code
-from sdkit.ops.convert_folder import build_in_partial
+from sdkit.io.output_path import build_in_partial
 from sdkit.ops.convert_layout import COMPONENTS, ModelView, convert_view, model_view
-from sdkit.ops.recipe_meta import SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import CHECKPOINT_TRAINING_IMPLEMENTATION, SpecFacts, build_metadata
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod, trainable
 
 _MODEL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -125,7 +125,8 @@ class DreamBoothMethod(TrainingMethod):
             view = ModelView("diffusers", self.model.layout, tensors, list(parts),
                              {name: _config(module) for name, module in parts.items()})
             converted = convert_view(view, "ldm")
-            facts = SpecFacts(family=self.model.family, prediction=context.prediction)
+            facts = SpecFacts(family=self.model.family, prediction=context.prediction,
+                              implementation=CHECKPOINT_TRAINING_IMPLEMENTATION)
             metadata = build_metadata("train", context.inputs, context.recipe_params, facts,
                                       context.training_metadata, title=context.path.stem,
                                       hashes=context.input_hashes)

@@ -24,7 +24,7 @@ from sdkit.adapters.embedding import Embedding
 from sdkit.errors import SdkitError
 from sdkit.io import write_safetensors
 from sdkit.ops.convert_embedding import embedding_tensors, write_a1111_pt
-from sdkit.ops.recipe_meta import LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import EMBEDDING_IMPLEMENTATION, SpecFacts, build_metadata
 from sdkit.runtime.sample_prompt import mentions, replace_name
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod
 
@@ -115,9 +115,8 @@ class EmbeddingMethod(TrainingMethod):
     def save(self, context: SaveContext) -> list[Path]:
         embedding = self.embedding(context.path, context.steps)
         dtype = _DTYPE_CODES[context.dtype]
-        sdxl = len(self.tables) > 1
         facts = SpecFacts(family=self.model.family, prediction=context.prediction, adapter="textual-inversion",
-                          implementation=LDM_IMPLEMENTATIONS["sdxl-base"] if sdxl else "diffusers")
+                          implementation=EMBEDDING_IMPLEMENTATION)
         extra = {**context.training_metadata, "modelspec.trigger_phrase": self.token}
         metadata = build_metadata("train", context.inputs, context.recipe_params, facts, extra,
                                   title=context.path.stem, hashes=context.input_hashes)
