@@ -24,7 +24,7 @@ import torch
 
 from sdkit.adapters.lora_format import (BOFT, FULL, GLORA, IA3, LOHA, LOKR, LORA, NORM,
                                         OFT, LoraModule)
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.lazy import LazyTensor
 
 _NEEDS_BASE = frozenset({IA3, GLORA, OFT, BOFT})
@@ -56,7 +56,7 @@ def delta_weight(module: LoraModule, base_weight: torch.Tensor | None,
 
 def _require(module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is None:
-        raise SdkitError(f"{module.name}: a {module.type} delta needs the base weight")
+        raise SdkitError(f"{module.name}: {with_article(module.type)} delta needs the base weight")
     return weight
 
 

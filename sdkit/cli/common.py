@@ -32,10 +32,14 @@ def key_examples(keys: Sequence[str]) -> str:
 def quiet_peer_logs() -> None:
     """Silence transformers' notices about optional packages it misses (torchvision), which
     it prints when a pipeline module loads; diffusers' own warnings (a prompt cut at 77
-    tokens) still show. Commands skip this under --debug."""
+    tokens) still show, unless --quiet. Commands skip this under --debug."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    if is_quiet():
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
 
 
 def is_quiet(ctx: click.Context | None = None) -> bool:

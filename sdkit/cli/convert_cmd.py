@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import click
-from rich.console import Console
 
 from sdkit.cli.common import human_bytes, key_examples, progress_bar
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole
 
 
 
@@ -45,23 +46,25 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
 
     Example: sdkit convert model.ckpt -o model.safetensors --dtype fp16 --prune
     """
-    from sdkit.ops.convert import ConvertOptions, convert_model
-
     if clamp and allow_inf:
         raise click.UsageError("--clamp and --allow-inf exclude each other")
+    require_inputs(source, options["config_dir"])
+    require_output(output, (source, options["config_dir"]), force=options["force"])
+    from sdkit.ops.convert import ConvertOptions, convert_model
+
     policy = "clamp" if clamp else "allow-inf" if allow_inf else "refuse"
     settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)
-    console = Console(stderr=True)
-    quiet = bool((ctx.obj or {}).get("quiet"))
-    with progress_bar(console, quiet or as_json, "converting") as advance:
+    console = SafeConsole(stderr=True)
+    quiet = bool((ctx.obj or {}).get("quiet")) or as_json
+    with progress_bar(console, quiet, "converting") as advance:
         result = convert_model(source, output, settings, progress=advance)
-    for warning in result.warnings:  # shown under --quiet and --json too: the output misleads otherwise
-        click.echo(f"warning: {warning}", err=True)
-    if as_json:
+    if as_json:  # warnings are in it
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     if quiet:
         return
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     for line in _report_lines(result):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

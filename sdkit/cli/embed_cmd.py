@@ -12,6 +12,8 @@ from rich.table import Table
 
 from sdkit.cli.common import progress_bar
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole
 
 
 @cli.group("embed")
@@ -36,7 +38,7 @@ def inspect_command(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    _render(Console(), report)
+    _render(SafeConsole(), report)
 
 
 def _render(console: Console, report: dict[str, Any]) -> None:
@@ -58,16 +60,21 @@ def _render(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _request(spec: str) -> Any:
+def _split_spec(spec: str) -> tuple[str, str | None]:
     """EMB[:TOKEN]: the path wins when a file by the whole name exists (drive letters, colons)."""
+    if Path(spec).exists() or ":" not in spec:
+        return spec, None
+    path, token = spec.rsplit(":", 1)
+    if not token:
+        raise click.UsageError(f"{spec!r}: empty token after ':'")
+    return path, token
+
+
+def _request(spec: str) -> Any:
     from sdkit.adapters.embedding import read_embedding
     from sdkit.ops.embed import EmbeddingRequest
 
-    path, token = spec, None
-    if not Path(spec).exists() and ":" in spec:
-        path, token = spec.rsplit(":", 1)
-        if not token:
-            raise click.UsageError(f"{spec!r}: empty token after ':'")
+    path, token = _split_spec(spec)
     embedding = read_embedding(path, token)
     return EmbeddingRequest(embedding, embedding.token)
 
@@ -101,16 +108,21 @@ def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], out
 
     Example: sdkit embed add model.safetensors style.pt:mystyle --to diffusers -o model-mystyle
     """
+    paths = [_split_spec(spec)[0] for spec in embeddings]
+    require_inputs(model, *paths, config_dir, tokenizer_source)
+    require_output(output, (model, *paths, config_dir, tokenizer_source), force=force)
     from sdkit.ops.embed import CheckpointSources, add_embeddings
 
     requests = [_request(spec) for spec in embeddings]
     sources = CheckpointSources(*(Path(given) if given else None for given in (config_dir, tokenizer_source)))
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
     with progress_bar(console, quiet, "writing") as advance:
         result = add_embeddings(model, requests, output, to=to, sources=sources, force=force, progress=advance)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
+        return
+    if quiet:
         return
     console.print(f"wrote {result.output}", markup=False, highlight=False)
     for token, per_encoder in result.ids.items():

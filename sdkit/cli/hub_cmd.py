@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
+from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError
 
 LIBRARY_ENV = "SDKIT_LIBRARY"
@@ -24,14 +26,14 @@ class _RichProgress:
     """A transfer bar on stderr; sdkit.hub calls begin/update/end."""
 
     def __init__(self, console: Console) -> None:
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                             TransferSpeedColumn(), TimeRemainingColumn(), console=console,
                             transient=True)
         self.task: TaskID | None = None
 
     def begin(self, name: str, total: int | None, done: int) -> None:
         self.bar.start()
-        self.task = self.bar.add_task(name, total=total, completed=done)
+        self.task = self.bar.add_task(shown(name), total=total, completed=done)
 
     def update(self, done: int) -> None:
         if self.task is not None:
@@ -45,14 +47,14 @@ class _RichProgress:
 
 
 def _errors_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return SafeConsole(stderr=True)
 
 
 def _notifier(ctx: click.Context) -> Callable[[str], None] | None:
     if is_quiet(ctx):
         return None
     console = _errors_console()
-    return lambda message: console.print(message, markup=False)
+    return lambda message: console.print(message)
 
 
 def _policy(rename: bool, force: bool) -> str:
@@ -137,7 +139,7 @@ def download_command(ctx: click.Context, source: str, library: Path | None, outp
     for outcome in outcomes:
         what = f" ({outcome.kind}, {outcome.family})" if outcome.kind else ""
         verb = "downloaded" if outcome.status == "downloaded" else "already present"
-        click.echo(f"{verb}: {outcome.path}{what} [{_size(outcome.size)}]")
+        echo(f"{verb}: {outcome.path}{what} [{_size(outcome.size)}]")
 
 
 # --- library ----------------------------------------------------------------------------
@@ -178,7 +180,7 @@ def init_command(directory: Path, layout: str, family_subfolders: bool) -> None:
     from sdkit.hub.library import Library
 
     with Library.init(directory, layout, family_subfolders=family_subfolders) as library:
-        click.echo(f"{library.root}: {layout} library, index at {library.index.path}")
+        echo(f"{library.root}: {layout} library, index at {library.index.path}")
 
 
 @library_group.command("add")
@@ -211,8 +213,8 @@ def add_command(files: tuple[Path, ...], library: Path | None, method: str,
         return
     for source, placement in zip(files, placements):
         verb = "added" if placement.status == "installed" else "already present"
-        click.echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
-                   f"{placement.entry.family})")
+        echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
+             f"{placement.entry.family})")
 
 
 @library_group.command("scan")
@@ -238,9 +240,9 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
         _echo_json(vars(report))
         return
     rebuilt_note = " (the damaged index was set aside and rebuilt)" if rebuilt else ""
-    click.echo(f"{library.root}: {report.files} model files; {report.added} added, "
-               f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
-               f"{report.rehashed} hashed{rebuilt_note}")
+    echo(f"{library.root}: {report.files} model files; {report.added} added, "
+         f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
+         f"{report.rehashed} hashed{rebuilt_note}")
 
 
 def _entries_table(entries: list[Any], title: str | None = None) -> Table:
@@ -270,7 +272,7 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
     if as_json:
         _echo_json([e.to_json() for e in entries])
     else:
-        Console().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries))
 
 
 @library_group.command("find")
@@ -288,10 +290,12 @@ def find_command(query: str, library: Path | None, as_json: bool) -> None:
         entries = lib.index.find(query)
     if as_json:
         _echo_json([e.to_json() for e in entries])
+        if not entries:
+            sys.exit(1)  # like grep: no match is a failed search, in every output form
     elif not entries:
         raise SdkitError(f"{query}: nothing in the library matches")
     else:
-        Console().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries))
 
 
 @library_group.command("dupes")
@@ -312,7 +316,7 @@ def dupes_command(library: Path | None, as_json: bool) -> None:
     if not groups:
         click.echo("no duplicates")
     for group in groups:
-        Console().print(_entries_table(group, title=f"{len(group)} copies of {group[0].sha256[:12]}"))
+        SafeConsole().print(_entries_table(group, title=f"{len(group)} copies of {group[0].sha256[:12]}"))
 
 
 @library_group.command("verify")
@@ -332,10 +336,10 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
         _echo_json({"ok": report.ok, **vars(report)})
     else:
         for path in report.changed:
-            click.echo(f"changed: {path}")
+            echo(f"changed: {path}")
         for path in report.missing:
-            click.echo(f"missing: {path}")
-        click.echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
+            echo(f"missing: {path}")
+        echo(f"{report.checked} files checked, {report.rehashed} re-hashed")
     if not report.ok:
         raise SdkitError(f"{len(report.changed)} changed and {len(report.missing)} missing "
                          "since they were indexed")
@@ -366,8 +370,8 @@ def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json
                     **result.facts})
         return
     facts = result.facts
-    click.echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
-               f"({facts['model_type']}, {facts['base_model']})")
+    echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
+         f"({facts['model_type']}, {facts['base_model']})")
     if facts["trigger_words"]:
-        click.echo(f"trigger words: {', '.join(facts['trigger_words'])}")
+        echo(f"trigger words: {', '.join(facts['trigger_words'])}")
     click.echo("stored in the library index" if result.stored else "not in a library: nothing stored")

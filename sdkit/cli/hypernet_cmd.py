@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import require_inputs
+from sdkit.cli.terminal import SafeConsole
 from sdkit.errors import SdkitError
 
 
@@ -51,6 +52,7 @@ def inspect_command(path: str, as_json: bool) -> None:
 
     Example: sdkit hypernet inspect anime.pt --json
     """
+    require_inputs(path)
     report = hypernet_report(path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -71,7 +73,7 @@ def inspect_command(path: str, as_json: bool) -> None:
     for label, value in rows:
         if value is not None:
             table.add_row(label, str(value))
-    Console().print(table)
+    SafeConsole().print(table)
 
 
 @hypernet_group.command("bake", context_settings={"ignore_unknown_options": True,

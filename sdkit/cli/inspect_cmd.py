@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import click
@@ -12,6 +13,7 @@ from rich.table import Table
 
 from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
+from sdkit.cli.terminal import SafeConsole
 from sdkit.errors import SdkitError
 
 _VALUE_WIDTH = 72
@@ -25,8 +27,8 @@ def _short(value: str) -> str:
 def _literal_console() -> Console:
     """A console that prints text as it is: paths, metadata and prompts come from files,
     and A1111 prompt syntax (`[a:b:0.5]`, `<lora:name:1>`) must not be read as rich
-    markup or `:emoji:` codes."""
-    return Console(markup=False, emoji=False, highlight=False)
+    markup or `:emoji:` codes (control characters are escaped)."""
+    return SafeConsole()
 
 
 def _render_report(console: Console, report: dict[str, Any]) -> None:
@@ -73,10 +75,12 @@ def _render_parameters(console: Console, report: dict[str, Any]) -> None:
 @click.argument("path", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, legacy and AutoV3 hashes.")
-@click.option("--deep", is_flag=True, help="Read every tensor (finds NaN/Inf); slower.")
+@click.option("--deep", is_flag=True,
+              help="Read every tensor to find NaN/Inf values (exit 1 if any); slower.")
 def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> None:
     """Tell what a model file is: kind, family, convention, precision, notable facts.
 
+    With --deep, exits 1 when a tensor holds NaN or Inf values (after the report).
     Example: sdkit inspect model.safetensors --hash
     """
     from sdkit.inspect import inspect_path
@@ -88,6 +92,8 @@ def inspect_command(path: str, as_json: bool, with_hashes: bool, deep: bool) -> 
         _render_parameters(_literal_console(), report)
     else:
         _render_report(_literal_console(), report)
+    if (report.get("facts") or {}).get("nan_tensors"):
+        sys.exit(1)  # a failed check, like `lora check`: the report says which tensors
 
 
 def _refuse_unhashable(path: str) -> None:

@@ -12,6 +12,9 @@ from rich.table import Table
 
 from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole
+from sdkit.ops.adapter_input import parse_adapter_arg
 
 _SHOWN = 5
 _DTYPES = click.Choice(["fp16", "bf16", "fp32"])
@@ -28,23 +31,26 @@ def lora_group() -> None:
 
 
 def _console() -> Console:
-    return Console(stderr=True)
+    return SafeConsole(stderr=True)
 
 
 def _quiet(as_json: bool) -> bool:
     return as_json or is_quiet()
 
 
-def _emit(report: dict[str, Any], as_json: bool, render: Callable[[Console, dict[str, Any]], None]) -> None:
+def _emit(report: dict[str, Any], as_json: bool, render: Callable[[Console, dict[str, Any]], None], *,
+          summary: bool = False) -> None:
+    """Print a command's result: JSON on request, else rendered; a `summary` of what a
+    writing command did is chatter, left out under --quiet."""
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
-    else:
-        render(Console(), report)
+    elif not (summary and is_quiet()):
+        render(SafeConsole(), report)
 
 
 def _shown(items: dict[str, str], console: Console, label: str) -> None:
     for name, reason in list(items.items())[:_SHOWN]:
-        console.print(f"  {label} {name}: {reason}", markup=False, highlight=False)
+        console.print(f"  {label} {name}: {reason}")
     if len(items) > _SHOWN:
         console.print(f"  … and {len(items) - _SHOWN} more (--json lists all)")
 
@@ -63,6 +69,7 @@ def check_command(base: str, lora: str, rank: int | None, alpha: float | None, a
     Exits 1 when the adapter was made for another family or none of its modules fits.
     Example: sdkit lora check model.safetensors style.safetensors
     """
+    require_inputs(base, lora)
     from sdkit.ops.bake_plan import check_adapter
 
     report = check_adapter(base, lora, rank=rank, alpha=alpha)
@@ -84,7 +91,7 @@ def _render_check(console: Console, report: dict[str, Any]) -> None:
     console.print(table)
     _shown(report["unmapped"], console, "unmapped")
     for note in report["notes"]:
-        console.print(f"  note: {note}", markup=False, highlight=False)
+        console.print(f"  note: {note}")
 
 
 # ---- bake --------------------------------------------------------------------------------
@@ -103,26 +110,31 @@ def _render_check(console: Console, report: dict[str, Any]) -> None:
 @click.option("--alpha", type=float, help="Alpha for adapters that store none.")
 @click.option("--to", "to", type=click.Choice(["ldm", "diffusers"]),
               help="Output convention (default: the base's).")
-@click.option("--force", is_flag=True, help="Overwrite the output; bake adapters made for another family.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--allow-family-mismatch", is_flag=True,
+              help="Bake adapters made for another family (only the modules that fit apply).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def bake_command(base: str, adapters: tuple[str, ...], output: str, dtype: str | None, unet_only: bool,
                  te_only: bool, blocks: str | None, rank: int | None, alpha: float | None, to: str | None,
-                 force: bool, as_json: bool) -> None:
+                 force: bool, allow_family_mismatch: bool, as_json: bool) -> None:
     """Bake LoRA / LyCORIS adapters into a model: W + Σ strength·ΔW, streamed.
 
     Example: sdkit lora bake model.safetensors a.safetensors:0.7 b.safetensors -o baked.safetensors
     """
-    from sdkit.ops.bake import BakeOptions, bake_loras
-    from sdkit.ops.bake_plan import parse_adapter_arg
-
     if unet_only and te_only:
         raise click.UsageError("--unet-only and --te-only exclude each other")
+    inputs = [parse_adapter_arg(a) for a in adapters]
+    require_inputs(base, *(item.path for item in inputs))
+    require_output(output, (base, *(item.path for item in inputs)), force=force,
+                   suffixes=SAFETENSORS if to == "ldm" else None)
+    from sdkit.ops.bake import BakeOptions, bake_loras
+
     components = "unet" if unet_only else "te" if te_only else "all"
-    options = BakeOptions(dtype, components, blocks, rank, alpha, force, to)
+    options = BakeOptions(dtype, components, blocks, rank, alpha, to=to,
+                          allow_family_mismatch=allow_family_mismatch)
     with progress_bar(_console(), _quiet(as_json), "baking") as advance:
-        result = bake_loras(base, [parse_adapter_arg(a) for a in adapters], output, options,
-                            overwrite=force, progress=advance)
-    _emit(result.to_json(), as_json, _render_bake)
+        result = bake_loras(base, inputs, output, options, overwrite=force, progress=advance)
+    _emit(result.to_json(), as_json, _render_bake, summary=True)
 
 
 def _render_bake(console: Console, report: dict[str, Any]) -> None:
@@ -131,16 +143,16 @@ def _render_bake(console: Console, report: dict[str, Any]) -> None:
     for adapter in report["adapters"]:
         per = ", ".join(f"{c} {n}" for c, n in adapter["by_component"].items())
         console.print(f"• {adapter['path']} ×{adapter['strength']:g}: {adapter['mapped']} of "
-                      f"{adapter['modules']} modules applied ({per})", markup=False, highlight=False)
+                      f"{adapter['modules']} modules applied ({per})")
         if adapter["family_problem"]:
-            console.print(f"  baked although {adapter['family_problem']}", markup=False, highlight=False)
+            console.print(f"  baked although {adapter['family_problem']}")
         _shown(adapter["unmapped"], console, "unmapped")
         _shown(adapter["skipped"], console, "skipped")
         if adapter["dropped_biases"]:
             console.print(f"  bias deltas dropped (the base layer has no bias): "
                           f"{len(adapter['dropped_biases'])}")
     for note in report["notes"]:
-        console.print(f"• {note}", markup=False, highlight=False)
+        console.print(f"• {note}")
 
 
 # ---- merge / extract / resize --------------------------------------------------------------
@@ -156,21 +168,25 @@ def _render_bake(console: Console, report: dict[str, Any]) -> None:
                                                               "gives layer shapes and base weights.")
 @click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
 @click.option("--dtype", type=_DTYPES, help="Output dtype (default: the first input's).")
-@click.option("--force", is_flag=True, help="Overwrite the output; merge LoRAs of different families.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--allow-family-mismatch", is_flag=True, help="Merge LoRAs made for different families.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def merge_command(inputs: tuple[str, ...], output: str, rank: int | None, conv_rank: int | None,
                   clamp_quantile: float | None, base: str | None, fmt: str, dtype: str | None,
-                  force: bool, as_json: bool) -> None:
+                  force: bool, allow_family_mismatch: bool, as_json: bool) -> None:
     """Merge LoRAs into one whose delta is Σ weight·ΔW.
 
     Example: sdkit lora merge a.safetensors:0.6 b.safetensors:0.4 -o ab.safetensors
     """
-    from sdkit.ops.bake_plan import parse_adapter_arg
+    loras = [parse_adapter_arg(item) for item in inputs]
+    require_inputs(*(item.path for item in loras), base)
+    require_output(output, (*(item.path for item in loras), base), force=force)
     from sdkit.ops.lora_merge import MergeOptions, merge_loras
 
-    options = MergeOptions(rank, conv_rank, clamp_quantile, base, force, fmt, dtype)
-    result = merge_loras([parse_adapter_arg(item) for item in inputs], output, options, overwrite=force)
-    _emit(result.to_json(), as_json, _render_merge)
+    options = MergeOptions(rank, conv_rank, clamp_quantile, base, format=fmt, dtype=dtype,
+                           allow_family_mismatch=allow_family_mismatch)
+    result = merge_loras(loras, output, options, overwrite=force)
+    _emit(result.to_json(), as_json, _render_merge, summary=True)
 
 
 def _render_merge(console: Console, report: dict[str, Any]) -> None:
@@ -181,7 +197,7 @@ def _render_merge(console: Console, report: dict[str, Any]) -> None:
         values = list(report["retained"].values())
         console.print(f"• energy retained: mean {sum(values) / len(values):.2%}, lowest {min(values):.2%}")
     for note in report["notes"]:
-        console.print(f"• {note}", markup=False, highlight=False)
+        console.print(f"• {note}")
 
 
 @lora_group.command("extract")
@@ -208,6 +224,8 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
 
     Example: sdkit lora extract finetune.safetensors base.safetensors -o diff.safetensors --rank 32
     """
+    require_inputs(tuned, base)
+    require_output(output, (tuned, base), force=force)
     from sdkit.ops.lora_extract import ExtractOptions, extract_lora
 
     method, value = dynamic if dynamic else (None, None)
@@ -216,7 +234,7 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
                              format=fmt, dtype=dtype)
     with progress_bar(_console(), _quiet(as_json), "extracting", unit="layers") as advance:
         report = extract_lora(tuned, base, output, options, overwrite=force, progress=advance)
-    _emit(report.to_json(), as_json, _render_svd)
+    _emit(report.to_json(), as_json, _render_svd, summary=True)
 
 
 @lora_group.command("resize")
@@ -237,12 +255,14 @@ def resize_command(source: str, output: str, rank: int, conv_rank: int | None, d
 
     Example: sdkit lora resize big.safetensors -o small.safetensors --rank 16
     """
+    require_inputs(source, base)
+    require_output(output, (source, base), force=force)
     from sdkit.ops.lora_extract import ResizeOptions, resize_lora
 
     method, value = dynamic if dynamic else (None, None)
     options = ResizeOptions(rank, conv_rank, method, value, base, fmt, dtype)
     report = resize_lora(source, output, options, overwrite=force)
-    _emit(report.to_json(), as_json, _render_svd)
+    _emit(report.to_json(), as_json, _render_svd, summary=True)
 
 
 def _render_svd(console: Console, report: dict[str, Any]) -> None:
@@ -252,9 +272,9 @@ def _render_svd(console: Console, report: dict[str, Any]) -> None:
     if layers:
         lowest = min(layers, key=lambda layer: layer["retained"])
         console.print(f"• energy retained: mean {report['mean_retained']:.2%}, lowest "
-                      f"{lowest['retained']:.2%} ({lowest['name']})", markup=False, highlight=False)
+                      f"{lowest['retained']:.2%} ({lowest['name']})")
     for check in report["randomized_check"]:
         console.print(f"• {check['layer']}: relative error {check['error_randomized']:.3g} randomized, "
-                      f"{check['error_full_svd']:.3g} full SVD", markup=False, highlight=False)
+                      f"{check['error_full_svd']:.3g} full SVD")
     for note in report["notes"][:_SHOWN]:
-        console.print(f"• {note}", markup=False, highlight=False)
+        console.print(f"• {note}")

@@ -10,8 +10,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from sdkit.cli.common import human_bytes, key_examples, progress_bar
+from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole
 
 
 
@@ -56,31 +58,38 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     Inputs are A, B, C… in order. Example:
     sdkit merge a.safetensors b.safetensors --method weighted_sum --alpha 0.3 -o ab.safetensors
     """
-    from sdkit.ops.merge import load_recipe_file, merge_models, replay_into, replay_merge
-
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
     if list_methods:
-        _print_methods(Console())
+        _print_methods(SafeConsole())
         return
     if replay_file:
         if inputs or recipe_file:
             raise click.UsageError("--replay takes no inputs and no --recipe")
+        require_inputs(replay_file)
         if output:
+            require_output(output, (replay_file,), force=force, suffixes=SAFETENSORS)
+            from sdkit.ops.merge import replay_into
+
             with progress_bar(console, quiet, "replaying") as advance:
                 written = replay_into(replay_file, output, overwrite=force, threads=threads, progress=advance)
             _report_merge(written, as_json, console)
             return
+        from sdkit.ops.merge import replay_merge
+
         with progress_bar(console, quiet, "replaying") as advance:
             result = replay_merge(replay_file, threads=threads, progress=advance)
         _report_replay(result, as_json, console)
         if not result.identical:
             sys.exit(1)
         return
+    _check_merge_arguments(inputs, recipe_file, output, force)
+    from sdkit.ops.merge import load_recipe_file, merge_models
+
     if recipe_file:
-        if inputs:
-            raise click.UsageError("give the inputs in the recipe or on the command line, not both")
         recipe = _override(load_recipe_file(recipe_file), options)
+        if output is None and recipe.output is None:
+            raise click.UsageError(f"{recipe_file} names no output: give -o/--output")
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
     _check_arity(recipe)
@@ -89,11 +98,25 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     _report_merge(result, as_json, console)
 
 
+def _check_merge_arguments(inputs: tuple[str, ...], recipe_file: str | None, output: str | None,
+                           force: bool) -> None:
+    """What can be refused before torch loads: the inputs, a missing -o, the output path."""
+    if recipe_file:
+        if inputs:
+            raise click.UsageError("give the inputs in the recipe or on the command line, not both")
+        require_inputs(recipe_file)
+    elif not inputs:
+        raise click.UsageError("give the models to merge (A B [C …]), --recipe or --replay")
+    elif output is None:
+        raise click.UsageError("missing option '-o' / '--output' (the file to write)")
+    require_inputs(*inputs)
+    if output is not None:
+        require_output(output, inputs, force=force, suffixes=SAFETENSORS)
+
+
 def _recipe_from_inputs(inputs: tuple[str, ...]) -> Any:
     from sdkit.ops.merge import MergeRecipe, RecipeInput
 
-    if len(inputs) < 1:
-        raise click.UsageError("give the models to merge (A B [C …]), --recipe or --replay")
     return MergeRecipe([RecipeInput(path) for path in inputs], "weighted_sum")
 
 
@@ -183,6 +206,8 @@ def _report_merge(result: Any, as_json: bool, console: Console) -> None:
             "recipe": result.recipe.to_json(), "report": result.report.to_json(),
             "non_finite": result.non_finite,
         }, indent=2))
+        return
+    if is_quiet():
         return
     console.print(f"wrote {result.path} ({human_bytes(result.output_bytes)})")
     for line in _report_lines(result):

@@ -11,6 +11,9 @@ import click
 
 from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole, echo, shown
+from sdkit.runtime.sample_png import picture_paths
 from sdkit.runtime.sample_scheduler import SAMPLERS
 
 _DEVICES = ("auto", "cpu", "cuda")
@@ -20,19 +23,18 @@ _DTYPES = ("auto", "fp32", "fp16", "bf16")
 @contextmanager
 def _step_bar(quiet: bool) -> Iterator[Any]:
     """A rich progress bar over sampling steps on a terminal; None otherwise."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     if quiet or not console.is_terminal:
         yield None
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bar:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
         def update(label: str, done: int, total: int) -> None:
-            bar.update(task, description=label, completed=done, total=total)
+            bar.update(task, description=shown(label), completed=done, total=total)
         yield update
 
 
@@ -83,8 +85,13 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
 
     Example: sdkit sample model.safetensors -p "a red circle <lora:style:0.8>" --library ~/webui -o out.png
     """
-    from sdkit.runtime.sample import Settings
     from sdkit.runtime.sample_grid import parse_axis
+
+    axis = parse_axis(xy) if xy else None
+    require_inputs(model, config, library)
+    for path in picture_paths(output, len(prompts), batch, one_picture=grid or axis is not None):
+        require_output(path, (model,), force=force)
+    from sdkit.runtime.sample import Settings
     from sdkit.runtime.sample_plan import AdapterArgs
     from sdkit.runtime.sample_run import SampleJob, run_sample
 
@@ -94,7 +101,7 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
                         clip_skip=clip_skip, negative=negative)
     job = SampleJob(model=model, prompts=list(prompts), settings=settings, batch=batch,
                     adapters=AdapterArgs(loras, embeddings, hypernets), library=library, config=config,
-                    vae=vae, device=device, dtype=dtype, grid=grid, xy=parse_axis(xy) if xy else None)
+                    vae=vae, device=device, dtype=dtype, grid=grid, xy=axis)
     quiet = bool((ctx.obj or {}).get("quiet"))
     if not (ctx.obj or {}).get("debug"):
         quiet_peer_logs()
@@ -105,8 +112,9 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
                                "seeds": [s.seed for s in result.samples],
                                "parameters": result.samples[0].parameters, "notes": result.notes}, indent=2))
         return
+    if quiet:
+        return
     for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    if not quiet:
-        for path in result.outputs:
-            click.echo(str(path))
+        echo(f"note: {note}", err=True)
+    for path in result.outputs:
+        echo(path)

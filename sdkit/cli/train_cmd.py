@@ -9,11 +9,13 @@ from typing import Any, Iterator
 
 import click
 
-from sdkit.cli.common import quiet_peer_logs
+from sdkit.cli.common import is_quiet, quiet_peer_logs
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.errors import SdkitError
 from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
-                                        PRECISIONS, PREDICTIONS, SAVE_PRECISIONS)
+                                        PRECISIONS, PREDICTIONS, SAVE_PRECISIONS, check_config)
 
 _PATH = click.Path(path_type=Path)
 
@@ -38,11 +40,10 @@ def _numbers(text: str, what: str) -> tuple[float, ...]:
 @contextmanager
 def _train_progress(quiet: bool) -> Iterator[Any]:
     """A rich bar per phase (loss, it/s and time left while training) on a terminal."""
-    from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     if quiet or not console.is_terminal:
         yield None
         return
@@ -151,16 +152,16 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
 
     Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
     """
-    from sdkit.io.output_path import check_output_path
+    require_inputs(base, options["config_dir"])
+    inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"])
+    require_output(output, inputs, force=options["force"])
+    config = _train_config(method, base, data_dir, output, options)
+    check_config(config)  # the output's suffix first: torch only for a hypernetwork's options
     from sdkit.runtime.train import train
 
     if not (ctx.obj or {}).get("debug"):
         quiet_peer_logs()
-    config = _train_config(method, base, data_dir, output, options)
-    inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"])
-    check_output_path(output, inputs, force=options["force"])
-    quiet = ctx.obj.get("quiet", False) or options["as_json"]
-    with _train_progress(quiet) as progress:
+    with _train_progress(is_quiet(ctx) or options["as_json"]) as progress:
         result = train(config, progress)
     if not result.main_process:
         return
@@ -171,12 +172,14 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
                                "final_loss": result.losses[-1] if result.losses else None,
                                "timings": result.timings, "notes": result.notes}))
         return
+    if is_quiet(ctx):
+        return
     for note in result.notes:
-        click.echo(f"note: {note}", err=True)
+        echo(f"note: {note}", err=True)
     loss = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
-    click.echo(f"trained {config.method} for {result.steps} steps ({result.precision}{loss}) -> "
-               f"{', '.join(str(p) for p in result.outputs)}")
-    click.echo(f"record: {result.record}  loss curve: {result.loss_curve}")
+    echo(f"trained {config.method} for {result.steps} steps ({result.precision}{loss}) -> "
+         f"{', '.join(str(p) for p in result.outputs)}")
+    echo(f"record: {result.record}  loss curve: {result.loss_curve}")
 
 
 def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict[str, Any]) -> Any:
@@ -236,6 +239,7 @@ def verify_command(ctx: click.Context, adapter: Path, base: Path, concept: str, 
 
     Example: sdkit verify sks.safetensors --base toy-sd1.safetensors --concept "a photo of sks" --expect purple/cross
     """
+    require_inputs(adapter, base, config_dir)
     from sdkit.runtime.train.verify import VerifyJob, verify_adapter
 
     if not (ctx.obj or {}).get("debug"):
@@ -247,9 +251,9 @@ def verify_command(ctx: click.Context, adapter: Path, base: Path, concept: str, 
         click.echo(json.dumps(result.to_json()))
     else:
         wanted = "/".join(result.expected)
-        click.echo(f"{adapter} ({result.kind}): {wanted!r} in {result.with_rate:.0%} of {seeds} pictures with it, "
-                   f"{result.without_rate:.0%} without; needed at least {min_rate:.0%} with it and at most "
-                   f"{max_base_rate:.0%} without: {'passed' if result.passed else 'FAILED'}")
+        echo(f"{adapter} ({result.kind}): {wanted!r} in {result.with_rate:.0%} of {seeds} pictures with it, "
+             f"{result.without_rate:.0%} without; needed at least {min_rate:.0%} with it and at most "
+             f"{max_base_rate:.0%} without: {'passed' if result.passed else 'FAILED'}")
     if not result.passed:
         raise SdkitError(f"{adapter}: {'; '.join(result.failures())}")
 

@@ -7,10 +7,13 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.text import Text
 
 from sdkit.cli.common import is_quiet, progress_bar, quiet_peer_logs
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.terminal import SafeConsole, shown, styled
+from sdkit.errors import with_article
 
 
 @cli.group("vae")
@@ -43,18 +46,22 @@ def swap_command(ctx: click.Context, checkpoint: str, vae: str, output: str, for
 
     Example: sdkit vae swap model.safetensors vae-ft-mse-840000-ema-pruned.safetensors -o model-mse.safetensors
     """
+    require_inputs(checkpoint, vae)
+    require_output(output, (checkpoint, vae), force=force)
     from sdkit.ops.vae import swap_vae
 
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     with progress_bar(console, _quiet(ctx, as_json), "swapping") as advance:
         result = swap_vae(checkpoint, vae, output, force=force, progress=advance)
     if as_json:
         _print_json(result.to_json())
         return
+    if is_quiet(ctx):
+        return
     console.print(f"wrote {result.output} ({result.written}, {result.convention} keys, "
-                  f"{result.vae_tensors} VAE tensors from a {result.vae_convention} VAE)", markup=False)
+                  f"{result.vae_tensors} VAE tensors from {with_article(result.vae_convention)} VAE)")
     for note in result.notes:
-        console.print(f"• {note}", markup=False)
+        console.print(f"• {note}")
 
 
 @vae_group.command("extract")
@@ -72,16 +79,19 @@ def extract_command(ctx: click.Context, checkpoint: str, output: str, convention
 
     Example: sdkit vae extract model.safetensors -o model.vae.safetensors
     """
+    require_inputs(checkpoint)
+    require_output(output, (checkpoint,), force=force, suffixes=SAFETENSORS if convention == "ldm" else None)
     from sdkit.ops.vae import extract_vae
 
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     with progress_bar(console, _quiet(ctx, as_json), "extracting") as advance:
         result = extract_vae(checkpoint, output, to=convention, force=force, progress=advance)
     if as_json:
         _print_json(result.to_json())
         return
-    console.print(f"wrote {result.output} ({result.written}, {result.convention} keys, {result.tensors} tensors)",
-                  markup=False)
+    if is_quiet(ctx):
+        return
+    console.print(f"wrote {result.output} ({result.written}, {result.convention} keys, {result.tensors} tensors)")
 
 
 @vae_group.command("check")
@@ -101,11 +111,12 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
     """
     from contextlib import nullcontext
 
+    require_inputs(base, vae, config_dir)
     from sdkit.runtime.vae_check import check_vae
 
     if not (ctx.obj or {}).get("debug"):
         quiet_peer_logs()
-    console = Console(stderr=True)
+    console = SafeConsole(stderr=True)
     spinning = console.is_terminal and not _quiet(ctx, as_json)
     with console.status("loading the base model and measuring") if spinning else nullcontext():
         report = check_vae(base, vae, config=config_dir, fp16=not skip_fp16)
@@ -120,12 +131,12 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
 def _render_check(report: Any) -> None:
     from rich.table import Table
 
-    console = Console()
+    console = SafeConsole()
     known = report.candidate.get("known")
-    console.print(f"verdict: [bold]{report.verdict}[/bold]" + (f"  ({known['name']}, {known['family']})"
-                                                             if known else ""))
+    console.print(Text.assemble("verdict: ", styled(report.verdict, "bold"),
+                                shown(f"  ({known['name']}, {known['family']})") if known else ""))
     for reason in report.reasons:
-        console.print(f"• {reason}", markup=False, highlight=False)
+        console.print(f"• {reason}")
     table = Table("evidence", "value", show_header=False)
     if report.scaling:
         table.add_row("scaling factor", f"{report.scaling['factor']} ({report.scaling['source']}); measured "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.model_file import DTYPE_BITS, TensorInfo
 
 MAX_HEADER_SIZE = 100_000_000
@@ -141,10 +141,10 @@ def _metadata(value: Any, refuse: _Refusal) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise refuse(f"__metadata__ is a {_json_type(value)}, not an object")
+        raise refuse(f"__metadata__ is {with_article(_json_type(value))}, not an object")
     for key, item in value.items():
         if not isinstance(item, str):
-            raise refuse(f"__metadata__[{key!r}] is a {_json_type(item)}, not a string")
+            raise refuse(f"__metadata__[{key!r}] is {with_article(_json_type(item))}, not a string")
         _check_text(key, "a __metadata__ key", refuse)
         _check_text(item, f"__metadata__[{key!r}]", refuse)
     return value
@@ -163,7 +163,7 @@ def _entries(document: dict[str, Any], refuse: _Refusal
     for name, entry in document.items():
         _check_text(name, "a tensor name", refuse)
         if not isinstance(entry, dict):
-            raise refuse(f"tensor {name!r}: entry is a {_json_type(entry)}, not an object")
+            raise refuse(f"tensor {name!r}: entry is {with_article(_json_type(entry))}, not an object")
         dtype = entry.get("dtype")
         if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise refuse(f"tensor {name!r}: unknown dtype {dtype!r}")

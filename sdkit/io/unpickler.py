@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.model_file import DTYPE_BITS
 
 # torch storage class name -> dtype code of its elements
@@ -42,7 +42,7 @@ class _Sealed:
     __slots__ = ()
 
     def __setstate__(self, state: Any) -> None:
-        raise _Invalid(f"pickle tries to modify a {type(self).__name__}")
+        raise _Invalid(f"pickle tries to modify {with_article(type(self).__name__)}")
 
 
 class StorageRef(_Sealed):

@@ -59,7 +59,7 @@ class BakeOptions:
     blocks: str | None = None  # "BASE:0,IN04:0.5,…" or one value per block
     rank: int | None = None  # the divisor of alpha for adapters trained with a known rank
     alpha: float | None = None  # alpha for adapters that store none
-    force: bool = False  # bake adapters made for another family
+    allow_family_mismatch: bool = False  # bake adapters made for another family
     to: str | None = None  # "ldm" | "diffusers"; None keeps the base's convention
 
     def check(self) -> None:
@@ -97,7 +97,8 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
         digests = stack.enter_context(InputDigests([base, *(item.path for item in adapters)]))
         opened = open_base(str(base), stack)
         plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
-                         rank=options.rank, alpha=options.alpha, force=options.force)
+                         rank=options.rank, alpha=options.alpha,
+                         allow_family_mismatch=options.allow_family_mismatch)
         result = BakeResult(str(output), options.to or opened.view.convention, plan.reports,
                             notes=list(opened.names.notes))
         baker = key_baker(plan, options.dtype)

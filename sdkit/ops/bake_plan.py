@@ -16,8 +16,9 @@ from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora
 from sdkit.adapters.lora_names import ModelNames, ModuleMapping, Target, map_modules, model_names, require_some
 from sdkit.arch import Identity, identify
 from sdkit.arch.blocks import BASE, BlockLayout, block_layout
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
+from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.convert_layout import ModelView, model_view
 from sdkit.ops.merge.weights import BlockSpec, parse_block_spec, resolve_blocks
 
@@ -28,25 +29,6 @@ _SAME_ARCHITECTURE = ({"sdxl-base", "playground-v2.5"},)
 _BASE_KINDS = ("checkpoint", "unet", "text-encoder")
 # guesses from which parts an adapter touches: too weak to refuse an adapter on
 _WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names")
-
-
-@dataclass(frozen=True)
-class AdapterInput:
-    """One adapter to apply, with its strength (`FILE[:STRENGTH]` on the command line)."""
-
-    path: str
-    strength: float = 1.0
-
-
-def parse_adapter_arg(text: str) -> AdapterInput:
-    """`FILE[:STRENGTH]`; a trailing `:number` is the strength (Windows drive colons stay)."""
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not tail.startswith(("\\", "/")):
-        try:
-            return AdapterInput(head, float(tail))
-        except ValueError:
-            pass
-    return AdapterInput(text, 1.0)
 
 
 @dataclass(frozen=True)
@@ -101,7 +83,7 @@ def open_base(path: str, stack: ExitStack) -> OpenBase:
     model = stack.enter_context(open_model(path))
     identity = identify(model)
     if identity.kind not in _BASE_KINDS:
-        raise SdkitError(f"{path}: is a {identity.kind}, not a model adapters can be applied to")
+        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a model adapters can be applied to")
     view = model_view(model, identity)
     names = model_names(view.convention, view.layout, view.tensors, view.configs)
     if not names.targets:
@@ -114,7 +96,7 @@ def open_adapter(path: str, stack: ExitStack, *, rank: int | None = None,
     model = stack.enter_context(open_model(path))
     identity = identify(model)
     if identity.kind != "lora":
-        raise SdkitError(f"{path}: is a {identity.kind}, not a LoRA / LyCORIS adapter")
+        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a LoRA / LyCORIS adapter")
     return parse_lora(model, default_alpha=alpha, rank_override=rank), identity
 
 
@@ -179,8 +161,9 @@ class BlockStrengths:
 
 def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack, *,
               components: str = "all", blocks: str | BlockSpec | None = None,
-              rank: int | None = None, alpha: float | None = None, force: bool = False) -> BakePlan:
-    """Map every adapter onto `base`; refuse wrong families (unless `force`) and adapters
+              rank: int | None = None, alpha: float | None = None,
+              allow_family_mismatch: bool = False) -> BakePlan:
+    """Map every adapter onto `base`; refuse wrong families (unless `allow_family_mismatch`) and adapters
     none of whose modules fit."""
     if not adapters:
         raise SdkitError("no adapter to bake")
@@ -190,8 +173,9 @@ def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack
     for item in adapters:
         lora, identity = open_adapter(item.path, stack, rank=rank, alpha=alpha)
         report, mapping = map_adapter(base, item, lora, identity)
-        if report.family_problem and not force:
-            raise SdkitError(f"{item.path}: {report.family_problem} (--force bakes it anyway)")
+        if report.family_problem and not allow_family_mismatch:
+            raise SdkitError(f"{item.path}: {report.family_problem} "
+                             "(--allow-family-mismatch bakes it anyway)")
         require_some(mapping, item.path)
         _add_contributions(plan, report, mapping, lora, item.strength, allowed, strengths)
         plan.reports.append(report)

@@ -29,7 +29,7 @@ from sdkit.arch import Identity, identify
 from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.arch.keymaps.stock import complete_configs
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.output_path import check_output_path
@@ -255,7 +255,7 @@ class _ModelConversion:
         if self.options.to == "safetensors":
             return view.convention
         if view.plain:
-            raise SdkitError(f"{self.model.path}: a {self.identity.kind} file holds no UNet, VAE or text "
+            raise SdkitError(f"{self.model.path}: {with_article(self.identity.kind)} file holds no UNet, VAE or text "
                              "encoder to convert between single-file and diffusers layouts")
         return "ldm" if self.options.to == "single-file" else "diffusers"
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm, checkpoint_to_ldm,
                                 diffusers_layout, infer_clip_config_from_ldm, ldm_layout)
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def _part(layout: str, component: str):
     for part in LAYOUTS[layout]:
         if part.component == component:
             return part
-    raise SdkitError(f"a {layout} model has no {component}")
+    raise SdkitError(f"{with_article(layout)} model has no {component}")
 
 
 def is_ldm_checkpoint(model: ModelFile) -> bool:

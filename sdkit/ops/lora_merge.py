@@ -31,7 +31,7 @@ from sdkit.adapters.lora_format import LORA, LoraFile, LoraModule
 from sdkit.adapters.lora_math import delta_weight, needs_base_weight
 from sdkit.adapters.lora_names import Target, adapter_address, map_modules
 from sdkit.arch import Identity
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.bake_compute import is_plain_lora
 from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
@@ -53,7 +53,7 @@ class MergeOptions:
     conv_rank: int | None = None
     clamp_quantile: float | None = None
     base: str | None = None  # a base model to resolve names and shapes on
-    force: bool = False  # merge LoRAs made for different families
+    allow_family_mismatch: bool = False  # merge LoRAs made for different families
     format: str = "kohya"
     dtype: str | None = None  # fp16 | bf16 | fp32; default the first input's
 
@@ -155,7 +155,7 @@ def concatenated(layer: Layer) -> tuple["torch.Tensor", "torch.Tensor"]:
     for member in layer.members:
         module = member.module
         if not is_plain_lora(module):
-            raise SdkitError(f"{module.name}: a {_kind(module)} module cannot be concatenated "
+            raise SdkitError(f"{module.name}: {with_article(_kind(module))} module cannot be concatenated "
                              "exactly; give --rank to re-factorise the merged delta")
         down = module.tensors["down"].load().float()
         kernel = kernel or tuple(down.shape[1:])
@@ -194,7 +194,7 @@ def summed_delta(layer: Layer, base: OpenBase | None) -> "torch.Tensor":
     total = None
     for member in layer.members:
         if needs_base_weight(member.module) and weight is None:
-            raise SdkitError(f"{member.module.name}: a {_kind(member.module)} delta depends on the base "
+            raise SdkitError(f"{member.module.name}: {with_article(_kind(member.module))} delta depends on the base "
                              "weight; give --base")
         delta, _ = delta_weight(member.module, weight if needs_base_weight(member.module) else None,
                                 member.weight)
@@ -238,7 +238,7 @@ def merge_loras(inputs: Sequence[AdapterInput], output: str | os.PathLike[str],
     with ExitStack() as stack:
         base = open_base(options.base, stack) if options.base else None
         files, identities = _open_all(inputs, stack)
-        family = _common_family(inputs, identities, options.force)
+        family = _common_family(inputs, identities, options.allow_family_mismatch)
         result = MergeResult(str(output), "svd" if rule else "concat")
         layers = group_layers(list(zip(inputs, files)), base, result.notes)
         modules = [_merged(layer, rule, base, result) for layer in layers]
@@ -263,16 +263,17 @@ def _open_all(inputs: Sequence[AdapterInput], stack: ExitStack) -> tuple[list[Lo
     return files, identities
 
 
-def _common_family(inputs: Sequence[AdapterInput], identities: Sequence[Identity], force: bool) -> str:
+def _common_family(inputs: Sequence[AdapterInput], identities: Sequence[Identity],
+                   allow_mismatch: bool) -> str:
     known = [(item, identity.family) for item, identity in zip(inputs, identities) if identity.family != "unknown"]
     if not known:
         return "unknown"
     first_item, family = known[0]
     for item, other in known[1:]:
         problem = family_problem(family, other)
-        if problem and not force:
+        if problem and not allow_mismatch:
             raise SdkitError(f"{item.path}: made for {other}, {first_item.path} for {family} "
-                             "(--force merges them anyway)")
+                             "(--allow-family-mismatch merges them anyway)")
     return family
 
 

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from sdkit.arch import Identity, identify
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, hash_file, open_model
 from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
 
@@ -266,12 +266,12 @@ def _with_token_ids(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 
 def _check_base(path: Path, identity: Identity) -> None:
     if identity.kind != "checkpoint":
-        raise SdkitError(f"{path}: is a {identity.kind}, not a whole model to sample from")
+        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a whole model to sample from")
     if identity.family not in SUPPORTED_FAMILIES:
         raise SdkitError(f"{path}: family {identity.family} cannot be sampled (supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)})")
     if identity.variant != "normal":
-        raise SdkitError(f"{path}: a {identity.variant} model needs an input image; sample draws from text")
+        raise SdkitError(f"{path}: {with_article(identity.variant)} model needs an input image; sample draws from text")
 
 
 def _own_configs(model: Any, given: dict[str, dict]) -> dict[str, dict]:
@@ -395,7 +395,7 @@ def _load_vae(path: Path, config: dict[str, Any], dtype: torch.dtype) -> torch.n
     with open_model(path) as model:
         identity = identify(model)
         if identity.kind not in ("vae", "checkpoint"):
-            raise SdkitError(f"{path}: is a {identity.kind}, not a VAE")
+            raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a VAE")
         try:
             tensors = extract_component(model, "vae", "diffusers", identity=identity, configs={"vae": config})
             return _build_diffusers_model(AutoencoderKL, config, tensors, dtype, "vae")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from sdkit.ops.bake_plan import parse_adapter_arg
+from sdkit.ops.adapter_input import parse_adapter_arg
 from sdkit.runtime.sample_library import Library, resolve_file
 from sdkit.runtime.sample_lora import LoraRequest
 from sdkit.runtime.sample_prompt import extract_networks

@@ -11,6 +11,9 @@ Fields whose value holds a comma, a colon or a line break are JSON-quoted, other
 written as they are; fields without a value are left out; the negative-prompt line only
 when there is one. Reading follows A1111's `parse_generation_parameters`: the last line
 is the field line when it holds at least three `key: value` pairs.
+
+Also where a run's PNGs go (`picture_paths`), without torch, so the command line can
+refuse a bad output path before it loads anything.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from sdkit.errors import SdkitError
 from sdkit.io.output_path import write_file_atomically
@@ -164,6 +167,31 @@ def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
     if not isinstance(text, str) or not text.strip():
         raise SdkitError(f"{path}: the PNG holds no generation parameters (no '{PARAMETERS_KEY}' text)")
     return parse_parameters(text)
+
+
+def picture_paths(output: str | os.PathLike[str], prompts: int, batch: int, *, one_picture: bool) -> list[Path]:
+    """Where a run's pictures go: one PNG for a grid or an XY plot (`one_picture`), else one
+    per prompt and seed."""
+    return output_paths(Path(output), 1 if one_picture else prompts * batch)
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """`OUT` for one picture, `OUT-0`, `OUT-1`, ... (same suffix) for several."""
+    if output.suffix.lower() != ".png":
+        raise SdkitError(f"{output}: the output must be a .png file")
+    if count == 1:
+        return [output]
+    width = len(str(count - 1))
+    return [output.with_name(f"{output.stem}-{index:0{width}d}{output.suffix}") for index in range(count)]
+
+
+def check_output_paths(paths: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that exist (unless `overwrite`) or whose folder is missing."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
+        if not path.parent.is_dir():
+            raise SdkitError(f"{path.parent}: no such folder for the output")
 
 
 def save_png(image: Any, path: Path, parameters: str, *, overwrite: bool = False) -> Path:

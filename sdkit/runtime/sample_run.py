@@ -23,7 +23,7 @@ from sdkit.runtime.sample import Sample, Sampler, Settings, check_settings, sett
 from sdkit.runtime.sample_grid import Axis, grid_image
 from sdkit.runtime.sample_library import Library, resolve_file
 from sdkit.runtime.sample_plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
-from sdkit.runtime.sample_png import save_png
+from sdkit.runtime.sample_png import check_output_paths, output_paths, picture_paths, save_png  # noqa: F401
 
 # (label of the current picture run, steps done, steps in that run)
 RunProgress = Callable[[str, int, int], None]
@@ -54,24 +54,6 @@ class SampleResult:
     notes: list[str] = field(default_factory=list)
 
 
-def output_paths(output: Path, count: int) -> list[Path]:
-    """`OUT` for one picture, `OUT-0`, `OUT-1`, ... (same suffix) for several."""
-    if output.suffix.lower() != ".png":
-        raise SdkitError(f"{output}: the output must be a .png file")
-    if count == 1:
-        return [output]
-    width = len(str(count - 1))
-    return [output.with_name(f"{output.stem}-{index:0{width}d}{output.suffix}") for index in range(count)]
-
-
-def _check_outputs(paths: Sequence[Path], overwrite: bool) -> None:
-    for path in paths:
-        if path.exists() and not overwrite:
-            raise SdkitError(f"{path}: already exists (overwriting needs --force)")
-        if not path.parent.is_dir():
-            raise SdkitError(f"{path.parent}: no such folder for the output")
-
-
 def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: bool = False,
                progress: RunProgress | None = None) -> SampleResult:
     """Draw what `job` asks for and write it under `output`."""
@@ -81,10 +63,8 @@ def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: boo
     for value in job.xy.values if job.xy is not None else (None,):
         settings = job.settings if value is None else settings_with(job.settings, job.xy.parameter, value)
         check_settings(settings, job.batch)
-    output = Path(output)
-    pictures = 1 if (job.grid or job.xy is not None) else len(job.prompts) * job.batch
-    paths = output_paths(output, pictures)
-    _check_outputs(paths, overwrite)
+    paths = picture_paths(output, len(job.prompts), job.batch, one_picture=job.grid or job.xy is not None)
+    check_output_paths(paths, overwrite)
     library = Library(Path(job.library)) if job.library else None
     vae = resolve_file(job.vae, "vae", library, f"--vae {job.vae}") if job.vae else None
     adapters = resolve_adapters(job.adapters, library)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from sdkit.arch import FAMILIES, Identity, identify
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
 from sdkit.ops.convert_layout import extract_component
 from sdkit.ops.recipe_meta import input_sha256
@@ -393,7 +393,7 @@ def _require_base(path: Path, identity: Identity) -> None:
     if identity.family not in FAMILIES:
         raise SdkitError(f"{path}: unknown model family; cannot tell which VAEs fit it")
     if identity.variant != "normal":
-        raise SdkitError(f"{path}: a {identity.variant} model; the VAE check runs on text-to-image models")
+        raise SdkitError(f"{path}: {with_article(identity.variant)} model; the VAE check runs on text-to-image models")
 
 
 def _weights_file(path: Path) -> Path | None:

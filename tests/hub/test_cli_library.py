@@ -57,7 +57,7 @@ def test_reading_commands_create_nothing(place: str, tmp_path: Path, fake_civita
         expected = "not an sdkit library"
     else:
         root = make_folders(tmp_path / "webui", A1111_ROOT)
-        expected = "a a1111 folder that sdkit has not indexed yet; index it with `sdkit library scan"
+        expected = "an a1111 folder that sdkit has not indexed yet; index it with `sdkit library scan"
     lora = kohya_lora(root / "mystery.safetensors")
     before = tree(tmp_path)
     monkeypatch.chdir(root)

@@ -22,7 +22,8 @@ from sdkit.errors import SdkitError
 from sdkit.io import hash_file
 from sdkit.ops import bake_compute
 from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras, key_baker
-from sdkit.ops.bake_plan import check_adapter, open_base, parse_adapter_arg, plan_bake
+from sdkit.ops.adapter_input import parse_adapter_arg
+from sdkit.ops.bake_plan import check_adapter, open_base, plan_bake
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (configs, kohya_lora, lora_delta, save_folder, save_ldm, tiny_pipeline, write)
 
@@ -199,14 +200,15 @@ def test_sdxl_text_encoders_land_in_the_fused_thirds(sdxl, tmp_path):
         state, "lora_te2_text_model_encoder_layers_1_self_attn_q_proj"), rtol=1e-5, atol=1e-6)
 
 
-def test_wrong_family_is_refused_unless_forced(sd1, sdxl, tmp_path):
+def test_wrong_family_is_refused_unless_allowed(sd1, sdxl, tmp_path):
     state = _sdxl_text_lora(sdxl["pipe"])
     lora = write(tmp_path / "xl.safetensors", state, {"ss_base_model_version": "sdxl_base_v1-0"})
-    with pytest.raises(SdkitError, match=r"made for sdxl-base, the base is sd1 \(--force bakes it anyway\)"):
+    with pytest.raises(SdkitError, match=r"made for sdxl-base, the base is sd1 "
+                                         r"\(--allow-family-mismatch bakes it anyway\)"):
         bake_loras(sd1["single"], [AdapterInput(str(lora))], tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
     forced = bake_loras(sd1["single"], [AdapterInput(str(lora))], tmp_path / "forced.safetensors",
-                        BakeOptions(force=True))
+                        BakeOptions(allow_family_mismatch=True))
     report = forced.adapters[0]
     assert report.family_problem and report.mapped == 10  # lora_te1_ layers fit the sd1 encoder
     assert all("text_encoder_2" in reason for reason in report.unmapped.values())
@@ -294,7 +296,16 @@ def test_check_and_bake_commands(sd1, sdxl, tmp_path, capsys):
     code, out, _ = run(capsys, "bake", str(sd1["single"]), f"{lora}:0.5", "-o", str(target), "--json")
     assert code == 0 and json.loads(out)["adapters"][0]["strength"] == 0.5 and target.is_file()
     code, _, err = run(capsys, "bake", str(sd1["single"]), str(xl), "-o", str(tmp_path / "x.safetensors"))
-    assert code == 1 and err.startswith("sdkit: error:") and "--force" in err
+    assert code == 1 and err.startswith("sdkit: error:") and "--allow-family-mismatch" in err
+    # --force overwrites an output; it does not accept another family
+    code, _, err = run(capsys, "bake", str(sd1["single"]), str(xl), "-o", str(target), "--force")
+    assert code == 1 and "--allow-family-mismatch" in err
+    code, out, _ = run(capsys, "bake", str(sd1["single"]), str(xl), "-o", str(tmp_path / "x.safetensors"),
+                       "--allow-family-mismatch", "--json")
+    assert code == 0 and json.loads(out)["adapters"][0]["family_problem"]
+    code, _, err = run(capsys, "bake", str(sd1["single"]), str(xl), "-o", str(tmp_path / "x.safetensors"),
+                       "--allow-family-mismatch")
+    assert code == 1 and "already exists" in err
     code, _, err = run(capsys, "bake", str(sd1["single"]), str(lora), "-o", str(target))
     assert code == 1 and "already exists" in err
 

@@ -300,10 +300,12 @@ def test_lora_in_diffusers_names_warns_that_comfyui_and_a1111_miss_it(tmp_path, 
     back = convert_model(tmp_path / "peft.safetensors", tmp_path / "back.safetensors",
                          ConvertOptions(to="single-file"))
     assert back.warnings == []
-    code, out, err = run_main(capsys, "--quiet", "convert", str(tmp_path / "kohya.safetensors"), "--to", "diffusers",
-                              "-o", str(tmp_path / "again.safetensors"))
-    lines = err.strip().splitlines()
-    assert code == 0 and out == "" and len(lines) == 1 and lines[0].startswith("warning: ") and "ComfyUI" in lines[0]
+    args = ("convert", str(tmp_path / "kohya.safetensors"), "--to", "diffusers")
+    code, out, err = run_main(capsys, *args, "-o", str(tmp_path / "again.safetensors"))
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and len(warnings) == 1 and "ComfyUI" in warnings[0] and "--to single-file" in warnings[0]
+    code, out, err = run_main(capsys, "--quiet", *args, "-o", str(tmp_path / "quiet.safetensors"))
+    assert code == 0 and out == "" and err == ""  # --quiet: nothing on success, as for every writer
 
 
 def test_quiet_convert_prints_nothing(files, tmp_path, capsys):

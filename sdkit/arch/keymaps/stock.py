@@ -129,7 +129,7 @@ def stock_difference(layout: str, component: str, config: Mapping[str, Any]) -> 
     stock = STOCK.get(layout, {}).get(component)
     title = FAMILY_TITLES.get(layout, layout)
     if stock is None:
-        return f"no stock {title} model has a {component}"
+        return f"the released {title} model has no {component}"
     for name, value in stock.sizes.items():
         if not _same(config.get(name), value):
             return f"{name} {_shown(config.get(name))}, stock {title} {_shown(value)}"

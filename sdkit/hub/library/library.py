@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.hub.library.index import Entry, Index
 from sdkit.hub.library.layouts import LAYOUTS, Layout, detect_layout
 from sdkit.hub.placement import Method, Policy, place
@@ -123,7 +123,7 @@ class Library:
         root = root.resolve()
         library = cls(root, Index(index_path(root)))
         if library.layout is not None and library.layout.name != layout.name:
-            raise SdkitError(f"{root}: already a {library.layout.name} library")
+            raise SdkitError(f"{root}: already {with_article(library.layout.name)} library")
         for folder in layout.all_folders():
             (root / folder).mkdir(parents=True, exist_ok=True)
         with library.index.transaction():
@@ -153,7 +153,7 @@ class Library:
         layout = detect_layout(root)
         if layout is None:
             raise SdkitError(_not_a_library(root))
-        raise SdkitError(f"{root}: a {layout.name} folder that sdkit has not indexed yet; "
+        raise SdkitError(f"{root}: {with_article(layout.name)} folder that sdkit has not indexed yet; "
                          f"index it with `sdkit library scan {root}`")
 
     def close(self) -> None:

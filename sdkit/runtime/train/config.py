@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 
 METHODS = ("lora", "loha", "lokr", "ti", "hypernet", "dreambooth")
 NETWORK_METHODS = ("lora", "loha", "lokr")
@@ -354,7 +354,7 @@ def _check_output(config: TrainConfig) -> None:
         allowed = _SUFFIXES[config.method]
     if output.suffix.lower() not in allowed:
         wanted = "a folder name without a suffix" if allowed == ("",) else " or ".join(allowed)
-        raise SdkitError(f"{output}: a {config.method} output is {wanted}")
+        raise SdkitError(f"{output}: {with_article(config.method)} output is {wanted}")
     if not output.parent.is_dir():
         raise SdkitError(f"{output.parent}: no such folder for the output")
     if output.exists() and not config.run.overwrite:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from sdkit.arch import identify
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import open_model
 from sdkit.runtime.pipeline import load_model
 from sdkit.runtime.sample import Sampler, Settings
@@ -172,7 +172,7 @@ def adapter_kind(path: Path) -> str:
     with open_model(path) as model:
         kind = identify(model).kind
     if kind not in (*_ADAPTER_KINDS, "checkpoint"):
-        raise SdkitError(f"{path}: is a {kind}; verify takes a LoRA / LyCORIS, an embedding, a hypernetwork "
+        raise SdkitError(f"{path}: is {with_article(kind)}; verify takes a LoRA / LyCORIS, an embedding, a hypernetwork "
                          "or a checkpoint")
     return kind
 
