@@ -18,10 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdkit.io.unpickler import PickledTensor
+from sdkit.io.unpickler import PickledTensor, printable
 
 _MAX_DEPTH = 100
-_MAX_NODES = 2_000_000  # far above any real checkpoint; stops pickles built to explode
+# far above any real checkpoint (a few thousand tensors); stop pickles built to explode.
+# Nodes count a container shared by several parents once per parent, as printing or
+# flattening it would.
+_MAX_NODES = 2_000_000
+_MAX_NAMES = 200_000
+_MAX_NAME_LENGTH = 4096  # real tensor names are under 300 characters
 
 
 class FlattenError(ValueError):
@@ -38,23 +43,28 @@ class Flattened:
 class _Walker:
     def __init__(self) -> None:
         self.result = Flattened()
-        self._holds_tensor: dict[int, bool] = {}
+        self._measured: dict[int, tuple[bool, int]] = {}  # id -> (holds a tensor, nodes unfolded)
         self._open: set[int] = set()
         self._nodes = 0
 
-    def _count(self, depth: int) -> None:
-        self._nodes += 1
+    def _count(self, depth: int, nodes: int = 1) -> None:
+        self._nodes += nodes
         if self._nodes > _MAX_NODES:
-            raise FlattenError(f"more than {_MAX_NODES} objects")
+            raise FlattenError(f"more than {_MAX_NODES:,} objects once shared containers are counted "
+                               "where each occurs")
         if depth > _MAX_DEPTH:
             raise FlattenError(f"containers nested deeper than {_MAX_DEPTH} levels")
 
     def holds_tensor(self, value: Any, depth: int = 0) -> bool:
+        return self._measure(value, depth)[0]
+
+    def _measure(self, value: Any, depth: int = 0) -> tuple[bool, int]:
+        """(holds a tensor, nodes of the value unfolded as a tree)."""
         if isinstance(value, PickledTensor):
-            return True
+            return True, 1
         if not isinstance(value, (dict, list, tuple, set, frozenset)):
-            return False
-        known = self._holds_tensor.get(id(value))
+            return False, 1
+        known = self._measured.get(id(value))
         if known is not None:
             return known
         if id(value) in self._open:
@@ -62,16 +72,21 @@ class _Walker:
         self._count(depth)
         self._open.add(id(value))
         items = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)
-        found = False
+        found, nodes = False, 1
         for item in items:  # no short cut: every container is visited, so cycles are found
-            found = self.holds_tensor(item, depth + 1) or found
+            holds, inner = self._measure(item, depth + 1)
+            found, nodes = found or holds, nodes + inner
         self._open.discard(id(value))
-        self._holds_tensor[id(value)] = found
-        return found
+        self._measured[id(value)] = found, nodes
+        return found, nodes
 
     def add(self, name: str, value: Any, depth: int) -> None:
+        if len(name) > _MAX_NAME_LENGTH:  # else nesting a long key would repeat it in every name below
+            raise FlattenError(f"a name longer than {_MAX_NAME_LENGTH} characters ({printable(name)!r})")
         self._count(depth)
-        if not self.holds_tensor(value):
+        holds, nodes = self._measure(value)
+        if not holds:
+            self._count(depth, nodes - 1)  # kept whole: whoever prints it walks it all
             self._put(self.result.extra, name, value)
         elif isinstance(value, PickledTensor):
             self._put(self.result.tensors, name, value)
@@ -82,11 +97,13 @@ class _Walker:
             for index, item in enumerate(value):
                 self.add(_join(name, str(index)), item, depth + 1)
         else:
-            raise FlattenError(f"a tensor sits inside a set at {name!r}")
+            raise FlattenError(f"a tensor sits inside a set at {printable(name)!r}")
 
     def _put(self, target: dict[str, Any], name: str, value: Any) -> None:
         if name in self.result.tensors or name in self.result.extra:
-            raise FlattenError(f"two entries flatten to the same name {name!r}")
+            raise FlattenError(f"two entries flatten to the same name {printable(name)!r}")
+        if len(self.result.tensors) + len(self.result.extra) >= _MAX_NAMES:
+            raise FlattenError(f"more than {_MAX_NAMES:,} tensor and value names")
         target[name] = value
 
 

@@ -19,6 +19,7 @@ import os
 import struct
 import weakref
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -26,7 +27,8 @@ from sdkit.errors import SdkitError
 from sdkit.io.flatten import FlattenError, Flattened, flatten_checkpoint
 from sdkit.io.mapped import map_region, tensor_from_mapping, torch_dtype
 from sdkit.io.model_file import DTYPE_BITS, ModelFile, TensorInfo
-from sdkit.io.unpickler import PickledTensor, StorageRef, restricted_load
+from sdkit.io.pickle_guard import PickleGuard
+from sdkit.io.unpickler import PickledTensor, StorageRef, printable, restricted_load
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +36,10 @@ if TYPE_CHECKING:
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
-_MAX_PICKLE_BYTES = 1 << 30  # data.pkl of the largest real checkpoints is a few MB
+_MAX_PICKLE_BYTES = 64 << 20  # data.pkl of the largest real checkpoints is a few MB
+# the bytes all tensor names claim, against the file's size: tied weights repeat a
+# storage under a few names; a file whose views claim more is built to amplify
+_MAX_CLAIM_FACTOR = 4
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
 
 
@@ -56,34 +61,34 @@ class _ZipStorages:
             ref = self.refs[key] = StorageRef(key, dtype, nbytes)
             ref.file_offset = self._record_offset(key, nbytes)
         elif ref.dtype != dtype or ref.nbytes != nbytes:
-            raise _invalid(self.path, f"storage {key!r} is declared twice differently")
+            raise _invalid(self.path, f"storage {printable(key)!r} is declared twice differently")
         return ref
 
     def _record_offset(self, key: str, nbytes: int) -> int:
         try:
             record = self.archive.getinfo(f"{self.prefix}data/{key}")
         except KeyError:
-            raise _invalid(self.path, f"storage {key!r} is missing from the archive") from None
+            raise _invalid(self.path, f"storage {printable(key)!r} is missing from the archive") from None
         if record.compress_type != zipfile.ZIP_STORED:
-            raise _invalid(self.path, f"storage {key!r} is compressed; PyTorch stores them raw")
+            raise _invalid(self.path, f"storage {printable(key)!r} is compressed; PyTorch stores them raw")
         if record.file_size < nbytes:
-            raise _invalid(self.path, f"storage {key!r} has {record.file_size} bytes, "
+            raise _invalid(self.path, f"storage {printable(key)!r} has {record.file_size} bytes, "
                                       f"{nbytes} declared")
         self.file.seek(record.header_offset)
         local = self.file.read(_LOCAL_HEADER.size)
         if len(local) < _LOCAL_HEADER.size or local[:4] != b"PK\x03\x04":
-            raise _invalid(self.path, f"storage {key!r}: broken zip entry")
+            raise _invalid(self.path, f"storage {printable(key)!r}: broken zip entry")
         name_length, extra_length = _LOCAL_HEADER.unpack(local)[1:]
         offset = record.header_offset + _LOCAL_HEADER.size + name_length + extra_length
         if offset + nbytes > self.file_size:
-            raise _invalid(self.path, f"storage {key!r} runs past the end of the file")
+            raise _invalid(self.path, f"storage {printable(key)!r} runs past the end of the file")
         return offset
 
 
 def _read_record(path: Path, archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
     record = archive.getinfo(name)
     if record.file_size > limit:
-        raise _invalid(path, f"{name} declares {record.file_size} bytes")
+        raise _invalid(path, f"{name} declares {record.file_size:,} bytes (sdkit's limit: {limit:,})")
     try:
         return archive.read(record)
     except Exception as exc:  # zipfile raises a wide variety on damaged entries
@@ -124,18 +129,19 @@ def _load_legacy(path: Path, file: BinaryIO) -> Any:
     def record(key: str, dtype: str, nbytes: int) -> StorageRef:
         ref = refs.setdefault(key, StorageRef(key, dtype, nbytes))
         if ref.dtype != dtype or ref.nbytes != nbytes:
-            raise _invalid(path, f"storage {key!r} is declared twice differently")
+            raise _invalid(path, f"storage {printable(key)!r} is declared twice differently")
         return ref
 
-    if restricted_load(file, path, no_storage) != _LEGACY_MAGIC:
+    guard = PickleGuard()  # one budget for the file's five pickles
+    if restricted_load(file, path, no_storage, guard) != _LEGACY_MAGIC:
         raise _invalid(path, "not a torch.save file (magic number missing)")
-    if restricted_load(file, path, no_storage) != _LEGACY_PROTOCOL:
+    if restricted_load(file, path, no_storage, guard) != _LEGACY_PROTOCOL:
         raise _invalid(path, "unsupported legacy protocol version")
-    system = restricted_load(file, path, no_storage)
+    system = restricted_load(file, path, no_storage, guard)
     if not isinstance(system, dict) or system.get("little_endian") is not True:
         raise _invalid(path, "big-endian checkpoints are not supported")
-    obj = restricted_load(file, path, record)
-    keys = restricted_load(file, path, no_storage)
+    obj = restricted_load(file, path, record, guard)
+    keys = restricted_load(file, path, no_storage, guard)
     _locate_legacy_storages(path, file, refs, keys)
     return obj
 
@@ -154,7 +160,7 @@ def _locate_legacy_storages(path: Path, file: BinaryIO, refs: dict[str, StorageR
         ref.file_offset = position + 8
         position = ref.file_offset + count * DTYPE_BITS[ref.dtype] // 8
         if count * DTYPE_BITS[ref.dtype] != ref.nbytes * 8 or position > file_size:
-            raise _invalid(path, f"storage {key!r} is truncated or has the wrong size")
+            raise _invalid(path, f"storage {printable(key)!r} is truncated or has the wrong size")
 
 
 class _CheckpointTensors:
@@ -169,9 +175,12 @@ class _CheckpointTensors:
         self.mappings: weakref.WeakValueDictionary[str, mmap.mmap] = weakref.WeakValueDictionary()
 
     def load(self, name: str) -> "torch.Tensor":
+        return self.view(self.tensors[name], name)
+
+    def view(self, placeholder: PickledTensor, name: str) -> "torch.Tensor":
+        """The tensor `placeholder` describes, over the file's mapped bytes."""
         import torch
 
-        placeholder = self.tensors[name]
         dtype = torch_dtype(placeholder.dtype, f"{self.path}: tensor {name!r}")
         if 0 in placeholder.shape:
             return torch.empty(placeholder.shape, dtype=dtype)
@@ -222,6 +231,13 @@ def _flatten(path: Path, obj: Any) -> Flattened:
         raise _invalid(path, str(exc)) from None
 
 
+def check_claims(path: Path, claimed: int, file_size: int) -> None:
+    """Refuse views that together claim far more bytes than the file holds."""
+    if claimed > _MAX_CLAIM_FACTOR * file_size:
+        raise _invalid(path, f"its tensors claim {claimed:,} bytes, more than {_MAX_CLAIM_FACTOR} times "
+                             f"the file's {file_size:,} (the same storage viewed under many names)")
+
+
 def open_checkpoint(path: Path) -> ModelFile:
     """ModelFile over a torch.save file; tensors are mapped lazily on load."""
     fileno = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
@@ -230,6 +246,7 @@ def open_checkpoint(path: Path) -> ModelFile:
             obj = _read_object(path, file)
         flat = _flatten(path, obj)
         size = os.fstat(fileno).st_size
+        check_claims(path, sum(tensor.nbytes for tensor in flat.tensors.values()), size)
     except BaseException:
         os.close(fileno)
         raise
@@ -241,3 +258,81 @@ def open_checkpoint(path: Path) -> ModelFile:
     tensors = _CheckpointTensors(path, fileno, flat.tensors)
     return ModelFile(path=path, format="pickle", infos=infos, metadata=flat.metadata, extra=extra,
                      size_bytes=size, _loader=tensors.load, _closer=tensors.close)
+
+
+# ---- whole objects with real tensors (training states) ---------------------------------
+
+_MAX_OBJECT_DEPTH = 100
+_MAX_OBJECT_NODES = 2_000_000  # counting a shared container once per place it occurs
+_OPEN = object()
+
+
+class _Materializer:
+    """Rebuilds an unpickled object with in-memory copies of its tensors.
+
+    Shared containers stay shared (built once), cycles and tensors inside keys or sets are
+    refused, and depth and unfolded size are bounded: a consumer may print or compare the
+    result. Copies are counted against the file's size as they are made.
+    """
+
+    def __init__(self, path: Path, tensors: _CheckpointTensors, file_size: int) -> None:
+        self.path, self.tensors, self.file_size = path, tensors, file_size
+        self.built: dict[int, Any] = {}  # id of a placeholder or container -> (result, nodes)
+        self.claimed = 0
+
+    def __call__(self, value: Any, depth: int = 0, in_key: bool = False) -> tuple[Any, int]:
+        """(value with real tensors, its node count unfolded)."""
+        if not isinstance(value, (PickledTensor, dict, list, tuple, set, frozenset)):
+            return value, 1
+        if in_key and isinstance(value, PickledTensor):
+            raise _invalid(self.path, "a tensor is used as a dict key or set member")
+        known = self.built.get(id(value))
+        if known is _OPEN:
+            raise _invalid(self.path, "a container contains itself")
+        if known is not None:
+            return known
+        if depth > _MAX_OBJECT_DEPTH:
+            raise _invalid(self.path, f"containers nested deeper than {_MAX_OBJECT_DEPTH} levels")
+        self.built[id(value)] = _OPEN
+        result = self._tensor(value) if isinstance(value, PickledTensor) else \
+            self._container(value, depth, in_key)
+        self.built[id(value)] = result
+        return result
+
+    def _tensor(self, placeholder: PickledTensor) -> tuple[Any, int]:
+        self.claimed += placeholder.nbytes
+        check_claims(self.path, self.claimed, self.file_size)
+        return self.tensors.view(placeholder, "(unnamed)").clone(), 1
+
+    def _container(self, value: Any, depth: int, in_key: bool) -> tuple[Any, int]:
+        nodes = 1
+
+        def rebuilt(item: Any, key: bool) -> Any:
+            nonlocal nodes
+            result, inner = self(item, depth + 1, key)
+            nodes += inner
+            if nodes > _MAX_OBJECT_NODES:
+                raise _invalid(self.path, f"more than {_MAX_OBJECT_NODES:,} objects once shared "
+                                          "containers are counted where each occurs")
+            return result
+
+        if isinstance(value, dict):
+            pairs = [(rebuilt(key, True), rebuilt(item, in_key)) for key, item in value.items()]
+            return (OrderedDict(pairs) if isinstance(value, OrderedDict) else dict(pairs)), nodes
+        in_set = in_key or isinstance(value, (set, frozenset))
+        return type(value)(rebuilt(item, in_set) for item in value), nodes
+
+
+def load_torch_object(path: Path) -> Any:
+    """The object a torch.save file holds, read without running any pickled code, with
+    its tensors copied into memory: for small files such as training states. Holds only
+    tensors, numbers, strings, None and plain containers (dict, OrderedDict, list, tuple,
+    set, frozenset, slice, complex, bytes); SdkitError for anything else."""
+    fileno = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    tensors = _CheckpointTensors(path, fileno, {})
+    try:
+        with os.fdopen(os.dup(fileno), "rb") as file:
+            obj = _read_object(path, file)
+        return _Materializer(path, tensors, os.fstat(fileno).st_size)(obj)[0]
+    finally:
+        tensors.close()
