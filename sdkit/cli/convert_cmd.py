@@ -21,7 +21,8 @@ from sdkit.cli.terminal import SafeConsole
 @click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers"]),
               default="safetensors", show_default=True,
               help="safetensors: keep the key layout; single-file: LDM / A1111 keys (kohya names "
-                   "for LoRA); diffusers: a diffusers folder (diffusers / peft names for LoRA).")
+                   "for LoRA, what ComfyUI and A1111 load); diffusers: a diffusers folder (diffusers / peft "
+                   "names for LoRA, for diffusers only: ComfyUI and A1111 miss them on SD/SDXL).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Cast float tensors (integer tensors are never touched).")
 @click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
@@ -57,11 +58,13 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
     with progress_bar(console, quiet, "converting") as advance:
         result = convert_model(source, output, settings, progress=advance)
-    if as_json:
+    if as_json:  # warnings are in it
         click.echo(json.dumps(result.to_json(), indent=2))
         return
     if quiet:
         return
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     for line in _report_lines(result):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

@@ -45,7 +45,8 @@ from sdkit.cli.terminal import SafeConsole
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=str),
               help="Run a YAML recipe (inputs, method, params, blocks, …); options given here override it.")
 @click.option("--replay", "replay_file", type=click.Path(path_type=str),
-              help="Re-run the recipe stored in a merged file and check the tensors are identical.")
+              help="Re-run the recipe stored in a merged file: check the tensors are identical, "
+                   "or with -o write the result there.")
 @click.option("--list-methods", is_flag=True, help="List the merge methods and their parameters.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.pass_context
@@ -66,6 +67,14 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
         if inputs or recipe_file:
             raise click.UsageError("--replay takes no inputs and no --recipe")
         require_inputs(replay_file)
+        if output:
+            require_output(output, (replay_file,), force=force, suffixes=SAFETENSORS)
+            from sdkit.ops.merge import replay_into
+
+            with progress_bar(console, quiet, "replaying") as advance:
+                written = replay_into(replay_file, output, overwrite=force, threads=threads, progress=advance)
+            _report_merge(written, as_json, console)
+            return
         from sdkit.ops.merge import replay_merge
 
         with progress_bar(console, quiet, "replaying") as advance:
@@ -83,6 +92,7 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
             raise click.UsageError(f"{recipe_file} names no output: give -o/--output")
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
+    _check_arity(recipe)
     with progress_bar(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
@@ -108,6 +118,22 @@ def _recipe_from_inputs(inputs: tuple[str, ...]) -> Any:
     from sdkit.ops.merge import MergeRecipe, RecipeInput
 
     return MergeRecipe([RecipeInput(path) for path in inputs], "weighted_sum")
+
+
+def _check_arity(recipe: Any) -> None:
+    """A method given the wrong number of models is a usage error (an unknown method is
+    left to the merge, which lists the known ones)."""
+    from sdkit.errors import SdkitError
+    from sdkit.ops.merge import get_method
+
+    try:
+        method = get_method(recipe.method)
+    except SdkitError:
+        return
+    try:
+        method.check_inputs(len(recipe.inputs))
+    except SdkitError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _override(recipe: Any, options: dict[str, Any]) -> Any:

@@ -5,9 +5,14 @@ all on lazy tensors, in this order:
 1. `--ema` puts the EMA weights in the UNet's place; `--prune` drops what is not model
    weights; `--fix-clip` rewrites broken CLIP position ids (without it they are noted);
 2. the layout changes if asked (single-file ⇄ diffusers) and `--only` keeps one component;
-3. float tensors are cast (`--dtype`, `--keep-fp32`, overflow policy);
+   a config.json derived from LDM weights takes what no weight says (attention heads, norm
+   groups, sample size, …) from the released model of the same sizes; a model of other
+   sizes needs `--config` and is refused without it (`sdkit.arch.keymaps.stock`);
+3. float tensors are cast (`--dtype`, `--keep-fp32`, overflow policy); CLIP position ids
+   never are (they index a table; `--fix-clip` rewrites broken ones as int64);
 4. the streaming writer pulls one tensor at a time into a safetensors file, a component
-   folder or a diffusers pipeline folder — always atomically.
+   folder or a diffusers pipeline folder — always atomically. A conversion that would
+   only copy its safetensors input although something was asked of it is refused.
 Pickle inputs are read by the restricted unpickler; tensors that share storage come out
 as separate copies of their own bytes (safetensors cannot alias) and are reported.
 LoRA and embedding files go to `convert_lora` / `convert_embedding`.
@@ -23,11 +28,13 @@ from typing import Any, Callable, Mapping
 from sdkit.arch import Identity, identify
 from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
+from sdkit.arch.keymaps.stock import complete_configs
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.output_path import check_output_path
-from sdkit.ops.convert_folder import build_in_partial, write_component_folder, write_on_workers, write_pipeline_folder
+from sdkit.ops.convert_folder import (build_in_partial, stored_tensors, write_component_folder, write_on_workers,
+                                     write_pipeline_folder)
 from sdkit.ops.convert_layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
                                       is_ldm_checkpoint, model_view)
 from sdkit.ops.convert_precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
@@ -40,6 +47,7 @@ Progress = Callable[[int], None]
 TARGETS = ("safetensors", "single-file", "diffusers")
 DTYPES = ("fp32", "fp16", "bf16")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+_POSITION_IDS = "position_ids"
 _SHOWN = 3
 
 
@@ -94,6 +102,7 @@ class ConvertResult:
     shared: list[list[str]] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)  # no place in the output layout
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what a user must know even with --quiet
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,7 +111,7 @@ class ConvertResult:
             "precision": self.precision.to_json() if self.precision else None,
             "prune": self.prune.to_json(), "fixed_position_ids": self.fixed_position_ids,
             "broken_position_ids": self.broken_position_ids, "shared_tensors": self.shared,
-            "left_out": len(self.left_out), "notes": self.notes,
+            "left_out": len(self.left_out), "notes": self.notes, "warnings": self.warnings,
         }
 
 
@@ -176,6 +185,7 @@ class _ModelConversion:
         self.result = ConvertResult(output, "file", identity.kind, identity.family, "ldm")
         self.result.shared = list(model.extra.get("__shared__") or [])
         self.input_hash = input_hash  # runs while the output is planned and written
+        self.resolution: int | None = None  # pixels per side the model draws at, where a config says it
 
     def run(self) -> ConvertResult:
         try:
@@ -196,7 +206,10 @@ class _ModelConversion:
             raise SdkitError(f"{self.model.path}: has no {self.options.only} "
                              f"(it holds {', '.join(view.components) or 'no model component'})")
         self.convention = self._target_convention(view)
+        # the model's own configs or --config's say its size; a released model's is the family's
+        self.resolution = _drawn_size({**view.configs, **self.configs})
         converted = convert_view(view, self.convention, self.configs)
+        self._complete_configs(view, converted)
         self.result.left_out = converted.dropped
         outputs, sources = self._select(view, converted)
         self.result.convention = self.convention
@@ -246,9 +259,31 @@ class _ModelConversion:
                              "encoder to convert between single-file and diffusers layouts")
         return "ldm" if self.options.to == "single-file" else "diffusers"
 
+    def _written_component(self, view: ModelView) -> str | None:
+        """The one component written (--only, or a lone component's file); None: all of them."""
+        return self.options.only or (view.components[0] if view.standalone else None)
+
+    def _writes_as_file(self) -> bool:
+        return self.output.suffix.lower() in _SAFETENSORS_SUFFIXES
+
+    def _complete_configs(self, view: ModelView, converted: Converted) -> None:
+        """Configs derived from LDM weights that go into the output's config.json files get
+        what the weights do not say from the released model of their sizes, or are refused."""
+        if self.convention != "diffusers" or view.convention == "diffusers" or self._writes_as_file():
+            return  # no config is derived, or none is written
+        component = self._written_component(view)
+        written = [component] if component else view.components
+        derived = {name: converted.configs[name] for name in written
+                   if name in converted.configs and name not in self.configs}
+        try:
+            completed = complete_configs(view.layout, derived)
+        except SdkitError as exc:
+            raise SdkitError(f"{self.model.path}: {exc}") from None
+        converted.configs.update(completed)
+
     def _select(self, view: ModelView, converted: Converted) -> tuple[dict[str, LazyTensor], dict[str, list[str]]]:
         """Output tensors by final name, and the names each is made from (for --keep-fp32)."""
-        component = self.options.only or (view.components[0] if view.standalone else None)
+        component = self._written_component(view)
         if component is None:
             return converted.tensors, {n: [n, *converted.sources[n]] for n in converted.tensors}
         prefix = component_prefix(view, component, self.convention)
@@ -276,14 +311,44 @@ class _ModelConversion:
         if self.options.dtype is None:
             return outputs
         code = NAME_TO_CODE[self.options.dtype]
-        cast, report = cast_tensors(outputs, code, keep=self.options.keep_fp32, sources=sources,
+        # position ids index the position embeddings: a float copy left by a merge stays as
+        # it is (reported as kept), never rounded into another float type
+        castable = {name: lazy for name, lazy in outputs.items() if not name.endswith(_POSITION_IDS)}
+        cast, report = cast_tensors(castable, code, keep=self.options.keep_fp32, sources=sources,
                                     policy=self.options.overflow)
         self.result.precision = report
-        return cast
+        return {name: cast.get(name, lazy) for name, lazy in outputs.items()}
+
+    def _copies_input(self, final: Mapping[str, LazyTensor]) -> bool:
+        """Whether the output file would hold the safetensors input's tensors as they are."""
+        if self.model.format != "safetensors" or self.model.components or not self._writes_as_file():
+            return False
+        if self.result.prune.dropped or self.result.prune.ema_swapped or self.result.fixed_position_ids:
+            return False
+        return {name: (lazy.dtype, lazy.shape) for name, lazy in final.items()} == \
+            {name: (info.dtype, info.shape) for name, info in self.model.infos.items()}
+
+    def _refuse_a_copy(self, final: Mapping[str, LazyTensor]) -> None:
+        """Refuse when what was asked (a dtype, pruning, a CLIP fix) changes nothing."""
+        if not (self.options.dtype or self.options.prune or self.options.fix_clip) or not self._copies_input(final):
+            return
+        reasons = []
+        if self.options.dtype:
+            reasons.append(f"its float tensors are already {self.options.dtype}"
+                           + (" or kept by --keep-fp32" if self.options.keep_fp32 else ""))
+        if self.options.prune:
+            reasons.append("it has nothing to prune")
+        if self.options.fix_clip:
+            reasons.append("its CLIP position ids are not broken")
+        elif self.result.broken_position_ids:
+            reasons.append("CLIP position ids are never cast; --fix-clip rewrites broken ones")
+        raise SdkitError(f"{self.model.path}: nothing would change ({', '.join(reasons)}); "
+                         "the output would be a copy of the input")
 
     def _write(self, view: ModelView, converted: Converted, outputs: dict[str, LazyTensor],
                sources: dict[str, list[str]]) -> None:
         final = self._cast(outputs, sources)
+        self._refuse_a_copy(final)
         try:
             self._write_output(view, converted, final)
         except OverflowStop:
@@ -299,15 +364,15 @@ class _ModelConversion:
 
     def _metadata(self, component: str | None) -> dict[str, str]:
         implementation = DIFFUSERS_IMPLEMENTATION if self.convention == "diffusers" else None
-        facts = SpecFacts.from_identity(self.identity, implementation=implementation,
+        facts = SpecFacts.from_identity(self.identity, implementation=implementation, resolution=self.resolution,
                                         adapter="vae" if component == "vae" else None)
         carried = {} if self.model.components else self.model.metadata
         return build_metadata("convert", [self.model.path], self.options.to_json(), facts, title=self.output.stem,
                               carried=carried, hashes={str(self.model.path): self.input_hash.placeholder})
 
     def _write_output(self, view: ModelView, converted: Converted, tensors: dict[str, LazyTensor]) -> None:
-        component = self.options.only or (view.components[0] if view.standalone else None)
-        as_file = self.output.suffix.lower() in _SAFETENSORS_SUFFIXES
+        component = self._written_component(view)
+        as_file = self._writes_as_file()
         if self.convention == "diffusers" and component is None:
             if as_file:
                 raise SdkitError(f"{self.output}: a diffusers pipeline is a folder; give a folder path "
@@ -322,6 +387,8 @@ class _ModelConversion:
         else:
             if not as_file:
                 raise SdkitError(f"{self.output}: the output must be a .safetensors file")
+            if self.convention == "diffusers" and component is not None:
+                tensors = stored_tensors(component, tensors)
             write_file(self.output, tensors, self._metadata(component), self.input_hash, self.options.force,
                        self.progress)
 
@@ -336,6 +403,15 @@ class _ModelConversion:
         self.result.notes += folder.notes
         for name, where in folder.tokenizers.items():
             self.result.notes.append(f"{name}/ copied from {where}")
+
+
+def _drawn_size(configs: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """Pixels per side the model draws at: the UNet's sample size times the VAE's scale."""
+    unet, vae = configs.get("unet") or {}, configs.get("vae") or {}
+    latents, levels = unet.get("sample_size"), vae.get("block_out_channels")
+    if not isinstance(latents, int) or not isinstance(levels, list) or not levels:
+        return None
+    return latents * 2 ** (len(levels) - 1)
 
 
 def write_file(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str],

@@ -95,6 +95,15 @@ def _check_options(options: ConvertOptions, output: Path) -> None:
         raise SdkitError(f"{output}: the diffusers layout is a .safetensors file")
 
 
+def _refuse_a_copy(model: ModelFile, tensors: Mapping[str, LazyTensor], options: ConvertOptions) -> None:
+    """A --dtype that casts nothing of a safetensors embedding kept in its layout is a copy."""
+    same = {name: (lazy.dtype, lazy.shape) for name, lazy in tensors.items()} == \
+        {name: (info.dtype, info.shape) for name, info in model.infos.items()}
+    if options.dtype and model.format == "safetensors" and same:
+        raise SdkitError(f"{model.path}: nothing would change (its vectors are already {options.dtype}); "
+                         "the output would be a copy of the input")
+
+
 def convert_embedding_file(model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
                            progress: Callable[[int], None] | None) -> ConvertResult:
     """Write the embedding in `model` in the layout `options.to` and the suffix ask for."""
@@ -115,6 +124,7 @@ def convert_embedding_file(model: ModelFile, identity: Identity, output: Path, o
         result.tensors = 1
     else:
         tensors = embedding_tensors(embedding, layout, dtype)
+        _refuse_a_copy(model, tensors, options)
         write_safetensors(output, tensors, metadata, overwrite=options.force, progress=progress)
         result.tensors = len(tensors)
     if sdxl and options.to == "diffusers":

@@ -3,7 +3,8 @@
 The folder holds `model_index.json`, each component's `config.json` (the config the key
 plan followed) with its weights written by the streaming writer
 (`diffusion_pytorch_model.safetensors` for UNet / VAE, `model.safetensors` for text
-encoders), a scheduler config, and tokenizers when one can be had without the network:
+encoders, whose keys all sit under `text_model.` as transformers 4 and ComfyUI read
+them), a scheduler config, and tokenizers when one can be had without the network:
 from `config_dir` (a local diffusers folder of the same model), else from the family's
 reference repository in the local Hugging Face cache when its vocabulary fits the text
 encoder. A single file holds no tokenizer; without either source the folder is written
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from sdkit.arch.keymaps import stored_clip_names
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.output_path import build_in_partial
@@ -164,6 +166,11 @@ def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str,
     return found
 
 
+def stored_tensors(component: str, tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """A diffusers component's tensors named as its weight file stores them."""
+    return stored_clip_names(tensors) if component in _TOKENIZER_OF else dict(tensors)
+
+
 def write_component_folder(folder: Path, component: str, tensors: Mapping[str, LazyTensor],
                            config: Mapping[str, Any], metadata: Mapping[str, str],
                            progress: Progress | None = None, finish: Finish | None = None) -> None:
@@ -173,7 +180,8 @@ def write_component_folder(folder: Path, component: str, tensors: Mapping[str, L
     patch a digest into its metadata).
     """
     _write_json(folder / "config.json", component_config(component, config))
-    write_on_workers(folder / _WEIGHT_NAMES[component], tensors, metadata, progress=progress, finish=finish)
+    write_on_workers(folder / _WEIGHT_NAMES[component], stored_tensors(component, tensors), metadata,
+                     progress=progress, finish=finish)
 
 
 def write_on_workers(path: Path, tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str],

@@ -12,6 +12,12 @@ Module names are resolved on the base model's structure (`sdkit.adapters.lora_na
 written as sdkit's LoRA writer names them (`sdkit.adapters.lora_export`).
 Plain LoRA / LoCon modules convert; LyCORIS algorithms, Tucker `lora_mid`, DoRA and bias
 deltas have no diffusers-side spelling here and are refused with their names.
+
+The diffusers names are for diffusers' `load_lora_weights`. For SD 1.x / 2.x / SDXL bases
+ComfyUI and A1111 miss them: ComfyUI's `model_lora_keys_unet` spells diffusers attention
+layers `unet.<path>.processor.to_q` (`to_out.0` as `processor.to_out`), A1111 cuts a key at
+its first dot and looks up `unet`. Both load kohya names (`lora_unet_…`, `lora_te_…`), so
+kohya stays the layout a LoRA keeps unless asked, and writing diffusers names warns.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ if TYPE_CHECKING:
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 STYLES = {"single-file": "kohya", "diffusers": "diffusers"}
 _SHOWN = 3
+_WEBUI_LAYOUTS = ("sd1", "sd2", "sdxl", "sdxl_refiner")  # bases whose WebUI loaders want kohya names
+WEBUI_WARNING = ("diffusers-named LoRA layers for SD 1.x / 2.x / SDXL are not found by ComfyUI or A1111 "
+                 "(their loaders map kohya names, lora_unet_… / lora_te_…); for them convert with "
+                 "--to single-file (kohya)")
 
 
 def _alpha_tensor(alpha: float) -> "torch.Tensor":
@@ -178,6 +188,15 @@ def _renamed(model: ModelFile, identity: Identity, style: str | None,
     return tensors, {ADAPTER_METADATA_KEY: config}, layout
 
 
+def _refuse_a_copy(model: ModelFile, final: dict[str, LazyTensor], dtype: str) -> None:
+    """A cast that casts nothing of a safetensors LoRA kept in its own names is a copy."""
+    same = {name: (lazy.dtype, lazy.shape) for name, lazy in final.items()} == \
+        {name: (info.dtype, info.shape) for name, info in model.infos.items()}
+    if model.format == "safetensors" and same:
+        raise SdkitError(f"{model.path}: nothing would change (its float tensors are already {dtype}); "
+                         "the output would be a copy of the input")
+
+
 def _implementation(style: str | None, source: str, layout: str | None) -> str | None:
     """ModelSpec implementation as sd-scripts writes it for kohya LoRA (sgm for SDXL)."""
     if (style or source) == "kohya" and layout and layout.startswith("sdxl"):
@@ -196,6 +215,9 @@ def convert_lora_file(model: ModelFile, identity: Identity, output: Path, option
     if options.dtype is not None:
         final, result.precision = cast_tensors(tensors, NAME_TO_CODE[options.dtype], keep=options.keep_fp32,
                                                policy=options.overflow)
+        _refuse_a_copy(model, final, options.dtype)
+    if style == "diffusers" and layout in _WEBUI_LAYOUTS:
+        result.warnings.append(WEBUI_WARNING)
     # peft alphas describe diffusers names only: kohya files carry theirs in `.alpha` tensors
     carried = {k: v for k, v in model.metadata.items() if style != "kohya" or k != ADAPTER_METADATA_KEY}
     facts = SpecFacts.from_identity(identity, adapter="lora",

@@ -8,7 +8,8 @@ config with empty weights and the (converted) tensors are assigned to it. Nothin
 downloaded and diffusers' `from_single_file` is never called.
 
 What weights cannot tell comes from, in order: `config` (a local diffusers folder of
-the same architecture), the model's own folder, and family defaults:
+the same architecture), the model's own folder, and family defaults (a model whose
+sizes are not the released ones and cannot be built with them asks for `config`):
 - tokenizers: `config/tokenizer[_2]`, the model folder's, a companion folder
   `<file>.tokenizer/` beside a single file (the tokenizer files themselves, or
   `tokenizer/` and `tokenizer_2/` in it), then the local Hugging Face cache of the
@@ -318,8 +319,14 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
         view = model_view(model, identity)
         converted = convert_view(view, "diffusers", {c: given[c] for c in _MODEL_COMPONENTS if c in given})
         extras = _own_configs(model, given)
-        modules = _build_components(path, config_dir, identity, converted.tensors, converted.configs,
-                                    given, torch_dtype, require_vae)
+        # in the order they are built, so the message names the part that failed first
+        derived = [c for c in _MODEL_COMPONENTS if c in converted.configs and c not in given] \
+            if view.convention == "ldm" else []
+        try:
+            modules = _build_components(path, config_dir, identity, converted.tensors, converted.configs,
+                                        given, torch_dtype, require_vae)
+        except ValueError as exc:  # diffusers / torch refuse a module the derived config describes
+            raise _needs_config(path, view.layout, converted.configs, derived) or exc from None
     vae_path = Path(vae) if vae is not None else None
     if vae_path is not None:
         if "vae" not in modules:
@@ -332,6 +339,15 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
     pipe.to(torch_device)
     return LoadedModel(pipe, path, identity, LAYOUT_OF_FAMILY[identity.family], dict(scheduler_config),
                        torch_device, torch_dtype, vae_path, hashes)
+
+
+def _needs_config(path: Path, layout: str, configs: Mapping[str, dict], derived: list[str]) -> SdkitError | None:
+    """Why configs read off a single file's weights cannot build its model: a size that is
+    not the released model's, so settings such as the norm groups are guesses."""
+    from sdkit.arch.keymaps.stock import needs_config_message
+
+    why = needs_config_message(layout, configs, derived)
+    return SdkitError(f"{path}: {why}") if why else None
 
 
 def _build_components(path: Path, config_dir: Path | None, identity: Identity,

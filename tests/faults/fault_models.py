@@ -118,4 +118,8 @@ def build_fault_models(folder: Path) -> dict[str, Path]:
     save_file(random_tensors(vae_shapes, seed=5), str(paths["vae"]))
     save_file({"emb_params": torch.randn(2, TEXT_WIDTH)}, str(paths["embedding"]))
     paths["tokenizer"] = write_tokenizer(folder / "pipeline" / "tokenizer").parent
+    paths["config"] = folder / "config"  # the --config of a diffusers conversion: component configs
+    for name, module in modules.items():
+        (paths["config"] / name).mkdir(parents=True)
+        (paths["config"] / name / "config.json").write_text(json.dumps(_config(module)), "utf-8")
     return paths

@@ -34,7 +34,8 @@ WRITING_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
 }
 # every command that writes a diffusers folder at OUT
 FOLDER_COMMANDS: dict[str, Callable[[dict[str, Path], Path], list[str]]] = {
-    "convert diffusers": lambda i, out: ["convert", str(i["a"]), "--to", "diffusers", "-o", str(out)],
+    "convert diffusers": lambda i, out: ["convert", str(i["a"]), "--to", "diffusers", "--config", str(i["config"]),
+                                         "-o", str(out)],
     "embed add": lambda i, out: ["embed", "add", str(i["a"]), f"{i['embedding']}:mystyle", "--to", "diffusers",
                                  "-o", str(out), "--tokenizer", str(i["tokenizer"])],
 }

@@ -61,7 +61,7 @@ def make_old_output(target: Path) -> dict[str, str]:
 # the same for every folder) and embed add
 KILLED_COMMANDS = {
     "convert text encoder": lambda i, out: ["convert", str(i["a"]), "--only", "text_encoder", "--to", "diffusers",
-                                            "-o", str(out)],
+                                            "--config", str(i["config"]), "-o", str(out)],
     "embed add": FOLDER_COMMANDS["embed add"],
 }
 VAE_FOLDER = lambda i, out: ["vae", "extract", str(i["a"]), "--to", "diffusers", "-o", str(out)]  # noqa: E731

@@ -57,12 +57,13 @@ def test_single_file_to_diffusers_and_back_is_bit_exact(files, tmp_path, family)
     ldm = S.ldm_state(family)
     junk = {"alphas_cumprod": torch.rand(1000), "model_ema.decay": torch.tensor(0.9999)}
     source = S.write_ldm(tmp_path / "in.safetensors", {**ldm, **junk})
-    there = convert_model(source, tmp_path / "folder", ConvertOptions(to="diffusers"))
+    there = convert_model(source, tmp_path / "folder",
+                          ConvertOptions(to="diffusers", config_dir=str(files[f"{family}-config"])))
     assert there.written == "folder" and set(junk) <= set(there.left_out)
     back = convert_model(tmp_path / "folder", tmp_path / "back.safetensors", ConvertOptions(to="single-file"))
     assert back.convention == "ldm"
     S.assert_same(load_file(tmp_path / "back.safetensors"), ldm)
-    S.assert_same(folder_state(tmp_path / "folder"), S.state(family))
+    S.assert_same(folder_state(tmp_path / "folder"), S.stored(S.state(family)))
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -70,7 +71,7 @@ def test_diffusers_folder_equals_diffusers_own_single_file_load(files, tmp_path,
     config = files[f"{family}-config"]
     result = convert_model(files[family], tmp_path / "out", ConvertOptions(to="diffusers", config_dir=str(config)))
     peer = S.PIPELINES[family].from_single_file(str(files[family]), config=str(config), local_files_only=True)
-    S.assert_same(folder_state(tmp_path / "out"), S.pipeline_state(peer, family))
+    S.assert_same(folder_state(tmp_path / "out"), S.stored(S.pipeline_state(peer, family)))
     loaded = S.PIPELINES[family].from_pretrained(tmp_path / "out", local_files_only=True)
     S.assert_same(S.pipeline_state(loaded, family), S.state(family))
     assert loaded.tokenizer is not None and any("tokenizer/ copied" in note for note in result.notes)
@@ -100,12 +101,14 @@ def test_pipeline_without_tokenizer_is_written_and_says_how_to_load_it(files, tm
 
 
 def test_every_written_file_carries_modelspec_and_recipe(files, tmp_path):
-    convert_model(files["sdxl"], tmp_path / "out", ConvertOptions(to="diffusers", dtype="fp16"))
+    convert_model(files["sdxl"], tmp_path / "out",
+                  ConvertOptions(to="diffusers", dtype="fp16", config_dir=str(files["sdxl-config"])))
     digest = hashlib.sha256(files["sdxl"].read_bytes()).hexdigest()
     for weights in (tmp_path / "out").glob("*/*.safetensors"):
         meta = metadata(weights)
         assert meta["modelspec.sai_model_spec"] == "1.0.1" and meta["format"] == "pt"
-        assert meta["modelspec.implementation"] == "diffusers" and meta["modelspec.resolution"] == "1024x1024"
+        # the tiny model's size, as its --config says: 8 latents, a VAE of scale 8
+        assert meta["modelspec.implementation"] == "diffusers" and meta["modelspec.resolution"] == "64x64"
         expected = "stable-diffusion-xl-v1-base" + ("/vae" if weights.parent.name == "vae" else "")
         assert meta["modelspec.architecture"] == expected
         recipe = json.loads(meta["sdkit.recipe"])
@@ -194,7 +197,7 @@ def test_toy_single_file_converts_to_the_committed_diffusers_folder(tmp_path):
     convert_model(TOY / "toy-sd1.safetensors", tmp_path / "toy",
                   ConvertOptions(to="diffusers", config_dir=str(TOY / "diffusers")))
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "toy", local_files_only=True)
-    ours, committed = folder_state(tmp_path / "toy"), folder_state(TOY / "diffusers")
+    ours, committed = folder_state(tmp_path / "toy"), S.stored(folder_state(TOY / "diffusers"))
     assert pipe.tokenizer is not None and sorted(ours) == sorted(committed)
     # the single file is the fp16 export of the fp32 folder
     unequal = [k for k in committed if not torch.equal(ours[k], committed[k].to(ours[k].dtype))]

@@ -107,7 +107,8 @@ def test_keep_fp32_pattern_keeps_the_vae_also_after_a_layout_change(ldm, tmp_pat
     assert {kinds[k] for k in ldm if k.startswith(VAE)} == {"F32"}
     assert {kinds[k] for k in ldm if k.startswith(UNET)} == {"F16"}
     assert kinds[POSITION_IDS] == "I64"
-    convert_model(source, tmp_path / "folder", ConvertOptions(to="diffusers", dtype="fp16",
+    config = S.write_pipeline("sd1", tmp_path / "config", weights=False)
+    convert_model(source, tmp_path / "folder", ConvertOptions(to="diffusers", dtype="fp16", config_dir=str(config),
                                                               keep_fp32=("re:^first_stage_model\\.",)))
     assert set(dtypes(tmp_path / "folder" / "vae" / "diffusion_pytorch_model.safetensors").values()) == {"F32"}
     assert set(dtypes(tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors").values()) == {"F16"}

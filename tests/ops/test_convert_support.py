@@ -147,6 +147,20 @@ def pipeline_state(pipe: Any, family: str) -> dict[str, torch.Tensor]:
             for key, value in getattr(pipe, name).state_dict().items()}
 
 
+def stored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<component>/<key>` tensors as a diffusers folder's weight files hold them: text
+    encoder keys under `text_model.` (the projection beside it), which transformers 4 saves
+    and ComfyUI's CLIP loader reads (transformers 5 names CLIPTextModel weights without it)."""
+    out = {}
+    for name, value in state.items():
+        component, key = name.split("/", 1)
+        if component.startswith("text_encoder") and key != "text_projection.weight" and \
+                not key.startswith("text_model."):
+            key = "text_model." + key
+        out[f"{component}/{key}"] = value
+    return out
+
+
 def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Same keys, and every tensor equal in dtype, shape and bits."""
     assert sorted(actual) == sorted(expected)

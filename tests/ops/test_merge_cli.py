@@ -107,3 +107,47 @@ def test_list_methods() -> None:
     for name in ("weighted_sum", "add_difference", "train_difference", "ties", "dare", "slerp",
                  "n_average", "copy"):
         assert name in text
+
+
+def test_replay_with_output_writes_what_a_direct_merge_writes(models: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # the same date in every file written
+    merged = tmp_path / "merged.safetensors"
+    options = ("--method", "add_difference", "--alpha", "0.4", "--dtype", "fp16")
+    assert invoke(str(models["a"]), str(models["b"]), str(models["c"]), *options, "-o", str(merged))[0] == 0
+    direct = tmp_path / "again.safetensors"  # the same merge, run by hand into another file
+    assert invoke(str(models["a"]), str(models["b"]), str(models["c"]), *options, "-o", str(direct))[0] == 0
+    replayed = tmp_path / "replayed.safetensors"
+    code, text = invoke("--replay", str(merged), "-o", str(replayed))
+    assert code == 0 and text.startswith("wrote")
+    expected, ours = load_file(merged), load_file(replayed)
+    assert sorted(ours) == sorted(expected)
+    assert all(ours[k].dtype == expected[k].dtype and torch.equal(ours[k], expected[k]) for k in expected)
+    with safe_open(str(direct), "pt") as file:
+        by_hand = file.metadata()
+    with safe_open(str(replayed), "pt") as file:
+        written = file.metadata()
+    title = "modelspec.title"  # the output's own name
+    assert written.pop(title) == "replayed" and by_hand.pop(title) == "again"
+    assert written == by_hand
+    # an existing output is refused as by any merge; without -o the replay only checks
+    code, err = run_main(capsys, "--replay", str(merged), "-o", str(replayed))
+    assert code == 1 and "already exists" in err and load_file(replayed).keys() == expected.keys()
+    before = sorted(tmp_path.iterdir())
+    code, text = invoke("--replay", str(merged))
+    assert code == 0 and "identical" in text and sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("method", "count"), [("weighted_sum", 3), ("weighted_sum", 1), ("add_difference", 2),
+                                               ("train_difference", 4), ("slerp", 3), ("ties", 1)])
+def test_a_wrong_number_of_models_is_a_usage_error(models: dict[str, Path], tmp_path: Path, method: str,
+                                                   count: int, capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = [str(models[name]) for name in "abc"] + [str(models["a"])]
+    code, err = run_main(capsys, *inputs[:count], "-m", method, "-o", str(tmp_path / "m.safetensors"))
+    assert code == 2 and f"merge method {method} takes" in err and f"got {count}" in err
+    assert not (tmp_path / "m.safetensors").exists()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"inputs": inputs[:count], "method": method}))
+    code, err = run_main(capsys, "--recipe", str(recipe), "-o", str(tmp_path / "m.safetensors"))
+    assert code == 2 and f"got {count}" in err

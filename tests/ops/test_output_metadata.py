@@ -41,12 +41,13 @@ def run(*args: str) -> None:
 
 def outputs(tmp_path: Path) -> dict[str, Path]:
     """One output of each writing operation, from the toy models."""
-    made = {name: tmp_path / f"{name}.safetensors" for name in ("merge", "lora", "bake", "fp16", "vae", "resized")}
+    made = {name: tmp_path / f"{name}.safetensors" for name in ("merge", "lora", "bake", "bf16", "vae", "resized")}
     run("merge", str(SD1), str(SD1_B), "--alpha", "0.3", "-o", str(made["merge"]))
     run("lora", "extract", str(SD1_B), str(SD1), "--rank", "4", "-o", str(made["lora"]))
     run("lora", "bake", str(SD1), f"{made['lora']}:0.5", "-o", str(made["bake"]))
     run("lora", "resize", str(made["lora"]), "--rank", "2", "-o", str(made["resized"]))
-    run("convert", str(SD1), "--dtype", "fp16", "-o", str(made["fp16"]))
+    # the toy is stored in fp16: a cast to fp16 would only copy it, which convert refuses
+    run("convert", str(SD1), "--dtype", "bf16", "-o", str(made["bf16"]))
     run("vae", "extract", str(SD1), "-o", str(made["vae"]))
     return made
 
@@ -56,7 +57,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return outputs(tmp_path_factory.mktemp("outputs"))
 
 
-@pytest.mark.parametrize("operation", ["merge", "lora", "bake", "fp16", "vae", "resized"])
+@pytest.mark.parametrize("operation", ["merge", "lora", "bake", "bf16", "vae", "resized"])
 def test_every_output_carries_modelspec_date_and_the_hash_of_its_data(written, operation):
     path = written[operation]
     meta = metadata(path)
@@ -124,7 +125,7 @@ def test_a_replayed_merge_finds_its_inputs_by_hash_when_they_are_elsewhere(writt
 
 def test_a_model_of_non_standard_size_gets_no_family_resolution(written):
     """The toys draw 32-pixel pictures: the family's 512x512 would be a false statement."""
-    for operation in ("merge", "bake", "fp16", "vae"):
+    for operation in ("merge", "bake", "bf16", "vae"):
         assert "modelspec.resolution" not in metadata(written[operation]), operation
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +163,34 @@ def test_missing_adapters_are_reported_before_any_model_loads(tmp_path):
             (SampleJob(model=absent_model, prompts=["a"], settings=Settings(steps=0)), "--steps")):
         with pytest.raises(SdkitError, match=expected):
             run_sample(job, tmp_path / "out.png")
+
+
+TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
+
+
+@pytest.mark.parametrize("model", ["sd1", "sdxl"])
+def test_a_file_whose_sizes_need_config_says_so_in_one_line(model, tmp_path, capsys):
+    """The toy models' widths (16, 32, 48 channels) take norm groups of 8, which no tensor
+    records: built with the released models' 32 groups they cannot exist at all."""
+    from sdkit.cli import sample_cmd  # noqa: F401
+    from sdkit.cli.main import main
+
+    source, folder = TOY / model / f"toy-{model}.safetensors", TOY / model / "diffusers"
+    if not source.is_file() or not folder.is_dir():
+        pytest.skip("toy fixtures not built (fixtures/toy/build.py)")
+    lone = tmp_path / source.name
+    shutil.copyfile(source, lone)
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # a companion folder: the tokenizers are not what is missing
+        if (folder / tokenizer).is_dir():
+            shutil.copytree(folder / tokenizer, tmp_path / f"{source.name}.tokenizer" / tokenizer)
+    with pytest.raises(SdkitError) as caught:
+        load_model(lone, device="cpu")
+    message = str(caught.value)
+    assert "--config" in message and "norm_num_groups" in message and "\n" not in message
+    assert "block_out_channels" in message and "stock" in message  # the size that is not the released one
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", str(lone), "-p", "a red circle", "--steps", "1", "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exited.value.code == 1 and len(err) == 1 and err[0].startswith(f"sdkit: error: {lone}: ")
+    assert "ValueError" not in err[0] and not (tmp_path / "x.png").exists()
+    assert load_model(lone, config=folder, device="cpu").pipe.unet.config.norm_num_groups == 8

@@ -18,7 +18,7 @@ from sdkit.arch.keymaps.checkpoint import (
     ldm_layout,
     plan_for,
 )
-from sdkit.arch.keymaps.clip import clip_plan, has_projection
+from sdkit.arch.keymaps.clip import clip_plan, has_projection, stored_clip_names
 from sdkit.arch.keymaps.infer import (
     infer_clip_config_from_ldm,
     infer_unet_config_from_ldm,
@@ -32,5 +32,5 @@ __all__ = [
     "COMPONENT_KINDS", "DIRECTIONS", "LAYOUTS", "CheckpointPlan", "KeyPlan", "KeyRecipe", "Part",
     "checkpoint_from_ldm", "checkpoint_to_ldm", "clip_plan", "convert_state_dict", "diffusers_layout",
     "dropped_keys", "has_projection", "infer_clip_config_from_ldm", "infer_unet_config_from_ldm",
-    "infer_vae_config_from_ldm", "ldm_layout", "plan_for", "unet_plan", "vae_plan",
+    "infer_vae_config_from_ldm", "ldm_layout", "plan_for", "stored_clip_names", "unet_plan", "vae_plan",
 ]

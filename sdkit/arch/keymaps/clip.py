@@ -19,6 +19,12 @@ No place on the diffusers side (left out when converting to it): OpenCLIP's `log
 the LDM position ids, layers beyond the config's `num_hidden_layers` (SD2's diffusers text
 encoder stops one layer early because SD2 reads the penultimate layer), and
 `text_projection` when the config's class has none.
+
+Written files (`text_encoder/model.safetensors`) hold every weight under `text_model.`,
+the projection beside it (`stored_clip_names`): the layout transformers 4 saves and reads,
+transformers 5 reads (it drops the level on load) and ComfyUI's CLIP loader looks for
+(it tells CLIP-L / -H / -G apart by `text_model.encoder.layers.N.mlp.fc1.weight`). The
+level-less names transformers 5 saves are silently dropped by ComfyUI's diffusers loader.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ def has_projection(config: Mapping[str, Any], keys: Iterable[str] = ()) -> bool:
     if "CLIPTextModel" in architectures:
         return False
     return any(key.endswith(("text_projection", "text_projection.weight")) for key in keys)
+
+
+def stored_clip_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers-side text encoder's tensors named as its weight file stores them: every
+    key under `text_model.` except `text_projection.weight` (both spellings accepted)."""
+    return {key if key == "text_projection.weight" or key.startswith(_WRAP) else _WRAP + key: value
+            for key, value in tensors.items()}
 
 
 class _ClipNames:

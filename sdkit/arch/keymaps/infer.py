@@ -11,6 +11,8 @@ the SD family conventions, documented where used:
 - `addition_time_embed_dim` (SDXL): 256 unless the caller knows better;
 - sample sizes, norm groups (32), scaling factors, attention upcasting and token ids are
   not in the weights: family defaults or the caller's values.
+Configs written for clients take these from the released model only where the sizes are
+its sizes (`stock.py`); the derived guesses serve key maps and in-process models.
 Every function takes the shapes of one component; `prefix` is cut from the keys first.
 """
 
@@ -174,6 +176,10 @@ def infer_unet_config_from_ldm(shapes: Shapes, prefix: str = "", addition_time_e
     config.update(_embedding_settings(s, addition_time_embed_dim))
     if time_width != 4 * channels[0]:
         config["time_embedding_dim"] = time_width
+    for name, key in (("conv_in_kernel", "input_blocks.0.0.weight"), ("conv_out_kernel", "out.2.weight")):
+        kernel = s[key][2:]
+        if kernel and kernel[0] != 3:  # diffusers' default
+            config[name] = kernel[0]
     # sample size is a family default, not a weight: SDXL 128, SD2-768 96, SD1 64 latents
     linear_1024 = config.get("use_linear_projection") and config.get("cross_attention_dim") == 1024
     config["sample_size"] = 128 if "addition_embed_type" in config else 96 if linear_1024 else 64

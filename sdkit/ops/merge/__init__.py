@@ -12,10 +12,10 @@ from sdkit.ops.merge.engine import MergeResult, merge_models, prepare_merge
 from sdkit.ops.merge.plan import PlanReport
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput, load_recipe_file, recipe_from_metadata
 from sdkit.ops.merge.registry import METHODS, MergeMethod, get_method, merge_method
-from sdkit.ops.merge.replay import ReplayResult, replay_merge
+from sdkit.ops.merge.replay import ReplayResult, replay_into, replay_merge
 
 __all__ = [
     "METHODS", "MergeMethod", "MergeRecipe", "MergeResult", "PlanReport", "RecipeInput",
     "ReplayResult", "get_method", "load_recipe_file", "merge_method", "merge_models",
-    "prepare_merge", "recipe_from_metadata", "replay_merge",
+    "prepare_merge", "recipe_from_metadata", "replay_into", "replay_merge",
 ]

@@ -1,9 +1,12 @@
-"""Replaying the recipe stored in a merged file and checking the result is identical.
+"""Replaying the recipe stored in a merged file: checking the result is identical, or
+writing it again.
 
 The inputs are found at the paths the recipe recorded (file names, unless the merge was
 made with `--record-paths`), beside the merged file, or among the files whose sha256 this
-machine remembers, and must have the recorded sha256. Every tensor is computed again
-and compared bit for bit with the stored one; nothing is written.
+machine remembers, and must have the recorded sha256. `replay_merge` computes every
+tensor again and compares it bit for bit with the stored one, writing nothing;
+`replay_into` runs the recipe as a merge into a new file (atomically, with the metadata a
+direct merge writes).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Callable
 import torch
 
 from sdkit.errors import SdkitError
-from sdkit.ops.merge.engine import prepare_merge
+from sdkit.ops.merge.engine import MergeResult, merge_models, prepare_merge
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher, single_threaded_torch
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput, recipe_from_metadata
 
@@ -34,6 +37,23 @@ class ReplayResult:
         return not (self.different or self.missing or self.extra)
 
 
+def stored_recipe(merged_path: Path, metadata: dict[str, str]) -> MergeRecipe:
+    """The recipe recorded in a merged file, its inputs located on this machine."""
+    recipe = recipe_from_metadata(metadata, str(merged_path))
+    return replace(recipe, inputs=[_locate(item, merged_path) for item in recipe.inputs])
+
+
+def replay_into(path: str | Path, output: str | Path, *, overwrite: bool = False, threads: int | None = None,
+                progress: Callable[[int], None] | None = None) -> MergeResult:
+    """Run the merge recorded in `path` again, writing its result to `output`."""
+    from sdkit.io import open_model
+
+    merged_path = Path(path)
+    with open_model(merged_path) as merged:
+        recipe = stored_recipe(merged_path, merged.metadata)
+    return merge_models(recipe, output, overwrite=overwrite, threads=threads, progress=progress)
+
+
 def replay_merge(path: str | Path, *, threads: int | None = None,
                  progress: Callable[[int], None] | None = None) -> ReplayResult:
     """Re-run the merge recorded in `path` and compare every tensor with the stored one."""
@@ -41,8 +61,7 @@ def replay_merge(path: str | Path, *, threads: int | None = None,
 
     merged_path = Path(path)
     with open_model(merged_path) as merged:
-        recipe = recipe_from_metadata(merged.metadata, str(merged_path))
-        recipe = replace(recipe, inputs=[_locate(item, merged_path) for item in recipe.inputs])
+        recipe = stored_recipe(merged_path, merged.metadata)
         with prepare_merge(recipe, merged_path, check_disk=False) as prepared:
             result = ReplayResult(merged_path, recipe)
             planned = prepared.plan.actions
