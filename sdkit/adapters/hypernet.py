@@ -18,6 +18,7 @@ Modules are float32 whatever the file stores, as in A1111.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from collections import OrderedDict
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from sdkit.arch.hypernetwork_detect import is_hypernetwork
+from sdkit.arch.hypernetwork_detect import is_hypernetwork, shown_setting
 from sdkit.errors import SdkitError
 from sdkit.io import ModelFile, open_model
 from sdkit.io.output_path import write_file_atomically
@@ -37,6 +38,8 @@ WEIGHT_INITS = ("Normal", "XavierUniform", "XavierNormal", "KaimingUniform", "Ka
 _KEY = re.compile(r"^(\d+)\.([01])\.(.+)$")
 _OLD_KEYS = {"linear1.": "linear.0.", "linear2.": "linear.1."}  # A1111 fix_old_state_dict
 _LAST_LAYER_DROPOUT = 0.3  # what A1111 uses when only use_dropout flags are stored
+_FLOAT32_PER_STORED_BYTE = 4  # float32 modules over one-byte tensors, the densest storage
+_SLACK_BYTES = 1 << 20
 
 
 def activation_classes() -> dict[str, type[nn.Module]]:
@@ -95,19 +98,64 @@ class HypernetworkModule(nn.Module):
 
 
 def _layers(width: int, settings: HypernetworkSettings) -> Iterator[nn.Module]:
-    structure = settings.layer_structure
     activation = _activation_class(settings.activation_func)
+    for kind, inputs, outputs, dropout in _layer_plan(width, settings):
+        if kind == "linear":
+            yield nn.Linear(inputs, outputs)
+        elif kind == "activation":
+            yield activation()  # type: ignore[misc]
+        elif kind == "norm":
+            yield nn.LayerNorm(outputs)
+        else:
+            yield nn.Dropout(p=dropout)
+
+
+def _layer_plan(width: int, settings: HypernetworkSettings) -> list[tuple[str, int, int, float]]:
+    """(kind, inputs, outputs, dropout) of each module of the `nn.Sequential`, in order:
+    what `_layers` builds, known before anything is allocated."""
+    structure = settings.layer_structure
+    activated = settings.activation_func not in (None, "linear")
     dropouts = settings.dropouts()
     last = len(structure) - 2
+    plan = []
     for index in range(len(structure) - 1):
-        outputs = int(width * structure[index + 1])
-        yield nn.Linear(int(width * structure[index]), outputs)
-        if activation is not None and (index < last or settings.activate_output):
-            yield activation()
+        inputs, outputs = _size(width, structure[index]), _size(width, structure[index + 1])
+        plan.append(("linear", inputs, outputs, 0.0))
+        if activated and (index < last or settings.activate_output):
+            plan.append(("activation", outputs, outputs, 0.0))
         if settings.add_layer_norm:
-            yield nn.LayerNorm(outputs)
+            plan.append(("norm", outputs, outputs, 0.0))
         if dropouts[index + 1] > 0:
-            yield nn.Dropout(p=dropouts[index + 1])
+            plan.append(("dropout", outputs, outputs, dropouts[index + 1]))
+    return plan
+
+
+def _size(width: int, multiplier: float) -> int:
+    """A1111's `int(width * multiplier)`, refused where a file's numbers make no size."""
+    try:
+        return int(width * multiplier)
+    except (OverflowError, ValueError):  # inf, nan, or an int too large for a float
+        raise SdkitError(f"layer_structure multiplier {multiplier} times width {width} "
+                         "is not a layer size") from None
+
+
+def parameter_shapes(width: int, settings: HypernetworkSettings) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of `HypernetworkModule(width, settings)`, computed without
+    building it (a file's settings could ask for terabytes)."""
+    activation = _activation_class(settings.activation_func)
+    # activations are width-independent (PReLU() holds one weight): build one to see
+    activation_shapes = {} if activation is None else {
+        key: tuple(tensor.shape) for key, tensor in activation().state_dict().items()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, (kind, inputs, outputs, _) in enumerate(_layer_plan(width, settings)):
+        prefix = f"linear.{index}."
+        if kind == "linear":
+            shapes.update({prefix + "weight": (outputs, inputs), prefix + "bias": (outputs,)})
+        elif kind == "norm":
+            shapes.update({prefix + "weight": (outputs,), prefix + "bias": (outputs,)})
+        elif kind == "activation":
+            shapes.update({prefix + key: shape for key, shape in activation_shapes.items()})
+    return shapes
 
 
 def _activation_class(name: str | None) -> type[nn.Module] | None:
@@ -217,13 +265,16 @@ def hypernetwork_from_model(model: ModelFile) -> Hypernetwork:
         names = ", ".join(list(model.infos)[:4]) or "no tensors"
         raise SdkitError(f"{model.path}: not an A1111 hypernetwork (tensors: {names})")
     settings = settings_from_extra(model.path, model.extra)
-    layers = {}
-    for width, pair in sorted(_state_dicts(model).items()):
+    names = _module_tensor_names(model)
+    for width, pair in sorted(names.items()):  # every shape checked before anything is built
         if set(pair) != {0, 1}:
             raise SdkitError(f"{model.path}: width {width} lacks its "
                              f"{'value' if 0 in pair else 'key'} module")
-        layers[width] = (_loaded(model.path, width, "key", pair[0], settings),
-                         _loaded(model.path, width, "value", pair[1], settings))
+        for which, role in ((0, "key"), (1, "value")):
+            _check_shapes(model, width, role, pair[which], settings)
+    _check_stored_sizes(model)
+    layers = {width: (_loaded(model, width, pair[0], settings), _loaded(model, width, pair[1], settings))
+              for width, pair in sorted(names.items())}
     return Hypernetwork(
         name=_text(model.extra.get("name")) or model.path.stem, settings=settings, layers=layers,
         step=_integer(model.extra.get("step")) or 0,
@@ -253,13 +304,14 @@ def settings_from_extra(path: Path, extra: Mapping[str, Any]) -> HypernetworkSet
 
 def _check_settings(path: Path, settings: HypernetworkSettings) -> None:
     structure = settings.layer_structure
-    if len(structure) < 2 or structure[0] != 1 or structure[-1] != 1 or min(structure) <= 0:
-        raise SdkitError(f"{path}: layer_structure {list(structure)} must start and end with 1 "
-                         "and hold positive multipliers")
+    if (len(structure) < 2 or structure[0] != 1 or structure[-1] != 1
+            or not all(0 < m < math.inf for m in structure)):
+        raise SdkitError(f"{path}: layer_structure {shown_setting(structure)} must start and end "
+                         "with 1 and hold positive finite multipliers")
     dropouts = settings.dropouts()
     if len(dropouts) < len(structure) or not all(0 <= p < 1 for p in dropouts):
-        raise SdkitError(f"{path}: dropout_structure {list(dropouts)} needs one probability in "
-                         f"[0, 1) per layer_structure entry ({len(structure)})")
+        raise SdkitError(f"{path}: dropout_structure {shown_setting(dropouts)} needs one probability "
+                         f"in [0, 1) per layer_structure entry ({len(structure)})")
     if settings.weight_init not in WEIGHT_INITS:
         raise SdkitError(f"{path}: unknown weight_initialization {settings.weight_init!r} "
                          f"(one of {', '.join(WEIGHT_INITS)})")
@@ -269,30 +321,51 @@ def _check_settings(path: Path, settings: HypernetworkSettings) -> None:
         raise SdkitError(f"{path}: {exc}") from None
 
 
-def _state_dicts(model: ModelFile) -> dict[int, dict[int, dict[str, torch.Tensor]]]:
-    """width -> {0: key-module state dict, 1: value-module state dict}, old names renamed."""
-    found: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+def _module_tensor_names(model: ModelFile) -> dict[int, dict[int, dict[str, str]]]:
+    """width -> {0: key-module names, 1: value-module names}, each as
+    {state dict key (old names renamed): tensor name in the file}."""
+    found: dict[int, dict[int, dict[str, str]]] = {}
     for name in model.infos:
         width, which, key = _KEY.match(name).groups()  # type: ignore[union-attr]
         for old, new in _OLD_KEYS.items():
             if key.startswith(old):
                 key = new + key[len(old):]
-        found.setdefault(int(width), {}).setdefault(int(which), {})[key] = model.load(name)
+        found.setdefault(int(width), {}).setdefault(int(which), {})[key] = name
     return found
 
 
-def _loaded(path: Path, width: int, role: str, state: dict[str, torch.Tensor],
-            settings: HypernetworkSettings) -> HypernetworkModule:
-    module = HypernetworkModule(width, settings)
-    expected = {key: tensor.shape for key, tensor in module.state_dict().items()}
-    problems = sorted(expected.keys() ^ state.keys()) + sorted(
-        key for key in expected.keys() & state.keys() if expected[key] != state[key].shape)
+def _check_shapes(model: ModelFile, width: int, role: str, names: dict[str, str],
+                  settings: HypernetworkSettings) -> None:
+    """The file's tensors must be exactly the module's parameters, shapes included."""
+    try:
+        expected = parameter_shapes(width, settings)
+    except SdkitError as exc:
+        raise SdkitError(f"{model.path}: {exc}") from None
+    present = {key: model.infos[name].shape for key, name in names.items()}
+    problems = sorted(expected.keys() ^ present.keys()) + sorted(
+        key for key in expected.keys() & present.keys() if expected[key] != present[key])
     if problems:
-        raise SdkitError(f"{path}: width {width} {role} module does not match layer_structure "
-                         f"{list(settings.layer_structure)} with these settings "
-                         f"(differs at {', '.join(problems[:3])})")
-    module.load_state_dict(state)  # copies into the float32 parameters, as in A1111
-    return module
+        raise SdkitError(f"{model.path}: width {width} {role} module does not match "
+                         f"layer_structure {shown_setting(settings.layer_structure)} with these "
+                         f"settings (differs at {', '.join(problems[:3])})")
+
+
+def _check_stored_sizes(model: ModelFile) -> None:
+    """The float32 modules may take a few times the file, not more: a pickle can describe
+    a huge tensor over one shared element (a stride of 0), which building would expand."""
+    needed = 4 * sum(info.numel for info in model.infos.values())
+    allowed = _FLOAT32_PER_STORED_BYTE * model.size_bytes + _SLACK_BYTES
+    if needed > allowed:
+        raise SdkitError(f"{model.path}: its modules would take {needed:,} bytes in float32 "
+                         f"from a file of {model.size_bytes:,} bytes: its tensors are not "
+                         "stored at their size")
+
+
+def _loaded(model: ModelFile, width: int, names: dict[str, str],
+            settings: HypernetworkSettings) -> HypernetworkModule:
+    module = HypernetworkModule(width, settings)  # as large as the file's own tensors
+    module.load_state_dict({key: model.load(name) for key, name in names.items()})
+    return module  # float32 parameters whatever the file stores, as in A1111
 
 
 def _numbers(path: Path, what: str, value: Any) -> tuple[float, ...]:

@@ -10,7 +10,6 @@ says which convention the names follow.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 from sdkit.errors import SdkitError
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import dtype_code
+from sdkit.io.safetensors_json import metadata_json
 
 # Adapter algorithms (LoraModule.type). DyLoRA files are plain "lora".
 LORA, LOHA, LOKR, IA3, GLORA, FULL, NORM, OFT, BOFT = (
@@ -376,11 +376,8 @@ def _peft_configs(peft_config: Mapping[str, Any] | None,
     """peft adapter configs: the explicit one, else diffusers' metadata entry, which is
     either one config or several flattened under component prefixes (`unet.r`)."""
     config: Any = peft_config
-    if config is None and metadata.get("lora_adapter_metadata"):
-        try:
-            config = json.loads(metadata["lora_adapter_metadata"])
-        except json.JSONDecodeError:
-            config = None
+    if config is None:
+        config = metadata_json(metadata.get("lora_adapter_metadata"))
     if not isinstance(config, Mapping):
         return []
     if any(k in config for k in ("r", "lora_alpha", "alpha")):

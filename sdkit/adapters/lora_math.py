@@ -18,6 +18,7 @@ forward path, A1111 and ComfyUI do not). Strength multiplies the delta, except f
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -118,7 +119,24 @@ def lora_product(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     return product
 
 
+def _loha_half_shape(module: LoraModule, half: str) -> tuple[int, ...]:
+    """The shape of `w_a @ w_b` (or its Tucker rebuild), from the factors' shapes."""
+    w_a, w_b = module.tensors[f"w{half}a"].shape, module.tensors[f"w{half}b"].shape
+    if f"t{half}" in module.tensors:
+        return (w_a[-1], w_b[-1], *module.tensors[f"t{half}"].shape[2:])
+    if len(w_a) != 2 or len(w_b) != 2 or w_a[1] != w_b[0]:
+        raise SdkitError(f"{module.name}: LoHa factors {list(w_a)} and {list(w_b)} do not "
+                         "make a matrix product")
+    return (w_a[0], w_b[1])
+
+
 def _loha_delta(module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor:
+    # the halves are multiplied elementwise: different shapes would broadcast into a
+    # product neither half's size (or fail after both were formed)
+    shapes = [_loha_half_shape(module, half) for half in ("1", "2")]
+    if shapes[0] != shapes[1]:
+        raise SdkitError(f"{module.name}: the LoHa halves make {list(shapes[0])} and "
+                         f"{list(shapes[1])}, which differ")
     halves = []
     for half in ("1", "2"):
         w_a, w_b = _f32(module, f"w{half}a"), _f32(module, f"w{half}b")
@@ -157,8 +175,34 @@ def _glora_layout(module: LoraModule, weight: torch.Tensor) -> str:
     return "old" if a2[0] == weight.shape[0] == weight.shape[1] else "new"
 
 
+def _check_glora_size(module: LoraModule, weight: torch.Tensor, layout: str) -> None:
+    """The factors must chain into the weight's shape, checked before anything is formed
+    (a b1 @ b2 of 50 000 x 50 000 from a few MB of factors would be built to be refused)."""
+    shapes = {role: lazy.shape for role, lazy in module.tensors.items()}
+    flat = {role: (shape[0], math.prod(shape[1:])) for role, shape in shapes.items()
+            if role in ("a1", "a2", "b1", "b2")}
+    out, inputs = weight.shape[0], math.prod(weight.shape[1:])
+    if layout == "old":  # b2 @ b1 + W @ a2 @ a1, all flattened
+        fits = (flat["b2"] == (out, flat["b1"][0]) and flat["b1"][1] == inputs
+                and flat["a2"][0] == inputs and flat["a2"][1] == flat["a1"][0]
+                and flat["a1"][1] == inputs)
+    else:  # W ×₁ a1 ×₁ a2 + b1 @ (bm) @ b2
+        channels = weight.shape[1]
+        inner = (flat["b1"][1] == flat["b2"][0] if "bm" not in shapes
+                 else shapes["bm"][:2] == (flat["b1"][1], flat["b2"][0]))
+        kernel = math.prod(shapes["bm"][2:]) if "bm" in shapes else 1
+        fits = (flat["a1"][0] == channels and flat["a1"][1] == flat["a2"][0]
+                and flat["a2"][1] == channels and inner and flat["b1"][0] == out
+                and flat["b2"][1] * kernel == inputs)
+    if not fits:
+        described = ", ".join(f"{role} {list(shape)}" for role, shape in shapes.items())
+        raise SdkitError(f"{module.name}: GLoRA factors ({described}) do not make the base "
+                         f"weight's shape {list(weight.shape)}")
+
+
 def _glora_delta(module: LoraModule, weight: torch.Tensor | None) -> torch.Tensor:
     weight = _require(module, weight)
+    _check_glora_size(module, weight, _glora_layout(module, weight))
     a1, a2 = _f32(module, "a1").flatten(1), _f32(module, "a2").flatten(1)
     b1, b2 = _f32(module, "b1"), _f32(module, "b2")
     if _glora_layout(module, weight) == "old":

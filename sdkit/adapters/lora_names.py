@@ -332,8 +332,9 @@ def _module_path(keys: tuple[str, ...]) -> str | None:
 
 # ---- shape checks ----------------------------------------------------------------------
 
-def _extent(module: LoraModule) -> tuple[int | None, int | None]:
-    """(output rows, element count) of the module's weight delta, where shapes tell."""
+def delta_extent(module: LoraModule) -> tuple[int | None, int | None]:
+    """(output rows, element count) of the module's weight delta, where shapes tell:
+    known before a factor is loaded or a product formed."""
     t = {role: lazy.shape for role, lazy in module.tensors.items()}
     if module.type == LORA:
         per_row = math.prod(t["down"][1:]) * (math.prod(t["mid"][2:]) if "mid" in t else 1)
@@ -375,7 +376,7 @@ def shape_problem(module: LoraModule, target: Target, bias_shape: tuple[int, ...
         if len(shape) < 2 or gains != shape[axis]:
             return f"IA3 has {gains} gains, the layer {list(shape)}"
         return None
-    rows, count = _extent(module)
+    rows, count = delta_extent(module)
     if (rows is not None and rows != shape[0]) or (count is not None and count != math.prod(shape)):
         return f"adapter makes {_described(rows, count)}, the layer is {list(shape)}"
     bias = module.tensors.get("bias")

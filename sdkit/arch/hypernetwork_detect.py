@@ -14,11 +14,16 @@ from sdkit.arch.hygiene import precision_of
 from sdkit.arch.identity import Identity
 from sdkit.io.model_file import ModelFile
 
-_MODULE_KEY = re.compile(r"^(\d+)\.[01]\.(linear\.\d+|linear[12])\.(weight|bias)$")
+# widths have at most 18 digits (< 2**63), so that a key can never name a width that
+# no tensor could have (or one too long for int())
+_MODULE_KEY = re.compile(r"^(\d{1,18})\.[01]\.(linear\.\d{1,9}|linear[12])\.(weight|bias)$")
 _CONTEXT_FAMILIES = ((768, "sd1"), (1024, "sd2"), (2048, "sdxl-base"))
 _SETTINGS = ("layer_structure", "activation_func", "is_layer_norm", "weight_initialization",
              "use_dropout", "dropout_structure", "activate_output", "last_layer_dropout",
              "name", "step", "sd_checkpoint_name")
+_PLAIN_DEPTH = 4
+_SHOWN_ENTRIES = 8
+_SHOWN_CHARS = 200
 
 
 def is_hypernetwork(model: ModelFile) -> bool:
@@ -42,22 +47,39 @@ def identify_hypernetwork(model: ModelFile) -> Identity:
     return identity
 
 
-def _plain(value: object) -> object:
-    """JSON-friendly copy of a pickled setting (tuples become lists)."""
+def _plain(value: object, depth: int = 0) -> object:
+    """JSON-friendly copy of a pickled setting (tuples become lists); settings are flat
+    lists, so anything nested deeper is shown by its type alone."""
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        if depth >= _PLAIN_DEPTH:
+            return f"<nested {type(value).__name__}>"
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def shown_setting(value: object) -> str:
+    """A setting for a one-line note or message: a hostile file's layer_structure can be
+    millions of entries long, so long lists end with their length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) <= _SHOWN_ENTRIES:
+            return str(list(value))
+        head = ", ".join(map(str, value[:_SHOWN_ENTRIES]))
+        return f"[{head}, … ({len(value)} entries)]"
+    text = str(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
 
 
 def _summary(sizes: list[int], settings: dict[str, object]) -> str:
     name = settings.get("name")
-    parts = [f"hypernetwork{f' {name!r}' if name else ''} for widths {sizes}"]
+    parts = [f"hypernetwork{f' {shown_setting(name)!r}' if name else ''} for widths {shown_setting(sizes)}"]
     if "layer_structure" in settings:
-        parts.append(f"layers {settings['layer_structure']}")
+        parts.append(f"layers {shown_setting(settings['layer_structure'])}")
     if settings.get("activation_func"):
-        parts.append(f"activation {settings['activation_func']}")
+        parts.append(f"activation {shown_setting(settings['activation_func'])}")
     if "is_layer_norm" in settings:
         parts.append("layer norm" if settings["is_layer_norm"] else "no layer norm")
     if settings.get("step") is not None:
-        parts.append(f"step {settings['step']}")
+        parts.append(f"step {shown_setting(settings['step'])}")
     return ", ".join(parts)

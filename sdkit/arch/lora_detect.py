@@ -11,7 +11,6 @@ metadata, else from the width the adapter expects at the cross-attention `to_k`/
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from sdkit.arch.hygiene import precision_of
 from sdkit.arch.identity import Identity
 from sdkit.arch.metadata import MetadataHints
 from sdkit.io.model_file import ModelFile
+from sdkit.io.safetensors_json import metadata_json
 
 # (parameter suffix, algorithm, role); "" algorithm = shared bookkeeping (alpha, scale)
 _PARAMETERS: tuple[tuple[str, str, str], ...] = (
@@ -313,10 +313,7 @@ def identify_lora(model: ModelFile, scan: LoraScan, hints: MetadataHints) -> Ide
 
 def _declared_algorithm(metadata: dict[str, str]) -> str:
     """The `algo` of kohya `ss_network_args` (LyCORIS trainings record it there)."""
-    try:
-        args = json.loads(metadata.get("ss_network_args", "") or "{}")
-    except ValueError:
-        return ""
+    args = metadata_json(metadata.get("ss_network_args"))
     return str(args.get("algo", "")) if isinstance(args, dict) else ""
 
 

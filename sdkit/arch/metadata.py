@@ -6,12 +6,12 @@ structured kohya values (`ss_tag_frequency`, `ss_network_args`) are JSON.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from sdkit.arch.families import family_from_kohya_version, family_from_modelspec
+from sdkit.io.safetensors_json import metadata_json
 
 _TOP_TAGS = 5
 _DESCRIPTION_CHARS = 200
@@ -97,7 +97,7 @@ _KOHYA_FIELDS = (  # (metadata key, label) in the order people read them
 
 def _kohya_summary(metadata: Mapping[str, str]) -> dict[str, str]:
     summary = {label: metadata[key] for key, label in _KOHYA_FIELDS if metadata.get(key)}
-    args = _json(metadata.get("ss_network_args", ""))
+    args = metadata_json(metadata.get("ss_network_args", ""))
     if isinstance(args, dict) and args:
         summary["args"] = ", ".join(f"{k}={v}" for k, v in args.items())
     return summary
@@ -122,7 +122,7 @@ def _trigger_words(metadata: Mapping[str, str]) -> list[str]:
 
 def _top_tags(raw: str) -> list[tuple[str, int]]:
     """Most frequent caption tags over every dataset folder of `ss_tag_frequency`."""
-    folders = _json(raw)
+    folders = metadata_json(raw)
     if not isinstance(folders, dict):
         return []
     counts: Counter[str] = Counter()
@@ -132,10 +132,3 @@ def _top_tags(raw: str) -> list[tuple[str, int]]:
                 if isinstance(count, (int, float)):
                     counts[str(tag).strip()] += int(count)
     return counts.most_common(_TOP_TAGS)
-
-
-def _json(raw: str) -> Any:
-    try:
-        return json.loads(raw) if raw else None
-    except ValueError:
-        return None

@@ -17,10 +17,12 @@ from sdkit.cli.terminal import SafeConsole
 from sdkit.errors import SdkitError
 
 _VALUE_WIDTH = 72
+_METADATA_ROWS = 200
 
 
 def _short(value: str) -> str:
-    value = value.replace("\n", " ")
+    """One line of at most _VALUE_WIDTH characters (values can be megabytes long)."""
+    value = value[: _VALUE_WIDTH + 1].replace("\n", " ")
     return value if len(value) <= _VALUE_WIDTH else value[: _VALUE_WIDTH - 1] + "…"
 
 
@@ -52,14 +54,23 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
         table.add_row(name, value or "—")
     console.print(table)
     if report["metadata"]:
-        meta = Table(title="metadata", show_header=False, title_justify="left")
-        meta.add_column(style="bold")
-        meta.add_column()
-        for key, value in sorted(report["metadata"].items()):
-            meta.add_row(key, _short(value))
-        console.print(meta)
+        console.print(_metadata_table(report["metadata"]))
     for note in report["notes"]:
         console.print(f"• {note}")
+
+
+def _metadata_table(metadata: dict[str, str]) -> Table:
+    """The first keys in sorted order (kohya writes ~100; a header may hold tens of
+    thousands, which rich would take minutes to lay out); --json has them all."""
+    meta = Table(title="metadata", show_header=False, title_justify="left")
+    meta.add_column(style="bold")
+    meta.add_column()
+    keys = sorted(metadata)
+    for key in keys[:_METADATA_ROWS]:
+        meta.add_row(_short(key), _short(metadata[key]))
+    if len(keys) > _METADATA_ROWS:
+        meta.add_row("…", f"and {len(keys) - _METADATA_ROWS:,} more keys (all with --json)")
+    return meta
 
 
 def _render_parameters(console: Console, report: dict[str, Any]) -> None:

@@ -184,7 +184,11 @@ def _memo_writing(load: Load, cost: int) -> Load:
 def _integer(load: Load, cost: int) -> Load:
     def run(unpickler: Any) -> None:
         unpickler.guard.spend(cost)
-        load(unpickler)
+        try:
+            load(unpickler)
+        except ValueError:  # INT / LONG spell the number in text: Python stops at 4300 digits
+            raise PickleLimit(f"an integer written in more digits than {MAX_INT_BITS}-bit integers "
+                              "take, or not a number") from None
         value = unpickler.stack[-1]
         if type(value) is int and value.bit_length() > MAX_INT_BITS:
             raise PickleLimit(f"an integer of {value.bit_length():,} bits (sdkit's limit: {MAX_INT_BITS})")

@@ -37,7 +37,7 @@ from sdkit.io.output_path import check_output_path
 from sdkit.ops.bake_compute import is_plain_lora
 from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
 from sdkit.ops.lora_merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
-from sdkit.ops.lora_svd import Factors, RankRule, factorize, relative_error
+from sdkit.ops.lora_svd import Factors, RankRule, factorize, factorize_product, relative_error
 
 if TYPE_CHECKING:
     import torch
@@ -335,9 +335,8 @@ def _resized(layer: Layer, rule: RankRule, base: OpenBase | None, report: SvdRep
     export = layer.export
     if is_plain_lora(module) and len(layer.members) == 1:  # sd-scripts: factor up @ down, keep alpha / rank
         up, down = module.tensors["up"].load().float(), module.tensors["down"].load().float()
-        product = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
-        cap = min(rule.cap_for(tuple(product.shape)), module.rank or 1)
-        factors = factorize(product, rule, cap=cap)
+        cap = min(rule.cap_for((up.shape[0], *down.shape[1:])), module.rank or 1)
+        factors = factorize_product(up, down, rule, cap=cap)  # up @ down is never formed
         alpha = module.scale * factors.rank
     else:
         delta = summed_delta(layer, base)

@@ -5,7 +5,10 @@
   so `up @ down` is exactly `Σ wᵢ sᵢ upᵢ downᵢ` (sᵢ = alphaᵢ / rᵢ). Unlike sd-scripts'
   merge_lora without `--concat`, the weights are not squared and no cross terms appear.
 - `rank`: every layer's summed delta is re-factorised by SVD (sd-scripts'
-  svd_merge_lora), optionally with its quantile clamp; alpha = the new rank. LyCORIS
+  svd_merge_lora), optionally with its quantile clamp; alpha = the new rank. Without a
+  clamp, plain LoRA layers are re-factorised from their concatenated factors, never
+  forming the delta (`factorize_product`); the others form it, refused over
+  MAX_UNSIZED_DELTA values where no base layer sizes it. LyCORIS
   modules (LoHa, LoKr, Tucker LoCon, full) enter through their delta, so mixing
   algorithms needs a rank. Modules whose delta depends on the base weight (IA3, GLoRA,
   OFT, DoRA) need `base`.
@@ -29,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sdkit.adapters.lora_export import ExportModule, LoraFacts, Provenance, write_lora
 from sdkit.adapters.lora_format import LORA, LoraFile, LoraModule
 from sdkit.adapters.lora_math import delta_weight, needs_base_weight
-from sdkit.adapters.lora_names import Target, adapter_address, map_modules
+from sdkit.adapters.lora_names import Target, adapter_address, delta_extent, map_modules
 from sdkit.arch import Identity
 from sdkit.errors import SdkitError, with_article
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.bake_compute import is_plain_lora
 from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
-from sdkit.ops.lora_svd import RankRule, factorize
+from sdkit.ops.lora_svd import RankRule, factorize, factorize_product
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +48,10 @@ _DOTTED = (("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"), ("text_enco
 _TEXT_WRAP = "text_model_"
 _CONV_NAME = re.compile(r"(conv|in_layers_2|out_layers_3|skip_connection|_op$)")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# Values of a dense delta formed without a base to size it: above the largest linear
+# layers of 2026 models (FLUX.1 21504 x 3072, Wan 5120 x 13824, Qwen2.5-VL 3584 x 18944,
+# Mistral-24B 5120 x 32768); FLUX.2's fused 55296 x 6144 projection needs --base.
+MAX_UNSIZED_DELTA = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,8 @@ def summed_delta(layer: Layer, base: OpenBase | None) -> "torch.Tensor":
     weight = _base_weight(layer, base)
     total = None
     for member in layer.members:
+        if layer.target is None:  # a base's layer bounds the delta; else only this limit
+            check_unsized_delta(member.module)
         if needs_base_weight(member.module) and weight is None:
             raise SdkitError(f"{member.module.name}: {with_article(_kind(member.module))} delta depends on the base "
                              "weight; give --base")
@@ -203,6 +212,16 @@ def summed_delta(layer: Layer, base: OpenBase | None) -> "torch.Tensor":
         delta = delta.reshape(shape)
         total = delta if total is None else total + delta
     return total
+
+
+def check_unsized_delta(module: LoraModule) -> None:
+    """Refuse, before forming it, a dense delta that no base layer sizes and that is
+    larger than any real layer (its factors alone could ask for 50 000 x 50 000)."""
+    _, count = delta_extent(module)
+    if count is not None and count > MAX_UNSIZED_DELTA:
+        raise SdkitError(f"{module.name}: its {_kind(module)} delta would hold {count:,} values "
+                         f"({count * 4 / 2**30:.1f} GiB in float32), over the limit of "
+                         f"{MAX_UNSIZED_DELTA:,} for a layer no base model sizes (give --base)")
 
 
 def _unambiguous_shape(module: LoraModule, delta: "torch.Tensor") -> tuple[int, ...]:
@@ -311,7 +330,13 @@ def _merged(layer: Layer, rule: RankRule | None, base: OpenBase | None, result: 
         up, down = concatenated(layer)
         alpha = float(down.shape[0])
     else:
-        factors = factorize(summed_delta(layer, base), rule)
+        # the clamp bound is a quantile of signed factor values, so it depends on the
+        # signs the full SVD picks (as in sd-scripts): only an unclamped merge may take
+        # the factored SVD, whose singular vectors can differ from them in sign
+        if rule.clamp_quantile is None and all(is_plain_lora(m.module) for m in layer.members):
+            factors = factorize_product(*concatenated(layer), rule)  # no dense delta
+        else:
+            factors = factorize(summed_delta(layer, base), rule)
         up, down, alpha = factors.up, factors.down, float(factors.rank)
         result.retained[label] = factors.retained
     export.tensors = {"lora_up.weight": up, "lora_down.weight": down}

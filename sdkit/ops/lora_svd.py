@@ -135,14 +135,72 @@ def randomized_svd(matrix: "torch.Tensor", columns: int, iterations: int
 
 def factorize(delta: "torch.Tensor", rule: RankRule, cap: int | None = None) -> Factors:
     """LoRA factors of `delta` (out, in[, kh, kw]) under `rule` (`cap` overrides its rank)."""
-    import torch
-
+    if delta.numel() == 0:
+        return _empty_factors(tuple(delta.shape))
     cap = cap or rule.cap_for(tuple(delta.shape))
     matrix = delta.float().reshape(delta.shape[0], -1)
     cap = min(cap, *matrix.shape)
     u, s, vh = decompose(matrix, rule, cap)
     total = float(matrix.pow(2).sum())
-    exact_total = None if not rule.randomized else total
+    return _truncated(u, s, vh, cap, rule, total, tuple(delta.shape))
+
+
+def factorize_product(up: "torch.Tensor", down: "torch.Tensor", rule: RankRule,
+                      cap: int | None = None) -> Factors:
+    """`factorize(up @ down)` without forming the product: up (out, k[, 1, 1]) and down
+    (k, in[, kh, kw]) span it, so the SVD of the small core of their QR factors is the
+    product's (exact: the same numbers as the full SVD up to float rounding). Memory and
+    time grow with (out + in) · k, not out · in: a 50 000 × 50 000 product of rank-8
+    factors costs a few MB. A fixed rank above k keeps its size with zero components,
+    as the full SVD's would be (up to rounding)."""
+    shape = (up.shape[0], *down.shape[1:])
+    left, right = up.float().flatten(1), down.float().flatten(1)
+    if left.shape[0] == 0 or right.shape[1] == 0:
+        return _empty_factors(shape)
+    cap = min(cap or rule.cap_for(shape), left.shape[0], right.shape[1])
+    u, s, vh = product_svd(left, right)
+    u, s, vh = _zero_padded(u, s, vh, cap)
+    return _truncated(u, s, vh, cap, rule, float(s.pow(2).sum()), shape)
+
+
+def product_svd(left: "torch.Tensor", right: "torch.Tensor"
+                ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(U, S, Vh) of `left @ right` (m, k) @ (k, n), from `left = Q₁R₁`, `rightᵀ = Q₂R₂`:
+    `left @ right = Q₁ (R₁R₂ᵀ) Q₂ᵀ`, and the core R₁R₂ᵀ is at most k × k."""
+    import torch
+
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(right.mT)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.mT, full_matrices=False)
+    return q_left @ u, s, vh @ q_right.mT
+
+
+def _empty_factors(shape: tuple[int, ...]) -> Factors:
+    """A layer without values gets the rank-1 zero factors a zero delta gets."""
+    import torch
+
+    up = torch.zeros(shape[0], 1, *((1, 1) if len(shape) == 4 else ()))
+    return Factors(up, torch.zeros(1, *shape[1:]), 1, 1.0)
+
+
+def _zero_padded(u: "torch.Tensor", s: "torch.Tensor", vh: "torch.Tensor", count: int
+                 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    missing = count - len(s)
+    if missing <= 0:
+        return u, s, vh
+    return (torch.cat([u, u.new_zeros(u.shape[0], missing)], 1), torch.cat([s, s.new_zeros(missing)]),
+            torch.cat([vh, vh.new_zeros(missing, vh.shape[1])], 0))
+
+
+def _truncated(u: "torch.Tensor", s: "torch.Tensor", vh: "torch.Tensor", cap: int, rule: RankRule,
+               total: float, shape: tuple[int, ...]) -> Factors:
+    """The factors of the chosen rank from an SVD: σ folded into up, clamped on request,
+    shaped as the layer (4-D for convs)."""
+    import torch
+
+    exact_total = total if rule.randomized else None  # a randomized SVD lacks the tail
     rank = choose_rank(s, cap, rule.dynamic, rule.value, exact_total)
     up = u[:, :rank] * s[:rank]
     down = vh[:rank]
@@ -150,9 +208,9 @@ def factorize(delta: "torch.Tensor", rule: RankRule, cap: int | None = None) -> 
         bound = quantile(torch.cat([up.flatten(), down.flatten()]), rule.clamp_quantile)
         up, down = up.clamp(-bound, bound), down.clamp(-bound, bound)
     retained = float(s[:rank].pow(2).sum()) / total if total > 0 else 1.0
-    if delta.dim() == 4:
-        up = up.reshape(delta.shape[0], rank, 1, 1)
-        down = down.reshape(rank, *delta.shape[1:])
+    if len(shape) == 4:
+        up = up.reshape(shape[0], rank, 1, 1)
+        down = down.reshape(rank, *shape[1:])
     return Factors(up.contiguous(), down.contiguous(), rank, min(retained, 1.0))
 
 

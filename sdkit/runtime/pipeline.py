@@ -25,7 +25,6 @@ keeps float16 for the UNet there too. Attention is torch SDPA (diffusers' defaul
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import Future
@@ -38,6 +37,7 @@ import torch
 from sdkit.arch import Identity, identify
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, hash_file, open_model
+from sdkit.io.diffusers_folder import read_json
 from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl-base")
@@ -125,10 +125,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # ---- configs, tokenizers, scheduler ----------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SdkitError(f"{path}: not a readable JSON file ({exc.__class__.__name__})") from None
+    value = read_json(path)
     if not isinstance(value, dict):
         raise SdkitError(f"{path}: expected a JSON object")
     return value

@@ -115,9 +115,11 @@ def test_integers_too_long_to_print_are_refused(tmp_path: Path, case: str, where
     refused(path, "an integer of", "bits")
 
 
-def test_integers_in_decimal_past_pythons_digit_limit_are_refused(tmp_path: Path) -> None:
-    data_pkl = state_dict_pickle({"step": b"L" + b"9" * 5000 + b"L\n"})
-    refused(zip_file(tmp_path / "int.pt", data_pkl), "not a valid checkpoint")
+@pytest.mark.parametrize("number", [b"L" + b"9" * 5000 + b"L\n", b"I" + b"9" * 5000 + b"\n",
+                                    b"I12x\n", b"L-L\n"])
+def test_integers_in_decimal_past_pythons_digit_limit_are_refused(tmp_path: Path, number: bytes) -> None:
+    data_pkl = state_dict_pickle({"step": number})
+    refused(zip_file(tmp_path / "int.pt", data_pkl), "an integer written in more digits")
 
 
 def test_an_integer_at_the_limit_loads_and_prints(tmp_path: Path) -> None:

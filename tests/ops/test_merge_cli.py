@@ -92,6 +92,15 @@ def test_errors_are_one_line(models: dict[str, Path], tmp_path: Path,
     assert code == 1 and "has no parameter k" in err
 
 
+@pytest.mark.parametrize("recipe", ["[" * 100_000 + "]" * 100_000, "[" + "[]," * 3_000_000 + "[]]", "{not json"])
+def test_a_hostile_stored_recipe_is_refused_in_one_line(models: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str], recipe: str) -> None:
+    merged = write(tmp_path / "merged.safetensors", load_file(models["a"]), {"sdkit.recipe": recipe})
+    code, err = run_main(capsys, "--replay", str(merged))
+    assert code == 1 and err.startswith("sdkit: error:") and "sdkit.recipe metadata is not valid JSON" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_list_methods() -> None:
     code, text = invoke("--list-methods")
     assert code == 0

@@ -83,12 +83,9 @@ def _webui_models(inputs: Sequence[InputFacts]) -> dict[str, Any]:
 
 
 def _json_or_none(text: str | None) -> Any:
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    from sdkit.io.safetensors_json import metadata_json  # bounded: inputs are untrusted
+
+    return metadata_json(text)
 
 
 def _modelspec(inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:

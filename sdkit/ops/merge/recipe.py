@@ -19,7 +19,6 @@ sdkit version), which is what `sdkit merge --replay FILE` runs again.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +26,7 @@ from typing import Any, Mapping
 from sdkit import __version__
 from sdkit.errors import SdkitError
 from sdkit.io.dtypes import NAME_TO_CODE
+from sdkit.io.safetensors_json import metadata_json
 
 RECIPE_KEY = "sdkit.recipe"
 _FIELDS = {"inputs", "method", "params", "blocks", "components", "take", "dtype",
@@ -173,8 +173,7 @@ def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecip
     text = metadata.get(RECIPE_KEY)
     if text is None:
         raise SdkitError(f"{origin}: no {RECIPE_KEY} in its metadata (not merged by sdkit)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        raise SdkitError(f"{origin}: {RECIPE_KEY} metadata is not valid JSON") from None
+    data = metadata_json(text)  # bounded: the file may be anyone's
+    if data is None:
+        raise SdkitError(f"{origin}: {RECIPE_KEY} metadata is not valid JSON (or too large to be a recipe)")
     return MergeRecipe.from_mapping(data, origin)
