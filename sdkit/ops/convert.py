@@ -41,7 +41,8 @@ from sdkit.ops.convert_precision import (OVERFLOW_POLICIES, OverflowStop, Precis
                                          overflow_error, scan_overflow)
 from sdkit.ops.convert_prune import PruneReport, prune_tensors, swap_in_ema
 from sdkit.ops.convert_repair import fix_position_ids
-from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, BackgroundHash, SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import (DIFFUSERS_IMPLEMENTATION, BackgroundHash, SpecFacts, build_metadata,
+                                   recorded_path)
 
 Progress = Callable[[int], None]
 TARGETS = ("safetensors", "single-file", "diffusers")
@@ -81,7 +82,8 @@ class ConvertOptions:
     def to_json(self) -> dict[str, Any]:
         return {"to": self.to, "dtype": self.dtype, "keep_fp32": list(self.keep_fp32),
                 "overflow": self.overflow, "prune": self.prune, "ema": self.ema, "only": self.only,
-                "fix_clip": self.fix_clip, "config": self.config_dir}
+                "fix_clip": self.fix_clip,
+                "config": recorded_path(self.config_dir) if self.config_dir else None}
 
 
 @dataclass

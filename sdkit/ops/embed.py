@@ -41,18 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from sdkit import __version__
 from sdkit.adapters.embedding import Embedding, vector_tokens
 from sdkit.errors import SdkitError
-from sdkit.io import LazyTensor, ModelFile, hash_file, lazy_tensors, open_model, write_safetensors
+from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model, write_safetensors
 from sdkit.io.diffusers_folder import find_weights, read_json
 from sdkit.io.output_path import build_in_partial, check_output_path
+from sdkit.ops.recipe_meta import RECIPE_KEY, recipe_json
 
 if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int], None]
-RECIPE_KEY = "sdkit.recipe"
 _TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 _BASE_TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx")
@@ -265,11 +264,7 @@ def _collect_ids(result: EmbedResult, component: str, edit: _TokenizerEdit) -> N
 
 def _recipe(model: ModelFile, requests: Sequence[EmbeddingRequest]) -> str:
     files = [model.path] + [request.embedding.path for request in requests]
-    return json.dumps({
-        "operation": "embed add", "sdkit_version": __version__,
-        "inputs": [{"path": str(path), "sha256": hash_file(path).sha256} for path in files],
-        "tokens": [request.token for request in requests],
-    }, sort_keys=True)
+    return recipe_json("embed add", files, {"tokens": [request.token for request in requests]})
 
 
 # --------------------------------------------------------------------------- outputs

@@ -10,7 +10,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sdkit.cli.main import main
 from sdkit.ops.recipe_meta import SpecFacts, build_metadata, full_paths_recorded, recorded_path
@@ -90,7 +92,16 @@ def test_source_date_epoch_fixes_the_date_so_a_merge_can_repeat_its_bytes(tmp_pa
 
 
 def test_inputs_are_recorded_by_name_unless_paths_are_asked_for(written, tmp_path):
-    for path in written.values():
+    config = TOY / "sd1" / "diffusers"
+    run("convert", str(SD1), "--to", "diffusers", "--config", str(config), "-o", str(tmp_path / "folder"))
+    embedding = tmp_path / "sks.safetensors"
+    save_file({"emb_params": torch.ones(1, 32)}, str(embedding))  # the toy's text width
+    run("embed", "add", str(SD1), f"{embedding}:sks", "--to", "diffusers", "--config", str(config),
+        "-o", str(tmp_path / "embedded"))
+    folder_files = sorted([*(tmp_path / "folder").glob("*/*.safetensors"),
+                           *(tmp_path / "embedded").glob("*/*.safetensors")])
+    assert len(folder_files) >= 6
+    for path in [*written.values(), *folder_files]:
         values = metadata(path).values()
         assert not [value for value in values if str(ROOT) in value or str(path.parent) in value], path
     recipe = json.loads(metadata(written["merge"])["sdkit.recipe"])
