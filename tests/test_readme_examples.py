@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sdkit.cli.main import main
+from cli_run import exit_code
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -65,11 +65,7 @@ def run(argv: list[str]) -> int:
     if argv[0] == "python":
         return subprocess.run([sys.executable, *argv[1:]], cwd=ROOT).returncode
     assert argv[0] == "sdkit", argv
-    try:
-        main(quicker(argv[1:]))
-    except SystemExit as done:
-        return int(done.code or 0)
-    return 0
+    return exit_code(quicker(argv[1:]))
 
 
 def test_there_are_runnable_examples_of_every_command_group():

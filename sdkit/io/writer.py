@@ -35,8 +35,7 @@ from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
 from sdkit.io.byte_span import ByteSpan
 from sdkit.io.file_sink import BufferedSink, DataDigest, DirectSink, open_sink
 from sdkit.io.lazy import LazyTensor
-from sdkit.io.output_path import (OutputExists, fsync_folder, install_file, partial_path, remove_quietly,
-                                  sweep_dead_partials)
+from sdkit.io.output_path import write_file_atomically
 from sdkit.io.safetensors_header import MAX_HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -126,13 +125,6 @@ def _write_bytes(sink: Sink, tensor: "torch.Tensor") -> int:
     import torch
 
     return sink.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def _refuse_existing(path: Path, overwrite: bool) -> None:
-    if path.is_dir():
-        raise SdkitError(f"{path}: is a folder")
-    if os.path.lexists(path) and not overwrite:
-        raise OutputExists(path)
 
 
 def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor) -> int:
@@ -231,37 +223,28 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     """
     path = Path(path)
     _check_request(path, tensors, metadata)
-    sweep_dead_partials(path)
-    _refuse_existing(path, overwrite)
+    if path.is_dir():
+        raise SdkitError(f"{path}: is a folder")
     metadata, placeholder = _with_digest_placeholder(metadata)
     header = build_header(tensors, metadata)
     if len(header) > MAX_HEADER_SIZE:
         raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
                          f"{MAX_HEADER_SIZE}-byte limit of the format")
-    partial = partial_path(path)
     digest = DataDigest(8 + len(header)) if placeholder is not None else None
-    try:
-        file, sink = open_sink(partial, digest)
-    except OSError as exc:
-        raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
     ahead = Prefetcher(lambda name: tensors[name].load(), workers,
                        cost=cost or (lambda name: tensors[name].nbytes), budget=AHEAD_BUDGET)
-    try:
+
+    def produce(partial: Path) -> None:
+        file, sink = open_sink(partial, digest)
         with file:
             try:
                 _write_all(sink, path, tensors, header, ahead, _spans(tensors), progress)
             finally:
                 sink.close()
-            if digest is not None and placeholder is not None:
-                patch_header(partial, placeholder, "0x" + digest.hexdigest())
-            if finish is not None:
-                finish(partial)
-            os.fsync(file.fileno())
-        install_file(partial, path, replace=overwrite)  # refuses one that appeared while we wrote
-    except BaseException as exc:
-        remove_quietly(partial)
-        if isinstance(exc, OSError):
-            raise SdkitError(f"{path}: cannot write: {exc.strerror or exc}") from None
-        raise
-    fsync_folder(path.parent)
-    return path
+        if digest is not None and placeholder is not None:
+            patch_header(partial, placeholder, "0x" + digest.hexdigest())
+        if finish is not None:
+            finish(partial)
+
+    # refuses a target that another writer installed meanwhile, unless overwriting
+    return write_file_atomically(path, produce, overwrite=overwrite)

@@ -11,20 +11,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 from sdkit.errors import with_article
 
 SDKIT = Path(__file__).resolve().parents[2] / "sdkit"
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_sdkit
 
 
 # ---- inspect --deep ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cli_run import run_sdkit
 from sdkit.cli.main import main
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
@@ -20,14 +21,7 @@ VAE = str(TOY / "sd1" / "toy-sd1.vae.safetensors")
 PIPELINE = str(TOY / "sd1" / "diffusers")  # configs and tokenizer/ for embed add
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+run = run_sdkit
 
 
 @pytest.fixture(scope="module")

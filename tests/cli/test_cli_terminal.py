@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 
 # (planted text, how it must read on the terminal)
 HOSTILE = [
@@ -49,13 +49,8 @@ def wide_plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_info:
-        code = int(exit_info.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    code, out, err = run_sdkit(capsys, *args)
+    return code, out + err
 
 
 def assert_escaped(output: str, escaped: str, *, title: bool = False) -> None:

@@ -14,19 +14,13 @@ from rich.console import Console
 from conftest import kohya_lora
 from hub_fakes import Blob, CivitaiFile, CivitaiVersion, FakeCivitai, FileHost
 from sdkit.cli.hub_cmd import _RichProgress  # importing it also attaches the commands to `cli`
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 from sdkit.hub import TransferOptions, download
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `sdkit ARGS`."""
-    try:
-        main(["--quiet", *args])
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    """(exit code, stdout, stderr) of `sdkit --quiet ARGS`."""
+    return run_sdkit(capsys, "--quiet", *args)
 
 
 def test_download_json_outcome(file_host: FileHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,20 +15,14 @@ import pytest
 
 from conftest import kohya_lora, payload
 from hub_fakes import Blob, FakeCivitai, FileHost
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 
 A1111_ROOT = ["models/Stable-diffusion", "models/VAE", "models/Lora", "embeddings"]
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `sdkit --quiet ARGS`."""
-    try:
-        main(["--quiet", *args])
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_sdkit(capsys, "--quiet", *args)
 
 
 def tree(root: Path) -> dict[str, str]:

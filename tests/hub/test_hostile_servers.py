@@ -10,7 +10,7 @@ import pytest
 
 from conftest import payload
 from hub_fakes import Blob, FakeHub, FileHost
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 from sdkit.errors import SdkitError
 from sdkit.hub import TransferOptions, download
 
@@ -37,12 +37,7 @@ class Recorder:
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str, float]:
     """(exit code, stdout, stderr, seconds) of `sdkit --quiet ARGS`."""
     started = time.monotonic()
-    try:
-        main(["--quiet", *args])
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
+    code, out, err = run_sdkit(capsys, "--quiet", *args)
     return code, out, err, time.monotonic() - started
 
 

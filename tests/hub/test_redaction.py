@@ -10,7 +10,7 @@ import pytest
 
 from conftest import kohya_lora
 from hub_fakes import Blob, FileHost
-from sdkit.cli.main import main
+from cli_run import run_sdkit
 from sdkit.hub.redact import REDACTED, redact_text, redact_url
 
 # How hosts and users spell credentials in a query string (S3, GCS, Azure SAS, CloudFront,
@@ -72,15 +72,7 @@ def secret_url(host: FileHost, name: str) -> str:
     return f"{origin}/files/{quote(name)}?keep=this&{query}"
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr), with the chatter on (not --quiet)."""
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+run_cli = run_sdkit  # with the chatter on (not --quiet)
 
 
 def assert_no_secret(text: str, where: str) -> None:

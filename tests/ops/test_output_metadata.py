@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdkit.cli.main import main
+from cli_run import exit_code
 from sdkit.ops.recipe_meta import SpecFacts, build_metadata, full_paths_recorded, recorded_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,10 +35,7 @@ def data_section_sha256(path: Path) -> str:
 
 
 def run(*args: str) -> None:
-    try:
-        main(["--quiet", *args])
-    except SystemExit as done:
-        assert done.code in (0, None), args
+    assert exit_code(["--quiet", *args]) == 0, args
 
 
 def outputs(tmp_path: Path) -> dict[str, Path]:

@@ -136,23 +136,23 @@ class Library:
     def open(cls, root: Path) -> "Library":
         """An existing library to write to; a WebUI root without an index gets one (its
         layout detected). Any other folder is refused: only `init` makes a library."""
-        root = root.resolve()
-        if index_path(root).is_file():
-            return cls(root, Index(index_path(root)))
-        layout = detect_layout(root)
-        if layout is None:
-            raise SdkitError(_not_a_library(root))
-        return cls.init(root, layout.name)
+        return cls._open(root, index_webui_root=True)
 
     @classmethod
     def open_existing(cls, root: Path) -> "Library":
         """An existing library to read: nothing is created, not even in a WebUI root."""
+        return cls._open(root, index_webui_root=False)
+
+    @classmethod
+    def _open(cls, root: Path, *, index_webui_root: bool) -> "Library":
         root = root.resolve()
         if index_path(root).is_file():
             return cls(root, Index(index_path(root)))
         layout = detect_layout(root)
         if layout is None:
             raise SdkitError(_not_a_library(root))
+        if index_webui_root:
+            return cls.init(root, layout.name)
         raise SdkitError(f"{root}: {with_article(layout.name)} folder that sdkit has not indexed yet; "
                          f"index it with `sdkit library scan {root}`")
 
