@@ -78,6 +78,14 @@ def test_the_data_hash_holds_through_both_write_paths_and_kernel_copies(tmp_path
     assert metadata(swapped)["modelspec.hash_sha256"] == data_section_sha256(swapped)
 
 
+def test_the_data_hash_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDKIT_DATA_HASH", "off")
+    output = tmp_path / "m.safetensors"
+    run("merge", str(SD1), str(SD1_B), "--alpha", "0.3", "-o", str(output))
+    meta = metadata(output)
+    assert "modelspec.hash_sha256" not in meta and "0x<" not in "".join(meta.values())
+
+
 def test_source_date_epoch_fixes_the_date_so_a_merge_can_repeat_its_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     first, second = tmp_path / "one" / "m.safetensors", tmp_path / "two" / "m.safetensors"
