@@ -350,7 +350,10 @@ def _write_text_encoder(model: ModelFile, slot: TextEncoderSlot, rows: int, grow
     name = weights.name if weights is not None and weights.suffix == ".safetensors" else "model.safetensors"
     tensors = lazy_tensors(model.components[slot.component])
     tensors[slot.tensor] = grown
-    write_safetensors(destination / name, tensors, metadata, progress=progress)
+    # in the layout every client reads, whichever the input folder had
+    from sdkit.ops.convert_folder import stored_tensors  # (imports torch)
+
+    write_safetensors(destination / name, stored_tensors(slot.component, tensors), metadata, progress=progress)
 
 
 # --------------------------------------------------------------------------- single files

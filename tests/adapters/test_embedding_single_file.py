@@ -243,3 +243,6 @@ def test_toy_model_folders_load_with_the_new_tokens(tmp_path: Path, case: str) -
         assert torch.equal(table[ids], new_vectors.to(original.dtype).to(table.dtype))
         kept = [row for row in range(original.shape[0]) if row not in ids]
         assert torch.equal(table[kept], original[kept].to(table.dtype))
+        # the layout ComfyUI's diffusers loader maps (it drops a text encoder without it)
+        with safe_open(str(tmp_path / "out" / component / "model.safetensors"), "pt") as written:
+            assert all(key.startswith("text_model.") or key == "text_projection.weight" for key in written.keys())
