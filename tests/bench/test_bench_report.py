@@ -79,7 +79,7 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
         Operation("hash (sha256, AutoV2, legacy, AutoV3; hash cache off)",
                   ["env", "SDKIT_HASH_CACHE=off", *sdkit("hash", a)], [inputs.a]),
         Operation("convert fp16 → bf16", sdkit("convert", a, "-o", str(out), "--dtype", "bf16"), [inputs.a], out),
-        Operation("prune (no EMA present: a checked copy)", sdkit("convert", a, "-o", str(out), "--prune"),
+        Operation("convert, no change asked (a checked copy)", sdkit("convert", a, "-o", str(out)),
                   [inputs.a], out),
         merge("merge weighted sum α=0.5", "weighted-sum", [a, b], "full-load-weighted-sum"),
         Operation("merge weighted sum α=0.5, hash cache off (inputs hashed while writing)",
