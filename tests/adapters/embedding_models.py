@@ -188,3 +188,12 @@ def sd1_prompt_embeds(pipe, token: str) -> torch.Tensor:
     with torch.no_grad():
         return pipe.encode_prompt(PROMPT.format(token), "cpu", 1, False)[0]
 
+
+@pytest.fixture(scope="module")
+def sd1_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sd1_pipeline(tmp_path_factory.mktemp("sd1-tokenizer"), tmp_path_factory.mktemp("sd1") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-tokenizer"), tmp_path_factory.mktemp("sdxl") / "pipe")

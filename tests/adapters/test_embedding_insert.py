@@ -11,25 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from embedding_models import (FORMATS, PROMPT, a1111_pt, build_sd1_pipeline, build_sdxl_pipeline, close,
-                              kohya_safetensors, load_sd1, load_sdxl, quiet_peers, requests_for,
-                              sd1_prompt_embeds)
+from embedding_models import (FORMATS, PROMPT, a1111_pt, close, kohya_safetensors, load_sd1, load_sdxl,
+                              quiet_peers, requests_for, sd1_pipeline, sd1_prompt_embeds, sdxl_pipeline)
 from safetensors.torch import save_file
 
 from sdkit.errors import SdkitError
 from sdkit.ops.embed import add_embeddings
 
-__all__ = ["quiet_peers"]  # an autouse fixture: imported to take effect here
-
-
-@pytest.fixture(scope="module")
-def sd1_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sd1_pipeline(tmp_path_factory.mktemp("sd1-tokenizer"), tmp_path_factory.mktemp("sd1") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-tokenizer"), tmp_path_factory.mktemp("sdxl") / "pipe")
+__all__ = ["quiet_peers", "sd1_pipeline", "sdxl_pipeline"]  # fixtures: imported to take effect here
 
 
 @pytest.mark.parametrize("layout,count", [("a1111", 1), ("a1111", 3), ("kohya", 2),

@@ -14,31 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from embedding_models import (PROMPT, SD1_TOKEN_KEY, SDXL_TOKEN_KEYS, a1111_pt, build_sd1_pipeline,
-                              build_sdxl_pipeline, close, kohya_safetensors, load_sd1, load_sdxl, quiet_peers,
-                              requests_for, sd1_prompt_embeds)
+from embedding_models import (PROMPT, SD1_TOKEN_KEY, SDXL_TOKEN_KEYS, a1111_pt, close, kohya_safetensors,
+                              load_sd1, load_sdxl, quiet_peers, requests_for, sd1_pipeline, sd1_prompt_embeds,
+                              sdxl_pipeline)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkit.errors import SdkitError
 from sdkit.ops.embed import CheckpointSources, add_embeddings
 
-__all__ = ["quiet_peers"]  # an autouse fixture: imported to take effect here
+__all__ = ["quiet_peers", "sd1_pipeline", "sdxl_pipeline"]  # fixtures: imported to take effect here
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
 # transformers saves CLIP text models with or without the `text_model.` prefix
 DIFFUSERS_TOKEN_KEY = "embeddings.token_embedding.weight"
 STORED_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-
-@pytest.fixture(scope="module")
-def sd1_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sd1_pipeline(tmp_path_factory.mktemp("sd1-tokenizer"), tmp_path_factory.mktemp("sd1") / "pipe")
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_sdxl_pipeline(tmp_path_factory.mktemp("sdxl-tokenizer"), tmp_path_factory.mktemp("sdxl") / "pipe")
 
 
 def stored_table(path: Path, key: str) -> torch.Tensor:
