@@ -69,7 +69,7 @@ def without_renameat2() -> None:
 
 def meet_before_install(target: str, ready: int, go: int) -> None:
     """Before installing `target`, write a byte to the `ready` pipe and wait for one on `go`."""
-    from sdkit.io import output_path, writer
+    from sdkit.io import output_path
 
     wanted = os.path.abspath(target)
 
@@ -78,9 +78,8 @@ def meet_before_install(target: str, ready: int, go: int) -> None:
             os.write(ready, b"r")
             os.read(go, 1)
 
-    for owner, attribute in ((output_path, "install_file"), (output_path, "install_folder"),
-                             (writer, "install_file")):  # the writer holds its own name for it
-        _wrap(owner, attribute, meet)
+    for attribute in ("install_file", "install_folder"):  # every output installs through these
+        _wrap(output_path, attribute, meet)
 
 
 def apply(hooks: dict[str, Any]) -> None:
