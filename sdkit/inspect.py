@@ -32,7 +32,7 @@ def _dtype_counts(model: ModelFile) -> dict[str, int]:
 def inspect_png(path: str | Path) -> dict[str, Any]:
     """The generation parameters an image carries (A1111 `parameters` text chunk): the
     fields as written, and typed (`generation`; README, "inspect of a PNG")."""
-    from sdkit.runtime.sample_png import generation_summary, read_png_parameters
+    from sdkit.runtime.sample.png import generation_summary, read_png_parameters
 
     fields = read_png_parameters(path)
     return {"path": str(path), "format": "png", "kind": "image", "parameters": fields,

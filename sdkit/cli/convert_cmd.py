@@ -50,7 +50,7 @@ def convert_command(ctx: click.Context, source: str, output: str, target: str, c
         raise click.UsageError("--clamp and --allow-inf exclude each other")
     require_inputs(source, options["config_dir"])
     require_output(output, (source, options["config_dir"]), force=options["force"])
-    from sdkit.ops.convert import ConvertOptions, convert_model
+    from sdkit.ops.convert.model import ConvertOptions, convert_model
 
     policy = "clamp" if clamp else "allow-inf" if allow_inf else "refuse"
     settings = ConvertOptions(to=target, overflow=policy, keep_fp32=tuple(options.pop("keep_fp32")), **options)

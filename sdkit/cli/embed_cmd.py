@@ -72,7 +72,7 @@ def _split_spec(spec: str) -> tuple[str, str | None]:
 
 def _request(spec: str) -> Any:
     from sdkit.adapters.embedding import read_embedding
-    from sdkit.ops.embed import EmbeddingRequest
+    from sdkit.ops.embed.add import EmbeddingRequest
 
     path, token = _split_spec(spec)
     embedding = read_embedding(path, token)
@@ -111,7 +111,7 @@ def add_command(ctx: click.Context, model: str, embeddings: tuple[str, ...], out
     paths = [_split_spec(spec)[0] for spec in embeddings]
     require_inputs(model, *paths, config_dir, tokenizer_source)
     require_output(output, (model, *paths, config_dir, tokenizer_source), force=force)
-    from sdkit.ops.embed import CheckpointSources, add_embeddings
+    from sdkit.ops.embed.add import CheckpointSources, add_embeddings
 
     requests = [_request(spec) for spec in embeddings]
     sources = CheckpointSources(*(Path(given) if given else None for given in (config_dir, tokenizer_source)))

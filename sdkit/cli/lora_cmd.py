@@ -70,7 +70,7 @@ def check_command(base: str, lora: str, rank: int | None, alpha: float | None, a
     Example: sdkit lora check model.safetensors style.safetensors
     """
     require_inputs(base, lora)
-    from sdkit.ops.bake_plan import check_adapter
+    from sdkit.ops.lora.plan import check_adapter
 
     report = check_adapter(base, lora, rank=rank, alpha=alpha)
     _emit(report, as_json, _render_check)
@@ -127,7 +127,7 @@ def bake_command(base: str, adapters: tuple[str, ...], output: str, dtype: str |
     require_inputs(base, *(item.path for item in inputs))
     require_output(output, (base, *(item.path for item in inputs)), force=force,
                    suffixes=SAFETENSORS if to == "ldm" else None)
-    from sdkit.ops.bake import BakeOptions, bake_loras
+    from sdkit.ops.lora.bake import BakeOptions, bake_loras
 
     components = "unet" if unet_only else "te" if te_only else "all"
     options = BakeOptions(dtype, components, blocks, rank, alpha, to=to,
@@ -181,7 +181,7 @@ def merge_command(inputs: tuple[str, ...], output: str, rank: int | None, conv_r
     loras = [parse_adapter_arg(item) for item in inputs]
     require_inputs(*(item.path for item in loras), base)
     require_output(output, (*(item.path for item in loras), base), force=force)
-    from sdkit.ops.lora_merge import MergeOptions, merge_loras
+    from sdkit.ops.lora.merge import MergeOptions, merge_loras
 
     options = MergeOptions(rank, conv_rank, clamp_quantile, base, format=fmt, dtype=dtype,
                            allow_family_mismatch=allow_family_mismatch)
@@ -226,7 +226,7 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
     """
     require_inputs(tuned, base)
     require_output(output, (tuned, base), force=force)
-    from sdkit.ops.lora_extract import ExtractOptions, extract_lora
+    from sdkit.ops.lora.extract import ExtractOptions, extract_lora
 
     method, value = dynamic if dynamic else (None, None)
     clamp = None if clamp_quantile >= 1 else clamp_quantile
@@ -257,7 +257,7 @@ def resize_command(source: str, output: str, rank: int, conv_rank: int | None, d
     """
     require_inputs(source, base)
     require_output(output, (source, base), force=force)
-    from sdkit.ops.lora_extract import ResizeOptions, resize_lora
+    from sdkit.ops.lora.extract import ResizeOptions, resize_lora
 
     method, value = dynamic if dynamic else (None, None)
     options = ResizeOptions(rank, conv_rank, method, value, base, fmt, dtype)

@@ -13,8 +13,8 @@ from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo, shown
-from sdkit.runtime.sample_png import picture_paths
-from sdkit.runtime.sample_scheduler import SAMPLERS
+from sdkit.runtime.sample.png import picture_paths
+from sdkit.runtime.sample.scheduler import SAMPLERS
 
 _DEVICES = ("auto", "cpu", "cuda")
 _DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -85,15 +85,15 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
 
     Example: sdkit sample model.safetensors -p "a red circle <lora:style:0.8>" --library ~/webui -o out.png
     """
-    from sdkit.runtime.sample_grid import parse_axis
+    from sdkit.runtime.sample.grid import parse_axis
 
     axis = parse_axis(xy) if xy else None
     require_inputs(model, config, library)
     for path in picture_paths(output, len(prompts), batch, one_picture=grid or axis is not None):
         require_output(path, (model,), force=force)
-    from sdkit.runtime.sample import Settings
-    from sdkit.runtime.sample_plan import AdapterArgs
-    from sdkit.runtime.sample_run import SampleJob, run_sample
+    from sdkit.runtime.sample.sampler import Settings
+    from sdkit.runtime.sample.plan import AdapterArgs
+    from sdkit.runtime.sample.run import SampleJob, run_sample
 
     if seed == -1:
         seed = random.randrange(4294967294)  # A1111's range for a random seed

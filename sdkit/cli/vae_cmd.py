@@ -48,7 +48,7 @@ def swap_command(ctx: click.Context, checkpoint: str, vae: str, output: str, for
     """
     require_inputs(checkpoint, vae)
     require_output(output, (checkpoint, vae), force=force)
-    from sdkit.ops.vae import swap_vae
+    from sdkit.ops.vae.swap import swap_vae
 
     console = SafeConsole(stderr=True)
     with progress_bar(console, _quiet(ctx, as_json), "swapping") as advance:
@@ -81,7 +81,7 @@ def extract_command(ctx: click.Context, checkpoint: str, output: str, convention
     """
     require_inputs(checkpoint)
     require_output(output, (checkpoint,), force=force, suffixes=SAFETENSORS if convention == "ldm" else None)
-    from sdkit.ops.vae import extract_vae
+    from sdkit.ops.vae.swap import extract_vae
 
     console = SafeConsole(stderr=True)
     with progress_bar(console, _quiet(ctx, as_json), "extracting") as advance:

@@ -2,7 +2,7 @@
 
 `load_model(path)` accepts an LDM single-file checkpoint (A1111 / ComfyUI layout) or a
 diffusers folder of the SD 1.x, SD 2.x or SDXL base family. Both go through one path:
-the model is seen in the diffusers convention (`sdkit.ops.convert_layout`, whose key maps
+the model is seen in the diffusers convention (`sdkit.ops.layout`, whose key maps
 derive every component's config from the weights), each component is built from its
 config with empty weights and the (converted) tensors are assigned to it. Nothing is
 downloaded and diffusers' `from_single_file` is never called.
@@ -39,7 +39,7 @@ from sdkit.arch import Identity, identify
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, hash_file, open_model
 from sdkit.io.diffusers_folder import read_json
-from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
+from sdkit.ops.layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl-base")
 DEVICES = ("auto", "cpu", "cuda")

@@ -38,9 +38,9 @@ import torch
 from sdkit.arch import FAMILIES, Identity, identify
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
-from sdkit.ops.convert_layout import extract_component
+from sdkit.ops.layout import extract_component
 from sdkit.ops.recipe_meta import input_sha256
-from sdkit.ops.vae import VaeSource, open_vae_source, vae_config
+from sdkit.ops.vae.swap import VaeSource, open_vae_source, vae_config
 from sdkit.runtime.vae_table import known_vae
 
 TIMESTEPS = (100, 300, 500, 700)

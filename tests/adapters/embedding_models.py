@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from sdkit.adapters.embedding import read_embedding
-from sdkit.ops.embed import EmbeddingRequest
+from sdkit.ops.embed.add import EmbeddingRequest
 
 PROMPT = "a photo of {}"
 SD1_TOKEN_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"

@@ -16,7 +16,7 @@ from embedding_models import (FORMATS, PROMPT, a1111_pt, close, kohya_safetensor
 from safetensors.torch import save_file
 
 from sdkit.errors import SdkitError
-from sdkit.ops.embed import add_embeddings
+from sdkit.ops.embed.add import add_embeddings
 
 __all__ = ["quiet_peers", "sd1_pipeline", "sdxl_pipeline"]  # fixtures: imported to take effect here
 

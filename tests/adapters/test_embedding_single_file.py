@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdkit.errors import SdkitError
-from sdkit.ops.embed import CheckpointSources, add_embeddings
+from sdkit.ops.embed.add import CheckpointSources, add_embeddings
 
 __all__ = ["quiet_peers", "sd1_pipeline", "sdxl_pipeline"]  # fixtures: imported to take effect here
 
@@ -40,7 +40,7 @@ def stored_table(path: Path, key: str) -> torch.Tensor:
 
 def single_file(pipeline: Path, path: Path) -> Path:
     """`pipeline` as an LDM single file (`.safetensors`, or a `.ckpt` holding a state_dict)."""
-    from sdkit.ops.convert import ConvertOptions, convert_model
+    from sdkit.ops.convert.model import ConvertOptions, convert_model
 
     converted = path.with_name(path.stem + ".converted.safetensors")
     convert_model(pipeline, converted, ConvertOptions(to="single-file"))

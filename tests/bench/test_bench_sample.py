@@ -76,7 +76,7 @@ def _peak_memory(action: Callable[[], None]) -> float:
 def sdkit_run(folder: Path, device: str, size: int, steps: int, cfg: float) -> tuple[StepClock, float, float]:
     """(step clock, seconds per picture, peak GiB) of sdkit's sampler on `folder`."""
     from sdkit.runtime.pipeline import load_model
-    from sdkit.runtime.sample import Sampler, Settings
+    from sdkit.runtime.sample.sampler import Sampler, Settings
 
     sampler = Sampler(load_model(folder, device=device))
     plan = sampler.plan_prompt(PROMPT)
@@ -123,7 +123,7 @@ def report(name: str, ours: tuple[StepClock, float, float], theirs: tuple[StepCl
 @pytest.mark.skipif(not (TOY / "model_index.json").is_file(), reason="toy fixtures not built (make fixtures)")
 def test_bench_toy_pictures_per_second_cpu() -> None:
     from sdkit.runtime.pipeline import load_model
-    from sdkit.runtime.sample import Sampler, Settings
+    from sdkit.runtime.sample.sampler import Sampler, Settings
 
     count, size = 10, 32
     sampler = Sampler(load_model(TOY, device="cpu"))

@@ -98,7 +98,7 @@ def test_quiet_train_prints_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_quiet_sample_prints_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from sdkit.runtime import sample_run
+    from sdkit.runtime.sample import run as sample_run
 
     output = tmp_path / "out.png"
     drawn = SimpleNamespace(outputs=[output], samples=[SimpleNamespace(seed=0, parameters="a cat")],

@@ -30,8 +30,9 @@ from typing import Any, TextIO
 
 # what the commands import lazily: loaded once here, so children start at once
 PRELOADED = ("diffusers", "transformers", "sdkit.cli.main", "sdkit.cli.convert_cmd", "sdkit.cli.merge_cmd",
-             "sdkit.cli.lora_cmd", "sdkit.cli.vae_cmd", "sdkit.cli.embed_cmd", "sdkit.inspect", "sdkit.ops.convert",
-             "sdkit.ops.merge", "sdkit.ops.bake", "sdkit.ops.lora_extract", "sdkit.ops.vae", "sdkit.ops.embed")
+             "sdkit.cli.lora_cmd", "sdkit.cli.vae_cmd", "sdkit.cli.embed_cmd", "sdkit.inspect",
+             "sdkit.ops.convert.model", "sdkit.ops.merge", "sdkit.ops.lora.bake", "sdkit.ops.lora.extract",
+             "sdkit.ops.vae.swap", "sdkit.ops.embed.add")
 
 
 def preload() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdkit.hub.library import Library
-from sdkit.ops.lora_extract import ExtractOptions, extract_lora
+from sdkit.ops.lora.extract import ExtractOptions, extract_lora
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
 pytestmark = pytest.mark.skipif(not (TOY / "sd1" / "toy-sd1.safetensors").is_file(),

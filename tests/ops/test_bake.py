@@ -20,10 +20,10 @@ from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
 from sdkit.cli.main import main
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
-from sdkit.ops import bake_compute
-from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras, key_baker
+from sdkit.ops.lora import compute as bake_compute
+from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras, key_baker
 from sdkit.ops.adapter_input import parse_adapter_arg
-from sdkit.ops.bake_plan import check_adapter, open_base, plan_bake
+from sdkit.ops.lora.plan import check_adapter, open_base, plan_bake
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (configs, kohya_lora, lora_delta, save_folder, save_ldm, tiny_pipeline, write)
 

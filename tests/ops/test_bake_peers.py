@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from sdkit.ops.bake import AdapterInput, bake_loras
+from sdkit.ops.lora.bake import AdapterInput, bake_loras
 from test_convert_support import stored
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (diffusers_state, ldm_to_diffusers, peft_lora_file, read_folder, save_folder,

@@ -19,9 +19,9 @@ import test_convert_support as S
 from sdkit.adapters.embedding import read_embedding
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
-from sdkit.ops.convert import ConvertOptions, convert_model
-from sdkit.ops.convert_embedding import write_a1111_pt
-from sdkit.ops.convert_lora import adapter_metadata
+from sdkit.ops.convert.model import ConvertOptions, convert_model
+from sdkit.ops.convert.embedding import write_a1111_pt
+from sdkit.ops.convert.lora import adapter_metadata
 
 UNET_TARGETS = ["attn2.to_k", "attn2.to_v", "proj_in", "conv1", "conv2", "time_emb_proj", "conv"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]

@@ -19,7 +19,7 @@ from sdkit.cli import convert_cmd  # noqa: F401  (attaches `convert` to the grou
 from sdkit.cli.main import main
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
-from sdkit.ops.convert import ConvertOptions, convert_model
+from sdkit.ops.convert.model import ConvertOptions, convert_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "fixtures" / "toy"

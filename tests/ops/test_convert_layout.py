@@ -17,8 +17,8 @@ import test_convert_support as S
 from sdkit.arch.keymaps import plan_for
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
-from sdkit.ops.convert import ConvertOptions, convert_model
-from sdkit.ops.convert_layout import extract_component, replace_component
+from sdkit.ops.convert.model import ConvertOptions, convert_model
+from sdkit.ops.layout import extract_component, replace_component
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "fixtures" / "toy" / "sd1"

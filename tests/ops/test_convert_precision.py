@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 import test_convert_support as S
 from sdkit.errors import SdkitError
-from sdkit.ops import convert_precision
-from sdkit.ops.convert import ConvertOptions, convert_model
+from sdkit.ops import precision as convert_precision
+from sdkit.ops.convert.model import ConvertOptions, convert_model
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -226,7 +226,7 @@ def test_existing_output_or_the_input_as_output_needs_force(ldm, tmp_path):
 @pytest.mark.parametrize("source, target", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
                                             (torch.float32, torch.float16), (torch.float16, torch.float32)])
 def test_fast_cast_gives_torchs_bytes(source: torch.dtype, target: torch.dtype) -> None:
-    from sdkit.ops.convert_precision import cast_tensor
+    from sdkit.ops.precision import cast_tensor
 
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(3, 300_001, generator=generator) * 1e4  # beyond one slice, not a multiple

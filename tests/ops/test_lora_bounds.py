@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdkit.ops.lora_svd import RankRule, factorize, factorize_product
+from sdkit.ops.lora.svd import RankRule, factorize, factorize_product
 from test_lora_support import write
 
 NAME = "lora_unet_down_blocks_0_attentions_0_proj_in"  # [32, 32, 1, 1] in the toy SD1

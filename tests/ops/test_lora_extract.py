@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sdkit.ops.bake import AdapterInput, bake_loras
-from sdkit.ops.lora_extract import ExtractOptions, ResizeOptions, extract_lora, resize_lora
-from sdkit.ops.lora_svd import randomized_svd
+from sdkit.ops.lora.bake import AdapterInput, bake_loras
+from sdkit.ops.lora.extract import ExtractOptions, ResizeOptions, extract_lora, resize_lora
+from sdkit.ops.lora.svd import randomized_svd
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (diffusers_state, kohya_lora, ldm_state, ldm_to_diffusers, lora_delta, save_folder,
                                save_ldm, tiny_pipeline, write)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
 from sdkit.cli.main import main
 from sdkit.errors import SdkitError
-from sdkit.ops.bake import AdapterInput, bake_loras
-from sdkit.ops.lora_merge import MergeOptions, merge_loras
+from sdkit.ops.lora.bake import AdapterInput, bake_loras
+from sdkit.ops.lora.merge import MergeOptions, merge_loras
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import (diffusers_state, kohya_lora, lora_delta, peft_lora_file, read_folder, save_folder,
                                tiny_pipeline, write)

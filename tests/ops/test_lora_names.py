@@ -11,7 +11,7 @@ from sdkit.adapters.lora_names import adapter_address, map_modules, model_names,
 from sdkit.arch import identify
 from sdkit.errors import SdkitError
 from sdkit.io import model_from_tensors
-from sdkit.ops.convert_layout import model_view
+from sdkit.ops.layout import model_view
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from test_lora_support import configs, diffusers_state, ldm_state, tiny_pipeline
 

@@ -24,7 +24,7 @@ from sdkit.arch.keymaps import checkpoint_to_ldm, convert_state_dict, plan_for
 from sdkit.cli import vae_cmd  # noqa: F401  (attaches `vae` to the group)
 from sdkit.cli.main import cli
 from sdkit.errors import SdkitError
-from sdkit.ops.vae import extract_vae, swap_vae
+from sdkit.ops.vae.swap import extract_vae, swap_vae
 
 VAE_PREFIX = "first_stage_model."
 

@@ -223,7 +223,7 @@ def pixels(image: Any) -> np.ndarray:
 
 def tiny_settings(**overrides: Any) -> Any:
     """Sampling settings for the tiny models: 4 steps, 32x32, cfg 6, seed 1."""
-    from sdkit.runtime.sample import Settings
+    from sdkit.runtime.sample.sampler import Settings
 
     return Settings(**{"steps": STEPS, "width": SIZE, "height": SIZE, "cfg": 6.0, "seed": 1, **overrides})
 
@@ -232,8 +232,8 @@ def draw(model: Any, prompt: str, *, count: int = 1, adapters: Any = None, libra
          **settings: Any) -> list[np.ndarray]:
     """Pictures of `prompt` from a LoadedModel with `tiny_settings(**settings)`; `adapters`
     are command-line style (`AdapterArgs`)."""
-    from sdkit.runtime.sample import Sampler
-    from sdkit.runtime.sample_plan import AdapterArgs, resolve_adapters
+    from sdkit.runtime.sample.sampler import Sampler
+    from sdkit.runtime.sample.plan import AdapterArgs, resolve_adapters
 
     sampler = Sampler(model, library, resolve_adapters(adapters or AdapterArgs(), library))
     try:

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from runtime_models import SIZE, STEPS, draw, max_difference, pixels
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Settings, sdxl_clip_skip
-from sdkit.runtime.sample_run import SampleJob, output_paths, run_sample
-from sdkit.runtime.sample_scheduler import SAMPLERS
+from sdkit.runtime.sample.sampler import Settings, sdxl_clip_skip
+from sdkit.runtime.sample.run import SampleJob, output_paths, run_sample
+from sdkit.runtime.sample.scheduler import SAMPLERS
 
 TINY = Settings(steps=STEPS, cfg=6.0, seed=3, width=SIZE, height=SIZE)
 
@@ -45,7 +45,7 @@ def test_picture_i_of_a_batch_is_the_single_picture_of_seed_plus_i(model):
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_scheduler_draws_from_the_models_schedule(model, name):
-    from sdkit.runtime.sample_scheduler import make_scheduler
+    from sdkit.runtime.sample.scheduler import make_scheduler
 
     scheduler = make_scheduler(name, model.scheduler_config)
     assert type(scheduler).__name__ == SAMPLERS[name].scheduler
@@ -65,7 +65,7 @@ def _a1111_embeds(pipe, text: str, skip: int) -> torch.Tensor:
 
 
 def test_clip_skip_two_reads_the_penultimate_layer_through_the_final_norm(model):
-    from sdkit.runtime.sample_scheduler import make_scheduler
+    from sdkit.runtime.sample.scheduler import make_scheduler
 
     pipe = model.pipe
     pipe.scheduler = make_scheduler("euler", model.scheduler_config)

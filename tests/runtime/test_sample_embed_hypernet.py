@@ -10,7 +10,7 @@ from runtime_models import TEXT_WIDTH, draw, max_difference, pixels
 from sdkit.adapters.hypernet import HypernetworkSettings, new_hypernetwork, save_hypernetwork
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample_plan import AdapterArgs
+from sdkit.runtime.sample.plan import AdapterArgs
 
 
 def _embedding(path, vectors: int = 2, width: int = TEXT_WIDTH, seed: int = 0):
@@ -36,7 +36,7 @@ def test_a_used_embedding_changes_the_picture_and_an_unused_one_does_not(model, 
 def test_embedding_draws_what_diffusers_textual_inversion_draws(sd1, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from sdkit.runtime.sample_scheduler import make_scheduler
+    from sdkit.runtime.sample.scheduler import make_scheduler
 
     embedding = _embedding(tmp_path / "mystyle.safetensors", vectors=3, seed=2)
     peer = StableDiffusionPipeline.from_pretrained(sd1.folder, local_files_only=True)

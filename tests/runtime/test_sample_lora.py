@@ -11,14 +11,14 @@ import torch
 from runtime_models import (draw, kohya_lora_tensors, ldm_kohya_lora, max_difference, pixels, tiny_settings,
                             write_adapter)
 from sdkit.errors import SdkitError
-from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras
+from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Sampler
-from sdkit.runtime.sample_plan import AdapterArgs, resolve_adapters
+from sdkit.runtime.sample.sampler import Sampler
+from sdkit.runtime.sample.plan import AdapterArgs, resolve_adapters
 
 
 def _baked(model_file, lora, strength, tmp_path, components="all"):
-    """The model baked with `lora` by sdkit.ops.bake, loaded the way the base is."""
+    """The model baked with `lora` by sdkit.ops.lora.bake, loaded the way the base is."""
     out = tmp_path / f"baked-{strength}-{components}.safetensors"
     bake_loras(model_file, [AdapterInput(str(lora), strength)], out, BakeOptions(components=components))
     shutil.copytree(model_file.with_name(model_file.name + ".tokenizer"), out.with_name(out.name + ".tokenizer"))
@@ -53,7 +53,7 @@ def test_separate_text_encoder_and_unet_strengths_match_a_unet_only_bake(sd1, sd
     library = tmp_path / "webui"
     (library / "models" / "Lora").mkdir(parents=True)
     shutil.copyfile(sd1_lora, library / "models" / "Lora" / "style.safetensors")
-    from sdkit.runtime.sample_library import Library
+    from sdkit.runtime.sample.library import Library
 
     ours = draw(load_model(sd1.file), "a photo <lora:style:0:0.8>", library=Library(library))[0]
     unet_only = _baked(sd1.file, sd1_lora, 0.8, tmp_path, components="unet")
@@ -63,7 +63,7 @@ def test_separate_text_encoder_and_unet_strengths_match_a_unet_only_bake(sd1, sd
 def test_runtime_lora_matches_diffusers_own_lora_loading(sd1, sd1_lora):
     from diffusers import StableDiffusionPipeline
 
-    from sdkit.runtime.sample_scheduler import make_scheduler
+    from sdkit.runtime.sample.scheduler import make_scheduler
 
     peer = StableDiffusionPipeline.from_pretrained(sd1.folder, local_files_only=True)
     peer.set_progress_bar_config(disable=True)

@@ -14,11 +14,11 @@ from PIL import Image, PngImagePlugin
 from runtime_models import SIZE, TEXT_WIDTH, kohya_lora_tensors, pixels, tiny_settings, write_adapter
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Settings
-from sdkit.runtime.sample_plan import AdapterArgs
-from sdkit.runtime.sample_grid import grid_image, grid_layout, parse_axis
-from sdkit.runtime.sample_png import format_parameters, parse_hashes, parse_parameters, read_png_parameters
-from sdkit.runtime.sample_run import SampleJob, run_sample
+from sdkit.runtime.sample.sampler import Settings
+from sdkit.runtime.sample.plan import AdapterArgs
+from sdkit.runtime.sample.grid import grid_image, grid_layout, parse_axis
+from sdkit.runtime.sample.png import format_parameters, parse_hashes, parse_parameters, read_png_parameters
+from sdkit.runtime.sample.run import SampleJob, run_sample
 
 # A1111's own docstring example (modules/infotext_utils.py::parse_generation_parameters)
 A1111_TEXT = """girl with an artist's beret, determined, blue eyes, desert scene, ((eyeshadow)), detailed

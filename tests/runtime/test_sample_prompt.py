@@ -12,9 +12,9 @@ from runtime_models import TEXT_WIDTH, draw, kohya_lora_tensors, max_difference,
 from sdkit.adapters.hypernet import HypernetworkSettings, new_hypernetwork, save_hypernetwork
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample_plan import AdapterArgs, parse_embedding_arg
-from sdkit.runtime.sample_library import Library, kind_folders, resolve_file
-from sdkit.runtime.sample_prompt import extract_networks, mentions, replace_name
+from sdkit.runtime.sample.plan import AdapterArgs, parse_embedding_arg
+from sdkit.runtime.sample.library import Library, kind_folders, resolve_file
+from sdkit.runtime.sample.prompt import extract_networks, mentions, replace_name
 
 
 def test_tags_are_parsed_and_taken_out_of_the_text():

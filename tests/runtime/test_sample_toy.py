@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Sampler, Settings
+from sdkit.runtime.sample.sampler import Sampler, Settings
 from sdkit.runtime.toyscore import IMAGE_SIZE, score_image
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"

@@ -14,7 +14,7 @@ from sdkit.adapters.lora_format import parse_lora
 from sdkit.io import open_model
 from sdkit.runtime.hypernet_attn import attach_hypernetwork
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample_lora import LoraRequest, RuntimeLoras
+from sdkit.runtime.sample.lora import LoraRequest, RuntimeLoras
 from test_train_support import base_weights, concept_pictures, run_trainer, tiny_config, unet_output
 
 CONTEXT = 32  # the tiny SD1 model's text width

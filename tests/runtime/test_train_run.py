@@ -336,7 +336,7 @@ def test_sdxl_lora_uses_ldm_unet_names_and_both_text_encoders(sdxl, data, tmp_pa
                                             "lora_unet_middle_block_")) for n in unet_names)
     # applied by name onto a fresh base, the file reproduces the trained UNet
     from sdkit.runtime.pipeline import load_model
-    from sdkit.runtime.sample_lora import LoraRequest, RuntimeLoras
+    from sdkit.runtime.sample.lora import LoraRequest, RuntimeLoras
 
     trained_unet = trainer.model.pipe.unet.eval()
     fresh = load_model(sdxl.file)

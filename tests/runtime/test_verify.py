@@ -93,7 +93,7 @@ def test_every_adapter_kind_is_sampled_with_and_without(sd1, adapters, scorers, 
 
 
 def test_the_rate_is_the_fraction_of_seeds_showing_every_expected_label(sd1, adapters, scorers):
-    from sdkit.runtime.sample import Sampler, Settings
+    from sdkit.runtime.sample.sampler import Sampler, Settings
 
     sampler = Sampler(load_model(sd1.file))
     settings = Settings(steps=3, cfg=7.0, seed=0, width=32, height=32, scheduler="ddim")

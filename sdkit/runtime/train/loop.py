@@ -305,7 +305,7 @@ class Trainer:
     def _preview(self, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        from sdkit.runtime.sample import Sampler
+        from sdkit.runtime.sample.sampler import Sampler
 
         run = self.config.run
         self.denoiser.eval()

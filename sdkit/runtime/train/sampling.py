@@ -1,6 +1,6 @@
 """Pictures drawn during training: DreamBooth's class pictures and the previews.
 
-Both use sdkit's sampler (`sdkit.runtime.sample.Sampler`) on the model being trained,
+Both use sdkit's sampler (`sdkit.runtime.sample.sampler.Sampler`) on the model being trained,
 with DDIM (deterministic for a seed) at the training resolution. Class pictures are
 drawn by the base model before training starts, from `--class-prompt` at seeds 0, 1, ...;
 pictures already in the class folder count, so a second run reuses them. Previews are
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from sdkit.runtime.pipeline import LoadedModel
-from sdkit.runtime.sample import Sampler, Settings
-from sdkit.runtime.sample_png import save_png
+from sdkit.runtime.sample.sampler import Sampler, Settings
+from sdkit.runtime.sample.png import save_png
 from sdkit.runtime.train.data import image_files
 
 SCHEDULER = "ddim"

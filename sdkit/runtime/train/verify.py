@@ -30,9 +30,9 @@ from sdkit.arch import identify
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import open_model
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Sampler, Settings
-from sdkit.runtime.sample_lora import LoraRequest
-from sdkit.runtime.sample_plan import Adapters, HypernetRequest
+from sdkit.runtime.sample.sampler import Sampler, Settings
+from sdkit.runtime.sample.lora import LoraRequest
+from sdkit.runtime.sample.plan import Adapters, HypernetRequest
 
 Scorer = Callable[[Any], Any]
 _ADAPTER_KINDS = ("lora", "embedding", "hypernetwork")

@@ -27,7 +27,7 @@ from sdkit.arch import identify
 from sdkit.io import LazyTensor, open_model, write_safetensors
 from sdkit.io.model_file import dtype_code
 from sdkit.io.output_path import build_in_partial
-from sdkit.ops.convert_layout import COMPONENTS, ModelView, convert_view, model_view
+from sdkit.ops.layout import COMPONENTS, ModelView, convert_view, model_view
 from sdkit.ops.recipe_meta import CHECKPOINT_TRAINING_IMPLEMENTATION, SpecFacts, build_metadata
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod, trainable
 

@@ -110,7 +110,7 @@ class NetworkMethod(TrainingMethod):
 def unet_ldm_paths(model: Any) -> dict[str, str]:
     """diffusers module path -> LDM module path of every UNet layer of a loaded model."""
     from sdkit.adapters.lora_names import model_names
-    from sdkit.runtime.sample_lora import pipeline_tensors
+    from sdkit.runtime.sample.lora import pipeline_tensors
 
     unet = model.pipe.unet
     names = model_names("diffusers", model.layout, pipeline_tensors(model.pipe, ["unet"]),

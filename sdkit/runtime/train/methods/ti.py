@@ -23,9 +23,9 @@ import torch
 from sdkit.adapters.embedding import Embedding
 from sdkit.errors import SdkitError
 from sdkit.io import write_safetensors
-from sdkit.ops.convert_embedding import embedding_tensors, write_a1111_pt
+from sdkit.ops.convert.embedding import embedding_tensors, write_a1111_pt
 from sdkit.ops.recipe_meta import EMBEDDING_IMPLEMENTATION, SpecFacts, build_metadata
-from sdkit.runtime.sample_prompt import mentions, replace_name
+from sdkit.runtime.sample.prompt import mentions, replace_name
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod
 
 _TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}

@@ -27,7 +27,7 @@ from sdkit.io import LazyTensor, ModelFile, write_safetensors
 from sdkit.io.dtypes import CODE_TO_TORCH, NAME_TO_CODE
 from sdkit.io.output_path import write_file_atomically
 from sdkit.io.writer import DATA_SHA256
-from sdkit.ops.convert import ConvertOptions, ConvertResult
+from sdkit.ops.convert.model import ConvertOptions, ConvertResult
 from sdkit.ops.recipe_meta import EMBEDDING_IMPLEMENTATION, SpecFacts, build_metadata
 
 if TYPE_CHECKING:

@@ -351,7 +351,7 @@ def _write_text_encoder(model: ModelFile, slot: TextEncoderSlot, rows: int, grow
     tensors = lazy_tensors(model.components[slot.component])
     tensors[slot.tensor] = grown
     # in the layout every client reads, whichever the input folder had
-    from sdkit.ops.convert_folder import stored_tensors  # (imports torch)
+    from sdkit.ops.folders import stored_tensors  # (imports torch)
 
     write_safetensors(destination / name, stored_tensors(slot.component, tensors), metadata, progress=progress)
 
@@ -405,9 +405,9 @@ def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], o
                        sources: CheckpointSources, force: bool, progress: Progress | None) -> EmbedResult:
     """A pipeline folder converted from the checkpoint, its token tables grown on the way."""
     from sdkit.arch import identify
-    from sdkit.ops.convert import read_config_dir
-    from sdkit.ops.convert_folder import write_pipeline_folder
-    from sdkit.ops.convert_layout import convert_view, model_view
+    from sdkit.ops.folders import read_config_dir
+    from sdkit.ops.folders import write_pipeline_folder
+    from sdkit.ops.layout import convert_view, model_view
 
     slots, family = _checkpoint_slots(model)
     _check_fit(model, slots, requests)

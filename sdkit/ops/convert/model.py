@@ -1,6 +1,6 @@
 """`convert_model`: one file or folder in, one out — format, layout, precision, pruning, repair.
 
-The input is opened lazily and seen as a checkpoint-shaped view (`convert_layout`); then,
+The input is opened lazily and seen as a checkpoint-shaped view (`sdkit.ops.layout`); then,
 all on lazy tensors, in this order:
 1. `--ema` puts the EMA weights in the UNet's place; `--prune` drops what is not model
    weights; `--fix-clip` rewrites broken CLIP position ids (without it they are noted);
@@ -15,7 +15,7 @@ all on lazy tensors, in this order:
    only copy its safetensors input although something was asked of it is refused.
 Pickle inputs are read by the restricted unpickler; tensors that share storage come out
 as separate copies of their own bytes (safetensors cannot alias) and are reported.
-LoRA and embedding files go to `convert_lora` / `convert_embedding`.
+LoRA and embedding files go to `lora.py` / `embedding.py` here.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.output_path import check_output_path
-from sdkit.ops.convert_folder import (build_in_partial, stored_tensors, write_component_folder, write_on_workers,
-                                     write_pipeline_folder)
-from sdkit.ops.convert_layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
+from sdkit.ops.folders import (build_in_partial, read_config_dir, stored_tensors, write_component_folder,
+                                write_on_workers, write_pipeline_folder)
+from sdkit.ops.layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
                                       is_ldm_checkpoint, model_view)
-from sdkit.ops.convert_precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
+from sdkit.ops.precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
                                          overflow_error, scan_overflow)
-from sdkit.ops.convert_prune import PruneReport, prune_tensors, swap_in_ema
-from sdkit.ops.convert_repair import fix_position_ids
+from sdkit.ops.convert.prune import PruneReport, prune_tensors, swap_in_ema
+from sdkit.ops.convert.repair import fix_position_ids
 from sdkit.ops.recipe_meta import (DIFFUSERS_IMPLEMENTATION, BackgroundHash, SpecFacts, build_metadata,
                                    recorded_path)
 
@@ -136,12 +136,12 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         if identity.kind in ("lora", "hypernetwork", "embedding"):  # converted without a recipe hash
             input_hash.cancel()
         if identity.kind == "lora":
-            from sdkit.ops.convert_lora import convert_lora_file
+            from sdkit.ops.convert.lora import convert_lora_file
             return convert_lora_file(model, identity, output, options, progress)
         if identity.kind == "hypernetwork":
             raise SdkitError(f"{source}: hypernetworks load only as A1111 .pt files; nothing to convert")
         if identity.kind == "embedding":
-            from sdkit.ops.convert_embedding import convert_embedding_file
+            from sdkit.ops.convert.embedding import convert_embedding_file
             return convert_embedding_file(model, identity, output, options, progress)
         return _ModelConversion(model, identity, output, options, progress, input_hash).run()
 
@@ -151,28 +151,6 @@ def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | No
     if identity.kind != "checkpoint" or not is_ldm_checkpoint(model):
         return None
     return tuple(part.prefix for part in LAYOUTS[ldm_layout(model.infos)])
-
-
-def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
-    """Component configs (`<component>/config.json`) of a local diffusers folder."""
-    if folder is None:
-        return {}
-    from sdkit.io.diffusers_folder import read_json
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise SdkitError(f"{root}: --config must be a diffusers folder")
-    configs = {}
-    for component in COMPONENTS:
-        path = root / component / "config.json"
-        if path.is_file():
-            config = read_json(path)
-            if not isinstance(config, dict):
-                raise SdkitError(f"{path}: not a JSON object")
-            configs[component] = config
-    if not configs:
-        raise SdkitError(f"{root}: no unet/, vae/ or text_encoder/ config.json found (--config)")
-    return configs
 
 
 class _ModelConversion:

@@ -20,7 +20,7 @@ import torch
 from sdkit.adapters.embedding import Embedding
 from sdkit.errors import SdkitError
 from sdkit.io import hash_file
-from sdkit.runtime.sample_prompt import mentions, replace_name
+from sdkit.runtime.sample.prompt import mentions, replace_name
 
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 

@@ -123,7 +123,7 @@ def generation_summary(fields: dict[str, str]) -> dict[str, Any]:
     hypernetwork tags a list of {kind, name, te_strength, unet_strength}; every other field
     is kept as text under `other`.
     """
-    from sdkit.runtime.sample_prompt import extract_networks
+    from sdkit.runtime.sample.prompt import extract_networks
 
     summary: dict[str, Any] = {"prompt": fields.get("Prompt", ""),
                                "negative_prompt": fields.get("Negative prompt", "")}

@@ -36,9 +36,10 @@ from sdkit.arch.keymaps import diffusers_layout
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, write_safetensors
 from sdkit.io.dtypes import NAME_TO_CODE
-from sdkit.ops.convert import ConvertOptions, ConvertResult, read_config_dir
-from sdkit.ops.convert_layout import LAYOUT_OF_FAMILY
-from sdkit.ops.convert_precision import OverflowStop, cast_tensors, overflow_error, scan_overflow
+from sdkit.ops.convert.model import ConvertOptions, ConvertResult
+from sdkit.ops.folders import read_config_dir
+from sdkit.ops.layout import LAYOUT_OF_FAMILY
+from sdkit.ops.precision import OverflowStop, cast_tensors, overflow_error, scan_overflow
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, LDM_IMPLEMENTATIONS, SpecFacts, build_metadata
 
 if TYPE_CHECKING:

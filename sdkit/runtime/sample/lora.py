@@ -2,7 +2,7 @@
 
 For every layer an adapter reaches, `W' = W + Σ strength · ΔW` is computed in float32
 against the original weight and cast once to the layer's dtype, exactly as
-`sdkit.ops.bake` bakes a file, so sampling with a LoRA at strength s gives the image of
+`sdkit.ops.lora.bake` bakes a file, so sampling with a LoRA at strength s gives the image of
 the checkpoint baked with it at s. The originals are kept and put back by `restore()`;
 the adapter files are never changed. Module names are resolved by
 `sdkit.adapters.lora_names` (every dialect `parse_lora` reads, kohya SD1 diffusers-path
@@ -24,7 +24,7 @@ from sdkit.adapters.lora_names import ModelNames, Target, map_modules, model_nam
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, hash_file
 from sdkit.io.model_file import dtype_code
-from sdkit.ops.bake_plan import family_problem, open_adapter
+from sdkit.ops.lora.plan import family_problem, open_adapter
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Sequence
 
 from sdkit.ops.adapter_input import parse_adapter_arg
-from sdkit.runtime.sample_library import Library, resolve_file
-from sdkit.runtime.sample_lora import LoraRequest
-from sdkit.runtime.sample_prompt import extract_networks
+from sdkit.runtime.sample.library import Library, resolve_file
+from sdkit.runtime.sample.lora import LoraRequest
+from sdkit.runtime.sample.prompt import extract_networks
 
 
 @dataclass(frozen=True)

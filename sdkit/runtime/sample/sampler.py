@@ -10,13 +10,13 @@
 
 Adapters come from the arguments (`--lora FILE[:w]`, `--embedding FILE[:token]`,
 `--hypernet FILE[:w]`) and from A1111 prompt syntax in a library folder, both resolved
-to files by `sample_plan.py`. They are applied once per distinct set (LoRA deltas added
+to files by `plan.py`. They are applied once per distinct set (LoRA deltas added
 into the weights, hypernetworks attached to the attention), never per step. Noise is
 drawn per image on the CPU from a generator seeded with `seed + i` (A1111's rule for a
 batch), which also drives the ancestral samplers, so the same settings give the same
 bytes on the same machine and image i of a batch is the single image of seed + i.
 
-Every picture carries A1111's `parameters` text (`sample_png.py`); its prompt is the
+Every picture carries A1111's `parameters` text (`png.py`); its prompt is the
 prompt without tags followed by one tag per adapter applied, at the strengths used, so
 A1111 and civitai read back what was sampled.
 """
@@ -32,15 +32,15 @@ import torch
 from sdkit import __version__
 from sdkit.adapters.embedding import read_embedding
 from sdkit.errors import SdkitError
-from sdkit.ops.bake_plan import family_problem
+from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
-from sdkit.runtime.sample_embed import PromptEmbeddings
-from sdkit.runtime.sample_library import Library
-from sdkit.runtime.sample_lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
-from sdkit.runtime.sample_plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
-from sdkit.runtime.sample_png import format_hashes, format_number, format_parameters
-from sdkit.runtime.sample_prompt import hypernet_tag, lora_tag, mentions
-from sdkit.runtime.sample_scheduler import make_scheduler, sampler_spec
+from sdkit.runtime.sample.embed import PromptEmbeddings
+from sdkit.runtime.sample.library import Library
+from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
+from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
+from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
+from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
+from sdkit.runtime.sample.scheduler import make_scheduler, sampler_spec
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 

@@ -25,7 +25,7 @@ from sdkit.adapters.lora_format import BOFT, LORA, OFT, LoraModule
 from sdkit.adapters.lora_math import PRODUCT_ELEMENTS, delta_weight, lora_product_chunks, needs_base_weight
 from sdkit.io import LazyTensor
 from sdkit.io.model_file import tensor_nbytes
-from sdkit.ops.bake_plan import Contribution
+from sdkit.ops.lora.plan import Contribution
 
 if TYPE_CHECKING:
     import torch

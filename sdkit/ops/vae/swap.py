@@ -9,7 +9,7 @@ A standalone VAE comes in either convention:
 - diffusers: a `vae/` folder (config.json + weights) or its `diffusion_pytorch_model.safetensors`.
 Any model holding a VAE (a whole checkpoint, a pipeline folder) also serves as a source.
 
-Keys are converted with the exact key maps (`sdkit.ops.convert_layout`), using the
+Keys are converted with the exact key maps (`sdkit.ops.layout`), using the
 checkpoint's own VAE config, so the incoming VAE must have exactly the shapes of the one it
 replaces; a different latent channel count is named as such. Everything streams: the
 output's VAE tensors load from the VAE file, all others from the checkpoint.
@@ -29,8 +29,8 @@ from sdkit.arch.keymaps import checkpoint_from_ldm
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, TensorInfo, open_model, write_safetensors
 from sdkit.io.output_path import build_in_partial, check_output_path
-from sdkit.ops.convert_folder import write_component_folder
-from sdkit.ops.convert_layout import ModelView, extract_component, model_view, replace_component
+from sdkit.ops.folders import write_component_folder
+from sdkit.ops.layout import ModelView, extract_component, model_view, replace_component
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 
 Progress = Callable[[int], None]

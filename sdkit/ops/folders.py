@@ -18,15 +18,18 @@ output.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sdkit.arch.keymaps import stored_clip_names
+from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.output_path import build_in_partial
+from sdkit.ops.layout import COMPONENTS
 
 Progress = Callable[[int], None]
 Finish = Callable[[Path], None]
@@ -67,6 +70,28 @@ class FolderResult:
     components: list[str]
     tokenizers: dict[str, str] = field(default_factory=dict)  # tokenizer folder -> where it came from
     notes: list[str] = field(default_factory=list)
+
+
+def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
+    """Component configs (`<component>/config.json`) of a local diffusers folder."""
+    if folder is None:
+        return {}
+    from sdkit.io.diffusers_folder import read_json
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise SdkitError(f"{root}: --config must be a diffusers folder")
+    configs = {}
+    for component in COMPONENTS:
+        path = root / component / "config.json"
+        if path.is_file():
+            config = read_json(path)
+            if not isinstance(config, dict):
+                raise SdkitError(f"{path}: not a JSON object")
+            configs[component] = config
+    if not configs:
+        raise SdkitError(f"{root}: no unet/, vae/ or text_encoder/ config.json found (--config)")
+    return configs
 
 
 def _diffusers_version() -> str:

@@ -36,9 +36,9 @@ from sdkit.adapters.lora_names import Target, adapter_address, delta_extent, map
 from sdkit.arch import Identity
 from sdkit.errors import SdkitError, with_article
 from sdkit.io.output_path import check_output_path
-from sdkit.ops.bake_compute import is_plain_lora
-from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
-from sdkit.ops.lora_svd import RankRule, factorize, factorize_product
+from sdkit.ops.lora.compute import is_plain_lora
+from sdkit.ops.lora.plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
+from sdkit.ops.lora.svd import RankRule, factorize, factorize_product
 
 if TYPE_CHECKING:
     import torch

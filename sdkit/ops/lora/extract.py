@@ -5,7 +5,7 @@ Linear and 1×1 conv layers of the UNet's transformer blocks (proj_in / proj_out
 attention q / k / v / out, feed-forward), the text encoders' attention and MLP layers,
 and with a conv rank also the ResNet blocks (3×3 convs at the conv rank, their
 time-embedding Linear and 1×1 shortcut at the rank) and the down / up samplers. Each
-layer's `tuned − base` is factorised (`sdkit.ops.lora_svd`), alpha = rank, both factors
+layer's `tuned − base` is factorised (`sdkit.ops.lora.svd`), alpha = rank, both factors
 clamped to the 0.99 quantile by default; the text encoders are left out when no weight
 differs by more than `min_diff`. The two models may be in either convention: layers are
 matched through their names in both.
@@ -34,10 +34,10 @@ from sdkit.adapters.lora_names import Target, underscore_names
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import Prefetcher, single_threaded_torch
 from sdkit.io.output_path import check_output_path
-from sdkit.ops.bake_compute import is_plain_lora
-from sdkit.ops.bake_plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
-from sdkit.ops.lora_merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
-from sdkit.ops.lora_svd import Factors, RankRule, factorize, factorize_product, relative_error
+from sdkit.ops.lora.compute import is_plain_lora
+from sdkit.ops.lora.plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
+from sdkit.ops.lora.merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
+from sdkit.ops.lora.svd import Factors, RankRule, factorize, factorize_product, relative_error
 
 if TYPE_CHECKING:
     import torch

@@ -19,11 +19,11 @@ from typing import Any, Callable, Sequence
 
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample import Sample, Sampler, Settings, check_settings, settings_with
-from sdkit.runtime.sample_grid import Axis, grid_image
-from sdkit.runtime.sample_library import Library, resolve_file
-from sdkit.runtime.sample_plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
-from sdkit.runtime.sample_png import check_output_paths, output_paths, picture_paths, save_png  # noqa: F401
+from sdkit.runtime.sample.sampler import Sample, Sampler, Settings, check_settings, settings_with
+from sdkit.runtime.sample.grid import Axis, grid_image
+from sdkit.runtime.sample.library import Library, resolve_file
+from sdkit.runtime.sample.plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
+from sdkit.runtime.sample.png import check_output_paths, output_paths, picture_paths, save_png  # noqa: F401
 
 # (label of the current picture run, steps done, steps in that run)
 RunProgress = Callable[[str, int, int], None]

@@ -3,7 +3,7 @@
 The output is a set of lazy tensors over the base. Keys no adapter touches are copied as
 they are (cast only with `dtype`); a touched key gets each adapter's delta in float32
 (into its rows, for a q/k/v third of an OpenCLIP `in_proj_weight`) and is cast once to
-the base's dtype (or `dtype`), see `bake_compute`. Deltas are computed against the
+the base's dtype (or `dtype`), see `compute.py`. Deltas are computed against the
 original base weight, so the order of the adapters does not matter, also for the types
 whose delta depends on the weight (IA3, GLoRA, OFT, DoRA). Bias deltas go to the layer's
 bias where the base has one and are reported where it has none. Touched keys are
@@ -13,7 +13,7 @@ The output keeps the base's convention (single file or diffusers folder) unless 
 asks for the other one; metadata records the recipe (inputs with sha256, strengths,
 options) and ModelSpec.
 
-    from sdkit.ops.bake import AdapterInput, BakeOptions, bake_loras
+    from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
     bake_loras("base.safetensors", [AdapterInput("style.safetensors", 0.8)], "out.safetensors")
 """
 
@@ -31,12 +31,12 @@ from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.model_file import FLOAT_DTYPES
 from sdkit.io.output_path import build_in_partial, check_output_path
-from sdkit.ops.bake_compute import KeyBaker
-from sdkit.ops.bake_plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
+from sdkit.ops.lora.compute import KeyBaker
+from sdkit.ops.lora.plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
                                  plan_bake)
-from sdkit.ops.convert_folder import write_component_folder, write_pipeline_folder
-from sdkit.ops.convert_layout import CONVENTIONS, ModelView, component_prefix, convert_view
-from sdkit.ops.convert_precision import cast_tensors
+from sdkit.ops.folders import write_component_folder, write_pipeline_folder
+from sdkit.ops.layout import CONVENTIONS, ModelView, component_prefix, convert_view
+from sdkit.ops.precision import cast_tensors
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
 
 if TYPE_CHECKING:
