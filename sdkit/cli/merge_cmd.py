@@ -138,7 +138,7 @@ def _check_arity(recipe: Any) -> None:
 
 def _override(recipe: Any, options: dict[str, Any]) -> Any:
     """The recipe with every option given on the command line applied over it."""
-    from sdkit.ops.merge.weights import parse_assignments, parse_block_spec
+    from sdkit.ops.block_weights import parse_assignments, parse_block_spec
 
     if options["method"]:
         recipe.method = options["method"]

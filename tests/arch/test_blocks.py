@@ -133,7 +133,7 @@ def test_tiny_unet_layout_comes_from_its_keys() -> None:
     ("sdxl", 3, {"BASE": 0.75, "IN08": 0.25, "OUT08": 1.0}),
 ])
 def test_block_weights_reach_exactly_the_named_blocks(which: str, levels: int, named: dict) -> None:
-    from sdkit.ops.merge.weights import KeyWeights, resolve_blocks
+    from sdkit.ops.block_weights import KeyWeights, resolve_blocks
 
     config, diffusers_keys = real_unet(which)
     plan = unet_plan_for_keys(config, diffusers_keys, "diffusers_to_ldm")

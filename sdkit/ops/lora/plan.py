@@ -20,7 +20,7 @@ from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
 from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView, model_view
-from sdkit.ops.merge.weights import BlockSpec, parse_block_spec, resolve_blocks
+from sdkit.ops.block_weights import BlockSpec, parse_block_spec, resolve_blocks
 
 COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": ("unet",),
                      "te": ("text_encoder", "text_encoder_2")}

@@ -29,7 +29,7 @@ from sdkit.ops.merge.provenance import InputFacts, merge_metadata
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput
 from sdkit.ops.recipe_meta import BackgroundHash
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod, get_method, input_index, input_letter
-from sdkit.ops.merge.weights import (KeyWeights, component_names, resolve_blocks,
+from sdkit.ops.block_weights import (KeyWeights, component_names, resolve_blocks,
                                      resolve_components)
 
 HEADER_ALLOWANCE = 1 << 20  # header and metadata, generously

@@ -27,7 +27,7 @@ from sdkit.arch.blocks import component_of, unet_relative
 from sdkit.errors import SdkitError
 from sdkit.io.model_file import FLOAT_DTYPES, TensorInfo, tensor_nbytes
 from sdkit.ops.merge.registry import MergeMethod, input_letter
-from sdkit.ops.merge.weights import KeyWeights
+from sdkit.ops.block_weights import KeyWeights
 
 MERGE = "merge"
 FIRST_UNET_CONV = "input_blocks.0.0.weight"

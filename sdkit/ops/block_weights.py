@@ -1,4 +1,4 @@
-"""Per-key merge weights: a global alpha, per-component alphas, per-block alphas.
+"""Per-key weights of merges and LoRA bakes: a global alpha, per-component alphas, per-block alphas.
 
 The most specific setting wins:
 
