@@ -1,0 +1,147 @@
+"""The model families sdkit knows, one module each, and the lookups built from them.
+
+Each family module (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`, `kolors.py`, `playground.py`)
+holds what sdkit knows about its family as data (a `Family`, see `spec.py`): released
+sizes and variants (`releases`), how its denoiser's keys are named in each convention with
+their shapes (`layouts`), the text encoders and VAE it needs, its latent format, prediction
+type, ModelSpec architecture strings, the kohya base-model version, Civitai base-model names
+and AIR ecosystem — each with the peer source it was taken from. `identify()` and the writers
+read these tables; they name no family themselves.
+
+Adding a family:
+1. write `sdkit/arch/families/<name>.py` with a module docstring citing the facts and
+   `FAMILIES = (Family(...),)`; a transformer family gives its `layouts` (key names and
+   shape templates of every convention its files come in) and `releases` (the sizes and
+   flags of each released model, `named_by` for releases only metadata can tell apart);
+   shared text encoders come from `encoders.py`;
+2. add the module to `_MODULES` below (order matters only where two families could claim
+   one file: the first listed wins);
+3. add fixtures under `fixtures/families/` (a tiny model built from the peer's tiny test
+   config, and header-only files with the released key names, shapes and dtypes) and tests
+   that each is identified.
+"""
+
+from __future__ import annotations
+
+import re
+
+from sdkit.arch.families import flux, kolors, playground, sd, sd3, sdxl
+from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
+                                      TextEncoderSpec)
+
+_MODULES = (sd, sdxl, sd3, flux, kolors, playground)
+
+FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
+
+# cross-attention width of a UNet adapter -> family (InvokeAI `lora_token_vector_length`):
+# the widths of the UNet families that are not another family's design
+FAMILY_BY_CONTEXT_DIM = {f.context_dim: f.name for f in FAMILIES.values()
+                         if f.denoiser == "unet" and f.derived_from is None}
+# textual-inversion vector width -> family (InvokeAI textual_inversion config)
+FAMILY_BY_EMBEDDING_WIDTH = {f.embedding_width: f.name for f in FAMILIES.values() if f.embedding_width}
+
+# `modelspec.architecture` starts, most specific (longest) first
+_MODELSPEC_PREFIXES = sorted(((prefix, f.name) for f in FAMILIES.values() for prefix in f.modelspec_prefixes),
+                             key=lambda item: -len(item[0]))
+
+
+def family_from_modelspec(architecture: str) -> str | None:
+    """Family named by a `modelspec.architecture` value ("stable-diffusion-v1/lora" -> sd1)."""
+    base = architecture.strip().lower().split("/")[0]
+    for prefix, family in _MODELSPEC_PREFIXES:
+        if base.startswith(prefix):
+            return family
+    return None
+
+
+def family_from_kohya_version(version: str) -> str | None:
+    """Family named by `ss_base_model_version`; trainers spell it loosely ("sdxl_", "sd_1.5")."""
+    value = version.strip().lower()
+    for family in FAMILIES.values():
+        if family.kohya_version_pattern and re.match(family.kohya_version_pattern, value):
+            return family.name
+    return None
+
+
+def modelspec_architecture(family: str, *, variant: str = "normal", prediction: str = "epsilon",
+                           adapter: str | None = None, release: str | None = None) -> str | None:
+    """The `modelspec.architecture` string for a model of this family (None if the spec has none).
+
+    `adapter` is the ModelSpec suffix for adapters: "lora", "textual-inversion", "controlnet";
+    `release` a release name (`FLUX.1-schnell`) whose own architecture string is preferred.
+    """
+    ref = FAMILIES[family]
+    named = ref.release(release) if release else None
+    base = named.modelspec_architecture if named and named.modelspec_architecture else ref.modelspec_architecture
+    if base is None:
+        return None
+    if variant in ref.modelspec_variants:
+        base = ref.modelspec_variants[variant]
+    elif prediction == "v" and "v-prediction" in ref.modelspec_variants:
+        base = ref.modelspec_variants["v-prediction"]
+    return f"{base}/{adapter}" if adapter else base
+
+
+def kohya_base_model_version(family: str, *, prediction: str = "epsilon") -> str | None:
+    """The `ss_base_model_version` sd-scripts writes for this family (None where it has none)."""
+    ref = FAMILIES[family]
+    version = ref.kohya_base_model_version
+    if version is not None and ref.kohya_v_suffix and prediction == "v":
+        return version + "_v"
+    return version
+
+
+def default_resolution(family: str, *, prediction: str = "epsilon") -> int:
+    """Side of the square training resolution (SD2 v-prediction models are 768)."""
+    ref = FAMILIES[family]
+    if prediction == "v" and ref.v_prediction_resolution:
+        return ref.v_prediction_resolution
+    return ref.default_resolution
+
+
+def _encoder_kind(architecture: str) -> str:
+    """HF CLIP and OpenCLIP are two layouts of the same models."""
+    return "clip" if architecture in ("clip", "openclip") else architecture
+
+
+def encoder_spec(architecture: str, width: int) -> TextEncoderSpec | None:
+    """The released text encoder of this architecture and width that some family uses."""
+    kind = _encoder_kind(architecture)
+    return next((spec for f in FAMILIES.values() for spec in f.text_encoders
+                 if _encoder_kind(spec.architecture) == kind and spec.width == width), None)
+
+
+def families_using_encoder(architecture: str, width: int) -> list[str]:
+    """Families one of whose text encoders has this architecture and width."""
+    kind = _encoder_kind(architecture)
+    return [f.name for f in FAMILIES.values()
+            if any(_encoder_kind(s.architecture) == kind and s.width == width for s in f.text_encoders)]
+
+
+def families_with_encoders(parts: set[str]) -> list[str]:
+    """Families whose text encoders are exactly these released encoders (by part name)."""
+    return [f.name for f in FAMILIES.values() if {s.part for s in f.text_encoders} == parts]
+
+
+def families_with_latent(channels: int, scaling_factor: float | None = None,
+                         shift_factor: float | None = None) -> list[str]:
+    """Families whose latent space has this many channels (and this scale and shift)."""
+    found = []
+    for f in FAMILIES.values():
+        if f.latent.channels != channels:
+            continue
+        if scaling_factor is not None and abs(f.latent.scaling_factor - scaling_factor) > 1e-6:
+            continue
+        if shift_factor is not None and abs(f.latent.shift_factor - shift_factor) > 1e-6:
+            continue
+        found.append(f.name)
+    return found
+
+
+__all__ = [
+    "FAMILIES", "FAMILY_BY_CONTEXT_DIM", "FAMILY_BY_EMBEDDING_WIDTH", "DenoiserLayout", "Family",
+    "LatentFormat", "Release", "TextEncoderSpec", "default_resolution", "encoder_spec",
+    "families_using_encoder", "families_with_encoders", "families_with_latent",
+    "family_from_kohya_version", "family_from_modelspec", "kohya_base_model_version",
+    "modelspec_architecture",
+]

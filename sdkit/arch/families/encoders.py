@@ -1,0 +1,21 @@
+"""The released text encoders that several families share, under the names people use.
+
+A family takes these and sets the diffusers component that holds each in its pipelines
+(`with_component`): SD3 keeps T5-XXL in `text_encoder_3`, FLUX.1 in `text_encoder_2`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sdkit.arch.families.spec import TextEncoderSpec
+
+CLIP_L = TextEncoderSpec("text_encoder", "clip", 768, "CLIP-L")  # openai/clip-vit-large-patch14
+CLIP_G = TextEncoderSpec("text_encoder_2", "openclip", 1280, "CLIP-G")  # OpenCLIP ViT-bigG/14
+OPENCLIP_H = TextEncoderSpec("text_encoder", "openclip", 1024, "OpenCLIP ViT-H")  # SD 2.x
+T5_XXL = TextEncoderSpec("text_encoder_3", "t5", 4096, "T5-XXL")  # google/t5-v1_1-xxl encoder
+CHATGLM3 = TextEncoderSpec("text_encoder", "chatglm", 4096, "ChatGLM3-6B")  # Kolors
+
+
+def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:
+    return replace(spec, component=component)

@@ -1,0 +1,111 @@
+"""FLUX.1 (Black Forest Labs): a transformer of double-stream and single-stream blocks,
+CLIP-L (pooled vector) + T5-XXL (context), a 16-channel VAE; flow matching.
+
+How its files are kept in 2026:
+- the diffusion model alone, in BFL / ComfyUI names (`double_blocks.N.*`, `single_blocks.N.*`,
+  `img_in`, `txt_in`, `time_in`, `vector_in`, `guidance_in`, `final_layer`), sometimes under
+  `model.diffusion_model.`; or in diffusers names (`transformer_blocks.N.*`,
+  `single_transformer_blocks.N.*`, `x_embedder`, `context_embedder`, `time_text_embed.*`,
+  `proj_out`);
+- ComfyUI all-in-one checkpoints: that plus `text_encoders.clip_l.*`, `text_encoders.t5xxl.*`
+  and `vae.*` (ComfyUI `supported_models.py` Flux: `vae_key_prefix`, `text_encoder_key_prefix`);
+- the VAE alone (`ae.safetensors`): the LDM autoencoder with 16 latent channels and no
+  quant convs, the same design as SD3's (so its family is told by metadata or config only).
+
+Facts: released sizes from the diffusers configs of black-forest-labs/FLUX.1-{dev,schnell,
+Fill-dev,Depth-dev} (hidden 24 x 128 = 3072, 19 double + 38 single blocks, joint 4096,
+pooled 768, in 64 / 384 / 128, out 64, `guidance_embeds` on dev, Fill and Depth); dev vs
+schnell by the guidance embedder (diffusers `infer_diffusers_model_type`, ComfyUI
+`model_detection.py` `guidance_embed`); latent `(x - 0.1159) * 0.3611` (ComfyUI
+`latent_formats.py` Flux); ModelSpec `flux-1-dev` / `flux-1-schnell` and
+`ss_base_model_version` `flux1` (sd-scripts); Civitai base models "Flux.1 D", "Flux.1 S",
+"Flux.1 Krea", "Flux.1 Kontext" in ecosystems Flux1, FluxKrea, Flux1Kontext (civitai
+`basemodel.constants.ts`). Kontext and Krea have dev's keys and shapes: only metadata can
+name them. FLUX.2, Chroma and other relatives lack `vector_in` / per-block modulation and
+are reported as unknown transformers, not as FLUX.1.
+"""
+
+from __future__ import annotations
+
+from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
+from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+
+# sinusoidal timestep / guidance features fed to the time and guidance embedders
+_TIME_FEATURES = 256
+
+BFL_LAYOUT = DenoiserLayout(
+    convention="ldm",
+    markers=("double_blocks.", "single_blocks."),
+    shapes={
+        "img_in.weight": ("hidden", "in_channels"),
+        "txt_in.weight": ("hidden", "context"),
+        "time_in.in_layer.weight": ("hidden", _TIME_FEATURES),
+        "vector_in.in_layer.weight": ("hidden", "pooled"),
+        "double_blocks.0.img_mod.lin.weight": ("6*hidden", "hidden"),
+        "double_blocks.0.img_attn.qkv.weight": ("3*hidden", "hidden"),
+    },
+    optional_shapes={
+        "guidance_in.in_layer.weight": ("hidden", _TIME_FEATURES),
+        "single_blocks.0.modulation.lin.weight": ("3*hidden", "hidden"),
+        "final_layer.linear.weight": ("out_channels", "hidden"),
+    },
+    counts={"double_blocks": r"double_blocks\.(\d+)\.", "single_blocks": r"single_blocks\.(\d+)\."},
+    flags={"guidance": "guidance_in."},
+)
+
+DIFFUSERS_LAYOUT = DenoiserLayout(
+    convention="diffusers",
+    markers=("single_transformer_blocks.",),
+    shapes={
+        "x_embedder.weight": ("hidden", "in_channels"),
+        "context_embedder.weight": ("hidden", "context"),
+        "time_text_embed.timestep_embedder.linear_1.weight": ("hidden", _TIME_FEATURES),
+        "time_text_embed.text_embedder.linear_1.weight": ("hidden", "pooled"),
+        "transformer_blocks.0.norm1.linear.weight": ("6*hidden", "hidden"),
+        "transformer_blocks.0.attn.to_q.weight": ("hidden", "hidden"),
+    },
+    optional_shapes={
+        "time_text_embed.guidance_embedder.linear_1.weight": ("hidden", _TIME_FEATURES),
+        "single_transformer_blocks.0.norm.linear.weight": ("3*hidden", "hidden"),
+        "proj_out.weight": ("out_channels", "hidden"),
+    },
+    counts={"double_blocks": r"transformer_blocks\.(\d+)\.",
+            "single_blocks": r"single_transformer_blocks\.(\d+)\."},
+    flags={"guidance": "time_text_embed.guidance_embedder."},
+)
+
+_RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
+             "double_blocks": 19, "single_blocks": 38}
+_DEV = dict(_RELEASED, in_channels=64)
+_PLAIN = {"in_channels": ("out_channels", 1)}
+
+FLUX = Family(
+    name="flux", title="FLUX.1", denoiser="flux", context_dim=4096, unet_channels=3072,
+    adm_channels=768, unet_levels=None, in_channels=64,
+    latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
+    default_resolution=1024, modelspec_architecture="flux-1-dev", kohya_base_model_version="flux1",
+    text_encoders=(CLIP_L, with_component(T5_XXL, "text_encoder_2")), vae_part="FLUX VAE",
+    prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
+    civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
+    air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    releases=(
+        Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
+                modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),
+                air_ecosystem="flux1"),
+        Release("FLUX.1-schnell", dims=_DEV, flags={"guidance": False}, ratios=_PLAIN,
+                modelspec_architecture="flux-1-schnell", civitai_base_models=("Flux.1 S",),
+                air_ecosystem="flux1"),
+        Release("FLUX.1-Fill-dev", dims=dict(_RELEASED, in_channels=384), flags={"guidance": True},
+                ratios={"in_channels": ("out_channels", 6)}, variant="inpaint",
+                air_ecosystem="flux1"),
+        Release("FLUX.1-Depth-dev", dims=dict(_RELEASED, in_channels=128), flags={"guidance": True},
+                ratios={"in_channels": ("out_channels", 2)}, variant="depth", air_ecosystem="flux1"),
+        Release("FLUX.1-Kontext-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
+                named_by=("kontext",), civitai_base_models=("Flux.1 Kontext",),
+                air_ecosystem="flux1kontext"),
+        Release("FLUX.1-Krea-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
+                named_by=("krea",), civitai_base_models=("Flux.1 Krea",), air_ecosystem="fluxkrea"),
+    ),
+)
+
+FAMILIES = (FLUX,)

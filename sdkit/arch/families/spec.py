@@ -1,0 +1,146 @@
+"""The shapes of what sdkit knows about a model family, as plain data.
+
+A family module fills these in; nothing here names a family. Sizes in a `DenoiserLayout`
+are written as templates so one description serves the released model and a tiny test
+model alike: an int is a fixed size, a name (`"hidden"`) binds to whatever the file has
+and must agree everywhere it appears, `"3*hidden"` is a multiple of a bound name, and
+None accepts any size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Union
+
+Dim = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family, named as the diffusers component holding it."""
+
+    component: str  # "text_encoder" | "text_encoder_2" | "text_encoder_3"
+    architecture: str  # "clip" (HF CLIP layout) | "openclip" | "t5" | "chatglm"
+    width: int
+    part: str = ""  # the released encoder people name: "CLIP-L", "CLIP-G", "T5-XXL", …
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The VAE latent space: `latent = (encoded - shift) * scale` (diffusers' VAE config
+    `scaling_factor` / `shift_factor`; ComfyUI `latent_formats.py`)."""
+
+    channels: int
+    scaling_factor: float
+    shift_factor: float = 0.0
+    latents_mean: tuple[float, ...] | None = None  # per-channel statistics (Playground v2.5)
+    latents_std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DenoiserLayout:
+    """How one key convention names a transformer denoiser, relative to its root.
+
+    - `markers`: key prefixes, any of which says "this layout is meant" (the file is then
+      either this denoiser or an unknown relative of it, never another family);
+    - `shapes`: keys that must all exist, each with its shape template;
+    - `optional_shapes`: keys checked only when present (a guidance embedder);
+    - `counts`: named block counts, each a regex whose one group is the block index;
+    - `flags`: named booleans, true when a key starts with the given prefix.
+    """
+
+    convention: str  # "ldm" (the original single-file names) | "diffusers"
+    markers: tuple[str, ...]
+    shapes: Mapping[str, tuple[Dim, ...]]
+    optional_shapes: Mapping[str, tuple[Dim, ...]] = field(default_factory=dict)
+    counts: Mapping[str, str] = field(default_factory=dict)
+    flags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Release:
+    """One released model of a family, as its weights show it.
+
+    `dims` and `flags` are what a layout measures (bound names, block counts, flags);
+    `ratios` relate two measured sizes (`{"in_channels": ("out_channels", 6)}`: six times),
+    which holds for a tiny model of the same design too. Releases that share every key
+    and shape with another (FLUX.1 Kontext and Krea have dev's) list in `named_by` the
+    words of a `modelspec.architecture` that name them; the weights alone never do.
+    """
+
+    name: str
+    dims: Mapping[str, int] = field(default_factory=dict)
+    flags: Mapping[str, bool] = field(default_factory=dict)
+    ratios: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    variant: str = "normal"  # Identity.variant: normal | inpaint | pix2pix | depth
+    named_by: tuple[str, ...] = ()
+    modelspec_architecture: str | None = None
+    civitai_base_models: tuple[str, ...] = ()
+    air_ecosystem: str | None = None  # Civitai ecosystem key, lowercased as AIRs write it
+
+
+@dataclass(frozen=True)
+class Family:
+    """What sdkit knows about a released model family.
+
+    Dimensions (`context_dim`, `unet_channels`, `adm_channels`, …) are the released
+    model's; `identify()` compares a file's measured ones with them. Transformer families
+    also carry the `layouts` their denoiser is stored in and their `releases`.
+    """
+
+    name: str
+    title: str
+    denoiser: str  # "unet" | "mmdit" | "flux"
+    context_dim: int  # cross-attention / text-context width seen by the denoiser
+    unet_channels: int  # UNet model_channels, or the transformer hidden size
+    adm_channels: int | None  # pooled-vector input (SDXL label_emb, SD3 y, Flux vector_in)
+    unet_levels: int | None  # UNet resolution levels; None for transformers
+    in_channels: int  # denoiser input channels of the plain (non-inpaint) model
+    latent: LatentFormat
+    default_resolution: int
+    modelspec_architecture: str | None
+    kohya_base_model_version: str | None
+    text_encoders: tuple[TextEncoderSpec, ...]
+    vae_part: str  # what people call the VAE this family needs
+    # "epsilon" | "v-or-epsilon" (SD2: releases of both) | "flow" (flow matching) | "edm"
+    prediction: str = "epsilon"
+    other_unet_channels: tuple[int, ...] = ()  # further released sizes (SD3.5 large)
+    derived_from: str | None = None  # same denoiser design as this family (Kolors: SDXL)
+    embedding_width: int | None = None  # textual-inversion vector width that names it
+    modelspec_prefixes: tuple[str, ...] = ()  # `modelspec.architecture` starts that name it
+    # the architecture written for a variant ("inpaint", "depth") or for "v-prediction"
+    modelspec_variants: Mapping[str, str] = field(default_factory=dict)
+    v_prediction_resolution: int | None = None  # SD 2.x 768-v
+    kohya_v_suffix: bool = False  # sd-scripts appends "_v" for v-prediction
+    kohya_version_pattern: str | None = None  # regex on lowercased `ss_base_model_version`
+    civitai_base_models: tuple[str, ...] = ()  # Civitai `baseModel` values of the family
+    air_ecosystem: str | None = None
+    layouts: tuple[DenoiserLayout, ...] = ()
+    releases: tuple[Release, ...] = ()
+
+    def accepts_unet_channels(self, channels: int) -> bool:
+        return channels == self.unet_channels or channels in self.other_unet_channels
+
+    # the latent format under the names the rest of sdkit used before it was grouped
+    @property
+    def latent_channels(self) -> int:
+        return self.latent.channels
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return self.latent.scaling_factor
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return self.latent.shift_factor
+
+    @property
+    def latents_mean(self) -> tuple[float, ...] | None:
+        return self.latent.latents_mean
+
+    @property
+    def latents_std(self) -> tuple[float, ...] | None:
+        return self.latent.latents_std
+
+    def release(self, name: str) -> Release | None:
+        return next((r for r in self.releases if r.name == name), None)
