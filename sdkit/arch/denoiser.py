@@ -1,11 +1,11 @@
 """Measure a denoiser (UNet, SD3 MMDiT, Flux transformer) from its key names and shapes.
 
-Both conventions are read: LDM/sgm names (`input_blocks.*`, `joint_blocks.*`,
-`double_blocks.*`) and diffusers names (`down_blocks.*`, `transformer_blocks.*`,
-`single_transformer_blocks.*`). What is measured mirrors ComfyUI `model_detection.py`
-(`detect_unet_config`) and InvokeAI's main-model probe: input channels and base width from the
-first conv, context width from any cross-attention `to_k`, ADM width from `label_emb` /
-`add_embedding`, levels from the downsamplers.
+UNets are read in both conventions here: LDM names (`input_blocks.*`) and diffusers names
+(`down_blocks.*`), as ComfyUI `model_detection.py` (`detect_unet_config`) and InvokeAI's
+main-model probe do: input channels and base width from the first conv, context width
+from any cross-attention `to_k`, ADM width from `label_emb` / `add_embedding`, levels from
+the downsamplers. Transformers are matched against the layouts their family modules
+declare (`sdkit.arch.fingerprint`), in every convention those list.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sdkit.arch.fingerprint import LayoutMatch, match_transformer
 from sdkit.arch.keyview import KeyView
 
 
@@ -29,6 +30,10 @@ class DenoiserFacts:
     linear_projection: bool | None = None  # transformer proj_in is Linear (SD2/SDXL) not 1x1 conv
     encoder_hid_dim: int | None = None  # Kolors ChatGLM projection input
     guidance_embed: bool = False  # Flux dev (guidance-distilled)
+    family: str | None = None  # transformers: the family whose layout the keys match
+    dims: dict[str, int] | None = None  # transformers: the layout's measured sizes and counts
+    flags: dict[str, bool] | None = None  # transformers: the layout's flags
+    marker: str | None = None  # transformers: the key prefix that named the layout
 
     def to_facts(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -36,20 +41,22 @@ class DenoiserFacts:
 
 def probe_denoiser(view: KeyView) -> DenoiserFacts | None:
     """Facts of the denoiser in `view`, or None when the keys are not a known denoiser."""
-    if view.has_prefix("joint_blocks."):
-        return _mmdit_sgm(view)
-    if view.has_prefix("double_blocks."):
-        return _flux_bfl(view)
-    if view.has_prefix("single_transformer_blocks."):
-        return _flux_diffusers(view)
-    if view.has("pos_embed.proj.weight") and view.has_prefix("transformer_blocks."):
-        return _mmdit_diffusers(view)
+    found = probe_denoisers(view)
+    return found[0] if found else None
+
+
+def probe_denoisers(view: KeyView) -> list[DenoiserFacts]:
+    """Every known denoiser design under `view`, transformers first: a sound file holds
+    one, a file that mixes two models holds more."""
+    found = []
+    transformer = match_transformer(view)
+    if transformer is not None:
+        found.append(_transformer_facts(transformer))
     if _is_conv(view, "input_blocks.0.0.weight"):
-        return _unet_ldm(view)
-    diffusers_unet = view.has_prefix("down_blocks.") and view.has_prefix("time_embedding.")
-    if diffusers_unet and _is_conv(view, "conv_in.weight"):
-        return _unet_diffusers(view)
-    return None
+        found.append(_unet_ldm(view))
+    elif view.has_prefix("down_blocks.") and view.has_prefix("time_embedding.") and _is_conv(view, "conv_in.weight"):
+        found.append(_unet_diffusers(view))
+    return found
 
 
 def _is_conv(view: KeyView, key: str) -> bool:
@@ -70,12 +77,6 @@ def _linear_projection(view: KeyView) -> bool | None:
 def _second_dim(view: KeyView, key: str) -> int | None:
     shape = view.shape(key)
     return shape[1] if shape and len(shape) > 1 else None
-
-
-def _out_in(view: KeyView, key: str) -> tuple[int, int]:
-    """(output, input) channels of a patch / input projection; zeros when malformed."""
-    shape = view.shape(key) or ()
-    return (shape[0], shape[1]) if len(shape) > 1 else (0, 0)
 
 
 def _unet_ldm(view: KeyView) -> DenoiserFacts:
@@ -101,52 +102,21 @@ def _unet_diffusers(view: KeyView) -> DenoiserFacts:
     )
 
 
-def _mmdit_sgm(view: KeyView) -> DenoiserFacts:
-    patch = _out_in(view, "x_embedder.proj.weight")
+def _transformer_facts(match: LayoutMatch) -> DenoiserFacts:
+    dims, counts = match.dims, list(match.layout.counts)
     return DenoiserFacts(
-        architecture="mmdit", convention="ldm", in_channels=patch[1], channels=patch[0],
-        context_dim=_second_dim(view, "context_embedder.weight"),
-        adm_channels=_second_dim(view, "y_embedder.mlp.0.weight"),
-        depth=len(view.indices(r"joint_blocks\.(\d+)\.")),
-    )
-
-
-def _mmdit_diffusers(view: KeyView) -> DenoiserFacts:
-    patch = _out_in(view, "pos_embed.proj.weight")
-    return DenoiserFacts(
-        architecture="mmdit", convention="diffusers", in_channels=patch[1], channels=patch[0],
-        context_dim=_second_dim(view, "context_embedder.weight"),
-        adm_channels=_second_dim(view, "time_text_embed.text_embedder.linear_1.weight"),
-        depth=len(view.indices(r"transformer_blocks\.(\d+)\.")),
-    )
-
-
-def _flux_bfl(view: KeyView) -> DenoiserFacts:
-    img_in = _out_in(view, "img_in.weight")
-    return DenoiserFacts(
-        architecture="flux", convention="ldm", in_channels=img_in[1], channels=img_in[0],
-        context_dim=_second_dim(view, "txt_in.weight"),
-        adm_channels=_second_dim(view, "vector_in.in_layer.weight"),
-        depth=len(view.indices(r"double_blocks\.(\d+)\.")),
-        guidance_embed=view.has_prefix("guidance_in."),
-    )
-
-
-def _flux_diffusers(view: KeyView) -> DenoiserFacts:
-    img_in = _out_in(view, "x_embedder.weight")
-    return DenoiserFacts(
-        architecture="flux", convention="diffusers", in_channels=img_in[1], channels=img_in[0],
-        context_dim=_second_dim(view, "context_embedder.weight"),
-        adm_channels=_second_dim(view, "time_text_embed.text_embedder.linear_1.weight"),
-        depth=len(view.indices(r"transformer_blocks\.(\d+)\.")),
-        guidance_embed=view.has_prefix("time_text_embed.guidance_embedder."),
+        architecture=match.family.denoiser, convention=match.layout.convention,
+        in_channels=dims.get("in_channels", 0), channels=dims.get("hidden", 0),
+        context_dim=dims.get("context"), adm_channels=dims.get("pooled"),
+        depth=dims.get(counts[0]) if counts else None,
+        guidance_embed=match.flags.get("guidance", False),
+        family=match.family.name, dims=dict(dims), flags=dict(match.flags), marker=match.marker,
     )
 
 
 def unet_variant(facts: DenoiserFacts) -> str:
-    """normal | inpaint | pix2pix | depth, from the input channels (A1111 / InvokeAI rule)."""
-    if facts.architecture == "flux":
-        return "inpaint" if facts.in_channels == 384 else "normal"  # Flux Fill: 64 + 320
+    """normal | inpaint | pix2pix | depth of a UNet, from the input channels (A1111 /
+    InvokeAI rule); a transformer's variant comes from its release (`fingerprint`)."""
     if facts.architecture != "unet":
         return "normal"
     return {9: "inpaint", 8: "pix2pix", 5: "depth"}.get(facts.in_channels, "normal")

@@ -1,12 +1,15 @@
 """`identify()`: what a model file is, for which family, in which key convention.
 
 Detection reads key names and shapes (header data) and at most a few tiny tensors (LoRA
-alphas, CLIP position ids, one LayerNorm bias for the SD2 prediction test); `deep=True`
-adds a NaN/Inf scan over every float tensor, one tensor at a time.
+alphas, CLIP position ids, one LayerNorm bias for the SD2 prediction test, ComfyUI's
+per-layer quantization JSON); `deep=True` adds a NaN/Inf scan over every float tensor, one
+tensor at a time. A quantized file whose scales are missing or misshapen is refused
+(SdkitError); a file that mixes two models is identified as such (`Identity.refusal`).
 """
 
 from __future__ import annotations
 
+from sdkit.arch.describe import describe
 from sdkit.arch.embedding_detect import embedding_layout, identify_embedding
 from sdkit.arch.hygiene import broken_position_ids, ema_tensor_names, non_finite_tensors
 from sdkit.arch.hypernetwork_detect import identify_hypernetwork, is_hypernetwork
@@ -15,6 +18,8 @@ from sdkit.arch.lora_detect import identify_lora, is_lora_file, scan_lora
 from sdkit.arch.metadata import MetadataHints, metadata_hints, metadata_notes
 from sdkit.arch.model_detect import (identify_component_folder, identify_diffusers_folder,
                                      identify_single_file)
+from sdkit.arch.quantization import QuantScan, scan_quantization
+from sdkit.errors import SdkitError
 from sdkit.io.model_file import ModelFile
 
 _LISTED_NAMES = 5  # tensor names quoted in a note before "and N more"
@@ -23,9 +28,18 @@ _LISTED_NAMES = 5  # tensor names quoted in a note before "and N more"
 def identify(model: ModelFile, *, deep: bool = False) -> Identity:
     """Identify `model`; never loads more than a few tiny tensors unless `deep`."""
     hints = metadata_hints(model.metadata)
-    identity = _identify_kind(model, hints)
-    if identity.kind == "unknown":
+    quantization = QuantScan() if model.components else scan_quantization(model)
+    if quantization.problems:
+        more = len(quantization.problems) - 1
+        raise SdkitError(f"{model.path}: {quantization.problems[0]}"
+                         + (f" (and {more} more problem{'s' if more > 1 else ''} with its scales)" if more else ""))
+    identity = _identify_kind(model, hints, quantization)
+    if identity.kind == "unknown" and not identity.part and "unknown_transformer" not in identity.facts:
         identity.notes.append("no known key pattern: not a Stable Diffusion model part or adapter")
+    identity.precision.label = quantization.label(identity.precision.dominant)
+    identity.precision.quantization = quantization.to_facts()
+    identity.notes += quantization.notes
+    describe(identity)
     _health_notes(model, identity, deep)
     notes, facts = metadata_notes(model.metadata)
     identity.notes += notes
@@ -36,7 +50,7 @@ def identify(model: ModelFile, *, deep: bool = False) -> Identity:
     return identity
 
 
-def _identify_kind(model: ModelFile, hints: MetadataHints) -> Identity:
+def _identify_kind(model: ModelFile, hints: MetadataHints, quantization: QuantScan) -> Identity:
     if model.components:
         if model.extra.get("model_index") is None and len(model.components) == 1:
             (name, component), = model.components.items()
@@ -50,7 +64,7 @@ def _identify_kind(model: ModelFile, hints: MetadataHints) -> Identity:
     scan = scan_lora(model)
     if is_lora_file(model, scan):
         return identify_lora(model, scan, hints)
-    return identify_single_file(model, hints)
+    return identify_single_file(model, hints, logical_shapes=quantization.logical_shapes)
 
 
 def _health_notes(model: ModelFile, identity: Identity, deep: bool) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from sdkit.io.model_file import ModelFile, TensorInfo
 
@@ -18,11 +18,17 @@ if TYPE_CHECKING:
 
 
 class KeyView:
-    """Tensors of `model` whose names start with `prefix`, addressed without it."""
+    """Tensors of `model` whose names start with `prefix`, addressed without it.
 
-    def __init__(self, model: ModelFile, prefix: str = "") -> None:
+    `logical_shapes` (full names) gives the unpacked shape of weights stored packed (two
+    4-bit values per byte), so that probes read a layer's real width.
+    """
+
+    def __init__(self, model: ModelFile, prefix: str = "",
+                 logical_shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.model = model
         self.prefix = prefix
+        self.logical_shapes = logical_shapes or {}
 
     @cached_property
     def names(self) -> list[str]:
@@ -36,7 +42,8 @@ class KeyView:
         return self.model.infos.get(self.prefix + key)
 
     def shape(self, key: str) -> tuple[int, ...] | None:
-        return self.model.shape(self.prefix + key)
+        name = self.prefix + key
+        return self.logical_shapes.get(name) or self.model.shape(name)
 
     def has(self, key: str) -> bool:
         return (self.prefix + key) in self.model.infos

@@ -1,19 +1,23 @@
 """Identify full models and their parts: checkpoints, UNets / transformers, VAEs, text
 encoders and ControlNets, as LDM single files or diffusers folders.
 
-Single files (formats.md (g)): `model.diffusion_model.*` (denoiser), `first_stage_model.*`
-(VAE), `cond_stage_model.*` / `conditioner.embedders.N.*` / `text_encoders.*` (text encoders),
-`control_model.*` (ControlNet), or the same trees without prefix as standalone parts.
+Single files (formats.md (g)): `model.diffusion_model.*` (denoiser), `first_stage_model.*` or
+`vae.*` (VAE; ComfyUI's SD3 / FLUX checkpoints), `cond_stage_model.*` /
+`conditioner.embedders.N.*` / `text_encoders.*` (text encoders), `control_model.*`
+(ControlNet), or the same trees without prefix as standalone parts. A file holding two
+denoiser designs is a mixture, identified as such and refused as a model.
 Diffusers folders: one ModelFile per component, plus `model_index.json` and each config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts, find_text_encoders, probe_vae
-from sdkit.arch.denoiser import DenoiserFacts, probe_denoiser, unet_variant
+from sdkit.arch.denoiser import DenoiserFacts, probe_denoiser, probe_denoisers, unet_variant
+from sdkit.arch.families import FAMILIES, encoder_spec, families_with_latent
+from sdkit.arch.fingerprint import describe_unknown_transformer, looks_like_transformer, match_release
 from sdkit.arch.hygiene import precision_of
 from sdkit.arch.identity import Identity
 from sdkit.arch.keyview import KeyView
@@ -21,7 +25,12 @@ from sdkit.arch.metadata import MetadataHints
 from sdkit.arch.prediction import denoiser_prediction
 from sdkit.arch.structure import (StructureHints, denoiser_family, dimension_mismatches,
                                   text_encoder_family, vae_compatible_families, vae_mismatches)
+from sdkit.errors import with_article
 from sdkit.io.model_file import ModelFile
+
+LogicalShapes = Mapping[str, "tuple[int, ...]"]
+_DENOISER_ROOTS = ("model.diffusion_model.", "")
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
 
 _CONTROLNET_MARKERS = ("control_model.", "controlnet_cond_embedding.", "controlnet_down_blocks.",
                        "controlnet_blocks.", "input_hint_block.", "zero_convs.")
@@ -39,6 +48,8 @@ class Parts:
     vae: VaeFacts | None = None
     encoders: list[TextEncoderFacts] = field(default_factory=list)
     controlnet: bool = False
+    mixture: list[str] = field(default_factory=list)  # the denoisers of a file mixing two
+    unknown_transformer: tuple[str, dict[str, Any]] | None = None  # what an unplaceable one holds
 
     def components(self) -> list[str]:
         names = [e.component for e in self.encoders]
@@ -60,21 +71,44 @@ def is_controlnet(model: ModelFile) -> bool:
                for name in model.infos)
 
 
-def single_file_parts(model: ModelFile) -> Parts:
+def single_file_parts(model: ModelFile, logical_shapes: LogicalShapes | None = None) -> Parts:
     parts = Parts(controlnet=is_controlnet(model))
     if parts.controlnet:
         prefix = "control_model." if _has_prefix(model, "control_model.") else ""
         parts.denoiser_component = "controlnet"
     else:
         prefix = "model.diffusion_model." if _has_prefix(model, "model.diffusion_model.") else ""
-    parts.denoiser_view = KeyView(model, prefix)
+        parts.mixture = _mixture(model, logical_shapes)
+    parts.denoiser_view = KeyView(model, prefix, logical_shapes)
     parts.denoiser = probe_denoiser(parts.denoiser_view)
     if parts.denoiser is not None and parts.denoiser.architecture != "unet" and not parts.controlnet:
         parts.denoiser_component = "transformer"
-    vae_prefix = "first_stage_model." if _has_prefix(model, "first_stage_model.") else ""
+    if parts.denoiser is None and not parts.controlnet and looks_like_transformer(parts.denoiser_view):
+        parts.unknown_transformer = describe_unknown_transformer(parts.denoiser_view)
+    vae_prefix = next((p for p in _VAE_PREFIXES if _has_prefix(model, p)), "")
     parts.vae = probe_vae(KeyView(model, vae_prefix))
     parts.encoders = find_text_encoders(KeyView(model))
     return parts
+
+
+def _mixture(model: ModelFile, logical_shapes: LogicalShapes | None) -> list[str]:
+    """The denoisers of a file that holds more than one design, in words (else [])."""
+    found: dict[str, str] = {}
+    for root in _DENOISER_ROOTS:
+        if root and not _has_prefix(model, root):
+            continue
+        for facts in probe_denoisers(KeyView(model, root, logical_shapes)):
+            found.setdefault(facts.family or "unet", _denoiser_words(facts, root))
+    return list(found.values()) if len(found) > 1 else []
+
+
+def _denoiser_words(facts: DenoiserFacts, root: str) -> str:
+    if facts.family is not None:
+        return f"{with_article(FAMILIES[facts.family].title)} transformer ({root}{facts.marker}*)"
+    family = FAMILIES.get(denoiser_family(facts, [], StructureHints()))
+    title = family.title if family else "unknown"
+    blocks = "input_blocks" if facts.convention == "ldm" else "down_blocks"
+    return f"{with_article(title)} UNet ({root}{blocks}.*)"
 
 
 def _has_prefix(model: ModelFile, prefix: str) -> bool:
@@ -82,6 +116,8 @@ def _has_prefix(model: ModelFile, prefix: str) -> bool:
 
 
 def kind_of(parts: Parts) -> str:
+    if parts.mixture:
+        return "unknown"
     if parts.controlnet:
         return "controlnet"
     if parts.denoiser is not None:
@@ -92,8 +128,9 @@ def kind_of(parts: Parts) -> str:
 
 
 def identify_single_file(model: ModelFile, hints: MetadataHints,
-                         structure: StructureHints | None = None) -> Identity:
-    parts = single_file_parts(model)
+                         structure: StructureHints | None = None,
+                         logical_shapes: LogicalShapes | None = None) -> Identity:
+    parts = single_file_parts(model, logical_shapes)
     structure = structure or StructureHints()
     structure.playground = structure.playground or ("edm_mean" in model.infos and "edm_std" in model.infos)
     identity = _identify_parts(model, parts, hints, structure, scheduler_config=None)
@@ -106,14 +143,24 @@ def identify_single_file(model: ModelFile, hints: MetadataHints,
 def identify_component_folder(model: ModelFile, config: dict[str, Any] | None,
                               hints: MetadataHints) -> Identity:
     """A lone diffusers component folder: named by the user, so identified by its keys,
-    with its config settling what keys cannot (refiner time ids, SD2 text activation)."""
+    with its config settling what keys cannot (refiner time ids, SD2 text activation, the
+    latent format of a VAE)."""
     config = config or {}
     structure = StructureHints(
         kolors=config.get("encoder_hid_dim_type") == "text_proj",
         sd2_text_encoder=config.get("hidden_act") == "gelu",
         addition_time_embed_dim=config.get("addition_time_embed_dim"),
+        vae_latent=_vae_latent(config),
     )
     return identify_single_file(model, hints, structure)
+
+
+def _vae_latent(config: dict[str, Any]) -> tuple[float, float] | None:
+    scale = config.get("scaling_factor")
+    if not isinstance(scale, (int, float)) or "latent_channels" not in config:
+        return None
+    shift = config.get("shift_factor")
+    return float(scale), float(shift) if isinstance(shift, (int, float)) else 0.0
 
 
 def _single_file_convention(parts: Parts) -> str:
@@ -173,14 +220,22 @@ def _pipeline_hints(index: dict[str, Any], configs: dict[str, Any], model: Model
 
 def _identify_parts(model: ModelFile, parts: Parts, hints: MetadataHints,
                     structure: StructureHints, scheduler_config: dict[str, Any] | None) -> Identity:
-    identity = Identity(kind=kind_of(parts), components=parts.components())
+    identity = Identity(kind=kind_of(parts))
+    if parts.mixture:
+        _describe_mixture(parts, identity)
+        return identity
     if parts.denoiser is not None:
         _describe_denoiser(model, parts, hints, structure, scheduler_config, identity)
     elif parts.encoders and parts.vae is None:
         identity.family = hints.family or text_encoder_family(parts.encoders, structure)
+        _assign_encoder_slots(parts.encoders, identity.family)
         _flag_mismatches(identity, dimension_mismatches(identity.family, None, parts.encoders, None))
     elif parts.vae is not None:
-        _describe_vae(parts, hints, identity)
+        _describe_vae(parts, hints, structure, identity)
+    if parts.unknown_transformer is not None:
+        text, facts = parts.unknown_transformer
+        identity.facts["unknown_transformer"] = dict(facts, description=text)
+    identity.components = parts.components()
     if parts.vae is not None:
         identity.facts["vae"] = parts.vae.to_facts()
         identity.facts["latent_channels"] = parts.vae.latent_channels
@@ -195,10 +250,13 @@ def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
     denoiser = parts.denoiser
     structural = denoiser_family(denoiser, parts.encoders, structure)
     identity.family = structural
+    _assign_encoder_slots(parts.encoders, structural)
     if hints.family and hints.family != structural:
         identity.notes.append(f"metadata ({hints.family_source}) says {hints.family}; "
                               f"the weights say {structural}")
     identity.variant = unet_variant(denoiser)  # the input channels decide, whatever metadata says
+    if denoiser.dims is not None:
+        _describe_release(model, denoiser, identity)
     identity.prediction, identity.prediction_evidence = denoiser_prediction(
         identity.family, identity.variant, model, parts.denoiser_view, hints, scheduler_config)
     facts = denoiser.to_facts()
@@ -212,14 +270,67 @@ def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
     _flag_mismatches(identity, dimension_mismatches(identity.family, denoiser, parts.encoders, parts.vae))
 
 
-def _describe_vae(parts: Parts, hints: MetadataHints, identity: Identity) -> None:
+def _describe_release(model: ModelFile, denoiser: DenoiserFacts, identity: Identity) -> None:
+    """Which release a transformer is: its variant, and what the weights cannot tell."""
+    family = FAMILIES[identity.family]
+    match = match_release(family, denoiser.dims or {}, denoiser.flags or {},
+                          model.metadata.get("modelspec.architecture", ""))
+    if match.release is None:
+        return
+    identity.variant = match.release.variant
+    identity.facts["design"] = match.release.name
+    if match.exact:
+        identity.facts["release"] = match.release.name
+    if match.named_by_metadata:
+        identity.notes.append(f"named {match.release.name} by modelspec.architecture "
+                              f"{match.named_by_metadata!r}: its weights have the keys and shapes of "
+                              + " and ".join(match.look_alikes))
+    elif match.look_alikes:
+        identity.facts["release_look_alikes"] = match.look_alikes
+        identity.notes.append(f"{match.release.name} architecture: " + ", ".join(match.look_alikes)
+                              + " have the same keys and shapes; only metadata can name them")
+
+
+def _assign_encoder_slots(encoders: list[TextEncoderFacts], family: str) -> None:
+    """ComfyUI's `text_encoders.<slot>` names no diffusers component: the family's own
+    encoder of that kind and width does (T5-XXL is SD3's text_encoder_3, FLUX.1's _2)."""
+    ref = FAMILIES.get(family)
+    for encoder in encoders:
+        if ref is None or not encoder.prefix.startswith("text_encoders."):
+            continue
+        spec = encoder_spec(encoder.architecture, encoder.width)
+        mine = next((s for s in ref.text_encoders if spec is not None and s.part == spec.part), None)
+        if mine is not None:
+            encoder.component = mine.component
+
+
+def _describe_mixture(parts: Parts, identity: Identity) -> None:
+    listed = " and ".join(parts.mixture)
+    identity.part = f"mixture: {listed}"
+    identity.refusal = f"mixes model families: {listed}; expected one diffusion model per file"
+    identity.facts["mixture"] = list(parts.mixture)
+    identity.notes.append(f"holds {listed}: not one model")
+
+
+def _describe_vae(parts: Parts, hints: MetadataHints, structure: StructureHints,
+                  identity: Identity) -> None:
     vae = parts.vae
     compatible = vae_compatible_families(vae)
-    identity.family = hints.family or "unknown"
+    identity.family = hints.family or _family_by_latent(vae, structure) or "unknown"
     identity.facts["compatible_families"] = compatible
     if compatible and identity.family == "unknown":
         identity.notes.append(f"{vae.latent_channels}-channel VAE: fits " + ", ".join(compatible))
     _flag_mismatches(identity, vae_mismatches(vae, identity.family))
+
+
+def _family_by_latent(vae: VaeFacts, structure: StructureHints) -> str | None:
+    """The one family whose latent format a VAE config states (FLUX.1's 0.3611 / 0.1159);
+    the weights alone cannot tell VAEs of one design apart."""
+    if structure.vae_latent is None:
+        return None
+    scale, shift = structure.vae_latent
+    matching = families_with_latent(vae.latent_channels, scale, shift)
+    return matching[0] if len(matching) == 1 else None
 
 
 def _flag_mismatches(identity: Identity, mismatches: list[str]) -> None:
@@ -248,7 +359,7 @@ def _checkpoint_notes(model: ModelFile, parts: Parts, identity: Identity) -> Non
 def component_of_single_file(parts: Parts, kind: str) -> Callable[[str], str]:
     """Key -> component name, for the per-component precision of a single file."""
     prefixes = [("model.diffusion_model.", parts.denoiser_component),
-                ("control_model.", "controlnet"), ("first_stage_model.", "vae"),
+                ("control_model.", "controlnet"), ("first_stage_model.", "vae"), ("vae.", "vae"),
                 ("model_ema.", "ema")]
     prefixes += [(e.prefix, e.component) for e in parts.encoders if e.prefix]
     prefixes.sort(key=lambda item: -len(item[0]))

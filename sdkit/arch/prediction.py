@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from sdkit.arch.families import FAMILIES
 from sdkit.arch.keyview import KeyView
 from sdkit.arch.metadata import MetadataHints
 from sdkit.io.model_file import ModelFile
@@ -19,7 +20,6 @@ SD2_V_STD_THRESHOLD = 0.09
 _SD2_PROBE_KEYS = ("output_blocks.11.1.transformer_blocks.0.norm1.bias",
                    "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias")
 _V_MARKERS = ("v_pred", "edm_vpred.sigma_max")
-_EPSILON_BY_DEFAULT = ("sd1", "sdxl-base", "sdxl-refiner", "kolors")
 
 
 def denoiser_prediction(family: str, variant: str, model: ModelFile, denoiser: KeyView | None,
@@ -34,13 +34,14 @@ def denoiser_prediction(family: str, variant: str, model: ModelFile, denoiser: K
     declared = (scheduler_config or {}).get("prediction_type")
     if declared in ("epsilon", "v_prediction"):
         return ("v" if declared == "v_prediction" else "epsilon"), "scheduler config prediction_type"
-    if family in ("sd3", "flux"):
+    kind = FAMILIES[family].prediction if family in FAMILIES else None
+    if kind == "flow":
         return "unknown", "flow-matching model (predicts neither epsilon nor v)"
-    if family == "playground-v2.5":
+    if kind == "edm":
         return "unknown", "EDM model: see its scheduler"
-    if family == "sd2":
+    if kind == "v-or-epsilon":
         return _sd2_prediction(variant, denoiser)
-    if family in _EPSILON_BY_DEFAULT:
+    if kind == "epsilon":
         return "epsilon", f"no v-prediction marker; {family} models are epsilon by default"
     return "unknown", None
 

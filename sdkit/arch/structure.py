@@ -8,6 +8,8 @@ with other widths is decided by what the families differ in structurally:
 - SDXL refiner: ADM input and only the OpenCLIP bigG encoder;
 - Kolors: ADM width 5632 or a text projection (`encoder_hid_proj`); Playground v2.5: EDM
   latent statistics.
+Transformer families are told by the layouts their modules declare (`fingerprint`); their
+sizes are compared with the family's releases.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts
 from sdkit.arch.denoiser import DenoiserFacts
-from sdkit.arch.families import FAMILIES
+from sdkit.arch.families import FAMILIES, families_with_encoder_kinds
+from sdkit.arch.fingerprint import match_release
 
 RELEASED_VAE_CHANNELS = 128  # first conv width of every released SD / SDXL / SD3 / Flux VAE
 _REFINER_TIME_IDS = 5  # refiner ADM = pooled text + 5 size/score embeddings (base: 6)
@@ -31,14 +34,13 @@ class StructureHints:
     refiner: bool | None = None  # pipeline says so (requires_aesthetics_score, encoders)
     sd2_text_encoder: bool = False  # diffusers encoder config uses `gelu` (SD2) not `quick_gelu`
     addition_time_embed_dim: int | None = None  # diffusers UNet config
+    vae_latent: tuple[float, float] | None = None  # diffusers VAE config (scaling, shift)
 
 
 def denoiser_family(denoiser: DenoiserFacts, encoders: list[TextEncoderFacts],
                     hints: StructureHints) -> str:
-    if denoiser.architecture == "mmdit":
-        return "sd3"
-    if denoiser.architecture == "flux":
-        return "flux"
+    if denoiser.family is not None:
+        return denoiser.family
     if hints.kolors or denoiser.adm_channels == 5632 or denoiser.encoder_hid_dim:
         return "kolors"
     if denoiser.adm_channels is not None:
@@ -71,12 +73,14 @@ def _is_refiner(denoiser: DenoiserFacts, encoders: list[TextEncoderFacts],
 
 
 def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints) -> str:
-    """Family of a file holding only text encoders (a lone bigG reads as SDXL base)."""
+    """Family of a file holding only text encoders (a lone bigG reads as SDXL base).
+
+    With a T5 among them, the kinds of encoders must be one family's exactly (a CLIP and
+    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves both, so names none."""
     components = {e.component for e in encoders}
-    if "text_encoder_3" in components:
-        return "sd3"
-    if all(e.architecture == "t5" for e in encoders):
-        return "unknown"  # SD3 and Flux share T5-XXL
+    if any(e.architecture == "t5" for e in encoders):
+        matching = families_with_encoder_kinds([e.architecture for e in encoders])
+        return matching[0] if len(matching) == 1 else "unknown"
     if "text_encoder_2" in components or any(e.width == 1280 for e in encoders):
         return "sdxl-base"
     if hints.sd2_text_encoder or any(e.width == 1024 or e.architecture == "openclip" for e in encoders):
@@ -104,6 +108,8 @@ def dimension_mismatches(family: str, denoiser: DenoiserFacts | None,
 
 def _denoiser_mismatches(family: str, denoiser: DenoiserFacts) -> list[str]:
     ref = FAMILIES[family]
+    if denoiser.dims is not None and ref.releases:  # a transformer: its sizes against the releases
+        return match_release(ref, denoiser.dims, denoiser.flags or {}).mismatches
     name = "UNet" if denoiser.architecture == "unet" else "transformer"
     found = []
     if not ref.accepts_unet_channels(denoiser.channels):

@@ -24,6 +24,7 @@ Adding a family:
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from sdkit.arch.families import flux, kolors, playground, sd, sd3, sdxl
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
@@ -118,9 +119,12 @@ def families_using_encoder(architecture: str, width: int) -> list[str]:
             if any(_encoder_kind(s.architecture) == kind and s.width == width for s in f.text_encoders)]
 
 
-def families_with_encoders(parts: set[str]) -> list[str]:
-    """Families whose text encoders are exactly these released encoders (by part name)."""
-    return [f.name for f in FAMILIES.values() if {s.part for s in f.text_encoders} == parts]
+def families_with_encoder_kinds(architectures: list[str]) -> list[str]:
+    """Families whose text encoders are of exactly these kinds, as many of each (CLIP in
+    either layout, T5, ChatGLM), whatever their widths."""
+    wanted = Counter(_encoder_kind(a) for a in architectures)
+    return [f.name for f in FAMILIES.values()
+            if Counter(_encoder_kind(s.architecture) for s in f.text_encoders) == wanted]
 
 
 def families_with_latent(channels: int, scaling_factor: float | None = None,
@@ -141,7 +145,7 @@ def families_with_latent(channels: int, scaling_factor: float | None = None,
 __all__ = [
     "FAMILIES", "FAMILY_BY_CONTEXT_DIM", "FAMILY_BY_EMBEDDING_WIDTH", "DenoiserLayout", "Family",
     "LatentFormat", "Release", "TextEncoderSpec", "default_resolution", "encoder_spec",
-    "families_using_encoder", "families_with_encoders", "families_with_latent",
+    "families_using_encoder", "families_with_encoder_kinds", "families_with_latent",
     "family_from_kohya_version", "family_from_modelspec", "kohya_base_model_version",
     "modelspec_architecture",
 ]
