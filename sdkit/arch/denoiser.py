@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sdkit.arch.fingerprint import LayoutMatch, match_transformer
+from sdkit.arch.fingerprint import LayoutMatch, match_transformers
 from sdkit.arch.keyview import KeyView
 
 
@@ -48,10 +48,7 @@ def probe_denoiser(view: KeyView) -> DenoiserFacts | None:
 def probe_denoisers(view: KeyView) -> list[DenoiserFacts]:
     """Every known denoiser design under `view`, transformers first: a sound file holds
     one, a file that mixes two models holds more."""
-    found = []
-    transformer = match_transformer(view)
-    if transformer is not None:
-        found.append(_transformer_facts(transformer))
+    found = [_transformer_facts(match) for match in match_transformers(view)]
     if _is_conv(view, "input_blocks.0.0.weight"):
         found.append(_unet_ldm(view))
     elif view.has_prefix("down_blocks.") and view.has_prefix("time_embedding.") and _is_conv(view, "conv_in.weight"):

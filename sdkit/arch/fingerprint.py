@@ -55,14 +55,17 @@ def transformer_layouts() -> list[tuple[Family, DenoiserLayout]]:
     return [(family, layout) for family in FAMILIES.values() for layout in family.layouts]
 
 
-def match_transformer(view: KeyView) -> LayoutMatch | None:
-    """The first family layout the keys under `view` satisfy, or None."""
+def match_transformers(view: KeyView) -> list[LayoutMatch]:
+    """Per family, the first of its layouts the keys under `view` satisfy (a sound file
+    matches one family; a file mixing two models, more)."""
+    matches: dict[str, LayoutMatch] = {}
     for family, layout in transformer_layouts():
-        if any(view.has_prefix(marker) for marker in layout.markers):
-            match = match_layout(view, family, layout)
-            if match is not None:
-                return match
-    return None
+        if family.name in matches or not any(view.has_prefix(marker) for marker in layout.markers):
+            continue
+        match = match_layout(view, family, layout)
+        if match is not None:
+            matches[family.name] = match
+    return list(matches.values())
 
 
 def match_layout(view: KeyView, family: Family, layout: DenoiserLayout) -> LayoutMatch | None:

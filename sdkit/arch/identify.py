@@ -13,7 +13,7 @@ from sdkit.arch.describe import describe
 from sdkit.arch.embedding_detect import embedding_layout, identify_embedding
 from sdkit.arch.hygiene import broken_position_ids, ema_tensor_names, non_finite_tensors
 from sdkit.arch.hypernetwork_detect import identify_hypernetwork, is_hypernetwork
-from sdkit.arch.identity import Identity
+from sdkit.arch.identity import Identity, refuse_unusable
 from sdkit.arch.lora_detect import identify_lora, is_lora_file, scan_lora
 from sdkit.arch.metadata import MetadataHints, metadata_hints, metadata_notes
 from sdkit.arch.model_detect import (identify_component_folder, identify_diffusers_folder,
@@ -34,6 +34,7 @@ def identify(model: ModelFile, *, deep: bool = False) -> Identity:
         raise SdkitError(f"{model.path}: {quantization.problems[0]}"
                          + (f" (and {more} more problem{'s' if more > 1 else ''} with its scales)" if more else ""))
     identity = _identify_kind(model, hints, quantization)
+    refuse_unusable(identity, model.path)
     if identity.kind == "unknown" and not identity.part and "unknown_transformer" not in identity.facts:
         identity.notes.append("no known key pattern: not a Stable Diffusion model part or adapter")
     identity.precision.label = quantization.label(identity.precision.dominant)

@@ -265,8 +265,6 @@ def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
         "context_dim": denoiser.context_dim, "adm_channels": denoiser.adm_channels,
         "denoiser": facts,
     })
-    if denoiser.architecture == "flux":
-        identity.facts["flux_variant"] = "dev" if denoiser.guidance_embed else "schnell"
     _flag_mismatches(identity, dimension_mismatches(identity.family, denoiser, parts.encoders, parts.vae))
 
 

@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdkit.errors import with_article
 from sdkit.io.model_file import ModelFile
 from sdkit.io.safetensors_json import metadata_json
 
@@ -69,6 +70,7 @@ class QuantScan:
     problems: list[str] = field(default_factory=list)  # each makes the file unusable
     notes: list[str] = field(default_factory=list)
     logical_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unpacked weights
+    rest_dtype: str | None = None  # mixed: the dtype most parameters outside the listed layers have
 
     def to_facts(self) -> dict[str, Any] | None:
         if self.scheme is None:
@@ -82,6 +84,7 @@ class QuantScan:
         if self.scheme == "scaled-fp8":
             return " + ".join(f"{words} scaled" for words in self.formats)
         if self.scheme == "mixed":
+            plain = DTYPE_WORDS.get(self.rest_dtype or "", (self.rest_dtype or "unknown").lower())
             layers = " + ".join(f"{n} {words}" for words, n in self.formats.most_common())
             return f"mixed: {layers} layers, rest {plain}"
         return plain
@@ -94,6 +97,7 @@ def scan_quantization(model: ModelFile) -> QuantScan:
         scan.scheme = "mixed"
         for layer, config in layers.items():
             _check_mixed_layer(model, layer, config, scan)
+        scan.rest_dtype = _dominant_outside(model, layers)
         return scan
     markers = [name for name in model.infos if name == MARKER or name.endswith("." + MARKER)]
     if markers or any(name.endswith(".scale_weight") for name in model.infos):
@@ -126,6 +130,16 @@ def _mixed_layers(model: ModelFile, scan: QuantScan) -> dict[str, dict[str, Any]
     if layers and raw is None:
         scan.markers.append(f"*{_LAYER_MARKER} tensors")
     return layers
+
+
+def _dominant_outside(model: ModelFile, layers: dict[str, dict[str, Any]]) -> str | None:
+    """The dtype holding most parameters among tensors of no listed layer."""
+    listed = {prefix + layer + "." for layer in layers for prefix in _MIXED_PREFIXES}
+    counts: Counter[str] = Counter()
+    for name, info in model.infos.items():
+        if name[: name.rfind(".") + 1] not in listed:
+            counts[info.dtype] += info.numel
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def _marker_config(model: ModelFile, name: str, scan: QuantScan) -> dict[str, Any]:
@@ -203,7 +217,7 @@ def _check_layer_scales(model: ModelFile, full: str, name: str, fmt: QuantFormat
 def _scale_shape(model: ModelFile, key: str, name: str, scan: QuantScan) -> tuple[int, ...] | None:
     shape = model.shape(key)
     if shape is None:
-        scan.problems.append(f"{key} is missing: a {name} weight needs it")
+        scan.problems.append(f"{key} is missing: {with_article(name)} weight needs it")
     return shape
 
 
@@ -241,7 +255,7 @@ def _check_scaled_layer(model: ModelFile, layer: str, scan: QuantScan) -> None:
         scan.problems.append(f"{layer}.scale_weight scales no weight: the file has no {layer}.weight")
         return
     if weight.dtype not in _FP8:
-        scan.problems.append(f"{layer}.scale_weight scales a {weight.dtype} weight; expected an fp8 one")
+        scan.problems.append(f"{layer}.scale_weight scales {with_article(weight.dtype)} weight; expected an fp8 one")
         return
     scan.scaled_layers += 1
     _check_one_value(model, layer + ".scale_weight", "scaled fp8 weight", scan, required=True)
@@ -268,7 +282,7 @@ def _check_one_value(model: ModelFile, key: str, what: str, scan: QuantScan, *, 
     info = model.infos.get(key)
     if info is None:
         if required:
-            scan.problems.append(f"{key} is missing: a {what} needs one scale")
+            scan.problems.append(f"{key} is missing: {with_article(what)} needs one scale")
         return
     if info.dtype not in ("F32", "F16", "BF16", "F64"):
         scan.problems.append(f"{key} is {info.dtype}; expected a float scale")

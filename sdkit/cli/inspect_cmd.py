@@ -38,6 +38,8 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
     table.add_column(style="bold cyan")
     table.add_column()
     adapter = f" ({report['adapter_type']})" if report.get("adapter_type") else ""
+    if report.get("summary"):
+        table.add_row("is", report["summary"])
     table.add_row("kind", f"{report['kind']}{adapter}")
     table.add_row("family", str(report["family"]) + (" (non-standard dimensions)" if report["nonstandard"] else ""))
     table.add_row("format", f"{report['format']}, {report['key_convention']} keys")
@@ -46,6 +48,9 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
     for field in ("variant", "prediction"):
         if report.get(field) not in (None, "normal", "unknown"):
             table.add_row(field, str(report[field]))
+    quantization = (report.get("precision") or {}).get("label")
+    if quantization:
+        table.add_row("precision", quantization)
     dtypes = ", ".join(f"{dtype}×{count}" for dtype, count in report["dtypes"].items())
     table.add_row("tensors", f"{report['tensors']:,} ({dtypes})")
     table.add_row("parameters", f"{report['parameters']:,}")

@@ -268,19 +268,6 @@ def test_full_size_sd3_checkpoint():
     assert identity.components == ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
 
 
-@pytest.mark.parametrize("img_in, guidance, variant", [(64, True, "normal"), (384, False, "inpaint")])
-def test_full_size_flux_transformer(img_in, guidance, variant):
-    tensors = {"img_in.weight": empty(3072, img_in), "txt_in.weight": empty(3072, 4096),
-               "vector_in.in_layer.weight": empty(3072, 768),
-               "double_blocks.0.img_attn.norm.key_norm.scale": empty(128)}
-    if guidance:
-        tensors["guidance_in.in_layer.weight"] = empty(3072, 256)
-    identity = identify(model_from_tensors(tensors))
-    assert (identity.kind, identity.family, identity.variant) == ("unet", "flux", variant)
-    assert identity.components == ["transformer"] and not identity.nonstandard
-    assert identity.facts["flux_variant"] == ("dev" if guidance else "schnell")
-
-
 def test_full_size_ldm_controlnet():
     tensors = {k.replace(UNET, "control_model."): t
                for k, t in _ldm_unet(320, 4, 768, 4, linear=False).items()}

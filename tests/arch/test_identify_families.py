@@ -1,0 +1,221 @@
+"""identify() on the released transformer families at full size, from headers alone.
+
+Every file here is header-only (fixtures/families/released.py): the diffusers convention
+comes from the diffusers classes on the meta device, the single-file convention from the
+original implementations' layout, checked against diffusers' own converters in
+tests/fixtures/test_family_headers.py. Each is written in every precision people keep.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "families"
+sys.path.insert(0, str(FIXTURES))
+
+from released import (CLIP_G, CLIP_L, RELEASES, T5_XXL, clip_shapes, diffusers_shapes,  # noqa: E402
+                      ldm_vae_shapes, single_file_shapes, t5_shapes, typed, write_header_only)
+
+from sdkit.arch import identify  # noqa: E402
+from sdkit.errors import SdkitError  # noqa: E402
+from sdkit.io import open_model  # noqa: E402
+
+UNET = "model.diffusion_model."
+NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "T5-XXL", "SD3 VAE"]}
+PRECISIONS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
+
+
+def identify_file(path: Path):
+    with open_model(path) as model:
+        return identify(model)
+
+
+@pytest.fixture(scope="session")
+def shapes_of():
+    """(release, convention) -> the released denoiser's keys and shapes, built once."""
+    cache: dict[tuple[str, str], dict] = {}
+
+    def get(release: str, convention: str) -> dict:
+        if (release, convention) not in cache:
+            model = RELEASES[release]
+            build = diffusers_shapes if convention == "diffusers" else single_file_shapes
+            cache[release, convention] = build(model)
+        return cache[release, convention]
+    return get
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+@pytest.mark.parametrize("convention, prefix", [("ldm", ""), ("ldm", UNET), ("diffusers", "")])
+def test_each_release_in_each_convention(release, convention, prefix, shapes_of, tmp_path):
+    model = RELEASES[release]
+    path = write_header_only(tmp_path / "model.safetensors",
+                             typed(shapes_of(release, convention), model.dtype, prefix))
+    identity = identify_file(path)
+    assert (identity.kind, identity.family, identity.key_convention) == ("unet", model.family, convention)
+    assert identity.facts["release"] == release and not identity.nonstandard
+    assert identity.components == ["transformer"]
+    assert identity.part == f"{release} diffusion model"
+    assert identity.needs == NEEDS[model.family]
+    assert identity.summary == (f"{release} diffusion model, {PRECISIONS[model.dtype]}; "
+                                f"needs: {', '.join(NEEDS[model.family])}")
+    expected_variant = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth"}.get(release, "normal")
+    assert identity.variant == expected_variant
+    assert identity.prediction == "unknown"  # flow matching: neither epsilon nor v
+
+
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
+def test_every_plain_precision_is_named(dtype, shapes_of, tmp_path):
+    path = write_header_only(tmp_path / "flux.safetensors", typed(shapes_of("FLUX.1-dev", "ldm"), dtype))
+    identity = identify_file(path)
+    assert identity.facts["release"] == "FLUX.1-dev"
+    assert identity.precision.label == PRECISIONS[dtype]
+
+
+def scaled_fp8(shapes: dict, fp8: str = "F8_E4M3", prefix: str = UNET) -> dict:
+    """ComfyUI's scaled fp8 layout: 2-D weights in fp8 with a one-value `scale_weight` each,
+    the rest in bf16, a `scaled_fp8` marker whose dtype names the format."""
+    tensors = {}
+    for name, shape in shapes.items():
+        quantized = name.endswith(".weight") and len(shape) == 2
+        tensors[prefix + name] = (fp8 if quantized else "BF16", shape)
+        if quantized:
+            tensors[prefix + name[: -len("weight")] + "scale_weight"] = ("F32", ())
+    tensors[prefix + "scaled_fp8"] = (fp8, (0,))
+    return tensors
+
+
+@pytest.mark.parametrize("fp8, words", [("F8_E4M3", "fp8 e4m3fn"), ("F8_E5M2", "fp8 e5m2")])
+def test_scaled_fp8_is_named_with_its_format(fp8, words, shapes_of, tmp_path):
+    path = write_header_only(tmp_path / "flux.safetensors", scaled_fp8(shapes_of("FLUX.1-dev", "ldm"), fp8))
+    identity = identify_file(path)
+    assert identity.summary == f"FLUX.1-dev diffusion model, {words} scaled; needs: CLIP-L, T5-XXL, FLUX VAE"
+    quantization = identity.precision.quantization
+    assert quantization["scheme"] == "scaled-fp8"
+    assert quantization["scaled_layers"] == sum(1 for n, s in shapes_of("FLUX.1-dev", "ldm").items()
+                                                if n.endswith(".weight") and len(s) == 2)
+
+
+def test_scaled_fp8_without_scales_is_refused(shapes_of, tmp_path):
+    tensors = {n: v for n, v in scaled_fp8(shapes_of("FLUX.1-dev", "ldm")).items()
+               if not n.endswith(".scale_weight")}
+    path = write_header_only(tmp_path / "flux.safetensors", tensors)
+    with pytest.raises(SdkitError, match=r"scaled_fp8 marks scaled fp8 weights but the file holds no"):
+        identify_file(path)
+
+
+def test_scaled_fp8_with_misshapen_scale_is_refused(shapes_of, tmp_path):
+    tensors = scaled_fp8(shapes_of("FLUX.1-dev", "ldm"))
+    tensors[UNET + "img_in.scale_weight"] = ("F32", (3072,))
+    path = write_header_only(tmp_path / "flux.safetensors", tensors)
+    with pytest.raises(SdkitError, match=r"img_in.scale_weight has shape \[3072\]; expected one value"):
+        identify_file(path)
+
+
+def test_comfy_mixed_quantization_metadata(shapes_of, tmp_path):
+    shapes = shapes_of("FLUX.1-dev", "ldm")
+    layers = [n[: -len(".weight")] for n, s in shapes.items()
+              if n.startswith("double_blocks.") and n.endswith(".weight") and len(s) == 2]
+    tensors = typed(shapes, "BF16")
+    for layer in layers:
+        tensors[layer + ".weight"] = ("F8_E4M3", shapes[layer + ".weight"])
+        tensors[layer + ".weight_scale"] = ("F32", ())
+    metadata = {"_quantization_metadata": json.dumps(
+        {"format_version": "1.0", "layers": {layer: {"format": "float8_e4m3fn"} for layer in layers}})}
+    identity = identify_file(write_header_only(tmp_path / "flux.safetensors", tensors, metadata))
+    assert identity.facts["release"] == "FLUX.1-dev"
+    assert identity.precision.label == f"mixed: {len(layers)} fp8 e4m3fn layers, rest bf16"
+    del tensors[layers[3] + ".weight_scale"]
+    with pytest.raises(SdkitError, match=layers[3] + r".weight_scale is missing"):
+        identify_file(write_header_only(tmp_path / "broken.safetensors", tensors, metadata))
+
+
+def test_look_alike_releases_are_named_only_by_metadata(shapes_of, tmp_path):
+    tensors = typed(shapes_of("FLUX.1-dev", "ldm"), "BF16")
+    plain = identify_file(write_header_only(tmp_path / "dev.safetensors", tensors))
+    assert set(plain.facts["release_look_alikes"]) == {"FLUX.1-Kontext-dev", "FLUX.1-Krea-dev"}
+    kontext = identify_file(write_header_only(tmp_path / "kontext.safetensors", tensors,
+                                              {"modelspec.architecture": "flux-1-kontext-dev"}))
+    assert kontext.facts["release"] == "FLUX.1-Kontext-dev"
+
+
+def test_a_file_mixing_two_denoisers_is_refused(shapes_of, ldm_checkpoint, tmp_path):
+    tensors = typed(shapes_of("FLUX.1-dev", "ldm"), "BF16", UNET)
+    tensors.update({name: ("F16", tuple(t.shape)) for name, t in ldm_checkpoint("sdxl").items()
+                    if name.startswith(UNET)})
+    path = write_header_only(tmp_path / "mixed.safetensors", tensors)
+    with pytest.raises(SdkitError, match=r"mixes model families: a FLUX\.1 transformer "
+                                         r"\(model\.diffusion_model\.double_blocks\.\*\) and "
+                                         r"a Stable Diffusion XL base UNet \(model\.diffusion_model\.input_blocks\.\*\)"):
+        identify_file(path)
+
+
+def test_comfyui_all_in_one_flux_checkpoint(shapes_of, tmp_path):
+    tensors = typed(shapes_of("FLUX.1-schnell", "ldm"), "BF16", UNET)
+    tensors.update(typed(clip_shapes(CLIP_L), "BF16", "text_encoders.clip_l.transformer."))
+    tensors.update(typed(t5_only(), "BF16", "text_encoders.t5xxl.transformer."))
+    tensors.update(typed(ldm_vae_shapes(16, quant_convs=False), "BF16", "vae."))
+    identity = identify_file(write_header_only(tmp_path / "aio.safetensors", tensors))
+    assert (identity.kind, identity.family, identity.facts["release"]) == ("checkpoint", "flux", "FLUX.1-schnell")
+    assert identity.components == ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    assert identity.needs == [] and identity.part == "FLUX.1-schnell checkpoint"
+
+
+def t5_only() -> dict:
+    """T5-XXL as ComfyUI's t5xxl files hold it: the tied token table once, as `shared`."""
+    return {n: s for n, s in t5_shapes(T5_XXL).items() if n != "encoder.embed_tokens.weight"}
+
+
+@pytest.mark.parametrize("name, shapes, part", [
+    ("clip_l", lambda: clip_shapes(CLIP_L), "CLIP-L text encoder"),
+    ("clip_g", lambda: clip_shapes(CLIP_G, projection=True), "CLIP-G text encoder"),
+    ("t5xxl", t5_only, "T5-XXL encoder"),
+])
+def test_text_encoders_alone(name, shapes, part, tmp_path):
+    identity = identify_file(write_header_only(tmp_path / f"{name}.safetensors", typed(shapes(), "F16")))
+    assert (identity.kind, identity.part) == ("text-encoder", part)
+
+
+def test_flux_vae_alone_is_a_16_channel_vae_not_an_sdxl_one(tmp_path):
+    identity = identify_file(write_header_only(tmp_path / "ae.safetensors",
+                                               typed(ldm_vae_shapes(16, quant_convs=False), "F32")))
+    assert identity.kind == "vae"
+    assert identity.facts["compatible_families"] == ["sd3", "flux"]
+    assert "16-channel VAE" in identity.part
+    sdxl = identify_file(write_header_only(tmp_path / "sdxl_vae.safetensors",
+                                           typed(ldm_vae_shapes(4, quant_convs=True), "F32")))
+    assert "flux" not in sdxl.facts["compatible_families"]
+
+
+def test_cli_inspect_is_header_only_and_imports_no_torch(shapes_of, tmp_path):
+    path = write_header_only(tmp_path / "flux.safetensors", scaled_fp8(shapes_of("FLUX.1-dev", "ldm")))
+    code = ("import sys, json; from sdkit.cli.main import main\n"
+            "try:\n    main(['inspect', '--json', sys.argv[1]])\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().endswith("NO-TORCH")
+    report = json.loads(done.stdout)
+    assert (report["family"], report["release"]) == ("flux", "FLUX.1-dev")
+    assert report["summary"] == "FLUX.1-dev diffusion model, fp8 e4m3fn scaled; needs: CLIP-L, T5-XXL, FLUX VAE"
+    assert report["needs"] == NEEDS["flux"]
+
+
+@pytest.mark.parametrize("family, design", [("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium")])
+@pytest.mark.parametrize("convention", ["ldm", "diffusers"])
+def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, design, convention, tmp_path):
+    from safetensors.torch import save_file
+
+    from released import tiny_tensors
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(tiny_tensors(family, convention), path)
+    identity = identify_file(path)
+    assert (identity.kind, identity.family, identity.key_convention) == ("unet", family, convention)
+    assert "release" not in identity.facts and identity.facts["design"] == design
+    assert identity.part.endswith(f"diffusion model ({design} design, non-standard dimensions)")
