@@ -298,3 +298,17 @@ def test_cli_refuses_broken_gguf_with_exit_1(tmp_path: Path, capsys: pytest.Capt
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
+
+
+def test_convert_and_merge_write_the_dequantized_tensors(flux_gguf: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import load_file
+
+    converted, merged = tmp_path / "converted.safetensors", tmp_path / "merged.safetensors"
+    assert run_sdkit(capsys, "convert", str(flux_gguf), "-o", str(converted))[0] == 0
+    assert run_sdkit(capsys, "merge", str(flux_gguf), str(flux_gguf), "--alpha", "0.5",
+                     "-o", str(merged))[0] == 0
+    with open_model(flux_gguf) as model:
+        for written in (load_file(converted), load_file(merged)):
+            for name in (tensor_name(Q.Q4_K), RESHAPED, tensor_name(Q.BF16)):
+                assert torch.equal(written[name], model.load(name)), name
