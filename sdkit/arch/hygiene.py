@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Callable
 
 from sdkit.arch.identity import Precision
-from sdkit.io.model_file import FLOAT_DTYPES, ModelFile
+from sdkit.io.model_file import FLOAT_DTYPES, GGUF_QUANT_PREFIX, ModelFile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,6 +118,9 @@ def precision_of(model: ModelFile, component_of: Callable[[str], str]) -> Precis
 
 
 def _dominant(counts: dict[str, int]) -> str | None:
-    floats = {dtype: n for dtype, n in counts.items() if dtype in FLOAT_DTYPES}
+    # GGUF quantized weights are floats stored in blocks: a Q8_0 model is Q8_0 even
+    # though its norms and biases stay F32
+    floats = {dtype: n for dtype, n in counts.items()
+              if dtype in FLOAT_DTYPES or dtype.startswith(GGUF_QUANT_PREFIX)}
     pool = floats or counts
     return max(pool, key=lambda dtype: (pool[dtype], dtype)) if pool else None

@@ -1,4 +1,5 @@
-"""Reading and writing model files: safetensors, PyTorch checkpoints, diffusers folders.
+"""Reading and writing model files: safetensors, PyTorch checkpoints, diffusers folders,
+GGUF (read only).
 
 Nothing here imports torch until a tensor is actually loaded or written, so opening a
 file to inspect it stays fast.

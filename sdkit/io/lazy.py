@@ -11,7 +11,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from sdkit.io.byte_span import ByteSpan
-from sdkit.io.model_file import ModelFile, tensor_nbytes
+from sdkit.io.model_file import ModelFile, loaded_dtype, tensor_nbytes
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,10 @@ class LazyTensor:
 
 
 def lazy_tensors(model_file: ModelFile) -> dict[str, LazyTensor]:
-    """Every tensor of a ModelFile, wrapped without loading any of them."""
-    return {name: LazyTensor(info.dtype, info.shape, partial(model_file.load, name), model_file.span_of(name))
+    """Every tensor of a ModelFile, wrapped without loading any of them.
+
+    A GGUF quantized tensor is described as what `load` makes of it (float32); its file
+    has no span for it, its stored bytes being blocks rather than the tensor's."""
+    return {name: LazyTensor(loaded_dtype(info.dtype), info.shape, partial(model_file.load, name),
+                             model_file.span_of(name))
             for name, info in model_file.infos.items()}

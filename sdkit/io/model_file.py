@@ -1,9 +1,11 @@
 """The reader-side picture of a model file: tensor names, shapes and dtypes up front,
 tensor data only when asked for.
 
-Every reader (safetensors, restricted pickle, diffusers folder) returns a `ModelFile`.
-Dtypes are spelled as in the safetensors header ("F16", "BF16", "F32", "I64", ...) so that
-a header-only reader never has to import torch to describe a file.
+Every reader (safetensors, restricted pickle, diffusers folder, GGUF) returns a
+`ModelFile`. Dtypes are spelled as in the safetensors header ("F16", "BF16", "F32", "I64",
+...) so that a header-only reader never has to import torch to describe a file. GGUF's
+block-quantized tensors have codes of their own ("GGUF_Q8_0", "GGUF_Q4_K", …; see
+`sdkit.io.gguf_dtypes`): they are stored in blocks, and load dequantized to float32.
 """
 
 from __future__ import annotations
@@ -29,13 +31,46 @@ DTYPE_BITS: dict[str, int] = {
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2",
                           "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 
+# codes of GGUF block-quantized tensors start so; their sizes come from the gguf package,
+# imported only when such a code is met
+GGUF_QUANT_PREFIX = "GGUF_"
+
+
+def _block_layout(dtype: str) -> tuple[int, int] | None:
+    """(elements per block, bytes per block) of a GGUF quantized code, else None."""
+    if not dtype.startswith(GGUF_QUANT_PREFIX):
+        return None
+    from sdkit.io.gguf_dtypes import block_layout
+
+    return block_layout(dtype)
+
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes taken by a C-contiguous tensor of this dtype and shape."""
+    """Bytes taken by a C-contiguous tensor of this dtype and shape (for a quantized
+    code: the bytes of its blocks, as stored)."""
     count = 1
     for dim in shape:
         count *= dim
-    return count * DTYPE_BITS[dtype] // 8
+    layout = _block_layout(dtype)
+    if layout is None:
+        return count * DTYPE_BITS[dtype] // 8
+    block_size, type_size = layout
+    return -(-count // block_size) * type_size  # a partial block still takes a whole one
+
+
+def dtype_bits(dtype: str) -> float:
+    """Bits per element as stored (8.5 for GGUF Q8_0: 34 bytes per 32 elements)."""
+    layout = _block_layout(dtype)
+    if layout is None:
+        return float(DTYPE_BITS[dtype])
+    block_size, type_size = layout
+    return type_size * 8 / block_size
+
+
+def loaded_dtype(dtype: str) -> str:
+    """The code of the tensor `load` returns for a tensor stored as `dtype`: the same,
+    except GGUF quantized tensors, which load dequantized to float32."""
+    return "F32" if dtype.startswith(GGUF_QUANT_PREFIX) else dtype
 
 
 @dataclass(frozen=True)
@@ -69,11 +104,12 @@ class ModelFile:
     - `extra` holds non-tensor values found in pickles, by flattened dotted path
       (e.g. `string_to_token.*`, `layer_structure`, `global_step`).
     - `components` (diffusers folders only) maps component name -> its ModelFile.
-    - `load(name)` returns the tensor (memory-mapped where the format allows).
+    - `load(name)` returns the tensor (memory-mapped where the format allows); a GGUF
+      quantized tensor comes dequantized, as float32 (`loaded_dtype`).
     """
 
     path: Path
-    format: str  # "safetensors" | "pickle" | "diffusers" | "memory"
+    format: str  # "safetensors" | "pickle" | "diffusers" | "gguf" | "memory"
     infos: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

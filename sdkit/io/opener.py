@@ -12,16 +12,30 @@ from sdkit.io.model_file import ModelFile
 from sdkit.io.safetensors_reader import SAFETENSORS_SUFFIXES, open_safetensors
 from sdkit.io.torch_checkpoint import PICKLE_SUFFIXES, open_checkpoint
 
+# sdkit.io.gguf_reader's GGUF_MAGIC and GGUF_SUFFIXES, repeated so that opening any other
+# file does not import that module (it loads numpy and the gguf package)
+_GGUF_MAGIC = b"GGUF"
+_GGUF_SUFFIXES = (".gguf",)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as file:
+        return file.read(len(magic)) == magic
+
 
 def open_file(path: Path) -> ModelFile:
-    """A single weights file, chosen by its suffix."""
+    """A single weights file, chosen by its magic bytes (GGUF) or else by its suffix."""
     suffix = path.suffix.lower()
+    if suffix in _GGUF_SUFFIXES or _starts_with(path, _GGUF_MAGIC):
+        from sdkit.io.gguf_reader import open_gguf
+
+        return open_gguf(path)
     if suffix in SAFETENSORS_SUFFIXES:
         return open_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
         return open_checkpoint(path)
-    raise SdkitError(f"{path}: unrecognised model file (expected .safetensors, .sft, .ckpt, "
-                     ".pt, .pth, .bin or a diffusers folder)")
+    raise SdkitError(f"{path}: unrecognised model file (expected .safetensors, .sft, .gguf, "
+                     ".ckpt, .pt, .pth, .bin or a diffusers folder)")
 
 
 def open_folder(path: Path) -> ModelFile:
@@ -38,6 +52,8 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
 
     `.safetensors`/`.sft`: header only, tensors memory-mapped on load.
     `.ckpt .pt .pth .bin`: restricted unpickling (no code runs), storages mapped on load.
+    `.gguf` (or any file starting with the GGUF magic): header through the gguf package;
+    quantized tensors dequantized to float32 on load.
     Folders: diffusers pipelines (`model_index.json`) or one component folder.
     """
     path = Path(path)

@@ -19,7 +19,7 @@ def test_missing_path(tmp_path: Path) -> None:
         open_model(missing)
 
 
-@pytest.mark.parametrize("name", ["model.gguf", "model", "notes.txt"])
+@pytest.mark.parametrize("name", ["model.onnx", "model", "notes.txt"])
 def test_unrecognised_files(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.write_bytes(b"\0" * 64)

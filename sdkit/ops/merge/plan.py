@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from sdkit.arch.blocks import component_of, unet_relative
 from sdkit.errors import SdkitError
-from sdkit.io.model_file import FLOAT_DTYPES, TensorInfo, tensor_nbytes
+from sdkit.io.model_file import FLOAT_DTYPES, TensorInfo, loaded_dtype, tensor_nbytes
 from sdkit.ops.merge.registry import MergeMethod, input_letter
 from sdkit.ops.block_weights import KeyWeights
 
@@ -155,11 +155,12 @@ def _copy(key: str, model: AlignedInput, index: int, dtype_code: str | None) -> 
 
 
 def _is_float(info: TensorInfo) -> bool:
-    return info.dtype in FLOAT_DTYPES
+    return loaded_dtype(info.dtype) in FLOAT_DTYPES
 
 
 def _out_dtype(info: TensorInfo, dtype_code: str | None) -> str:
-    return dtype_code if dtype_code and _is_float(info) else info.dtype
+    # a GGUF quantized input is merged (and written) as the float32 it loads as
+    return dtype_code if dtype_code and _is_float(info) else loaded_dtype(info.dtype)
 
 
 def _merged_channels(key: str, inputs: Sequence[AlignedInput]) -> int | None:
