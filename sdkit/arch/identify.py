@@ -10,6 +10,7 @@ tensor at a time. A quantized file whose scales are missing or misshapen is refu
 from __future__ import annotations
 
 from sdkit.arch.describe import describe
+from sdkit.arch.families import FAMILIES
 from sdkit.arch.embedding_detect import embedding_layout, identify_embedding
 from sdkit.arch.hygiene import broken_position_ids, ema_tensor_names, non_finite_tensors
 from sdkit.arch.hypernetwork_detect import identify_hypernetwork, is_hypernetwork
@@ -40,6 +41,7 @@ def identify(model: ModelFile, *, deep: bool = False) -> Identity:
     identity.precision.label = quantization.label(identity.precision.dominant)
     identity.precision.quantization = quantization.to_facts()
     identity.notes += quantization.notes
+    identity.notes += _gguf_architecture_notes(model, identity)
     describe(identity)
     _health_notes(model, identity, deep)
     notes, facts = metadata_notes(model.metadata)
@@ -49,6 +51,17 @@ def identify(model: ModelFile, *, deep: bool = False) -> Identity:
     if isinstance(step, (int, float)):
         identity.facts["global_step"] = step
     return identity
+
+
+def _gguf_architecture_notes(model: ModelFile, identity: Identity) -> list[str]:
+    """ComfyUI-GGUF picks its model class by `general.architecture`: one that is not the
+    family the weights show makes it build the wrong model."""
+    declared = model.metadata.get("general.architecture") if model.format == "gguf" else None
+    family = FAMILIES.get(identity.family)
+    if declared is None or family is None or family.gguf_architecture in (None, declared):
+        return []
+    return [f"general.architecture says {declared!r} but the weights are {family.title} "
+            f"(ComfyUI-GGUF expects {family.gguf_architecture!r})"]
 
 
 def _identify_kind(model: ModelFile, hints: MetadataHints, quantization: QuantScan) -> Identity:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdkit.errors import with_article
-from sdkit.io.model_file import ModelFile
+from sdkit.io.model_file import GGUF_QUANT_PREFIX, ModelFile, dtype_bits
 from sdkit.io.safetensors_json import metadata_json
 
 MARKER = "scaled_fp8"
@@ -63,7 +63,7 @@ FORMATS = {
 class QuantScan:
     """What a file's quantization is, and what is wrong with it."""
 
-    scheme: str | None = None  # None | "fp8" | "scaled-fp8" | "mixed"
+    scheme: str | None = None  # None | "fp8" | "scaled-fp8" | "mixed" | "gguf"
     formats: Counter[str] = field(default_factory=Counter)  # format words -> layers
     markers: list[str] = field(default_factory=list)
     scaled_layers: int = 0
@@ -71,16 +71,23 @@ class QuantScan:
     notes: list[str] = field(default_factory=list)
     logical_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unpacked weights
     rest_dtype: str | None = None  # mixed: the dtype most parameters outside the listed layers have
+    bits_per_weight: float | None = None  # gguf: stored bits over all parameters
 
     def to_facts(self) -> dict[str, Any] | None:
         if self.scheme is None:
             return None
-        return {"scheme": self.scheme, "formats": dict(self.formats), "markers": self.markers,
-                "scaled_layers": self.scaled_layers}
+        facts = {"scheme": self.scheme, "formats": dict(self.formats), "markers": self.markers,
+                 "scaled_layers": self.scaled_layers}
+        if self.bits_per_weight is not None:
+            facts["bits_per_weight"] = round(self.bits_per_weight, 2)
+        return facts
 
     def label(self, dominant: str | None) -> str:
         """The precision in words: "bf16", "fp8 e4m3fn scaled", "mixed: 180 nvfp4 …"."""
         plain = DTYPE_WORDS.get(dominant or "", (dominant or "unknown").lower())
+        if self.scheme == "gguf":  # the block-quantized types, else the plain one
+            quantized = [words for words in self.formats if words not in DTYPE_WORDS] or list(self.formats)[:1]
+            return "GGUF " + " + ".join(quantized)
         if self.scheme == "scaled-fp8":
             return " + ".join(f"{words} scaled" for words in self.formats)
         if self.scheme == "mixed":
@@ -92,6 +99,9 @@ class QuantScan:
 
 def scan_quantization(model: ModelFile) -> QuantScan:
     scan = QuantScan()
+    if model.format == "gguf":
+        _scan_gguf(model, scan)
+        return scan
     layers = _mixed_layers(model, scan)
     if layers:
         scan.scheme = "mixed"
@@ -107,6 +117,27 @@ def scan_quantization(model: ModelFile) -> QuantScan:
     if any(info.dtype in _FP8 for info in model.infos.values()):
         scan.scheme = "fp8"
     return scan
+
+
+# ---- GGUF (ComfyUI-GGUF) --------------------------------------------------------------------
+
+def _scan_gguf(model: ModelFile, scan: QuantScan) -> None:
+    """Quant types by the parameters they hold, most first; ComfyUI-GGUF keeps 1-D
+    tensors and small inputs in F32/F16, which count among the types too."""
+    parameters: Counter[str] = Counter()
+    stored_bits = 0.0
+    for info in model.infos.values():
+        parameters[_gguf_type(info.dtype)] += info.numel
+        stored_bits += info.numel * dtype_bits(info.dtype)
+    scan.scheme = "gguf"
+    for words, _ in parameters.most_common():
+        scan.formats[words] = sum(1 for info in model.infos.values() if _gguf_type(info.dtype) == words)
+    total = sum(parameters.values())
+    scan.bits_per_weight = stored_bits / total if total else None
+
+
+def _gguf_type(dtype: str) -> str:
+    return dtype[len(GGUF_QUANT_PREFIX):] if dtype.startswith(GGUF_QUANT_PREFIX) else dtype
 
 
 # ---- ComfyUI mixed precision ------------------------------------------------------------

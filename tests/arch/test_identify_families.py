@@ -219,3 +219,37 @@ def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, d
     assert (identity.kind, identity.family, identity.key_convention) == ("unet", family, convention)
     assert "release" not in identity.facts and identity.facts["design"] == design
     assert identity.part.endswith(f"diffusion model ({design} design, non-standard dimensions)")
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K", "Q5_1"])
+def test_comfyui_gguf_files_are_identified_with_their_quantization(quant, shapes_of, tmp_path):
+    from released import write_gguf_header_only
+
+    path = write_gguf_header_only(tmp_path / "flux.gguf", shapes_of("FLUX.1-dev", "ldm"), quant, "flux")
+    identity = identify_file(path)
+    assert identity.facts["release"] == "FLUX.1-dev"
+    assert identity.summary == f"FLUX.1-dev diffusion model, GGUF {quant}; needs: CLIP-L, T5-XXL, FLUX VAE"
+    quantization = identity.precision.quantization
+    assert quantization["scheme"] == "gguf" and list(quantization["formats"])[0] == quant
+    assert not any("general.architecture" in note for note in identity.notes)
+
+
+def test_gguf_architecture_that_contradicts_the_weights_is_noted(shapes_of, tmp_path):
+    from released import write_gguf_header_only
+
+    path = write_gguf_header_only(tmp_path / "sd3.gguf", shapes_of("Stable Diffusion 3.5 Large", "ldm"), "Q8_0", "flux")
+    identity = identify_file(path)
+    assert identity.facts["release"] == "Stable Diffusion 3.5 Large"
+    assert "general.architecture says 'flux' but the weights are Stable Diffusion 3 (ComfyUI-GGUF expects 'sd3')" \
+        in identity.notes
+
+
+def test_truncated_gguf_is_refused_in_one_line(shapes_of, tmp_path):
+    from released import write_gguf_header_only
+
+    path = write_gguf_header_only(tmp_path / "flux.gguf", shapes_of("FLUX.1-dev", "ldm"), "Q8_0", "flux")
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 4096)
+    with pytest.raises(SdkitError) as refused:
+        identify_file(path)
+    assert "\n" not in str(refused.value)

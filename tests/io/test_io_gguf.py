@@ -300,15 +300,46 @@ def test_cli_refuses_broken_gguf_with_exit_1(tmp_path: Path, capsys: pytest.Capt
     assert len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
 
 
-def test_convert_and_merge_write_the_dequantized_tensors(flux_gguf: Path, tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_writes_the_dequantized_tensors(flux_gguf: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     from safetensors.torch import load_file
 
-    converted, merged = tmp_path / "converted.safetensors", tmp_path / "merged.safetensors"
+    converted = tmp_path / "converted.safetensors"
     assert run_sdkit(capsys, "convert", str(flux_gguf), "-o", str(converted))[0] == 0
-    assert run_sdkit(capsys, "merge", str(flux_gguf), str(flux_gguf), "--alpha", "0.5",
-                     "-o", str(merged))[0] == 0
+    written = load_file(converted)
     with open_model(flux_gguf) as model:
-        for written in (load_file(converted), load_file(merged)):
-            for name in (tensor_name(Q.Q4_K), RESHAPED, tensor_name(Q.BF16)):
-                assert torch.equal(written[name], model.load(name)), name
+        for name in (tensor_name(Q.Q4_K), RESHAPED, tensor_name(Q.BF16)):
+            assert torch.equal(written[name], model.load(name)), name
+
+
+def test_merge_reads_a_quantized_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny FLUX.1-design transformer in ComfyUI-GGUF's layout: merged with itself at 0.5,
+    every tensor comes out as its dequantized value."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
+    from released import tiny_tensors
+
+    tensors = {}
+    for name, tensor in tiny_tensors("flux", "ldm").items():
+        source = tensor.numpy()
+        quantized = source.ndim == 2 and source.shape[1] % 32 == 0
+        tensors[name] = ((Q.Q8_0, gguf.quants.quantize(source, Q.Q8_0), source) if quantized
+                         else (Q.F32, source, source))
+    path = tmp_path / "tiny-flux-Q8_0.gguf"
+    writer = gguf.GGUFWriter(path, arch="flux")
+    for name, (qtype, stored, _source) in tensors.items():
+        writer.add_tensor(name, stored, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    merged = tmp_path / "merged.safetensors"
+    assert run_sdkit(capsys, "merge", str(path), str(path), "--alpha", "0.5", "-o", str(merged))[0] == 0
+    written = load_file(merged)
+    with open_model(path) as model:
+        assert any(info.dtype == "GGUF_Q8_0" for info in model.infos.values())
+        for name in model.keys():
+            assert torch.equal(written[name], model.load(name)), name

@@ -87,7 +87,7 @@ FLUX = Family(
     text_encoders=(CLIP_L, with_component(T5_XXL, "text_encoder_2")), vae_part="FLUX VAE",
     prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
-    air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

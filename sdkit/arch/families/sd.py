@@ -24,7 +24,7 @@ SD1 = Family(
     text_encoders=(CLIP_L,), vae_part="SD VAE", prediction="epsilon", embedding_width=768,
     modelspec_prefixes=("stable-diffusion-v1",), kohya_v_suffix=True,
     modelspec_variants={"inpaint": "stable-diffusion-v1-inpainting"}, kohya_version_pattern=r"(sd_v1|sd_1|sd1|ss_v1)",
-    civitai_base_models=("SD 1.4", "SD 1.5"), air_ecosystem="sd1",
+    civitai_base_models=("SD 1.4", "SD 1.5"), air_ecosystem="sd1", gguf_architecture="sd1",
 )
 
 SD2 = Family(

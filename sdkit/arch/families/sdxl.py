@@ -24,7 +24,7 @@ SDXL_BASE = Family(
     prediction="epsilon", embedding_width=1280, modelspec_prefixes=("stable-diffusion-xl",),
     kohya_version_pattern=r"sdxl(?!.*refiner)",
     civitai_base_models=("SDXL 1.0", "SDXL Turbo", "Pony", "Illustrious", "NoobAI"),
-    air_ecosystem="sdxl",
+    air_ecosystem="sdxl", gguf_architecture="sdxl",
 )
 
 SDXL_REFINER = Family(

@@ -113,6 +113,7 @@ class Family:
     v_prediction_resolution: int | None = None  # SD 2.x 768-v
     kohya_v_suffix: bool = False  # sd-scripts appends "_v" for v-prediction
     kohya_version_pattern: str | None = None  # regex on lowercased `ss_base_model_version`
+    gguf_architecture: str | None = None  # `general.architecture` ComfyUI-GGUF writes for it
     civitai_base_models: tuple[str, ...] = ()  # Civitai `baseModel` values of the family
     air_ecosystem: str | None = None
     layouts: tuple[DenoiserLayout, ...] = ()
