@@ -137,5 +137,7 @@ def vae_mismatches(vae: VaeFacts, family: str) -> list[str]:
 
 def vae_compatible_families(vae: VaeFacts) -> list[str]:
     """Families whose latent space has this VAE's channel count (SD1/SD2/SDXL VAEs are
-    architecturally identical, as are SD3's and Flux's)."""
-    return [name for name, ref in FAMILIES.items() if ref.latent_channels == vae.latent_channels]
+    architecturally identical, as are SD3's and Flux's); the VAEs found here are 2-D, so
+    families whose VAE is a 3-D one (Qwen-Image) are never among them."""
+    return [name for name, ref in FAMILIES.items()
+            if ref.latent_channels == vae.latent_channels and ref.latent.dimensions == 2]

@@ -32,7 +32,8 @@ def test_kohya_versions_as_trainers_write_them(version, family):
     ("stable-diffusion-v1-inpainting/lora", "sd1"), ("stable-diffusion-v2-768-v", "sd2"),
     ("stable-diffusion-xl-v1-refiner", "sdxl-refiner"), ("stable-diffusion-xl-turbo-v1", "sdxl-base"),
     ("stable-diffusion-v3-medium", "sd3"), ("stable-diffusion-3-large/lora", "sd3"),
-    ("flux-1-schnell/lora", "flux"), ("lumina-2", None),
+    ("flux-1-schnell/lora", "flux"), ("lumina-2", "lumina2"), ("Z-Image/lora", "z-image"),
+    ("Qwen-Image-Edit-Plus/lora", "qwen-image"), ("hunyuan-video", None),
 ])
 def test_modelspec_architectures(architecture, family):
     assert family_from_modelspec(architecture) == family

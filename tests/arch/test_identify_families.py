@@ -21,12 +21,16 @@ sys.path.insert(0, str(FIXTURES))
 from released import (CLIP_G, CLIP_L, RELEASES, T5_XXL, clip_shapes, diffusers_shapes,  # noqa: E402
                       ldm_vae_shapes, single_file_shapes, t5_shapes, typed, write_header_only)
 
-from sdkit.arch import identify  # noqa: E402
+from sdkit.arch import FAMILIES, identify  # noqa: E402
 from sdkit.errors import SdkitError  # noqa: E402
 from sdkit.io import open_model  # noqa: E402
 
 UNET = "model.diffusion_model."
-NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "T5-XXL", "SD3 VAE"]}
+NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "T5-XXL", "SD3 VAE"],
+         "z-image": ["Qwen3-4B", "FLUX VAE"], "qwen-image": ["Qwen2.5-VL-7B", "Qwen-Image VAE"],
+         "lumina2": ["Gemma-2-2B", "FLUX VAE"],
+         "hidream": ["CLIP-L", "CLIP-G", "T5-XXL", "Llama-3.1-8B", "FLUX VAE"]}
+DIT_FAMILIES = ("z-image", "qwen-image", "lumina2", "hidream")
 PRECISIONS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
 
 
@@ -54,9 +58,10 @@ def shapes_of():
 def test_each_release_in_each_convention(release, convention, prefix, shapes_of, tmp_path):
     model = RELEASES[release]
     path = write_header_only(tmp_path / "model.safetensors",
-                             typed(shapes_of(release, convention), model.dtype, prefix))
+                             typed(shapes_of(release, convention), model.dtype, prefix), model.metadata)
     identity = identify_file(path)
-    assert (identity.kind, identity.family, identity.key_convention) == ("unet", model.family, convention)
+    named = model.single_file_convention if convention == "ldm" else convention
+    assert (identity.kind, identity.family, identity.key_convention) == ("unet", model.family, named)
     assert identity.facts["release"] == release and not identity.nonstandard
     assert identity.components == ["transformer"]
     assert identity.part == f"{release} diffusion model"
@@ -66,6 +71,52 @@ def test_each_release_in_each_convention(release, convention, prefix, shapes_of,
     expected_variant = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth"}.get(release, "normal")
     assert identity.variant == expected_variant
     assert identity.prediction == "unknown"  # flow matching: neither epsilon nor v
+
+
+@pytest.mark.parametrize("release", [name for name, m in RELEASES.items() if m.family in DIT_FAMILIES])
+@pytest.mark.parametrize("convention", ["ldm", "diffusers"])
+def test_dit_family_releases_in_fp8(release, convention, shapes_of, tmp_path):
+    model = RELEASES[release]
+    path = write_header_only(tmp_path / "model.safetensors",
+                             typed(shapes_of(release, convention), "F8_E4M3", UNET), model.metadata)
+    identity = identify_file(path)
+    assert (identity.family, identity.facts["release"], identity.variant) == (model.family, release, "normal")
+    assert identity.summary == f"{release} diffusion model, fp8 e4m3fn; needs: {', '.join(NEEDS[model.family])}"
+
+
+@pytest.mark.parametrize("release", [name for name, m in RELEASES.items() if m.family in DIT_FAMILIES])
+def test_dit_family_releases_in_scaled_fp8(release, shapes_of, tmp_path):
+    model = RELEASES[release]
+    path = write_header_only(tmp_path / "model.safetensors", scaled_fp8(shapes_of(release, "ldm")), model.metadata)
+    identity = identify_file(path)
+    assert identity.facts["release"] == release
+    assert identity.summary.startswith(f"{release} diffusion model, fp8 e4m3fn scaled; needs: ")
+
+
+def test_look_alikes_of_the_dit_families_are_said(shapes_of, tmp_path):
+    """A file without naming metadata is its family's shared design, with the releases
+    that have the same keys and shapes listed, never one of them guessed."""
+    wanted = {"Z-Image": {"Z-Image-Turbo", "Z-Image-Base"},
+              "Qwen-Image": {"Qwen-Image-Edit", "Qwen-Image-Edit-2509", "Qwen-Image-Edit-2511", "Qwen-Image-2512"},
+              "Lumina-Image-2.0": {"Neta Lumina", "NetaYume Lumina"},
+              "HiDream-I1": {"HiDream-I1-Full", "HiDream-I1-Dev", "HiDream-I1-Fast"}}
+    for release, look_alikes in wanted.items():
+        path = write_header_only(tmp_path / "model.safetensors", typed(shapes_of(release, "ldm"), "BF16"))
+        identity = identify_file(path)
+        assert identity.facts["release"] == release
+        assert set(identity.facts["release_look_alikes"]) == look_alikes
+
+
+@pytest.mark.parametrize("release", list(RELEASES))
+@pytest.mark.parametrize("convention", ["ldm", "diffusers"])
+def test_no_family_claims_another_familys_release(release, convention, shapes_of, tmp_path):
+    from sdkit.arch.fingerprint import match_transformers
+    from sdkit.arch.keyview import KeyView
+
+    path = write_header_only(tmp_path / "model.safetensors", typed(shapes_of(release, convention), "BF16"))
+    with open_model(path) as model:
+        matched = [match.family.name for match in match_transformers(KeyView(model))]
+    assert matched == [RELEASES[release].family]
 
 
 @pytest.mark.parametrize("dtype", list(PRECISIONS))
@@ -184,7 +235,9 @@ def test_flux_vae_alone_is_a_16_channel_vae_not_an_sdxl_one(tmp_path):
     identity = identify_file(write_header_only(tmp_path / "ae.safetensors",
                                                typed(ldm_vae_shapes(16, quant_convs=False), "F32")))
     assert identity.kind == "vae"
-    assert identity.facts["compatible_families"] == ["sd3", "flux"]
+    assert identity.facts["compatible_families"][:2] == ["sd3", "flux"]
+    assert {"z-image", "lumina2", "hidream"} <= set(identity.facts["compatible_families"])
+    assert "qwen-image" not in identity.facts["compatible_families"]  # its VAE is a 3-D one
     assert "16-channel VAE" in identity.part
     sdxl = identify_file(write_header_only(tmp_path / "sdxl_vae.safetensors",
                                            typed(ldm_vae_shapes(4, quant_convs=True), "F32")))
@@ -206,7 +259,9 @@ def test_cli_inspect_is_header_only_and_imports_no_torch(shapes_of, tmp_path):
     assert report["needs"] == NEEDS["flux"]
 
 
-@pytest.mark.parametrize("family, design", [("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium")])
+@pytest.mark.parametrize("family, design", [("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium"),
+                                            ("z-image", "Z-Image"), ("qwen-image", "Qwen-Image"),
+                                            ("lumina2", "Lumina-Image-2.0"), ("hidream", "HiDream-I1")])
 @pytest.mark.parametrize("convention", ["ldm", "diffusers"])
 def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, design, convention, tmp_path):
     from safetensors.torch import save_file
@@ -216,7 +271,9 @@ def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, d
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_tensors(family, convention), path)
     identity = identify_file(path)
-    assert (identity.kind, identity.family, identity.key_convention) == ("unet", family, convention)
+    conventions = {layout.convention for layout in FAMILIES[family].layouts}
+    named = convention if convention in conventions else conventions.pop()  # one naming only
+    assert (identity.kind, identity.family, identity.key_convention) == ("unet", family, named)
     assert "release" not in identity.facts and identity.facts["design"] == design
     assert identity.part.endswith(f"diffusion model ({design} design, non-standard dimensions)")
 

@@ -27,10 +27,12 @@ import re
 from collections import Counter
 
 from sdkit.arch.families import flux, kolors, playground, sd, sd3, sdxl
+from sdkit.arch.families import hidream, lumina2, qwen_image, z_image
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
                                       TextEncoderSpec)
 
-_MODULES = (sd, sdxl, sd3, flux, kolors, playground)
+_MODULES = (sd, sdxl, sd3, flux, kolors, playground,
+            z_image, qwen_image, lumina2, hidream)
 
 FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
 

@@ -15,6 +15,11 @@ CLIP_G = TextEncoderSpec("text_encoder_2", "openclip", 1280, "CLIP-G")  # OpenCL
 OPENCLIP_H = TextEncoderSpec("text_encoder", "openclip", 1024, "OpenCLIP ViT-H")  # SD 2.x
 T5_XXL = TextEncoderSpec("text_encoder_3", "t5", 4096, "T5-XXL")  # google/t5-v1_1-xxl encoder
 CHATGLM3 = TextEncoderSpec("text_encoder", "chatglm", 4096, "ChatGLM3-6B")  # Kolors
+# decoder-only language models whose hidden states are the text context
+QWEN3_4B = TextEncoderSpec("text_encoder", "qwen3", 2560, "Qwen3-4B")  # Qwen/Qwen3-4B: Z-Image
+QWEN25_VL_7B = TextEncoderSpec("text_encoder", "qwen2.5-vl", 3584, "Qwen2.5-VL-7B")  # Qwen-Image
+GEMMA2_2B = TextEncoderSpec("text_encoder", "gemma2", 2304, "Gemma-2-2B")  # google/gemma-2-2b: Lumina 2
+LLAMA31_8B = TextEncoderSpec("text_encoder_4", "llama", 4096, "Llama-3.1-8B")  # HiDream-I1's fourth encoder
 
 
 def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:

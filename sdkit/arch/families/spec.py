@@ -35,6 +35,7 @@ class LatentFormat:
     shift_factor: float = 0.0
     latents_mean: tuple[float, ...] | None = None  # per-channel statistics (Playground v2.5)
     latents_std: tuple[float, ...] | None = None
+    dimensions: int = 2  # 3 for the causal video VAEs some image models use (ComfyUI `latent_dimensions`)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""Lumina-Image 2.0 (Alpha-VLLM) and its finetunes (Neta Lumina, NetaYume Lumina): a
+single-stream DiT of 26 blocks behind two refiners, Gemma-2-2B hidden states as text
+context, the FLUX.1 VAE; flow matching.
+
+How its files are kept:
+- the original / ComfyUI names (`x_embedder`, `t_embedder.mlp`, `cap_embedder`,
+  `noise_refiner`, `context_refiner`, `layers.N.attention.qkv`, `attention.out`,
+  `q_norm`, `k_norm`, `feed_forward.w1/w2/w3`, `attention_norm1/2`, `ffn_norm1/2`,
+  `adaLN_modulation.1`, `final_layer`, an unused `norm_final`), sometimes under
+  `model.diffusion_model.` (diffusers `convert_lumina2_to_diffusers`);
+- diffusers names (`time_caption_embed.*`, `layers.N.attn.to_q/k/v`, `norm1.linear`,
+  `norm_out.linear_1/2`), diffusers `Lumina2Transformer2DModel`.
+Its block modulation is `adaLN_modulation.1` (SiLU then Linear) from a time embedding as
+wide as the model (at most 1024); Z-Image, which shares the original names, has
+`adaLN_modulation.0` from a 256-wide one.
+
+Facts: sizes from the config of Alpha-VLLM/Lumina-Image-2.0 (hidden 2304, 26 layers, 2
+refiner layers, 24 heads with 8 key/value heads, cap_feat_dim 2304 = Gemma-2-2B's hidden
+size, in_channels 16 in 2x2 patches; ComfyUI `model_detection.py` reads width 2304 as
+"Original Lumina 2"). Neta Lumina and NetaYume Lumina are finetunes with its keys and
+shapes: only metadata names them. Latent: FLUX.1 VAE `(x - 0.1159) * 0.3611` (ComfyUI
+`supported_models.py` Lumina2 uses `latent_formats.Flux`). ModelSpec `lumina-2`
+(sd-scripts `sai_model_spec.py` ARCH_LUMINA_2; `lumina` for others); Civitai base model
+"Lumina", ecosystem Lumina (civitai `basemodel.constants.ts`).
+"""
+
+from __future__ import annotations
+
+from sdkit.arch.families.encoders import GEMMA2_2B
+from sdkit.arch.families.spec import DenoiserLayout, Family, Release
+from sdkit.arch.families.z_image import FLUX_VAE_LATENT
+
+_TIME_FEATURES = 256
+_COUNTS = {"layers": r"layers\.(\d+)\.", "refiner_layers": r"noise_refiner\.(\d+)\."}
+
+ORIGINAL_LAYOUT = DenoiserLayout(
+    convention="ldm",
+    markers=("layers.0.adaLN_modulation.1.",),
+    shapes={
+        "x_embedder.weight": ("hidden", "in_channels"),
+        "cap_embedder.1.weight": ("hidden", "context"),
+        "t_embedder.mlp.0.weight": ("adaln", _TIME_FEATURES),
+        "layers.0.adaLN_modulation.1.weight": ("4*hidden", "adaln"),
+        "layers.0.attention.qkv.weight": (None, "hidden"),  # query plus fewer key/value heads
+    },
+    optional_shapes={"final_layer.linear.weight": ("out_channels", "hidden")},
+    counts=_COUNTS,
+)
+
+DIFFUSERS_LAYOUT = DenoiserLayout(
+    convention="diffusers",
+    markers=("time_caption_embed.",),
+    shapes={
+        "x_embedder.weight": ("hidden", "in_channels"),
+        "time_caption_embed.caption_embedder.1.weight": ("hidden", "context"),
+        "time_caption_embed.timestep_embedder.linear_1.weight": ("adaln", _TIME_FEATURES),
+        "layers.0.norm1.linear.weight": ("4*hidden", "adaln"),
+        "layers.0.attn.to_q.weight": ("hidden", "hidden"),
+    },
+    optional_shapes={"norm_out.linear_2.weight": ("out_channels", "hidden")},
+    counts=_COUNTS,
+)
+
+_RELEASED = {"hidden": 2304, "context": 2304, "in_channels": 64, "out_channels": 64, "adaln": 1024,
+             "layers": 26, "refiner_layers": 2}
+_SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
+
+LUMINA2 = Family(
+    name="lumina2", title="Lumina-Image 2.0", denoiser="dit", context_dim=2304, unet_channels=2304,
+    adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX_VAE_LATENT,
+    default_resolution=1024, modelspec_architecture="lumina-2", kohya_base_model_version=None,
+    text_encoders=(GEMMA2_2B,), vae_part="FLUX VAE", prediction="flow",
+    modelspec_prefixes=("lumina",), civitai_base_models=("Lumina",), air_ecosystem="lumina",
+    layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
+    releases=(
+        Release("Lumina-Image-2.0", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="lumina-2",
+                civitai_base_models=("Lumina",), air_ecosystem="lumina"),
+        # "netayume" before "neta": the longer name holds the shorter
+        Release("NetaYume Lumina", dims=_RELEASED, ratios=_SAME_IN_OUT, named_by=("netayume",),
+                civitai_base_models=("Lumina",), air_ecosystem="lumina"),
+        Release("Neta Lumina", dims=_RELEASED, ratios=_SAME_IN_OUT, named_by=("neta",),
+                civitai_base_models=("Lumina",), air_ecosystem="lumina"),
+    ),
+)
+
+FAMILIES = (LUMINA2,)

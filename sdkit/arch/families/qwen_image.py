@@ -1,0 +1,85 @@
+"""Qwen-Image (Qwen): an MMDiT of 60 dual-stream blocks, Qwen2.5-VL-7B hidden states as
+text context, its own 16-channel VAE (a Wan-2.1-style causal 3-D VAE); flow matching.
+
+How its files are kept: one naming everywhere. The original release is a diffusers model
+(`QwenImageTransformer2DModel`: `img_in`, `txt_norm`, `txt_in`, `time_text_embed`,
+`transformer_blocks.N.{img,txt}_mod/attn/img_mlp/txt_mlp`, `norm_out`, `proj_out`), and
+ComfyUI's split files (Comfy-Org/Qwen-Image_ComfyUI) keep those names, sometimes under
+`model.diffusion_model.` (ComfyUI `model_detection.py` takes `txt_norm.weight` as the mark
+of Qwen-Image and reads `img_in` and the `transformer_blocks` count). So its files are all
+reported in the diffusers convention; diffusers has no single-file converter for it.
+
+Facts: sizes from the config of Qwen/Qwen-Image (24 heads x 128 = 3072, 60 layers,
+joint_attention_dim 3584 = Qwen2.5-VL-7B's hidden size, in 64 = 16 channels in 2x2
+patches, out 16 per patch). Qwen-Image-2512 and the edit models Qwen-Image-Edit,
+-Edit-2509 and -Edit-2511 share every key and shape with it (2511's `zero_cond_t` adds no
+weight), so only metadata names them; Qwen-Image-Layered adds the
+`time_text_embed.addition_t_embedding` table (diffusers `use_additional_t_cond`), which
+the weights show. Latent: per-channel mean/std, scale 1 (ComfyUI `supported_models.py`
+QwenImage uses `latent_formats.Wan21`; the same statistics are in the diffusers VAE config
+of Qwen/Qwen-Image); ComfyUI counts it 3-D (`latent_dimensions = 3`). ModelSpec strings
+from musubi-tuner `sai_model_spec.py` (`Qwen-Image`, `Qwen-Image-Edit`,
+`Qwen-Image-Edit-Plus` for 2509, `Qwen-Image-Edit-2511`); Civitai base model "Qwen",
+ecosystem Qwen (civitai `basemodel.constants.ts`; its "Qwen 2" ecosystem is another model).
+"""
+
+from __future__ import annotations
+
+from sdkit.arch.families.encoders import QWEN25_VL_7B
+from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+
+QWEN_IMAGE_LATENT = LatentFormat(
+    channels=16, scaling_factor=1.0, dimensions=3,
+    latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                  0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
+    latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+                 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
+)
+
+DIFFUSERS_LAYOUT = DenoiserLayout(
+    convention="diffusers",
+    markers=("txt_norm.weight",),
+    shapes={
+        "img_in.weight": ("hidden", "in_channels"),
+        "txt_norm.weight": ("context",),
+        "txt_in.weight": ("hidden", "context"),
+        "time_text_embed.timestep_embedder.linear_1.weight": ("hidden", 256),
+        "transformer_blocks.0.img_mod.1.weight": ("6*hidden", "hidden"),
+        "transformer_blocks.0.attn.to_q.weight": ("hidden", "hidden"),
+    },
+    optional_shapes={"proj_out.weight": ("out_channels", "hidden")},
+    counts={"blocks": r"transformer_blocks\.(\d+)\."},
+    flags={"additional_t_cond": "time_text_embed.addition_t_embedding."},
+)
+
+_RELEASED = {"hidden": 3072, "context": 3584, "in_channels": 64, "out_channels": 64, "blocks": 60}
+_SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
+_PLAIN = {"additional_t_cond": False}
+
+
+def _look_alike(name: str, named_by: tuple[str, ...], modelspec: str | None = None) -> Release:
+    return Release(name, dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT, named_by=named_by,
+                   modelspec_architecture=modelspec, civitai_base_models=("Qwen",), air_ecosystem="qwen")
+
+
+QWEN_IMAGE = Family(
+    name="qwen-image", title="Qwen-Image", denoiser="mmdit", context_dim=3584, unet_channels=3072,
+    adm_channels=None, unet_levels=None, in_channels=64, latent=QWEN_IMAGE_LATENT,
+    default_resolution=1328, modelspec_architecture="Qwen-Image", kohya_base_model_version=None,
+    text_encoders=(QWEN25_VL_7B,), vae_part="Qwen-Image VAE", prediction="flow",
+    modelspec_prefixes=("qwen-image",), civitai_base_models=("Qwen",), air_ecosystem="qwen",
+    layouts=(DIFFUSERS_LAYOUT,),
+    releases=(
+        Release("Qwen-Image", dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT,
+                modelspec_architecture="Qwen-Image", civitai_base_models=("Qwen",), air_ecosystem="qwen"),
+        Release("Qwen-Image-Layered", dims=_RELEASED, flags={"additional_t_cond": True},
+                ratios=_SAME_IN_OUT),
+        # the most specific words first: "edit" is in every edit model's name
+        _look_alike("Qwen-Image-Edit-2511", ("edit-2511",), "Qwen-Image-Edit-2511"),
+        _look_alike("Qwen-Image-Edit-2509", ("edit-2509", "edit-plus"), "Qwen-Image-Edit-Plus"),
+        _look_alike("Qwen-Image-Edit", ("edit",), "Qwen-Image-Edit"),
+        _look_alike("Qwen-Image-2512", ("2512",)),
+    ),
+)
+
+FAMILIES = (QWEN_IMAGE,)
