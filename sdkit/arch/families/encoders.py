@@ -15,6 +15,7 @@ CLIP_G = TextEncoderSpec("text_encoder_2", "openclip", 1280, "CLIP-G")  # OpenCL
 OPENCLIP_H = TextEncoderSpec("text_encoder", "openclip", 1024, "OpenCLIP ViT-H")  # SD 2.x
 T5_XXL = TextEncoderSpec("text_encoder_3", "t5", 4096, "T5-XXL")  # google/t5-v1_1-xxl encoder
 CHATGLM3 = TextEncoderSpec("text_encoder", "chatglm", 4096, "ChatGLM3-6B")  # Kolors
+UMT5_XXL = TextEncoderSpec("text_encoder", "umt5", 4096, "UMT5-XXL")  # google/umt5-xxl encoder (Wan)
 
 
 def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:
