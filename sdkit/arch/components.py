@@ -5,7 +5,8 @@ Text encoders are found by their token-embedding table:
   (transformers 5 saves `CLIPTextModel` without it; LDM and kohya files have it);
 - OpenCLIP (`token_embedding.weight` beside `transformer.resblocks.*`), as in SD2
   `cond_stage_model.model.*` and SDXL `conditioner.embedders.{0,1}.model.*`;
-- T5 encoders (`shared.weight` / `encoder.embed_tokens.weight`, SD3 / Flux).
+- T5 encoders (`shared.weight` / `encoder.embed_tokens.weight`, SD3 / Flux), and UMT5
+  (Wan), told from T5 by a relative-position bias in every layer.
 Their place in the file says which diffusers component they are (formats.md (b)).
 """
 
@@ -19,7 +20,8 @@ from sdkit.arch.keyview import KeyView
 _HF_TOKEN_TABLE = "embeddings.token_embedding.weight"
 _OPENCLIP_TOKEN_TABLE = "token_embedding.weight"
 _T5_TABLES = ("encoder.embed_tokens.weight", "shared.weight")
-_TOKEN_TABLES = (_OPENCLIP_TOKEN_TABLE, *_T5_TABLES)  # every HF CLIP table ends like OpenCLIP's
+_TOKEN_TABLES = (_OPENCLIP_TOKEN_TABLE, *_T5_TABLES)
+_UMT5_SECOND_BIAS = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # every HF CLIP table ends like OpenCLIP's
 # subtrees that never hold a text encoder (checkpoint denoiser, VAE, EMA copies)
 _NOT_TEXT = ("model.diffusion_model.", "first_stage_model.", "model_ema.")
 _SD3_SLOTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
@@ -29,7 +31,7 @@ _SD3_SLOTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "te
 class TextEncoderFacts:
     component: str  # diffusers component name: text_encoder | text_encoder_2 | text_encoder_3
     prefix: str  # key prefix of this encoder in the file
-    architecture: str  # "clip" (HF layout) | "openclip" | "t5"
+    architecture: str  # "clip" (HF layout) | "openclip" | "t5" | "umt5"
     width: int
     layers: int
     projection: bool
@@ -46,6 +48,7 @@ class VaeFacts:
     channels: int  # first encoder / last decoder conv width (128 in every released VAE)
     levels: int
     has_encoder: bool
+    video: bool = False  # a 3-D causal video VAE (Wan's): 5-D convolutions, a time axis
 
     def to_facts(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,10 +91,15 @@ def _measure_encoder(view: KeyView, name: str) -> TextEncoderFacts | None:
             prefix = name[: -len(table)]
             layers = view.indices(_layer_pattern(prefix + "encoder.block."))
             if layers:
-                return TextEncoderFacts(component="", prefix=prefix, architecture="t5",
+                return TextEncoderFacts(component="", prefix=prefix, architecture=_t5_kind(view, prefix),
                                         width=view.shape(name)[1], layers=len(layers),
                                         projection=False)
     return None
+
+
+def _t5_kind(view: KeyView, prefix: str) -> str:
+    """UMT5 (Wan's encoder) gives every layer its own relative-position bias; T5 only the first."""
+    return "umt5" if view.has(prefix + _UMT5_SECOND_BIAS) else "t5"
 
 
 def _layer_pattern(prefix: str) -> str:
@@ -115,6 +123,9 @@ def _component_for(facts: TextEncoderFacts) -> str:
 
 def probe_vae(view: KeyView) -> VaeFacts | None:
     """Facts of the autoencoder in `view` (LDM or diffusers names), or None."""
+    video = probe_video_vae(view)
+    if video is not None:
+        return video
     decoder_in = view.shape("decoder.conv_in.weight")
     if decoder_in is None or len(decoder_in) != 4:
         return None
@@ -132,3 +143,38 @@ def probe_vae(view: KeyView) -> VaeFacts | None:
         channels = decoder_out[1] if len(decoder_out) == 4 else 0
     return VaeFacts(convention=convention, latent_channels=decoder_in[1], channels=channels,
                     levels=len(levels), has_encoder=bool(encoder_in))
+
+
+# Wan's 3-D VAEs: (first decoder conv, first encoder conv, last decoder conv) per convention
+_VIDEO_VAE_CONVS = {
+    "ldm": ("decoder.conv1.weight", "encoder.conv1.weight", "decoder.head.2.weight"),
+    "diffusers": ("decoder.conv_in.weight", "encoder.conv_in.weight", "decoder.conv_out.weight"),
+}
+
+
+def probe_video_vae(view: KeyView) -> VaeFacts | None:
+    """Facts of a 3-D causal video VAE (Wan 2.1 / 2.2, original or diffusers
+    AutoencoderKLWan names), told from image VAEs by its 5-D convolutions."""
+    for convention, (decoder_key, encoder_key, out_key) in _VIDEO_VAE_CONVS.items():
+        decoder_in = view.shape(decoder_key)
+        if decoder_in is None or len(decoder_in) != 5:
+            continue
+        encoder_in = view.shape(encoder_key) or ()
+        decoder_out = view.shape(out_key) or ()
+        if len(encoder_in) == 5:
+            channels = encoder_in[0]
+        else:  # decoder-only file: the last decoder conv reads the decoder's width
+            channels = decoder_out[1] if len(decoder_out) == 5 else 0
+        return VaeFacts(convention=convention, latent_channels=decoder_in[1], channels=channels,
+                        levels=_video_vae_levels(view, convention), has_encoder=bool(encoder_in),
+                        video=True)
+    return None
+
+
+def _video_vae_levels(view: KeyView, convention: str) -> int:
+    if convention == "diffusers":
+        return len(view.indices(r"decoder\.up_blocks\.(\d+)\."))
+    nested = view.indices(r"decoder\.upsamples\.(\d+)\.upsamples\.")  # Wan 2.2: one entry a level
+    if nested:
+        return len(nested)
+    return len(view.indices(r"decoder\.upsamples\.(\d+)\.resample\.")) + 1  # 2.1: flat, resamplers between

@@ -64,22 +64,23 @@ def _encoders_part(identity: Identity) -> str:
     for encoder in encoders:
         spec = encoder_spec(encoder["architecture"], encoder["width"])
         names.append(spec.part if spec else f"{encoder['architecture']} (width {encoder['width']})")
-    if len(encoders) == 1 and encoders[0]["architecture"] == "t5":
+    if len(encoders) == 1 and encoders[0]["architecture"] in ("t5", "umt5"):
         return f"{names[0]} encoder"
     return " + ".join(names) + (" text encoders" if len(names) > 1 else " text encoder")
 
 
 def _vae_part(identity: Identity, ref: Family | None) -> str:
-    if ref is not None:
-        return ref.vae_part
     channels = identity.facts.get("latent_channels")
-    designs = list(dict.fromkeys(FAMILIES[name].vae_part
+    if ref is not None:
+        return ref.vae_part_for(channels) if channels else ref.vae_part
+    designs = list(dict.fromkeys(FAMILIES[name].vae_part_for(channels)
                                  for name in identity.facts.get("compatible_families") or []))
+    noun = "video VAE" if (identity.facts.get("vae") or {}).get("video") else "VAE"
     if not designs:
-        return f"VAE with {channels} latent channels (no known family's)"
+        return f"{noun} with {channels} latent channels (no known family's)"
     if len(designs) == 1:
-        return f"{channels}-channel VAE ({designs[0]} design)"
-    return (f"{channels}-channel VAE ({' / '.join(designs)} design: "
+        return f"{channels}-channel {noun} ({designs[0]} design)"
+    return (f"{channels}-channel {noun} ({' / '.join(designs)} design: "
             "the weights alone do not tell which)")
 
 
@@ -93,8 +94,11 @@ def needs_of(identity: Identity) -> list[str]:
     if not present & set(_DENOISER_COMPONENTS):
         needs.append(f"{ref.title} diffusion model")
     needs += [spec.part or spec.component for spec in ref.text_encoders if spec.component not in present]
+    release = ref.release(identity.facts.get("design") or "")
+    if release is not None and release.image_encoder and "image_encoder" not in present:
+        needs.append(release.image_encoder)
     if "vae" not in present:
-        needs.append(ref.vae_part)
+        needs.append((release.vae_part if release else None) or ref.vae_part)
     return needs
 
 

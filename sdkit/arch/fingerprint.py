@@ -91,7 +91,8 @@ def match_layout(view: KeyView, family: Family, layout: DenoiserLayout) -> Layou
 
 
 def _bind_all(pairs: list[tuple[tuple[Dim, ...], tuple[int, ...]]]) -> dict[str, int] | None:
-    """Bind plain names first (over every key), then check the multiples (`3*hidden`)."""
+    """Bind plain names first (over every key), then check the multiples (`3*hidden`); a
+    name that appears only as a multiple is bound from it."""
     bound: dict[str, int] = {}
     for template, found in pairs:
         if len(template) != len(found):
@@ -105,7 +106,9 @@ def _bind_all(pairs: list[tuple[tuple[Dim, ...], tuple[int, ...]]]) -> dict[str,
         for want, got in zip(template, found):
             if isinstance(want, str) and "*" in want:
                 factor, name = want.split("*")
-                if name not in bound or bound[name] * int(factor) != got:
+                if name not in bound and got % int(factor) == 0:
+                    bound[name] = got // int(factor)  # seen only as a multiple (Wan's 4*out_channels)
+                if bound.get(name, -1) * int(factor) != got:
                     return None
     return bound
 

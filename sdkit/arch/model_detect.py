@@ -314,11 +314,17 @@ def _describe_vae(parts: Parts, hints: MetadataHints, structure: StructureHints,
                   identity: Identity) -> None:
     vae = parts.vae
     compatible = vae_compatible_families(vae)
-    identity.family = hints.family or _family_by_latent(vae, structure) or "unknown"
+    identity.family = hints.family or _family_by_latent(vae, structure) or _video_vae_family(vae, compatible)
     identity.facts["compatible_families"] = compatible
     if compatible and identity.family == "unknown":
         identity.notes.append(f"{vae.latent_channels}-channel VAE: fits " + ", ".join(compatible))
     _flag_mismatches(identity, vae_mismatches(vae, identity.family))
+
+
+def _video_vae_family(vae: VaeFacts, compatible: list[str]) -> str:
+    """A video VAE whose design only one family has names that family (Wan's 3-D VAEs);
+    image VAEs are shared by families (SD1 / SD2 / SDXL, SD3 / FLUX.1) and name none."""
+    return compatible[0] if vae.video and len(compatible) == 1 else "unknown"
 
 
 def _family_by_latent(vae: VaeFacts, structure: StructureHints) -> str | None:
@@ -327,7 +333,7 @@ def _family_by_latent(vae: VaeFacts, structure: StructureHints) -> str | None:
     if structure.vae_latent is None:
         return None
     scale, shift = structure.vae_latent
-    matching = families_with_latent(vae.latent_channels, scale, shift)
+    matching = families_with_latent(vae.latent_channels, scale, shift, video=vae.video)
     return matching[0] if len(matching) == 1 else None
 
 

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts
 from sdkit.arch.denoiser import DenoiserFacts
-from sdkit.arch.families import FAMILIES, families_with_encoder_kinds
+from sdkit.arch.families import FAMILIES, families_with_encoder_kinds, families_with_latent
 from sdkit.arch.fingerprint import match_release
 
 RELEASED_VAE_CHANNELS = 128  # first conv width of every released SD / SDXL / SD3 / Flux VAE
 _REFINER_TIME_IDS = 5  # refiner ADM = pooled text + 5 size/score embeddings (base: 6)
+_T5_KINDS = ("t5", "umt5")
 
 
 @dataclass
@@ -78,7 +79,7 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     With a T5 among them, the kinds of encoders must be one family's exactly (a CLIP and
     a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves both, so names none."""
     components = {e.component for e in encoders}
-    if any(e.architecture == "t5" for e in encoders):
+    if any(e.architecture in _T5_KINDS for e in encoders):
         matching = families_with_encoder_kinds([e.architecture for e in encoders])
         return matching[0] if len(matching) == 1 else "unknown"
     if "text_encoder_2" in components or any(e.width == 1280 for e in encoders):
@@ -126,18 +127,18 @@ def _denoiser_mismatches(family: str, denoiser: DenoiserFacts) -> list[str]:
 def vae_mismatches(vae: VaeFacts, family: str) -> list[str]:
     ref = FAMILIES.get(family)
     found = []
-    if ref is not None and vae.latent_channels != ref.latent_channels:
+    channels = [latent.channels for latent, _ in ref.latents()] if ref is not None else []
+    if ref is not None and vae.latent_channels not in channels:
         found.append(f"VAE latent channels {vae.latent_channels} ({family} has {ref.latent_channels})")
-    elif ref is None and vae.latent_channels not in (4, 16):
+    elif ref is None and not vae.video and vae.latent_channels not in (4, 16):
         found.append(f"VAE latent channels {vae.latent_channels} (released VAEs have 4 or 16)")
-    if vae.channels != RELEASED_VAE_CHANNELS:
+    # video VAEs have widths of their own (Wan 2.1: 96; 2.2: 160 in, 256 out)
+    if not vae.video and vae.channels != RELEASED_VAE_CHANNELS:
         found.append(f"VAE width {vae.channels} (released VAEs have {RELEASED_VAE_CHANNELS})")
     return found
 
 
 def vae_compatible_families(vae: VaeFacts) -> list[str]:
-    """Families whose latent space has this VAE's channel count (SD1/SD2/SDXL VAEs are
-    architecturally identical, as are SD3's and Flux's); the VAEs found here are 2-D, so
-    families whose VAE is a 3-D one (Qwen-Image) are never among them."""
-    return [name for name, ref in FAMILIES.items()
-            if ref.latent_channels == vae.latent_channels and ref.latent.dimensions == 2]
+    """Families one of whose latent spaces has this VAE's channel count, image or video
+    alike (SD1/SD2/SDXL VAEs are architecturally identical, as are SD3's and Flux's)."""
+    return families_with_latent(vae.latent_channels, video=vae.video)

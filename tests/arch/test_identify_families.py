@@ -29,9 +29,20 @@ UNET = "model.diffusion_model."
 NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "T5-XXL", "SD3 VAE"],
          "z-image": ["Qwen3-4B", "FLUX VAE"], "qwen-image": ["Qwen2.5-VL-7B", "Qwen-Image VAE"],
          "lumina2": ["Gemma-2-2B", "FLUX VAE"],
-         "hidream": ["CLIP-L", "CLIP-G", "T5-XXL", "Llama-3.1-8B", "FLUX VAE"]}
+         "hidream": ["CLIP-L", "CLIP-G", "T5-XXL", "Llama-3.1-8B", "FLUX VAE"],
+         "wan": ["UMT5-XXL", "Wan 2.1 VAE"]}
+# releases that run with other parts than their family's usual ones
+RELEASE_NEEDS = {"Wan2.1-I2V-14B-480P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
+                 "Wan2.1-I2V-14B-720P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
+                 "Wan2.2-TI2V-5B": ["UMT5-XXL", "Wan 2.2 VAE"]}
+VARIANTS = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth", "Wan2.1-I2V-14B-480P": "i2v",
+            "Wan2.1-I2V-14B-720P": "i2v", "Wan2.2-I2V-A14B": "i2v"}
 DIT_FAMILIES = ("z-image", "qwen-image", "lumina2", "hidream")
 PRECISIONS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
+
+
+def needs_of(release: str) -> list[str]:
+    return RELEASE_NEEDS.get(release) or NEEDS[RELEASES[release].family]
 
 
 def identify_file(path: Path):
@@ -65,11 +76,10 @@ def test_each_release_in_each_convention(release, convention, prefix, shapes_of,
     assert identity.facts["release"] == release and not identity.nonstandard
     assert identity.components == ["transformer"]
     assert identity.part == f"{release} diffusion model"
-    assert identity.needs == NEEDS[model.family]
+    assert identity.needs == needs_of(release)
     assert identity.summary == (f"{release} diffusion model, {PRECISIONS[model.dtype]}; "
-                                f"needs: {', '.join(NEEDS[model.family])}")
-    expected_variant = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth"}.get(release, "normal")
-    assert identity.variant == expected_variant
+                                f"needs: {', '.join(needs_of(release))}")
+    assert identity.variant == VARIANTS.get(release, "normal")
     assert identity.prediction == "unknown"  # flow matching: neither epsilon nor v
 
 
@@ -259,9 +269,11 @@ def test_cli_inspect_is_header_only_and_imports_no_torch(shapes_of, tmp_path):
     assert report["needs"] == NEEDS["flux"]
 
 
-@pytest.mark.parametrize("family, design", [("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium"),
-                                            ("z-image", "Z-Image"), ("qwen-image", "Qwen-Image"),
-                                            ("lumina2", "Lumina-Image-2.0"), ("hidream", "HiDream-I1")])
+@pytest.mark.parametrize("family, design", [
+    ("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium"), ("z-image", "Z-Image"),
+    ("qwen-image", "Qwen-Image"), ("lumina2", "Lumina-Image-2.0"), ("hidream", "HiDream-I1"),
+    ("wan", "Wan2.1-T2V-1.3B"),
+])
 @pytest.mark.parametrize("convention", ["ldm", "diffusers"])
 def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, design, convention, tmp_path):
     from safetensors.torch import save_file

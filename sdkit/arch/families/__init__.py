@@ -26,13 +26,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from sdkit.arch.families import flux, kolors, playground, sd, sd3, sdxl
-from sdkit.arch.families import hidream, lumina2, qwen_image, z_image
+from sdkit.arch.families import (flux, hidream, kolors, lumina2, playground, qwen_image, sd, sd3, sdxl,
+                                 wan, z_image)
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
                                       TextEncoderSpec)
 
-_MODULES = (sd, sdxl, sd3, flux, kolors, playground,
-            z_image, qwen_image, lumina2, hidream)
+_MODULES = (sd, sdxl, sd3, flux, kolors, playground, z_image, qwen_image, lumina2, hidream, wan)
 
 FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
 
@@ -130,18 +129,21 @@ def families_with_encoder_kinds(architectures: list[str]) -> list[str]:
 
 
 def families_with_latent(channels: int, scaling_factor: float | None = None,
-                         shift_factor: float | None = None) -> list[str]:
-    """Families whose latent space has this many channels (and this scale and shift)."""
-    found = []
-    for f in FAMILIES.values():
-        if f.latent.channels != channels:
-            continue
-        if scaling_factor is not None and abs(f.latent.scaling_factor - scaling_factor) > 1e-6:
-            continue
-        if shift_factor is not None and abs(f.latent.shift_factor - shift_factor) > 1e-6:
-            continue
-        found.append(f.name)
-    return found
+                         shift_factor: float | None = None, video: bool = False) -> list[str]:
+    """Families one of whose latent spaces has this many channels (and this scale and
+    shift), from a 2-D image VAE or, with `video`, a 3-D video VAE."""
+    return [f.name for f in FAMILIES.values()
+            if any(_latent_fits(latent, channels, scaling_factor, shift_factor, video)
+                   for latent, _ in f.latents())]
+
+
+def _latent_fits(latent: LatentFormat, channels: int, scaling_factor: float | None,
+                 shift_factor: float | None, video: bool) -> bool:
+    if latent.channels != channels or latent.video != video:
+        return False
+    if scaling_factor is not None and abs(latent.scaling_factor - scaling_factor) > 1e-6:
+        return False
+    return shift_factor is None or abs(latent.shift_factor - shift_factor) <= 1e-6
 
 
 __all__ = [

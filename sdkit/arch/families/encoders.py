@@ -20,6 +20,7 @@ QWEN3_4B = TextEncoderSpec("text_encoder", "qwen3", 2560, "Qwen3-4B")  # Qwen/Qw
 QWEN25_VL_7B = TextEncoderSpec("text_encoder", "qwen2.5-vl", 3584, "Qwen2.5-VL-7B")  # Qwen-Image
 GEMMA2_2B = TextEncoderSpec("text_encoder", "gemma2", 2304, "Gemma-2-2B")  # google/gemma-2-2b: Lumina 2
 LLAMA31_8B = TextEncoderSpec("text_encoder_4", "llama", 4096, "Llama-3.1-8B")  # HiDream-I1's fourth encoder
+UMT5_XXL = TextEncoderSpec("text_encoder", "umt5", 4096, "UMT5-XXL")  # google/umt5-xxl encoder (Wan)
 
 
 def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:

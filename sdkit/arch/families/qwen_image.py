@@ -29,7 +29,7 @@ from sdkit.arch.families.encoders import QWEN25_VL_7B
 from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
 
 QWEN_IMAGE_LATENT = LatentFormat(
-    channels=16, scaling_factor=1.0, dimensions=3,
+    channels=16, scaling_factor=1.0, video=True,
     latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                   0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
     latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,

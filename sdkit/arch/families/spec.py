@@ -35,7 +35,7 @@ class LatentFormat:
     shift_factor: float = 0.0
     latents_mean: tuple[float, ...] | None = None  # per-channel statistics (Playground v2.5)
     latents_std: tuple[float, ...] | None = None
-    dimensions: int = 2  # 3 for the causal video VAEs some image models use (ComfyUI `latent_dimensions`)
+    video: bool = False  # the latent of a 3-D (causal video) VAE, with a time axis
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class Release:
     modelspec_architecture: str | None = None
     civitai_base_models: tuple[str, ...] = ()
     air_ecosystem: str | None = None  # Civitai ecosystem key, lowercased as AIRs write it
+    # where a release runs with other parts than its family's (Wan 2.2 TI2V-5B: its own VAE)
+    latent: LatentFormat | None = None
+    vae_part: str | None = None
+    image_encoder: str | None = None  # the image encoder it conditions on (Wan 2.1 I2V: CLIP-H)
 
 
 @dataclass(frozen=True)
@@ -146,3 +150,14 @@ class Family:
 
     def release(self, name: str) -> Release | None:
         return next((r for r in self.releases if r.name == name), None)
+
+    def latents(self) -> list[tuple[LatentFormat, str]]:
+        """Every latent format of the family's releases, with the VAE that makes it."""
+        found = [(self.latent, self.vae_part)]
+        found += [(r.latent, r.vae_part or self.vae_part) for r in self.releases if r.latent]
+        return list(dict.fromkeys(found))
+
+    def vae_part_for(self, channels: int) -> str:
+        """The VAE of this family whose latent has this many channels."""
+        return next((part for latent, part in self.latents() if latent.channels == channels),
+                    self.vae_part)
