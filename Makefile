@@ -20,6 +20,9 @@ install: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
+# bytecode, as a non-editable install has it: where PYTHONDONTWRITEBYTECODE is set, every
+# command would otherwise compile the modules it imports (a third of `sdkit inspect`)
+	$(PY) -m compileall -q sdkit
 
 test:
 	$(PY) -m pytest

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from sdkit.arch import identify
-from sdkit.io import hash_file, open_model
 from sdkit.io.model_file import ModelFile
+from sdkit.io.opener import open_model
 
 
 def hashes_report(path: str | Path) -> dict[str, Any]:
     """The four hashes users meet (null where a hash does not apply to the file)."""
+    from sdkit.io.hashing import hash_file  # with its cache (sqlite): only when hashing
+
     hashes = hash_file(path)
     return {
         "sha256": hashes.sha256,

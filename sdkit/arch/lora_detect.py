@@ -48,6 +48,7 @@ _PARAMETERS: tuple[tuple[str, str, str], ...] = (
     (".alpha", "", "alpha"), (".scale", "", "scale"), (".rescale", "", "rescale"),
     (".reshape_weight", "", "reshape"),
 )
+_SUFFIXES = tuple(suffix for suffix, _, _ in _PARAMETERS)
 _KOHYA_PREFIXES = (  # module-name prefix -> component ("" = decide from the path)
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"),
@@ -97,6 +98,8 @@ class LoraScan:
 
 def parse_parameter(key: str) -> tuple[str, str, str] | None:
     """(module, algorithm, role) of an adapter key, or None for any other key."""
+    if not key.endswith(_SUFFIXES):  # one call rules out a checkpoint's keys, most of them
+        return None
     for suffix, algorithm, role in _PARAMETERS:
         if key.endswith(suffix):
             return key[: -len(suffix)], algorithm, role

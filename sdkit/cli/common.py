@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
-from rich.console import Console
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # rich is imported by the commands that draw, not by every command
+    from rich.console import Console
     from rich.progress import ProgressColumn
 
 SHOWN_KEYS = 3

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
-from sdkit.cli.terminal import SafeConsole
 from sdkit.errors import SdkitError
+
+if TYPE_CHECKING:  # rich only for tables: --json prints without it, tens of ms sooner
+    from rich.console import Console
+    from rich.table import Table
 
 _VALUE_WIDTH = 72
 _METADATA_ROWS = 200
@@ -30,11 +31,20 @@ def _literal_console() -> Console:
     """A console that prints text as it is: paths, metadata and prompts come from files,
     and A1111 prompt syntax (`[a:b:0.5]`, `<lora:name:1>`) must not be read as rich
     markup or `:emoji:` codes (control characters are escaped)."""
+    from sdkit.cli.terminal import SafeConsole
+
     return SafeConsole()
 
 
+def _table(title: str) -> Table:
+    """A two-column table under a left-aligned title (rich imported here: human output only)."""
+    from rich.table import Table
+
+    return Table(title=title, show_header=False, title_justify="left")
+
+
 def _render_report(console: Console, report: dict[str, Any]) -> None:
-    table = Table(title=report["path"], show_header=False, title_justify="left")
+    table = _table(report["path"])
     table.add_column(style="bold cyan")
     table.add_column()
     adapter = f" ({report['adapter_type']})" if report.get("adapter_type") else ""
@@ -67,7 +77,7 @@ def _render_report(console: Console, report: dict[str, Any]) -> None:
 def _metadata_table(metadata: dict[str, str]) -> Table:
     """The first keys in sorted order (kohya writes ~100; a header may hold tens of
     thousands, which rich would take minutes to lay out); --json has them all."""
-    meta = Table(title="metadata", show_header=False, title_justify="left")
+    meta = _table("metadata")
     meta.add_column(style="bold")
     meta.add_column()
     keys = sorted(metadata)
@@ -79,7 +89,7 @@ def _metadata_table(metadata: dict[str, str]) -> Table:
 
 
 def _render_parameters(console: Console, report: dict[str, Any]) -> None:
-    table = Table(title=report["path"], show_header=False, title_justify="left")
+    table = _table(report["path"])
     table.add_column(style="bold cyan")
     table.add_column()
     for field, value in report["parameters"].items():
@@ -138,6 +148,8 @@ def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
+    from rich.table import Table
+
     table = Table("path", "sha256", "AutoV2", "legacy", "AutoV3")
     for row in rows:
         table.add_row(row["path"], row["sha256"], row["autov2"], row["legacy"], row["autov3"] or "—")

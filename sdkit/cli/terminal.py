@@ -12,6 +12,8 @@ code; the consoles made here do neither, so text styled on purpose is built as `
 Progress-bar columns parse their text as markup on their own: a column that shows such
 text is made with `markup=False` and given `shown(text)`.
 JSON output needs nothing more: json.dumps escapes every control and non-ASCII character.
+The rule itself lives in sdkit.cli.escape, which imports no rich: error lines and JSON
+output need it without the consoles.
 """
 
 from __future__ import annotations
@@ -22,31 +24,9 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-# kept: they only break lines, and multi-line output (JSON, click's usage text) needs them
-_LAYOUT = {"\n", "\t"}
-# Unicode's Bidi_Control characters: they reorder the text that follows them on screen
-_BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-# line and paragraph separators: some terminals and viewers start a new line at them
-_SEPARATORS = [0x2028, 0x2029]
+from sdkit.cli.escape import shown
 
-
-def _escape_table() -> dict[int, str]:
-    table: dict[int, str] = {}
-    for code in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]:  # C0, DEL, C1
-        if chr(code) not in _LAYOUT:
-            table[code] = f"\\x{code:02x}"
-    for code in _BIDI + _SEPARATORS:
-        table[code] = f"\\u{code:04x}"
-    return table
-
-
-_ESCAPES = _escape_table()
-
-
-def shown(text: object) -> str:
-    """`text` as a terminal may display it: control and bidi characters written out as
-    escapes (`\\x1b`, `\\u202e`); newlines and tabs kept."""
-    return str(text).translate(_ESCAPES)
+__all__ = ["SafeConsole", "echo", "shown", "styled"]
 
 
 class SafeConsole(Console):

@@ -10,7 +10,6 @@ from sdkit.io.diffusers_folder import (is_component_folder, open_component_folde
                                        open_pipeline_folder)
 from sdkit.io.model_file import ModelFile
 from sdkit.io.safetensors_reader import SAFETENSORS_SUFFIXES, open_safetensors
-from sdkit.io.torch_checkpoint import PICKLE_SUFFIXES, open_checkpoint
 
 # sdkit.io.gguf_reader's GGUF_MAGIC and GGUF_SUFFIXES, repeated so that opening any other
 # file does not import that module (it loads numpy and the gguf package)
@@ -32,6 +31,9 @@ def open_file(path: Path) -> ModelFile:
         return open_gguf(path)
     if suffix in SAFETENSORS_SUFFIXES:
         return open_safetensors(path)
+    # the restricted unpickler (zipfile, pickle) is imported for pickles only
+    from sdkit.io.torch_checkpoint import PICKLE_SUFFIXES, open_checkpoint
+
     if suffix in PICKLE_SUFFIXES:
         return open_checkpoint(path)
     raise SdkitError(f"{path}: unrecognised model file (expected .safetensors, .sft, .gguf, "
