@@ -316,6 +316,10 @@ def _describe_vae(parts: Parts, hints: MetadataHints, structure: StructureHints,
     compatible = vae_compatible_families(vae)
     identity.family = hints.family or _family_by_latent(vae, structure) or _video_vae_family(vae, compatible)
     identity.facts["compatible_families"] = compatible
+    if structure.vae_latent is not None:
+        scale, shift = structure.vae_latent
+        identity.facts["stated_latent"] = {"scaling_factor": scale, "shift_factor": shift, "families": [
+            name for name in families_with_latent(vae.latent_channels, scale, shift, video=vae.video)]}
     if compatible and identity.family == "unknown":
         identity.notes.append(f"{vae.latent_channels}-channel VAE: fits " + ", ".join(compatible))
     _flag_mismatches(identity, vae_mismatches(vae, identity.family))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from sdkit.arch import FAMILIES, Identity, identify
+from sdkit.arch.vae_fit import vae_fit
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
 from sdkit.ops.layout import extract_component
@@ -388,12 +389,15 @@ def _probe_size(unet: Any, vae: Any, cap: int) -> int:
 
 
 def _require_base(path: Path, identity: Identity) -> None:
-    if identity.kind != "checkpoint" or "unet" not in identity.components:
-        raise SdkitError(f"{path}: not a base model with a UNet (identified as {identity.kind})")
+    if identity.kind not in ("checkpoint", "unet") or not set(identity.components) & {"unet", "transformer"}:
+        raise SdkitError(f"{path}: not a base model with a diffusion model (identified as {identity.kind})")
     if identity.family not in FAMILIES:
         raise SdkitError(f"{path}: unknown model family; cannot tell which VAEs fit it")
-    if identity.variant != "normal":
-        raise SdkitError(f"{path}: {with_article(identity.variant)} model; the VAE check runs on text-to-image models")
+
+
+def _runs_numerically(identity: Identity) -> bool:
+    """The latent-space measurement runs a UNet checkpoint of the families sdkit samples."""
+    return identity.family in NUMERIC_FAMILIES and identity.kind == "checkpoint"
 
 
 def _weights_file(path: Path) -> Path | None:
@@ -429,19 +433,47 @@ def check_vae(base: str | os.PathLike[str], vae: str | os.PathLike[str], *,
     with open_model(base_path) as model, open_vae_source(vae_path) as source:
         identity = identify(model)
         _require_base(base_path, identity)
-        report = VaeCheckReport("incompatible", [], base={
-            "path": str(base_path), "family": identity.family, "has_vae": "vae" in identity.components,
-            "prediction": identity.prediction}, candidate=_candidate_facts(vae_path, source),
-            architecture=_architecture(model, identity, source))
+        if not _runs_numerically(identity):
+            return _check_by_headers(base_path, identity, vae_path, source)
+        if identity.variant != "normal":
+            raise SdkitError(f"{base_path}: {with_article(identity.variant)} model; the numeric VAE check "
+                             "runs on text-to-image models")
+        report = VaeCheckReport("incompatible", [], base=_base_facts(base_path, identity),
+                                candidate=_candidate_facts(vae_path, source),
+                                architecture=_architecture(model, identity, source))
         if not report.architecture["fits"]:
             report.reasons = list(report.architecture["problems"])
             return report
-        if identity.family not in NUMERIC_FAMILIES:
-            raise SdkitError(f"{base_path}: the numeric VAE check runs on {', '.join(NUMERIC_FAMILIES)} "
-                             f"models, not {identity.family}")
         with torch.no_grad():
             _measure(report, model, identity, source, config_dir, timesteps, max_image_size, fp16)
     report.verdict, report.reasons = _verdict(report)
+    return report
+
+
+def _base_facts(path: Path, identity: Identity) -> dict[str, Any]:
+    return {"path": str(path), "family": identity.family, "release": identity.facts.get("release"),
+            "has_vae": "vae" in identity.components, "prediction": identity.prediction}
+
+
+def _check_by_headers(base_path: Path, identity: Identity, vae_path: Path, source: VaeSource) -> VaeCheckReport:
+    """Bases whose diffusion model sdkit does not run (transformer families, lone diffusion
+    models): the verdict is the headers' (`sdkit.arch.vae_fit`)."""
+    fit = vae_fit(identity, source.identity)
+    architecture = {"fits": fit.fits, "problems": fit.problems, "latent_channels": fit.latent_channels,
+                    "expected_latent_channels": fit.expected_latent_channels, "compared_with_base_vae": False,
+                    "video": bool((source.identity.facts.get("vae") or {}).get("video"))}
+    report = VaeCheckReport("incompatible", list(fit.problems), base=_base_facts(base_path, identity),
+                            candidate=_candidate_facts(vae_path, source), architecture=architecture)
+    report.fp16 = {"status": "not tested", "reason": "the diffusion model was not run"}
+    if fit.fits:
+        title = FAMILIES[identity.family].title
+        report.verdict = "match"
+        report.reasons = [f"{fit.latent_channels} latent channels and the VAE design {title} uses"]
+        if fit.shared_design:
+            others = ", ".join(FAMILIES[name].title for name in fit.shared_design)
+            verb = "uses" if len(fit.shared_design) == 1 else "use"
+            report.reasons.append(f"{others} {verb} a VAE of the same design in another latent space: the "
+                                  "weights were not measured, so this also passes such a VAE")
     return report
 
 
