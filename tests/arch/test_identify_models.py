@@ -115,7 +115,7 @@ def test_vaes_in_both_conventions(ldm_checkpoint):
         assert identity.facts["latent_channels"] == 4
         assert identity.nonstandard  # 32-wide, released VAEs are 128-wide
     flux_like = identify(model_from_tensors(tiny_vae(latent_channels=16).state_dict()))
-    assert flux_like.facts["compatible_families"] == ["sd3", "flux"]
+    assert flux_like.facts["compatible_families"] == ["sd3", "flux", "chroma"]
 
 
 def test_vae_family_from_modelspec():

@@ -15,6 +15,13 @@ CLIP_G = TextEncoderSpec("text_encoder_2", "openclip", 1280, "CLIP-G")  # OpenCL
 OPENCLIP_H = TextEncoderSpec("text_encoder", "openclip", 1024, "OpenCLIP ViT-H")  # SD 2.x
 T5_XXL = TextEncoderSpec("text_encoder_3", "t5", 4096, "T5-XXL")  # google/t5-v1_1-xxl encoder
 CHATGLM3 = TextEncoderSpec("text_encoder", "chatglm", 4096, "ChatGLM3-6B")  # Kolors
+# decoder LLMs whose hidden states (three layers stacked) are FLUX.2's context: FLUX.2-dev
+# ships Mistral Small 3.1 24B (BFL flux2 `text_encoder.py` pairs 3.1's processor with the
+# 3.2 weights, the same architecture: hidden 5120); FLUX.2 Klein 4B / 9B load Qwen/Qwen3-4B /
+# Qwen3-8B (hidden 2560 / 4096)
+MISTRAL_SMALL_3 = TextEncoderSpec("text_encoder", "mistral", 5120, "Mistral Small 3.1 24B")
+QWEN3_4B = TextEncoderSpec("text_encoder", "qwen3", 2560, "Qwen3-4B")
+QWEN3_8B = TextEncoderSpec("text_encoder", "qwen3", 4096, "Qwen3-8B")
 
 
 def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:
