@@ -1,5 +1,9 @@
 """Find and measure text encoders and VAEs, in single files and diffusers folders alike.
 
+VAEs are found by their decoder's first conv (LDM `decoder.up.*` or diffusers
+`decoder.up_blocks.*`), which reads the latent channels; FLUX.2's also carries the latent
+BatchNorm statistics (`bn.running_mean`), recorded as `latent_norm_channels`.
+
 Text encoders are found by their token-embedding table:
 - HF CLIP (`embeddings.token_embedding.weight`), with or without the `text_model.` level
   (transformers 5 saves `CLIPTextModel` without it; LDM and kohya files have it);
@@ -49,9 +53,12 @@ class VaeFacts:
     levels: int
     has_encoder: bool
     video: bool = False  # a 3-D causal video VAE (Wan's): 5-D convolutions, a time axis
+    # channels of the latent BatchNorm statistics (`bn.running_mean`): FLUX.2's VAE
+    # normalizes its 2x2-patchified latents by them (4 x 32 = 128); None where absent
+    latent_norm_channels: int | None = None
 
     def to_facts(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def find_text_encoders(view: KeyView, component: str | None = None) -> list[TextEncoderFacts]:
@@ -141,8 +148,10 @@ def probe_vae(view: KeyView) -> VaeFacts | None:
         channels = encoder_in[0]
     else:  # decoder-only file: the last decoder conv reads the same width
         channels = decoder_out[1] if len(decoder_out) == 4 else 0
+    norm = view.shape("bn.running_mean")
     return VaeFacts(convention=convention, latent_channels=decoder_in[1], channels=channels,
-                    levels=len(levels), has_encoder=bool(encoder_in))
+                    levels=len(levels), has_encoder=bool(encoder_in),
+                    latent_norm_channels=norm[0] if norm and len(norm) == 1 else None)
 
 
 # Wan's 3-D VAEs: (first decoder conv, first encoder conv, last decoder conv) per convention

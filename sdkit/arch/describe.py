@@ -85,7 +85,9 @@ def _vae_part(identity: Identity, ref: Family | None) -> str:
 
 
 def needs_of(identity: Identity) -> list[str]:
-    """The released parts a model of this family runs with that the file lacks."""
+    """The released parts a model of this family runs with that the file lacks: the text
+    encoders of its release (FLUX.2 Klein's differ from dev's) or of its family, and the VAE
+    (none for a pixel-space model)."""
     ref = FAMILIES.get(identity.family)
     if ref is None or identity.kind not in ("unet", "checkpoint"):
         return []
@@ -93,12 +95,14 @@ def needs_of(identity: Identity) -> list[str]:
     needs = []
     if not present & set(_DENOISER_COMPONENTS):
         needs.append(f"{ref.title} diffusion model")
-    needs += [spec.part or spec.component for spec in ref.text_encoders if spec.component not in present]
-    release = ref.release(identity.facts.get("design") or "")
+    release = ref.release(identity.facts.get("release") or identity.facts.get("design") or "")
+    encoders = (release.text_encoders if release else ()) or ref.text_encoders
+    needs += [spec.part or spec.component for spec in encoders if spec.component not in present]
     if release is not None and release.image_encoder and "image_encoder" not in present:
         needs.append(release.image_encoder)
-    if "vae" not in present:
-        needs.append((release.vae_part if release else None) or ref.vae_part)
+    vae_part = (release.vae_part if release else None) or ref.vae_part
+    if "vae" not in present and vae_part:
+        needs.append(vae_part)
     return needs
 
 

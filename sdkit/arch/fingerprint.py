@@ -125,7 +125,10 @@ def match_release(family: Family, dims: Mapping[str, int], flags: Mapping[str, b
     words = architecture.strip().lower()
     named = [r for r in pool if r.named_by and any(word in words for word in r.named_by)]
     plain = [r for r in pool if not r.named_by]
-    chosen = (named or plain or pool)[0]
+    candidates = named or plain or pool
+    if not exact:  # a model of the design with other sizes: the release it is closest to
+        candidates = sorted(candidates, key=lambda r: len(_differences(r, dims)))
+    chosen = candidates[0]
     return ReleaseMatch(
         release=chosen, exact=bool(exact),
         named_by_metadata=architecture.strip() if named else None,
@@ -182,13 +185,16 @@ def _common_width(view: KeyView) -> int | None:
 
 
 def _closest_layout_gap(view: KeyView) -> str | None:
-    """For the layouts whose markers are present: the first required key missing or the
-    first shape that disagrees, so the user sees why the file is not that family."""
+    """Of the layouts whose markers are present, the one missing fewest required keys: its
+    first missing key, or that its shapes disagree, so the user sees why the file is not
+    that family."""
+    gaps = []
     for family, layout in transformer_layouts():
-        if not any(view.has_prefix(marker) for marker in layout.markers):
-            continue
-        missing = [key for key in layout.shapes if view.shape(key) is None]
-        if missing:
-            return f"not {family.title}: no {missing[0]}"
-        return f"not {family.title}: its shapes do not fit the {family.title} design"
-    return None
+        if any(view.has_prefix(marker) for marker in layout.markers):
+            gaps.append((family, [key for key in layout.shapes if view.shape(key) is None]))
+    if not gaps:
+        return None
+    family, missing = min(gaps, key=lambda gap: len(gap[1]))
+    if missing:
+        return f"not {family.title}: no {missing[0]}"
+    return f"not {family.title}: its shapes do not fit the {family.title} design"

@@ -72,9 +72,27 @@ _LDM_UNET_PATH = re.compile(r"^(input_blocks|middle_block|output_blocks)[._]")
 _CROSS_ATTN_KV = re.compile(r"attn2_(processor_)?to_[kv]$")
 _TEXT_ATTN = re.compile(r"self_attn_[qkv]_proj$")
 _FLUX_PATH = re.compile(r"^(double_blocks|single_blocks|single_transformer_blocks)[._]")
-# transformer attention inputs: their width is the hidden size (Flux 3072, SD3 1536 / 2432)
+# layers only one relative of FLUX.1 has (module paths, `.` or `_` separated)
+_RADIANCE_PATH = re.compile(r"^(nerf_blocks|nerf_image_embedder|nerf_final_layer|img_in_patch)[._]")
+_CHROMA_PATH = re.compile(r"^distilled_guidance_layer[._]")
+_FLUX2_PATH = re.compile(r"(^|[._])(double_stream_modulation|single_stream_modulation)[._]|"
+                         r"to_qkv_mlp_proj$|(^|[._])ff(_context)?[._]linear_(in|out)$|"
+                         r"^single_transformer_blocks[._]\d+[._]attn[._]to_out$")
+_FLUX1_MODULATION = re.compile(r"(^|[._])(img_mod|txt_mod|modulation)[._]lin$|norm1(_context)?[._]linear$|"
+                               r"^single_transformer_blocks[._]\d+[._]norm[._]linear$|"
+                               r"^(time_in|vector_in|guidance_in|time_text_embed)[._]")
+# where the MLP shows the design: output / input of the first MLP layer (FLUX.1 GELU 4x,
+# FLUX.2 SwiGLU 2 x 3x), of a single block's fused QKV + MLP (3 + 4, 3 + 6); input / output
+# of its second layer (1 + 4, 1 + 3)
+_MLP_IN = re.compile(r"(img_mlp|txt_mlp)[._]0$|ff(_context)?[._]net[._]0[._]proj$|[._]proj_mlp$")
+_LINEAR1 = re.compile(r"^single_blocks[._]\d+[._]linear1$")
+_LINEAR2 = re.compile(r"^single_blocks[._]\d+[._]linear2$")
+# transformer attention inputs: their width is the hidden size (Flux 3072, SD3 1536 / 2432,
+# FLUX.2-dev 6144)
 _TRANSFORMER_ATTN = re.compile(r"(attn_to_[qkv]|attn_qkv)$")
-_FAMILY_BY_HIDDEN = {3072: "flux", 1536: "sd3", 2432: "sd3"}
+_FAMILY_BY_HIDDEN = {3072: "flux", 1536: "sd3", 2432: "sd3", 6144: "flux2"}
+# hidden sizes of FLUX.2 (dev, Klein 9B) that no FLUX.1-design model has
+_FLUX2_ONLY_HIDDEN = (6144, 4096)
 _COMPONENT_ORDER = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -206,6 +224,23 @@ def in_features(module: Module) -> int | None:
     return _lokr_in_features(p)
 
 
+def out_features(module: Module) -> int | None:
+    """Output width of the adapted layer, where the parameters reveal it."""
+    p = module.params
+    if "up" in p:
+        return _dim(p, "up", 0)
+    if "full" in module.algorithms:
+        return _dim(p, "weight", 0)
+    if "lokr" in module.algorithms:  # the Kronecker product of the two factors
+        left, right = p.get("w1") or p.get("w1_a"), p.get("w2") or p.get("w2_a")
+        if left and right and len(left) == 2 and len(right) == 2:
+            return left[0] * right[0]
+        return None
+    if "w1_a" in p and "t1" not in p:  # LoHa
+        return _dim(p, "w1_a", 0)
+    return None
+
+
 def _lokr_in_features(p: dict[str, tuple[int, ...]]) -> int | None:
     left = p.get("w1") or p.get("w1_b")
     right = p.get("w2") or p.get("w2_b")
@@ -332,8 +367,9 @@ def _lora_family(hints: MetadataHints, modules: list[Module], components: list[s
     """(family, what decided it): metadata, then widths, then structure."""
     if hints.family:
         return hints.family, hints.family_source
-    if any(_FLUX_PATH.match(m.path) for m in modules):
-        return "flux", "Flux block names"
+    if any(_FLUX_PATH.match(m.path) or _RADIANCE_PATH.match(m.path) or _CHROMA_PATH.match(m.path)
+           or _FLUX2_PATH.search(m.path) for m in modules):
+        return _flux_relative(modules)
     if any(m.path.startswith("joint_blocks") for m in modules):
         return "sd3", "MMDiT block names"
     hidden = _transformer_width(modules)
@@ -353,6 +389,55 @@ def _lora_family(hints: MetadataHints, modules: list[Module], components: list[s
     if "text_encoder" in components:
         return "sd1", "one text encoder"
     return "unknown", None
+
+
+def _flux_relative(modules: list[Module]) -> tuple[str, str]:
+    """Which of FLUX.1, FLUX.2, Chroma and Chroma Radiance an adapter on Flux-style blocks
+    was made for: by the layers only one of them has, then by the MLP widths (FLUX.2's
+    SwiGLU), then by the hidden size. An adapter on attention and MLP only fits FLUX.1 and
+    Chroma alike: FLUX.1 is said, on evidence too weak to refuse it for Chroma."""
+    paths = [m.path for m in modules]
+    if any(_RADIANCE_PATH.match(p) for p in paths):
+        return "chroma-radiance", "Chroma Radiance NeRF head names"
+    if any(_CHROMA_PATH.match(p) for p in paths):
+        return "chroma", "Chroma approximator names"
+    if any(_FLUX2_PATH.search(p) for p in paths):
+        return "flux2", "FLUX.2 layer names"
+    design = _flux_design(modules)
+    if design:
+        return design
+    if any(_FLUX1_MODULATION.search(p) for p in paths):
+        return "flux", "FLUX.1 modulation layer names"
+    return "flux", "Flux block names"
+
+
+def _flux_design(modules: list[Module]) -> tuple[str, str] | None:
+    """FLUX.2 (or FLUX.1's design) from the MLP width ratios, else FLUX.2 from a hidden size
+    FLUX.1's design never has; None when the adapted layers show neither."""
+    for module in modules:
+        width_in, width_out = in_features(module), out_features(module)
+        if not width_in or not width_out:
+            continue
+        for pattern, ratio, flux1, flux2 in ((_MLP_IN, width_out / width_in, 4, 6),
+                                             (_LINEAR1, width_out / width_in, 7, 9),
+                                             (_LINEAR2, width_in / width_out, 5, 4)):
+            if pattern.search(module.path):
+                if ratio == flux2:
+                    return "flux2", "FLUX.2 MLP widths"
+                if ratio == flux1:
+                    return None
+    hidden = _flux_hidden(modules)
+    if hidden in _FLUX2_ONLY_HIDDEN:
+        return "flux2", f"transformer width {hidden}"
+    return None
+
+
+def _flux_hidden(modules: list[Module]) -> int | None:
+    for module in modules:
+        flat = module.path.replace(".", "_")
+        if _FLUX_PATH.match(flat) and (flat.endswith("attn_qkv") or _TRANSFORMER_ATTN.search(flat)):
+            return in_features(module)
+    return None
 
 
 def _transformer_width(modules: list[Module]) -> int | None:

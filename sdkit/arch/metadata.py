@@ -32,8 +32,12 @@ def metadata_hints(metadata: Mapping[str, str]) -> MetadataHints:
     hints = MetadataHints()
     architecture = metadata.get("modelspec.architecture", "")
     version = metadata.get("ss_base_model_version", "")
+    model_type = metadata.get("ss_model_type", "")
     if architecture and family_from_modelspec(architecture):
         hints.family, hints.family_source = family_from_modelspec(architecture), "modelspec.architecture"
+    elif model_type and family_from_kohya_version(model_type):
+        # sd-scripts' FLUX trainer writes `ss_model_type` flux / chroma: the finer of the two
+        hints.family, hints.family_source = family_from_kohya_version(model_type), "ss_model_type"
     elif version and family_from_kohya_version(version):
         hints.family, hints.family_source = family_from_kohya_version(version), "ss_base_model_version"
     elif metadata.get("ss_v2", "").lower() == "true":

@@ -285,8 +285,9 @@ def _describe_release(model: ModelFile, denoiser: DenoiserFacts, identity: Ident
                               + " and ".join(match.look_alikes))
     elif match.look_alikes:
         identity.facts["release_look_alikes"] = match.look_alikes
+        verb = "has" if len(match.look_alikes) == 1 else "have"
         identity.notes.append(f"{match.release.name} architecture: " + ", ".join(match.look_alikes)
-                              + " have the same keys and shapes; only metadata can name them")
+                              + f" {verb} the same keys and shapes; only metadata can name them")
 
 
 def _assign_encoder_slots(encoders: list[TextEncoderFacts], family: str) -> None:
@@ -314,7 +315,8 @@ def _describe_vae(parts: Parts, hints: MetadataHints, structure: StructureHints,
                   identity: Identity) -> None:
     vae = parts.vae
     compatible = vae_compatible_families(vae)
-    identity.family = hints.family or _family_by_latent(vae, structure) or _video_vae_family(vae, compatible)
+    identity.family = (hints.family or _family_by_latent(vae, structure) or _family_by_design(vae)
+                       or _video_vae_family(vae, compatible))
     identity.facts["compatible_families"] = compatible
     if structure.vae_latent is not None:
         scale, shift = structure.vae_latent
@@ -338,6 +340,16 @@ def _family_by_latent(vae: VaeFacts, structure: StructureHints) -> str | None:
         return None
     scale, shift = structure.vae_latent
     matching = families_with_latent(vae.latent_channels, scale, shift, video=vae.video)
+    # families sharing one VAE (Chroma runs on FLUX.1's): the VAE is the first one's
+    return matching[0] if len({FAMILIES[name].vae_part for name in matching}) == 1 else None
+
+
+def _family_by_design(vae: VaeFacts) -> str | None:
+    """The family whose VAE design alone the weights show: a latent normalized by the
+    VAE's own BatchNorm statistics over the 2x2-patchified channels (FLUX.2's 32 x 4)."""
+    if vae.latent_norm_channels != 4 * vae.latent_channels:
+        return None
+    matching = [name for name in vae_compatible_families(vae) if FAMILIES[name].latent.batch_norm]
     return matching[0] if len(matching) == 1 else None
 
 

@@ -77,9 +77,12 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     """Family of a file holding only text encoders (a lone bigG reads as SDXL base).
 
     With a T5 among them, the kinds of encoders must be one family's exactly (a CLIP and
-    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves both, so names none."""
+    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves SD3, FLUX.1 and Chroma
+    alike, so names none."""
     components = {e.component for e in encoders}
     if any(e.architecture in _T5_KINDS for e in encoders):
+        if len(encoders) == 1 and encoders[0].architecture == "t5":
+            return "unknown"  # a lone T5-XXL serves SD3, FLUX.1, Chroma, HiDream
         matching = families_with_encoder_kinds([e.architecture for e in encoders])
         return matching[0] if len(matching) == 1 else "unknown"
     if "text_encoder_2" in components or any(e.width == 1280 for e in encoders):
@@ -128,10 +131,18 @@ def vae_mismatches(vae: VaeFacts, family: str) -> list[str]:
     ref = FAMILIES.get(family)
     found = []
     channels = [latent.channels for latent, _ in ref.latents()] if ref is not None else []
-    if ref is not None and vae.latent_channels not in channels:
+    released = sorted({latent.channels for f in FAMILIES.values() if f.vae_part
+                       for latent, _ in f.latents() if not latent.video})
+    if ref is not None and not ref.vae_part:
+        found.append(f"a VAE ({family} works in pixel space and uses none)")
+    elif ref is not None and vae.latent_channels not in channels:
         found.append(f"VAE latent channels {vae.latent_channels} ({family} has {ref.latent_channels})")
-    elif ref is None and not vae.video and vae.latent_channels not in (4, 16):
-        found.append(f"VAE latent channels {vae.latent_channels} (released VAEs have 4 or 16)")
+    elif ref is None and not vae.video and vae.latent_channels not in released:
+        found.append(f"VAE latent channels {vae.latent_channels} (released VAEs have "
+                     + ", ".join(map(str, released[:-1])) + f" or {released[-1]})")
+    elif ref is not None and ref.latent.batch_norm and vae.latent_norm_channels is None:
+        found.append(f"no latent BatchNorm statistics bn.running_mean / bn.running_var "
+                     f"({ref.vae_part} has them)")
     # video VAEs have widths of their own (Wan 2.1: 96; 2.2: 160 in, 256 out)
     if not vae.video and vae.channels != RELEASED_VAE_CHANNELS:
         found.append(f"VAE width {vae.channels} (released VAEs have {RELEASED_VAE_CHANNELS})")
@@ -140,5 +151,7 @@ def vae_mismatches(vae: VaeFacts, family: str) -> list[str]:
 
 def vae_compatible_families(vae: VaeFacts) -> list[str]:
     """Families one of whose latent spaces has this VAE's channel count, image or video
-    alike (SD1/SD2/SDXL VAEs are architecturally identical, as are SD3's and Flux's)."""
-    return families_with_latent(vae.latent_channels, video=vae.video)
+    alike (SD1/SD2/SDXL VAEs are architecturally identical, as are SD3's and Flux's);
+    pixel-space families use none."""
+    return [name for name in families_with_latent(vae.latent_channels, video=vae.video)
+            if FAMILIES[name].vae_part]

@@ -22,7 +22,8 @@ def test_sd_vae_scaling_matches_diffusers_default():
 @pytest.mark.parametrize("version, family", [
     ("sd_v1", "sd1"), ("sd_v2_v", "sd2"), ("sd_1.5", "sd1"), ("sd_2.1", "sd2"),
     ("sdxl_base_v1-0", "sdxl-base"), ("sdxl_", "sdxl-base"), ("flux1", "flux"), ("FLUX.1-dev", "flux"),
-    ("chroma", None),
+    ("chroma", "chroma"), ("chroma_radiance", "chroma-radiance"), ("flux2", "flux2"), ("FLUX.2-dev", "flux2"),
+    ("flux_2", "flux2"), ("not-a-model", None),
 ])
 def test_kohya_versions_as_trainers_write_them(version, family):
     assert family_from_kohya_version(version) == family
@@ -33,7 +34,8 @@ def test_kohya_versions_as_trainers_write_them(version, family):
     ("stable-diffusion-xl-v1-refiner", "sdxl-refiner"), ("stable-diffusion-xl-turbo-v1", "sdxl-base"),
     ("stable-diffusion-v3-medium", "sd3"), ("stable-diffusion-3-large/lora", "sd3"),
     ("flux-1-schnell/lora", "flux"), ("lumina-2", "lumina2"), ("Z-Image/lora", "z-image"),
-    ("Qwen-Image-Edit-Plus/lora", "qwen-image"), ("hunyuan-video", None),
+    ("Qwen-Image-Edit-Plus/lora", "qwen-image"), ("hunyuan-video", None), ("chroma/lora", "chroma"),
+    ("chroma_radiance/lora", "chroma-radiance"), ("Flux.2-dev/lora", "flux2"), ("Flux.2-klein-4b", "flux2"),
 ])
 def test_modelspec_architectures(architecture, family):
     assert family_from_modelspec(architecture) == family
@@ -65,6 +67,8 @@ def test_written_strings_read_back_as_the_same_family(family):
     ({"modelspec.architecture": "stable-diffusion-v2-768-v/lora"}, "sd2", "v"),
     ({"modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.prediction_type": "v"},
      "sdxl-base", "v"),
+    ({"ss_model_type": "chroma", "ss_base_model_version": "flux1"}, "chroma", None),
+    ({"ss_model_type": "flux", "ss_base_model_version": "flux1"}, "flux", None),
     ({}, None, None),
 ])
 def test_metadata_claims(metadata, family, prediction):

@@ -18,8 +18,9 @@ import pytest
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "families"
 sys.path.insert(0, str(FIXTURES))
 
-from released import (CLIP_G, CLIP_L, RELEASES, T5_XXL, clip_shapes, diffusers_shapes,  # noqa: E402
-                      ldm_vae_shapes, single_file_shapes, t5_shapes, typed, write_header_only)
+from released import (CLIP_G, CLIP_L, RELEASES, T5_XXL, clip_shapes, diffusers_flux2_vae_shapes,  # noqa: E402
+                      diffusers_shapes, flux2_vae_shapes, ldm_vae_shapes, single_file_shapes, t5_shapes,
+                      typed, write_header_only)
 
 from sdkit.arch import FAMILIES, identify  # noqa: E402
 from sdkit.errors import SdkitError  # noqa: E402
@@ -30,19 +31,23 @@ NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "
          "z-image": ["Qwen3-4B", "FLUX VAE"], "qwen-image": ["Qwen2.5-VL-7B", "Qwen-Image VAE"],
          "lumina2": ["Gemma-2-2B", "FLUX VAE"],
          "hidream": ["CLIP-L", "CLIP-G", "T5-XXL", "Llama-3.1-8B", "FLUX VAE"],
-         "wan": ["UMT5-XXL", "Wan 2.1 VAE"]}
+         "wan": ["UMT5-XXL", "Wan 2.1 VAE"], "chroma": ["T5-XXL", "FLUX VAE"],
+         "chroma-radiance": ["T5-XXL"]}
 # releases that run with other parts than their family's usual ones
 RELEASE_NEEDS = {"Wan2.1-I2V-14B-480P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
                  "Wan2.1-I2V-14B-720P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
-                 "Wan2.2-TI2V-5B": ["UMT5-XXL", "Wan 2.2 VAE"]}
+                 "Wan2.2-TI2V-5B": ["UMT5-XXL", "Wan 2.2 VAE"],
+                 "FLUX.2-dev": ["Mistral Small 3.1 24B", "FLUX.2 VAE"],
+                 "FLUX.2-klein-4B": ["Qwen3-4B", "FLUX.2 VAE"], "FLUX.2-klein-9B": ["Qwen3-8B", "FLUX.2 VAE"]}
 VARIANTS = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth", "Wan2.1-I2V-14B-480P": "i2v",
             "Wan2.1-I2V-14B-720P": "i2v", "Wan2.2-I2V-A14B": "i2v"}
 DIT_FAMILIES = ("z-image", "qwen-image", "lumina2", "hidream")
+CONVENTIONS = [("ldm", ""), ("ldm", UNET), ("diffusers", "")]
 PRECISIONS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
 
 
 def needs_of(release: str) -> list[str]:
-    return RELEASE_NEEDS.get(release) or NEEDS[RELEASES[release].family]
+    return RELEASE_NEEDS.get(release) or NEEDS.get(RELEASES[release].family) or NEEDS[release]
 
 
 def identify_file(path: Path):
@@ -64,8 +69,9 @@ def shapes_of():
     return get
 
 
-@pytest.mark.parametrize("release", list(RELEASES))
-@pytest.mark.parametrize("convention, prefix", [("ldm", ""), ("ldm", UNET), ("diffusers", "")])
+@pytest.mark.parametrize("release, convention, prefix", [
+    (release, convention, prefix) for release, model in RELEASES.items() for convention, prefix in CONVENTIONS
+    if convention == "ldm" or model.diffusers_class is not None])
 def test_each_release_in_each_convention(release, convention, prefix, shapes_of, tmp_path):
     model = RELEASES[release]
     path = write_header_only(tmp_path / "model.safetensors",
@@ -117,8 +123,9 @@ def test_look_alikes_of_the_dit_families_are_said(shapes_of, tmp_path):
         assert set(identity.facts["release_look_alikes"]) == look_alikes
 
 
-@pytest.mark.parametrize("release", list(RELEASES))
-@pytest.mark.parametrize("convention", ["ldm", "diffusers"])
+@pytest.mark.parametrize("release, convention", [
+    (name, convention) for name, model in RELEASES.items() for convention in ("ldm", "diffusers")
+    if convention == "ldm" or model.diffusers_class is not None])
 def test_no_family_claims_another_familys_release(release, convention, shapes_of, tmp_path):
     from sdkit.arch.fingerprint import match_transformers
     from sdkit.arch.keyview import KeyView
@@ -246,7 +253,7 @@ def test_flux_vae_alone_is_a_16_channel_vae_not_an_sdxl_one(tmp_path):
                                                typed(ldm_vae_shapes(16, quant_convs=False), "F32")))
     assert identity.kind == "vae"
     assert identity.facts["compatible_families"][:2] == ["sd3", "flux"]
-    assert {"z-image", "lumina2", "hidream"} <= set(identity.facts["compatible_families"])
+    assert {"z-image", "lumina2", "hidream", "chroma"} <= set(identity.facts["compatible_families"])
     assert "qwen-image" not in identity.facts["compatible_families"]  # its VAE is a 3-D one
     assert "16-channel VAE" in identity.part
     sdxl = identify_file(write_header_only(tmp_path / "sdxl_vae.safetensors",
@@ -272,7 +279,7 @@ def test_cli_inspect_is_header_only_and_imports_no_torch(shapes_of, tmp_path):
 @pytest.mark.parametrize("family, design", [
     ("flux", "FLUX.1-schnell"), ("sd3", "Stable Diffusion 3 Medium"), ("z-image", "Z-Image"),
     ("qwen-image", "Qwen-Image"), ("lumina2", "Lumina-Image-2.0"), ("hidream", "HiDream-I1"),
-    ("wan", "Wan2.1-T2V-1.3B"),
+    ("wan", "Wan2.1-T2V-1.3B"), ("chroma", "Chroma1-HD"), ("flux2", "FLUX.2-dev"),
 ])
 @pytest.mark.parametrize("convention", ["ldm", "diffusers"])
 def test_tiny_models_of_the_peers_tests_are_the_family_never_a_release(family, design, convention, tmp_path):
@@ -322,3 +329,120 @@ def test_truncated_gguf_is_refused_in_one_line(shapes_of, tmp_path):
     with pytest.raises(SdkitError) as refused:
         identify_file(path)
     assert "\n" not in str(refused.value)
+# ---- FLUX.2 and Chroma: never FLUX.1 ---------------------------------------------------------
+
+FLUX1_RELATIVES = [name for name, model in RELEASES.items()
+                   if model.family in ("chroma", "chroma-radiance", "flux2")]
+
+
+@pytest.mark.parametrize("release", FLUX1_RELATIVES)
+def test_flux1_relatives_are_never_flux1(release, shapes_of, tmp_path):
+    """FLUX.1's layout asks for `vector_in` and the per-block `img_mod`: FLUX.2 and Chroma
+    files lack both and share FLUX.1's `double_blocks.` / `single_blocks.` names."""
+    shapes = shapes_of(release, "ldm")
+    assert any(name.startswith("double_blocks.") for name in shapes)
+    assert not any(name.startswith("vector_in.") or "_mod." in name for name in shapes)
+    identity = identify_file(write_header_only(tmp_path / "model.safetensors", typed(shapes, "BF16", UNET)))
+    assert identity.family == RELEASES[release].family != "flux"
+    assert "FLUX.1" not in identity.summary and not identity.refusal
+
+
+@pytest.mark.parametrize("release, marker", [("Chroma1-HD", "distilled_guidance_layer."),
+                                             ("FLUX.2-klein-4B", "double_stream_modulation_"),
+                                             ("FLUX.2-klein-4B", "single_stream_modulation.")])
+def test_a_relative_without_its_own_layers_is_an_unknown_transformer_not_flux1(release, marker, shapes_of,
+                                                                              tmp_path):
+    shapes = {n: s for n, s in shapes_of(release, "ldm").items() if not n.startswith(marker)}
+    identity = identify_file(write_header_only(tmp_path / "model.safetensors", typed(shapes, "BF16")))
+    assert (identity.kind, identity.family) == ("unknown", "unknown")
+    assert identity.part.startswith("unknown transformer: ")
+    assert "FLUX.1 diffusion model" not in identity.summary
+
+
+def test_klein_base_and_chroma_siblings_are_named_only_by_metadata(shapes_of, tmp_path):
+    klein = typed(shapes_of("FLUX.2-klein-9B", "ldm"), "BF16")
+    plain = identify_file(write_header_only(tmp_path / "klein.safetensors", klein))
+    assert plain.facts["release"] == "FLUX.2-klein-9B"
+    assert plain.facts["release_look_alikes"] == ["FLUX.2-klein-base-9B"]
+    assert "FLUX.2-klein-base-9B has the same keys and shapes" in " ".join(plain.notes)
+    base = identify_file(write_header_only(tmp_path / "base.safetensors", klein,
+                                           {"modelspec.architecture": "Flux.2-klein-base-9b"}))
+    assert base.facts["release"] == "FLUX.2-klein-base-9B" and base.needs == ["Qwen3-8B", "FLUX.2 VAE"]
+    chroma = typed(shapes_of("Chroma1-HD", "ldm"), "BF16")
+    flash = identify_file(write_header_only(tmp_path / "flash.safetensors", chroma,
+                                            {"modelspec.architecture": "chroma-flash"}))
+    assert (flash.family, flash.facts["release"]) == ("chroma", "Chroma1-Flash")
+
+
+def test_a_pruned_klein_9b_is_measured_against_klein_9b(shapes_of, tmp_path):
+    shapes = {n: s for n, s in shapes_of("FLUX.2-klein-9B", "ldm").items()
+              if not any(n.startswith(f"single_blocks.{i}.") for i in range(20, 24))}
+    identity = identify_file(write_header_only(tmp_path / "pruned.safetensors", typed(shapes, "BF16")))
+    assert (identity.family, identity.facts["design"], identity.nonstandard) == ("flux2", "FLUX.2-klein-9B", True)
+    assert "release" not in identity.facts
+    assert any("single blocks 20 (FLUX.2-klein-9B has 24)" in note for note in identity.notes)
+    assert identity.needs == ["Qwen3-8B", "FLUX.2 VAE"]
+
+
+def test_scaled_fp8_chroma(shapes_of, tmp_path):
+    identity = identify_file(write_header_only(tmp_path / "chroma.safetensors",
+                                               scaled_fp8(shapes_of("Chroma1-HD", "ldm"))))
+    assert identity.summary == "Chroma1-HD diffusion model, fp8 e4m3fn scaled; needs: T5-XXL, FLUX VAE"
+
+
+def test_a_file_mixing_flux2_and_flux1_is_refused(shapes_of, tmp_path):
+    tensors = typed(shapes_of("FLUX.1-dev", "ldm"), "BF16", UNET)
+    tensors.update(typed(shapes_of("FLUX.2-klein-4B", "diffusers"), "BF16"))
+    with pytest.raises(SdkitError, match=r"mixes model families: .*FLUX\.1 transformer.*FLUX\.2 transformer"):
+        identify_file(write_header_only(tmp_path / "mixed.safetensors", tensors))
+
+
+def test_comfyui_all_in_one_chroma_checkpoint(shapes_of, tmp_path):
+    tensors = typed(shapes_of("Chroma1-HD", "ldm"), "BF16", UNET)
+    tensors.update(typed(t5_only(), "BF16", "text_encoders.t5xxl.transformer."))
+    tensors.update(typed(ldm_vae_shapes(16, quant_convs=False), "BF16", "vae."))
+    identity = identify_file(write_header_only(tmp_path / "aio.safetensors", tensors))
+    assert (identity.kind, identity.family, identity.facts["release"]) == ("checkpoint", "chroma", "Chroma1-HD")
+    assert identity.components == ["transformer", "vae", "text_encoder"]
+    assert identity.needs == [] and identity.part == "Chroma1-HD checkpoint"
+
+
+def test_a_lone_t5_names_no_family_though_chroma_needs_only_it(tmp_path):
+    identity = identify_file(write_header_only(tmp_path / "t5xxl.safetensors", typed(t5_only(), "F16")))
+    assert (identity.kind, identity.family) == ("text-encoder", "unknown")
+
+
+@pytest.mark.parametrize("convention, shapes", [("ldm", flux2_vae_shapes),
+                                                ("diffusers", diffusers_flux2_vae_shapes)])
+def test_flux2_vae_alone_is_named_by_its_latent_batch_norm(convention, shapes, tmp_path):
+    identity = identify_file(write_header_only(tmp_path / "flux2-vae.safetensors", typed(shapes(), "BF16")))
+    assert (identity.kind, identity.family, identity.key_convention) == ("vae", "flux2", convention)
+    assert (identity.part, identity.nonstandard) == ("FLUX.2 VAE", False)
+    assert identity.facts["vae"]["latent_norm_channels"] == 128 and identity.facts["latent_channels"] == 32
+
+
+def test_a_32_channel_vae_without_batch_norm_is_only_of_flux2_design(tmp_path):
+    shapes = {n: s for n, s in flux2_vae_shapes().items() if not n.startswith("bn.")}
+    identity = identify_file(write_header_only(tmp_path / "vae.safetensors", typed(shapes, "BF16")))
+    assert (identity.kind, identity.family) == ("vae", "unknown")
+    assert identity.facts["compatible_families"] == ["flux2"]
+    assert identity.part == "32-channel VAE (FLUX.2 VAE design)"
+    hinted = identify_file(write_header_only(tmp_path / "hinted.safetensors", typed(shapes, "BF16"),
+                                             {"modelspec.architecture": "Flux.2-dev/vae"}))
+    assert hinted.family == "flux2" and hinted.nonstandard
+    assert any("no latent BatchNorm statistics" in note for note in hinted.notes)
+
+
+def test_a_flux_vae_folder_is_flux1s_though_chroma_shares_it(tmp_path):
+    """The VAE config's latent format (0.3611 / 0.1159) is FLUX.1's and Chroma's alike: one
+    VAE, named after the family that made it."""
+    from released import diffusers_vae_shapes
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 16,
+                                                    "scaling_factor": 0.3611, "shift_factor": 0.1159}))
+    write_header_only(folder / "diffusion_pytorch_model.safetensors",
+                      typed(diffusers_vae_shapes(16, quant_convs=False), "F32"))
+    identity = identify_file(folder)
+    assert (identity.kind, identity.family, identity.part) == ("vae", "flux", "FLUX VAE")

@@ -192,6 +192,41 @@ def test_kohya_flux_names():
     assert (identity.family, identity.components) == ("flux", ["transformer"])
 
 
+_QKV = "lora_unet_double_blocks_0_img_attn_qkv"
+
+
+@pytest.mark.parametrize("modules, family, evidence", [
+    # FLUX.1's design: GELU MLP 4x, single linear1 3 + 4, linear2 1 + 4
+    ([(_QKV, 9216, 3072), ("lora_unet_double_blocks_0_img_mlp_0", 12288, 3072)], "flux", "Flux block names"),
+    ([(_QKV, 9216, 3072), ("lora_unet_double_blocks_0_img_mod_lin", 18432, 3072)], "flux",
+     "FLUX.1 modulation layer names"),
+    # FLUX.2 Klein 4B has FLUX.1's width: its SwiGLU MLP (2 x 3x) tells it
+    ([(_QKV, 9216, 3072), ("lora_unet_double_blocks_0_img_mlp_0", 18432, 3072)], "flux2", "FLUX.2 MLP widths"),
+    ([("lora_unet_single_blocks_0_linear1", 27648, 3072)], "flux2", "FLUX.2 MLP widths"),
+    ([("lora_unet_single_blocks_0_linear2", 3072, 12288)], "flux2", "FLUX.2 MLP widths"),
+    ([(_QKV, 12288, 4096)], "flux2", "transformer width 4096"),
+    ([(_QKV, 18432, 6144)], "flux2", "transformer width 6144"),
+    ([("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", 27648, 3072)], "flux2",
+     "FLUX.2 layer names"),
+    ([(_QKV, 9216, 3072), ("lora_unet_distilled_guidance_layer_layers_0_in_layer", 5120, 5120)], "chroma",
+     "Chroma approximator names"),
+    ([(_QKV, 9216, 3072), ("lora_unet_nerf_blocks_0_param_generator", 49152, 3072)], "chroma-radiance",
+     "Chroma Radiance NeRF head names"),
+])
+def test_flux_relatives_told_apart(modules, family, evidence):
+    tensors = {}
+    for name, rows, cols in modules:
+        tensors.update(_kohya_module(name, rows, cols))
+    identity = identify(model_from_tensors(tensors))
+    assert (identity.family, identity.facts["family_evidence"]) == (family, evidence)
+
+
+def test_chroma_lora_named_by_sd_scripts_model_type():
+    model = model_from_tensors(_kohya_module(_QKV, 9216, 3072),
+                               metadata={"ss_model_type": "chroma", "ss_base_model_version": "flux1"})
+    assert identify(model).family == "chroma"
+
+
 def test_metadata_family_with_mismatching_width_is_nonstandard():
     tensors = _kohya_module("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 32, 32)
     model = model_from_tensors(tensors, metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})

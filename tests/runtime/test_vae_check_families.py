@@ -12,20 +12,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 
-from released import (RELEASES, WAN21_VAE, WAN22_VAE, diffusers_vae_shapes, ldm_vae_shapes,  # noqa: E402
+from released import (RELEASES, WAN21_VAE, WAN22_VAE, diffusers_vae_shapes, flux2_vae_shapes,  # noqa: E402
+                      ldm_vae_shapes,
                       single_file_shapes, typed, wan_vae_shapes, write_header_only)
 
 from sdkit.runtime.vae_check import check_vae  # noqa: E402
 
 BASES = {"flux": "FLUX.1-dev", "sd3": "Stable Diffusion 3.5 Large", "z-image": "Z-Image-Turbo",
          "qwen-image": "Qwen-Image", "lumina2": "Lumina-Image-2.0", "hidream": "HiDream-I1",
-         "wan21": "Wan2.1-T2V-14B", "wan22-5b": "Wan2.2-TI2V-5B"}
+         "wan21": "Wan2.1-T2V-14B", "wan22-5b": "Wan2.2-TI2V-5B", "chroma": "Chroma1-HD",
+         "flux2": "FLUX.2-dev", "chroma-radiance": "Chroma1-Radiance"}
 VAES = {"sd-sdxl": lambda: ldm_vae_shapes(4, quant_convs=True),  # SD1 / SD2 / SDXL design
         "flux-sd3": lambda: ldm_vae_shapes(16, quant_convs=False),  # FLUX.1 / SD3 design
-        "wan21": lambda: wan_vae_shapes(WAN21_VAE), "wan22": lambda: wan_vae_shapes(WAN22_VAE)}
+        "wan21": lambda: wan_vae_shapes(WAN21_VAE), "wan22": lambda: wan_vae_shapes(WAN22_VAE),
+        "flux2": flux2_vae_shapes}
 # the VAE design each base runs with; every other pair is incompatible
 RIGHT = {"flux": "flux-sd3", "sd3": "flux-sd3", "z-image": "flux-sd3", "qwen-image": "wan21",
-         "lumina2": "flux-sd3", "hidream": "flux-sd3", "wan21": "wan21", "wan22-5b": "wan22"}
+         "lumina2": "flux-sd3", "hidream": "flux-sd3", "wan21": "wan21", "wan22-5b": "wan22",
+         "chroma": "flux-sd3", "flux2": "flux2", "chroma-radiance": None}  # Radiance draws pixels
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """The model families sdkit knows, one module each, and the lookups built from them.
 
-Each family module (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`, `kolors.py`, `playground.py`)
-holds what sdkit knows about its family as data (a `Family`, see `spec.py`): released
-sizes and variants (`releases`), how its denoiser's keys are named in each convention with
-their shapes (`layouts`), the text encoders and VAE it needs, its latent format, prediction
-type, ModelSpec architecture strings, the kohya base-model version, Civitai base-model names
-and AIR ecosystem — each with the peer source it was taken from. `identify()` and the writers
-read these tables; they name no family themselves.
+Each family module (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`, `flux2.py`, `chroma.py`,
+`kolors.py`, `playground.py`) holds what sdkit knows about its family as data (a `Family`,
+see `spec.py`): released sizes and variants (`releases`), how its denoiser's keys are named
+in each convention with their shapes (`layouts`), the text encoders and VAE it needs, its
+latent format, prediction type, ModelSpec architecture strings, the kohya base-model
+version, Civitai base-model names and AIR ecosystem — each with the peer source it was
+taken from. `identify()` and the writers read these tables; they name no family themselves.
 
 Adding a family:
 1. write `sdkit/arch/families/<name>.py` with a module docstring citing the facts and
@@ -26,12 +26,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from sdkit.arch.families import (flux, hidream, kolors, lumina2, playground, qwen_image, sd, sd3, sdxl,
-                                 wan, z_image)
+from sdkit.arch.families import (chroma, flux, flux2, hidream, kolors, lumina2, playground, qwen_image, sd,
+                                 sd3, sdxl, wan, z_image)
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
                                       TextEncoderSpec)
 
-_MODULES = (sd, sdxl, sd3, flux, kolors, playground, z_image, qwen_image, lumina2, hidream, wan)
+_MODULES = (sd, sdxl, sd3, flux, flux2, chroma, kolors, playground, z_image, qwen_image, lumina2, hidream, wan)
 
 FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
 

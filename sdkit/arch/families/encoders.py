@@ -21,6 +21,11 @@ QWEN25_VL_7B = TextEncoderSpec("text_encoder", "qwen2.5-vl", 3584, "Qwen2.5-VL-7
 GEMMA2_2B = TextEncoderSpec("text_encoder", "gemma2", 2304, "Gemma-2-2B")  # google/gemma-2-2b: Lumina 2
 LLAMA31_8B = TextEncoderSpec("text_encoder_4", "llama", 4096, "Llama-3.1-8B")  # HiDream-I1's fourth encoder
 UMT5_XXL = TextEncoderSpec("text_encoder", "umt5", 4096, "UMT5-XXL")  # google/umt5-xxl encoder (Wan)
+# FLUX.2's context is three stacked hidden states of a decoder LLM: FLUX.2-dev ships Mistral
+# Small 3.1 24B (BFL flux2 `text_encoder.py` pairs 3.1's processor with the 3.2 weights, the
+# same architecture: hidden 5120); FLUX.2 Klein 4B / 9B load Qwen/Qwen3-4B / Qwen3-8B
+MISTRAL_SMALL_3 = TextEncoderSpec("text_encoder", "mistral", 5120, "Mistral Small 3.1 24B")
+QWEN3_8B = TextEncoderSpec("text_encoder", "qwen3", 4096, "Qwen3-8B")
 
 
 def with_component(spec: TextEncoderSpec, component: str) -> TextEncoderSpec:

@@ -21,8 +21,9 @@ schnell by the guidance embedder (diffusers `infer_diffusers_model_type`, ComfyU
 `ss_base_model_version` `flux1` (sd-scripts); Civitai base models "Flux.1 D", "Flux.1 S",
 "Flux.1 Krea", "Flux.1 Kontext" in ecosystems Flux1, FluxKrea, Flux1Kontext (civitai
 `basemodel.constants.ts`). Kontext and Krea have dev's keys and shapes: only metadata can
-name them. FLUX.2, Chroma and other relatives lack `vector_in` / per-block modulation and
-are reported as unknown transformers, not as FLUX.1.
+name them. FLUX.2 and Chroma lack `vector_in` and the per-block modulation (`img_mod`) this
+layout requires: they are their own families (`flux2.py`, `chroma.py`), never FLUX.1, and
+other relatives without them are reported as unknown transformers.
 """
 
 from __future__ import annotations

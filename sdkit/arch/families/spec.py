@@ -36,6 +36,9 @@ class LatentFormat:
     latents_mean: tuple[float, ...] | None = None  # per-channel statistics (Playground v2.5)
     latents_std: tuple[float, ...] | None = None
     video: bool = False  # the latent of a 3-D (causal video) VAE, with a time axis
+    # FLUX.2: latents are patchified 2x2 and normalized by the VAE's own BatchNorm running
+    # statistics (`bn.running_mean` / `bn.running_var`), not by a scale and shift
+    batch_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ class Release:
     ratios: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     variant: str = "normal"  # Identity.variant: normal | inpaint | pix2pix | depth
     named_by: tuple[str, ...] = ()
+    # the text encoders of this release where they differ from the family's (FLUX.2 Klein:
+    # Qwen3, where FLUX.2-dev has Mistral)
+    text_encoders: tuple[TextEncoderSpec, ...] = ()
     modelspec_architecture: str | None = None
     civitai_base_models: tuple[str, ...] = ()
     air_ecosystem: str | None = None  # Civitai ecosystem key, lowercased as AIRs write it
@@ -106,7 +112,7 @@ class Family:
     modelspec_architecture: str | None
     kohya_base_model_version: str | None
     text_encoders: tuple[TextEncoderSpec, ...]
-    vae_part: str  # what people call the VAE this family needs
+    vae_part: str  # what people call the VAE this family needs; "" for a pixel-space model
     # "epsilon" | "v-or-epsilon" (SD2: releases of both) | "flow" (flow matching) | "edm"
     prediction: str = "epsilon"
     other_unet_channels: tuple[int, ...] = ()  # further released sizes (SD3.5 large)

@@ -27,8 +27,10 @@ COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": 
 # families whose LoRAs fit each other's models (same architecture, other training)
 _SAME_ARCHITECTURE = ({"sdxl-base", "playground-v2.5"},)
 _BASE_KINDS = ("checkpoint", "unet", "text-encoder")
-# guesses from which parts an adapter touches: too weak to refuse an adapter on
-_WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names")
+# guesses from which parts an adapter touches: too weak to refuse an adapter on ("Flux
+# block names" alone fit FLUX.1 and Chroma alike)
+_WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names",
+                         "Flux block names")
 
 
 @dataclass(frozen=True)
