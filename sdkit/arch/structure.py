@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts
 from sdkit.arch.denoiser import DenoiserFacts
-from sdkit.arch.families import FAMILIES, families_with_encoder_kinds, families_with_latent
+from sdkit.arch.families import (DECODER_ARCHITECTURES, FAMILIES, encoder_spec, encoder_users,
+                                 families_with_encoder_kinds, families_with_latent)
 from sdkit.arch.fingerprint import match_release
 
 RELEASED_VAE_CHANNELS = 128  # first conv width of every released SD / SDXL / SD3 / Flux VAE
@@ -77,8 +78,14 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     """Family of a file holding only text encoders (a lone bigG reads as SDXL base).
 
     With a T5 among them, the kinds of encoders must be one family's exactly (a CLIP and
-    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves both, so names none."""
+    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves both, so names none.
+    A decoder language model names the one model that runs with it, where only one does
+    and sdkit knows it: Gemma-2-2B is Lumina 2's, but Qwen3-4B serves Z-Image and FLUX.2
+    [klein] 4B alike, so names none."""
     components = {e.component for e in encoders}
+    if any(e.architecture in DECODER_ARCHITECTURES for e in encoders):
+        families, others = shared_encoder_users(encoders)
+        return families[0] if len(families) == 1 and not others else "unknown"
     if any(e.architecture in _T5_KINDS for e in encoders):
         matching = families_with_encoder_kinds([e.architecture for e in encoders])
         return matching[0] if len(matching) == 1 else "unknown"
@@ -87,6 +94,21 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     if hints.sd2_text_encoder or any(e.width == 1024 or e.architecture == "openclip" for e in encoders):
         return "sd2"
     return "sd1"
+
+
+def shared_encoder_users(encoders: list[TextEncoderFacts]) -> tuple[list[str], list[str]]:
+    """(sdkit families, other models) that run with every one of these encoders; nothing
+    where one of them is no released encoder."""
+    families: list[str] | None = None
+    others: list[str] | None = None
+    for encoder in encoders:
+        spec = encoder_spec(**encoder.to_facts())
+        if spec is None:
+            return [], []
+        mine, outside = encoder_users(spec)
+        families = mine if families is None else [f for f in families if f in mine]
+        others = outside if others is None else [o for o in others if o in outside]
+    return families or [], others or []
 
 
 def dimension_mismatches(family: str, denoiser: DenoiserFacts | None,
