@@ -10,7 +10,13 @@ Text encoders are found by their token-embedding table:
 - OpenCLIP (`token_embedding.weight` beside `transformer.resblocks.*`), as in SD2
   `cond_stage_model.model.*` and SDXL `conditioner.embedders.{0,1}.model.*`;
 - T5 encoders (`shared.weight` / `encoder.embed_tokens.weight`, SD3 / Flux), and UMT5
-  (Wan), told from T5 by a relative-position bias in every layer.
+  (Wan), told from T5 by a relative-position bias in every layer;
+- decoder-only language models (`embed_tokens.weight` beside `layers.N.self_attn.q_proj`):
+  Qwen3, Qwen2.5-VL, Gemma 2, Llama, Mistral, under the roots their files use: HF
+  `model.` (and ComfyUI's `models/text_encoders` files, the same names), the bare base
+  model (`Gemma2Model` in Lumina 2's diffusers folder), transformers 5's
+  `model.language_model.` and older transformers' `language_model.model.` for the
+  vision-language classes, and ComfyUI all-in-one `text_encoders.<slot>.transformer.model.`.
 Their place in the file says which diffusers component they are (formats.md (b)).
 """
 
@@ -27,19 +33,30 @@ _T5_TABLES = ("encoder.embed_tokens.weight", "shared.weight")
 _TOKEN_TABLES = (_OPENCLIP_TOKEN_TABLE, *_T5_TABLES)
 _UMT5_SECOND_BIAS = "encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"  # every HF CLIP table ends like OpenCLIP's
 # subtrees that never hold a text encoder (checkpoint denoiser, VAE, EMA copies)
+_DECODER_TOKEN_TABLE = "embed_tokens.weight"
+# levels between a decoder's file root and its layers, longest first (HF CausalLM `model.`,
+# transformers 5 vision-language `model.language_model.`, older `language_model.model.`)
+_DECODER_LEVELS = ("model.language_model.", "language_model.model.", "model.")
+_VISION_TOWERS = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.")
 _NOT_TEXT = ("model.diffusion_model.", "first_stage_model.", "model_ema.")
 _SD3_SLOTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 
 
 @dataclass
 class TextEncoderFacts:
-    component: str  # diffusers component name: text_encoder | text_encoder_2 | text_encoder_3
+    component: str  # diffusers component name: text_encoder … text_encoder_4
     prefix: str  # key prefix of this encoder in the file
-    architecture: str  # "clip" (HF layout) | "openclip" | "t5" | "umt5"
+    architecture: str  # "clip" (HF layout) | "openclip" | "t5" | "umt5" | a decoder design ("qwen3", …)
     width: int
     layers: int
     projection: bool
     text_model_level: bool | None = None  # HF CLIP keys carry `text_model.`
+    # decoder language models: what tells one released model from another of its design
+    vocab: int | None = None
+    query_width: int | None = None  # q_proj outputs: query heads x head width
+    kv_width: int | None = None  # k_proj outputs: key/value heads x head width
+    head_dim: int | None = None  # from the per-head q norm where the design has one
+    vision: bool | None = None  # a vision tower beside it (Qwen2.5-VL `visual.*`, Pixtral)
 
     def to_facts(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -75,6 +92,10 @@ def find_text_encoders(view: KeyView, component: str | None = None) -> list[Text
 
 
 def _measure_encoder(view: KeyView, name: str) -> TextEncoderFacts | None:
+    if name.endswith(_DECODER_TOKEN_TABLE) and len(view.shape(name)) == 2:
+        decoder = _measure_decoder(view, name[: -len(_DECODER_TOKEN_TABLE)])
+        if decoder is not None:
+            return decoder
     if not name.endswith(_TOKEN_TABLES) or len(view.shape(name)) != 2:
         return None  # not a (vocabulary, width) token table
     if name.endswith(_HF_TOKEN_TABLE):
@@ -102,6 +123,47 @@ def _measure_encoder(view: KeyView, name: str) -> TextEncoderFacts | None:
                                         width=view.shape(name)[1], layers=len(layers),
                                         projection=False)
     return None
+
+
+def _measure_decoder(view: KeyView, root: str) -> TextEncoderFacts | None:
+    """A decoder-only language model whose token table, layers and final norm sit at `root`."""
+    query = view.shape(root + "layers.0.self_attn.q_proj.weight")
+    key = view.shape(root + "layers.0.self_attn.k_proj.weight")
+    if query is None or key is None or len(query) != 2 or len(key) != 2:
+        return None
+    vocab, width = view.shape(root + _DECODER_TOKEN_TABLE)
+    head_norm = view.shape(root + "layers.0.self_attn.q_norm.weight")
+    prefix = _decoder_prefix(root)
+    return TextEncoderFacts(
+        component="", prefix=prefix, architecture=_decoder_design(view, root), width=width,
+        layers=len(view.indices(_layer_pattern(root + "layers."))), projection=False, vocab=vocab,
+        query_width=query[0], kv_width=key[0], head_dim=head_norm[0] if head_norm else None,
+        vision=any(view.has_prefix(prefix + tower) for tower in _VISION_TOWERS),
+    )
+
+
+def _decoder_prefix(root: str) -> str:
+    """Where the whole model starts: the root less the language model's own levels, so the
+    vision tower and output head beside it count as the same encoder."""
+    for level in _DECODER_LEVELS:
+        if root.endswith(level):
+            return root[: -len(level)]
+    return root
+
+
+def _decoder_design(view: KeyView, root: str) -> str:
+    """Gemma keeps norms after attention and feed-forward (Gemma 3 adds per-head q/k norms);
+    Qwen3 has per-head q/k norms; Qwen2 (the language half of Qwen2.5-VL) biased q/k/v;
+    Llama 3 and Mistral none of these (ComfyUI `comfy/sd.py` `detect_te_model`)."""
+    layer = root + "layers.0."
+    head_norm = view.has(layer + "self_attn.q_norm.weight")
+    if view.has(layer + "post_feedforward_layernorm.weight"):
+        return "gemma3" if head_norm else "gemma2"
+    if head_norm:
+        return "qwen3"
+    if view.has(layer + "self_attn.k_proj.bias"):
+        return "qwen2.5-vl"
+    return "llama"
 
 
 def _t5_kind(view: KeyView, prefix: str) -> str:

@@ -62,7 +62,7 @@ def _encoders_part(identity: Identity) -> str:
     encoders = identity.facts.get("text_encoders") or []
     names = []
     for encoder in encoders:
-        spec = encoder_spec(encoder["architecture"], encoder["width"])
+        spec = encoder_spec(**encoder)
         names.append(spec.part if spec else f"{encoder['architecture']} (width {encoder['width']})")
     if len(encoders) == 1 and encoders[0]["architecture"] in ("t5", "umt5"):
         return f"{names[0]} encoder"

@@ -16,7 +16,8 @@ from typing import Any, Callable, Mapping
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts, find_text_encoders, probe_vae
 from sdkit.arch.denoiser import DenoiserFacts, probe_denoiser, probe_denoisers, unet_variant
-from sdkit.arch.families import FAMILIES, encoder_spec, families_with_latent
+from sdkit.arch.families import (DECODER_ARCHITECTURES, FAMILIES, encoder_spec, families_with_latent,
+                                 family_from_pipeline_class)
 from sdkit.arch.fingerprint import describe_unknown_transformer, looks_like_transformer, match_release
 from sdkit.arch.hygiene import precision_of
 from sdkit.arch.identity import Identity
@@ -24,7 +25,7 @@ from sdkit.arch.keyview import KeyView
 from sdkit.arch.metadata import MetadataHints
 from sdkit.arch.prediction import denoiser_prediction
 from sdkit.arch.structure import (StructureHints, denoiser_family, dimension_mismatches,
-                                  text_encoder_family, vae_compatible_families, vae_mismatches)
+                                  shared_encoder_users, text_encoder_family, vae_compatible_families, vae_mismatches)
 from sdkit.errors import with_article
 from sdkit.io.model_file import ModelFile
 
@@ -35,7 +36,7 @@ _VAE_PREFIXES = ("first_stage_model.", "vae.")
 _CONTROLNET_MARKERS = ("control_model.", "controlnet_cond_embedding.", "controlnet_down_blocks.",
                        "controlnet_blocks.", "input_hint_block.", "zero_convs.")
 _COMPONENT_ORDER = ("unet", "transformer", "controlnet", "vae", "text_encoder", "text_encoder_2",
-                    "text_encoder_3")
+                    "text_encoder_3", "text_encoder_4")
 
 
 @dataclass
@@ -193,7 +194,22 @@ def identify_diffusers_folder(model: ModelFile, hints: MetadataHints) -> Identit
     identity.precision = precision_of(model, lambda name: name.split("/", 1)[0])
     if index.get("_class_name"):
         identity.facts["pipeline_class"] = index["_class_name"]
+        _check_pipeline_class(identity, str(index["_class_name"]))
     return identity
+
+
+def _check_pipeline_class(identity: Identity, class_name: str) -> None:
+    """The family a pipeline class names (QwenImageEditPipeline: Qwen-Image) settles a folder
+    whose weights name none, and is noted where the weights say otherwise."""
+    named = family_from_pipeline_class(class_name)
+    if named is None or named == identity.family:
+        return
+    if identity.family == "unknown":
+        identity.family = named
+        identity.notes.append(f"family from model_index.json: {class_name}")
+    else:
+        identity.notes.append(f"model_index.json names {class_name} ({FAMILIES[named].title}); "
+                              f"the weights say {identity.family}")
 
 
 def _pipeline_hints(index: dict[str, Any], configs: dict[str, Any], model: ModelFile) -> StructureHints:
@@ -228,6 +244,8 @@ def _identify_parts(model: ModelFile, parts: Parts, hints: MetadataHints,
         _describe_denoiser(model, parts, hints, structure, scheduler_config, identity)
     elif parts.encoders and parts.vae is None:
         identity.family = hints.family or text_encoder_family(parts.encoders, structure)
+        if identity.family == "unknown":
+            _note_encoder_users(parts.encoders, identity)
         _assign_encoder_slots(parts.encoders, identity.family)
         _flag_mismatches(identity, dimension_mismatches(identity.family, None, parts.encoders, None))
     elif parts.vae is not None:
@@ -290,14 +308,31 @@ def _describe_release(model: ModelFile, denoiser: DenoiserFacts, identity: Ident
                               + f" {verb} the same keys and shapes; only metadata can name them")
 
 
+def _note_encoder_users(encoders: list[TextEncoderFacts], identity: Identity) -> None:
+    """Say which models run with text encoders that name no family by themselves (several
+    do, or only models sdkit has no family for)."""
+    families, others = shared_encoder_users(encoders)
+    if not families and not others:
+        return
+    identity.facts["encoder_families"] = families
+    if others:
+        identity.facts["encoder_other_models"] = others
+    names = [FAMILIES[f].title for f in families] + others
+    parts = " + ".join(spec.part for spec in (encoder_spec(**e.to_facts()) for e in encoders) if spec)
+    which = "; the weights alone do not tell which" if len(names) > 1 else ""
+    identity.notes.append(f"{parts}: used by {', '.join(names)}{which}")
+
+
 def _assign_encoder_slots(encoders: list[TextEncoderFacts], family: str) -> None:
-    """ComfyUI's `text_encoders.<slot>` names no diffusers component: the family's own
-    encoder of that kind and width does (T5-XXL is SD3's text_encoder_3, FLUX.1's _2)."""
+    """ComfyUI's `text_encoders.<slot>` names no diffusers component, nor does a language
+    model's own file: the family's own encoder of that kind and width does (T5-XXL is SD3's
+    text_encoder_3, FLUX.1's _2; Llama-3.1-8B is HiDream's text_encoder_4)."""
     ref = FAMILIES.get(family)
     for encoder in encoders:
-        if ref is None or not encoder.prefix.startswith("text_encoders."):
+        placed = encoder.prefix.startswith("text_encoders.") or encoder.architecture in DECODER_ARCHITECTURES
+        if ref is None or not placed:
             continue
-        spec = encoder_spec(encoder.architecture, encoder.width)
+        spec = encoder_spec(**encoder.to_facts())
         mine = next((s for s in ref.text_encoders if spec is not None and s.part == spec.part), None)
         if mine is not None:
             encoder.component = mine.component

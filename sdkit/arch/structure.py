@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from sdkit.arch.components import TextEncoderFacts, VaeFacts
 from sdkit.arch.denoiser import DenoiserFacts
-from sdkit.arch.families import FAMILIES, families_with_encoder_kinds, families_with_latent
+from sdkit.arch.families import (DECODER_ARCHITECTURES, FAMILIES, encoder_spec, encoder_users, family_encoders,
+                                 families_with_encoder_kinds, families_with_latent)
 from sdkit.arch.fingerprint import match_release
 
 RELEASED_VAE_CHANNELS = 128  # first conv width of every released SD / SDXL / SD3 / Flux VAE
@@ -77,9 +78,14 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     """Family of a file holding only text encoders (a lone bigG reads as SDXL base).
 
     With a T5 among them, the kinds of encoders must be one family's exactly (a CLIP and
-    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves SD3, FLUX.1 and Chroma
-    alike, so names none."""
+    a T5 is FLUX.1, two CLIPs and a T5 SD3); a lone T5-XXL serves SD3, FLUX.1 and Chroma alike, so names none.
+    A decoder language model names the one model that runs with it, where only one does
+    and sdkit knows it: Gemma-2-2B is Lumina 2's, but Qwen3-4B serves Z-Image and FLUX.2
+    [klein] 4B alike, so names none."""
     components = {e.component for e in encoders}
+    if any(e.architecture in DECODER_ARCHITECTURES for e in encoders):
+        families, others = shared_encoder_users(encoders)
+        return families[0] if len(families) == 1 and not others else "unknown"
     if any(e.architecture in _T5_KINDS for e in encoders):
         if len(encoders) == 1 and encoders[0].architecture == "t5":
             return "unknown"  # a lone T5-XXL serves SD3, FLUX.1, Chroma, HiDream
@@ -92,6 +98,21 @@ def text_encoder_family(encoders: list[TextEncoderFacts], hints: StructureHints)
     return "sd1"
 
 
+def shared_encoder_users(encoders: list[TextEncoderFacts]) -> tuple[list[str], list[str]]:
+    """(sdkit families, other models) that run with every one of these encoders; nothing
+    where one of them is no released encoder."""
+    families: list[str] | None = None
+    others: list[str] | None = None
+    for encoder in encoders:
+        spec = encoder_spec(**encoder.to_facts())
+        if spec is None:
+            return [], []
+        mine, outside = encoder_users(spec)
+        families = mine if families is None else [f for f in families if f in mine]
+        others = outside if others is None else [o for o in others if o in outside]
+    return families or [], others or []
+
+
 def dimension_mismatches(family: str, denoiser: DenoiserFacts | None,
                          encoders: list[TextEncoderFacts], vae: VaeFacts | None) -> list[str]:
     """Human-readable differences between measured and released dimensions."""
@@ -100,11 +121,13 @@ def dimension_mismatches(family: str, denoiser: DenoiserFacts | None,
     if ref is not None and denoiser is not None:
         found += _denoiser_mismatches(family, denoiser)
     if ref is not None:
-        by_component = {spec.component: spec for spec in ref.text_encoders}
+        widths: dict[str, list[int]] = {}
+        for spec in family_encoders(ref):  # a release may run with another encoder (FLUX.2 Klein)
+            widths.setdefault(spec.component, []).append(spec.width)
         for encoder in encoders:
-            spec = by_component.get(encoder.component)
-            if spec is not None and encoder.width != spec.width:
-                found.append(f"{encoder.component} width {encoder.width} ({family} has {spec.width})")
+            released = widths.get(encoder.component)
+            if released and encoder.width not in released:
+                found.append(f"{encoder.component} width {encoder.width} ({family} has {released[0]})")
     if vae is not None:
         found += vae_mismatches(vae, family)
     return found

@@ -37,7 +37,7 @@ NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "
 RELEASE_NEEDS = {"Wan2.1-I2V-14B-480P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
                  "Wan2.1-I2V-14B-720P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
                  "Wan2.2-TI2V-5B": ["UMT5-XXL", "Wan 2.2 VAE"],
-                 "FLUX.2-dev": ["Mistral Small 3.1 24B", "FLUX.2 VAE"],
+                 "FLUX.2-dev": ["Mistral-Small-3.1-24B", "FLUX.2 VAE"],
                  "FLUX.2-klein-4B": ["Qwen3-4B", "FLUX.2 VAE"], "FLUX.2-klein-9B": ["Qwen3-8B", "FLUX.2 VAE"]}
 VARIANTS = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth", "Wan2.1-I2V-14B-480P": "i2v",
             "Wan2.1-I2V-14B-720P": "i2v", "Wan2.2-I2V-A14B": "i2v"}

@@ -28,6 +28,7 @@ from collections import Counter
 
 from sdkit.arch.families import (chroma, flux, flux2, hidream, kolors, lumina2, playground, qwen_image, sd,
                                  sd3, sdxl, wan, z_image)
+from sdkit.arch.families.encoders import DECODER_ARCHITECTURES, RELEASED_ENCODERS
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
                                       TextEncoderSpec)
 
@@ -106,11 +107,35 @@ def _encoder_kind(architecture: str) -> str:
     return "clip" if architecture in ("clip", "openclip") else architecture
 
 
-def encoder_spec(architecture: str, width: int) -> TextEncoderSpec | None:
-    """The released text encoder of this architecture and width that some family uses."""
+def _released_encoders() -> list[TextEncoderSpec]:
+    """Every released encoder sdkit names: the shared table, then any only a family lists."""
+    specs = list(RELEASED_ENCODERS)
+    parts = {spec.part for spec in specs}
+    specs += [spec for f in FAMILIES.values() for spec in f.text_encoders if spec.part not in parts]
+    return specs
+
+
+def encoder_spec(architecture: str, width: int, *, layers: int | None = None, vocab: int | None = None,
+                 query_width: int | None = None, kv_width: int | None = None,
+                 head_dim: int | None = None, **_: object) -> TextEncoderSpec | None:
+    """The released text encoder of this architecture and width (and, where the released one
+    states them and they were measured, layer count, vocabulary and attention widths).
+    Takes a text encoder's facts as keywords; facts it does not compare are ignored."""
     kind = _encoder_kind(architecture)
-    return next((spec for f in FAMILIES.values() for spec in f.text_encoders
-                 if _encoder_kind(spec.architecture) == kind and spec.width == width), None)
+    measured = {"layers": layers, "vocab": vocab, "query_width": query_width, "kv_width": kv_width,
+                "head_dim": head_dim}
+    return next((spec for spec in _released_encoders()
+                 if _encoder_kind(spec.architecture) == kind and spec.width == width
+                 and _sizes_fit(spec, measured)), None)
+
+
+def _sizes_fit(spec: TextEncoderSpec, measured: dict[str, int | None]) -> bool:
+    stated: dict[str, int | None] = {"layers": spec.layers, "vocab": spec.vocab}
+    if spec.heads is not None:
+        heads, kv_heads, head_dim = spec.heads
+        stated.update(query_width=heads * head_dim, kv_width=kv_heads * head_dim, head_dim=head_dim)
+    return all(measured[name] is None or value is None or measured[name] == value
+               for name, value in stated.items())
 
 
 def families_using_encoder(architecture: str, width: int) -> list[str]:
@@ -118,6 +143,23 @@ def families_using_encoder(architecture: str, width: int) -> list[str]:
     kind = _encoder_kind(architecture)
     return [f.name for f in FAMILIES.values()
             if any(_encoder_kind(s.architecture) == kind and s.width == width for s in f.text_encoders)]
+
+
+def encoder_users(spec: TextEncoderSpec) -> tuple[list[str], list[str]]:
+    """(sdkit families, other models) that run with this released encoder."""
+    families = [f.name for f in FAMILIES.values() if any(s.part == spec.part for s in family_encoders(f))]
+    return families, list(spec.used_outside)
+
+
+def family_encoders(family: Family) -> list[TextEncoderSpec]:
+    """The family's text encoders and those its releases run with instead (FLUX.2 Klein)."""
+    return [*family.text_encoders, *(s for release in family.releases for s in release.text_encoders)]
+
+
+def family_from_pipeline_class(class_name: str) -> str | None:
+    """Family named by a diffusers `model_index.json` `_class_name` ("QwenImageEditPipeline")."""
+    return next((f.name for f in FAMILIES.values()
+                 if f.diffusers_pipeline_pattern and re.fullmatch(f.diffusers_pipeline_pattern, class_name)), None)
 
 
 def families_with_encoder_kinds(architectures: list[str]) -> list[str]:
@@ -147,9 +189,11 @@ def _latent_fits(latent: LatentFormat, channels: int, scaling_factor: float | No
 
 
 __all__ = [
-    "FAMILIES", "FAMILY_BY_CONTEXT_DIM", "FAMILY_BY_EMBEDDING_WIDTH", "DenoiserLayout", "Family",
-    "LatentFormat", "Release", "TextEncoderSpec", "default_resolution", "encoder_spec",
-    "families_using_encoder", "families_with_encoder_kinds", "families_with_latent",
+    "family_encoders",
+    "DECODER_ARCHITECTURES", "FAMILIES", "FAMILY_BY_CONTEXT_DIM", "FAMILY_BY_EMBEDDING_WIDTH",
+    "DenoiserLayout", "Family", "LatentFormat", "Release", "TextEncoderSpec", "default_resolution",
+    "encoder_spec", "encoder_users", "families_using_encoder", "family_from_pipeline_class",
+    "families_with_encoder_kinds", "families_with_latent",
     "family_from_kohya_version", "family_from_modelspec", "kohya_base_model_version",
     "modelspec_architecture",
 ]

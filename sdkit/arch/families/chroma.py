@@ -101,7 +101,7 @@ CHROMA = Family(
     default_resolution=1024, modelspec_architecture="chroma", kohya_base_model_version=None,
     text_encoders=(_T5,), vae_part=FLUX.vae_part, prediction="flow",
     modelspec_prefixes=("chroma",), kohya_version_pattern=r"chroma(?![-_ ]?radiance)",
-    civitai_base_models=("Chroma",), air_ecosystem="chroma",
+    civitai_base_models=("Chroma",), air_ecosystem="chroma", diffusers_pipeline_pattern=r"Chroma\w*Pipeline",
     layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("Chroma1-HD", dims={**_BACKBONE, **_LATENT}, ratios=_PLAIN,

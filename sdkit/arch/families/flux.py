@@ -89,6 +89,7 @@ FLUX = Family(
     prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline",
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

@@ -33,7 +33,7 @@ taken for FLUX.1.
 
 from __future__ import annotations
 
-from sdkit.arch.families.encoders import MISTRAL_SMALL_3, QWEN3_4B, QWEN3_8B
+from sdkit.arch.families.encoders import MISTRAL_SMALL_31, QWEN3_4B, QWEN3_8B
 from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
 
 _TIME_FEATURES = 256  # sinusoidal timestep / guidance features (`timestep_guidance_channels`)
@@ -90,12 +90,12 @@ FLUX2 = Family(
     adm_channels=None, unet_levels=None, in_channels=128,
     latent=LatentFormat(channels=32, scaling_factor=1.0, batch_norm=True),
     default_resolution=1024, modelspec_architecture=None, kohya_base_model_version=None,
-    text_encoders=(MISTRAL_SMALL_3,), vae_part="FLUX.2 VAE", prediction="flow",
+    text_encoders=(MISTRAL_SMALL_31,), vae_part="FLUX.2 VAE", prediction="flow",
     other_unet_channels=(3072, 4096), modelspec_prefixes=("flux.2", "flux-2", "flux2"),
     kohya_version_pattern=r"flux[-._ ]?2",
     civitai_base_models=("Flux.2 D", "Flux.2 Klein 9B", "Flux.2 Klein 9B-base", "Flux.2 Klein 4B",
                          "Flux.2 Klein 4B-base"),
-    air_ecosystem="flux2", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    air_ecosystem="flux2", diffusers_pipeline_pattern=r"Flux2\w*Pipeline", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("FLUX.2-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="Flux.2-dev", civitai_base_models=("Flux.2 D",),

@@ -61,6 +61,7 @@ HIDREAM = Family(
     default_resolution=1024, modelspec_architecture=None, kohya_base_model_version=None,
     text_encoders=(CLIP_L, CLIP_G, T5_XXL, LLAMA31_8B), vae_part="FLUX VAE", prediction="flow",
     civitai_base_models=("HiDream",), air_ecosystem="hidream", layouts=(DIFFUSERS_LAYOUT,),
+    diffusers_pipeline_pattern=r"HiDreamImage\w*Pipeline",
     releases=(
         _release("HiDream-I1"),  # the shared design: what a file without naming metadata is
         _release("HiDream-I1-Full", ("full",)),

@@ -71,6 +71,7 @@ LUMINA2 = Family(
     default_resolution=1024, modelspec_architecture="lumina-2", kohya_base_model_version=None,
     text_encoders=(GEMMA2_2B,), vae_part="FLUX VAE", prediction="flow",
     modelspec_prefixes=("lumina",), civitai_base_models=("Lumina",), air_ecosystem="lumina",
+    diffusers_pipeline_pattern=r"Lumina2\w*Pipeline",
     layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("Lumina-Image-2.0", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="lumina-2",

@@ -68,6 +68,7 @@ QWEN_IMAGE = Family(
     default_resolution=1328, modelspec_architecture="Qwen-Image", kohya_base_model_version=None,
     text_encoders=(QWEN25_VL_7B,), vae_part="Qwen-Image VAE", prediction="flow",
     modelspec_prefixes=("qwen-image",), civitai_base_models=("Qwen",), air_ecosystem="qwen",
+    diffusers_pipeline_pattern=r"QwenImage\w*Pipeline",
     layouts=(DIFFUSERS_LAYOUT,),
     releases=(
         Release("Qwen-Image", dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT,

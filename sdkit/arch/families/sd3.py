@@ -55,7 +55,7 @@ SD3 = Family(
     text_encoders=(CLIP_L, CLIP_G, T5_XXL), vae_part="SD3 VAE", prediction="flow",
     other_unet_channels=(2432,), modelspec_prefixes=("stable-diffusion-v3", "stable-diffusion-3"),
     kohya_version_pattern=r"sd3", civitai_base_models=("SD 3", "SD 3.5"), air_ecosystem="sd3",
-    gguf_architecture="sd3",
+    diffusers_pipeline_pattern=r"StableDiffusion3\w*Pipeline", gguf_architecture="sd3",
     layouts=(SGM_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("Stable Diffusion 3 Medium", dims={**_SHARED, "hidden": 1536, "depth": 24},

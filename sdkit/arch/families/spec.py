@@ -19,10 +19,18 @@ Dim = Union[int, str, None]
 class TextEncoderSpec:
     """One text encoder of a family, named as the diffusers component holding it."""
 
-    component: str  # "text_encoder" | "text_encoder_2" | "text_encoder_3"
-    architecture: str  # "clip" (HF CLIP layout) | "openclip" | "t5" | "chatglm"
+    component: str  # "text_encoder" … "text_encoder_4"
+    # "clip" (HF CLIP layout) | "openclip" | "t5" | "umt5" | "chatglm", or the design of a
+    # decoder-only language model: "qwen3" | "qwen2.5-vl" | "gemma2" | "llama" (Llama, Mistral)
+    architecture: str
     width: int
     part: str = ""  # the released encoder people name: "CLIP-L", "CLIP-G", "T5-XXL", …
+    # what tells decoder language models of one design and width apart (None: not checked)
+    layers: int | None = None
+    vocab: int | None = None
+    heads: tuple[int, int, int] | None = None  # query heads, key/value heads, head width
+    # models sdkit has no family for that run with this encoder too ("FLUX.2 [dev]")
+    used_outside: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,8 @@ class Family:
     kohya_v_suffix: bool = False  # sd-scripts appends "_v" for v-prediction
     kohya_version_pattern: str | None = None  # regex on lowercased `ss_base_model_version`
     gguf_architecture: str | None = None  # `general.architecture` ComfyUI-GGUF writes for it
+    # regex on a diffusers `model_index.json` `_class_name` of the family's pipelines
+    diffusers_pipeline_pattern: str | None = None
     civitai_base_models: tuple[str, ...] = ()  # Civitai `baseModel` values of the family
     air_ecosystem: str | None = None
     layouts: tuple[DenoiserLayout, ...] = ()

@@ -127,7 +127,7 @@ WAN = Family(
     modelspec_prefixes=("wan2", "wan-2"), civitai_base_models=(
         "Wan Video 1.3B t2v", "Wan Video 14B t2v", "Wan Video 14B i2v 480p", "Wan Video 14B i2v 720p",
         "Wan Video 2.2 TI2V-5B", "Wan Video 2.2 I2V-A14B", "Wan Video 2.2 T2V-A14B"),
-    air_ecosystem="wanvideo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
+    diffusers_pipeline_pattern=r"Wan\w*Pipeline", air_ecosystem="wanvideo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
     releases=(
         Release("Wan2.1-T2V-1.3B", dims=_SMALL, flags=_TEXT, ratios=_SAME_IN_OUT,
                 civitai_base_models=("Wan Video 1.3B t2v",), air_ecosystem="wanvideo1_3b_t2v"),

@@ -76,6 +76,7 @@ Z_IMAGE = Family(
     text_encoders=(QWEN3_4B,), vae_part="FLUX VAE", prediction="flow",
     modelspec_prefixes=("z-image",), civitai_base_models=("ZImageTurbo", "ZImageBase"),
     air_ecosystem="zimageturbo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
+    diffusers_pipeline_pattern=r"ZImage\w*Pipeline",
     releases=(
         # the shared design: what a file without naming metadata is
         Release("Z-Image", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="Z-Image",
