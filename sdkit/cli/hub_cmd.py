@@ -17,7 +17,7 @@ from rich.table import Table
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
 from sdkit.cli.terminal import SafeConsole, echo, shown
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 
 LIBRARY_ENV = "SDKIT_LIBRARY"
 
@@ -213,8 +213,8 @@ def add_command(files: tuple[Path, ...], library: Path | None, method: str,
         return
     for source, placement in zip(files, placements):
         verb = "added" if placement.status == "installed" else "already present"
-        echo(f"{verb}: {source} -> {placement.entry.path} ({placement.entry.kind}, "
-             f"{placement.entry.family})")
+        entry = placement.entry
+        echo(f"{verb}: {source} -> {entry.path} ({entry.part or entry.kind}; {_family_words(entry)})")
 
 
 @library_group.command("scan")
@@ -243,15 +243,27 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
     echo(f"{library.root}: {report.files} model files; {report.added} added, "
          f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
          f"{report.rehashed} hashed{rebuilt_note}")
+    for misplaced in report.misplaced:
+        echo(f"misplaced: {misplaced['path']} is {with_article(misplaced['kind'])}; "
+             f"{report.layout} reads those from {misplaced['folder']}")
+
+
+def _family_words(entry: Any) -> str:
+    """The family, with the release where known, and whether Civitai named it."""
+    words = entry.family + (f" ({entry.release})" if entry.release else "")
+    return words + (", from Civitai" if entry.family_source == "civitai" else "")
 
 
 def _entries_table(entries: list[Any], title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left")
-    for column in ("path", "kind", "family", "size", "sha256"):
-        table.add_column(column, no_wrap=column != "path")
+    for column in ("path", "kind", "family", "part", "size", "sha256"):
+        table.add_column(column, no_wrap=column not in ("path", "family", "part"))
     for entry in entries:
         kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
-        table.add_row(entry.path, kind, entry.family, _size(entry.size), (entry.sha256 or "")[:12])
+        # a row from before the index kept parts shows "?" until the next scan
+        part = "?" if entry.part is None else entry.part
+        table.add_row(entry.path, kind, _family_words(entry), part, _size(entry.size),
+                      (entry.sha256 or "")[:12])
     return table
 
 
@@ -367,11 +379,15 @@ def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json
             result = lookup_file(file, lib, client)
     if as_json:
         _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,
-                    **result.facts})
+                    **result.facts, "family": result.family, "notes": result.notes})
         return
     facts = result.facts
     echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
          f"({facts['model_type']}, {facts['base_model']})")
     if facts["trigger_words"]:
         echo(f"trigger words: {', '.join(facts['trigger_words'])}")
+    if result.stored:
+        echo(f"family: {result.family}")
+    for note in result.notes:
+        echo(f"note: {note}")
     click.echo("stored in the library index" if result.stored else "not in a library: nothing stored")

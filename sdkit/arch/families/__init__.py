@@ -85,6 +85,48 @@ def modelspec_architecture(family: str, *, variant: str = "normal", prediction: 
     return f"{base}/{adapter}" if adapter else base
 
 
+def _civitai_base_model_table() -> dict[str, tuple[str, str | None]]:
+    """Civitai `baseModel` (lowercased) -> (family, the one release it names or None).
+
+    A name several releases share ("SD 3.5", "Qwen") or that only the family lists
+    ("Pony") names no release. A name two families claim would name neither, so it is
+    left out rather than guessed.
+    """
+    table: dict[str, tuple[str, str | None]] = {}
+    claimed_by: dict[str, set[str]] = {}
+    for family in FAMILIES.values():
+        names = list(family.civitai_base_models)
+        names += [n for r in family.releases for n in r.civitai_base_models if n not in names]
+        for name in names:
+            releases = [r.name for r in family.releases if name in r.civitai_base_models]
+            table[name.lower()] = (family.name, releases[0] if len(releases) == 1 else None)
+            claimed_by.setdefault(name.lower(), set()).add(family.name)
+    return {name: named for name, named in table.items() if len(claimed_by[name]) == 1}
+
+
+CIVITAI_BASE_MODELS = _civitai_base_model_table()
+
+
+def family_for_civitai_base_model(base_model: str) -> tuple[str, str | None] | None:
+    """(family, release or None) that a Civitai `baseModel` names ("Flux.1 D" ->
+    ("flux", "FLUX.1-dev")); None for a name sdkit does not know ("Other")."""
+    return CIVITAI_BASE_MODELS.get(base_model.strip().lower())
+
+
+def civitai_base_models_for(family: str, release: str | None = None) -> tuple[str, ...]:
+    """The Civitai `baseModel` names of a release, or of the whole family when no release
+    is given or the release has none of its own."""
+    ref = FAMILIES.get(family)
+    if ref is None:
+        return ()
+    named = ref.release(release) if release else None
+    if named is not None and named.civitai_base_models:
+        return named.civitai_base_models
+    names = list(ref.civitai_base_models)
+    names += [n for r in ref.releases for n in r.civitai_base_models if n not in names]
+    return tuple(names)
+
+
 def kohya_base_model_version(family: str, *, prediction: str = "epsilon") -> str | None:
     """The `ss_base_model_version` sd-scripts writes for this family (None where it has none)."""
     ref = FAMILIES[family]
@@ -189,11 +231,10 @@ def _latent_fits(latent: LatentFormat, channels: int, scaling_factor: float | No
 
 
 __all__ = [
-    "family_encoders",
-    "DECODER_ARCHITECTURES", "FAMILIES", "FAMILY_BY_CONTEXT_DIM", "FAMILY_BY_EMBEDDING_WIDTH",
-    "DenoiserLayout", "Family", "LatentFormat", "Release", "TextEncoderSpec", "default_resolution",
-    "encoder_spec", "encoder_users", "families_using_encoder", "family_from_pipeline_class",
-    "families_with_encoder_kinds", "families_with_latent",
-    "family_from_kohya_version", "family_from_modelspec", "kohya_base_model_version",
+    "CIVITAI_BASE_MODELS", "DECODER_ARCHITECTURES", "FAMILIES", "FAMILY_BY_CONTEXT_DIM",
+    "FAMILY_BY_EMBEDDING_WIDTH", "DenoiserLayout", "Family", "LatentFormat", "Release", "TextEncoderSpec",
+    "civitai_base_models_for", "default_resolution", "encoder_spec", "encoder_users", "families_using_encoder",
+    "families_with_encoder_kinds", "families_with_latent", "family_encoders", "family_for_civitai_base_model",
+    "family_from_kohya_version", "family_from_modelspec", "family_from_pipeline_class", "kohya_base_model_version",
     "modelspec_architecture",
 ]

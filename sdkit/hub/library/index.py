@@ -1,8 +1,14 @@
 """The library index: one SQLite file, `<library>/.sdkit/index.sqlite`.
 
 One row per model file: relative path, size, mtime_ns, hashes (sha256, AutoV2, AutoV3,
-A1111 legacy), what identify() says (kind, family, adapter type), where it came from (a
-hub source, never a credential), trigger words and Civitai facts, when it was added.
+A1111 legacy), what identify() says (kind, family, adapter type, the part in words and the
+release), what decided the family (the weights, or Civitai's base model where the weights
+fit several families), notes for people, where it came from (a hub source, never a
+credential), trigger words and Civitai facts, when it was added.
+
+Columns added after the first version (part, release, family_source, notes) are added to
+an older index when it is opened; its rows read them as empty until the next scan fills
+them in (a scan re-identifies such rows from their headers without hashing again).
 WAL journal + a busy timeout + `BEGIN IMMEDIATE` transactions let several processes (two
 downloads at once, a scan beside them) write without losing each other's rows. Everything
 here can be rebuilt from disk by a scan, except sources and Civitai facts.
@@ -20,7 +26,7 @@ from typing import Any, Iterator
 from sdkit.errors import SdkitError
 from sdkit.hub.redact import redact_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 60.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -38,11 +44,18 @@ CREATE TABLE IF NOT EXISTS files (
     trigger_words TEXT NOT NULL DEFAULT '[]',
     hub TEXT,
     added_at TEXT NOT NULL,
-    indexed_at TEXT NOT NULL
+    indexed_at TEXT NOT NULL,
+    part TEXT,
+    release TEXT,
+    family_source TEXT,
+    notes TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# columns of later schema versions, added in place to an index made before them
+_ADDED_COLUMNS = {"part": "TEXT", "release": "TEXT", "family_source": "TEXT",
+                  "notes": "TEXT NOT NULL DEFAULT '[]'"}
 
 
 class IndexDamaged(SdkitError):
@@ -66,6 +79,10 @@ class Entry:
     hub: dict[str, Any] | None = None  # what the hub said: Civitai ids and names, HF repo…
     added_at: str = ""
     indexed_at: str = ""
+    part: str | None = None      # identify()'s words: "FLUX.1-dev diffusion model"; None: not yet
+    release: str | None = None   # "FLUX.1-dev", from the weights or from Civitai's base model
+    family_source: str | None = None  # "weights" | "civitai"; None: no one family decided
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -79,6 +96,7 @@ def _to_row(entry: Entry) -> tuple[Any, ...]:
     values["source"] = redact_text(entry.source) if entry.source else None  # never a credential
     values["trigger_words"] = json.dumps(entry.trigger_words)
     values["hub"] = json.dumps(entry.hub) if entry.hub is not None else None
+    values["notes"] = json.dumps(entry.notes)
     return tuple(values[c] for c in _COLUMNS)
 
 
@@ -86,6 +104,7 @@ def _from_row(row: sqlite3.Row) -> Entry:
     values = dict(zip(_COLUMNS, row))
     values["trigger_words"] = json.loads(values["trigger_words"] or "[]")
     values["hub"] = json.loads(values["hub"]) if values["hub"] else None
+    values["notes"] = json.loads(values["notes"] or "[]")
     return Entry(**values)
 
 
@@ -114,6 +133,7 @@ class Index:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self.db.execute(statement)
+                self._add_missing_columns()
                 self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self.close()
@@ -121,6 +141,12 @@ class Index:
         except SdkitError:
             self.close()
             raise
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
+        for name, declaration in _ADDED_COLUMNS.items():
+            if name not in present:
+                self.db.execute(f"ALTER TABLE files ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         db = getattr(self, "db", None)
@@ -166,6 +192,10 @@ class Index:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM files WHERE (? IS NULL OR kind = ?) " \
               "AND (? IS NULL OR family = ?) ORDER BY path"
         return self._query(sql, (kind, kind, family, family))
+
+    def undescribed(self) -> list[Entry]:
+        """Rows written before the index kept the part (filled in by the next scan)."""
+        return self._query(f"SELECT {', '.join(_COLUMNS)} FROM files WHERE part IS NULL ORDER BY path")
 
     def by_sha256(self, sha256: str) -> list[Entry]:
         return self._query(f"SELECT {', '.join(_COLUMNS)} FROM files WHERE sha256 = ? ORDER BY path",

@@ -1,12 +1,18 @@
 """Where each kind of model file lives in the folder layouts the WebUIs read.
 
-- `a1111` (AUTOMATIC1111 / Forge, rooted at the WebUI folder): checkpoints and UNets in
-  `models/Stable-diffusion`, `models/VAE`, `models/Lora` (LyCORIS too), `embeddings/`
-  (not under models/), `models/hypernetworks`, `models/ControlNet`, Forge's
-  `models/text_encoder`; init also creates the upscaler folders.
-- `comfyui` (rooted at the ComfyUI folder): `models/checkpoints`, `models/diffusion_models`,
-  `models/text_encoders`, `models/vae`, `models/loras`, `models/embeddings`,
-  `models/hypernetworks`, `models/controlnet`, plus the other folders ComfyUI scans.
+- `a1111` (AUTOMATIC1111 / Forge, rooted at the WebUI folder): checkpoints and split
+  diffusion models alike in `models/Stable-diffusion` (Forge loads a FLUX or other
+  transformer file from there), `models/VAE`, `models/Lora` (`models/LyCORIS` is still
+  read), `embeddings/` (not under models/), `models/hypernetworks`, `models/ControlNet`,
+  and Forge's `models/text_encoder` (its `modules_forge/main_entry.py` lists VAE and
+  text_encoder as the module folders); init also creates the upscaler folders.
+- `comfyui` (rooted at the ComfyUI folder, names from its `folder_paths.py`):
+  `models/checkpoints`, split diffusion models (UNet or transformer) in
+  `models/diffusion_models` (the legacy `models/unet` is still read), text encoders in
+  `models/text_encoders` (legacy `models/clip`), `models/vae`, `models/loras`,
+  `models/embeddings`, `models/hypernetworks`, `models/controlnet` (legacy
+  `models/t2i_adapter`), plus the other folders ComfyUI scans (`upscale_models`,
+  `clip_vision`, …).
 - `invokeai-like`: flat, one folder per family then per type, as InvokeAI 3 kept them:
   `<family>/<type>/file` with types main, unet, text_encoder, vae, lora, embedding,
   hypernetwork, controlnet, other, and family `any` when the family is unknown.
@@ -23,7 +29,7 @@ invokeai-like library is only ever one that `sdkit library init` made.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FAMILY_FOLDERS = {"sdxl-base": "sdxl"}  # every other family keeps its own name
@@ -39,6 +45,10 @@ class Layout:
     companions: tuple[str, ...] = ()   # …and at least `min_companions` of these
     min_companions: int = 0
     family_first: bool = False         # `<family>/<kind>` instead of `<kind>/<family>`
+    legacy: dict[str, tuple[str, ...]] = field(default_factory=dict)  # older names still read
+    # kinds the WebUI also loads from another kind's folder (ComfyUI's diffusion model
+    # loader takes the denoiser out of a whole checkpoint)
+    also_read: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def folder_for(self, kind: str, family: str, family_subfolders: bool) -> str:
         """The folder (relative, POSIX) a file of this kind and family belongs in."""
@@ -57,6 +67,23 @@ class Layout:
         present = sum((root / folder).is_dir() for folder in self.companions)
         return present >= self.min_companions
 
+    def folders_of_kind(self, kind: str) -> tuple[str, ...]:
+        """Every folder the WebUI reads files of this kind from: the current name first."""
+        if kind == "unknown" or kind not in self.folders:
+            return ()
+        return (self.folders[kind], *self.legacy.get(kind, ()))
+
+    def kinds_read_from(self, relative_path: str) -> set[str]:
+        """The kinds the WebUI reads from the folder holding `relative_path` (subfolders
+        included); empty for a path in no model folder of this layout."""
+        if self.family_first:
+            return set()
+        kinds = set()
+        for kind in self.folders:
+            if any(relative_path.startswith(folder + "/") for folder in self.folders_of_kind(kind)):
+                kinds |= {kind, *self.also_read.get(kind, ())}
+        return kinds
+
     def all_folders(self) -> list[str]:
         if self.family_first:
             return []  # created on demand: families are open-ended
@@ -71,6 +98,7 @@ def family_folder_name(family: str) -> str | None:
 
 A1111 = Layout(
     name="a1111",
+    # Forge reads split diffusion models (FLUX, …) from the checkpoint folder
     folders={"checkpoint": "models/Stable-diffusion", "unet": "models/Stable-diffusion",
              "text-encoder": "models/text_encoder", "vae": "models/VAE", "lora": "models/Lora",
              "embedding": "embeddings", "hypernetwork": "models/hypernetworks",
@@ -81,8 +109,10 @@ A1111 = Layout(
     # embeddings/; the first run adds models/VAE, models/Lora, models/hypernetworks, …
     required=("models/Stable-diffusion",),
     companions=("models/VAE", "models/VAE-approx", "models/Lora", "models/LyCORIS",
-                "models/hypernetworks", "models/ESRGAN", "models/karlo", "embeddings"),
+                "models/hypernetworks", "models/ESRGAN", "models/karlo", "embeddings",
+                "models/text_encoder"),  # Forge ships models/text_encoder
     min_companions=2,
+    legacy={"lora": ("models/LyCORIS",)},
 )
 
 COMFYUI = Layout(
@@ -91,14 +121,18 @@ COMFYUI = Layout(
              "text-encoder": "models/text_encoders", "vae": "models/vae", "lora": "models/loras",
              "embedding": "models/embeddings", "hypernetwork": "models/hypernetworks",
              "controlnet": "models/controlnet", "unknown": "models/other"},
-    extra=("models/clip_vision", "models/configs", "models/diffusers", "models/style_models",
-           "models/upscale_models", "models/vae_approx"),
+    extra=("models/clip_vision", "models/configs", "models/diffusers", "models/gligen",
+           "models/photomaker", "models/style_models", "models/upscale_models",
+           "models/vae_approx"),
     # ComfyUI ships a placeholder in every folder of folder_paths.py
     required=("models/checkpoints", "models/loras"),
     companions=("models/vae", "models/diffusion_models", "models/unet", "models/text_encoders",
                 "models/clip", "models/clip_vision", "models/embeddings", "models/controlnet",
                 "models/upscale_models", "models/vae_approx", "models/configs"),
     min_companions=1,
+    legacy={"unet": ("models/unet",), "text-encoder": ("models/clip",),
+            "controlnet": ("models/t2i_adapter",)},
+    also_read={"unet": ("checkpoint",)},
 )
 
 INVOKEAI_LIKE = Layout(

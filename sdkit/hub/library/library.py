@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from sdkit.errors import SdkitError, with_article
+from sdkit.hub.library.identified import (Identified, base_model_of, identify_file,
+                                          identify_strictly, settle_family, settled_family)
 from sdkit.hub.library.index import Entry, Index
 from sdkit.hub.library.layouts import LAYOUTS, Layout, detect_layout
 from sdkit.hub.placement import Method, Policy, place
@@ -42,25 +44,6 @@ def find_library_root(start: Path) -> Path | None:
     return None
 
 
-def identify_strictly(path: Path) -> tuple[str, str, str | None]:
-    """(kind, family, adapter type) from the file's content; a file `sdkit inspect`
-    refuses raises its reason (SdkitError)."""
-    from sdkit.arch import identify
-    from sdkit.io import open_model
-
-    with open_model(path) as model:
-        identity = identify(model)
-    return identity.kind, identity.family, identity.adapter_type
-
-
-def identify_file(path: Path) -> tuple[str, str, str | None]:
-    """(kind, family, adapter type) from the file's content; unknown when unreadable."""
-    try:
-        return identify_strictly(path)
-    except Exception:  # one odd file must not stop a library of thousands; it stays "unknown"
-        return "unknown", "unknown", None
-
-
 def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] | None]:
     """(trigger words, hub facts) to store from what a hub said about a file."""
     if not facts:
@@ -70,23 +53,27 @@ def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] 
 
 
 def describe_file(root: Path, path: Path, *, hashes: Hashes | None = None,
-                  identified: tuple[str, str, str | None] | None = None,
-                  previous: Entry | None = None) -> Entry:
+                  identified: Identified | None = None, previous: Entry | None = None,
+                  facts: dict[str, Any] | None = None) -> Entry:
     """A fresh index row for `path` (hashed and identified unless given), keeping what
-    `previous` knew from hubs when the bytes did not change."""
+    `previous` knew from hubs when the bytes did not change, or taking what a hub said
+    now (`facts`); the family is settled from both."""
     stat = path.stat()
     hashes = hashes or hash_file(path)
-    kind, family, adapter_type = identified or identify_file(path)
     same_bytes = previous is not None and previous.sha256 == hashes.sha256
-    return Entry(
+    kept = previous if same_bytes else None
+    entry = Entry(
         path=PurePosixPath(path.relative_to(root)).as_posix(), size=stat.st_size,
         mtime_ns=stat.st_mtime_ns, sha256=hashes.sha256, autov2=hashes.autov2,
-        autov3=hashes.autov3, legacy=hashes.legacy, kind=kind, family=family,
-        adapter_type=adapter_type,
-        source=previous.source if same_bytes and previous else None,
-        trigger_words=previous.trigger_words if same_bytes and previous else [],
-        hub=previous.hub if same_bytes and previous else None,
+        autov3=hashes.autov3, legacy=hashes.legacy, kind="unknown", family="unknown",
+        adapter_type=None, source=kept.source if kept else None,
+        trigger_words=kept.trigger_words if kept else [], hub=kept.hub if kept else None,
         added_at=previous.added_at if previous else now_iso(), indexed_at=now_iso())
+    trigger_words, hub = hub_fields(facts)
+    entry.trigger_words = trigger_words or entry.trigger_words
+    entry.hub = hub or entry.hub
+    settle_family(entry, identified or identify_file(path))
+    return entry
 
 
 def _not_a_library(root: Path) -> str:
@@ -197,26 +184,23 @@ class Library:
     def place_file(self, path: Path, *, method: Method, policy: Policy,
                    family_subfolders: bool | None = None, name: str | None = None,
                    source: str | None = None, facts: dict[str, Any] | None = None,
-                   identified: tuple[str, str, str | None] | None = None) -> Placement:
+                   identified: Identified | None = None) -> Placement:
         """Identify `path` (unless `identified` says what it is), put it in its kind's
-        folder and index it."""
+        folder (its family's, with family subfolders) and index it."""
         layout = self._layout_or_refuse()
         hashes = hash_file(path)
         present = self.already_has(hashes.sha256)
         if present is not None:
             return Placement(self.root / present.path, present, "already-present")
         identified = identified or identify_file(path)
-        kind, family, _ = identified
         subfolders = self.family_subfolders if family_subfolders is None else family_subfolders
-        folder = self.root / layout.folder_for(kind, family, subfolders)
+        family = settled_family(identified, base_model_of(hub_fields(facts)[1])).filing_family
+        folder = self.root / layout.folder_for(identified.kind, family, subfolders)
         old_relative = self.relative(path) if method == "move" else None
         placed = place(path, folder, name or path.name, hashes.sha256 or "", policy=policy, method=method)
         entry = describe_file(self.root, placed.path, hashes=hashes, identified=identified,
-                              previous=self.index.get(self.relative(placed.path) or ""))
-        trigger_words, hub = hub_fields(facts)
+                              previous=self.index.get(self.relative(placed.path) or ""), facts=facts)
         entry.source = source or entry.source
-        entry.trigger_words = trigger_words or entry.trigger_words
-        entry.hub = hub or entry.hub
         with self.index.transaction():
             if old_relative is not None and old_relative != entry.path:
                 self.index.remove(old_relative)

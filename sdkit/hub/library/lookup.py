@@ -1,13 +1,18 @@
-"""`lookup`: ask Civitai what a local file is, by its sha256, and remember the answer."""
+"""`lookup`: ask Civitai what a local file is, by its sha256, and remember the answer.
+
+Civitai's `baseModel` is kept with the other facts and settles the family of a file whose
+weights fit several families (or none sdkit knows); see `identified.py`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdkit.errors import SdkitError
 from sdkit.hub.civitai import CivitaiClient, version_facts
+from sdkit.hub.library.identified import identify_file, settle_family
 from sdkit.hub.library.library import Library, describe_file, hub_fields
 from sdkit.io import hash_file
 
@@ -18,6 +23,8 @@ class LookupResult:
     sha256: str
     facts: dict[str, Any]   # model and version names, base model, trigger words, ids
     stored: bool            # written to the library index
+    family: str = "unknown"  # the family the file is filed under after the lookup
+    notes: list[str] = field(default_factory=list)  # e.g. Civitai and the weights disagree
 
 
 def _current_sha256(path: Path, library: Library | None, relative: str | None) -> str:
@@ -49,5 +56,6 @@ def lookup_file(path: Path, library: Library | None, client: CivitaiClient) -> L
         describe_file(library.root, path, previous=previous)
     entry.trigger_words, entry.hub = hub_fields(facts)
     entry.source = entry.source or f"civitai:{facts['civitai_model_id']}@{facts['civitai_version_id']}"
+    settle_family(entry, identify_file(path))  # a header read: the weights first, then Civitai
     library.update_entry(entry)
-    return LookupResult(path, sha256, facts, stored=True)
+    return LookupResult(path, sha256, facts, stored=True, family=entry.family, notes=entry.notes)

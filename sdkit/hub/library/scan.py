@@ -1,9 +1,14 @@
 """Indexing a folder tree that exists already, and checking it later.
 
 A scan is incremental: a file whose size and mtime_ns match its row is not read again;
-only new and changed files are hashed and identified (the report counts them). Rows of
-files gone from disk are dropped, and a file that merely moved (same sha256) keeps what
-hubs said about it. A damaged index is set aside and rebuilt from disk.
+only new and changed files are hashed and identified (the report counts them). Rows
+written before the index kept the part are identified again from their headers, without
+hashing. Rows of files gone from disk are dropped, and a file that merely moved (same
+sha256) keeps what hubs said about it. A damaged index is set aside and rebuilt from disk.
+
+A file in a folder the WebUI reads for another kind (a LoRA in the checkpoint folder) is
+reported as misplaced; the legacy folder names a WebUI still reads (ComfyUI's
+`models/unet`, `models/clip`) count as right.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sdkit.hub.library.identified import identify_file, settle_family
 from sdkit.hub.library.index import Entry, Index, IndexDamaged
-from sdkit.hub.library.layouts import detect_layout
+from sdkit.hub.library.layouts import Layout, detect_layout
 from sdkit.hub.library.library import Library, describe_file, index_path
 from sdkit.io import hash_file
 from sdkit.io.safetensors_reader import SAFETENSORS_SUFFIXES
@@ -32,8 +38,10 @@ class ScanReport:
     unchanged: int = 0
     removed: int = 0
     rehashed: int = 0     # files read and hashed in this scan
+    reidentified: int = 0  # older rows given their part (headers read, not hashed)
     rebuilt: bool = False  # the index was damaged and has been rebuilt
     layout: str | None = None
+    misplaced: list[dict[str, str]] = field(default_factory=list)  # {path, kind, folder}
 
 
 @dataclass
@@ -103,10 +111,12 @@ def scan_library(library: Library, progress: Callable[[Path], None] | None = Non
             continue
         if progress is not None:
             progress(path)
-        entry = describe_file(library.root, path, previous=previous)
+        identified = identify_file(path)
+        entry = describe_file(library.root, path, previous=previous, identified=identified)
         report.rehashed += 1
         if previous is None and entry.sha256 in moved_from:
             _inherit(entry, moved_from[entry.sha256])
+            settle_family(entry, identified)  # what Civitai said moved with it
         report.added += previous is None
         report.updated += previous is not None
         library.update_entry(entry)
@@ -114,7 +124,37 @@ def scan_library(library: Library, progress: Callable[[Path], None] | None = Non
         for entry in gone:
             library.index.remove(entry.path)
     report.removed = len(gone)
+    report.reidentified = _describe_older_rows(library)
+    report.misplaced = misplaced_files(library)
     return report
+
+
+def _describe_older_rows(library: Library) -> int:
+    """Give rows from before the index kept the part their part, release and family."""
+    rows = library.index.undescribed()
+    for entry in rows:
+        settle_family(entry, identify_file(library.root / entry.path))
+        library.update_entry(entry)
+    return len(rows)
+
+
+def misplaced_files(library: Library) -> list[dict[str, str]]:
+    """Indexed files lying in a folder the WebUI reads for other kinds."""
+    layout = library.layout
+    if layout is None:
+        return []
+    return [{"path": entry.path, "kind": entry.kind, "folder": _home(layout, entry.kind)}
+            for entry in library.index.entries()
+            if entry.kind != "unknown" and _elsewhere(layout, entry)]
+
+
+def _elsewhere(layout: Layout, entry: Entry) -> bool:
+    kinds = layout.kinds_read_from(entry.path)
+    return bool(kinds) and entry.kind not in kinds
+
+
+def _home(layout: Layout, kind: str) -> str:
+    return layout.folders_of_kind(kind)[0] if layout.folders_of_kind(kind) else layout.folders["unknown"]
 
 
 def _inherit(entry: Entry, moved: Entry) -> None:
