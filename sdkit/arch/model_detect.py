@@ -23,7 +23,7 @@ from sdkit.arch.hygiene import precision_of
 from sdkit.arch.identity import Identity
 from sdkit.arch.keyview import KeyView
 from sdkit.arch.metadata import MetadataHints
-from sdkit.arch.prediction import denoiser_prediction
+from sdkit.arch.prediction import denoiser_prediction, zero_terminal_snr
 from sdkit.arch.structure import (StructureHints, denoiser_family, dimension_mismatches,
                                   shared_encoder_users, text_encoder_family, vae_compatible_families, vae_mismatches)
 from sdkit.errors import with_article
@@ -277,6 +277,10 @@ def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
         _describe_release(model, denoiser, identity)
     identity.prediction, identity.prediction_evidence = denoiser_prediction(
         identity.family, identity.variant, model, parts.denoiser_view, hints, scheduler_config)
+    ztsnr = zero_terminal_snr(model, scheduler_config)
+    if ztsnr is not None:
+        identity.facts["zero_terminal_snr"] = ztsnr
+        identity.notes.append(f"trained for zero terminal SNR ({ztsnr}): sample with a rescaled schedule")
     facts = denoiser.to_facts()
     identity.facts.update({
         "unet_channels": denoiser.channels, "in_channels": denoiser.in_channels,

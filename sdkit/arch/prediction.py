@@ -20,6 +20,10 @@ SD2_V_STD_THRESHOLD = 0.09
 _SD2_PROBE_KEYS = ("output_blocks.11.1.transformer_blocks.0.norm1.bias",
                    "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias")
 _V_MARKERS = ("v_pred", "edm_vpred.sigma_max")
+# ComfyUI reads `ztsnr` as "rescale the schedule to zero terminal SNR" (model_detection /
+# model_sampling `zsnr`), NoobAI-XL v-pred ships it; diffusers says `rescale_betas_zero_snr`,
+# sd-scripts records `ss_zero_terminal_snr`
+ZTSNR_MARKER = "ztsnr"
 
 
 def denoiser_prediction(family: str, variant: str, model: ModelFile, denoiser: KeyView | None,
@@ -56,3 +60,14 @@ def _sd2_prediction(variant: str, denoiser: KeyView | None) -> tuple[str, str | 
     if std > SD2_V_STD_THRESHOLD:
         return "v", f"std of {key} = {std:.3f} > {SD2_V_STD_THRESHOLD} (weight heuristic)"
     return "epsilon", f"std of {key} = {std:.3f} <= {SD2_V_STD_THRESHOLD} (weight heuristic)"
+
+
+def zero_terminal_snr(model: ModelFile, scheduler_config: Mapping[str, Any] | None) -> str | None:
+    """The evidence that the model was trained for a zero-terminal-SNR schedule, or None."""
+    if ZTSNR_MARKER in model.infos:
+        return f"marker key `{ZTSNR_MARKER}`"
+    if (scheduler_config or {}).get("rescale_betas_zero_snr") is True:
+        return "scheduler config rescale_betas_zero_snr"
+    if str(model.metadata.get("ss_zero_terminal_snr", "")).lower() == "true":
+        return "ss_zero_terminal_snr metadata"
+    return None

@@ -120,10 +120,15 @@ def component_config(component: str, config: Mapping[str, Any]) -> dict[str, Any
     return written
 
 
-def scheduler_config(layout: str, prediction: str) -> dict[str, Any]:
+def scheduler_config(layout: str, prediction: str, zero_snr: bool = False) -> dict[str, Any]:
+    """The scheduler of a written pipeline; `zero_snr` for models trained for a zero
+    terminal SNR schedule (diffusers rescales the betas so the last step is pure noise)."""
     name, settings = _SCHEDULERS[layout]
-    return {"_class_name": name, "_diffusers_version": _diffusers_version(), **_SCHEDULE, **settings,
-            "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+    config = {"_class_name": name, "_diffusers_version": _diffusers_version(), **_SCHEDULE, **settings,
+              "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
+    if zero_snr:
+        config["rescale_betas_zero_snr"] = True
+    return config
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -219,7 +224,7 @@ def write_on_workers(path: Path, tensors: Mapping[str, LazyTensor], metadata: Ma
 
 
 def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], configs: Mapping[str, dict],
-                          layout: str, *, prediction: str, metadata_for: Callable[[str], Mapping[str, str]],
+                          layout: str, *, prediction: str, zero_snr: bool = False, metadata_for: Callable[[str], Mapping[str, str]],
                           config_dir: Path | None = None, overwrite: bool = False,
                           progress: Progress | None = None, finish: Finish | None = None) -> FolderResult:
     """A loadable diffusers pipeline folder from `<component>/<key>` tensors."""
@@ -236,7 +241,7 @@ def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], confi
             (folder / component).mkdir()
             write_component_folder(folder / component, component, by_component[component], configs[component],
                                    metadata_for(component), progress, finish)
-        scheduler = _write_scheduler(folder, layout, prediction, config_dir)
+        scheduler = _write_scheduler(folder, layout, prediction, zero_snr, config_dir)
         written = ["scheduler"]
         for name, (source, _) in tokenizers.items():
             shutil.copytree(source, folder / name)
@@ -268,7 +273,8 @@ def _read_index(config_dir: Path | None) -> dict[str, Any] | None:
     return index if isinstance(index, dict) else None
 
 
-def _write_scheduler(folder: Path, layout: str, prediction: str, config_dir: Path | None) -> list[str]:
+def _write_scheduler(folder: Path, layout: str, prediction: str, zero_snr: bool,
+                     config_dir: Path | None) -> list[str]:
     """Write scheduler/ (copied from `config_dir` when it has one); its model_index entry."""
     copied = config_dir / "scheduler" if config_dir is not None else None
     if copied is not None and (copied / "scheduler_config.json").is_file():
@@ -277,9 +283,15 @@ def _write_scheduler(folder: Path, layout: str, prediction: str, config_dir: Pat
         shutil.copytree(copied, folder / "scheduler")
         config = read_json(copied / "scheduler_config.json")
         if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+            # a borrowed scheduler takes this model's own prediction and schedule
+            if prediction in ("v", "epsilon"):
+                config["prediction_type"] = "v_prediction" if prediction == "v" else "epsilon"
+            if zero_snr:
+                config["rescale_betas_zero_snr"] = True
+            _write_json(folder / "scheduler" / "scheduler_config.json", config)
             return ["diffusers", config["_class_name"]]
         shutil.rmtree(folder / "scheduler")
     (folder / "scheduler").mkdir()
-    config = scheduler_config(layout, prediction)
+    config = scheduler_config(layout, prediction, zero_snr)
     _write_json(folder / "scheduler" / "scheduler_config.json", config)
     return ["diffusers", config["_class_name"]]

@@ -7,8 +7,8 @@ import inspect
 import pytest
 
 from sdkit.arch.families import (FAMILIES, default_resolution, family_from_kohya_version,
-                                  family_from_modelspec, kohya_base_model_version,
-                                  modelspec_architecture)
+                                 family_from_modelspec, kohya_base_model_version,
+                                 modelspec_architecture)
 from sdkit.arch.metadata import metadata_hints
 
 

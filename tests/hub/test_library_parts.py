@@ -337,7 +337,7 @@ def test_a_civitai_name_outside_what_the_weights_fit_is_only_noted(fake_civitai,
         [placed] = library.add([vae])
         result = lookup_file(placed.path, library, CivitaiClient())
     assert result.family == "unknown"
-    assert result.notes == ["Civitai lists this file as SD 1.5 (sd1); its weights fit sd3, flux, z-image, "
+    assert result.notes == ["Civitai lists this file as SD 1.5 (sd1); its weights fit sd3, flux, chroma, z-image, "
                             "lumina2, hidream"]
 
 

@@ -26,15 +26,11 @@ ecosystem Qwen (civitai `basemodel.constants.ts`; its "Qwen 2" ecosystem is anot
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN25_VL_7B
-from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+from sdkit.arch.families.spec import DenoiserLayout, Family, Release
+from sdkit.arch.families.wan import WAN21_LATENT
 
-QWEN_IMAGE_LATENT = LatentFormat(
-    channels=16, scaling_factor=1.0, video=True,
-    latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-                  0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
-    latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-                 3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160),
-)
+# the Wan 2.1 VAE's latent space (ComfyUI gives Qwen-Image the Wan21 latent format)
+QWEN_IMAGE_LATENT = WAN21_LATENT
 
 DIFFUSERS_LAYOUT = DenoiserLayout(
     convention="diffusers",

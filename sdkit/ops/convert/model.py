@@ -23,26 +23,30 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from sdkit.arch import Identity, identify
 from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.arch.keymaps.stock import complete_configs
+from sdkit.arch.prediction import ZTSNR_MARKER
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.folders import (build_in_partial, read_config_dir, stored_tensors, write_component_folder,
-                                write_on_workers, write_pipeline_folder)
+                               write_on_workers, write_pipeline_folder)
 from sdkit.ops.layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
-                                      is_ldm_checkpoint, model_view)
+                              is_ldm_checkpoint, model_view)
 from sdkit.ops.precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
-                                         overflow_error, scan_overflow)
+                                 overflow_error, scan_overflow)
 from sdkit.ops.convert.prune import PruneReport, prune_tensors, swap_in_ema
 from sdkit.ops.convert.repair import fix_position_ids
 from sdkit.ops.recipe_meta import (DIFFUSERS_IMPLEMENTATION, BackgroundHash, SpecFacts, build_metadata,
                                    recorded_path)
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]
 TARGETS = ("safetensors", "single-file", "diffusers")
@@ -369,6 +373,8 @@ class _ModelConversion:
                 raise SdkitError(f"{self.output}: the output must be a .safetensors file")
             if self.convention == "diffusers" and component is not None:
                 tensors = stored_tensors(component, tensors)
+            if self.convention == "ldm" and component in (None, "unet"):
+                tensors = with_schedule_markers(tensors, self.identity)
             write_file(self.output, tensors, self._metadata(component), self.input_hash, self.options.force,
                        self.progress)
 
@@ -378,11 +384,32 @@ class _ModelConversion:
             self.model.path if self.model.components else None)
         folder = write_pipeline_folder(
             self.output, tensors, converted.configs, converted.layout, prediction=self.identity.prediction,
+            zero_snr="zero_terminal_snr" in self.identity.facts,
             metadata_for=self._metadata, config_dir=config_dir, overwrite=self.options.force,
             progress=self.progress, finish=self.input_hash.patch)
         self.result.notes += folder.notes
         for name, where in folder.tokenizers.items():
             self.result.notes.append(f"{name}/ copied from {where}")
+
+
+def with_schedule_markers(tensors: dict[str, LazyTensor], identity: Identity) -> dict[str, LazyTensor]:
+    """A single file says v-prediction and zero terminal SNR only by marker keys (ComfyUI's
+    model detection reads `v_pred` and `ztsnr`): add those its model has, as empty tensors."""
+    wanted = []
+    if identity.prediction == "v" and identity.family == "sdxl-base":
+        wanted.append("v_pred")
+    if "zero_terminal_snr" in identity.facts:
+        wanted.append(ZTSNR_MARKER)
+    return {**tensors, **{name: _EMPTY_MARKER for name in wanted if name not in tensors}}
+
+
+def _empty_tensor() -> "torch.Tensor":
+    import torch
+
+    return torch.zeros(0, dtype=torch.float32)
+
+
+_EMPTY_MARKER = LazyTensor("F32", (0,), _empty_tensor)
 
 
 def _drawn_size(configs: Mapping[str, Mapping[str, Any]]) -> int | None:

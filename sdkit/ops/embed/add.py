@@ -433,7 +433,8 @@ def _add_to_checkpoint(model: ModelFile, requests: Sequence[EmbeddingRequest], o
     with tempfile.TemporaryDirectory(prefix="sdkit-embed-") as scratch:
         config_dir = _config_folder(Path(scratch), sources.config_dir, slots, edits)
         write_pipeline_folder(output, converted.tensors, converted.configs, converted.layout,
-                              prediction=identity.prediction, metadata_for=lambda _component: metadata,
+                              prediction=identity.prediction, zero_snr="zero_terminal_snr" in identity.facts,
+                              metadata_for=lambda _component: metadata,
                               config_dir=config_dir, overwrite=force, progress=progress)
     return result
 

@@ -167,7 +167,9 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
         raise SdkitError(f"{output}: a diffusers pipeline is a folder; give a folder path")
     config_dir = Path(opened.model.path) if opened.model.components else None
     folder = write_pipeline_folder(output, converted.tensors, converted.configs, converted.layout,
-                                   prediction=opened.identity.prediction, metadata_for=lambda _: metadata,
+                                   prediction=opened.identity.prediction,
+                                   zero_snr="zero_terminal_snr" in opened.identity.facts,
+                                   metadata_for=lambda _: metadata,
                                    config_dir=config_dir, overwrite=overwrite, progress=progress,
                                    finish=digests.patch)
     result.notes += folder.notes
