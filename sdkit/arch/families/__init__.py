@@ -1,7 +1,8 @@
 """The model families sdkit knows, one module each, and the lookups built from them.
 
 Each family module (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`, `flux2.py`, `chroma.py`,
-`kolors.py`, `playground.py`) holds what sdkit knows about its family as data (a `Family`,
+`kolors.py`, `playground.py`, `z_image.py`, `qwen_image.py`, `lumina2.py`, `hidream.py`,
+`wan.py`) holds what sdkit knows about its family as data (a `Family`,
 see `spec.py`): released sizes and variants (`releases`), how its denoiser's keys are named
 in each convention with their shapes (`layouts`), the text encoders and VAE it needs, its
 latent format, prediction type, ModelSpec architecture strings, the kohya base-model
