@@ -263,7 +263,7 @@ def _with_token_ids(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 
 def _check_base(path: Path, identity: Identity) -> None:
     if identity.kind != "checkpoint":
-        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a whole model to sample from")
+        raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, not a whole model to sample from")
     if identity.family not in SUPPORTED_FAMILIES:
         raise SdkitError(f"{path}: family {identity.family} cannot be sampled (supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)})")
@@ -392,7 +392,7 @@ def _load_vae(path: Path, config: dict[str, Any], dtype: torch.dtype) -> torch.n
     with open_model(path) as model:
         identity = identify(model)
         if identity.kind not in ("vae", "checkpoint"):
-            raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a VAE")
+            raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, not a VAE")
         try:
             tensors = extract_component(model, "vae", "diffusers", identity=identity, configs={"vae": config})
             return _build_diffusers_model(AutoencoderKL, config, tensors, dtype, "vae")

@@ -108,9 +108,9 @@ def test_a_file_of_unknown_kind_is_named_with_an(tmp_path: Path, capsys: pytest.
     odd = tmp_path / "odd.safetensors"
     save_file({"alpha.beta": torch.zeros(2, 3), "gamma": torch.zeros(4)}, str(odd))
     code, _, err = run(capsys, "lora", "resize", str(odd), "--rank", "1", "-o", str(tmp_path / "r.safetensors"))
-    assert code == 1 and "is an unknown, not a LoRA" in err
+    assert code == 1 and "is an unknown file, not a LoRA" in err
     code, _, err = run(capsys, "merge", str(odd), str(odd), "-o", str(tmp_path / "m.safetensors"))
-    assert code == 1 and "is an unknown, not a model" in err
+    assert code == 1 and "is an unknown file, not a model" in err
 
 
 def test_no_message_writes_an_article_before_a_variable() -> None:

@@ -241,6 +241,10 @@ class _ModelConversion:
         if view.plain:
             raise SdkitError(f"{self.model.path}: {with_article(self.identity.kind)} file holds no UNet, VAE or text "
                              "encoder to convert between single-file and diffusers layouts")
+        if "transformer" in self.identity.components:
+            raise SdkitError(f"{self.model.path}: is {with_article(self.identity.part)}; sdkit converts the "
+                             "precision of transformer models (--dtype) but not yet their key layout "
+                             f"(--to {self.options.to})")
         return "ldm" if self.options.to == "single-file" else "diffusers"
 
     def _written_component(self, view: ModelView) -> str | None:

@@ -85,11 +85,13 @@ def open_base(path: str, stack: ExitStack) -> OpenBase:
     model = stack.enter_context(open_model(path))
     identity = identify(model)
     if identity.kind not in _BASE_KINDS:
-        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a model adapters can be applied to")
+        raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, "
+                         "not a model adapters can be applied to")
     view = model_view(model, identity)
     names = model_names(view.convention, view.layout, view.tensors, view.configs)
     if not names.targets:
-        raise SdkitError(f"{path}: holds no UNet or text-encoder layers")
+        raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}; sdkit applies adapters "
+                         "to UNet and text-encoder layers only so far, and it holds none")
     return OpenBase(model, identity, view, names)
 
 
@@ -98,7 +100,7 @@ def open_adapter(path: str, stack: ExitStack, *, rank: int | None = None,
     model = stack.enter_context(open_model(path))
     identity = identify(model)
     if identity.kind != "lora":
-        raise SdkitError(f"{path}: is {with_article(identity.kind)}, not a LoRA / LyCORIS adapter")
+        raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, not a LoRA / LyCORIS adapter")
     return parse_lora(model, default_alpha=alpha, rank_override=rank), identity
 
 

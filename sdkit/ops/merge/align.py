@@ -83,7 +83,7 @@ def mergeable_identity(model: ModelFile) -> Identity:
 
     identity = identify(model)
     if identity.kind not in MERGEABLE_KINDS:
-        raise SdkitError(f"{model.path}: is {with_article(identity.kind)}, not a model that can be merged "
+        raise SdkitError(f"{model.path}: is {with_article(identity.part or identity.kind)}, not a model that can be merged "
                          f"({', '.join(MERGEABLE_KINDS)})")
     return identity
 
@@ -93,7 +93,7 @@ def check_same_family(models: Sequence[ModelFile], identities: Sequence[Identity
     first, first_path = identities[0], models[0].path
     for model, identity in zip(models[1:], identities[1:]):
         if identity.kind != first.kind:
-            raise SdkitError(f"{model.path}: is {with_article(identity.kind)}, but A ({first_path}) is {with_article(first.kind)}")
+            raise SdkitError(f"{model.path}: is {with_article(identity.part or identity.kind)}, but A ({first_path}) is {with_article(first.part or first.kind)}")
         if identity.family != first.family:
             raise SdkitError(f"{model.path}: is {identity.family}, but A ({first_path}) is "
                              f"{first.family}; models of different families cannot be merged")

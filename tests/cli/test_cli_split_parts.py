@@ -1,0 +1,46 @@
+"""A split part given where a whole model is needed (and the reverse) is refused in one
+line that names what the file is and what was expected (header-only full-size files)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
+
+from cli_run import run_sdkit  # noqa: E402
+from released import RELEASES, ldm_vae_shapes, single_file_shapes, typed, write_header_only  # noqa: E402
+
+FLUX_PART = "a FLUX.1-dev diffusion model"
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("parts")
+    flux = write_header_only(folder / "flux1-dev.safetensors",
+                             typed(single_file_shapes(RELEASES["FLUX.1-dev"]), "F8_E4M3"))
+    vae = write_header_only(folder / "ae.safetensors", typed(ldm_vae_shapes(16, quant_convs=False), "BF16"))
+    return {"flux": flux, "vae": vae, "out": folder}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["sample", "{flux}", "-p", "a cat", "-o", "{out}/cat.png"], f"is {FLUX_PART}, not a whole model to sample from"),
+    (["lora", "check", "{flux}", "{flux}"],
+     f"is {FLUX_PART}; sdkit applies adapters to UNet and text-encoder layers only so far"),
+    (["lora", "check", "{vae}", "{flux}"], "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone "
+                                           "do not tell which), not a model adapters can be applied to"),
+    (["merge", "{flux}", "{vae}", "-o", "{out}/merged.safetensors"],
+     f"is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone do not tell which), but A "),
+    (["vae", "check", "{vae}", "{vae}"], "not a base model with a diffusion model (identified as vae)"),
+    (["convert", "{flux}", "--to", "diffusers", "-o", "{out}/flux-diffusers"],
+     f"is {FLUX_PART}; sdkit converts the precision of transformer models (--dtype) but not yet their key layout"),
+])
+def test_split_parts_are_refused_in_one_line(argv, expected, parts, capsys):
+    args = [arg.format(**{k: str(v) for k, v in parts.items()}) for arg in argv]
+    code, _out, err = run_sdkit(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
+    assert expected in lines[0]
+    assert not (parts["out"] / "merged.safetensors").exists() and not (parts["out"] / "flux-diffusers").exists()
