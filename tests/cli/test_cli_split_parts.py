@@ -44,3 +44,26 @@ def test_split_parts_are_refused_in_one_line(argv, expected, parts, capsys):
     assert code == 1 and len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
     assert expected in lines[0]
     assert not (parts["out"] / "merged.safetensors").exists() and not (parts["out"] / "flux-diffusers").exists()
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--unet-alpha", "0.2"], "a component weight for unet, but no input has unet keys"),
+    (["--blocks", "BASE:0.3"], "block weights need a UNet, and no input has one"),
+    (["--take", "te=B"], "--take for te, but no input has te keys"),
+])
+def test_merge_settings_a_transformer_cannot_take_are_refused(extra, expected, capsys, tmp_path):
+    """Lone transformer diffusion models: every key merges with the global alpha, so a
+    per-component or per-block setting would silently do nothing."""
+    from safetensors.torch import save_file
+
+    from released import tiny_tensors
+
+    for name, seed in (("a", 0), ("b", 1)):
+        save_file(tiny_tensors("flux", "ldm", seed=seed), tmp_path / f"{name}.safetensors")
+    output = tmp_path / "merged.safetensors"
+    code, _out, err = run_sdkit(capsys, "merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                                *extra, "-o", str(output))
+    assert code == 1 and expected in err and "not split into components or blocks yet" in err
+    assert not output.exists()
+    assert run_sdkit(capsys, "merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                     "--alpha", "0.3", "-o", str(output))[0] == 0

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from sdkit.arch.blocks import TEXT_ENCODERS, block_layout, component_of
 from sdkit.errors import SdkitError
@@ -185,6 +185,10 @@ def _method_settings(recipe: MergeRecipe) -> _Settings:
 def _key_weights(recipe: MergeRecipe, settings: _Settings,
                  inputs: Sequence[AlignedInput]) -> KeyWeights:
     alpha = float(settings.params.get(BLEND_PARAM, 0.0))
+    present = _components_present(inputs)
+    _require_components(recipe.components or {}, present, "a component weight")
+    if recipe.blocks and "unet" not in present:
+        raise SdkitError("merge: block weights need a UNet, and no input has one" + _TRANSFORMER_HINT)
     layout = block_layout(key for model in inputs for key in model.infos)
     return KeyWeights(alpha=alpha, components=resolve_components(recipe.components),
                       blocks=resolve_blocks(recipe.blocks, layout), layout=layout)
@@ -194,7 +198,8 @@ def _component_sources(recipe: MergeRecipe, inputs: Sequence[AlignedInput],
                        method: MergeMethod) -> dict[str, Any]:
     """Component -> MERGE or input index, as the recipe's `take` says. When the method
     merges, a checkpoint's VAE comes from A unless asked otherwise (a lone VAE merges)."""
-    present = {component_of(key) for model in inputs for key in model.infos}
+    present = _components_present(inputs)
+    _require_components(recipe.take, present, "--take")
     sources: dict[str, Any] = {}
     if method.copies_input is None and "vae" in present and present & {"unet", *TEXT_ENCODERS}:
         sources["vae"] = 0
@@ -206,6 +211,24 @@ def _component_sources(recipe: MergeRecipe, inputs: Sequence[AlignedInput],
         for component in component_names(name):
             sources[component] = choice
     return sources
+
+
+# the keys of a lone transformer diffusion model (FLUX.1, Wan, …) are not split into
+# components or blocks yet: all of them merge with the global alpha
+_TRANSFORMER_HINT = (" (a transformer diffusion model's keys are not split into components or blocks "
+                     "yet: they merge with the global alpha)")
+
+
+def _components_present(inputs: Sequence[AlignedInput]) -> set[str]:
+    return {component_of(key) for model in inputs for key in model.infos}
+
+
+def _require_components(named: Mapping[str, Any], present: set[str], what: str) -> None:
+    """A setting naming a component no input holds would silently do nothing: refuse it."""
+    for name in named:
+        if not set(component_names(name)) & present:
+            raise SdkitError(f"merge: {what} for {name}, but no input has {name} keys"
+                             + (_TRANSFORMER_HINT if "unet" not in present else ""))
 
 
 def _check_disk_space(target: Path, output_bytes: int) -> None:
