@@ -9,6 +9,7 @@ tensor at a time. A quantized file whose scales are missing or misshapen is refu
 
 from __future__ import annotations
 
+from sdkit.arch.auxiliary_detect import identify_auxiliary
 from sdkit.arch.describe import describe
 from sdkit.arch.families import FAMILIES
 from sdkit.arch.embedding_detect import embedding_layout, identify_embedding
@@ -78,7 +79,10 @@ def _identify_kind(model: ModelFile, hints: MetadataHints, quantization: QuantSc
     scan = scan_lora(model)
     if is_lora_file(model, scan):
         return identify_lora(model, scan, hints)
-    return identify_single_file(model, hints, logical_shapes=quantization.logical_shapes)
+    identity = identify_single_file(model, hints, logical_shapes=quantization.logical_shapes)
+    if identity.kind == "unknown" and "unknown_transformer" not in identity.facts and not identity.refusal:
+        return identify_auxiliary(model) or identity
+    return identity
 
 
 def _health_notes(model: ModelFile, identity: Identity, deep: bool) -> None:

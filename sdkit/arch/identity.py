@@ -8,7 +8,7 @@ from typing import Any
 from sdkit.errors import SdkitError
 
 KINDS = ("checkpoint", "unet", "text-encoder", "vae", "lora", "embedding", "hypernetwork",
-         "controlnet", "unknown")
+         "controlnet", "image-encoder", "upscaler", "unknown")
 PREDICTIONS = ("epsilon", "v", "unknown")
 VARIANTS = ("normal", "inpaint", "pix2pix", "depth")
 

@@ -102,7 +102,8 @@ A1111 = Layout(
     folders={"checkpoint": "models/Stable-diffusion", "unet": "models/Stable-diffusion",
              "text-encoder": "models/text_encoder", "vae": "models/VAE", "lora": "models/Lora",
              "embedding": "embeddings", "hypernetwork": "models/hypernetworks",
-             "controlnet": "models/ControlNet", "unknown": "models/other"},
+             "controlnet": "models/ControlNet", "upscaler": "models/ESRGAN",
+             "image-encoder": "models/clip_vision", "unknown": "models/other"},
     extra=("models/ESRGAN", "models/RealESRGAN", "models/GFPGAN", "models/Codeformer",
            "models/SwinIR"),
     # a fresh clone ships models/Stable-diffusion, models/VAE-approx, models/karlo and
@@ -120,7 +121,8 @@ COMFYUI = Layout(
     folders={"checkpoint": "models/checkpoints", "unet": "models/diffusion_models",
              "text-encoder": "models/text_encoders", "vae": "models/vae", "lora": "models/loras",
              "embedding": "models/embeddings", "hypernetwork": "models/hypernetworks",
-             "controlnet": "models/controlnet", "unknown": "models/other"},
+             "controlnet": "models/controlnet", "upscaler": "models/upscale_models",
+             "image-encoder": "models/clip_vision", "unknown": "models/other"},
     extra=("models/clip_vision", "models/configs", "models/diffusers", "models/gligen",
            "models/photomaker", "models/style_models", "models/upscale_models",
            "models/vae_approx"),
@@ -139,7 +141,8 @@ INVOKEAI_LIKE = Layout(
     name="invokeai-like",
     folders={"checkpoint": "main", "unet": "unet", "text-encoder": "text_encoder", "vae": "vae",
              "lora": "lora", "embedding": "embedding", "hypernetwork": "hypernetwork",
-             "controlnet": "controlnet", "unknown": "other"},
+             "controlnet": "controlnet", "upscaler": "upscaler", "image-encoder": "clip_vision",
+             "unknown": "other"},
     family_first=True,
 )
 
