@@ -32,7 +32,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     (["lora", "check", "{vae}", "{flux}"], "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone "
                                            "do not tell which), not a model adapters can be applied to"),
     (["merge", "{flux}", "{vae}", "-o", "{out}/merged.safetensors"],
-     f"is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone do not tell which), but A "),
+     "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone do not tell which), but A "),
     (["vae", "check", "{vae}", "{vae}"], "not a base model with a diffusion model (identified as vae)"),
     (["convert", "{flux}", "--to", "diffusers", "-o", "{out}/flux-diffusers"],
      f"is {FLUX_PART}; sdkit converts the precision of transformer models (--dtype) but not yet their key layout"),
