@@ -75,6 +75,11 @@ def _recipe_shape(recipe: KeyRecipe, shapes: list[tuple[int, ...]]) -> tuple[int
         return (sum(shape[0] for shape in shapes), *shapes[0][1:])
     if recipe.kind == "split":
         return (shapes[0][0] // recipe.arg[1], *shapes[0][1:])
+    if recipe.kind == "slice":
+        start, stop = recipe.arg
+        return ((shapes[0][0] if stop is None else stop) - start, *shapes[0][1:])
+    if recipe.kind == "swap":
+        return shapes[0]
     if recipe.kind == "arange":
         return (1, recipe.arg)
     raise ValueError(f"unknown recipe kind {recipe.kind!r}")

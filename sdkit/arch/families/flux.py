@@ -29,7 +29,8 @@ other relatives without them are reported as unknown transformers.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
-from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, Family, KeyMap, LatentFormat, Release, fused, same,
+                                      swapped, tensor)
 
 # sinusoidal timestep / guidance features fed to the time and guidance embedders
 _TIME_FEATURES = 256
@@ -75,6 +76,49 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
     flags={"guidance": "time_text_embed.guidance_embedder."},
 )
 
+def _mlp_embedder(ldm: str, diffusers: str) -> tuple:
+    return same(f"{ldm}.in_layer", f"{diffusers}.linear_1"), same(f"{ldm}.out_layer", f"{diffusers}.linear_2")
+
+
+def _qk_norms(ldm: str, query: str, key: str) -> tuple:
+    return (tensor(f"{ldm}.query_norm.scale", f"attn.{query}.weight"),
+            tensor(f"{ldm}.key_norm.scale", f"attn.{key}.weight"))
+
+
+# BFL names ⇄ diffusers names (diffusers `convert_flux_transformer_checkpoint_to_diffusers`;
+# ComfyUI `comfy/utils.py` `flux_to_diffusers`). A single block's `linear1` stacks q, k, v
+# (hidden rows each) and the MLP input (the rest); the final modulation is (shift, scale)
+# in BFL's order and (scale, shift) in diffusers'.
+KEY_MAP = KeyMap(
+    places=(
+        same("img_in", "x_embedder"), same("txt_in", "context_embedder"),
+        *_mlp_embedder("time_in", "time_text_embed.timestep_embedder"),
+        *_mlp_embedder("vector_in", "time_text_embed.text_embedder"),
+        *_mlp_embedder("guidance_in", "time_text_embed.guidance_embedder"),
+        same("final_layer.linear", "proj_out"),
+        swapped("final_layer.adaLN_modulation.1", "norm_out.linear"),
+    ),
+    blocks=(
+        BlockMap("double_blocks", "double_blocks.{i}.", "transformer_blocks.{i}.", (
+            same("img_mod.lin", "norm1.linear"), same("txt_mod.lin", "norm1_context.linear"),
+            fused("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+            fused("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            *_qk_norms("img_attn.norm", "norm_q", "norm_k"),
+            *_qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
+            same("img_attn.proj", "attn.to_out.0"), same("txt_attn.proj", "attn.to_add_out"),
+            same("img_mlp.0", "ff.net.0.proj"), same("img_mlp.2", "ff.net.2"),
+            same("txt_mlp.0", "ff_context.net.0.proj"), same("txt_mlp.2", "ff_context.net.2"),
+        )),
+        BlockMap("single_blocks", "single_blocks.{i}.", "single_transformer_blocks.{i}.", (
+            same("modulation.lin", "norm.linear"),
+            fused("linear1", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
+                  sizes=("hidden", "hidden", "hidden", None)),
+            *_qk_norms("norm", "norm_q", "norm_k"),
+            same("linear2", "proj_out"),
+        )),
+    ),
+)
+
 _RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
              "double_blocks": 19, "single_blocks": 38}
 _DEV = dict(_RELEASED, in_channels=64)
@@ -89,7 +133,7 @@ FLUX = Family(
     prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
-    diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline",
+    diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline", key_map=KEY_MAP,
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

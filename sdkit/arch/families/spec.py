@@ -70,6 +70,70 @@ class DenoiserLayout:
 
 
 @dataclass(frozen=True)
+class Place:
+    """One tensor place of a transformer in the single-file and the diffusers names.
+
+    kinds:
+    - "same": one tensor each side, equal (`img_in` ⇄ `x_embedder`);
+    - "fused": one single-file tensor holds several diffusers tensors stacked along dim 0
+      (`img_attn.qkv` ⇄ `attn.to_q`, `attn.to_k`, `attn.to_v`); `sizes` gives each part's
+      rows as layout dims (`"hidden"`, `"3*hidden"`, an int; None once for "the rest"),
+      or is empty for equal parts;
+    - "swap": the two halves along dim 0 trade places (the original final-layer
+      modulation is (shift, scale), diffusers' is (scale, shift)).
+
+    Names are modules and get each of `params` appended (`.weight`, `.bias`; a parameter
+    absent from a file is skipped); with `params=()` they are whole tensor names.
+    """
+
+    ldm: str
+    diffusers: tuple[str, ...]
+    kind: str = "same"
+    sizes: tuple[Dim, ...] = ()
+    params: tuple[str, ...] = ("weight", "bias")
+
+
+def same(ldm: str, diffusers: str, params: tuple[str, ...] = ("weight", "bias")) -> Place:
+    return Place(ldm, (diffusers,), params=params)
+
+
+def tensor(ldm: str, diffusers: str) -> Place:
+    """One tensor renamed whole (`norm.query_norm.scale` ⇄ `norm_q.weight`)."""
+    return Place(ldm, (diffusers,), params=())
+
+
+def fused(ldm: str, *parts: str, sizes: tuple[Dim, ...] = (), params: tuple[str, ...] = ("weight", "bias")) -> Place:
+    return Place(ldm, parts, "fused", sizes, params)
+
+
+def swapped(ldm: str, diffusers: str) -> Place:
+    return Place(ldm, (diffusers,), "swap")
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """The places of every block of one numbered list (`double_blocks.{i}.` ⇄
+    `transformer_blocks.{i}.`); `count` is the `DenoiserLayout.counts` name giving the
+    number of blocks, and `last` replaces places of the final block where it differs."""
+
+    count: str
+    ldm: str
+    diffusers: str
+    places: tuple[Place, ...]
+    last: tuple[Place, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """A transformer's single-file ⇄ diffusers key map, as data: the places outside the
+    numbered blocks and the block lists. Sizes come from the file (the layout match), so
+    one map serves every release and a tiny model alike."""
+
+    places: tuple[Place, ...]
+    blocks: tuple[BlockMap, ...] = ()
+
+
+@dataclass(frozen=True)
 class Release:
     """One released model of a family, as its weights show it.
 
@@ -139,6 +203,7 @@ class Family:
     air_ecosystem: str | None = None
     layouts: tuple[DenoiserLayout, ...] = ()
     releases: tuple[Release, ...] = ()
+    key_map: KeyMap | None = None  # single-file ⇄ diffusers names of the transformer
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels

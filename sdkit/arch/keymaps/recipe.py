@@ -29,6 +29,8 @@ class KeyRecipe:
 
     kinds: "copy" (one source), "reshape" (arg: target shape), "transpose" (2-D),
     "concat" (along dim 0), "split" (arg: (index, parts), equal parts along dim 0),
+    "slice" (arg: (start, stop) rows along dim 0; stop None: to the end),
+    "swap" (the two halves along dim 0 trade places),
     "arange" (no source; arg: length; an int64 [1, length] position-id row).
     """
 
@@ -83,13 +85,30 @@ def _split(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
     return tensor[index * rows:(index + 1) * rows].clone()
 
 
+def _slice(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
+    tensor = tensors[0]
+    start, stop = recipe.arg
+    end = tensor.shape[0] if stop is None else stop
+    if not 0 <= start < end <= tensor.shape[0]:
+        raise SdkitError(f"{recipe.sources[0]}: {tensor.shape[0]} rows have no rows {start}:{end}")
+    return tensor[start:end].clone()
+
+
+def _swap(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
+    tensor = tensors[0]
+    half, rest = divmod(tensor.shape[0], 2)
+    if rest:
+        raise SdkitError(f"{recipe.sources[0]}: {tensor.shape[0]} rows do not split into halves")
+    return torch.cat([tensor[half:], tensor[:half]], dim=0)
+
+
 def _arange(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.arange(recipe.arg, dtype=torch.int64).unsqueeze(0)
 
 
 _MAKERS: dict[str, Callable[[KeyRecipe, list[torch.Tensor]], torch.Tensor]] = {
     "copy": _copy, "reshape": _reshape, "transpose": _transpose,
-    "concat": _concat, "split": _split, "arange": _arange,
+    "concat": _concat, "split": _split, "slice": _slice, "swap": _swap, "arange": _arange,
 }
 
 
@@ -115,7 +134,9 @@ class Link:
 
     kinds: "same" (one tensor each side, equal), "conv1x1" (diffusers Linear [C, C] ⇄ LDM
     1×1 conv [C, C, 1, 1]; arg C), "transpose" (each side the transpose of the other),
-    "fused" (diffusers q, k, v ⇄ one LDM tensor, their concatenation along dim 0),
+    "fused" (diffusers q, k, v ⇄ one LDM tensor, their concatenation along dim 0; arg:
+    None for equal parts, else each part's rows, the last may be None for "the rest"),
+    "swap" (each side the other with its two halves along dim 0 exchanged),
     "position_ids" (an LDM position-id row that the diffusers side may or may not hold;
     arg: length; made again when the input lacks it).
     """
@@ -139,9 +160,13 @@ class Link:
         if self.kind == "conv1x1":
             shape = (self.arg, self.arg, 1, 1) if to_ldm else (self.arg, self.arg)
             return [(outputs[0], KeyRecipe(sources, "reshape", shape))]
+        if self.kind == "swap":
+            return [(outputs[0], KeyRecipe(sources, "swap"))]
         if self.kind == "fused":
             if to_ldm:
                 return [(outputs[0], KeyRecipe(sources, "concat"))]
+            if self.arg is not None:
+                return list(zip(outputs, _slices(sources, self.arg)))
             parts = len(outputs)
             return [(out, KeyRecipe(sources, "split", (i, parts))) for i, out in enumerate(outputs)]
         if self.kind == "position_ids":
@@ -151,6 +176,16 @@ class Link:
                 return [(outputs[0], KeyRecipe(sources))]
             return [(outputs[0], KeyRecipe((), "arange", self.arg))]
         raise ValueError(f"unknown link kind {self.kind!r}")
+
+
+def _slices(sources: tuple[str, ...], sizes: tuple[int | None, ...]) -> list[KeyRecipe]:
+    """Slice recipes cutting one tensor into parts of `sizes` rows (None: the rest)."""
+    recipes, start = [], 0
+    for size in sizes:
+        stop = None if size is None else start + size
+        recipes.append(KeyRecipe(sources, "slice", (start, stop)))
+        start = stop if stop is not None else start
+    return recipes
 
 
 def check_direction(direction: str) -> None:
