@@ -34,6 +34,7 @@ from sdkit.ops.layout import COMPONENTS
 Progress = Callable[[int], None]
 Finish = Callable[[Path], None]
 _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                 "transformer": "diffusion_pytorch_model.safetensors",
                  "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -82,7 +83,7 @@ def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
     if not root.is_dir():
         raise SdkitError(f"{root}: --config must be a diffusers folder")
     configs = {}
-    for component in COMPONENTS:
+    for component in (*COMPONENTS, "transformer"):
         path = root / component / "config.json"
         if path.is_file():
             config = read_json(path)
@@ -90,7 +91,7 @@ def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
                 raise SdkitError(f"{path}: not a JSON object")
             configs[component] = config
     if not configs:
-        raise SdkitError(f"{root}: no unet/, vae/ or text_encoder/ config.json found (--config)")
+        raise SdkitError(f"{root}: no unet/, transformer/, vae/ or text_encoder/ config.json found (--config)")
     return configs
 
 
@@ -111,8 +112,8 @@ def _text_encoder_class(config: Mapping[str, Any]) -> str:
 def component_config(component: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The config.json of a component: the plan's config with the class it names."""
     written = dict(config)
-    if component in _CLASSES:
-        written["_class_name"] = _CLASSES[component][1]
+    if component in _CLASSES or "_class_name" in config:  # a transformer's config names its class
+        written.setdefault("_class_name", _CLASSES.get(component, ("", ""))[1])
         written.setdefault("_diffusers_version", _diffusers_version())
     else:
         written.setdefault("architectures", [_text_encoder_class(config)])

@@ -22,7 +22,10 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     flux = write_header_only(folder / "flux1-dev.safetensors",
                              typed(single_file_shapes(RELEASES["FLUX.1-dev"]), "F8_E4M3"))
     vae = write_header_only(folder / "ae.safetensors", typed(ldm_vae_shapes(16, quant_convs=False), "BF16"))
-    return {"flux": flux, "vae": vae, "out": folder}
+    all_in_one = write_header_only(folder / "flux1-dev-aio.safetensors", {
+        **typed(single_file_shapes(RELEASES["FLUX.1-dev"]), "F8_E4M3", "model.diffusion_model."),
+        **typed(ldm_vae_shapes(16, quant_convs=False), "BF16", "vae.")})
+    return {"flux": flux, "vae": vae, "flux_all_in_one": all_in_one, "out": folder}
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -34,8 +37,8 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     (["merge", "{flux}", "{vae}", "-o", "{out}/merged.safetensors"],
      "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone do not tell which), but A "),
     (["vae", "check", "{vae}", "{vae}"], "not a base model with a diffusion model (identified as vae)"),
-    (["convert", "{flux}", "--to", "diffusers", "-o", "{out}/flux-diffusers"],
-     f"is {FLUX_PART}; sdkit converts the precision of transformer models (--dtype) but not yet their key layout"),
+    (["convert", "{flux_all_in_one}", "--to", "diffusers", "-o", "{out}/flux-diffusers"],
+     "sdkit converts the key layout (--to diffusers) of a transformer diffusion model on its own, not yet"),
 ])
 def test_split_parts_are_refused_in_one_line(argv, expected, parts, capsys):
     args = [arg.format(**{k: str(v) for k, v in parts.items()}) for arg in argv]

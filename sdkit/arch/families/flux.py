@@ -29,7 +29,7 @@ other relatives without them are reported as unknown transformers.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, Family, KeyMap, LatentFormat, Release, fused, same,
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release, fused, same,
                                       swapped, tensor)
 
 # sinusoidal timestep / guidance features fed to the time and guidance embedders
@@ -50,6 +50,7 @@ BFL_LAYOUT = DenoiserLayout(
         "guidance_in.in_layer.weight": ("hidden", _TIME_FEATURES),
         "single_blocks.0.modulation.lin.weight": ("3*hidden", "hidden"),
         "final_layer.linear.weight": ("out_channels", "hidden"),
+        "double_blocks.0.img_attn.norm.query_norm.scale": ("head",),
     },
     counts={"double_blocks": r"double_blocks\.(\d+)\.", "single_blocks": r"single_blocks\.(\d+)\."},
     flags={"guidance": "guidance_in."},
@@ -70,6 +71,7 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
         "time_text_embed.guidance_embedder.linear_1.weight": ("hidden", _TIME_FEATURES),
         "single_transformer_blocks.0.norm.linear.weight": ("3*hidden", "hidden"),
         "proj_out.weight": ("out_channels", "hidden"),
+        "transformer_blocks.0.attn.norm_q.weight": ("head",),
     },
     counts={"double_blocks": r"transformer_blocks\.(\d+)\.",
             "single_blocks": r"single_transformer_blocks\.(\d+)\."},
@@ -119,6 +121,20 @@ KEY_MAP = KeyMap(
     ),
 )
 
+# black-forest-labs/FLUX.1-dev transformer/config.json; the rotary axes (time, height,
+# width) split the head width, so only a model of the released head width can reuse them
+DIFFUSERS_MODEL = DiffusersModel(
+    "FluxTransformer2DModel",
+    config={"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]},
+    measured={"in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "double_blocks",
+              "num_single_layers": "single_blocks", "attention_head_dim": "head",
+              "num_attention_heads": "hidden/head", "joint_attention_dim": "context",
+              "pooled_projection_dim": "pooled", "guidance_embeds": "flag:guidance"},
+    unmeasured=("axes_dims_rope",),
+)
+
 _RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
              "double_blocks": 19, "single_blocks": 38}
 _DEV = dict(_RELEASED, in_channels=64)
@@ -134,6 +150,7 @@ FLUX = Family(
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline", key_map=KEY_MAP,
+    diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

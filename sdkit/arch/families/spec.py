@@ -10,7 +10,7 @@ None accepts any size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 Dim = Union[int, str, None]
 
@@ -134,6 +134,24 @@ class KeyMap:
 
 
 @dataclass(frozen=True)
+class DiffusersModel:
+    """The diffusers class of a family's transformer and how its config follows from a file.
+
+    `config` is the released model's config.json (its first release); `measured` says
+    which config values the weights show, as what the layout match measured: a dim or
+    count name (`"double_blocks"`), a quotient (`"hidden/head"`) or a flag
+    (`"flag:guidance"`). `unmeasured` lists the values the weights cannot show that still
+    depend on the sizes (rotary axes must add up to the head width): a model with other
+    sizes than a release's needs its own config for them.
+    """
+
+    class_name: str
+    config: Mapping[str, Any]
+    measured: Mapping[str, str]
+    unmeasured: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Release:
     """One released model of a family, as its weights show it.
 
@@ -160,6 +178,7 @@ class Release:
     latent: LatentFormat | None = None
     vae_part: str | None = None
     image_encoder: str | None = None  # the image encoder it conditions on (Wan 2.1 I2V: CLIP-H)
+    config: Mapping[str, Any] = field(default_factory=dict)  # its diffusers config where it differs
 
 
 @dataclass(frozen=True)
@@ -204,6 +223,7 @@ class Family:
     layouts: tuple[DenoiserLayout, ...] = ()
     releases: tuple[Release, ...] = ()
     key_map: KeyMap | None = None  # single-file ⇄ diffusers names of the transformer
+    diffusers_model: DiffusersModel | None = None  # the transformer's diffusers class and config
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels

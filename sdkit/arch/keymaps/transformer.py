@@ -10,9 +10,9 @@ by row slices and joined again give back the same bytes.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from sdkit.arch.families.spec import BlockMap, Dim, Family, KeyMap, Place
+from sdkit.arch.families.spec import BlockMap, Dim, Family, KeyMap, Place, Release
 from sdkit.arch.keymaps.recipe import KeyPlan, KeyRules, Link, plan_from_keys
 from sdkit.errors import SdkitError
 
@@ -72,3 +72,47 @@ def transformer_plan(family: Family, dims: Mapping[str, int], direction: str, ke
     rules = KeyRules(f"{family.title} transformer", canonical=lambda key: key[len(prefix):]
                      if prefix and key.startswith(prefix) else key)
     return plan_from_keys(transformer_links(family.key_map, dims), direction, keys, rules)
+
+
+def diffusers_config(family: Family, dims: Mapping[str, int], flags: Mapping[str, bool],
+                     release: Release | None, exact: bool) -> dict[str, Any]:
+    """The diffusers config.json values of a `family` transformer of these measured sizes.
+
+    What the weights show is taken from them; the rest from the release the sizes match
+    (`exact`), or from the family's released config where no unmeasured value depends on
+    the sizes. A model with other sizes whose config the weights cannot complete is
+    refused, naming the values it lacks."""
+    model = family.diffusers_model
+    if model is None:
+        raise SdkitError(f"sdkit has no diffusers config for {family.title} transformers yet")
+    if not exact and model.unmeasured:
+        raise SdkitError(f"its sizes match no {family.title} release, and its weights do not show "
+                         f"{', '.join(model.unmeasured)}; give --config with a diffusers folder "
+                         "(transformer/config.json) of this model")
+    config = {**model.config, **(release.config if release else {})}
+    for key, source in model.measured.items():
+        config[key] = _measured(source, dims, flags, family)
+    return {"_class_name": model.class_name, **config}
+
+
+def check_config(family: Family, config: Mapping[str, Any], dims: Mapping[str, int],
+                 flags: Mapping[str, bool]) -> None:
+    """Refuse a given config that contradicts the weights (it would build another model)."""
+    model = family.diffusers_model
+    for key, source in (model.measured.items() if model else ()):
+        value = _measured(source, dims, flags, family)
+        if key in config and config[key] is not None and config[key] != value:
+            raise SdkitError(f"the given config says {key} = {config[key]!r}, but the weights have {value!r}")
+
+
+def _measured(source: str, dims: Mapping[str, int], flags: Mapping[str, bool], family: Family) -> Any:
+    if source.startswith("flag:"):
+        return bool(flags.get(source[len("flag:"):], False))
+    names = source.split("/")
+    missing = [name for name in names if name not in dims]
+    if missing:
+        raise SdkitError(f"the {family.title} layout did not measure {missing[0]!r}")
+    value = dims[names[0]]
+    for name in names[1:]:
+        value //= dims[name]
+    return value

@@ -147,6 +147,9 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         if identity.kind == "embedding":
             from sdkit.ops.convert.embedding import convert_embedding_file
             return convert_embedding_file(model, identity, output, options, progress)
+        if options.to != "safetensors" and identity.components == ["transformer"]:
+            from sdkit.ops.convert.transformer import TransformerConversion
+            return TransformerConversion(model, identity, output, options, progress, input_hash).run()
         return _ModelConversion(model, identity, output, options, progress, input_hash).run()
 
 
@@ -242,9 +245,9 @@ class _ModelConversion:
             raise SdkitError(f"{self.model.path}: {with_article(self.identity.kind)} file holds no UNet, VAE or text "
                              "encoder to convert between single-file and diffusers layouts")
         if "transformer" in self.identity.components:
-            raise SdkitError(f"{self.model.path}: is {with_article(self.identity.part)}; sdkit converts the "
-                             "precision of transformer models (--dtype) but not yet their key layout "
-                             f"(--to {self.options.to})")
+            raise SdkitError(f"{self.model.path}: is {with_article(self.identity.part)}; sdkit converts the key "
+                             f"layout (--to {self.options.to}) of a transformer diffusion model on its own, not yet "
+                             "of one sharing a file or folder with other parts (--dtype converts its precision)")
         return "ldm" if self.options.to == "single-file" else "diffusers"
 
     def _written_component(self, view: ModelView) -> str | None:

@@ -1,0 +1,141 @@
+"""`sdkit convert --to diffusers | single-file` on lone transformer diffusion models.
+
+Tiny random-weight models of each family with a key map (the diffusers test configs): the
+diffusers folder sdkit writes loads in the family's diffusers class with no missing or
+unexpected keys, and the way back gives the input's tensors bit for bit. The released-size
+comparison with diffusers' own converters is tests/arch/test_transformer_keymaps.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
+
+from cli_run import run_sdkit  # noqa: E402
+from released import TINY, tiny_tensors  # noqa: E402
+
+from sdkit.arch.families import FAMILIES  # noqa: E402
+
+MAPPED = [name for name in TINY if FAMILIES[name].key_map is not None]
+
+
+def _config_dir(folder: Path, family: str) -> Path:
+    class_name, config, _ = TINY[family]
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": class_name, **config}))
+    return folder
+
+
+def _load_diffusers(folder: Path, family: str):
+    import diffusers
+
+    class_name = TINY[family][0]
+    model = getattr(diffusers, class_name).from_pretrained(folder)
+    return model.state_dict()
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", MAPPED)
+def test_single_file_to_diffusers_folder_and_back(tmp_path, capsys, family):
+    original = tiny_tensors(family, "ldm")
+    source = tmp_path / "tiny.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in original.items()}, source)
+    config = _config_dir(tmp_path / "config", family)
+
+    code, _out, err = run_sdkit(capsys, "convert", str(source), "--to", "diffusers", "-o", str(tmp_path / "d"),
+                                "--config", str(config))
+    assert code == 0, err
+    loaded = _load_diffusers(tmp_path / "d", family)  # strict: no missing or unexpected key
+    written = load_file(tmp_path / "d" / "diffusion_pytorch_model.safetensors")
+    assert _same(loaded, written)
+
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "d"), "--to", "single-file",
+                                "-o", str(tmp_path / "back.safetensors"))
+    assert code == 0, err
+    assert _same(load_file(tmp_path / "back.safetensors"), original)
+
+
+@pytest.mark.parametrize("family", MAPPED)
+def test_diffusers_weights_become_single_file_weights(tmp_path, capsys, family):
+    state = tiny_tensors(family, "diffusers")
+    save_file(state, tmp_path / "d.safetensors")
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "d.safetensors"), "--to", "single-file",
+                                "-o", str(tmp_path / "s.safetensors"))
+    assert code == 0, err
+    single = load_file(tmp_path / "s.safetensors")
+    assert {k: tuple(v.shape) for k, v in single.items()} == TINY[family][2](TINY[family][1])
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "s.safetensors"), "--to", "diffusers",
+                                "-o", str(tmp_path / "again.safetensors"))
+    assert code == 0, err
+    assert _same(load_file(tmp_path / "again.safetensors"), state)
+
+
+def test_layout_and_precision_change_together(tmp_path, capsys):
+    original = tiny_tensors("flux", "ldm")
+    save_file(original, tmp_path / "tiny.safetensors")
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "tiny.safetensors"), "--to", "diffusers",
+                                "--dtype", "bf16", "-o", str(tmp_path / "d.safetensors"))
+    assert code == 0, err
+    written = load_file(tmp_path / "d.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert torch.equal(written["x_embedder.weight"], original["img_in.weight"].to(torch.bfloat16))
+
+
+def test_plain_fp8_converts_and_keeps_its_bytes(tmp_path, capsys):
+    original = {k: v.to(torch.float8_e4m3fn) for k, v in tiny_tensors("flux", "ldm").items()}
+    save_file(original, tmp_path / "fp8.safetensors")
+    assert run_sdkit(capsys, "convert", str(tmp_path / "fp8.safetensors"), "--to", "diffusers",
+                     "-o", str(tmp_path / "d.safetensors"))[0] == 0
+    assert run_sdkit(capsys, "convert", str(tmp_path / "d.safetensors"), "--to", "single-file",
+                     "-o", str(tmp_path / "back.safetensors"))[0] == 0
+    back = load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k].view(torch.uint8), original[k].view(torch.uint8)) for k in original)
+
+
+def _refused(capsys, *args: str) -> str:
+    code, _out, err = run_sdkit(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
+    return lines[0]
+
+
+def test_other_sizes_without_a_config_are_refused(tmp_path, capsys):
+    save_file(tiny_tensors("flux", "ldm"), tmp_path / "tiny.safetensors")
+    line = _refused(capsys, "convert", str(tmp_path / "tiny.safetensors"), "--to", "diffusers",
+                    "-o", str(tmp_path / "d"))
+    assert "match no FLUX.1 release" in line and "axes_dims_rope" in line and "--config" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_config_contradicting_the_weights_is_refused(tmp_path, capsys):
+    save_file(tiny_tensors("flux", "ldm"), tmp_path / "tiny.safetensors")
+    config = _config_dir(tmp_path / "config", "flux")
+    path = config / "transformer" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), num_layers=3)))
+    line = _refused(capsys, "convert", str(tmp_path / "tiny.safetensors"), "--to", "diffusers",
+                    "-o", str(tmp_path / "d"), "--config", str(config))
+    assert "num_layers = 3, but the weights have 1" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_scaled_fp8_is_refused_before_anything_is_written(tmp_path, capsys):
+    tensors = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in tiny_tensors("flux", "ldm").items()}
+    tensors.update({k[:-len("weight")] + "scale_weight": torch.ones(()) for k, v in tensors.items()
+                    if v.dtype == torch.float8_e4m3fn})
+    tensors["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file(tensors, tmp_path / "scaled.safetensors")
+    line = _refused(capsys, "convert", str(tmp_path / "scaled.safetensors"), "--to", "diffusers",
+                    "-o", str(tmp_path / "d.safetensors"))
+    assert "is scaled fp8" in line and "--dtype bf16" in line
+    assert not (tmp_path / "d.safetensors").exists()
