@@ -51,7 +51,8 @@ def cached_synthetic(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str 
                 return path
     except SdkitError:
         pass
-    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
+    torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                   "F8_E4M3": torch.float8_e4m3fn}[dtype]
     tensors = {name: LazyTensor(dtype, shape, _random_tensor(shape, torch_dtype, seed))
                for seed, (name, shape) in enumerate(sorted(shapes.items()))}
     started = time.perf_counter()

@@ -1,0 +1,54 @@
+"""Key-layout conversion of a FLUX.1-dev-shaped transformer at full size (12B parameters,
+fp8 e4m3fn, 11.9 GB; real key names and shapes, random values), timed as a separate
+process against a plain copy of the same file in the same run, with its peak RSS.
+
+`SDKIT_BENCH_BIG=0` skips it; it also skips (saying so) when the disk cannot hold the
+input and two outputs. The input is built once into $SDKIT_BENCH_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
+
+from bench_measure import measure, remove, sdkit  # noqa: E402
+from conftest import cached_synthetic  # noqa: E402
+from released import RELEASES, single_file_shapes  # noqa: E402
+
+FLUX_FP8_BYTES = 11_900_000_000
+
+
+def _room_for(folder: Path, files: int) -> bool:
+    have = shutil.disk_usage(folder).free
+    built = (folder / "flux1-dev-fp8.safetensors")
+    needed = files * FLUX_FP8_BYTES - (built.stat().st_size if built.exists() else 0)
+    return have > needed + (2 << 30)
+
+
+@pytest.mark.skipif(os.environ.get("SDKIT_BENCH_BIG") == "0", reason="SDKIT_BENCH_BIG=0")
+def test_bench_flux_single_file_to_diffusers_and_back(bench_cache: Path, tmp_path: Path) -> None:
+    if not _room_for(bench_cache, 3):
+        pytest.skip(f"{bench_cache}: not enough free disk for a 11.9 GB input and its outputs")
+    source = cached_synthetic(bench_cache / "flux1-dev-fp8.safetensors",
+                              single_file_shapes(RELEASES["FLUX.1-dev"]), dtype="F8_E4M3")
+    size = source.stat().st_size
+    diffusers_file, back = tmp_path / "flux-diffusers.safetensors", tmp_path / "flux-back.safetensors"
+    copy = tmp_path / "copy.safetensors"
+    copied = measure([sys.executable, "-c", f"import shutil; shutil.copyfile({str(source)!r}, {str(copy)!r})"])
+    remove(copy)
+    to_diffusers = measure(sdkit("convert", str(source), "--to", "diffusers", "-o", str(diffusers_file)))
+    to_single = measure(sdkit("convert", str(diffusers_file), "--to", "single-file", "-o", str(back)))
+    print(f"\nflux convert: {source.name} ({size / 2**30:.2f} GiB; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores)")
+    for name, run in (("plain copy (baseline)", copied), ("--to diffusers", to_diffusers),
+                      ("--to single-file (back)", to_single)):
+        assert run.ok, run.error
+        print(f"  {name:<26} {run.wall:8.1f} s  {run.wall / copied.wall:5.2f}x copy  {run.rss_mb:8.0f} MiB RSS")
+    remove(diffusers_file)
+    remove(back)
