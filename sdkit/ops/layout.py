@@ -165,7 +165,8 @@ def _file_view(model: ModelFile, identity: Any, component: str | None) -> ModelV
         present = [p.component for p in LAYOUTS[layout] if any(k.startswith(p.prefix) for k in model.infos)]
         return ModelView("ldm", layout, lazy_tensors(model), present)
     kind = _IDENTITY_KIND.get(identity.kind)
-    if kind is None:
+    # transformers change layout in sdkit.ops.convert.transformer; here their names are kept
+    if kind is None or identity.components == ["transformer"]:
         return ModelView(identity.key_convention, "sd1", lazy_tensors(model), [], plain=True)
     own = component or (identity.components[0] if identity.components else kind)
     if kind == "text_encoder" and not own.startswith("text_encoder"):

@@ -129,12 +129,51 @@ def test_a_config_contradicting_the_weights_is_refused(tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_scaled_fp8_is_refused_before_anything_is_written(tmp_path, capsys):
+def _scaled_fp8(path: Path) -> dict[str, torch.Tensor]:
+    """A tiny FLUX.1 in ComfyUI's scaled fp8: fp8 matrices, one float32 scale each (their
+    values differ, so a scale applied to the wrong weight shows), the marker key."""
     tensors = {k: v.to(torch.float8_e4m3fn) if v.ndim == 2 else v for k, v in tiny_tensors("flux", "ldm").items()}
-    tensors.update({k[:-len("weight")] + "scale_weight": torch.ones(()) for k, v in tensors.items()
-                    if v.dtype == torch.float8_e4m3fn})
+    matrices = [k for k, v in tensors.items() if v.dtype == torch.float8_e4m3fn]
+    tensors.update({k[:-len("weight")] + "scale_weight": torch.tensor(0.25 * (i + 1)) for i, k in enumerate(matrices)})
+    tensors[matrices[0][:-len("weight")] + "scale_input"] = torch.tensor(1.0)
     tensors["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
-    save_file(tensors, tmp_path / "scaled.safetensors")
+    save_file(tensors, path)
+    return tensors
+
+
+def _values(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ComfyUI computes with: each scaled weight times its scale, in bf16."""
+    plain = {}
+    for name, tensor in tensors.items():
+        if name.endswith(("scale_weight", "scale_input")) or name == "scaled_fp8":
+            continue
+        scale = tensors.get(name[:-len("weight")] + "scale_weight", torch.tensor(1.0))
+        plain[name] = (tensor.to(torch.float32) * scale).to(torch.bfloat16)
+    return plain
+
+
+def test_scaled_fp8_casts_to_its_scaled_values(tmp_path, capsys):
+    scaled = _scaled_fp8(tmp_path / "scaled.safetensors")
+    code, out, err = run_sdkit(capsys, "convert", str(tmp_path / "scaled.safetensors"), "--dtype", "bf16",
+                               "-o", str(tmp_path / "plain.safetensors"))
+    assert code == 0, err
+    assert "multiplied by their scales" in out + err
+    assert _same(load_file(tmp_path / "plain.safetensors"), _values(scaled))
+    assert run_sdkit(capsys, "inspect", str(tmp_path / "plain.safetensors"))[0] == 0
+
+
+def test_scaled_fp8_changes_layout_with_a_cast(tmp_path, capsys):
+    scaled = _scaled_fp8(tmp_path / "scaled.safetensors")
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "scaled.safetensors"), "--to", "diffusers",
+                                "--dtype", "bf16", "-o", str(tmp_path / "d.safetensors"))
+    assert code == 0, err
+    written = load_file(tmp_path / "d.safetensors")
+    assert torch.equal(written["transformer_blocks.0.attn.to_out.0.weight"],
+                       _values(scaled)["double_blocks.0.img_attn.proj.weight"])
+
+
+def test_scaled_fp8_layout_without_a_cast_is_refused(tmp_path, capsys):
+    _scaled_fp8(tmp_path / "scaled.safetensors")
     line = _refused(capsys, "convert", str(tmp_path / "scaled.safetensors"), "--to", "diffusers",
                     "-o", str(tmp_path / "d.safetensors"))
     assert "is scaled fp8" in line and "--dtype bf16" in line

@@ -206,7 +206,21 @@ class _ModelConversion:
 
     # -- 1. hygiene ------------------------------------------------------------------
 
+    def _plain_values(self, tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+        """Scaled fp8 weights as their values when a cast is asked (the scales would be
+        lost in it); as they are otherwise."""
+        scheme = (self.identity.precision.quantization or {}).get("scheme")
+        if self.options.dtype is None or scheme != "scaled-fp8":
+            return tensors
+        from sdkit.ops.convert.dequantize import dequantize_scaled_fp8
+
+        plain, scaled = dequantize_scaled_fp8(tensors)
+        self.result.notes.append(f"{scaled} scaled fp8 weights multiplied by their scales before the cast; "
+                                 "scale tensors and the scaled_fp8 marker left out")
+        return plain
+
     def _hygiene(self, tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+        tensors = self._plain_values(tensors)
         where = str(self.model.path)
         if self.options.ema:
             tensors = swap_in_ema(tensors, self.result.prune, where)

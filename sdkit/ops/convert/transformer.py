@@ -61,8 +61,9 @@ class TransformerConversion(_ModelConversion):
         match = _layout_match(self.model, prefix)
         self.family, self.match = match.family, match
         self.convention = "ldm" if self.options.to == "single-file" else "diffusers"
-        plan = self._plan(match, prefix)
-        outputs = plan_tensors(plan, lazy_tensors(self.model))
+        tensors = self._plain_values(lazy_tensors(self.model))
+        plan = self._plan(match, prefix, list(tensors))
+        outputs = plan_tensors(plan, tensors)
         sources = {name: [name, *plan[name].sources] for name in outputs}
         self.result.convention = self.convention
         self.result.family = match.family.name
@@ -71,12 +72,14 @@ class TransformerConversion(_ModelConversion):
 
     def _refuse_packed(self) -> None:
         scheme = (self.identity.precision.quantization or {}).get("scheme")
+        if scheme == "scaled-fp8" and self.options.dtype:
+            return  # multiplied out into plain values before the cast
         if scheme in _PACKED_SCHEMES:
+            hint = "add --dtype bf16" if scheme == "scaled-fp8" else "sdkit cannot dequantize it yet"
             raise SdkitError(f"{self.model.path}: is {_PACKED_SCHEMES[scheme]}; sdkit changes the key layout of "
-                             "plain-precision transformers only (convert it with --dtype bf16 first)")
+                             f"plain-precision transformers only ({hint})")
 
-    def _plan(self, match: LayoutMatch, prefix: str) -> KeyPlan:
-        keys = list(self.model.infos)
+    def _plan(self, match: LayoutMatch, prefix: str, keys: list[str]) -> KeyPlan:
         if match.layout.convention == self.convention:  # the same names, without the prefix
             return {name[len(prefix):]: KeyRecipe((name,)) for name in keys if name.startswith(prefix)} | \
                 {name: KeyRecipe((name,)) for name in keys if not name.startswith(prefix)}
