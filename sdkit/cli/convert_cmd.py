@@ -23,9 +23,16 @@ from sdkit.cli.terminal import SafeConsole
               help="safetensors: keep the key layout; single-file: LDM / A1111 keys (kohya names "
                    "for LoRA, what ComfyUI and A1111 load); diffusers: a diffusers folder (diffusers / peft "
                    "names for LoRA, for diffusers only: ComfyUI and A1111 miss them on SD/SDXL).")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Cast float tensors (integer tensors are never touched).")
-@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]),
+              help="Cast float tensors (integer tensors are never touched). fp8: the matrices of the "
+                   "diffusion model and text encoders only (the family keeps its embedders and final layer; "
+                   "VAEs stay), with the quantization error per layer class; scaled fp8 input is multiplied "
+                   "out first.")
+@click.option("--fp8-scaling", type=click.Choice(["plain", "scaled", "mixed"]), default="scaled",
+              show_default=True,
+              help="How fp8 weights are stored: plain; scaled (per-tensor scale_weight + scaled_fp8 marker, "
+                   "ComfyUI); mixed (weight_scale + comfy_quant + _quantization_metadata, ComfyUI).")
+@click.option("--keep-fp32", "--keep", "keep_fp32", multiple=True, metavar="PATTERN",
               help="Keys that keep their stored dtype: a glob (first_stage_model.*) or re:REGEX. Repeatable.")
 @click.option("--clamp", is_flag=True, help="Clamp values beyond the fp16 range instead of refusing.")
 @click.option("--allow-inf", is_flag=True, help="Let values beyond the fp16 range become inf (reported).")
@@ -76,6 +83,12 @@ def _report_lines(result: Any) -> list[str]:
         report = result.precision
         lines.append(f"• cast {len(report.cast)} float tensors to {report.target}"
                      + (f", kept {len(report.kept)} by --keep-fp32" if report.kept else ""))
+    if result.fp8 is not None:
+        fp8 = result.fp8
+        lines.append(f"• {len(fp8.cast)} matrices to {fp8.dtype} ({fp8.scaling})"
+                     + (f", {len(fp8.kept)} kept in their precision (family or --keep)" if fp8.kept else "")
+                     + "; other tensors keep their dtype")
+        lines += [f"  {line}" for line in fp8.summary()]
     for reason, keys in result.prune.dropped.items():
         lines.append(f"• dropped ({reason}, {human_bytes(result.prune.bytes.get(reason, 0))}): {key_examples(keys)}")
     if result.prune.ema_swapped:

@@ -135,6 +135,11 @@ DIFFUSERS_MODEL = DiffusersModel(
     unmeasured=("axes_dims_rope",),
 )
 
+# what stays in 16-bit in an fp8 FLUX.1: the input embedders and the final layer (as the
+# community converter silveroxides/convert_to_quant keeps for Chroma, FLUX.1's relative;
+# the released 11.9 GB fp8 files hold every block matrix, modulation included, in fp8)
+FP8_KEEP = (r"(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.",)
+
 _RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
              "double_blocks": 19, "single_blocks": 38}
 _DEV = dict(_RELEASED, in_channels=64)
@@ -150,7 +155,7 @@ FLUX = Family(
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline", key_map=KEY_MAP,
-    diffusers_model=DIFFUSERS_MODEL,
+    diffusers_model=DIFFUSERS_MODEL, fp8_keep=FP8_KEEP,
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

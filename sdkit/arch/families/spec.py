@@ -224,6 +224,10 @@ class Family:
     releases: tuple[Release, ...] = ()
     key_map: KeyMap | None = None  # single-file ⇄ diffusers names of the transformer
     diffusers_model: DiffusersModel | None = None  # the transformer's diffusers class and config
+    # denoiser modules an fp8 cast leaves in their precision (regexes matched at the start
+    # of a key below the denoiser root, in single-file names): embedders, final layers and
+    # whatever else the released fp8 files of the family keep
+    fp8_keep: tuple[str, ...] = ()
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels

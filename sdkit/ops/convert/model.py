@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from sdkit.arch import Identity, identify
+from sdkit.arch.families import FAMILIES
 from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.arch.keymaps.stock import complete_configs
@@ -38,7 +39,8 @@ from sdkit.ops.folders import (build_in_partial, read_config_dir, stored_tensors
                                write_on_workers, write_pipeline_folder)
 from sdkit.ops.layout import (COMPONENTS, Converted, ModelView, component_prefix, convert_view,
                               is_ldm_checkpoint, model_view)
-from sdkit.ops.precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors,
+from sdkit.ops.fp8 import FP8_DTYPES, SCALINGS, Fp8Report, cast_fp8, family_keep
+from sdkit.ops.precision import (OVERFLOW_POLICIES, OverflowStop, PrecisionReport, cast_tensors, key_matcher,
                                  overflow_error, scan_overflow)
 from sdkit.ops.convert.prune import PruneReport, prune_tensors, swap_in_ema
 from sdkit.ops.convert.repair import fix_position_ids
@@ -50,9 +52,11 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int], None]
 TARGETS = ("safetensors", "single-file", "diffusers")
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _POSITION_IDS = "position_ids"
+_DENOISER_ROOT = "model.diffusion_model."
+_VAE_ROOTS = ("first_stage_model.", "vae.", "vae/")
 _SHOWN = 3
 
 
@@ -61,7 +65,8 @@ class ConvertOptions:
     """What `sdkit convert` was asked to do (see the CLI help for each)."""
 
     to: str = "safetensors"  # keep the layout | "single-file" (LDM) | "diffusers"
-    dtype: str | None = None  # "fp32" | "fp16" | "bf16"
+    dtype: str | None = None  # "fp32" | "fp16" | "bf16" | "fp8_e4m3fn" | "fp8_e5m2"
+    fp8_scaling: str = "scaled"  # "plain" | "scaled" | "mixed" (sdkit.ops.fp8)
     keep_fp32: tuple[str, ...] = ()
     overflow: str = "refuse"  # "refuse" | "clamp" | "allow-inf"
     prune: bool = False
@@ -80,11 +85,14 @@ class ConvertOptions:
             raise SdkitError(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}")
         if self.keep_fp32 and self.dtype is None:
             raise SdkitError("--keep-fp32 only means something with --dtype")
+        if self.fp8_scaling not in SCALINGS:
+            raise SdkitError(f"--fp8-scaling must be one of {', '.join(SCALINGS)}, not {self.fp8_scaling!r}")
         if self.only is not None and self.only not in COMPONENTS:
             raise SdkitError(f"--only must be one of {', '.join(COMPONENTS)}, not {self.only!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"to": self.to, "dtype": self.dtype, "keep_fp32": list(self.keep_fp32),
+        fp8 = {"fp8_scaling": self.fp8_scaling} if self.dtype in FP8_DTYPES else {}
+        return {"to": self.to, "dtype": self.dtype, **fp8, "keep_fp32": list(self.keep_fp32),
                 "overflow": self.overflow, "prune": self.prune, "ema": self.ema, "only": self.only,
                 "fix_clip": self.fix_clip,
                 "config": recorded_path(self.config_dir) if self.config_dir else None}
@@ -102,6 +110,7 @@ class ConvertResult:
     tensors: int = 0
     bytes: int = 0
     precision: PrecisionReport | None = None
+    fp8: Fp8Report | None = None
     prune: PruneReport = field(default_factory=PruneReport)
     fixed_position_ids: dict[str, str] = field(default_factory=dict)
     broken_position_ids: dict[str, str] = field(default_factory=dict)
@@ -115,6 +124,7 @@ class ConvertResult:
             "output": str(self.output), "written": self.written, "kind": self.kind, "family": self.family,
             "convention": self.convention, "tensors": self.tensors, "bytes": self.bytes,
             "precision": self.precision.to_json() if self.precision else None,
+            "fp8": self.fp8.to_json() if self.fp8 else None,
             "prune": self.prune.to_json(), "fixed_position_ids": self.fixed_position_ids,
             "broken_position_ids": self.broken_position_ids, "shared_tensors": self.shared,
             "left_out": len(self.left_out), "notes": self.notes, "warnings": self.warnings,
@@ -173,6 +183,7 @@ class _ModelConversion:
         self.result.shared = list(model.extra.get("__shared__") or [])
         self.input_hash = input_hash  # runs while the output is planned and written
         self.resolution: int | None = None  # pixels per side the model draws at, where a config says it
+        self.fp8_metadata: dict[str, str] = {}  # what a mixed fp8 cast adds to the header
 
     def run(self) -> ConvertResult:
         try:
@@ -315,6 +326,8 @@ class _ModelConversion:
     def _cast(self, outputs: dict[str, LazyTensor], sources: dict[str, list[str]]) -> dict[str, LazyTensor]:
         if self.options.dtype is None:
             return outputs
+        if self.options.dtype in FP8_DTYPES:
+            return self._cast_fp8(outputs, sources)
         code = NAME_TO_CODE[self.options.dtype]
         # position ids index the position embeddings: a float copy left by a merge stays as
         # it is (reported as kept), never rounded into another float type
@@ -323,6 +336,43 @@ class _ModelConversion:
                                     policy=self.options.overflow)
         self.result.precision = report
         return {name: cast.get(name, lazy) for name, lazy in outputs.items()}
+
+    def _cast_fp8(self, outputs: dict[str, LazyTensor], sources: dict[str, list[str]]) -> dict[str, LazyTensor]:
+        """Matrices to fp8 as --fp8-scaling says; VAE tensors and what the family or
+        --keep names stay as they are."""
+        if self.identity.kind == "vae":
+            raise SdkitError(f"{self.model.path}: is a VAE; fp8 is for diffusion models and text encoders "
+                             "(VAEs stay in 16 or 32 bits)")
+        user = key_matcher(self.options.keep_fp32)
+        family = self._family_fp8_keep()
+        vae = {name for name in outputs if name.startswith(_VAE_ROOTS)}
+
+        def keep(name: str) -> bool:
+            names = [name, *sources.get(name, ())]
+            return name in vae or any(family(candidate) or user(candidate) for candidate in names)
+        root = _DENOISER_ROOT if any(name.startswith(_DENOISER_ROOT) for name in outputs) else ""
+        cast, report, self.fp8_metadata = cast_fp8(outputs, self.options.dtype, self.options.fp8_scaling, keep,
+                                                   marker_prefix=root)
+        report.kept = [name for name in report.kept if name not in vae]
+        self.result.fp8 = report
+        return cast
+
+    def _family_fp8_keep(self) -> Callable[[str], bool]:
+        """The family's kept modules, for keys below the denoiser root in single-file names."""
+        family = FAMILIES.get(self.identity.family)
+        patterns = family.fp8_keep if family else ()
+        roots = [family_keep(patterns, root) for root in (_DENOISER_ROOT, "unet/", "transformer/", "")]
+        single_file = self._single_file_names()
+        return lambda name: any(kept(name) or kept(single_file.get(name, name)) for kept in roots)
+
+    def _single_file_names(self) -> dict[str, str]:
+        """A diffusers-named transformer's keys in single-file names (the family's keep
+        patterns are written in those); empty for anything else."""
+        if self.identity.components != ["transformer"] or self.identity.key_convention != "diffusers":
+            return {}
+        from sdkit.ops.convert.transformer import single_file_names
+
+        return single_file_names(self.model)
 
     def _copies_input(self, final: Mapping[str, LazyTensor]) -> bool:
         """Whether the output file would hold the safetensors input's tensors as they are."""
@@ -372,13 +422,15 @@ class _ModelConversion:
         facts = SpecFacts.from_identity(self.identity, implementation=implementation, resolution=self.resolution,
                                         adapter="vae" if component == "vae" else None)
         carried = {} if self.model.components else self.model.metadata
-        return build_metadata("convert", [self.model.path], self.options.to_json(), facts, title=self.output.stem,
-                              carried=carried, hashes={str(self.model.path): self.input_hash.placeholder})
+        metadata = build_metadata("convert", [self.model.path], self.options.to_json(), facts,
+                                  title=self.output.stem, carried=carried,
+                                  hashes={str(self.model.path): self.input_hash.placeholder})
+        return {**metadata, **self.fp8_metadata}
 
     def _write_output(self, view: ModelView, converted: Converted, tensors: dict[str, LazyTensor]) -> None:
         component = self._written_component(view)
         as_file = self._writes_as_file()
-        if self.convention == "diffusers" and component is None:
+        if self.convention == "diffusers" and component is None and not view.plain:
             if as_file:
                 raise SdkitError(f"{self.output}: a diffusers pipeline is a folder; give a folder path "
                                  "(--to single-file makes one LDM file, --only COMPONENT one component)")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sdkit.arch.fingerprint import LayoutMatch, match_release, match_transformers
 from sdkit.arch.keymaps import KeyPlan, KeyRecipe
-from sdkit.arch.keymaps.transformer import check_config, diffusers_config, transformer_plan
+from sdkit.arch.keymaps.transformer import check_config, diffusers_config, transformer_links, transformer_plan
 from sdkit.arch.keyview import KeyView
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors
@@ -50,6 +50,20 @@ def _layout_match(model: ModelFile, prefix: str) -> LayoutMatch:
     if len(matches) != 1:  # identify refuses mixtures before this; kept for direct callers
         raise SdkitError(f"{model.path}: not one known transformer ({len(matches)} layouts match)")
     return matches[0]
+
+
+def single_file_names(model: ModelFile) -> dict[str, str]:
+    """Each key of a diffusers-named transformer (as the file names it) -> its single-file
+    name, through the family's key map; empty where the family has none."""
+    prefix = _prefix(model)
+    match = _layout_match(model, prefix)
+    if match.family.key_map is None:
+        return {}
+    names = {}
+    for link in transformer_links(match.family.key_map, match.dims):
+        for name in link.diffusers:
+            names[prefix + name] = link.ldm[0]
+    return names
 
 
 class TransformerConversion(_ModelConversion):

@@ -1,0 +1,222 @@
+"""Weights cast to fp8 the ways ComfyUI loads them, with the error each layer class takes.
+
+Three stored forms (facts from ComfyUI `comfy/ops.py`, `comfy/quant_ops.py`,
+`comfy/utils.py` `convert_old_quants`, read not copied):
+
+- "plain": the weight itself in `float8_e4m3fn` / `float8_e5m2` (ComfyUI's
+  `weight_dtype`; values beyond the format's range are clamped to it, never NaN);
+- "scaled": `<layer>.weight` in fp8 divided by a per-tensor float32 scale stored beside it
+  as `<layer>.scale_weight` (0-d), and a `<prefix>scaled_fp8` marker tensor whose dtype
+  names the format: the scale is the largest |value| over the format's largest value, so
+  the whole range is used;
+- "mixed": the same weight and scale named as ComfyUI's per-layer quantization does
+  (`<layer>.weight_scale`, a `<layer>.comfy_quant` uint8 JSON `{"format": …}` tensor) and
+  listed in the `_quantization_metadata` safetensors metadata.
+
+Only matrices (2-D `*.weight`: the linear layers, where fp8 matmuls run) are cast; biases,
+norms, convolutions and anything a keep pattern names stay as they are. What stays is
+decided by the family (`Family.fp8_keep`: embedders, final layers, modulation where the
+released fp8 files keep them) and by the user's patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from sdkit.arch.quantization import MARKER, METADATA_KEY
+from sdkit.errors import SdkitError
+from sdkit.io import LazyTensor
+
+if TYPE_CHECKING:
+    import torch
+
+# dtype name -> (safetensors code, torch dtype name, ComfyUI format name)
+FP8_DTYPES = {"fp8_e4m3fn": ("F8_E4M3", "float8_e4m3fn"), "fp8_e5m2": ("F8_E5M2", "float8_e5m2")}
+SCALINGS = ("plain", "scaled", "mixed")
+_FLOAT_SOURCES = ("F32", "F16", "BF16", "F64")
+# tensors that are lookup tables, not matmul weights, in any model: token and position
+# embeddings, T5's shared table and relative-position bias, language-model heads
+_NEVER = re.compile(r"(^|\.)(embed_tokens|token_embedding|position_embedding|shared|relative_attention_bias|"
+                    r"lm_head|embeddings?)\.")
+_BLOCK_INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass
+class ClassError:
+    """Quantization error over the tensors of one layer class (`double_blocks.N.img_attn.qkv`)."""
+
+    tensors: int = 0
+    max_abs: float = 0.0
+    worst_relative: float = 0.0  # the largest ||W - Q|| / ||W|| of one tensor
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+
+    def add(self, max_abs: float, error_norm2: float, norm2: float) -> None:
+        self.tensors += 1
+        self.max_abs = max(self.max_abs, max_abs)
+        self.squared_error += error_norm2
+        self.squared_norm += norm2
+        self.worst_relative = max(self.worst_relative, (error_norm2 / norm2) ** 0.5 if norm2 else 0.0)
+
+    @property
+    def relative(self) -> float:
+        return (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else 0.0
+
+    def to_json(self) -> dict[str, float]:
+        return {"tensors": self.tensors, "max_abs": self.max_abs, "relative": self.relative,
+                "worst_relative": self.worst_relative}
+
+
+@dataclass
+class Fp8Report:
+    """What an fp8 cast did: the matrices cast, those kept, the error per layer class."""
+
+    dtype: str  # "fp8_e4m3fn" | "fp8_e5m2"
+    scaling: str
+    cast: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    errors: dict[str, ClassError] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, name: str, max_abs: float, error_norm2: float, norm2: float) -> None:
+        with self._lock:  # tensors are cast on the writer's workers
+            self.errors.setdefault(layer_class(name), ClassError()).add(max_abs, error_norm2, norm2)
+
+    def to_json(self) -> dict[str, object]:
+        return {"dtype": self.dtype, "scaling": self.scaling, "cast": len(self.cast), "kept": self.kept,
+                "errors": {name: error.to_json() for name, error in sorted(self.errors.items())}}
+
+    def summary(self, shown: int = 3) -> list[str]:
+        """The worst layer classes by relative error, in words."""
+        worst = sorted(self.errors.items(), key=lambda item: -item[1].relative)[:shown]
+        return [f"{name}: relative error {error.relative:.2%} (worst tensor {error.worst_relative:.2%}), "
+                f"max |error| {error.max_abs:.3g} over {error.tensors} tensors" for name, error in worst]
+
+
+def layer_class(name: str) -> str:
+    """A tensor's layer with its block number as N: that layer in every block
+    (`double_blocks.N.img_mlp.0`); numbers inside a block stay, they name sublayers."""
+    return _BLOCK_INDEX.sub(".N.", name.rsplit(".", 1)[0] + ".", count=1)[:-1]
+
+
+def fp8_candidate(name: str, lazy: LazyTensor) -> bool:
+    return lazy.dtype in _FLOAT_SOURCES and len(lazy.shape) == 2 and name.endswith(".weight") \
+        and not _NEVER.search(name)
+
+
+def _limits(dtype: str) -> tuple["torch.dtype", float]:
+    import torch
+
+    torch_dtype = getattr(torch, FP8_DTYPES[dtype][1])
+    return torch_dtype, float(torch.finfo(torch_dtype).max)
+
+
+class _Quantized:
+    """One weight's fp8 values and scale, made once for the weight and its scale tensor."""
+
+    def __init__(self, name: str, lazy: LazyTensor, dtype: str, scaled: bool, report: Fp8Report) -> None:
+        self.name, self.lazy, self.dtype, self.scaled, self.report = name, lazy, dtype, scaled, report
+        self._lock = threading.Lock()
+        self._scale: float | None = None
+
+    def _make(self) -> tuple["torch.Tensor", float]:
+        import torch
+
+        torch_dtype, largest = _limits(self.dtype)
+        weight = self.lazy.load().to(torch.float32)
+        peak = float(weight.abs().max()) if weight.numel() else 0.0
+        scale = peak / largest if self.scaled and peak > 0 else 1.0
+        values = (weight / scale).clamp_(-largest, largest).to(torch_dtype)
+        error = values.to(torch.float32).mul_(scale).sub_(weight)
+        self.report.record(self.name, float(error.abs().max()) if error.numel() else 0.0,
+                           float(error.square().sum()), float(weight.square().sum()))
+        return values, scale
+
+    def weight(self) -> "torch.Tensor":
+        values, scale = self._make()
+        with self._lock:
+            self._scale = scale
+        return values
+
+    def scale(self) -> "torch.Tensor":
+        import torch
+
+        with self._lock:
+            known = self._scale
+        if known is None:  # asked before the weight was made: measure the weight for it
+            _torch_dtype, largest = _limits(self.dtype)
+            peak = float(self.lazy.load().to(torch.float32).abs().max()) if self.lazy.shape[0] else 0.0
+            known = peak / largest if peak > 0 else 1.0
+        return torch.tensor(known, dtype=torch.float32)
+
+
+def _json_tensor(value: Mapping[str, str]) -> LazyTensor:
+    raw = json.dumps(dict(value), separators=(",", ":")).encode()
+
+    def load() -> "torch.Tensor":
+        import torch
+
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return LazyTensor("U8", (len(raw),), load)
+
+
+def _marker(dtype: str) -> LazyTensor:
+    def load() -> "torch.Tensor":
+        import torch
+
+        return torch.zeros(0, dtype=_limits(dtype)[0])
+    return LazyTensor(FP8_DTYPES[dtype][0], (0,), load)
+
+
+def cast_fp8(tensors: Mapping[str, LazyTensor], dtype: str, scaling: str, keep: Callable[[str], bool],
+             marker_prefix: str = "") -> tuple[dict[str, LazyTensor], Fp8Report, dict[str, str]]:
+    """(the tensors with every matrix not kept in fp8 and its scale tensors beside it, the
+    report, metadata to add). `keep(name)` says which matrices stay as they are."""
+    if dtype not in FP8_DTYPES or scaling not in SCALINGS:
+        raise SdkitError(f"fp8 needs a dtype of {', '.join(FP8_DTYPES)} and a scaling of {', '.join(SCALINGS)}")
+    report = Fp8Report(dtype, scaling)
+    code, format_name = FP8_DTYPES[dtype]
+    out: dict[str, LazyTensor] = {}
+    layers: dict[str, dict[str, str]] = {}
+    for name, lazy in tensors.items():
+        if not fp8_candidate(name, lazy):
+            out[name] = lazy
+            continue
+        if keep(name):
+            report.kept.append(name)
+            out[name] = lazy
+            continue
+        report.cast.append(name)
+        quantized = _Quantized(name, lazy, dtype, scaling != "plain", report)
+        out[name] = LazyTensor(code, lazy.shape, quantized.weight)
+        layer = name[: -len(".weight")]
+        if scaling == "scaled":
+            out[layer + ".scale_weight"] = LazyTensor("F32", (), quantized.scale)
+        elif scaling == "mixed":
+            out[layer + ".weight_scale"] = LazyTensor("F32", (), quantized.scale)
+            out[layer + ".comfy_quant"] = _json_tensor({"format": format_name})
+            layers[layer] = {"format": format_name}
+    metadata: dict[str, str] = {}
+    if scaling == "scaled" and report.cast:
+        out[marker_prefix + MARKER] = _marker(dtype)
+    if scaling == "mixed" and layers:
+        metadata[METADATA_KEY] = json.dumps({"format_version": "1.0", "layers": layers}, separators=(",", ":"))
+    return out, report, metadata
+
+
+def family_keep(patterns: tuple[str, ...], root: str = "") -> Callable[[str], bool]:
+    """A predicate true for keys under `root` whose remaining name starts with one of the
+    family's kept modules (regexes matched at the start)."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+
+    def kept(name: str) -> bool:
+        if root and not name.startswith(root):
+            return False
+        relative = name[len(root):]
+        return any(regex.match(relative) for regex in compiled)
+    return kept
+
