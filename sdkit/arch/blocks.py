@@ -19,13 +19,20 @@ Where the keys outside the numbered blocks go (the tools disagree; this is sdkit
 Keys are LDM single-file names (`model.diffusion_model.input_blocks.1.1.…`), with or
 without the checkpoint prefixes; diffusers UNet names are mapped through
 `sdkit.arch.keymaps` (see `diffusers_unet_blocks`).
+
+Transformer diffusion models (FLUX.1, SD3, Wan, …) have block ids of their own (`IN`,
+`D00`…, `S00`…, `OUT`): see `sdkit.arch.transformer_blocks`. `model_block_layout` picks
+the one that fits a model's family.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
+
+if TYPE_CHECKING:
+    from sdkit.arch.transformer_blocks import TransformerBlocks
 
 BASE = "BASE"
 
@@ -81,6 +88,17 @@ class BlockLayout:
     input_blocks: int
     output_blocks: int
     has_middle: bool
+    names: frozenset[str] = field(default=frozenset(), compare=False)  # UNet keys, prefix removed
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Other spellings of ids: `MID`, and the LDM names ComfyUI's merge nodes use."""
+        aliases = {"MID": "M00", "M": "M00", "M0": "M00", "middle_block": "M00", "middle_block.": "M00"}
+        for side, count, block in (("input_blocks", self.input_blocks, "IN"),
+                                   ("output_blocks", self.output_blocks, "OUT")):
+            for i in range(count):
+                aliases[f"{side}.{i}"] = aliases[f"{side}.{i}."] = f"{block}{i:02d}"
+        return aliases
 
     @property
     def ids(self) -> tuple[str, ...]:
@@ -98,6 +116,21 @@ class BlockLayout:
         if self.output_blocks:
             parts.append(f"OUT00–OUT{self.output_blocks - 1:02d}")
         return ", ".join(parts)
+
+    def covers(self, block: str) -> str:
+        """What an id holds, in LDM key names (for listings)."""
+        if block == BASE:
+            return "the text encoders, time_embed, label_emb"
+        if block == "M00":
+            return "middle_block."
+        number = int(block.lstrip("INOUT"))
+        if block.startswith("IN"):
+            return f"input_blocks.{number}."
+        last = " and the final out." if number == self.output_blocks - 1 else ""
+        return f"output_blocks.{number}.{last}"
+
+    component_of = staticmethod(component_of)
+    relative = staticmethod(unet_relative)
 
     def block_of(self, key: str) -> str | None:
         """The block id of an LDM checkpoint key, or None for keys outside any block."""
@@ -124,6 +157,7 @@ class BlockLayout:
 
 def block_layout(keys: Iterable[str]) -> BlockLayout:
     """The layout of the UNet whose LDM keys are among `keys` (numbers taken from the keys)."""
+    keys = list(keys)
     inputs: set[int] = set()
     outputs: set[int] = set()
     middle = False
@@ -142,7 +176,21 @@ def block_layout(keys: Iterable[str]) -> BlockLayout:
         input_blocks=max(inputs) + 1 if inputs else 0,
         output_blocks=max(outputs) + 1 if outputs else 0,
         has_middle=middle,
+        names=frozenset(unet_relative(key) for key in keys if component_of(key) == "unet"),
     )
+
+
+Layout = Union[BlockLayout, "TransformerBlocks"]
+
+
+def model_block_layout(family: str | None, keys: Iterable[str]) -> Layout:
+    """The block ids of a model of `family` with these keys: a transformer family's
+    (`sdkit.arch.transformer_blocks`), else the UNet's."""
+    from sdkit.arch.transformer_blocks import is_transformer_family, transformer_blocks
+
+    if family and is_transformer_family(family):
+        return transformer_blocks(family, keys)
+    return block_layout(keys)
 
 
 

@@ -105,7 +105,7 @@ def _render_check(console: Console, report: dict[str, Any]) -> None:
 @click.option("--unet-only", is_flag=True, help="Apply only the UNet modules.")
 @click.option("--te-only", is_flag=True, help="Apply only the text-encoder modules.")
 @click.option("--blocks", help='Per-block strength factors: "BASE:0,IN04:0.5,…" or one value per block '
-                                "(BASE, IN…, M00, OUT…).")
+                                "(BASE, IN…, M00, OUT…; see sdkit merge --list-blocks), or a preset (GRAD_V, …).")
 @click.option("--rank", type=int, help="Rank alpha is divided by (adapters saved without it).")
 @click.option("--alpha", type=float, help="Alpha for adapters that store none.")
 @click.option("--to", "to", type=click.Choice(["ldm", "diffusers"]),

@@ -24,8 +24,9 @@ from sdkit.cli.terminal import SafeConsole
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE",
               help="Any other method parameter, e.g. -p k=0.3 -p seed=42.")
 @click.option("--seed", type=int, help="Shortcut for -p seed=N (random methods: dare).")
-@click.option("--blocks", help='Per-block alpha: "BASE:0.5,IN00:0.2,…" or 26 (SD1/SD2) / 20 (SDXL) '
-                                "comma-separated values in the order BASE, IN…, M00, OUT….")
+@click.option("--blocks", help='Per-block alpha: "BASE:0.5,IN00:0.2,…" (transformers: "IN:0,D00:1,…"), '
+                                "one value per block in the order --list-blocks shows (26 for SD1/SD2, "
+                                "20 for SDXL, 59 for FLUX.1), or a preset name (GRAD_V, FLAT_25, …).")
 @click.option("--unet-alpha", type=float, help="Alpha for the UNet.")
 @click.option("--te-alpha", type=float, help="Alpha for the text encoder(s).")
 @click.option("--vae-alpha", type=float, help="Alpha for the VAE (with --vae merge).")
@@ -48,10 +49,12 @@ from sdkit.cli.terminal import SafeConsole
               help="Re-run the recipe stored in a merged file: check the tensors are identical, "
                    "or with -o write the result there.")
 @click.option("--list-methods", is_flag=True, help="List the merge methods and their parameters.")
+@click.option("--list-blocks", "list_blocks", metavar="FAMILY",
+              help="List a family's block ids in --blocks order (sd1, sdxl, flux, wan, …) and its presets.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.pass_context
 def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: bool,
-                  replay_file: str | None, recipe_file: str | None, as_json: bool,
+                  list_blocks: str | None, replay_file: str | None, recipe_file: str | None, as_json: bool,
                   threads: int | None, output: str | None, force: bool, **options: Any) -> None:
     """Merge checkpoints key by key into a new .safetensors file.
 
@@ -62,6 +65,9 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     quiet = bool((ctx.obj or {}).get("quiet")) or as_json
     if list_methods:
         _print_methods(SafeConsole())
+        return
+    if list_blocks:
+        _print_blocks(list_blocks, as_json)
         return
     if replay_file:
         if inputs or recipe_file:
@@ -241,3 +247,18 @@ def _print_methods(console: Console) -> None:
         params = ", ".join(f"{p.name}={p.default!r}" for p in method.params.values())
         table.add_row(name, method.arity_text(), params or "—", method.doc)
     console.print(table)
+
+
+def _print_blocks(family: str, as_json: bool) -> None:
+    from sdkit.arch.block_listing import family_block_listing
+
+    listing = family_block_listing(family)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    for size in listing["sizes"]:
+        click.echo(f"{listing['title']} ({', '.join(size['releases'])}): {len(size['blocks'])} blocks")
+        width = max(len(block["id"]) for block in size["blocks"])
+        for block in size["blocks"]:
+            click.echo(f"  {block['id']:<{width}}  {block['covers']}")
+    click.echo(f"presets: {', '.join(listing['presets'])}")

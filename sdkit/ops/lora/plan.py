@@ -15,12 +15,12 @@ from typing import Any, Sequence
 from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora
 from sdkit.adapters.lora_names import ModelNames, ModuleMapping, Target, map_modules, model_names, require_some
 from sdkit.arch import Identity, identify
-from sdkit.arch.blocks import BASE, BlockLayout, block_layout
+from sdkit.arch.blocks import BASE, Layout, model_block_layout
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
 from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView, model_view
-from sdkit.ops.block_weights import BlockSpec, parse_block_spec, resolve_blocks
+from sdkit.ops.block_weights import BlockSpec, block_setting, parse_block_spec, resolve_blocks
 
 COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": ("unet",),
                      "te": ("text_encoder", "text_encoder_2")}
@@ -142,16 +142,18 @@ class BakePlan:
 
 
 class BlockStrengths:
-    """Per-layer strength factors from `--blocks` (UNet blocks; text encoders are BASE)."""
+    """Per-layer strength factors from `--blocks` (the diffusion model's blocks, as a merge
+    names them; a UNet base's text encoders are BASE)."""
 
-    def __init__(self, names: ModelNames, spec: BlockSpec | None) -> None:
-        self.layout: BlockLayout | None = None
+    def __init__(self, names: ModelNames, spec: BlockSpec | None, family: str | None = None) -> None:
+        self.layout: Layout | None = None
         self.factors: dict[str, float] = {}
         if spec:
             ldm_keys = [t.ldm_key for t in names.targets if t.ldm_key and t.component == "unet"]
             if not ldm_keys:
-                raise SdkitError("--blocks: the base's UNet layers have no LDM names to take block ids from")
-            self.layout = block_layout(ldm_keys)
+                raise SdkitError("--blocks: the base's diffusion-model layers have no single-file names "
+                                 "to take block ids from")
+            self.layout = model_block_layout(family, ldm_keys)
             self.factors = resolve_blocks(spec, self.layout)
 
     def factor(self, target: Target) -> float:
@@ -159,8 +161,8 @@ class BlockStrengths:
             return 1.0
         if target.component != "unet":
             return self.factors.get(BASE, 1.0)
-        block = self.layout.block_of(target.ldm_key) if self.layout and target.ldm_key else None
-        return self.factors.get(block or BASE, 1.0)
+        found = block_setting(self.factors, self.layout, target.ldm_key) if self.layout and target.ldm_key else None
+        return 1.0 if found is None else found
 
 
 def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack, *,
@@ -172,7 +174,8 @@ def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack
     if not adapters:
         raise SdkitError("no adapter to bake")
     allowed = COMPONENT_CHOICES[components]
-    strengths = BlockStrengths(base.names, parse_block_spec(blocks) if isinstance(blocks, str) else blocks)
+    spec = parse_block_spec(blocks) if isinstance(blocks, str) else blocks
+    strengths = BlockStrengths(base.names, spec, base.identity.family)
     plan = BakePlan(base, [], {}, {})
     for item in adapters:
         lora, identity = open_adapter(item.path, stack, rank=rank, alpha=alpha)

@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from sdkit.arch.blocks import TEXT_ENCODERS, block_layout, component_of
+from sdkit.arch.blocks import TEXT_ENCODERS, Layout, model_block_layout
 from sdkit.errors import SdkitError
 from sdkit.ops.merge.align import (aligned_input, check_same_family, input_facts,
                                    mergeable_identity, open_inputs)
@@ -135,8 +135,9 @@ def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bo
     inputs = [aligned_input(input_letter(i), model) for i, model in enumerate(models)]
     identities = [mergeable_identity(model) for model in models]
     check_same_family(models, identities)
-    weights = _key_weights(recipe, settings, inputs)
-    sources = _component_sources(recipe, inputs, settings.method)
+    layout = model_block_layout(identities[0].family, (key for model in inputs for key in model.infos))
+    weights = _key_weights(recipe, settings, inputs, layout)
+    sources = _component_sources(recipe, inputs, settings.method, layout)
     plan = build_plan(inputs, settings.method, settings.params, weights, sources,
                       recipe.dtype_code)
     if check_disk:
@@ -151,7 +152,7 @@ def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bo
     # every parameter recorded with its effective value: a replay must not depend on
     # the defaults of the sdkit version that replays it
     recipe = replace(recipe, inputs=[RecipeInput(f.path, f.sha256) for f in facts],
-                     params=dict(settings.params))
+                     params=dict(settings.params), blocks=_recorded_blocks(recipe, weights))
     computer = KeyComputer(inputs, settings.method, settings.params, str(target),
                            allow_nan=recipe.allow_nan)
     return PreparedMerge(recipe, inputs, facts, plan, computer, pending)
@@ -182,23 +183,31 @@ def _method_settings(recipe: MergeRecipe) -> _Settings:
     return _Settings(method, params)
 
 
-def _key_weights(recipe: MergeRecipe, settings: _Settings,
-                 inputs: Sequence[AlignedInput]) -> KeyWeights:
+def _key_weights(recipe: MergeRecipe, settings: _Settings, inputs: Sequence[AlignedInput],
+                 layout: Layout) -> KeyWeights:
     alpha = float(settings.params.get(BLEND_PARAM, 0.0))
-    present = _components_present(inputs)
+    present = _components_present(inputs, layout)
     _require_components(recipe.components or {}, present, "a component weight")
     if recipe.blocks and "unet" not in present:
-        raise SdkitError("merge: block weights need a UNet, and no input has one" + _TRANSFORMER_HINT)
-    layout = block_layout(key for model in inputs for key in model.infos)
+        raise SdkitError("merge: block weights need a diffusion model (UNet or transformer), "
+                         "and no input has one")
     return KeyWeights(alpha=alpha, components=resolve_components(recipe.components),
                       blocks=resolve_blocks(recipe.blocks, layout), layout=layout)
 
 
+def _recorded_blocks(recipe: MergeRecipe, weights: KeyWeights) -> Any:
+    """A preset is recorded as the values it gave, so a replay does not depend on the
+    preset tables of the sdkit version that replays it."""
+    if isinstance(recipe.blocks, str):
+        return [weights.blocks[block] for block in weights.layout.ids]
+    return recipe.blocks
+
+
 def _component_sources(recipe: MergeRecipe, inputs: Sequence[AlignedInput],
-                       method: MergeMethod) -> dict[str, Any]:
+                       method: MergeMethod, layout: Layout) -> dict[str, Any]:
     """Component -> MERGE or input index, as the recipe's `take` says. When the method
     merges, a checkpoint's VAE comes from A unless asked otherwise (a lone VAE merges)."""
-    present = _components_present(inputs)
+    present = _components_present(inputs, layout)
     _require_components(recipe.take, present, "--take")
     sources: dict[str, Any] = {}
     if method.copies_input is None and "vae" in present and present & {"unet", *TEXT_ENCODERS}:
@@ -213,14 +222,13 @@ def _component_sources(recipe: MergeRecipe, inputs: Sequence[AlignedInput],
     return sources
 
 
-# the keys of a lone transformer diffusion model (FLUX.1, Wan, …) are not split into
-# components or blocks yet: all of them merge with the global alpha
-_TRANSFORMER_HINT = (" (a transformer diffusion model's keys are not split into components or blocks "
-                     "yet: they merge with the global alpha)")
+# a lone transformer diffusion model (FLUX.1, Wan, …) holds one component, its diffusion model
+_TRANSFORMER_HINT = (" (a diffusion model file holds only the diffusion model, component unet; "
+                     "its blocks: sdkit merge --list-blocks FAMILY)")
 
 
-def _components_present(inputs: Sequence[AlignedInput]) -> set[str]:
-    return {component_of(key) for model in inputs for key in model.infos}
+def _components_present(inputs: Sequence[AlignedInput], layout: Layout) -> set[str]:
+    return {layout.component_of(key) for model in inputs for key in model.infos}
 
 
 def _require_components(named: Mapping[str, Any], present: set[str], what: str) -> None:
@@ -228,7 +236,7 @@ def _require_components(named: Mapping[str, Any], present: set[str], what: str) 
     for name in named:
         if not set(component_names(name)) & present:
             raise SdkitError(f"merge: {what} for {name}, but no input has {name} keys"
-                             + (_TRANSFORMER_HINT if "unet" not in present else ""))
+                             + (_TRANSFORMER_HINT if present == {"unet"} else ""))
 
 
 def _check_disk_space(target: Path, output_bytes: int) -> None:

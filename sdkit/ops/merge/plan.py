@@ -101,7 +101,7 @@ def build_plan(inputs: Sequence[AlignedInput], method: MergeMethod, params: dict
     for key in _union_keys(inputs):
         holders = [i for i, model in enumerate(inputs) if key in model.infos]
         default = copy_all if copy_all is not None else MERGE
-        wanted = sources.get(component_of(key), default)
+        wanted = sources.get(weights.component_of(key), default)
         action = _action_for(key, inputs, holders, wanted, method, weights, dtype_code, report)
         actions.append(action)
         if action.merged:

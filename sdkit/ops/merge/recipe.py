@@ -9,7 +9,7 @@ sdkit version), which is what `sdkit merge --replay FILE` runs again.
       - {path: style.safetensors, sha256: 3f2a…}
     method: weighted_sum
     params: {alpha: 0.3}         # the method's parameters (see `sdkit merge --list-methods`)
-    blocks: {BASE: 0, IN00: 0.5} # or a list, one value per block
+    blocks: {BASE: 0, IN00: 0.5} # or a list, one value per block, or a preset (GRAD_V)
     components: {te: 0.7}        # per-component alpha
     take: {vae: B}               # component -> input to copy it from, or "merge"
     dtype: fp16                  # output dtype of float tensors; default: as the inputs
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdkit import __version__
+from sdkit.arch.block_presets import is_preset_name
 from sdkit.errors import SdkitError
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.safetensors_json import metadata_json
@@ -46,7 +47,7 @@ class MergeRecipe:
     inputs: list[RecipeInput]
     method: str
     params: dict[str, Any] = field(default_factory=dict)
-    blocks: dict[str, float] | list[float] | None = None
+    blocks: dict[str, float] | list[float] | str | None = None  # str: a preset name
     components: dict[str, float] = field(default_factory=dict)
     take: dict[str, str] = field(default_factory=dict)
     dtype: str | None = None
@@ -129,7 +130,9 @@ def _recipe_input(item: Any, origin: str) -> RecipeInput:
     raise SdkitError(f"{origin}: each recipe input is a path or {{path, sha256}}, got {item!r}")
 
 
-def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | None:
+def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | str | None:
+    if isinstance(value, str) and is_preset_name(value):
+        return value.strip().upper()
     if value is None or isinstance(value, (list, Mapping)):
         try:
             if isinstance(value, list):
@@ -137,7 +140,7 @@ def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | None:
             return {str(k): float(v) for k, v in value.items()} if value else None
         except (TypeError, ValueError):
             pass
-    raise SdkitError(f"{origin}: recipe field blocks must be a list of numbers or NAME: number")
+    raise SdkitError(f"{origin}: recipe field blocks must be a list of numbers, NAME: number or a preset name")
 
 
 def load_recipe_file(path: str | Path) -> MergeRecipe:
