@@ -42,7 +42,15 @@ def _converters():
             "hidream": peer.convert_hidream_transformer_to_diffusers,
             "wan": peer.convert_wan_transformer_to_diffusers,
             "chroma": peer.convert_chroma_transformer_checkpoint_to_diffusers,
-            "flux2": peer.convert_flux2_transformer_checkpoint_to_diffusers}
+            "flux2": _unprefixed(peer.convert_flux2_transformer_checkpoint_to_diffusers)}
+
+
+def _unprefixed(convert):
+    """diffusers' FLUX.2 converter reads bare names only (the others strip
+    `model.diffusion_model.` themselves): it is given the same tensors without the root."""
+    def converted(checkpoint: dict) -> dict:
+        return convert({name.removeprefix(UNET): tensor for name, tensor in checkpoint.items()})
+    return converted
 
 
 def _mapped(name: str) -> bool:
