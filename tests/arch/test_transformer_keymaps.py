@@ -22,8 +22,9 @@ from released import (RELEASES, TINY, diffusers_shapes, single_file_shapes, tiny
                       typed, write_header_only)
 
 from sdkit.arch.families import FAMILIES  # noqa: E402
+from sdkit.arch.fingerprint import match_release  # noqa: E402
 from sdkit.arch.keymaps import convert_state_dict  # noqa: E402
-from sdkit.arch.keymaps.transformer import transformer_plan  # noqa: E402
+from sdkit.arch.keymaps.transformer import diffusers_config, transformer_plan  # noqa: E402
 from sdkit.arch.model_detect import single_file_parts  # noqa: E402
 from sdkit.errors import SdkitError  # noqa: E402
 from sdkit.io import open_model  # noqa: E402
@@ -41,7 +42,15 @@ def _converters():
             "hidream": peer.convert_hidream_transformer_to_diffusers,
             "wan": peer.convert_wan_transformer_to_diffusers,
             "chroma": peer.convert_chroma_transformer_checkpoint_to_diffusers,
-            "flux2": peer.convert_flux2_transformer_checkpoint_to_diffusers}
+            "flux2": _unprefixed(peer.convert_flux2_transformer_checkpoint_to_diffusers)}
+
+
+def _unprefixed(convert):
+    """diffusers' FLUX.2 converter reads bare names only (the others strip
+    `model.diffusion_model.` themselves): it is given the same tensors without the root."""
+    def converted(checkpoint: dict) -> dict:
+        return convert({name.removeprefix(UNET): tensor for name, tensor in checkpoint.items()})
+    return converted
 
 
 def _mapped(name: str) -> bool:
@@ -115,6 +124,36 @@ def test_tiny_diffusers_model_round_trips_through_the_single_file(tmp_path, fami
     again = convert_state_dict(transformer_plan(family, single_facts.dims, "ldm_to_diffusers", single), single)
     _assert_same(again, state)
     getattr(diffusers, class_name)(**config).load_state_dict(again, strict=True)
+
+
+def _configured(name: str) -> bool:
+    model = RELEASES[name]
+    return FAMILIES[model.family].diffusers_model is not None and model.diffusers_class is not None
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("release", [name for name in RELEASES if _configured(name)])
+def test_released_config_from_the_weights_builds_the_released_model(tmp_path, release):
+    """The config sdkit writes for a released model's diffusers weights (what the weights
+    show, plus the release they match) builds the diffusers class with exactly the
+    released keys and shapes, and agrees with the released config.json."""
+    import diffusers
+
+    model = RELEASES[release]
+    family = FAMILIES[model.family]
+    expected = diffusers_shapes(model)
+    facts = _denoiser(write_header_only(tmp_path / "d.safetensors", typed(expected, model.dtype), model.metadata))
+    match = match_release(family, facts.dims, facts.flags, model.metadata.get("modelspec.architecture", ""))
+    assert match.exact and match.release is not None
+    config = diffusers_config(family, facts.dims, facts.flags, match.release, match.exact)
+    assert config.pop("_class_name") == model.diffusers_class
+    assert {key: _plain(config[key]) for key in model.config} == {k: _plain(v) for k, v in model.config.items()}
+    with torch.device("meta"):
+        built = getattr(diffusers, model.diffusers_class)(**config)
+    assert {name: tuple(t.shape) for name, t in built.state_dict().items()} == expected
 
 
 def test_a_key_the_map_has_no_place_for_is_refused(tmp_path):

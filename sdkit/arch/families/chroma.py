@@ -25,7 +25,7 @@ ComfyUI `model_detection.py` tells Chroma by `distilled_guidance_layer` and Radi
 missing `img_in` (`img_in_patch` instead); Radiance's head from ComfyUI
 `ldm/chroma_radiance` (`NerfEmbedder`, `NerfGLUBlock`, `NerfFinalLayerConv`, patch 16).
 Chroma1-HD, Chroma1-Base and Chroma1-Flash share every key and shape: only metadata names
-them. ModelSpec `chroma` (sd-scripts `ARCH_FLUX_1_CHROMA`); Civitai base model "Chroma" in
+them. Diffusers has no class or converter for Radiance (0.42), so it has no key map. ModelSpec `chroma` (sd-scripts `ARCH_FLUX_1_CHROMA`); Civitai base model "Chroma" in
 ecosystem Chroma (civitai `basemodel.constants.ts`). A Chroma file has neither `vector_in`
 nor `img_mod`, so it is never taken for FLUX.1.
 """
@@ -34,7 +34,8 @@ from __future__ import annotations
 
 from sdkit.arch.families.encoders import T5_XXL, with_component
 from sdkit.arch.families.flux import FLUX
-from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
+                                      same, tensor)
 
 # the approximator: timestep + guidance features and a modulation index in, one modulation
 # vector per block out (in_proj [width, 64], `layers` x MLP, out_proj [hidden, width])
@@ -54,7 +55,8 @@ BFL_LAYOUT = DenoiserLayout(
         **_APPROXIMATOR,
         "double_blocks.0.img_attn.qkv.weight": ("3*hidden", "hidden"),
     },
-    optional_shapes={"final_layer.linear.weight": ("out_channels", "hidden")},
+    optional_shapes={"final_layer.linear.weight": ("out_channels", "hidden"),
+                     "double_blocks.0.img_attn.norm.query_norm.scale": ("head",)},
     counts={**_BFL_BLOCKS, "approximator_layers": _APPROXIMATOR_LAYERS},
 )
 
@@ -67,7 +69,8 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
         **_APPROXIMATOR,
         "transformer_blocks.0.attn.to_q.weight": ("hidden", "hidden"),
     },
-    optional_shapes={"proj_out.weight": ("out_channels", "hidden")},
+    optional_shapes={"proj_out.weight": ("out_channels", "hidden"),
+                     "transformer_blocks.0.attn.norm_q.weight": ("head",)},
     counts={"double_blocks": r"transformer_blocks\.(\d+)\.",
             "single_blocks": r"single_transformer_blocks\.(\d+)\.",
             "approximator_layers": _APPROXIMATOR_LAYERS},
@@ -89,6 +92,49 @@ RADIANCE_LAYOUT = DenoiserLayout(
     flags={"x0": "__x0__", "conv_head": "nerf_final_layer_conv."},
 )
 
+
+def _unmodulated(block: BlockMap, modulations: tuple[str, ...]) -> BlockMap:
+    """A FLUX.1 block list without the blocks' own modulation layers."""
+    places = tuple(place for place in block.places if place.ldm not in modulations)
+    return BlockMap(block.count, block.ldm, block.diffusers, places)
+
+
+_DOUBLE, _SINGLE = FLUX.key_map.blocks
+# BFL names ⇄ diffusers names (diffusers `convert_chroma_transformer_checkpoint_to_diffusers`):
+# FLUX.1's blocks less their modulation; the approximator keeps its name, its MLP layers and
+# RMS norms renamed as diffusers' embedders and norms name them
+KEY_MAP = KeyMap(
+    places=(
+        same("img_in", "x_embedder"), same("txt_in", "context_embedder"),
+        same("distilled_guidance_layer.in_proj", "distilled_guidance_layer.in_proj"),
+        same("distilled_guidance_layer.out_proj", "distilled_guidance_layer.out_proj"),
+        same("final_layer.linear", "proj_out"),
+    ),
+    blocks=(
+        BlockMap("approximator_layers", "distilled_guidance_layer.layers.{i}.", "distilled_guidance_layer.layers.{i}.",
+                 (same("in_layer", "linear_1"), same("out_layer", "linear_2"))),
+        BlockMap("approximator_layers", "distilled_guidance_layer.norms.{i}.", "distilled_guidance_layer.norms.{i}.",
+                 (tensor("scale", "weight"),)),
+        _unmodulated(_DOUBLE, ("img_mod.lin", "txt_mod.lin")),
+        _unmodulated(_SINGLE, ("modulation.lin",)),
+    ),
+)
+
+# lodestones/Chroma1-HD transformer/config.json; the rotary axes split the head width
+DIFFUSERS_MODEL = DiffusersModel(
+    "ChromaTransformer2DModel",
+    config={"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "axes_dims_rope": [16, 56, 56], "approximator_num_channels": 64, "approximator_hidden_dim": 5120,
+            "approximator_layers": 5},
+    measured={"in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "double_blocks",
+              "num_single_layers": "single_blocks", "attention_head_dim": "head",
+              "num_attention_heads": "hidden/head", "joint_attention_dim": "context",
+              "approximator_num_channels": "approximator_in", "approximator_hidden_dim": "approximator_width",
+              "approximator_layers": "approximator_layers"},
+    unmeasured=("axes_dims_rope",),
+)
+
 _BACKBONE = {"hidden": 3072, "context": 4096, "double_blocks": 19, "single_blocks": 38,
              "approximator_width": 5120, "approximator_in": 64, "approximator_layers": 5}
 _LATENT = {"in_channels": 64, "out_channels": 64}
@@ -102,7 +148,7 @@ CHROMA = Family(
     text_encoders=(_T5,), vae_part=FLUX.vae_part, prediction="flow",
     modelspec_prefixes=("chroma",), kohya_version_pattern=r"chroma(?![-_ ]?radiance)",
     civitai_base_models=("Chroma",), air_ecosystem="chroma", diffusers_pipeline_pattern=r"Chroma\w*Pipeline",
-    layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("Chroma1-HD", dims={**_BACKBONE, **_LATENT}, ratios=_PLAIN,
                 civitai_base_models=("Chroma",), air_ecosystem="chroma"),

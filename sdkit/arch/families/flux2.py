@@ -34,7 +34,8 @@ taken for FLUX.1.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import MISTRAL_SMALL_31, QWEN3_4B, QWEN3_8B
-from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
+                                      fused, same, swapped, tensor)
 
 _TIME_FEATURES = 256  # sinusoidal timestep / guidance features (`timestep_guidance_channels`)
 
@@ -53,6 +54,7 @@ BFL_LAYOUT = DenoiserLayout(
         "guidance_in.in_layer.weight": ("hidden", _TIME_FEATURES),
         "double_stream_modulation_txt.lin.weight": ("6*hidden", "hidden"),
         "final_layer.linear.weight": ("out_channels", "hidden"),
+        "double_blocks.0.img_attn.norm.query_norm.scale": ("head",),
     },
     counts={"double_blocks": r"double_blocks\.(\d+)\.", "single_blocks": r"single_blocks\.(\d+)\."},
     flags={"guidance": "guidance_in."},
@@ -73,10 +75,69 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
         "time_guidance_embed.guidance_embedder.linear_1.weight": ("hidden", _TIME_FEATURES),
         "double_stream_modulation_txt.linear.weight": ("6*hidden", "hidden"),
         "proj_out.weight": ("out_channels", "hidden"),
+        "transformer_blocks.0.attn.norm_q.weight": ("head",),
     },
     counts={"double_blocks": r"transformer_blocks\.(\d+)\.",
             "single_blocks": r"single_transformer_blocks\.(\d+)\."},
     flags={"guidance": "time_guidance_embed.guidance_embedder."},
+)
+
+
+def _mlp_embedder(ldm: str, diffusers: str) -> tuple:
+    return same(f"{ldm}.in_layer", f"{diffusers}.linear_1"), same(f"{ldm}.out_layer", f"{diffusers}.linear_2")
+
+
+def _qk_norms(ldm: str, query: str, key: str) -> tuple:
+    return (tensor(f"{ldm}.query_norm.scale", f"attn.{query}.weight"),
+            tensor(f"{ldm}.key_norm.scale", f"attn.{key}.weight"))
+
+
+# BFL names ⇄ diffusers names (diffusers `convert_flux2_transformer_checkpoint_to_diffusers`).
+# Only the double blocks' qkv are cut: a single block's `linear1` (q, k, v and the SwiGLU
+# input) stays one tensor in diffusers (`to_qkv_mlp_proj`), and the SwiGLU halves keep their
+# order. The final modulation is (shift, scale) in BFL's order, (scale, shift) in diffusers'.
+# FLUX.2 has no biases; the map names them anyway, as absent parameters are skipped.
+KEY_MAP = KeyMap(
+    places=(
+        same("img_in", "x_embedder"), same("txt_in", "context_embedder"),
+        *_mlp_embedder("time_in", "time_guidance_embed.timestep_embedder"),
+        *_mlp_embedder("guidance_in", "time_guidance_embed.guidance_embedder"),
+        same("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
+        same("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
+        same("single_stream_modulation.lin", "single_stream_modulation.linear"),
+        same("final_layer.linear", "proj_out"),
+        swapped("final_layer.adaLN_modulation.1", "norm_out.linear"),
+    ),
+    blocks=(
+        BlockMap("double_blocks", "double_blocks.{i}.", "transformer_blocks.{i}.", (
+            fused("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
+            fused("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            *_qk_norms("img_attn.norm", "norm_q", "norm_k"),
+            *_qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
+            same("img_attn.proj", "attn.to_out.0"), same("txt_attn.proj", "attn.to_add_out"),
+            same("img_mlp.0", "ff.linear_in"), same("img_mlp.2", "ff.linear_out"),
+            same("txt_mlp.0", "ff_context.linear_in"), same("txt_mlp.2", "ff_context.linear_out"),
+        )),
+        BlockMap("single_blocks", "single_blocks.{i}.", "single_transformer_blocks.{i}.", (
+            same("linear1", "attn.to_qkv_mlp_proj"), same("linear2", "attn.to_out"),
+            *_qk_norms("norm", "norm_q", "norm_k"),
+        )),
+    ),
+)
+
+# black-forest-labs/FLUX.2-dev transformer/config.json. The rotary axes split the head width
+# and the MLP ratio shows only as a quotient of widths: a model of other sizes needs its own.
+DIFFUSERS_MODEL = DiffusersModel(
+    "Flux2Transformer2DModel",
+    config={"patch_size": 1, "in_channels": 128, "out_channels": None, "num_layers": 8, "num_single_layers": 48,
+            "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360,
+            "timestep_guidance_channels": _TIME_FEATURES, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32],
+            "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True},
+    measured={"in_channels": "in_channels", "out_channels": "out_channels", "num_layers": "double_blocks",
+              "num_single_layers": "single_blocks", "attention_head_dim": "head",
+              "num_attention_heads": "hidden/head", "joint_attention_dim": "context",
+              "guidance_embeds": "flag:guidance"},
+    unmeasured=("axes_dims_rope", "mlp_ratio"),
 )
 
 _PLAIN = {"in_channels": ("out_channels", 1)}
@@ -96,6 +157,7 @@ FLUX2 = Family(
     civitai_base_models=("Flux.2 D", "Flux.2 Klein 9B", "Flux.2 Klein 9B-base", "Flux.2 Klein 4B",
                          "Flux.2 Klein 4B-base"),
     air_ecosystem="flux2", diffusers_pipeline_pattern=r"Flux2\w*Pipeline", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
+    key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("FLUX.2-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="Flux.2-dev", civitai_base_models=("Flux.2 D",),
