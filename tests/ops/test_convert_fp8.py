@@ -154,3 +154,42 @@ def test_a_vae_is_not_cast_to_fp8(tmp_path, capsys):
                                 "-o", str(tmp_path / "vae8.safetensors"))
     assert code == 1 and "is a VAE; fp8 is for diffusion models and text encoders" in err
     assert not (tmp_path / "vae8.safetensors").exists()
+
+
+def _family_with_keep_and_map() -> list[str]:
+    from released import TINY
+
+    from sdkit.arch.families import FAMILIES
+
+    return [name for name in TINY if FAMILIES[name].fp8_keep and FAMILIES[name].key_map is not None]
+
+
+@pytest.mark.parametrize("family", _family_with_keep_and_map())
+def test_family_keeps_the_same_layers_in_both_conventions(tmp_path, capsys, family):
+    """The family's kept modules (written in single-file names) stay in their precision
+    whichever names the file uses; every other matrix becomes fp8."""
+    import re
+
+    from sdkit.arch.families import FAMILIES
+
+    patterns = [re.compile(p) for p in FAMILIES[family].fp8_keep]
+    single = tiny_tensors(family, "ldm")
+    save_file(single, tmp_path / "single.safetensors")
+    _convert(capsys, tmp_path / "single.safetensors", tmp_path / "s8.safetensors", "--dtype", "fp8_e4m3fn")
+    written = load_file(tmp_path / "s8.safetensors")
+    kept = {name for name, t in single.items() if t.ndim == 2 and any(p.match(name) for p in patterns)}
+    assert kept, "the tiny model has none of the family's kept modules"
+    for name, tensor in single.items():
+        if tensor.ndim == 2 and name.endswith(".weight"):
+            assert (written[name].dtype == torch.float32) == (name in kept), name
+
+    # the same model in diffusers names: the kept tensors are the same ones
+    _convert(capsys, tmp_path / "single.safetensors", tmp_path / "d.safetensors", "--to", "diffusers")
+    # (plain fp8: a scaled file's layout does not change, its scales would not survive the joins)
+    _convert(capsys, tmp_path / "d.safetensors", tmp_path / "d8.safetensors", "--dtype", "fp8_e4m3fn",
+             "--fp8-scaling", "plain")
+    _convert(capsys, tmp_path / "d8.safetensors", tmp_path / "back.safetensors", "--to", "single-file")
+    back = load_file(tmp_path / "back.safetensors")
+    assert {n for n, t in back.items() if t.dtype == torch.float32 and t.ndim == 2} >= kept
+    assert all(back[n].dtype == torch.float8_e4m3fn for n in single
+               if single[n].ndim == 2 and n.endswith(".weight") and n not in kept and n in back)

@@ -149,6 +149,9 @@ CHROMA = Family(
     modelspec_prefixes=("chroma",), kohya_version_pattern=r"chroma(?![-_ ]?radiance)",
     civitai_base_models=("Chroma",), air_ecosystem="chroma", diffusers_pipeline_pattern=r"Chroma\w*Pipeline",
     layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: the approximator, the embedders and the final layer stay in 16 bits
+    # (convert_to_quant's list for Chroma, "distillation_large")
+    fp8_keep=(r"(distilled_guidance_layer|img_in|txt_in|final_layer)\.",),
     releases=(
         Release("Chroma1-HD", dims={**_BACKBONE, **_LATENT}, ratios=_PLAIN,
                 civitai_base_models=("Chroma",), air_ecosystem="chroma"),
@@ -168,6 +171,10 @@ CHROMA_RADIANCE = Family(
     modelspec_prefixes=("chroma_radiance", "chroma-radiance"),
     kohya_version_pattern=r"chroma[-_ ]?radiance",
     layouts=(RADIANCE_LAYOUT,),
+    # fp8: the pixel-space head and patch embedder, the approximator and the text input
+    # stay in 16 bits (convert_to_quant's Radiance and NeRF lists)
+    fp8_keep=(r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
+              r"txt_in)\.",),
     releases=(
         Release("Chroma1-Radiance", dims={**_BACKBONE, "in_channels": 3, "patch": 16}),
     ),

@@ -158,6 +158,10 @@ FLUX2 = Family(
                          "Flux.2 Klein 4B-base"),
     air_ecosystem="flux2", diffusers_pipeline_pattern=r"Flux2\w*Pipeline", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: the shared stream modulation, the embedders and the final layer stay in 16 bits
+    # (the FLUX.2 list of silveroxides/convert_to_quant, the community fp8 converter)
+    fp8_keep=(r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation|"
+              r"guidance_in|time_in|img_in|txt_in|final_layer)\.",),
     releases=(
         Release("FLUX.2-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="Flux.2-dev", civitai_base_models=("Flux.2 D",),

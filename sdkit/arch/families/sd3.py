@@ -126,6 +126,9 @@ SD3 = Family(
     kohya_version_pattern=r"sd3", civitai_base_models=("SD 3", "SD 3.5"), air_ecosystem="sd3",
     diffusers_pipeline_pattern=r"StableDiffusion3\w*Pipeline", gguf_architecture="sd3",
     layouts=(SGM_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: the embedders and the final layer stay in 16 bits (sdkit's rule for MMDiT
+    # designs, as for FLUX.1; no peer publishes an SD3 list)
+    fp8_keep=(r"(x_embedder|context_embedder|t_embedder|y_embedder|pos_embed|final_layer)\.",),
     releases=(
         Release("Stable Diffusion 3 Medium", dims={**_SHARED, "hidden": 1536, "depth": 24},
                 flags={"dual_attention": False}, modelspec_architecture="stable-diffusion-v3-medium",
