@@ -5,7 +5,10 @@ Released sizes: every tensor of a released model's single-file listing is replac
 tensors by rows, at the released widths it assumes — and sdkit's plan can be compared
 value for value at full size in a few megabytes. Tiny sizes: the diffusers test configs
 with random weights, loaded into the diffusers class itself. Both directions, round trips
-bit for bit.
+bit for bit, except the single-file tensors diffusers has no place for, which come back
+as the key map makes them. Families whose single files already use diffusers' names
+(HiDream, Qwen-Image) go through the same tests with an identity map; where diffusers has
+no single-file converter (Qwen-Image), the expected conversion is that identity.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from released import (RELEASES, TINY, diffusers_shapes, single_file_shapes, tiny
                       typed, write_header_only)
 
 from sdkit.arch.families import FAMILIES  # noqa: E402
+from sdkit.arch.fingerprint import match_release  # noqa: E402
 from sdkit.arch.keymaps import convert_state_dict  # noqa: E402
-from sdkit.arch.keymaps.transformer import transformer_plan  # noqa: E402
+from sdkit.arch.keymaps.transformer import diffusers_config, transformer_links, transformer_plan  # noqa: E402
 from sdkit.arch.model_detect import single_file_parts  # noqa: E402
 from sdkit.errors import SdkitError  # noqa: E402
 from sdkit.io import open_model  # noqa: E402
@@ -42,6 +46,33 @@ def _converters():
             "wan": peer.convert_wan_transformer_to_diffusers,
             "chroma": peer.convert_chroma_transformer_checkpoint_to_diffusers,
             "flux2": peer.convert_flux2_transformer_checkpoint_to_diffusers}
+
+
+# families whose single files diffusers has no converter for because they already carry
+# diffusers' names: the expected conversion only drops the checkpoint prefix
+NO_CONVERTER = {"qwen-image"}
+
+
+def _peer_conversion(family: str, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if family in NO_CONVERTER:
+        return {name.removeprefix(UNET): t for name, t in checkpoint.items()}
+    return _converters()[family](checkpoint)
+
+
+def _single_file_convention(family) -> str:
+    """The convention a family's single files are reported in: diffusers' where they
+    already use its names."""
+    return "diffusers" if family.key_map.same_names else "ldm"
+
+
+def _as_made(family, dims: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with the single-file tensors diffusers lacks as the map makes them again."""
+    made = dict(tensors)
+    for link in transformer_links(family.key_map, dims):
+        if link.kind == "unused" and link.ldm[0] in made:
+            shape, value = link.arg
+            made[link.ldm[0]] = torch.full(shape, value, dtype=made[link.ldm[0]].dtype)
+    return made
 
 
 def _mapped(name: str) -> bool:
@@ -80,9 +111,10 @@ def test_released_single_file_converts_as_diffusers_does(tmp_path, release, pref
     family = FAMILIES[model.family]
     listing = single_file_shapes(model)
     facts = _probed(tmp_path, listing, "single.safetensors", prefix)
-    assert (facts.family, facts.convention) == (family.name, "ldm")
+    assert (facts.family, facts.convention) == (family.name, model.single_file_convention)
+    assert model.single_file_convention == _single_file_convention(family)
     ramps = _row_ramps(listing)
-    expected = _converters()[family.name]({prefix + name: t for name, t in ramps.items()})
+    expected = _peer_conversion(family.name, {prefix + name: t for name, t in ramps.items()})
     plan = transformer_plan(family, facts.dims, "ldm_to_diffusers", [prefix + n for n in ramps], prefix)
     got = convert_state_dict(plan, {prefix + name: t for name, t in ramps.items()})
     _assert_same(got, expected)
@@ -93,7 +125,7 @@ def test_released_single_file_converts_as_diffusers_does(tmp_path, release, pref
     back_facts = _probed(tmp_path, diffusers_shapes(model), "diffusers.safetensors")
     assert back_facts.convention == "diffusers"
     back = convert_state_dict(transformer_plan(family, back_facts.dims, "diffusers_to_ldm", got), got)
-    _assert_same(back, ramps)
+    _assert_same(back, _as_made(family, facts.dims, ramps))
 
 
 @pytest.mark.parametrize("family_name", [name for name in TINY if FAMILIES[name].key_map is not None])
@@ -109,7 +141,7 @@ def test_tiny_diffusers_model_round_trips_through_the_single_file(tmp_path, fami
     single = convert_state_dict(transformer_plan(family, facts.dims, "diffusers_to_ldm", state), state)
     save_file(single, tmp_path / "single.safetensors")
     single_facts = _denoiser(tmp_path / "single.safetensors")
-    assert single_facts.convention == "ldm" and single_facts.dims == facts.dims
+    assert single_facts.convention == _single_file_convention(family) and single_facts.dims == facts.dims
     assert {name: tuple(t.shape) for name, t in single.items()} == TINY[family_name][2](config)
 
     again = convert_state_dict(transformer_plan(family, single_facts.dims, "ldm_to_diffusers", single), single)
@@ -131,3 +163,30 @@ def test_a_fused_tensor_missing_a_part_is_refused(tmp_path):
     keys = [name for name in diffusers_shapes(model) if name != "transformer_blocks.3.attn.to_k.weight"]
     with pytest.raises(SdkitError, match=r"transformer_blocks.3.attn.to_k.weight is missing"):
         transformer_plan(FAMILIES["flux"], facts.dims, "diffusers_to_ldm", keys)
+
+
+# ---- the diffusers config sdkit writes, for every release of a family with a diffusers class ----
+
+def _configured(name: str) -> bool:
+    model = RELEASES[name]
+    return FAMILIES[model.family].diffusers_model is not None and model.diffusers_class is not None
+
+
+@pytest.mark.parametrize("release", [name for name in RELEASES if _configured(name)])
+def test_released_diffusers_config_builds_the_released_model(tmp_path, release):
+    """The header of a released diffusers transformer is enough: its measured sizes, the
+    release they match (named by metadata where only metadata can) and the family's
+    config facts give a config whose class has exactly the released keys and shapes."""
+    import diffusers
+
+    model = RELEASES[release]
+    family = FAMILIES[model.family]
+    facts = _probed(tmp_path, diffusers_shapes(model), "diffusers.safetensors")
+    assert (facts.family, facts.convention) == (family.name, "diffusers")
+    matched = match_release(family, facts.dims, facts.flags or {}, model.metadata.get("modelspec.architecture", ""))
+    assert matched.exact and matched.release.name == release
+    config = diffusers_config(family, facts.dims, facts.flags or {}, matched.release, matched.exact)
+    assert config.pop("_class_name") == model.diffusers_class
+    with torch.device("meta"):
+        built = getattr(diffusers, model.diffusers_class)(**config)
+    assert {name: tuple(t.shape) for name, t in built.state_dict().items()} == diffusers_shapes(model)
