@@ -69,7 +69,7 @@ def transformer_plan(family: Family, dims: Mapping[str, int], direction: str, ke
                      prefix: str = "") -> KeyPlan:
     """The plan converting a `family` transformer's `keys` (named with `prefix`, e.g.
     `model.diffusion_model.`) in `direction`; output names carry no prefix. Keys with no
-    place in the map are refused, naming the first few."""
+    place in the map are refused, naming the first few; a same-names map keeps every key."""
     if family.key_map is None:
         raise SdkitError(f"sdkit has no single-file ⇄ diffusers key map for {family.title} yet")
     rules = KeyRules(f"{family.title} transformer", canonical=lambda key: key[len(prefix):]
