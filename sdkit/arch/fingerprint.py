@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from sdkit.arch.families import FAMILIES
-from sdkit.arch.families.spec import DenoiserLayout, Dim, Family, Release
+from sdkit.arch.families.spec import DenoiserLayout, Dim, Family, Release, size_terms
 from sdkit.arch.keyview import KeyView
 
 # block lists of transformer denoisers, known or not: their presence at a root makes the
@@ -91,26 +91,53 @@ def match_layout(view: KeyView, family: Family, layout: DenoiserLayout) -> Layou
 
 
 def _bind_all(pairs: list[tuple[tuple[Dim, ...], tuple[int, ...]]]) -> dict[str, int] | None:
-    """Bind plain names first (over every key), then check the multiples (`3*hidden`); a
-    name that appears only as a multiple is bound from it."""
+    """Bind plain names first (over every key), then check the compound sizes (`3*hidden`,
+    `hidden+2*kv`); a name that appears only in compounds is bound from one where it is
+    the only unknown (Wan's `4*out_channels`, Lumina 2's key/value width)."""
     bound: dict[str, int] = {}
+    compounds: list[tuple[str, int]] = []
     for template, found in pairs:
         if len(template) != len(found):
             return None
         for want, got in zip(template, found):
             if isinstance(want, int) and got != want:
                 return None
-            if isinstance(want, str) and "*" not in want and bound.setdefault(want, got) != got:
+            if isinstance(want, str) and _is_plain(want) and bound.setdefault(want, got) != got:
                 return None
-    for template, found in pairs:
-        for want, got in zip(template, found):
-            if isinstance(want, str) and "*" in want:
-                factor, name = want.split("*")
-                if name not in bound and got % int(factor) == 0:
-                    bound[name] = got // int(factor)  # seen only as a multiple (Wan's 4*out_channels)
-                if bound.get(name, -1) * int(factor) != got:
-                    return None
+            if isinstance(want, str) and not _is_plain(want):
+                compounds.append((want, got))
+    while _bind_one_unknown(compounds, bound):
+        pass
+    for want, got in compounds:
+        if any(name and name not in bound for _, name in size_terms(want)) or _total(want, bound) != got:
+            return None
     return bound
+
+
+def _is_plain(template: str) -> bool:
+    return "*" not in template and "+" not in template
+
+
+def _total(template: str, bound: Mapping[str, int]) -> int:
+    return sum(factor * (bound[name] if name else 1) for factor, name in size_terms(template))
+
+
+def _bind_one_unknown(compounds: list[tuple[str, int]], bound: dict[str, int]) -> bool:
+    """Bind the name of the first compound whose terms leave exactly one unknown; False
+    when none does."""
+    for want, got in compounds:
+        terms = size_terms(want)
+        unknown = {name for _, name in terms if name and name not in bound}
+        if len(unknown) != 1:
+            continue
+        name = unknown.pop()
+        factor = sum(f for f, n in terms if n == name)
+        rest = got - sum(f * (bound[n] if n else 1) for f, n in terms if n != name)
+        if rest <= 0 or rest % factor:
+            return False
+        bound[name] = rest // factor
+        return True
+    return False
 
 
 def match_release(family: Family, dims: Mapping[str, int], flags: Mapping[str, bool],

@@ -82,6 +82,8 @@ def _recipe_shape(recipe: KeyRecipe, shapes: list[tuple[int, ...]]) -> tuple[int
         return shapes[0]
     if recipe.kind == "arange":
         return (1, recipe.arg)
+    if recipe.kind == "fill":  # its source gives the dtype only
+        return tuple(recipe.arg[0])
     raise ValueError(f"unknown recipe kind {recipe.kind!r}")
 
 

@@ -22,12 +22,22 @@ shapes: only metadata names them. Latent: FLUX.1 VAE `(x - 0.1159) * 0.3611` (Co
 `supported_models.py` Lumina2 uses `latent_formats.Flux`). ModelSpec `lumina-2`
 (sd-scripts `sai_model_spec.py` ARCH_LUMINA_2; `lumina` for others); Civitai base model
 "Lumina", ecosystem Lumina (civitai `basemodel.constants.ts`).
+
+Key map (diffusers `convert_lumina2_to_diffusers`): `attention.qkv` stacks the query (as
+wide as the model) over the key and the value of the fewer key/value heads, so it is cut
+at sizes the file shows (the query norm gives the head width, the fused rows the key/value
+width); the time and caption embedders move under `time_caption_embed`, the final layer
+becomes `norm_out.linear_1` / `linear_2`, the first attention norm of a modulated block
+becomes `norm1.norm` beside its modulation `norm1.linear` (plain `norm1` in the context
+refiner). The original model builds a `norm_final` it never applies; diffusers drops it,
+and the way back makes it again as ones, an RMSNorm's initial weight.
 """
 
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import GEMMA2_2B
-from sdkit.arch.families.spec import DenoiserLayout, Family, Release
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, Place, Release, fused,
+                                      kept, same, tensor, unused)
 from sdkit.arch.families.z_image import FLUX_VAE_LATENT
 
 _TIME_FEATURES = 256
@@ -41,9 +51,10 @@ ORIGINAL_LAYOUT = DenoiserLayout(
         "cap_embedder.1.weight": ("hidden", "context"),
         "t_embedder.mlp.0.weight": ("adaln", _TIME_FEATURES),
         "layers.0.adaLN_modulation.1.weight": ("4*hidden", "adaln"),
-        "layers.0.attention.qkv.weight": (None, "hidden"),  # query plus fewer key/value heads
+        "layers.0.attention.qkv.weight": ("hidden+2*kv", "hidden"),  # query plus fewer key/value heads
     },
-    optional_shapes={"final_layer.linear.weight": ("out_channels", "hidden")},
+    optional_shapes={"final_layer.linear.weight": ("out_channels", "hidden"),
+                     "layers.0.attention.q_norm.weight": ("head",)},
     counts=_COUNTS,
 )
 
@@ -56,9 +67,58 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
         "time_caption_embed.timestep_embedder.linear_1.weight": ("adaln", _TIME_FEATURES),
         "layers.0.norm1.linear.weight": ("4*hidden", "adaln"),
         "layers.0.attn.to_q.weight": ("hidden", "hidden"),
+        "layers.0.attn.to_k.weight": ("kv", "hidden"),
     },
-    optional_shapes={"norm_out.linear_2.weight": ("out_channels", "hidden")},
+    optional_shapes={"norm_out.linear_2.weight": ("out_channels", "hidden"),
+                     "layers.0.attn.norm_q.weight": ("head",)},
     counts=_COUNTS,
+)
+
+_ATTENTION: tuple[Place, ...] = (
+    fused("attention.qkv", "attn.to_q", "attn.to_k", "attn.to_v", sizes=("hidden", "kv", "kv")),
+    same("attention.out", "attn.to_out.0"),
+    tensor("attention.q_norm.weight", "attn.norm_q.weight"),
+    tensor("attention.k_norm.weight", "attn.norm_k.weight"),
+    same("feed_forward.w1", "feed_forward.linear_1"), same("feed_forward.w2", "feed_forward.linear_2"),
+    same("feed_forward.w3", "feed_forward.linear_3"),
+    *kept("ffn_norm1", "ffn_norm2"),
+)
+_MODULATED = (*_ATTENTION, same("attention_norm1", "norm1.norm"), same("adaLN_modulation.1", "norm1.linear"),
+              same("attention_norm2", "norm2"))
+_CONTEXT = (*_ATTENTION, same("attention_norm1", "norm1"), same("attention_norm2", "norm2"))
+_CAPTION = "time_caption_embed.caption_embedder"
+
+KEY_MAP = KeyMap(
+    places=(
+        same("x_embedder", "x_embedder"),
+        same("t_embedder.mlp.0", "time_caption_embed.timestep_embedder.linear_1"),
+        same("t_embedder.mlp.2", "time_caption_embed.timestep_embedder.linear_2"),
+        same("cap_embedder.0", f"{_CAPTION}.0"), same("cap_embedder.1", f"{_CAPTION}.1"),
+        same("final_layer.adaLN_modulation.1", "norm_out.linear_1"), same("final_layer.linear", "norm_out.linear_2"),
+        # dtype from the caption RMSNorm's weight, a tensor of the same kind
+        unused("norm_final", like=f"{_CAPTION}.0", sizes=("hidden",), fill=1.0),
+    ),
+    blocks=(
+        BlockMap("refiner_layers", "noise_refiner.{i}.", "noise_refiner.{i}.", _MODULATED),
+        BlockMap("refiner_layers", "context_refiner.{i}.", "context_refiner.{i}.", _CONTEXT),
+        BlockMap("layers", "layers.{i}.", "layers.{i}.", _MODULATED),
+    ),
+)
+
+# Alpha-VLLM/Lumina-Image-2.0 transformer/config.json. The layout's channels are those of
+# 2 x 2 patches; the rotary axes split the head width, and `multiple_of` with
+# `ffn_dim_multiplier` set the feed-forward width, so only a model of the released sizes
+# can reuse them
+DIFFUSERS_MODEL = DiffusersModel(
+    "Lumina2Transformer2DModel",
+    config={"sample_size": 128, "patch_size": 2, "in_channels": 16, "hidden_size": 2304, "num_layers": 26,
+            "num_refiner_layers": 2, "num_attention_heads": 24, "num_kv_heads": 8, "multiple_of": 256,
+            "ffn_dim_multiplier": None, "norm_eps": 1e-5, "scaling_factor": 1.0, "axes_dim_rope": [32, 32, 32],
+            "axes_lens": [300, 512, 512], "cap_feat_dim": 2304},
+    measured={"in_channels": "in_channels/4", "out_channels": "out_channels/4", "hidden_size": "hidden",
+              "num_layers": "layers", "num_refiner_layers": "refiner_layers", "num_attention_heads": "hidden/head",
+              "num_kv_heads": "kv/head", "cap_feat_dim": "context"},
+    unmeasured=("axes_dim_rope", "multiple_of", "ffn_dim_multiplier"),
 )
 
 _RELEASED = {"hidden": 2304, "context": 2304, "in_channels": 64, "out_channels": 64, "adaln": 1024,
@@ -72,7 +132,7 @@ LUMINA2 = Family(
     text_encoders=(GEMMA2_2B,), vae_part="FLUX VAE", prediction="flow",
     modelspec_prefixes=("lumina",), civitai_base_models=("Lumina",), air_ecosystem="lumina",
     diffusers_pipeline_pattern=r"Lumina2\w*Pipeline",
-    layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
+    layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("Lumina-Image-2.0", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="lumina-2",
                 civitai_base_models=("Lumina",), air_ecosystem="lumina"),

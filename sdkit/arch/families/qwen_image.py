@@ -7,7 +7,8 @@ How its files are kept: one naming everywhere. The original release is a diffuse
 ComfyUI's split files (Comfy-Org/Qwen-Image_ComfyUI) keep those names, sometimes under
 `model.diffusion_model.` (ComfyUI `model_detection.py` takes `txt_norm.weight` as the mark
 of Qwen-Image and reads `img_in` and the `transformer_blocks` count). So its files are all
-reported in the diffusers convention; diffusers has no single-file converter for it.
+reported in the diffusers convention, and its key map keeps every name; diffusers has no
+single-file converter for it.
 
 Facts: sizes from the config of Qwen/Qwen-Image (24 heads x 128 = 3072, 60 layers,
 joint_attention_dim 3584 = Qwen2.5-VL-7B's hidden size, in 64 = 16 channels in 2x2
@@ -26,7 +27,7 @@ ecosystem Qwen (civitai `basemodel.constants.ts`; its "Qwen 2" ecosystem is anot
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN25_VL_7B
-from sdkit.arch.families.spec import DenoiserLayout, Family, Release
+from sdkit.arch.families.spec import SAME_NAMES, DenoiserLayout, DiffusersModel, Family, Release
 from sdkit.arch.families.wan import WAN21_LATENT
 
 # the Wan 2.1 VAE's latent space (ComfyUI gives Qwen-Image the Wan21 latent format)
@@ -43,9 +44,24 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
         "transformer_blocks.0.img_mod.1.weight": ("6*hidden", "hidden"),
         "transformer_blocks.0.attn.to_q.weight": ("hidden", "hidden"),
     },
-    optional_shapes={"proj_out.weight": ("out_channels", "hidden")},
+    optional_shapes={"proj_out.weight": ("out_channels", "hidden"),
+                     "transformer_blocks.0.attn.norm_q.weight": ("head",)},
     counts={"blocks": r"transformer_blocks\.(\d+)\."},
     flags={"additional_t_cond": "time_text_embed.addition_t_embedding."},
+)
+
+# Qwen/Qwen-Image transformer/config.json. The output channels are those of 2 x 2 patches
+# (the input's are the packed latent's, as the config counts them); the rotary axes split
+# the head width, so only a model of the released head width can reuse them
+DIFFUSERS_MODEL = DiffusersModel(
+    "QwenImageTransformer2DModel",
+    config={"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+            "axes_dims_rope": [16, 56, 56]},
+    measured={"in_channels": "in_channels", "out_channels": "out_channels/4", "num_layers": "blocks",
+              "attention_head_dim": "head", "num_attention_heads": "hidden/head",
+              "joint_attention_dim": "context", "use_additional_t_cond": "flag:additional_t_cond"},
+    unmeasured=("axes_dims_rope",),
 )
 
 _RELEASED = {"hidden": 3072, "context": 3584, "in_channels": 64, "out_channels": 64, "blocks": 60}
@@ -53,9 +69,10 @@ _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
 _PLAIN = {"additional_t_cond": False}
 
 
-def _look_alike(name: str, named_by: tuple[str, ...], modelspec: str | None = None) -> Release:
+def _look_alike(name: str, named_by: tuple[str, ...], modelspec: str | None = None, **config) -> Release:
     return Release(name, dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT, named_by=named_by,
-                   modelspec_architecture=modelspec, civitai_base_models=("Qwen",), air_ecosystem="qwen")
+                   modelspec_architecture=modelspec, civitai_base_models=("Qwen",), air_ecosystem="qwen",
+                   config=config)
 
 
 QWEN_IMAGE = Family(
@@ -65,14 +82,16 @@ QWEN_IMAGE = Family(
     text_encoders=(QWEN25_VL_7B,), vae_part="Qwen-Image VAE", prediction="flow",
     modelspec_prefixes=("qwen-image",), civitai_base_models=("Qwen",), air_ecosystem="qwen",
     diffusers_pipeline_pattern=r"QwenImage\w*Pipeline",
-    layouts=(DIFFUSERS_LAYOUT,),
+    layouts=(DIFFUSERS_LAYOUT,), key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("Qwen-Image", dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT,
                 modelspec_architecture="Qwen-Image", civitai_base_models=("Qwen",), air_ecosystem="qwen"),
+        # Qwen/Qwen-Image-Layered: its rotary positions add a layer axis, which no weight shows
         Release("Qwen-Image-Layered", dims=_RELEASED, flags={"additional_t_cond": True},
-                ratios=_SAME_IN_OUT),
+                ratios=_SAME_IN_OUT, config={"use_layer3d_rope": True}),
         # the most specific words first: "edit" is in every edit model's name
-        _look_alike("Qwen-Image-Edit-2511", ("edit-2511",), "Qwen-Image-Edit-2511"),
+        # Qwen/Qwen-Image-Edit-2511: a zero timestep for the reference image's tokens
+        _look_alike("Qwen-Image-Edit-2511", ("edit-2511",), "Qwen-Image-Edit-2511", zero_cond_t=True),
         _look_alike("Qwen-Image-Edit-2509", ("edit-2509", "edit-plus"), "Qwen-Image-Edit-Plus"),
         _look_alike("Qwen-Image-Edit", ("edit",), "Qwen-Image-Edit"),
         _look_alike("Qwen-Image-2512", ("2512",)),

@@ -3,8 +3,9 @@
 A family module fills these in; nothing here names a family. Sizes in a `DenoiserLayout`
 are written as templates so one description serves the released model and a tiny test
 model alike: an int is a fixed size, a name (`"hidden"`) binds to whatever the file has
-and must agree everywhere it appears, `"3*hidden"` is a multiple of a bound name, and
-None accepts any size.
+and must agree everywhere it appears, `"3*hidden"` is a multiple of a bound name,
+`"hidden+2*kv"` a sum of such terms (a query and two narrower key/value projections
+stacked), and None accepts any size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
 Dim = Union[int, str, None]
+
+
+def size_terms(size: str) -> tuple[tuple[int, str], ...]:
+    """The terms of a size template as (factor, name) pairs, name "" for a constant:
+    `"hidden+2*kv"` is ((1, "hidden"), (2, "kv")), `"3*hidden"` is ((3, "hidden"),)."""
+    terms = []
+    for term in size.split("+"):
+        factor, _, name = term.strip().rpartition("*")
+        if not factor and name.isdigit():
+            terms.append((int(name), ""))
+        else:
+            terms.append((int(factor or 1), name))
+    return tuple(terms)
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,11 @@ class Place:
       rows as layout dims (`"hidden"`, `"3*hidden"`, an int; None once for "the rest"),
       or is empty for equal parts;
     - "swap": the two halves along dim 0 trade places (the original final-layer
-      modulation is (shift, scale), diffusers' is (scale, shift)).
+      modulation is (shift, scale), diffusers' is (scale, shift));
+    - "unused": a single-file tensor the diffusers model has no place for (Lumina 2's
+      `norm_final`, built but never applied): left out going to diffusers and made again
+      going back, `fill` in every element, shaped by `sizes`, in the dtype of the one
+      diffusers tensor named (`diffusers`), so a converted file stays complete.
 
     Names are modules and get each of `params` appended (`.weight`, `.bias`; a parameter
     absent from a file is skipped); with `params=()` they are whole tensor names.
@@ -91,6 +109,7 @@ class Place:
     kind: str = "same"
     sizes: tuple[Dim, ...] = ()
     params: tuple[str, ...] = ("weight", "bias")
+    fill: float = 0.0
 
 
 def same(ldm: str, diffusers: str, params: tuple[str, ...] = ("weight", "bias")) -> Place:
@@ -102,12 +121,22 @@ def tensor(ldm: str, diffusers: str) -> Place:
     return Place(ldm, (diffusers,), params=())
 
 
+def kept(*names: str, params: tuple[str, ...] = ("weight", "bias")) -> tuple[Place, ...]:
+    """Places named alike in both conventions (`t_embedder.mlp.0` in Z-Image)."""
+    return tuple(Place(name, (name,), params=params) for name in names)
+
+
 def fused(ldm: str, *parts: str, sizes: tuple[Dim, ...] = (), params: tuple[str, ...] = ("weight", "bias")) -> Place:
     return Place(ldm, parts, "fused", sizes, params)
 
 
 def swapped(ldm: str, diffusers: str) -> Place:
     return Place(ldm, (diffusers,), "swap")
+
+
+def unused(ldm: str, like: str, sizes: tuple[Dim, ...], fill: float, params: tuple[str, ...] = ("weight",)) -> Place:
+    """A single-file tensor diffusers drops; made again as `fill` in the dtype of `like`."""
+    return Place(ldm, (like,), "unused", sizes, params, fill)
 
 
 @dataclass(frozen=True)
@@ -127,10 +156,16 @@ class BlockMap:
 class KeyMap:
     """A transformer's single-file ⇄ diffusers key map, as data: the places outside the
     numbered blocks and the block lists. Sizes come from the file (the layout match), so
-    one map serves every release and a tiny model alike."""
+    one map serves every release and a tiny model alike. `same_names`: the single files
+    already use diffusers' names (HiDream, Qwen-Image), so every key keeps its name."""
 
     places: tuple[Place, ...]
     blocks: tuple[BlockMap, ...] = ()
+    same_names: bool = False
+
+
+# the map of a family whose single files and diffusers models name every tensor alike
+SAME_NAMES = KeyMap(places=(), same_names=True)
 
 
 @dataclass(frozen=True)
@@ -139,7 +174,8 @@ class DiffusersModel:
 
     `config` is the released model's config.json (its first release); `measured` says
     which config values the weights show, as what the layout match measured: a dim or
-    count name (`"double_blocks"`), a quotient (`"hidden/head"`) or a flag
+    count name (`"double_blocks"`), a quotient by a name or a number (`"hidden/head"`;
+    `"in_channels/4"`: the channels of the released 2 x 2 patches) or a flag
     (`"flag:guidance"`). `unmeasured` lists the values the weights cannot show that still
     depend on the sizes (rotary axes must add up to the head width): a model with other
     sizes than a release's needs its own config for them.

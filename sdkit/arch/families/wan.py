@@ -31,12 +31,22 @@ embedding (I2V). Latents from ComfyUI `latent_formats.py` Wan21 / Wan22 (scale 1
 mean and std; diffusers AutoencoderKLWan config the same). musubi-tuner writes
 `modelspec.architecture` "wan2.1" for every Wan model. Civitai base models and ecosystem
 keys from civitai `basemodel.constants.ts` (Wan Video family).
+
+Key map (diffusers `convert_wan_transformer_to_diffusers`): one tensor per place, renamed
+only. The embedders move under `condition_embedder` (2.1 I2V's `img_emb.proj` MLP becomes
+its `image_embedder`: norm, two linears, norm), `self_attn` / `cross_attn` become `attn1` /
+`attn2` with diffusers' projection names (the image key and value `add_k_proj` /
+`add_v_proj`), the block's affine cross-attention norm `norm3` is diffusers' `norm2`, and
+both modulation tables (`[1, 6, dim]` per block, `[1, 2, dim]` in the head) keep their
+shapes as `scale_shift_table`. The heads' width cannot be read from the weights (the
+query/key norms span all heads): a release gives it.
 """
 
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import UMT5_XXL
-from sdkit.arch.families.spec import DenoiserLayout, Family, LatentFormat, Release
+from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Place, Release,
+                                      kept, same, tensor)
 
 _TIME_FEATURES = 256
 
@@ -107,6 +117,56 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
            "first_last_frame": "condition_embedder.image_embedder.pos_embed", **_RELATIVES},
 )
 
+_IMAGE_EMBEDDER = "condition_embedder.image_embedder"
+
+
+def _attention(ldm: str, diffusers: str) -> tuple[Place, ...]:
+    projections = (same(f"{ldm}.{p}", f"{diffusers}.to_{p}") for p in "qkv")
+    return (*projections, same(f"{ldm}.o", f"{diffusers}.to_out.0"),
+            same(f"{ldm}.norm_q", f"{diffusers}.norm_q"), same(f"{ldm}.norm_k", f"{diffusers}.norm_k"))
+
+
+KEY_MAP = KeyMap(
+    places=(
+        *kept("patch_embedding"),
+        same("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+        same("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+        same("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+        same("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+        same("time_projection.1", "condition_embedder.time_proj"),
+        same("img_emb.proj.0", f"{_IMAGE_EMBEDDER}.norm1"), same("img_emb.proj.1", f"{_IMAGE_EMBEDDER}.ff.net.0.proj"),
+        same("img_emb.proj.3", f"{_IMAGE_EMBEDDER}.ff.net.2"), same("img_emb.proj.4", f"{_IMAGE_EMBEDDER}.norm2"),
+        same("head.head", "proj_out"), tensor("head.modulation", "scale_shift_table"),
+    ),
+    blocks=(
+        BlockMap("depth", "blocks.{i}.", "blocks.{i}.", (
+            *_attention("self_attn", "attn1"), *_attention("cross_attn", "attn2"),
+            same("cross_attn.k_img", "attn2.add_k_proj"), same("cross_attn.v_img", "attn2.add_v_proj"),
+            same("cross_attn.norm_k_img", "attn2.norm_added_k"),
+            same("norm3", "norm2"), same("ffn.0", "ffn.net.0.proj"), same("ffn.2", "ffn.net.2"),
+            tensor("modulation", "scale_shift_table"),
+        )),
+    ),
+)
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json; the releases below give what
+# differs in theirs. The head count (hence the head width) is not in the weights
+DIFFUSERS_MODEL = DiffusersModel(
+    "WanTransformer3DModel",
+    config={"patch_size": [1, 2, 2], "num_attention_heads": 12, "attention_head_dim": 128, "in_channels": 16,
+            "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 8960, "num_layers": 30,
+            "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "image_dim": None,
+            "added_kv_proj_dim": None, "rope_max_seq_len": 1024},
+    measured={"in_channels": "in_channels", "out_channels": "out_channels", "text_dim": "context",
+              "ffn_dim": "ffn", "num_layers": "depth"},
+    unmeasured=("num_attention_heads", "attention_head_dim"),
+)
+# Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan2.2-{T2V,I2V}-A14B-Diffusers: 40 heads of 128
+_LARGE_CONFIG = {"num_attention_heads": 40}
+# Wan-AI/Wan2.1-I2V-14B-{480P,720P}-Diffusers: CLIP-H image features (1280 wide) with their
+# own key and value projections in every cross-attention
+_CLIP_I2V_CONFIG = {"num_attention_heads": 40, "image_dim": 1280, "added_kv_proj_dim": 5120}
+
 _PLAIN = {name: False for name in ("first_last_frame", *_RELATIVES)}
 _TEXT = dict(_PLAIN, image_embedding=False)
 _CLIP_IMAGE = dict(_PLAIN, image_embedding=True)
@@ -128,24 +188,27 @@ WAN = Family(
         "Wan Video 1.3B t2v", "Wan Video 14B t2v", "Wan Video 14B i2v 480p", "Wan Video 14B i2v 720p",
         "Wan Video 2.2 TI2V-5B", "Wan Video 2.2 I2V-A14B", "Wan Video 2.2 T2V-A14B"),
     diffusers_pipeline_pattern=r"Wan\w*Pipeline", air_ecosystem="wanvideo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
+    key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     releases=(
         Release("Wan2.1-T2V-1.3B", dims=_SMALL, flags=_TEXT, ratios=_SAME_IN_OUT,
                 civitai_base_models=("Wan Video 1.3B t2v",), air_ecosystem="wanvideo1_3b_t2v"),
-        Release("Wan2.1-T2V-14B", dims=_LARGE, flags=_TEXT, ratios=_SAME_IN_OUT,
+        Release("Wan2.1-T2V-14B", dims=_LARGE, flags=_TEXT, ratios=_SAME_IN_OUT, config=_LARGE_CONFIG,
                 civitai_base_models=("Wan Video 14B t2v",), air_ecosystem="wanvideo14b_t2v"),
         Release("Wan2.1-I2V-14B-480P", dims=_LARGE_I2V, flags=_CLIP_IMAGE, variant="i2v",
-                image_encoder=_CLIP_H, civitai_base_models=("Wan Video 14B i2v 480p",),
+                image_encoder=_CLIP_H, config=_CLIP_I2V_CONFIG, civitai_base_models=("Wan Video 14B i2v 480p",),
                 air_ecosystem="wanvideo14b_i2v_480p"),
         Release("Wan2.1-I2V-14B-720P", dims=_LARGE_I2V, flags=_CLIP_IMAGE, variant="i2v",
-                named_by=("720p",), image_encoder=_CLIP_H,
+                named_by=("720p",), image_encoder=_CLIP_H, config=_CLIP_I2V_CONFIG,
                 civitai_base_models=("Wan Video 14B i2v 720p",), air_ecosystem="wanvideo14b_i2v_720p"),
         Release("Wan2.2-TI2V-5B", dims=_TI2V, flags=_TEXT, ratios=_SAME_IN_OUT, latent=WAN22_LATENT,
                 vae_part="Wan 2.2 VAE", civitai_base_models=("Wan Video 2.2 TI2V-5B",),
+                # Wan-AI/Wan2.2-TI2V-5B-Diffusers: 24 heads of 128
+                config={"num_attention_heads": 24},
                 air_ecosystem="wanvideo-22-ti2v-5b"),
         Release("Wan2.2-T2V-A14B", dims=_LARGE, flags=_TEXT, ratios=_SAME_IN_OUT,
-                named_by=("2.2", "a14b"), civitai_base_models=("Wan Video 2.2 T2V-A14B",),
+                named_by=("2.2", "a14b"), config=_LARGE_CONFIG, civitai_base_models=("Wan Video 2.2 T2V-A14B",),
                 air_ecosystem="wanvideo-22-t2v-a14b"),
-        Release("Wan2.2-I2V-A14B", dims=_LARGE_I2V, flags=_TEXT, variant="i2v",
+        Release("Wan2.2-I2V-A14B", dims=_LARGE_I2V, flags=_TEXT, variant="i2v", config=_LARGE_CONFIG,
                 civitai_base_models=("Wan Video 2.2 I2V-A14B",), air_ecosystem="wanvideo-22-i2v-a14b"),
     ),
 )

@@ -31,7 +31,9 @@ class KeyRecipe:
     "concat" (along dim 0), "split" (arg: (index, parts), equal parts along dim 0),
     "slice" (arg: (start, stop) rows along dim 0; stop None: to the end),
     "swap" (the two halves along dim 0 trade places),
-    "arange" (no source; arg: length; an int64 [1, length] position-id row).
+    "arange" (no source; arg: length; an int64 [1, length] position-id row),
+    "fill" (arg: (shape, value); a tensor of that shape holding value everywhere, in the
+    dtype of its one source, which is read for nothing else).
     """
 
     sources: tuple[str, ...]
@@ -106,9 +108,15 @@ def _arange(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.arange(recipe.arg, dtype=torch.int64).unsqueeze(0)
 
 
+def _fill(recipe: KeyRecipe, tensors: list[torch.Tensor]) -> torch.Tensor:
+    shape, value = recipe.arg
+    return torch.full(tuple(shape), value, dtype=tensors[0].dtype)
+
+
 _MAKERS: dict[str, Callable[[KeyRecipe, list[torch.Tensor]], torch.Tensor]] = {
     "copy": _copy, "reshape": _reshape, "transpose": _transpose,
     "concat": _concat, "split": _split, "slice": _slice, "swap": _swap, "arange": _arange,
+    "fill": _fill,
 }
 
 
@@ -138,7 +146,10 @@ class Link:
     None for equal parts, else each part's rows, the last may be None for "the rest"),
     "swap" (each side the other with its two halves along dim 0 exchanged),
     "position_ids" (an LDM position-id row that the diffusers side may or may not hold;
-    arg: length; made again when the input lacks it).
+    arg: length; made again when the input lacks it),
+    "unused" (an LDM tensor the diffusers model lacks: dropped going to diffusers, made
+    going back with the "fill" recipe, arg (shape, value), in the dtype of the one
+    diffusers tensor named).
     """
 
     diffusers: tuple[str, ...]
@@ -169,6 +180,8 @@ class Link:
                 return list(zip(outputs, _slices(sources, self.arg)))
             parts = len(outputs)
             return [(out, KeyRecipe(sources, "split", (i, parts))) for i, out in enumerate(outputs)]
+        if self.kind == "unused":
+            return [(outputs[0], KeyRecipe(sources, "fill", self.arg))] if to_ldm else []
         if self.kind == "position_ids":
             if not to_ldm:  # transformers 5 keeps position ids out of the state dict
                 return []
@@ -225,7 +238,7 @@ def plan_from_keys(links: list[Link], direction: str, keys: Iterable[str], rules
     Keys that fit no link are refused unless `rules.droppable` allows leaving them out.
     """
     check_direction(direction)
-    actual = _canonical_names(keys, rules)
+    actual = canonical_names(keys, rules)
     known = {name for link in links for name in link.inputs(direction)}
     stray = [key for canon, key in actual.items() if canon not in known and not rules.droppable(canon)]
     if stray:
@@ -248,7 +261,8 @@ def plan_from_keys(links: list[Link], direction: str, keys: Iterable[str], rules
     return plan
 
 
-def _canonical_names(keys: Iterable[str], rules: KeyRules) -> dict[str, str]:
+def canonical_names(keys: Iterable[str], rules: KeyRules) -> dict[str, str]:
+    """Canonical name -> actual key; the same tensor spelled twice is refused."""
     actual: dict[str, str] = {}
     for key in keys:
         canon = rules.canonical(key)

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from sdkit.arch.families.spec import BlockMap, Dim, Family, KeyMap, Place, Release
-from sdkit.arch.keymaps.recipe import KeyPlan, KeyRules, Link, plan_from_keys
+from sdkit.arch.families.spec import BlockMap, Dim, Family, KeyMap, Place, Release, size_terms
+from sdkit.arch.keymaps.recipe import KeyPlan, KeyRecipe, KeyRules, Link, canonical_names, plan_from_keys
 from sdkit.errors import SdkitError
 
-_LINK_KINDS = {"same": "same", "fused": "fused", "swap": "swap"}
+_LINK_KINDS = {"same": "same", "fused": "fused", "swap": "swap", "unused": "unused"}
 
 
 def transformer_links(key_map: KeyMap, dims: Mapping[str, int]) -> list[Link]:
@@ -45,7 +45,8 @@ def _place_links(place: Place, ldm_prefix: str, diffusers_prefix: str, dims: Map
         suffix = f".{param}" if param else ""
         ldm = (ldm_prefix + place.ldm + suffix,)
         diffusers = tuple(diffusers_prefix + name + suffix for name in place.diffusers)
-        links.append(Link(diffusers, ldm, _LINK_KINDS[place.kind], sizes))
+        arg = (sizes, place.fill) if place.kind == "unused" else sizes
+        links.append(Link(diffusers, ldm, _LINK_KINDS[place.kind], arg))
     return links
 
 
@@ -56,21 +57,25 @@ def _resolved_sizes(sizes: tuple[Dim, ...], dims: Mapping[str, int]) -> tuple[in
 def _size(size: Dim, dims: Mapping[str, int]) -> int | None:
     if size is None or isinstance(size, int):
         return size
-    factor, _, name = size.rpartition("*")
-    if name not in dims:
-        raise SdkitError(f"the key map needs the size {name!r}, which the layout did not measure")
-    return int(factor or 1) * dims[name]
+    total = 0
+    for factor, name in size_terms(size):
+        if name and name not in dims:
+            raise SdkitError(f"the key map needs the size {name!r}, which the layout did not measure")
+        total += factor * (dims[name] if name else 1)
+    return total
 
 
 def transformer_plan(family: Family, dims: Mapping[str, int], direction: str, keys: Iterable[str],
                      prefix: str = "") -> KeyPlan:
     """The plan converting a `family` transformer's `keys` (named with `prefix`, e.g.
     `model.diffusion_model.`) in `direction`; output names carry no prefix. Keys with no
-    place in the map are refused, naming the first few."""
+    place in the map are refused, naming the first few; a same-names map keeps every key."""
     if family.key_map is None:
         raise SdkitError(f"sdkit has no single-file ⇄ diffusers key map for {family.title} yet")
     rules = KeyRules(f"{family.title} transformer", canonical=lambda key: key[len(prefix):]
                      if prefix and key.startswith(prefix) else key)
+    if family.key_map.same_names:
+        return {name: KeyRecipe((key,)) for name, key in canonical_names(keys, rules).items()}
     return plan_from_keys(transformer_links(family.key_map, dims), direction, keys, rules)
 
 
@@ -109,10 +114,10 @@ def _measured(source: str, dims: Mapping[str, int], flags: Mapping[str, bool], f
     if source.startswith("flag:"):
         return bool(flags.get(source[len("flag:"):], False))
     names = source.split("/")
-    missing = [name for name in names if name not in dims]
+    missing = [name for name in names if not name.isdigit() and name not in dims]
     if missing:
         raise SdkitError(f"the {family.title} layout did not measure {missing[0]!r}")
     value = dims[names[0]]
     for name in names[1:]:
-        value //= dims[name]
+        value //= int(name) if name.isdigit() else dims[name]
     return value
