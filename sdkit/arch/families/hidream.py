@@ -81,6 +81,9 @@ HIDREAM = Family(
     text_encoders=(CLIP_L, CLIP_G, T5_XXL, LLAMA31_8B), vae_part="FLUX VAE", prediction="flow",
     civitai_base_models=("HiDream",), air_ecosystem="hidream", layouts=(DIFFUSERS_LAYOUT,),
     diffusers_pipeline_pattern=r"HiDreamImage\w*Pipeline", key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: embedders, the caption projections and the final layer stay in 16 bits (sdkit's
+    # rule, as for FLUX.1; no peer publishes a HiDream list)
+    fp8_keep=(r"(x_embedder|t_embedder|p_embedder|caption_projection|final_layer)\.",),
     releases=(
         _release("HiDream-I1"),  # the shared design: what a file without naming metadata is
         _release("HiDream-I1-Full", ("full",)),

@@ -83,6 +83,9 @@ QWEN_IMAGE = Family(
     modelspec_prefixes=("qwen-image",), civitai_base_models=("Qwen",), air_ecosystem="qwen",
     diffusers_pipeline_pattern=r"QwenImage\w*Pipeline",
     layouts=(DIFFUSERS_LAYOUT,), key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: embedders, the text norm, the output layers and the first block's image
+    # modulation stay in 16 bits (convert_to_quant's Qwen-Image list)
+    fp8_keep=(r"(time_text_embed|img_in|txt_in|txt_norm|norm_out|proj_out|transformer_blocks\.0\.img_mod)\.",),
     releases=(
         Release("Qwen-Image", dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT,
                 modelspec_architecture="Qwen-Image", civitai_base_models=("Qwen",), air_ecosystem="qwen"),

@@ -189,6 +189,9 @@ WAN = Family(
         "Wan Video 2.2 TI2V-5B", "Wan Video 2.2 I2V-A14B", "Wan Video 2.2 T2V-A14B"),
     diffusers_pipeline_pattern=r"Wan\w*Pipeline", air_ecosystem="wanvideo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
     key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: the text, time and image embedders and the head stay in 16 bits
+    # (convert_to_quant's Wan lists)
+    fp8_keep=(r"(text_embedding|time_embedding|time_projection|img_emb|head\.head)\.",),
     releases=(
         Release("Wan2.1-T2V-1.3B", dims=_SMALL, flags=_TEXT, ratios=_SAME_IN_OUT,
                 civitai_base_models=("Wan Video 1.3B t2v",), air_ecosystem="wanvideo1_3b_t2v"),

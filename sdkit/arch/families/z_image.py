@@ -127,6 +127,10 @@ Z_IMAGE = Family(
     modelspec_prefixes=("z-image",), civitai_base_models=("ZImageTurbo", "ZImageBase"),
     air_ecosystem="zimageturbo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
     diffusers_pipeline_pattern=r"ZImage\w*Pipeline", key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    # fp8: embedders, the final layer and every block's adaLN modulation stay in 16 bits
+    # (convert_to_quant's Z-Image list, the community fp8 converter)
+    fp8_keep=(r"(x_embedder|cap_embedder|t_embedder|final_layer)\.",
+              r"(layers|noise_refiner|context_refiner)\.\d+\.adaLN_modulation\.",),
     releases=(
         # the shared design: what a file without naming metadata is
         Release("Z-Image", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="Z-Image",
