@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "hash": ("sdkit.cli.inspect_cmd:hash_command",
              "Hash model files the ways A1111 and Civitai do (one read per file)."),
     "hypernet": ("sdkit.cli.hypernet_cmd:hypernet_group", "A1111 hypernetworks (.pt)."),
+    "join": ("sdkit.cli.parts_cmd:join_command",
+             "Assemble one checkpoint ComfyUI loads from a diffusion model, its text encoders and VAE."),
     "inspect": ("sdkit.cli.inspect_cmd:inspect_command",
                 "Tell what a model file is: kind, family, convention, precision, notable facts."),
     "library": ("sdkit.cli.hub_cmd:library_group",
@@ -46,6 +48,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "LoRA / LyCORIS adapters: check, bake into a model, merge, extract, resize."),
     "merge": ("sdkit.cli.merge_cmd:merge_command",
               "Merge checkpoints key by key into a new .safetensors file."),
+    "split": ("sdkit.cli.parts_cmd:split_command",
+              "Write a checkpoint's diffusion model, text encoders and VAE each on its own (ComfyUI folders)."),
     "sample": ("sdkit.cli.sample_cmd:sample_command",
                "Draw pictures from a checkpoint or diffusers folder; every PNG carries A1111's "
                "generation parameters."),

@@ -45,6 +45,9 @@ class TextEncoderSpec:
     heads: tuple[int, int, int] | None = None  # query heads, key/value heads, head width
     # models sdkit has no family for that run with this encoder too ("FLUX.2 [dev]")
     used_outside: tuple[str, ...] = ()
+    # its name under `text_encoders.` in a ComfyUI all-in-one checkpoint ("clip_l", "t5xxl");
+    # empty where sdkit does not know it
+    comfyui_name: str = ""
 
 
 @dataclass(frozen=True)
