@@ -18,6 +18,7 @@ Facts from ComfyUI (read, not copied):
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ _FP8 = {"F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2", "F8_E4M3FNUZ": "fp8 e4m3
         "F8_E5M2FNUZ": "fp8 e5m2fnuz"}
 DTYPE_WORDS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64", **_FP8}
 _MAX_MARKER_BYTES = 4096  # a comfy_quant JSON is a few dozen bytes
+# the index in a list of blocks (`double_blocks.7.`, `layers.12.`, `noise_refiner.0.`)
+_BLOCK_INDEX = re.compile(r"(blocks|layers|refiner)\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class QuantScan:
     logical_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # unpacked weights
     rest_dtype: str | None = None  # mixed: the dtype most parameters outside the listed layers have
     bits_per_weight: float | None = None  # gguf: stored bits over all parameters
+    layer_classes: dict[str, list[str]] = field(default_factory=dict)  # stored type -> layer classes
 
     def to_facts(self) -> dict[str, Any] | None:
         if self.scheme is None:
@@ -80,6 +84,8 @@ class QuantScan:
                  "scaled_layers": self.scaled_layers}
         if self.bits_per_weight is not None:
             facts["bits_per_weight"] = round(self.bits_per_weight, 2)
+        if self.layer_classes:
+            facts["layer_classes"] = self.layer_classes
         return facts
 
     def label(self, dominant: str | None) -> str:
@@ -98,6 +104,13 @@ class QuantScan:
 
 
 def scan_quantization(model: ModelFile) -> QuantScan:
+    scan = _scan_scheme(model)
+    if scan.scheme is not None:
+        scan.layer_classes = _layer_class_types(model, scan)
+    return scan
+
+
+def _scan_scheme(model: ModelFile) -> QuantScan:
     scan = QuantScan()
     if model.format == "gguf":
         _scan_gguf(model, scan)
@@ -117,6 +130,36 @@ def scan_quantization(model: ModelFile) -> QuantScan:
     if any(info.dtype in _FP8 for info in model.infos.values()):
         scan.scheme = "fp8"
     return scan
+
+
+def layer_class(name: str) -> str:
+    """A tensor's layer with its block number as N: that layer in every block
+    (`double_blocks.N.img_mlp.0`); numbers inside a block stay, they name sublayers."""
+    return _BLOCK_INDEX.sub(r"\1.N.", name.rsplit(".", 1)[0] + ".", count=1)[:-1]
+
+
+def _layer_class_types(model: ModelFile, scan: QuantScan) -> dict[str, list[str]]:
+    """Stored type -> the layer classes whose weight matrices all have it (a class whose
+    blocks differ is listed under each of its types)."""
+    mixed = {layer: config for layer, config in _mixed_layers(model, QuantScan()).items()} \
+        if scan.scheme == "mixed" else {}
+    types: dict[str, set[str]] = {}
+    for name, info in model.infos.items():
+        if not name.endswith(".weight") or len(info.shape) < 2:
+            continue
+        layer = name[: -len(".weight")]
+        types.setdefault(_stored_type(model, layer, info.dtype, mixed), set()).add(layer_class(name))
+    return {words: sorted(classes) for words, classes in sorted(types.items())}
+
+
+def _stored_type(model: ModelFile, layer: str, dtype: str, mixed: dict[str, dict[str, Any]]) -> str:
+    for prefix in _MIXED_PREFIXES:
+        if layer.startswith(prefix) and layer[len(prefix):] in mixed:
+            name = str(mixed[layer[len(prefix):]].get("format"))
+            return FORMATS[name].words if name in FORMATS else name
+    if layer + ".scale_weight" in model.infos:
+        return f"{_FP8.get(dtype, dtype)} scaled"
+    return DTYPE_WORDS.get(dtype, _gguf_type(dtype))
 
 
 # ---- GGUF (ComfyUI-GGUF) --------------------------------------------------------------------
@@ -161,6 +204,18 @@ def _mixed_layers(model: ModelFile, scan: QuantScan) -> dict[str, dict[str, Any]
     if layers and raw is None:
         scan.markers.append(f"*{_LAYER_MARKER} tensors")
     return layers
+
+
+def mixed_layer_formats(model: ModelFile) -> dict[str, QuantFormat | None]:
+    """Each listed layer of a ComfyUI mixed-precision file (named as its keys are, with the
+    root prefix where the file has one) -> its format, None for a format sdkit does not know."""
+    layers = _mixed_layers(model, QuantScan())
+    found: dict[str, QuantFormat | None] = {}
+    for layer, config in layers.items():
+        prefix = next((p for p in _MIXED_PREFIXES if p + layer + ".weight" in model.infos), None)
+        if prefix is not None:
+            found[prefix + layer] = FORMATS.get(str(config.get("format")))
+    return found
 
 
 def _dominant_outside(model: ModelFile, layers: dict[str, dict[str, Any]]) -> str | None:

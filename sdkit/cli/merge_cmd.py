@@ -13,7 +13,7 @@ from rich.table import Table
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
-from sdkit.cli.terminal import SafeConsole
+from sdkit.cli.terminal import SafeConsole, echo
 
 
 
@@ -257,8 +257,8 @@ def _print_blocks(family: str, as_json: bool) -> None:
         click.echo(json.dumps(listing, indent=2))
         return
     for size in listing["sizes"]:
-        click.echo(f"{listing['title']} ({', '.join(size['releases'])}): {len(size['blocks'])} blocks")
+        echo(f"{listing['title']} ({', '.join(size['releases'])}): {len(size['blocks'])} blocks")
         width = max(len(block["id"]) for block in size["blocks"])
         for block in size["blocks"]:
-            click.echo(f"  {block['id']:<{width}}  {block['covers']}")
-    click.echo(f"presets: {', '.join(listing['presets'])}")
+            echo(f"  {block['id']:<{width}}  {block['covers']}")
+    echo(f"presets: {', '.join(listing['presets'])}")

@@ -27,7 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from sdkit.arch.quantization import MARKER, METADATA_KEY
+from sdkit.arch.quantization import MARKER, METADATA_KEY, layer_class
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor
 
@@ -42,7 +42,6 @@ _FLOAT_SOURCES = ("F32", "F16", "BF16", "F64")
 # embeddings, T5's shared table and relative-position bias, language-model heads
 _NEVER = re.compile(r"(^|\.)(embed_tokens|token_embedding|position_embedding|shared|relative_attention_bias|"
                     r"lm_head|embeddings?)\.")
-_BLOCK_INDEX = re.compile(r"\.\d+\.")
 
 
 @dataclass
@@ -95,12 +94,6 @@ class Fp8Report:
         worst = sorted(self.errors.items(), key=lambda item: -item[1].relative)[:shown]
         return [f"{name}: relative error {error.relative:.2%} (worst tensor {error.worst_relative:.2%}), "
                 f"max |error| {error.max_abs:.3g} over {error.tensors} tensors" for name, error in worst]
-
-
-def layer_class(name: str) -> str:
-    """A tensor's layer with its block number as N: that layer in every block
-    (`double_blocks.N.img_mlp.0`); numbers inside a block stay, they name sublayers."""
-    return _BLOCK_INDEX.sub(".N.", name.rsplit(".", 1)[0] + ".", count=1)[:-1]
 
 
 def fp8_candidate(name: str, lazy: LazyTensor) -> bool:

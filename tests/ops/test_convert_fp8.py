@@ -193,3 +193,93 @@ def test_family_keeps_the_same_layers_in_both_conventions(tmp_path, capsys, fami
     assert {n for n, t in back.items() if t.dtype == torch.float32 and t.ndim == 2} >= kept
     assert all(back[n].dtype == torch.float8_e4m3fn for n in single
                if single[n].ndim == 2 and n.endswith(".weight") and n not in kept and n in back)
+
+
+def _mixed_file(path: Path, row_scales: bool, fmt: str = "float8_e4m3fn") -> dict[str, torch.Tensor]:
+    """A tiny FLUX.1 in ComfyUI's mixed layout written here by hand: two layers in fp8 with a
+    scale per tensor or per output row, listed in `_quantization_metadata`."""
+    tensors = tiny_tensors("flux", "ldm")
+    layers = ["double_blocks.0.img_attn.qkv", "single_blocks.0.linear2"]
+    for layer in layers:
+        weight = tensors[layer + ".weight"]
+        rows = weight.shape[0]
+        scale = torch.linspace(0.01, 0.02, rows) if row_scales else torch.tensor(0.015)
+        tensors[layer + ".weight"] = (weight / (scale.reshape(-1, 1) if row_scales else scale)).to(torch.float8_e4m3fn)
+        tensors[layer + ".weight_scale"] = scale
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0",
+                                                      "layers": {layer: {"format": fmt} for layer in layers}})}
+    save_file(tensors, path, metadata)
+    return tensors
+
+
+@pytest.mark.parametrize("row_scales", [False, True])
+def test_mixed_precision_casts_to_its_scaled_values(tmp_path, capsys, row_scales):
+    mixed = _mixed_file(tmp_path / "mixed.safetensors", row_scales)
+    result = _convert(capsys, tmp_path / "mixed.safetensors", tmp_path / "plain.safetensors", "--dtype", "bf16")
+    assert any("2 mixed-precision layers" in note for note in result["notes"])
+    plain = load_file(tmp_path / "plain.safetensors")
+    weight, scale = mixed["double_blocks.0.img_attn.qkv.weight"], mixed["double_blocks.0.img_attn.qkv.weight_scale"]
+    expected = (weight.float() * (scale.reshape(-1, 1) if row_scales else scale)).to(torch.bfloat16)
+    assert torch.equal(plain["double_blocks.0.img_attn.qkv.weight"], expected)
+    assert not any(k.endswith(("weight_scale", "comfy_quant")) for k in plain)
+    with safe_open(tmp_path / "plain.safetensors", "pt") as handle:
+        assert "_quantization_metadata" not in handle.metadata()
+    assert _ok_inspect(capsys, tmp_path / "plain.safetensors")["precision"]["label"] == "bf16"
+
+
+def test_block_scaled_mixed_layers_are_refused(tmp_path, capsys):
+    tensors = tiny_tensors("flux", "ldm")
+    layer = "double_blocks.0.img_attn.qkv"
+    rows, width = tensors[layer + ".weight"].shape
+    tensors[layer + ".weight"] = tensors[layer + ".weight"].to(torch.float8_e4m3fn)
+    tensors[layer + ".weight_scale"] = torch.ones(rows, width // 32, dtype=torch.uint8)
+    metadata = {"_quantization_metadata": json.dumps({"layers": {layer: {"format": "mxfp8"}}})}
+    save_file(tensors, tmp_path / "mx.safetensors", metadata)
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "mx.safetensors"), "--dtype", "bf16",
+                                "-o", str(tmp_path / "plain.safetensors"))
+    assert code == 1 and "block-scaled or packed" in err and not (tmp_path / "plain.safetensors").exists()
+
+
+def test_gguf_changes_layout_with_a_cast(tmp_path, capsys):
+    import gguf
+    import numpy as np
+
+    tensors = tiny_tensors("flux", "ldm")
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", arch="flux")
+    for name, value in tensors.items():
+        array = value.numpy().astype(np.float32)
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            blocks = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "tiny.gguf"), "--to", "diffusers",
+                                "-o", str(tmp_path / "d.safetensors"))
+    assert code == 1 and "add --dtype bf16" in err
+    _convert(capsys, tmp_path / "tiny.gguf", tmp_path / "d.safetensors", "--to", "diffusers", "--dtype", "fp32")
+    written = load_file(tmp_path / "d.safetensors")
+    qkv = tensors["double_blocks.0.img_attn.qkv.weight"].numpy()
+    dequantized = gguf.quants.dequantize(gguf.quants.quantize(qkv, gguf.GGMLQuantizationType.Q8_0),
+                                         gguf.GGMLQuantizationType.Q8_0)
+    rows = qkv.shape[0] // 3
+    assert torch.equal(written["transformer_blocks.0.attn.to_k.weight"],
+                       torch.from_numpy(np.ascontiguousarray(dequantized[rows:2 * rows])))
+
+
+def _ok_inspect(capsys, path: Path) -> dict:
+    code, out, err = run_sdkit(capsys, "inspect", "--json", str(path))
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_inspect_reports_the_stored_type_of_each_layer_class(tmp_path, capsys, flux):
+    source, _original = flux
+    _convert(capsys, source, tmp_path / "scaled.safetensors", "--dtype", "fp8_e4m3fn")
+    classes = _ok_inspect(capsys, tmp_path / "scaled.safetensors")["precision"]["quantization"]["layer_classes"]
+    assert "double_blocks.N.img_attn.qkv" in classes["fp8 e4m3fn scaled"]
+    assert "single_blocks.N.linear1" in classes["fp8 e4m3fn scaled"]
+    assert {"img_in", "final_layer.linear", "final_layer.adaLN_modulation.1"} <= set(classes["fp32"])

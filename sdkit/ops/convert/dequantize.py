@@ -1,5 +1,7 @@
 """Quantized weights back to plain values before `convert --dtype` casts them.
 
+(GGUF tensors need nothing here: the reader dequantizes them as they load.)
+
 ComfyUI's scaled fp8 stores `<layer>.weight` in fp8 beside a one-value float32
 `<layer>.scale_weight`; the real weight is their product (ComfyUI `ops.py`
 `scaled_fp8_ops`). Casting the fp8 values alone would lose the scale, so each scaled
@@ -14,10 +16,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from sdkit.arch.quantization import MARKER
+from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor
 
 if TYPE_CHECKING:
     import torch
+
+    from sdkit.arch.quantization import QuantFormat
 
 _SCALE = ".scale_weight"
 _INPUT_SCALE = ".scale_input"
@@ -44,3 +49,42 @@ def dequantize_scaled_fp8(tensors: dict[str, LazyTensor]) -> tuple[dict[str, Laz
         out[name] = LazyTensor("F32", lazy.shape, partial(_product, lazy, scale))
         scaled += 1
     return out, scaled
+
+
+# ---- ComfyUI mixed precision (`_quantization_metadata` / `.comfy_quant`) ------------------------
+
+_MIXED_SIDE_TENSORS = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
+
+
+def _row_scaled(weight: LazyTensor, scale: LazyTensor) -> "torch.Tensor":
+    """A weight times its scale: one value, or one per output row (ComfyUI's tensor- and
+    row-wise fp8 / int8 layouts)."""
+    import torch
+
+    values = weight.load().to(torch.float32)
+    factors = scale.load().to(torch.float32)
+    if factors.numel() == 1:
+        return values * factors.reshape(())
+    return values * factors.reshape(-1, *([1] * (values.ndim - 1)))
+
+
+def dequantize_mixed(tensors: dict[str, LazyTensor], layers: dict[str, "QuantFormat | None"],
+                     where: str) -> tuple[dict[str, LazyTensor], int]:
+    """(the tensors with every listed layer's weight as float32 values and its scales and
+    markers left out, how many layers). Block-scaled and packed formats (nvfp4, mxfp8) are
+    refused: their scales follow a tiled layout sdkit does not unpack yet."""
+    blocked = [layer for layer, fmt in layers.items() if fmt is None or fmt.block_scale or fmt.tensor_scales]
+    if blocked:
+        raise SdkitError(f"{where}: {blocked[0]} is block-scaled or packed ({len(blocked)} such layers); "
+                         "sdkit dequantizes tensor- and row-scaled fp8 / int8 layers only")
+    out: dict[str, LazyTensor] = {}
+    for name, lazy in tensors.items():
+        layer, _, leaf = name.rpartition(".")
+        if layer in layers and "." + leaf in _MIXED_SIDE_TENSORS:
+            continue
+        if layer in layers and leaf == "weight":
+            scale = tensors[f"{layer}.{layers[layer].row_scale}"]
+            out[name] = LazyTensor("F32", lazy.shape, partial(_row_scaled, lazy, scale))
+        else:
+            out[name] = lazy
+    return out, len(layers)

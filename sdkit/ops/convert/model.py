@@ -31,6 +31,7 @@ from sdkit.arch.hygiene import broken_position_ids
 from sdkit.arch.keymaps import LAYOUTS, ldm_layout
 from sdkit.arch.keymaps.stock import complete_configs
 from sdkit.arch.prediction import ZTSNR_MARKER
+from sdkit.arch.quantization import METADATA_KEY
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors, open_model
 from sdkit.io.dtypes import NAME_TO_CODE
@@ -221,10 +222,16 @@ class _ModelConversion:
         """Scaled fp8 weights as their values when a cast is asked (the scales would be
         lost in it); as they are otherwise."""
         scheme = (self.identity.precision.quantization or {}).get("scheme")
-        if self.options.dtype is None or scheme != "scaled-fp8":
+        if self.options.dtype is None or scheme not in ("scaled-fp8", "mixed"):
             return tensors
-        from sdkit.ops.convert.dequantize import dequantize_scaled_fp8
+        from sdkit.arch.quantization import mixed_layer_formats
+        from sdkit.ops.convert.dequantize import dequantize_mixed, dequantize_scaled_fp8
 
+        if scheme == "mixed":
+            plain, count = dequantize_mixed(tensors, mixed_layer_formats(self.model), str(self.model.path))
+            self.result.notes.append(f"{count} mixed-precision layers multiplied by their scales before the "
+                                     "cast; scales, comfy_quant tensors and the quantization metadata left out")
+            return plain
         plain, scaled = dequantize_scaled_fp8(tensors)
         self.result.notes.append(f"{scaled} scaled fp8 weights multiplied by their scales before the cast; "
                                  "scale tensors and the scaled_fp8 marker left out")
@@ -421,7 +428,9 @@ class _ModelConversion:
         implementation = DIFFUSERS_IMPLEMENTATION if self.convention == "diffusers" else None
         facts = SpecFacts.from_identity(self.identity, implementation=implementation, resolution=self.resolution,
                                         adapter="vae" if component == "vae" else None)
-        carried = {} if self.model.components else self.model.metadata
+        carried = {} if self.model.components else dict(self.model.metadata)
+        if self.options.dtype:  # the input's quantized layers are plain values now
+            carried.pop(METADATA_KEY, None)
         metadata = build_metadata("convert", [self.model.path], self.options.to_json(), facts,
                                   title=self.output.stem, carried=carried,
                                   hashes={str(self.model.path): self.input_hash.placeholder})

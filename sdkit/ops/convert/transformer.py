@@ -28,8 +28,8 @@ from sdkit.ops.folders import build_in_partial, write_component_folder
 from sdkit.ops.layout import plan_tensors
 
 _ROOT = "model.diffusion_model."
-# precisions whose tensors are not plain values: cutting or joining them would tear
-# scales from their weights
+# precisions whose tensors are not plain values: cutting or joining them would tear scales
+# from their weights, so they change layout only with a cast (which makes them plain first)
 _PACKED_SCHEMES = {"scaled-fp8": "scaled fp8", "mixed": "mixed-quantized", "gguf": "GGUF"}
 
 
@@ -86,12 +86,9 @@ class TransformerConversion(_ModelConversion):
 
     def _refuse_packed(self) -> None:
         scheme = (self.identity.precision.quantization or {}).get("scheme")
-        if scheme == "scaled-fp8" and self.options.dtype:
-            return  # multiplied out into plain values before the cast
-        if scheme in _PACKED_SCHEMES:
-            hint = "add --dtype bf16" if scheme == "scaled-fp8" else "sdkit cannot dequantize it yet"
-            raise SdkitError(f"{self.model.path}: is {_PACKED_SCHEMES[scheme]}; sdkit changes the key layout of "
-                             f"plain-precision transformers only ({hint})")
+        if scheme in _PACKED_SCHEMES and not self.options.dtype:
+            raise SdkitError(f"{self.model.path}: is {_PACKED_SCHEMES[scheme]}; its key layout changes with a cast "
+                             "to plain values (add --dtype bf16)")
 
     def _plan(self, match: LayoutMatch, prefix: str, keys: list[str]) -> KeyPlan:
         if match.layout.convention == self.convention:  # the same names, without the prefix
