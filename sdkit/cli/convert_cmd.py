@@ -18,11 +18,16 @@ from sdkit.cli.terminal import SafeConsole
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output .safetensors file, .pt (A1111 embeddings) or folder (diffusers).")
-@click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers"]),
+@click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers", "gguf"]),
               default="safetensors", show_default=True,
               help="safetensors: keep the key layout; single-file: LDM / A1111 keys (kohya names "
                    "for LoRA, what ComfyUI and A1111 load); diffusers: a diffusers folder (diffusers / peft "
-                   "names for LoRA, for diffusers only: ComfyUI and A1111 miss them on SD/SDXL).")
+                   "names for LoRA, for diffusers only: ComfyUI and A1111 miss them on SD/SDXL); gguf: the diffusion "
+                   "model as ComfyUI-GGUF loads it (--quant).")
+@click.option("--quant", metavar="TYPE",
+              help="With --to gguf: F16, BF16, Q8_0, Q6_K, Q5_K, Q5_1, Q5_0, Q4_K, Q4_1, Q4_0, Q3_K or Q2_K "
+                   "(2-D weights; vectors, small tensors and the architecture's embedders and final layers "
+                   "stay in F32/F16/BF16, as ComfyUI-GGUF's tools keep them), with the error per layer class.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]),
               help="Cast float tensors (integer tensors are never touched). fp8: the matrices of the "
                    "diffusion model and text encoders only (the family keeps its embedders and final layer; "
@@ -33,7 +38,8 @@ from sdkit.cli.terminal import SafeConsole
               help="How fp8 weights are stored: plain; scaled (per-tensor scale_weight + scaled_fp8 marker, "
                    "ComfyUI); mixed (weight_scale + comfy_quant + _quantization_metadata, ComfyUI).")
 @click.option("--keep-fp32", "--keep", "keep_fp32", multiple=True, metavar="PATTERN",
-              help="Keys that keep their stored dtype: a glob (first_stage_model.*) or re:REGEX. Repeatable.")
+              help="Keys that keep their stored dtype (--to gguf: stay F16/BF16): a glob (first_stage_model.*) or "
+                   "re:REGEX. Repeatable.")
 @click.option("--clamp", is_flag=True, help="Clamp values beyond the fp16 range instead of refusing.")
 @click.option("--allow-inf", is_flag=True, help="Let values beyond the fp16 range become inf (reported).")
 @click.option("--prune", is_flag=True, help="Drop EMA, scheduler buffers, training leftovers, non-model keys.")
@@ -89,6 +95,13 @@ def _report_lines(result: Any) -> list[str]:
                      + (f", {len(fp8.kept)} kept in their precision (family or --keep)" if fp8.kept else "")
                      + "; other tensors keep their dtype")
         lines += [f"  {line}" for line in fp8.summary()]
+    if getattr(result, "gguf", None) is not None:
+        report = result.gguf
+        kept = sum(len(names) for names in report.kept.values())
+        lines.append(f"• general.architecture {report.architecture}: {len(report.quantized)} weights to "
+                     f"{report.quant}, {kept} tensors kept in F32/F16/BF16"
+                     + (f" ({len(report.reshaped)} reshaped to rows of 256)" if report.reshaped else ""))
+        lines += [f"  {line}" for line in report.summary()]
     for reason, keys in result.prune.dropped.items():
         lines.append(f"• dropped ({reason}, {human_bytes(result.prune.bytes.get(reason, 0))}): {key_examples(keys)}")
     if result.prune.ema_swapped:

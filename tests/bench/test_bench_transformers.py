@@ -66,3 +66,42 @@ def test_bench_flux_single_file_to_diffusers_and_back(bench_cache: Path, tmp_pat
         print(f"  {name:<26} {run.wall:8.1f} s  {run.wall / copied.wall:5.2f}x copy  {run.rss_mb:8.0f} MiB RSS")
     remove(diffusers_file)
     remove(back)
+
+
+FLUX_BF16_BYTES = 23_800_000_000
+GGUF_SHAPES = os.environ.get("SDKIT_BENCH_GGUF_SHAPES")  # "reduced": a few blocks, to check the bench runs
+
+
+def _gguf_source_shapes() -> dict[str, tuple[int, ...]]:
+    shapes = single_file_shapes(RELEASES["FLUX.1-dev"])
+    if GGUF_SHAPES != "reduced":
+        return shapes
+    return {name: shape for name, shape in shapes.items()
+            if not name.startswith(("double_blocks.", "single_blocks.")) or ".0." in name}
+
+
+@pytest.mark.skipif(os.environ.get("SDKIT_BENCH_BIG") == "0", reason="SDKIT_BENCH_BIG=0")
+def test_bench_flux_to_gguf(bench_cache: Path, tmp_path: Path) -> None:
+    """--to gguf --quant Q8_0 and Q4_K of a FLUX.1-dev-shaped bf16 file (23.8 GB; its
+    outputs 12.7 and 6.8 GB), against a plain copy in the same run."""
+    shapes = _gguf_source_shapes()
+    name = "flux1-dev-bf16.safetensors" if GGUF_SHAPES != "reduced" else "flux1-dev-bf16-reduced.safetensors"
+    needed = FLUX_BF16_BYTES * 2.8 if GGUF_SHAPES != "reduced" else 4 << 30
+    built = bench_cache / name
+    if shutil.disk_usage(bench_cache).free + (built.stat().st_size if built.exists() else 0) < needed:
+        pytest.skip(f"{bench_cache}: not enough free disk for a bf16 FLUX.1-dev input, a copy and a GGUF")
+    source = cached_synthetic(built, shapes, dtype="BF16")
+    copy = tmp_path / "copy.safetensors"
+    copied = measure([sys.executable, "-c", f"import shutil; shutil.copyfile({str(source)!r}, {str(copy)!r})"])
+    remove(copy)
+    print(f"\nflux --to gguf: {source.name} ({source.stat().st_size / 2**30:.2f} GiB; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print(f"  {'plain copy (baseline)':<26} {copied.wall:8.1f} s  {1:5.2f}x copy  {copied.rss_mb:8.0f} MiB RSS")
+    assert copied.ok, copied.error
+    for quant in ("Q8_0", "Q4_K"):
+        output = tmp_path / f"flux-{quant}.gguf"
+        run = measure(sdkit("convert", str(source), "--to", "gguf", "--quant", quant, "-o", str(output)))
+        assert run.ok, run.error
+        print(f"  {'--quant ' + quant:<26} {run.wall:8.1f} s  {run.wall / copied.wall:5.2f}x copy  "
+              f"{run.rss_mb:8.0f} MiB RSS  ({output.stat().st_size / 2**30:.2f} GiB)")
+        remove(output)

@@ -151,6 +151,7 @@ CHROMA = Family(
     layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     # fp8: the approximator, the embedders and the final layer stay in 16 bits
     # (convert_to_quant's list for Chroma, "distillation_large")
+    gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(distilled_guidance_layer|img_in|txt_in|final_layer)\.",),
     releases=(
         Release("Chroma1-HD", dims={**_BACKBONE, **_LATENT}, ratios=_PLAIN,
@@ -173,6 +174,7 @@ CHROMA_RADIANCE = Family(
     layouts=(RADIANCE_LAYOUT,),
     # fp8: the pixel-space head and patch embedder, the approximator and the text input
     # stay in 16 bits (convert_to_quant's Radiance and NeRF lists)
+    gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
               r"txt_in)\.",),
     releases=(

@@ -160,6 +160,7 @@ FLUX2 = Family(
     key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     # fp8: the shared stream modulation, the embedders and the final layer stay in 16 bits
     # (the FLUX.2 list of silveroxides/convert_to_quant, the community fp8 converter)
+    gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation|"
               r"guidance_in|time_in|img_in|txt_in|final_layer)\.",),
     releases=(

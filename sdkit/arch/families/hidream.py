@@ -83,6 +83,7 @@ HIDREAM = Family(
     diffusers_pipeline_pattern=r"HiDreamImage\w*Pipeline", key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
     # fp8: embedders, the caption projections and the final layer stay in 16 bits (sdkit's
     # rule, as for FLUX.1; no peer publishes a HiDream list)
+    gguf_architecture="hidream",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(x_embedder|t_embedder|p_embedder|caption_projection|final_layer)\.",),
     releases=(
         _release("HiDream-I1"),  # the shared design: what a file without naming metadata is

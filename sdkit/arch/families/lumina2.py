@@ -135,6 +135,7 @@ LUMINA2 = Family(
     layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     # fp8: embedders and the final layer stay in 16 bits (sdkit's rule, as for Z-Image's
     # design without its per-block modulation list: no peer publishes a Lumina 2 list)
+    gguf_architecture="lumina2",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(x_embedder|cap_embedder|t_embedder|final_layer)\.",),
     releases=(
         Release("Lumina-Image-2.0", dims=_RELEASED, ratios=_SAME_IN_OUT, modelspec_architecture="lumina-2",

@@ -85,6 +85,7 @@ QWEN_IMAGE = Family(
     layouts=(DIFFUSERS_LAYOUT,), key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
     # fp8: embedders, the text norm, the output layers and the first block's image
     # modulation stay in 16 bits (convert_to_quant's Qwen-Image list)
+    gguf_architecture="qwen_image",  # in ComfyUI-GGUF loader.py IMG_ARCH_LIST
     fp8_keep=(r"(time_text_embed|img_in|txt_in|txt_norm|norm_out|proj_out|transformer_blocks\.0\.img_mod)\.",),
     releases=(
         Release("Qwen-Image", dims=_RELEASED, flags=_PLAIN, ratios=_SAME_IN_OUT,

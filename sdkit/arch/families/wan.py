@@ -191,6 +191,7 @@ WAN = Family(
     key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     # fp8: the text, time and image embedders and the head stay in 16 bits
     # (convert_to_quant's Wan lists)
+    gguf_architecture="wan",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(text_embedding|time_embedding|time_projection|img_emb|head\.head)\.",),
     releases=(
         Release("Wan2.1-T2V-1.3B", dims=_SMALL, flags=_TEXT, ratios=_SAME_IN_OUT,

@@ -129,6 +129,7 @@ Z_IMAGE = Family(
     diffusers_pipeline_pattern=r"ZImage\w*Pipeline", key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
     # fp8: embedders, the final layer and every block's adaLN modulation stay in 16 bits
     # (convert_to_quant's Z-Image list, the community fp8 converter)
+    gguf_architecture="lumina2",  # what ComfyUI-GGUF's convert.py detects
     fp8_keep=(r"(x_embedder|cap_embedder|t_embedder|final_layer)\.",
               r"(layers|noise_refiner|context_refiner)\.\d+\.adaLN_modulation\.",),
     releases=(

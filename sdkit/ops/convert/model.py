@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[int], None]
-TARGETS = ("safetensors", "single-file", "diffusers")
+TARGETS = ("safetensors", "single-file", "diffusers", "gguf")
 DTYPES = ("fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2")
 _SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 _POSITION_IDS = "position_ids"
@@ -65,7 +65,8 @@ _SHOWN = 3
 class ConvertOptions:
     """What `sdkit convert` was asked to do (see the CLI help for each)."""
 
-    to: str = "safetensors"  # keep the layout | "single-file" (LDM) | "diffusers"
+    to: str = "safetensors"  # keep the layout | "single-file" (LDM) | "diffusers" | "gguf"
+    quant: str | None = None  # with to="gguf": a type of sdkit.ops.convert.gguf.QUANT_TYPES
     dtype: str | None = None  # "fp32" | "fp16" | "bf16" | "fp8_e4m3fn" | "fp8_e5m2"
     fp8_scaling: str = "scaled"  # "plain" | "scaled" | "mixed" (sdkit.ops.fp8)
     keep_fp32: tuple[str, ...] = ()
@@ -84,16 +85,34 @@ class ConvertOptions:
             raise SdkitError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.overflow not in OVERFLOW_POLICIES:
             raise SdkitError(f"overflow policy must be one of {', '.join(OVERFLOW_POLICIES)}")
-        if self.keep_fp32 and self.dtype is None:
-            raise SdkitError("--keep-fp32 only means something with --dtype")
+        self._check_gguf()
+        if self.keep_fp32 and self.dtype is None and self.quant is None:
+            raise SdkitError("--keep-fp32 only means something with --dtype or --quant")
         if self.fp8_scaling not in SCALINGS:
             raise SdkitError(f"--fp8-scaling must be one of {', '.join(SCALINGS)}, not {self.fp8_scaling!r}")
         if self.only is not None and self.only not in COMPONENTS:
             raise SdkitError(f"--only must be one of {', '.join(COMPONENTS)}, not {self.only!r}")
 
+    def _check_gguf(self) -> None:
+        from sdkit.ops.convert.gguf import QUANT_TYPES
+
+        if self.to != "gguf":
+            if self.quant is not None:
+                raise SdkitError("--quant is for --to gguf")
+            return
+        if self.quant is None:
+            raise SdkitError(f"--to gguf needs --quant, one of {', '.join(QUANT_TYPES)}")
+        if self.quant.upper() not in QUANT_TYPES:
+            raise SdkitError(f"--quant must be one of {', '.join(QUANT_TYPES)}, not {self.quant!r}")
+        self.quant = self.quant.upper()
+        if self.dtype is not None or self.only not in (None, "unet") or self.prune or self.ema or self.fix_clip:
+            raise SdkitError("--to gguf writes the diffusion model at --quant; --dtype, --only, --prune, --ema "
+                             "and --fix-clip do not apply")
+
     def to_json(self) -> dict[str, Any]:
         fp8 = {"fp8_scaling": self.fp8_scaling} if self.dtype in FP8_DTYPES else {}
-        return {"to": self.to, "dtype": self.dtype, **fp8, "keep_fp32": list(self.keep_fp32),
+        quant = {"quant": self.quant} if self.quant else {}
+        return {"to": self.to, **quant, "dtype": self.dtype, **fp8, "keep_fp32": list(self.keep_fp32),
                 "overflow": self.overflow, "prune": self.prune, "ema": self.ema, "only": self.only,
                 "fix_clip": self.fix_clip,
                 "config": recorded_path(self.config_dir) if self.config_dir else None}
@@ -112,6 +131,7 @@ class ConvertResult:
     bytes: int = 0
     precision: PrecisionReport | None = None
     fp8: Fp8Report | None = None
+    gguf: Any = None  # sdkit.ops.convert.gguf.GgufReport
     prune: PruneReport = field(default_factory=PruneReport)
     fixed_position_ids: dict[str, str] = field(default_factory=dict)
     broken_position_ids: dict[str, str] = field(default_factory=dict)
@@ -126,6 +146,7 @@ class ConvertResult:
             "convention": self.convention, "tensors": self.tensors, "bytes": self.bytes,
             "precision": self.precision.to_json() if self.precision else None,
             "fp8": self.fp8.to_json() if self.fp8 else None,
+            **({"gguf": self.gguf.to_json()} if self.gguf else {}),
             "prune": self.prune.to_json(), "fixed_position_ids": self.fixed_position_ids,
             "broken_position_ids": self.broken_position_ids, "shared_tensors": self.shared,
             "left_out": len(self.left_out), "notes": self.notes, "warnings": self.warnings,
@@ -148,6 +169,10 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         except BaseException:
             input_hash.cancel()
             raise
+        if options.to == "gguf":
+            from sdkit.ops.convert.gguf import convert_to_gguf
+            return _cancelled_on_error(input_hash, lambda: convert_to_gguf(model, identity, output, options,
+                                                                           progress, input_hash))
         if identity.kind in ("lora", "hypernetwork", "embedding"):  # converted without a recipe hash
             input_hash.cancel()
         if identity.kind == "lora":
@@ -162,6 +187,14 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
             from sdkit.ops.convert.transformer import TransformerConversion
             return TransformerConversion(model, identity, output, options, progress, input_hash).run()
         return _ModelConversion(model, identity, output, options, progress, input_hash).run()
+
+
+def _cancelled_on_error(input_hash: BackgroundHash, convert: Callable[[], ConvertResult]) -> ConvertResult:
+    try:
+        return convert()
+    except BaseException:
+        input_hash.cancel()
+        raise
 
 
 def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | None:
