@@ -254,8 +254,8 @@ def modelspec(facts: SpecFacts, title: str) -> dict[str, str]:
             architecture = f"{family}/{facts.adapter}" if facts.adapter else family
     spec = {
         "modelspec.sai_model_spec": SPEC_VERSION,
-        "modelspec.implementation": facts.implementation or LDM_IMPLEMENTATIONS.get(
-            facts.family, DIFFUSERS_IMPLEMENTATION),
+        "modelspec.implementation": facts.implementation or LDM_IMPLEMENTATIONS.get(facts.family)
+        or (FAMILIES[family].implementation if family else None) or DIFFUSERS_IMPLEMENTATION,
         "modelspec.title": title,
         "modelspec.date": modelspec_date(),
         "modelspec.hash_sha256": DATA_SHA256,

@@ -194,3 +194,16 @@ def test_scaled_fp8_layout_without_a_cast_is_refused(tmp_path, capsys):
                     "-o", str(tmp_path / "d.safetensors"))
     assert "is scaled fp8" in line and "--dtype bf16" in line
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_modelspec_names_the_codebase_whose_names_the_file_uses(tmp_path, capsys):
+    from safetensors import safe_open
+
+    save_file(tiny_tensors("flux", "diffusers"), tmp_path / "d.safetensors")
+    for target, expected in (("single-file", "https://github.com/black-forest-labs/flux"), ("diffusers", "diffusers")):
+        output = tmp_path / f"{target}.safetensors"
+        code, _out, err = run_sdkit(capsys, "convert", str(tmp_path / "d.safetensors"), "--to", target,
+                                    "--dtype", "bf16", "-o", str(output))
+        assert code == 0, err
+        with safe_open(output, "pt") as handle:
+            assert handle.metadata()["modelspec.implementation"] == expected

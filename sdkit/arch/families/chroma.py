@@ -142,6 +142,7 @@ _PLAIN = {"in_channels": ("out_channels", 1)}
 _T5 = with_component(T5_XXL, "text_encoder")  # diffusers ChromaPipeline: T5 is `text_encoder`
 
 CHROMA = Family(
+    implementation="https://huggingface.co/lodestones/Chroma",
     name="chroma", title="Chroma", denoiser="flux", context_dim=4096, unet_channels=3072,
     adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX.latent,
     default_resolution=1024, modelspec_architecture="chroma", kohya_base_model_version=None,

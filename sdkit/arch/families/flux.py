@@ -146,6 +146,7 @@ _DEV = dict(_RELEASED, in_channels=64)
 _PLAIN = {"in_channels": ("out_channels", 1)}
 
 FLUX = Family(
+    implementation="https://github.com/black-forest-labs/flux",
     name="flux", title="FLUX.1", denoiser="flux", context_dim=4096, unet_channels=3072,
     adm_channels=768, unet_levels=None, in_channels=64,
     latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),

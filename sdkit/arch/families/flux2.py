@@ -147,6 +147,7 @@ _KLEIN_4B = dict(_IO, hidden=3072, context=7680, double_blocks=5, single_blocks=
 _KLEIN_9B = dict(_IO, hidden=4096, context=12288, double_blocks=8, single_blocks=24)
 
 FLUX2 = Family(
+    implementation="https://github.com/black-forest-labs/flux2",
     name="flux2", title="FLUX.2", denoiser="flux", context_dim=15360, unet_channels=6144,
     adm_channels=None, unet_levels=None, in_channels=128,
     latent=LatentFormat(channels=32, scaling_factor=1.0, batch_norm=True),

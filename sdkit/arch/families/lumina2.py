@@ -126,6 +126,7 @@ _RELEASED = {"hidden": 2304, "context": 2304, "in_channels": 64, "out_channels":
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
 
 LUMINA2 = Family(
+    implementation="https://github.com/Alpha-VLLM/Lumina-Image-2.0",
     name="lumina2", title="Lumina-Image 2.0", denoiser="dit", context_dim=2304, unet_channels=2304,
     adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX_VAE_LATENT,
     default_resolution=1024, modelspec_architecture="lumina-2", kohya_base_model_version=None,

@@ -118,6 +118,7 @@ _LARGE_35 = {"num_attention_heads": 38, "qk_norm": "rms_norm"}
 _SHARED = {"context": 4096, "pooled": 2048, "in_channels": 16}
 
 SD3 = Family(
+    implementation="https://github.com/Stability-AI/generative-models",
     name="sd3", title="Stable Diffusion 3", denoiser="mmdit", context_dim=4096, unet_channels=1536,
     adm_channels=2048, unet_levels=None, in_channels=16, latent=SD3_LATENT, default_resolution=1024,
     modelspec_architecture="stable-diffusion-v3-medium", kohya_base_model_version=None,

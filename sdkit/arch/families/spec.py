@@ -267,6 +267,9 @@ class Family:
     # of a key below the denoiser root, in single-file names): embedders, final layers and
     # whatever else the released fp8 files of the family keep
     fp8_keep: tuple[str, ...] = ()
+    # the codebase whose key names the family's single files use (ModelSpec
+    # `modelspec.implementation`, as sd-scripts' `sai_model_spec` writes it); None: diffusers'
+    implementation: str | None = None
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels

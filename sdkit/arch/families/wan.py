@@ -179,6 +179,7 @@ _TI2V = {"hidden": 3072, "ffn": 14336, "depth": 30, "context": 4096, "in_channel
 _CLIP_H = "CLIP-H vision"
 
 WAN = Family(
+    implementation="https://github.com/Wan-Video/Wan2.1",
     name="wan", title="Wan", denoiser="wan", context_dim=4096, unet_channels=5120,
     # 832: the long side of Wan's 480p frame (832 x 480); 720p releases use 1280 x 720
     adm_channels=None, unet_levels=None, in_channels=16, latent=WAN21_LATENT, default_resolution=832,

@@ -120,6 +120,7 @@ _RELEASED = {"hidden": 3840, "context": 2560, "in_channels": 64, "out_channels":
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
 
 Z_IMAGE = Family(
+    implementation="https://github.com/Tongyi-MAI/Z-Image",
     name="z-image", title="Z-Image", denoiser="dit", context_dim=2560, unet_channels=3840,
     adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX_VAE_LATENT,
     default_resolution=1024, modelspec_architecture="Z-Image", kohya_base_model_version=None,
