@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import torch
 
 Q = gguf.GGMLQuantizationType
+_SLICE_VALUES = 1 << 22  # values quantized at once
 F = gguf.LlamaFileType
 QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
 FILE_TYPES = {"F16": F.MOSTLY_F16, "BF16": F.MOSTLY_BF16, "Q8_0": F.MOSTLY_Q8_0, "Q6_K": F.MOSTLY_Q6_K,
@@ -201,32 +202,51 @@ def _stored_values(values: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.nd
 
 
 def _producer(name: str, lazy: LazyTensor, choice: _Choice, report: GgufReport) -> Callable[[], np.ndarray]:
-    measured = choice.kept is None
-
     def produce() -> np.ndarray:
         tensor: "torch.Tensor" = lazy.load()
         if choice.kept == "integer":
             return tensor.contiguous().numpy()
-        import torch
-
-        values = tensor.to(torch.float32).numpy().reshape(choice.shape)
-        if not np.isfinite(values).all():
-            raise SdkitError(f"{name}: holds inf or nan values; they have no GGUF {choice.ggml_type.name} form")
-        stored = _stored_values(values, choice.ggml_type)
-        if choice.ggml_type == Q.F16 and np.isinf(stored).any():
-            raise SdkitError(f"{name}: values beyond float16's range (±65504); use --quant BF16 or keep it "
-                             "with a bfloat16 source")
-        if measured:
-            _measure(name, values, stored, choice.ggml_type, report)
-        return stored
+        rows = tensor.reshape(choice.shape)
+        # a slice of rows at a time: the float32 copy, the quantizer's temporaries and the
+        # error measure stay a few tens of megabytes whatever the tensor's size
+        step = max(1, _SLICE_VALUES // max(1, _count(choice.shape[1:])))
+        error = _ErrorSums()
+        parts = [_stored_slice(name, rows[start:start + step], choice, error)
+                 for start in range(0, rows.shape[0], step)]
+        if choice.kept is None:
+            report.record(name, error.max_abs, error.squared_error, error.squared_norm)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
     return produce
 
 
-def _measure(name: str, values: np.ndarray, stored: np.ndarray, kind: gguf.GGMLQuantizationType,
-             report: GgufReport) -> None:
-    error = gguf.quants.dequantize(stored, kind).reshape(values.shape) - values
-    report.record(name, float(np.abs(error).max()) if error.size else 0.0, float(np.square(error, dtype=np.float64).sum()),
-                  float(np.square(values, dtype=np.float64).sum()))
+@dataclass
+class _ErrorSums:
+    max_abs: float = 0.0
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+
+
+def _stored_slice(name: str, rows: "torch.Tensor", choice: _Choice, error: _ErrorSums) -> np.ndarray:
+    import torch
+
+    values = rows.to(torch.float32).numpy()
+    if not np.isfinite(values).all():
+        raise SdkitError(f"{name}: holds inf or nan values; they have no GGUF {choice.ggml_type.name} form")
+    stored = _stored_values(values, choice.ggml_type)
+    if choice.ggml_type == Q.F16 and np.isinf(stored).any():
+        raise SdkitError(f"{name}: values beyond float16's range (±65504); use --quant BF16 or keep it "
+                         "with a bfloat16 source")
+    if choice.kept is None:
+        _measure(values, stored, choice.ggml_type, error)
+    return stored
+
+
+def _measure(values: np.ndarray, stored: np.ndarray, kind: gguf.GGMLQuantizationType, error: _ErrorSums) -> None:
+    difference = gguf.quants.dequantize(stored, kind).reshape(values.shape) - values
+    if difference.size:
+        error.max_abs = max(error.max_abs, float(np.abs(difference).max()))
+    error.squared_error += float(np.square(difference, dtype=np.float64).sum())
+    error.squared_norm += float(np.square(values, dtype=np.float64).sum())
 
 
 def _rules(family_name: str) -> tuple[str, ArchRules]:
