@@ -27,9 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
-from sdkit.arch.quantization import MARKER, METADATA_KEY, layer_class
+from sdkit.arch.quantization import MARKER, METADATA_KEY
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor
+from sdkit.ops.quant_error import LayerClassErrors
 
 if TYPE_CHECKING:
     import torch
@@ -45,55 +46,17 @@ _NEVER = re.compile(r"(^|\.)(embed_tokens|token_embedding|position_embedding|sha
 
 
 @dataclass
-class ClassError:
-    """Quantization error over the tensors of one layer class (`double_blocks.N.img_attn.qkv`)."""
-
-    tensors: int = 0
-    max_abs: float = 0.0
-    worst_relative: float = 0.0  # the largest ||W - Q|| / ||W|| of one tensor
-    squared_error: float = 0.0
-    squared_norm: float = 0.0
-
-    def add(self, max_abs: float, error_norm2: float, norm2: float) -> None:
-        self.tensors += 1
-        self.max_abs = max(self.max_abs, max_abs)
-        self.squared_error += error_norm2
-        self.squared_norm += norm2
-        self.worst_relative = max(self.worst_relative, (error_norm2 / norm2) ** 0.5 if norm2 else 0.0)
-
-    @property
-    def relative(self) -> float:
-        return (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else 0.0
-
-    def to_json(self) -> dict[str, float]:
-        return {"tensors": self.tensors, "max_abs": self.max_abs, "relative": self.relative,
-                "worst_relative": self.worst_relative}
-
-
-@dataclass
-class Fp8Report:
+class Fp8Report(LayerClassErrors):
     """What an fp8 cast did: the matrices cast, those kept, the error per layer class."""
 
     dtype: str  # "fp8_e4m3fn" | "fp8_e5m2"
     scaling: str
     cast: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
-    errors: dict[str, ClassError] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, name: str, max_abs: float, error_norm2: float, norm2: float) -> None:
-        with self._lock:  # tensors are cast on the writer's workers
-            self.errors.setdefault(layer_class(name), ClassError()).add(max_abs, error_norm2, norm2)
 
     def to_json(self) -> dict[str, object]:
         return {"dtype": self.dtype, "scaling": self.scaling, "cast": len(self.cast), "kept": self.kept,
-                "errors": {name: error.to_json() for name, error in sorted(self.errors.items())}}
-
-    def summary(self, shown: int = 3) -> list[str]:
-        """The worst layer classes by relative error, in words."""
-        worst = sorted(self.errors.items(), key=lambda item: -item[1].relative)[:shown]
-        return [f"{name}: relative error {error.relative:.2%} (worst tensor {error.worst_relative:.2%}), "
-                f"max |error| {error.max_abs:.3g} over {error.tensors} tensors" for name, error in worst]
+                "errors": self.errors_json()}
 
 
 def fp8_candidate(name: str, lazy: LazyTensor) -> bool:

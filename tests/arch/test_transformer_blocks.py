@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 
-from released import (RELEASES, TINY, diffusers_shapes, single_file_shapes,  # noqa: E402
+from released import (peer_converters, RELEASES, TINY, diffusers_shapes, single_file_shapes,  # noqa: E402
                       tiny_tensors)
 
 from sdkit.arch.block_presets import _SD1_PRESETS, curve, preset_values, unet_preset  # noqa: E402
@@ -87,19 +87,6 @@ def test_the_checkpoint_prefix_changes_nothing(family):
     assert prefixed.block_of("vae.decoder.conv_in.weight") is None
 
 
-def _converters():
-    from diffusers.loaders import single_file_utils as peer
-
-    return {"flux": peer.convert_flux_transformer_checkpoint_to_diffusers,
-            "sd3": peer.convert_sd3_transformer_checkpoint_to_diffusers,
-            "z-image": peer.convert_z_image_transformer_checkpoint_to_diffusers,
-            "lumina2": peer.convert_lumina2_to_diffusers,
-            "hidream": peer.convert_hidream_transformer_to_diffusers,
-            "wan": peer.convert_wan_transformer_to_diffusers,
-            "chroma": peer.convert_chroma_transformer_checkpoint_to_diffusers,
-            "flux2": peer.convert_flux2_transformer_checkpoint_to_diffusers}
-
-
 # converters that split fused layers at the released widths: fed the released sizes with
 # one block of each kind (each tensor a zero-memory view of its one number)
 _RELEASED_WIDTHS = {"flux": ("FLUX.1-dev", dict(num_layers=1, num_single_layers=1)),
@@ -124,11 +111,11 @@ def _source_numbers(tensor: torch.Tensor) -> set[int]:
     return {int(tensor[(0,) * tensor.dim()]), int(tensor[(-1,) * tensor.dim()])}
 
 
-@pytest.mark.parametrize("family", sorted(_converters()))
+@pytest.mark.parametrize("family", sorted(peer_converters()))
 def test_a_diffusers_key_lands_in_the_block_of_its_single_file_twin(family):
     numbered = _numbered_single_file(family)
     names = list(numbered)
-    converted = _converters()[family](dict(numbered))
+    converted = peer_converters()[family](dict(numbered))
     single = transformer_blocks(family, names)
     diffusers = transformer_blocks(family, converted)
     assert diffusers.ids == single.ids

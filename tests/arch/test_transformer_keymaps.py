@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 
-from released import (RELEASES, TINY, diffusers_shapes, single_file_shapes, tiny_tensors,  # noqa: E402
+from released import (peer_converters, RELEASES, TINY, diffusers_shapes, single_file_shapes, tiny_tensors,  # noqa: E402
                       typed, write_header_only)
 
 from sdkit.arch.families import FAMILIES  # noqa: E402
@@ -35,27 +35,6 @@ from sdkit.io import open_model  # noqa: E402
 UNET = "model.diffusion_model."
 
 
-def _converters():
-    from diffusers.loaders import single_file_utils as peer
-
-    return {"flux": peer.convert_flux_transformer_checkpoint_to_diffusers,
-            "sd3": peer.convert_sd3_transformer_checkpoint_to_diffusers,
-            "z-image": peer.convert_z_image_transformer_checkpoint_to_diffusers,
-            "lumina2": peer.convert_lumina2_to_diffusers,
-            "hidream": peer.convert_hidream_transformer_to_diffusers,
-            "wan": peer.convert_wan_transformer_to_diffusers,
-            "chroma": peer.convert_chroma_transformer_checkpoint_to_diffusers,
-            "flux2": _unprefixed(peer.convert_flux2_transformer_checkpoint_to_diffusers)}
-
-
-def _unprefixed(convert):
-    """diffusers' FLUX.2 converter reads bare names only (the others strip
-    `model.diffusion_model.` themselves): it is given the same tensors without the root."""
-    def converted(checkpoint: dict) -> dict:
-        return convert({name.removeprefix(UNET): tensor for name, tensor in checkpoint.items()})
-    return converted
-
-
 # families whose single files diffusers has no converter for because they already carry
 # diffusers' names: the expected conversion keeps every name
 NO_CONVERTER = {"qwen-image"}
@@ -64,7 +43,7 @@ NO_CONVERTER = {"qwen-image"}
 def _peer_conversion(family: str, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if family in NO_CONVERTER:
         return dict(checkpoint)
-    return _converters()[family](checkpoint)
+    return peer_converters()[family](checkpoint)
 
 
 def _single_file_convention(family) -> str:

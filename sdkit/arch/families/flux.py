@@ -78,11 +78,13 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
     flags={"guidance": "time_text_embed.guidance_embedder."},
 )
 
-def _mlp_embedder(ldm: str, diffusers: str) -> tuple:
+def mlp_embedder(ldm: str, diffusers: str) -> tuple:
+    """BFL's `MLPEmbedder` (`in_layer`, `out_layer`) ⇄ diffusers' embedder (`linear_1`, `linear_2`)."""
     return same(f"{ldm}.in_layer", f"{diffusers}.linear_1"), same(f"{ldm}.out_layer", f"{diffusers}.linear_2")
 
 
-def _qk_norms(ldm: str, query: str, key: str) -> tuple:
+def qk_norms(ldm: str, query: str, key: str) -> tuple:
+    """BFL's `QKNorm` scales ⇄ diffusers' `attn.norm_q` / `norm_k` (or `norm_added_*`) weights."""
     return (tensor(f"{ldm}.query_norm.scale", f"attn.{query}.weight"),
             tensor(f"{ldm}.key_norm.scale", f"attn.{key}.weight"))
 
@@ -94,9 +96,9 @@ def _qk_norms(ldm: str, query: str, key: str) -> tuple:
 KEY_MAP = KeyMap(
     places=(
         same("img_in", "x_embedder"), same("txt_in", "context_embedder"),
-        *_mlp_embedder("time_in", "time_text_embed.timestep_embedder"),
-        *_mlp_embedder("vector_in", "time_text_embed.text_embedder"),
-        *_mlp_embedder("guidance_in", "time_text_embed.guidance_embedder"),
+        *mlp_embedder("time_in", "time_text_embed.timestep_embedder"),
+        *mlp_embedder("vector_in", "time_text_embed.text_embedder"),
+        *mlp_embedder("guidance_in", "time_text_embed.guidance_embedder"),
         same("final_layer.linear", "proj_out"),
         swapped("final_layer.adaLN_modulation.1", "norm_out.linear"),
     ),
@@ -105,8 +107,8 @@ KEY_MAP = KeyMap(
             same("img_mod.lin", "norm1.linear"), same("txt_mod.lin", "norm1_context.linear"),
             fused("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
             fused("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-            *_qk_norms("img_attn.norm", "norm_q", "norm_k"),
-            *_qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
+            *qk_norms("img_attn.norm", "norm_q", "norm_k"),
+            *qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
             same("img_attn.proj", "attn.to_out.0"), same("txt_attn.proj", "attn.to_add_out"),
             same("img_mlp.0", "ff.net.0.proj"), same("img_mlp.2", "ff.net.2"),
             same("txt_mlp.0", "ff_context.net.0.proj"), same("txt_mlp.2", "ff_context.net.2"),
@@ -115,7 +117,7 @@ KEY_MAP = KeyMap(
             same("modulation.lin", "norm.linear"),
             fused("linear1", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp",
                   sizes=("hidden", "hidden", "hidden", None)),
-            *_qk_norms("norm", "norm_q", "norm_k"),
+            *qk_norms("norm", "norm_q", "norm_k"),
             same("linear2", "proj_out"),
         )),
     ),

@@ -34,8 +34,9 @@ taken for FLUX.1.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import MISTRAL_SMALL_31, QWEN3_4B, QWEN3_8B
+from sdkit.arch.families.flux import mlp_embedder, qk_norms
 from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      fused, same, swapped, tensor)
+                                      fused, same, swapped)
 
 _TIME_FEATURES = 256  # sinusoidal timestep / guidance features (`timestep_guidance_channels`)
 
@@ -83,15 +84,6 @@ DIFFUSERS_LAYOUT = DenoiserLayout(
 )
 
 
-def _mlp_embedder(ldm: str, diffusers: str) -> tuple:
-    return same(f"{ldm}.in_layer", f"{diffusers}.linear_1"), same(f"{ldm}.out_layer", f"{diffusers}.linear_2")
-
-
-def _qk_norms(ldm: str, query: str, key: str) -> tuple:
-    return (tensor(f"{ldm}.query_norm.scale", f"attn.{query}.weight"),
-            tensor(f"{ldm}.key_norm.scale", f"attn.{key}.weight"))
-
-
 # BFL names ⇄ diffusers names (diffusers `convert_flux2_transformer_checkpoint_to_diffusers`).
 # Only the double blocks' qkv are cut: a single block's `linear1` (q, k, v and the SwiGLU
 # input) stays one tensor in diffusers (`to_qkv_mlp_proj`), and the SwiGLU halves keep their
@@ -100,8 +92,8 @@ def _qk_norms(ldm: str, query: str, key: str) -> tuple:
 KEY_MAP = KeyMap(
     places=(
         same("img_in", "x_embedder"), same("txt_in", "context_embedder"),
-        *_mlp_embedder("time_in", "time_guidance_embed.timestep_embedder"),
-        *_mlp_embedder("guidance_in", "time_guidance_embed.guidance_embedder"),
+        *mlp_embedder("time_in", "time_guidance_embed.timestep_embedder"),
+        *mlp_embedder("guidance_in", "time_guidance_embed.guidance_embedder"),
         same("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
         same("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
         same("single_stream_modulation.lin", "single_stream_modulation.linear"),
@@ -112,15 +104,15 @@ KEY_MAP = KeyMap(
         BlockMap("double_blocks", "double_blocks.{i}.", "transformer_blocks.{i}.", (
             fused("img_attn.qkv", "attn.to_q", "attn.to_k", "attn.to_v"),
             fused("txt_attn.qkv", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-            *_qk_norms("img_attn.norm", "norm_q", "norm_k"),
-            *_qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
+            *qk_norms("img_attn.norm", "norm_q", "norm_k"),
+            *qk_norms("txt_attn.norm", "norm_added_q", "norm_added_k"),
             same("img_attn.proj", "attn.to_out.0"), same("txt_attn.proj", "attn.to_add_out"),
             same("img_mlp.0", "ff.linear_in"), same("img_mlp.2", "ff.linear_out"),
             same("txt_mlp.0", "ff_context.linear_in"), same("txt_mlp.2", "ff_context.linear_out"),
         )),
         BlockMap("single_blocks", "single_blocks.{i}.", "single_transformer_blocks.{i}.", (
             same("linear1", "attn.to_qkv_mlp_proj"), same("linear2", "attn.to_out"),
-            *_qk_norms("norm", "norm_q", "norm_k"),
+            *qk_norms("norm", "norm_q", "norm_k"),
         )),
     ),
 )

@@ -32,7 +32,6 @@ against the source; the report gives it per layer class, as for fp8.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -48,7 +47,7 @@ from sdkit.io.gguf_writer import GgufTensor, patch_field_text, write_gguf
 from sdkit.io.writer import DATA_SHA256
 from sdkit.ops.convert.model import _ModelConversion
 from sdkit.ops.convert.transformer import TransformerConversion
-from sdkit.ops.fp8 import ClassError, layer_class
+from sdkit.ops.quant_error import LayerClassErrors
 from sdkit.ops.precision import key_matcher
 from sdkit.ops.recipe_meta import SpecFacts, build_metadata
 
@@ -111,7 +110,7 @@ SUPPORTED = sorted({name for name, family in FAMILIES.items() if family.gguf_arc
 
 
 @dataclass
-class GgufReport:
+class GgufReport(LayerClassErrors):
     """What a GGUF conversion stored how, and the quantization error per layer class."""
 
     quant: str
@@ -119,23 +118,11 @@ class GgufReport:
     quantized: list[str] = field(default_factory=list)
     kept: dict[str, list[str]] = field(default_factory=dict)  # reason -> tensors
     reshaped: list[str] = field(default_factory=list)
-    errors: dict[str, ClassError] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def record(self, name: str, max_abs: float, error_norm2: float, norm2: float) -> None:
-        with self._lock:  # tensors are produced on the writer's workers
-            self.errors.setdefault(layer_class(name), ClassError()).add(max_abs, error_norm2, norm2)
 
     def to_json(self) -> dict[str, Any]:
         return {"quant": self.quant, "architecture": self.architecture, "quantized": len(self.quantized),
                 "kept": {reason: names for reason, names in sorted(self.kept.items())},
-                "reshaped": self.reshaped,
-                "errors": {name: error.to_json() for name, error in sorted(self.errors.items())}}
-
-    def summary(self, shown: int = 3) -> list[str]:
-        worst = sorted(self.errors.items(), key=lambda item: -item[1].relative)[:shown]
-        return [f"{name}: relative error {error.relative:.2%} (worst tensor {error.worst_relative:.2%}), "
-                f"max |error| {error.max_abs:.3g} over {error.tensors} tensors" for name, error in worst]
+                "reshaped": self.reshaped, "errors": self.errors_json()}
 
 
 @dataclass(frozen=True)
