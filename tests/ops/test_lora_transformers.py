@@ -185,3 +185,21 @@ def test_bake_command_keeps_the_convention(files, capsys, tmp_path):
     code, out, _ = run_sdkit(capsys, "lora", "bake", str(files["flux"]), str(files["lora"]), "-o", str(target),
                              "--json")
     assert code == 0 and json.loads(out)["convention"] == "ldm"
+
+
+def test_a_loha_on_a_fused_layer_is_cut_over_the_parts_too(tmp_path):
+    single = tiny_tensors("flux", "ldm")
+    diffusers = converted(single, "ldm_to_diffusers")
+    gen = torch.Generator().manual_seed(2)
+    name = "lora_unet_single_blocks_0_linear1"
+    loha = {f"{name}.hada_w1_a": torch.randn(224, 2, generator=gen), f"{name}.hada_w1_b": torch.randn(2, 32, generator=gen),
+            f"{name}.hada_w2_a": torch.randn(224, 2, generator=gen), f"{name}.hada_w2_b": torch.randn(2, 32, generator=gen),
+            f"{name}.alpha": torch.tensor(1.0)}
+    lora = save(loha, tmp_path / "loha.safetensors")
+    baked_single = bake(save(single, tmp_path / "single.safetensors"), [lora], tmp_path / "a.safetensors")
+    baked_diffusers = bake(save(diffusers, tmp_path / "diffusers.safetensors"), [lora], tmp_path / "b.safetensors")
+    assert_close(converted(baked_single, "ldm_to_diffusers"), baked_diffusers)
+    delta = (loha[f"{name}.hada_w1_a"] @ loha[f"{name}.hada_w1_b"]) * (loha[f"{name}.hada_w2_a"] @ loha[f"{name}.hada_w2_b"]) / 2
+    expected = single["single_blocks.0.linear1.weight"] + delta
+    assert relative_error(baked_single["single_blocks.0.linear1.weight"], expected) < 1e-5
+    assert relative_error(baked_diffusers["single_transformer_blocks.0.proj_mlp.weight"], expected[96:]) < 1e-5
