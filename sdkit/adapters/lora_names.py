@@ -13,7 +13,9 @@ base tensor. The names are:
 OpenCLIP text encoders in single files keep q, k and v fused in `in_proj_weight`; the
 key map's split recipe tells which rows hold each, so a `q_proj` module targets one third
 of that tensor. Adapter names are never turned back from underscores into dots: they are
-only looked up.
+only looked up. Transformer denoisers (FLUX, SD3, …) get their index from
+`sdkit.adapters.transformer_names`; there a layer's delta may also be spread over several
+tensors (`Target.pieces`).
 
 A base known only by its structure (a layout and the diffusers configs at hand, as when
 renaming an adapter with no base weights) gets the same index from the key maps' links,
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 from sdkit.adapters.lora_format import BOFT, FULL, IA3, LOHA, LOKR, LORA, NORM, OFT, LoraFile, LoraModule
+from sdkit.adapters.lora_math import needs_base_weight
 from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm, checkpoint_to_ldm,
                                 infer_clip_config_from_ldm)
 from sdkit.arch.keymaps.clip import clip_links, has_projection
@@ -41,7 +44,11 @@ _NAME_PREFIXES: tuple[tuple[str, str | None], ...] = (
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"), ("lycoris_", "unet"), ("unet.", "unet"),
     ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
-    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"), ("base_model.model.", None),
+    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    # transformer denoisers (ComfyUI `model_lora_keys_unet`): diffusers / peft `transformer.`,
+    # OneTrainer `lora_transformer_`, peft wrappers around either root
+    ("lora_transformer_", "unet"), ("transformer.", "unet"), ("base_model.model.transformer.", "unet"),
+    ("base_model.model.diffusion_model.", "unet"), ("base_model.model.", None),
 )
 _PEFT_WRAPPER = "base_model.model."
 _TEXT_WRAP = "text_model_"
@@ -53,6 +60,20 @@ class TensorRef:
 
     key: str
     rows: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows `delta_rows` of a layer's delta, added to `weight` (a tensor, or rows of it);
+    the same rows of a bias delta go to `bias`."""
+
+    weight: TensorRef
+    delta_rows: tuple[int, int]
+    bias: TensorRef | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.delta_rows[1] - self.delta_rows[0]
 
 
 @dataclass
@@ -73,10 +94,18 @@ class Target(Layer):
     dtype: str
     bias: TensorRef | None = None
     ldm_key: str | None = None  # the weight's LDM checkpoint key (block ids come from it)
+    # where the delta goes when not all of it into `weight`: cut by rows over several
+    # tensors (a fused q|k|v module on a base that keeps q, k and v apart) or with its two
+    # halves exchanged (a modulation stored in the other order); `weight` is then the first
+    pieces: tuple[Piece, ...] = ()
 
     @property
     def path(self) -> str:
         return self.diffusers_path or self.ldm_path or self.weight.key
+
+    def placements(self) -> tuple[Piece, ...]:
+        """Every (tensor, rows of the delta) this layer's delta is added to."""
+        return self.pieces or (Piece(self.weight, (0, self.shape[0]), self.bias),)
 
 
 LayerT = TypeVar("LayerT", bound=Layer)
@@ -379,10 +408,17 @@ def shape_problem(module: LoraModule, target: Target, bias_shape: tuple[int, ...
     rows, count = delta_extent(module)
     if (rows is not None and rows != shape[0]) or (count is not None and count != math.prod(shape)):
         return f"adapter makes {_described(rows, count)}, the layer is {list(shape)}"
+    if target.pieces and needs_base_weight(module):
+        return (f"a {module.type} delta depends on the layer's weight, which this base stores "
+                f"{'in another row order' if len(target.pieces) == 2 and _swapped(target) else 'as separate tensors'}")
     bias = module.tensors.get("bias")
     if bias is not None and bias_shape is not None and math.prod(bias.shape) != math.prod(bias_shape):
         return f"bias delta {list(bias.shape)} does not fit the layer's bias {list(bias_shape)}"
     return None
+
+
+def _swapped(target: Target) -> bool:
+    return len({piece.weight.key for piece in target.pieces}) == 1
 
 
 def _described(rows: int | None, count: int | None) -> str:
@@ -406,25 +442,58 @@ def map_modules(lora: LoraFile, names: ModelNames[Target], bias_shapes: Mapping[
     (of the whole tensor; row slices are resolved here)."""
     mapped: dict[str, Target] = {}
     unmapped: dict[str, str] = {}
-    claimed: dict[tuple[str, tuple[int, int] | None], str] = {}
+    claims = _Claims(bias_shapes)
     for name, module in lora.modules.items():
         target, reason = names.resolve(name)
         if target is None:
             unmapped[name] = reason or "not found"
             continue
         problem = shape_problem(module, target, _bias_shape(target, bias_shapes))
-        place = (target.weight.key, target.weight.rows)
-        if problem is None and place in claimed:
-            problem = f"the same layer as {claimed[place]}"
+        if problem is None:
+            problem = claims.overlap(target)
         if problem is not None:
             unmapped[name] = problem
             continue
-        claimed[place] = name
+        claims.add(target, name)
         mapped[name] = target
     return ModuleMapping(mapped, unmapped)
 
 
+class _Claims:
+    """The rows of base tensors that mapped modules write: two modules on the same rows
+    (a fused `qkv` and its `to_q` in one adapter) are one too many."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.shapes = shapes
+        self.by_key: dict[str, list[tuple[int, int, str]]] = {}
+
+    def _spans(self, target: Target) -> list[tuple[str, int, int]]:
+        spans = []
+        for piece in target.placements():
+            key, rows = piece.weight.key, piece.weight.rows
+            shape = self.shapes.get(key) or target.shape
+            spans.append((key, *(rows or (0, shape[0]))))
+        return spans
+
+    def overlap(self, target: Target) -> str | None:
+        for key, start, stop in self._spans(target):
+            for low, high, name in self.by_key.get(key, ()):
+                if start < high and low < stop:
+                    return f"the same layer as {name}"
+        return None
+
+    def add(self, target: Target, name: str) -> None:
+        for key, start, stop in self._spans(target):
+            self.by_key.setdefault(key, []).append((start, stop, name))
+
+
 def _bias_shape(target: Target, bias_shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape of the layer's bias, as the delta sees it (None where it has none)."""
+    if target.pieces:
+        biases = [piece.bias for piece in target.pieces]
+        if any(bias is None or bias.key not in bias_shapes for bias in biases):
+            return None
+        return (sum(piece.rows for piece in target.pieces),)
     if target.bias is None or target.bias.key not in bias_shapes:
         return None
     if target.bias.rows is None:

@@ -13,7 +13,7 @@ from rich.table import Table
 from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
-from sdkit.cli.terminal import SafeConsole
+from sdkit.cli.terminal import SafeConsole, styled
 from sdkit.ops.adapter_input import parse_adapter_arg
 
 _SHOWN = 5
@@ -86,12 +86,31 @@ def _render_check(console: Console, report: dict[str, Any]) -> None:
     evidence = f" from {report['family_evidence']}" if report["family_evidence"] else ""
     table.add_row("families", f"adapter {report['family']}{evidence}, base {report['base_family']} ({verdict})")
     table.add_row("type", str(report["adapter_type"]))
+    if report.get("base_part"):
+        convention = "single-file" if report["base_convention"] == "ldm" else report["base_convention"]
+        table.add_row("base", f"{report['base_part']}, {convention} names")
     per = ", ".join(f"{c} {n}" for c, n in report["by_component"].items()) or "none"
     table.add_row("modules mapped", f"{report['mapped']} of {report['modules']} ({per})")
     console.print(table)
+    _print_verdict(console, report)
     _shown(report["unmapped"], console, "unmapped")
     for note in report["notes"]:
         console.print(f"  note: {note}")
+
+
+def _print_verdict(console: Console, report: dict[str, Any]) -> None:
+    """Say loudly when modules would be skipped: a loader drops them with a log line at
+    most ("lora key not loaded"), and the adapter silently does less or nothing."""
+    unmapped = report["modules"] - report["mapped"]
+    if report["verdict"] == "other-family":
+        console.print(styled(f"NOT FOR THIS BASE: {report['family_problem']} "
+                             f"({report['mapped']} of {report['modules']} modules fit by shape alone)", "bold red"))
+    elif report["verdict"] == "none":
+        console.print(styled(f"NONE of the {report['modules']} modules fits this base: "
+                             "the adapter would do nothing on it", "bold red"))
+    elif report["verdict"] == "partial":
+        console.print(styled(f"only {report['mapped']} of {report['modules']} modules fit: {unmapped} "
+                             "would be skipped, the adapter would do less than it was made to", "bold yellow"))
 
 
 # ---- bake --------------------------------------------------------------------------------

@@ -11,7 +11,11 @@ computed on worker threads ahead of the streaming writer.
 
 The output keeps the base's convention (single file or diffusers folder) unless `to`
 asks for the other one; metadata records the recipe (inputs with sha256, strengths,
-options) and ModelSpec.
+options) and ModelSpec. A transformer denoiser (FLUX, SD3, …; alone, under
+`model.diffusion_model.` in a checkpoint, or a lone diffusers folder) keeps its own names,
+and its other parts are copied; a fused single-file module may land on several diffusers
+tensors and a diffusers part on rows of a fused tensor (`lora_names.Target.pieces`).
+Transformers in fp8 or GGUF are refused until the bake writes those formats back.
 
     from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
     bake_loras("base.safetensors", [AdapterInput("style.safetensors", 0.8)], "out.safetensors")
@@ -99,7 +103,8 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
         plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
                          rank=options.rank, alpha=options.alpha,
                          allow_family_mismatch=options.allow_family_mismatch)
-        result = BakeResult(str(output), options.to or opened.view.convention, plan.reports,
+        own = opened.denoiser.layout.convention if opened.denoiser else opened.view.convention
+        result = BakeResult(str(output), options.to or own, plan.reports,
                             notes=list(opened.names.notes))
         baker = key_baker(plan, options.dtype)
         tensors = baked_tensors(plan, baker, baker.compute, options.dtype, result)
@@ -144,8 +149,19 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
            adapters: Sequence[AdapterInput], result: BakeResult, overwrite: bool,
            progress: Progress | None, digests: InputDigests, baker: KeyBaker) -> None:
     view = opened.view
-    convention = options.to or view.convention
+    if opened.denoiser is not None:
+        _check_transformer_convention(opened, options)
+        convention = opened.denoiser.layout.convention
+    else:
+        convention = options.to or view.convention
     metadata = _metadata(opened, adapters, options, output, convention, digests)
+    if opened.denoiser is not None and not view.standalone:  # a lone file or a checkpoint: names kept
+        _require_file(output)
+        write_safetensors(output, tensors, metadata, overwrite=overwrite, progress=progress, finish=digests.patch,
+                          workers=DEFAULT_WORKERS,
+                          cost=lambda name: baker.cost(name) if name in baker.codes else tensors[name].nbytes)
+        result.tensors = len(tensors)
+        return
     if view.standalone:
         if convention != view.convention:
             raise SdkitError(f"{opened.model.path}: a lone component keeps its convention here; "
@@ -173,6 +189,13 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
                                    config_dir=config_dir, overwrite=overwrite, progress=progress,
                                    finish=digests.patch)
     result.notes += folder.notes
+
+
+def _check_transformer_convention(opened: OpenBase, options: BakeOptions) -> None:
+    own = opened.denoiser.layout.convention
+    if options.to is not None and options.to != own:
+        raise SdkitError(f"{opened.model.path}: a transformer keeps its key convention in a bake; "
+                         "convert the baked file with `sdkit convert`")
 
 
 def _require_file(output: Path) -> None:

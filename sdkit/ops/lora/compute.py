@@ -12,7 +12,9 @@ widened, gets every delta added, is checked against the output dtype's range and
 written narrowed into the output, so the weight crosses memory once instead of once
 per step. Deltas that depend on the weight (IA3, GLoRA, OFT, DoRA) see the original
 weight; OFT's strength acts inside its rotation. Values beyond the output dtype's range
-are clamped to it (and counted).
+are clamped to it (and counted). A contribution covers the rows of its layer's delta that
+its `Piece` names (all of them but where one adapter layer spans several base tensors, or
+meets its tensor in the other half order); a plain LoRA's rows are `up[rows] @ down`.
 """
 
 from __future__ import annotations
@@ -147,40 +149,45 @@ def _whole(values: "torch.Tensor") -> Iterator[tuple[int, "torch.Tensor"]]:
 
 
 def _delta(contribution: Contribution, original: "torch.Tensor | None") -> _Delta:
-    module, rows = contribution.module, contribution.target.weight.rows
+    """The contribution's rows of its module's delta, placed on its piece's base rows."""
+    module, piece = contribution.module, contribution.piece
+    rows, (first, last) = piece.weight.rows, piece.delta_rows
+    whole = (first, last) == (0, contribution.target.shape[0])
     if is_plain_lora(module):
         # lora_math's `scale * up @ down`, the same operations (so the same bits), a chunk
-        # of rows at a time: a layer-sized float32 product is never held
+        # of rows at a time: a layer-sized float32 product is never held; a piece's rows
+        # of the product are `up[rows] @ down`
         up = module.tensors["up"].load().float().flatten(1)
         down = module.tensors["down"].load().float().flatten(1)
-        chunks = ((first, chunk.mul_(module.scale)) for first, chunk in lora_product_chunks(up, down))
+        up = up if whole else up[first:last]
+        chunks = ((start, chunk.mul_(module.scale)) for start, chunk in lora_product_chunks(up, down))
         return _Delta(chunks, rows, contribution.strength)
     context = None
-    if needs_base_weight(module) and original is not None:
+    if needs_base_weight(module) and original is not None:  # one piece: the mapping says so
         context = original if rows is None else original[rows[0]:rows[1]]
-    part_rows = _part_rows(contribution)
     if module.type in (OFT, BOFT):  # the strength blends each rotation with the identity
         delta, _ = delta_weight(module, context, contribution.strength)
-        return _Delta(_whole(delta.reshape(part_rows, -1)), rows, None)
+        return _Delta(_whole(_piece_rows(delta, contribution)), rows, None)
     delta, _ = delta_weight(module, context, 1.0)
-    return _Delta(_whole(delta.reshape(part_rows, -1)), rows, contribution.strength)
+    return _Delta(_whole(_piece_rows(delta, contribution)), rows, contribution.strength)
+
+
+def _piece_rows(delta: "torch.Tensor", contribution: Contribution) -> "torch.Tensor":
+    first, last = contribution.piece.delta_rows
+    return delta.reshape(contribution.target.shape[0], -1)[first:last]
 
 
 def _held_elements(contribution: Contribution, columns: int) -> int:
     """Float32 elements of a contribution's delta held at once (a plain LoRA's: a chunk)."""
-    elements = _part_rows(contribution) * columns
-    return min(elements, PRODUCT_ELEMENTS + columns) if is_plain_lora(contribution.module) else elements
-
-
-def _part_rows(contribution: Contribution) -> int:
-    """Rows of the base weight a contribution's delta covers."""
-    rows = contribution.target.weight.rows
-    return (rows[1] - rows[0]) if rows else contribution.target.shape[0]
+    elements = contribution.piece.rows * columns
+    if is_plain_lora(contribution.module):
+        return min(elements, PRODUCT_ELEMENTS + columns)
+    return elements if not contribution.target.pieces else contribution.target.shape[0] * columns
 
 
 def _bias(contribution: Contribution) -> _Delta:
     import torch
 
-    bias = contribution.module.tensors["bias"].load().to(torch.float32)
-    rows = contribution.target.bias.rows
-    return _Delta(_whole(bias.reshape(-1, 1)), rows, contribution.strength)
+    first, last = contribution.piece.delta_rows
+    bias = contribution.module.tensors["bias"].load().to(torch.float32).reshape(-1, 1)
+    return _Delta(_whole(bias[first:last]), contribution.piece.bias.rows, contribution.strength)

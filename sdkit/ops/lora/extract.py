@@ -146,8 +146,8 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
     check_output_path(output, (tuned, base), force=overwrite)
     report = SvdReport(str(output))
     with ExitStack() as stack:
-        original = open_base(str(base), stack)
-        finetuned = open_base(str(tuned), stack)
+        original = open_base(str(base), stack, transformers=False)
+        finetuned = open_base(str(tuned), stack, transformers=False)
         problem = family_problem(original.identity.family, finetuned.identity.family)
         if problem:
             raise SdkitError(f"{tuned}: {problem}")
@@ -319,7 +319,7 @@ def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
     check_output_path(output, (source, options.base), force=overwrite)
     report = SvdReport(str(output))
     with ExitStack() as stack:
-        base = open_base(options.base, stack) if options.base else None
+        base = open_base(options.base, stack, transformers=False) if options.base else None
         lora, identity = open_adapter(str(source), stack)
         layers = group_layers([(AdapterInput(str(source)), lora)], base, report.notes)
         modules = [_resized(layer, rule, base, report) for layer in layers]

@@ -255,7 +255,7 @@ def merge_loras(inputs: Sequence[AdapterInput], output: str | os.PathLike[str],
     if rule is not None:
         rule.check()
     with ExitStack() as stack:
-        base = open_base(options.base, stack) if options.base else None
+        base = open_base(options.base, stack, transformers=False) if options.base else None
         files, identities = _open_all(inputs, stack)
         family = _common_family(inputs, identities, options.allow_family_mismatch)
         result = MergeResult(str(output), "svd" if rule else "concat")

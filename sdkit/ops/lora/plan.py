@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora
-from sdkit.adapters.lora_names import ModelNames, ModuleMapping, Target, map_modules, model_names, require_some
+from sdkit.adapters.lora_names import (ModelNames, ModuleMapping, Piece, Target, map_modules, model_names,
+                                       require_some)
+from sdkit.adapters.transformer_names import find_denoiser, transformer_names
 from sdkit.arch import Identity, identify
+from sdkit.arch.fingerprint import LayoutMatch
 from sdkit.arch.blocks import BASE, Layout, model_block_layout
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import ModelFile, open_model
@@ -31,15 +34,18 @@ _BASE_KINDS = ("checkpoint", "unet", "text-encoder")
 # block names" alone fit FLUX.1 and Chroma alike)
 _WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names",
                          "Flux block names")
+# the weights a transformer bake reads and writes as plain values
+_PLAIN_DTYPES = ("F16", "BF16", "F32")
 
 
 @dataclass(frozen=True)
 class Contribution:
-    """One module's delta on one base layer, at its final strength."""
+    """One module's delta (the rows `piece` names) on one base tensor, at its final strength."""
 
     module: LoraModule
     strength: float
     target: Target
+    piece: Piece
 
 
 @dataclass
@@ -74,25 +80,56 @@ class OpenBase:
     identity: Identity
     view: ModelView
     names: ModelNames
+    denoiser: LayoutMatch | None = None  # a transformer denoiser's layout, sizes and family
 
     @property
     def bias_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: lazy.shape for name, lazy in self.view.tensors.items()}
 
 
-def open_base(path: str, stack: ExitStack) -> OpenBase:
-    """Open a model file or folder as a base for adapters (headers only)."""
+def open_base(path: str, stack: ExitStack, *, transformers: bool = True) -> OpenBase:
+    """Open a model file or folder as a base for adapters (headers only). A transformer
+    denoiser (FLUX, SD3, …) is indexed by its family's key map where `transformers`
+    allows (the operations that read base weights per layer do not take one yet)."""
     model = stack.enter_context(open_model(path))
     identity = identify(model)
     if identity.kind not in _BASE_KINDS:
         raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, "
                          "not a model adapters can be applied to")
     view = model_view(model, identity)
+    found = find_denoiser(model) if "transformer" in identity.components else None
+    if found is not None and transformers:
+        root, match = found
+        names = transformer_names(view.tensors, root, match)
+        packed = packed_weights(identity)
+        if packed:
+            names.notes.append(f"its weights are {packed}: lora bake takes bf16 / fp16 / fp32 transformers only so far")
+        return OpenBase(model, identity, view, names, match)
     names = model_names(view.convention, view.layout, view.tensors, view.configs)
     if not names.targets:
+        held = "a transformer denoiser, which this operation does not take yet" if found else "none"
         raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}; sdkit applies adapters "
-                         "to UNet and text-encoder layers only so far, and it holds none")
+                         f"to UNet and text-encoder layers only here, and it holds {held}")
     return OpenBase(model, identity, view, names)
+
+
+def packed_weights(identity: Identity) -> str | None:
+    """The precision of fp8 / GGUF / other packed weights in words (None for plain ones)."""
+    precision = identity.precision
+    quantized = (precision.quantization or {}).get("scheme")
+    if quantized or (precision.dominant and precision.dominant not in _PLAIN_DTYPES):
+        return precision.label or quantized or precision.dominant
+    return None
+
+
+def require_plain_weights(base: OpenBase) -> None:
+    """Refuse to bake into packed transformer weights (a scale would be lost, or a block
+    requantized) until the bake writes them back in their own format."""
+    packed = packed_weights(base.identity) if base.denoiser is not None else None
+    if packed:
+        raise SdkitError(f"{base.model.path}: is {with_article(base.identity.part or 'transformer')} in {packed}; "
+                         "sdkit bakes adapters into bf16 / fp16 / fp32 transformers so far "
+                         "(cast it first: sdkit convert --dtype bf16)")
 
 
 def open_adapter(path: str, stack: ExitStack, *, rank: int | None = None,
@@ -173,6 +210,7 @@ def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack
     none of whose modules fit."""
     if not adapters:
         raise SdkitError("no adapter to bake")
+    require_plain_weights(base)
     allowed = COMPONENT_CHOICES[components]
     spec = parse_block_spec(blocks) if isinstance(blocks, str) else blocks
     strengths = BlockStrengths(base.names, spec, base.identity.family)
@@ -201,20 +239,24 @@ def _add_contributions(plan: BakePlan, report: AdapterReport, mapping: ModuleMap
             continue
         report.mapped += 1
         report.by_component[target.component] = report.by_component.get(target.component, 0) + 1
-        contribution = Contribution(lora.modules[name], strength * factor, target)
-        plan.weights.setdefault(target.weight.key, []).append(contribution)
-        if "bias" in contribution.module.tensors:
-            if target.bias is None:
-                report.dropped_biases.append(name)
-            else:
-                plan.biases.setdefault(target.bias.key, []).append(contribution)
+        module = lora.modules[name]
+        placements = target.placements()
+        if "bias" in module.tensors and any(piece.bias is None for piece in placements):
+            report.dropped_biases.append(name)
+        for piece in placements:
+            contribution = Contribution(module, strength * factor, target, piece)
+            plan.weights.setdefault(piece.weight.key, []).append(contribution)
+            if "bias" in module.tensors and piece.bias is not None:
+                plan.biases.setdefault(piece.bias.key, []).append(contribution)
 
 
 # ---- `sdkit lora check` ------------------------------------------------------------------
 
 def check_adapter(base_path: str, lora_path: str, *, rank: int | None = None,
                   alpha: float | None = None) -> dict[str, Any]:
-    """How an adapter fits a base: families, modules mapped per component, the others and why."""
+    """How an adapter fits a base: families, modules mapped per component, the others and
+    why, and a verdict: every module applies, only some do, or none (the adapter would do
+    nothing, or less than it was trained to, wherever it is loaded on this base)."""
     with ExitStack() as stack:
         base = open_base(base_path, stack)
         lora, identity = open_adapter(lora_path, stack, rank=rank, alpha=alpha)
@@ -222,6 +264,18 @@ def check_adapter(base_path: str, lora_path: str, *, rank: int | None = None,
         report.mapped = len(mapping.mapped)
         for target in mapping.mapped.values():
             report.by_component[target.component] = report.by_component.get(target.component, 0) + 1
+        convention = base.denoiser.layout.convention if base.denoiser else base.view.convention
         return {"base": str(Path(base_path)), "base_family": base.identity.family,
-                "base_convention": base.view.convention, "family_match": report.family_problem is None,
+                "base_part": base.identity.part, "base_convention": convention,
+                "family_match": report.family_problem is None, "verdict": mapping_verdict(report),
                 "notes": base.names.notes, **report.to_json()}
+
+
+def mapping_verdict(report: AdapterReport) -> str:
+    """"other-family" | "none" | "partial" | "all": whether the adapter was made for the
+    base's family and how many of its modules reach the base."""
+    if report.family_problem:
+        return "other-family"
+    if report.mapped == 0:
+        return "none"
+    return "all" if report.mapped == report.modules else "partial"
