@@ -20,12 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm, checkpoint_to_ldm,
                                 diffusers_layout, infer_clip_config_from_ldm, ldm_layout)
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors
+from sdkit.io.byte_span import ByteSpan
 
 if TYPE_CHECKING:
     import torch
@@ -102,10 +103,40 @@ def plan_tensors(plan: KeyPlan, tensors: Mapping[str, LazyTensor]) -> dict[str, 
                              f"({', '.join(sorted(dtypes))})")
         dtype = dtypes.pop() if dtypes else "I64"  # only position-id ramps have no input
         shape = _recipe_shape(recipe, [lazy.shape for lazy in inputs])
-        # a copy or reshape stores the source's bytes unchanged: the writer may copy them
-        span = inputs[0].span if recipe.kind in ("copy", "reshape") and len(inputs) == 1 else None
-        out[name] = LazyTensor(dtype, shape, partial(_apply, recipe, inputs), span)
+        out[name] = LazyTensor(dtype, shape, partial(_apply, recipe, inputs), _stored_span(recipe, inputs),
+                               _pieces(recipe, inputs))
     return out
+
+
+def _stored_span(recipe: KeyRecipe, inputs: list[LazyTensor]) -> Callable[[], ByteSpan | None] | None:
+    """Where a recipe's output already lies in a file: a copy or reshape stores the source's
+    bytes unchanged, a slice of rows a contiguous part of them (the writer copies those
+    bytes in the kernel)."""
+    if len(inputs) != 1 or inputs[0].span is None:
+        return None
+    if recipe.kind in ("copy", "reshape"):
+        return inputs[0].span
+    if recipe.kind == "slice":
+        return partial(_row_span, inputs[0], recipe.arg)
+    return None
+
+
+def _row_span(source: LazyTensor, rows: tuple[int, int | None]) -> ByteSpan | None:
+    whole = source.span()
+    if whole is None or not source.shape:
+        return None
+    row_bytes = whole.length // source.shape[0]
+    start, stop = rows
+    stop = source.shape[0] if stop is None else stop
+    return ByteSpan(whole.path, whole.fileno, whole.offset + start * row_bytes, (stop - start) * row_bytes)
+
+
+def _pieces(recipe: KeyRecipe, inputs: list[LazyTensor]) -> Callable[[], Iterator["torch.Tensor"]] | None:
+    """A concatenation along dim 0 is its parts one after another: the writer takes them
+    in turn instead of a joined copy."""
+    if recipe.kind != "concat":
+        return None
+    return lambda: (lazy.load() for lazy in inputs)
 
 
 # ---- views -----------------------------------------------------------------------------
