@@ -275,6 +275,7 @@ def _describe_denoiser(model: ModelFile, parts: Parts, hints: MetadataHints,
     identity.variant = unet_variant(denoiser)  # the input channels decide, whatever metadata says
     if denoiser.dims is not None:
         _describe_release(model, denoiser, identity)
+    _describe_lineage(model, identity)
     identity.prediction, identity.prediction_evidence = denoiser_prediction(
         identity.family, identity.variant, model, parts.denoiser_view, hints, scheduler_config)
     ztsnr = zero_terminal_snr(model, scheduler_config)
@@ -310,6 +311,28 @@ def _describe_release(model: ModelFile, denoiser: DenoiserFacts, identity: Ident
         verb = "has" if len(match.look_alikes) == 1 else "have"
         identity.notes.append(f"{match.release.name} architecture: " + ", ".join(match.look_alikes)
                               + f" {verb} the same keys and shapes; only metadata can name them")
+
+
+# where a model's name is written, most deliberate first
+_NAME_FIELDS = ("modelspec.title", "ss_output_name", "ss_sd_model_name")
+
+
+def _describe_lineage(model: ModelFile, identity: Identity) -> None:
+    """The line of fine-tunes a model of a family with lineages belongs to, by the first of
+    its metadata titles or its file name that names one."""
+    family = FAMILIES.get(identity.family)
+    if family is None or not family.lineages:
+        return
+    named = [(key, model.metadata.get(key, "")) for key in _NAME_FIELDS]
+    named.append(("file name", model.path.name))
+    for source, text in named:
+        words = text.lower()
+        lineage = next((line for line in family.lineages if any(word in words for word in line.words)), None)
+        if lineage is not None:
+            identity.facts["lineage"] = lineage.name
+            identity.notes.append(f"{lineage.name} by its {source} {text!r} ({family.title} weights: "
+                                  "only names tell the line)")
+            return
 
 
 def _note_encoder_users(encoders: list[TextEncoderFacts], identity: Identity) -> None:

@@ -12,7 +12,7 @@ base models (Pony, Illustrious and NoobAI are SDXL children) from civitai
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_G, CLIP_L
-from sdkit.arch.families.spec import Family, LatentFormat
+from sdkit.arch.families.spec import Family, LatentFormat, Lineage
 
 SDXL_LATENT = LatentFormat(channels=4, scaling_factor=0.13025)
 
@@ -25,6 +25,11 @@ SDXL_BASE = Family(
     kohya_version_pattern=r"sdxl(?!.*refiner)",
     civitai_base_models=("SDXL 1.0", "SDXL Turbo", "Pony", "Illustrious", "NoobAI"),
     air_ecosystem="sdxl", gguf_architecture="sdxl",
+    # Civitai files these under their own base models; their weights are SDXL base's. NoobAI
+    # is trained from Illustrious, so it is looked for first
+    lineages=(Lineage("NoobAI", ("noobai", "noob-ai", "noob_ai"), "NoobAI"),
+              Lineage("Illustrious", ("illustrious",), "Illustrious"),
+              Lineage("Pony Diffusion", ("pony",), "Pony")),
 )
 
 SDXL_REFINER = Family(

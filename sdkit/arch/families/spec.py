@@ -221,6 +221,16 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Lineage:
+    """A line of fine-tunes with its family's exact weights design (Pony, Illustrious on
+    SDXL): only names tell it, so it is read from the words of the file's title or name."""
+
+    name: str
+    words: tuple[str, ...]  # lowercase words of a title or file name that name it
+    civitai_base_model: str = ""
+
+
+@dataclass(frozen=True)
 class Family:
     """What sdkit knows about a released model family.
 
@@ -270,6 +280,9 @@ class Family:
     # the codebase whose key names the family's single files use (ModelSpec
     # `modelspec.implementation`, as sd-scripts' `sai_model_spec` writes it); None: diffusers'
     implementation: str | None = None
+    # lines of fine-tunes of this design, most specific first (NoobAI before Illustrious,
+    # which it descends from)
+    lineages: tuple[Lineage, ...] = ()
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels
