@@ -61,6 +61,81 @@ def compact_shapes(scale: int, convs: int = 16, width: int = 64) -> dict:
     return shapes
 
 
+def _conv(shapes: dict, name: str, out: int, width: int, size: int = 3) -> None:
+    shapes[f"{name}.weight"] = (out, width, size, size)
+    shapes[f"{name}.bias"] = (out,)
+
+
+def _pixel_shuffle(shapes: dict, root: str, width: int, scale: int) -> None:
+    """Upsample convs as the SR transformers chain them: one 4 x width conv per 2x."""
+    for step in range(scale.bit_length() - 1):
+        _conv(shapes, f"{root}.{2 * step}", 4 * width, width)
+
+
+def swinir_shapes(scale: int, upsampler: str) -> dict:
+    """SwinIR (JingyunLiang/SwinIR `network_swinir.py`, the keys spandrel requires)."""
+    shapes: dict = {}
+    _conv(shapes, "conv_first", 180, 3)
+    block = "layers.0.residual_group.blocks.0."
+    shapes[block + "norm1.weight"] = (180,)
+    shapes[block + "mlp.fc1.bias"] = (360,)
+    shapes[block + "attn.relative_position_index"] = (64, 64)
+    if upsampler == "pixelshuffle":
+        _conv(shapes, "conv_before_upsample.0", 64, 180)
+        _pixel_shuffle(shapes, "upsample", 64, scale)
+        _conv(shapes, "conv_last", 3, 64)
+    elif upsampler == "nearest+conv":
+        _conv(shapes, "conv_before_upsample.0", 64, 180)
+        for step in range(1, scale.bit_length()):
+            _conv(shapes, f"conv_up{step}", 64, 64)
+        _conv(shapes, "conv_last", 3, 64)
+    else:  # pixelshuffledirect: one conv to 3 x scale^2 channels
+        _conv(shapes, "upsample.0", 3 * scale * scale, 180)
+    return shapes
+
+
+def hat_shapes(scale: int) -> dict:
+    """HAT (XPixelGroup/HAT `hat_arch.py`): SwinIR-like groups with channel-attention conv
+    blocks and an overlapping cross-attention per group."""
+    shapes = {"relative_position_index_SA": (256, 256), "layers.0.residual_group.blocks.0.norm1.weight": (180,)}
+    _conv(shapes, "conv_first", 180, 3)
+    _conv(shapes, "layers.0.residual_group.blocks.0.conv_block.cab.0", 60, 180)
+    shapes["layers.0.residual_group.overlap_attn.qkv.weight"] = (540, 180)
+    _conv(shapes, "conv_before_upsample.0", 64, 180)
+    _pixel_shuffle(shapes, "upsample", 64, scale)
+    _conv(shapes, "conv_last", 3, 64)
+    return shapes
+
+
+def dat_shapes(scale: int) -> dict:
+    """DAT (zhengchen1999/DAT): `before_RG`, dual-aggregation blocks with position biases."""
+    shapes = {"before_RG.1.weight": (180,), "layers.0.blocks.0.attn.attns.0.rpe_biases": (255, 2),
+              "layers.0.blocks.0.ffn.sg.conv.weight": (360, 1, 3, 3)}
+    _conv(shapes, "conv_first", 180, 3)
+    _conv(shapes, "conv_before_upsample.0", 64, 180)
+    _pixel_shuffle(shapes, "upsample", 64, scale)
+    _conv(shapes, "conv_last", 3, 64)
+    return shapes
+
+
+def span_shapes(scale: int) -> dict:
+    """SPAN (hongyuanyu/SPAN): re-parameterised convs (`sk`, `eval_conv`), a direct pixel shuffle."""
+    shapes: dict = {}
+    for name, out, width in (("conv_1.sk", 48, 3), ("block_1.c1_r.sk", 48, 48), ("conv_cat", 48, 192),
+                             ("upsampler.0", 3 * scale * scale, 48)):
+        _conv(shapes, name, out, width, 1 if name.endswith(".sk") else 3)
+    return shapes
+
+
+def omnisr_shapes(scale: int) -> dict:
+    """OmniSR (Francis0625/Omni-SR): `input` conv, `residual_layer` groups, `up.0` pixel shuffle."""
+    shapes: dict = {}
+    _conv(shapes, "input", 64, 3)
+    _conv(shapes, "residual_layer.0.residual_layer.0.layer.0.fn.0", 64, 64, 1)
+    _conv(shapes, "up.0", 3 * scale * scale, 64)
+    return shapes
+
+
 def identify_file(path: Path):
     with open_model(path) as model:
         return identify(model)
@@ -78,6 +153,15 @@ def test_clip_vision_towers_are_named(tower, tmp_path):
     (esrgan_old_shapes(), "ESRGAN 4x upscaler"),
     (compact_shapes(4), "Real-ESRGAN compact 4x upscaler"),
     (compact_shapes(2), "Real-ESRGAN compact 2x upscaler"),
+    (swinir_shapes(4, "pixelshuffle"), "SwinIR 4x upscaler"),
+    (swinir_shapes(2, "nearest+conv"), "SwinIR 2x upscaler"),
+    (swinir_shapes(4, "nearest+conv"), "SwinIR 4x upscaler"),
+    (swinir_shapes(3, "pixelshuffledirect"), "SwinIR 3x upscaler"),
+    (hat_shapes(4), "HAT 4x upscaler"),
+    (dat_shapes(2), "DAT 2x upscaler"),
+    (span_shapes(2), "SPAN 2x upscaler"),
+    (span_shapes(4), "SPAN 4x upscaler"),
+    (omnisr_shapes(4), "OmniSR 4x upscaler"),
 ])
 def test_upscalers_are_named_with_their_scale(shapes, part, tmp_path):
     identity = identify_file(write_header_only(tmp_path / "up.safetensors", typed(shapes, "F32")))
