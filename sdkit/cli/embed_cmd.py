@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.table import Table
+from sdkit.cli.tables import Table
 
 from sdkit.cli.common import progress_bar
 from sdkit.cli.main import cli

@@ -12,7 +12,9 @@ import click
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
-from rich.table import Table
+from rich.console import RenderableType
+
+from sdkit.cli.tables import table_or_lines
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
@@ -254,17 +256,14 @@ def _family_words(entry: Any) -> str:
     return words + (", from Civitai" if entry.family_source == "civitai" else "")
 
 
-def _entries_table(entries: list[Any], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left")
-    for column in ("path", "kind", "family", "part", "size", "sha256"):
-        table.add_column(column, no_wrap=column not in ("path", "family", "part"))
+def _entries_table(entries: list[Any], title: str | None = None) -> RenderableType:
+    rows = []
     for entry in entries:
         kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
         # a row from before the index kept parts shows "?" until the next scan
         part = "?" if entry.part is None else entry.part
-        table.add_row(entry.path, kind, _family_words(entry), part, _size(entry.size),
-                      (entry.sha256 or "")[:12])
-    return table
+        rows.append((entry.path, kind, _family_words(entry), part, _size(entry.size), (entry.sha256 or "")[:12]))
+    return table_or_lines(("path", "kind", "family", "part", "size", "sha256"), rows, SafeConsole().width, title)
 
 
 @library_group.command("ls")

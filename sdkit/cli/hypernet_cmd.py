@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import click
-from rich.table import Table
+from sdkit.cli.tables import Table
 
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import require_inputs

@@ -15,7 +15,7 @@ from sdkit.errors import SdkitError
 
 if TYPE_CHECKING:  # rich only for tables: --json prints without it, tens of ms sooner
     from rich.console import Console
-    from rich.table import Table
+    from sdkit.cli.tables import Table
 
 _VALUE_WIDTH = 72
 _METADATA_ROWS = 200
@@ -38,7 +38,7 @@ def _literal_console() -> Console:
 
 def _table(title: str) -> Table:
     """A two-column table under a left-aligned title (rich imported here: human output only)."""
-    from rich.table import Table
+    from sdkit.cli.tables import Table
 
     return Table(title=title, show_header=False, title_justify="left")
 
@@ -135,22 +135,27 @@ def _refuse_unhashable(path: str) -> None:
 @cli.command("hash")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="A JSON list of {path, sha256, autov2, legacy, autov3}.")
-def hash_command(paths: tuple[str, ...], as_json: bool) -> None:
+@click.option("--sha256sum", "sha256sum", is_flag=True,
+              help="Only `SHA256  PATH` lines, as sha256sum prints them (`sha256sum -c` checks them).")
+def hash_command(paths: tuple[str, ...], as_json: bool, sha256sum: bool) -> None:
     """Hash model files the ways A1111 and Civitai do (one read per file).
+
+    Each file gets a `SHA256  PATH` line as sha256sum writes it, then its AutoV2, A1111
+    legacy and AutoV3 hashes; nothing is cut to fit the terminal.
 
     Example: sdkit hash a.safetensors b.ckpt --json
     """
     from sdkit.inspect import hashes_report
 
-    for path in paths:  # all checked before any is read: no partial table
+    for path in paths:  # all checked before any is read: no partial output
         _refuse_unhashable(path)
     rows = [{"path": path, **hashes_report(path)} for path in paths]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    from rich.table import Table
+    from sdkit.cli.terminal import echo
 
-    table = Table("path", "sha256", "AutoV2", "legacy", "AutoV3")
     for row in rows:
-        table.add_row(row["path"], row["sha256"], row["autov2"], row["legacy"], row["autov3"] or "—")
-    _literal_console().print(table)
+        echo(f"{row['sha256']}  {row['path']}")
+        if not sha256sum:
+            echo(f"  AutoV2 {row['autov2']}  legacy {row['legacy']}  AutoV3 {row['autov3'] or '—'}")

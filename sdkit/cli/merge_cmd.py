@@ -8,7 +8,7 @@ from typing import Any, Iterator
 
 import click
 from rich.console import Console
-from rich.table import Table
+from sdkit.cli.tables import Table
 
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli

@@ -129,7 +129,7 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
 
 
 def _render_check(report: Any) -> None:
-    from rich.table import Table
+    from sdkit.cli.tables import Table
 
     console = SafeConsole()
     known = report.candidate.get("known")
