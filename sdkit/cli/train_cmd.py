@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -44,8 +45,11 @@ def _train_progress(quiet: bool) -> Iterator[Any]:
                                TimeRemainingColumn)
 
     console = SafeConsole(stderr=True)
-    if quiet or not console.is_terminal:
+    if quiet:
         yield None
+        return
+    if not console.is_terminal:  # a log file or a pipe: lines, not a redrawn bar
+        yield ProgressLines(echo_line=lambda line: echo(line, err=True))
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[loss]}"), TextColumn("{task.fields[rate]}"),
@@ -64,6 +68,42 @@ def _train_progress(quiet: bool) -> Iterator[Any]:
                 fields["rate"] = f"{speed:.2f} it/s" if speed else ""
             bar.update(task, completed=event.done, total=event.total, **fields)
         yield update
+
+
+class ProgressLines:
+    """Training progress as plain lines for logs: the training phase every twentieth of its
+    steps and at its end (step, loss, learning rate, steps per second, time left); the
+    other phases when they finish."""
+
+    def __init__(self, echo_line: Callable[[str], None], clock: Callable[[], float] = time.monotonic,
+                 lines: int = 20) -> None:
+        self.echo_line, self.clock, self.lines = echo_line, clock, lines
+        self.started: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, event: Any) -> None:
+        now = self.clock()
+        start, first = self.started.setdefault(event.phase, (now, event.done))
+        if event.phase != "train":
+            if event.done >= event.total > 0:
+                self.echo_line(f"{event.phase}: {event.done}/{event.total} done in {now - start:.1f} s")
+            return
+        every = max(1, event.total // self.lines)
+        if event.done % every and event.done != event.total:
+            return
+        self.echo_line(self._train_line(event, now - start, event.done - first))
+
+    @staticmethod
+    def _train_line(event: Any, elapsed: float, steps: int) -> str:
+        rate = steps / elapsed if elapsed > 0 and steps else None
+        parts = [f"step {event.done}/{event.total}"]
+        if event.loss is not None:
+            parts.append(f"loss {event.loss:.4f}")
+        if event.lr is not None:
+            parts.append(f"lr {event.lr:.2e}")
+        if rate:
+            left = (event.total - event.done) / rate
+            parts += [f"{rate:.2f} it/s", f"ETA {int(left // 60)}:{int(left % 60):02d}"]
+        return "train: " + " · ".join(parts)
 
 
 @cli.command("train")

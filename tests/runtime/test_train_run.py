@@ -373,6 +373,33 @@ def test_cli_trains_reports_json_and_refuses_to_overwrite(sd1, data, tmp_path, c
     assert exit_info.value.code == 1 and "already exists (overwriting needs --force)" in capsys.readouterr().err
 
 
+
+def test_cli_progress_is_lines_when_not_on_a_terminal(sd1, data, tmp_path, capsys):
+    output = tmp_path / "sks.safetensors"
+    main(["train", "ti", "--base", str(sd1.file), "--data", str(data), "-o", str(output), "--steps", "3",
+          "--resolution", "32", "--init-word", "cat", "--lr", "0.01"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: step")]
+    assert [line.split(" · ")[0] for line in lines] == ["train: step 1/3", "train: step 2/3", "train: step 3/3"]
+    assert all(" · loss " in line and " · lr 1.00e-02" in line for line in lines)
+    assert " it/s · ETA 0:00" in lines[-1]
+
+
+def test_progress_lines_come_every_twentieth_of_training_with_rate_and_time_left():
+    from sdkit.cli.train_cmd import ProgressLines
+    from sdkit.runtime.train.loop import TrainEvent
+
+    printed, now = [], [0.0]
+    lines = ProgressLines(printed.append, clock=lambda: now[0])
+    lines(TrainEvent("latents", 4, 4))
+    for step in range(1, 101):
+        now[0] = step * 0.5  # two steps a second
+        lines(TrainEvent("train", step, 100, loss=0.25, lr=1e-4))
+    assert printed[0] == "latents: 4/4 done in 0.0 s"
+    steps = [line for line in printed if line.startswith("train:")]
+    assert len(steps) == 20 and steps[0].startswith("train: step 5/100 · loss 0.2500 · lr 1.00e-04")
+    assert "2.00 it/s · ETA 0:47" in steps[0] and steps[-1].endswith("ETA 0:00")
+
+
 @pytest.mark.slow
 def test_two_processes_train_data_parallel_through_accelerate(sd1, data, tmp_path):
     """torchrun sets what `accelerate launch` sets; accelerate then runs DDP (gloo on CPU)."""

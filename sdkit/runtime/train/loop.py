@@ -51,6 +51,7 @@ class TrainEvent:
     done: int
     total: int
     loss: float | None = None
+    lr: float | None = None  # the first parameter group's learning rate after the step
 
 
 Progress = Callable[[TrainEvent], None]
@@ -100,9 +101,9 @@ class Trainer:
         self.timings[name] = round(self.timings.get(name, 0.0) + now - self._clock, 3)
         self._clock = now
 
-    def _emit(self, phase: str, done: int, total: int, loss: float | None = None) -> None:
+    def _emit(self, phase: str, done: int, total: int, loss: float | None = None, lr: float | None = None) -> None:
         if self.progress is not None and self.accelerator.is_main_process:
-            self.progress(TrainEvent(phase, done, total, loss))
+            self.progress(TrainEvent(phase, done, total, loss, lr))
 
     def run(self) -> TrainResult:
         config = self.config
@@ -242,7 +243,7 @@ class Trainer:
         self.denoiser.train()
         for step in range(start, config.optim.steps):
             losses.append(self._optimizer_step(step))
-            self._emit("train", step + 1, config.optim.steps, losses[-1])
+            self._emit("train", step + 1, config.optim.steps, losses[-1], self.optimizer.param_groups[0]["lr"])
             self._after_step(step + 1, losses)
         return losses, start
 
