@@ -110,8 +110,11 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
     if as_json:
         click.echo(json.dumps({"outputs": [str(p) for p in result.outputs],
                                "seeds": [s.seed for s in result.samples],
-                               "parameters": result.samples[0].parameters, "notes": result.notes}, indent=2))
+                               "parameters": result.samples[0].parameters, "notes": result.notes,
+                               "warnings": result.warnings}, indent=2))
         return
+    for warning in result.warnings:  # shown even with --quiet: the picture lacks an asked-for adapter
+        echo(f"warning: {warning}", err=True)
     if quiet:
         return
     for note in result.notes:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from runtime_models import SIZE, STEPS, draw, max_difference, pixels
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
+from sdkit.runtime.sample.plan import AdapterArgs
 from sdkit.runtime.sample.sampler import Settings, sdxl_clip_skip
 from sdkit.runtime.sample.run import SampleJob, output_paths, run_sample
 from sdkit.runtime.sample.scheduler import SAMPLERS
@@ -158,7 +159,7 @@ def test_default_size_is_the_models_native_size(sd1):
 def test_missing_adapters_are_reported_before_any_model_loads(tmp_path):
     absent_model = str(tmp_path / "absent.safetensors")
     for job, expected in (
-            (SampleJob(model=absent_model, prompts=["a <lora:x:1> photo"]), "prompt tag <lora:x:1>"),
+            (SampleJob(model=absent_model, prompts=["a"], adapters=AdapterArgs(loras=["x.safetensors"])), "--lora"),
             (SampleJob(model=absent_model, prompts=["a"], vae=str(tmp_path / "v.pt")), "--vae"),
             (SampleJob(model=absent_model, prompts=["a"], settings=Settings(steps=0)), "--steps")):
         with pytest.raises(SdkitError, match=expected):

@@ -58,10 +58,22 @@ def test_library_finds_files_by_stem_and_subpath(tmp_path, layout):
     assert "models/LyCORIS" in kind_folders("lora") and "embeddings" in kind_folders("embedding")
 
 
-def test_a_name_without_a_library_asks_for_one(sd1):
-    with pytest.raises(SdkitError, match="--library") as caught:
-        draw(load_model(sd1.file), "a <lora:style:1> photo")
-    assert "\n" not in str(caught.value)
+def test_a_prompt_tag_nothing_answers_is_left_out_with_a_reason_as_a1111_does():
+    from sdkit.runtime.sample.plan import Adapters, plan_prompt
+
+    plan = plan_prompt("a <lora:style:1> photo", Adapters(), None)
+    assert plan.loras == () and plan.text.split() == ["a", "photo"]
+    (reason,) = plan.missing
+    assert "prompt tag <lora:style:1>" in reason and "--library" in reason and "as A1111 does" in reason
+
+
+def test_sample_draws_without_a_missing_prompt_lora_and_warns(sd1, tmp_path, capsys):
+    from cli_run import run_sdkit
+
+    code, _out, err = run_sdkit(capsys, "sample", str(sd1.file), "-p", "a red circle <lora:nowhere:0.8>",
+                                "--steps", "2", "--width", "32", "--height", "32", "-o", str(tmp_path / "a.png"))
+    assert code == 0, err
+    assert "warning: prompt tag <lora:nowhere:0.8>" in err and (tmp_path / "a.png").exists()
 
 
 def _webui(tmp_path, sd1):

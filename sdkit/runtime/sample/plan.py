@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sdkit.ops.adapter_input import parse_adapter_arg
+from sdkit.errors import SdkitError
 from sdkit.runtime.sample.library import Library, resolve_file
 from sdkit.runtime.sample.lora import LoraRequest
 from sdkit.runtime.sample.prompt import extract_networks
@@ -50,6 +51,7 @@ class PromptPlan:
     text: str  # tags removed, embedding names kept
     loras: tuple[LoraRequest, ...]
     hypernets: tuple[HypernetRequest, ...]
+    missing: tuple[str, ...] = ()  # why a prompt tag's adapter was left out
 
 
 def parse_embedding_arg(text: str) -> tuple[str, str | None]:
@@ -82,11 +84,16 @@ def plan_prompt(prompt: str, adapters: Adapters, library: Library | None) -> Pro
     text, tags = extract_networks(prompt)
     loras = list(adapters.loras)
     hypernets = list(adapters.hypernets)
+    missing = []
     for tag in tags:
         kind = "lora" if tag.kind == "lora" else "hypernetwork"
-        path = resolve_file(tag.name, kind, library, f"prompt tag {tag.text}")
+        try:
+            path = resolve_file(tag.name, kind, library, f"prompt tag {tag.text}")
+        except SdkitError as exc:  # A1111 says it could not find the network and draws without it
+            missing.append(f"{exc}; drawn without it, as A1111 does")
+            continue
         if kind == "lora":
             loras.append(LoraRequest(path, tag.name, tag.te_strength, tag.unet_strength))
         else:
             hypernets.append(HypernetRequest(path, tag.name, tag.te_strength))
-    return PromptPlan(text, tuple(loras), tuple(hypernets))
+    return PromptPlan(text, tuple(loras), tuple(hypernets), tuple(missing))

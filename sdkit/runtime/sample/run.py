@@ -52,6 +52,7 @@ class SampleResult:
     outputs: list[Path]
     samples: list[Sample]
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # prompt tags whose adapter was not found
 
 
 def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: bool = False,
@@ -77,7 +78,8 @@ def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: boo
         sampler.close()
     texts = [sample.parameters for sample in samples[:len(images)]]  # a grid: its first picture's
     written = [save_png(image, path, text, overwrite=overwrite) for image, path, text in zip(images, paths, texts)]
-    return SampleResult(written, samples, list(sampler.notes))
+    missing = list(dict.fromkeys(reason for plan in plans for reason in plan.missing))
+    return SampleResult(written, samples, list(sampler.notes), missing)
 
 
 def _draw(sampler: Sampler, plans: list[PromptPlan], job: SampleJob,
