@@ -66,7 +66,7 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
 @click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True,
               help="auto: fp16 on CUDA, fp32 on CPU.")
-@click.option("--grid", is_flag=True, help="One picture: a row per prompt, a column per seed.")
+@click.option("--grid", is_flag=True, help="One picture: a row per prompt, a column per seed; each picture is also written on its own (OUT-0, OUT-1, …).")
 @click.option("--xy", metavar="PARAM=V1,V2,...",
               help="One picture: a column per value of lora_strength, steps, cfg, seed, clip_skip or scheduler.")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=str),

@@ -164,7 +164,12 @@ def test_axis_specifications():
 def test_grid_of_prompts_and_seeds(sd1, tmp_path):
     job = SampleJob(model=str(sd1.file), prompts=["a photo", "cat"], batch=3, grid=True, settings=tiny_settings())
     result = run_sample(job, tmp_path / "grid.png")
-    assert len(result.outputs) == 1 and [s.seed for s in result.samples] == [1, 2, 3, 1, 2, 3]
+    assert [s.seed for s in result.samples] == [1, 2, 3, 1, 2, 3]
+    # the grid, then each picture on its own with its own parameters, as A1111 saves them
+    assert result.outputs == [tmp_path / "grid.png", *(tmp_path / f"grid-{n}.png" for n in range(6))]
+    for sample, single in zip(result.samples, result.outputs[1:]):
+        assert (pixels(Image.open(single)) == pixels(sample.image)).all()
+        assert read_png_parameters(single)["Seed"] == str(sample.seed)
     grid = pixels(Image.open(result.outputs[0]))
     layout = grid_layout(2, 3, (SIZE, SIZE), ["seed 1", "seed 2", "seed 3"], ["a photo", "cat"])
     assert grid.shape[:2] == (layout.size[1], layout.size[0])

@@ -179,8 +179,11 @@ def output_paths(output: Path, count: int) -> list[Path]:
     """`OUT` for one picture, `OUT-0`, `OUT-1`, ... (same suffix) for several."""
     if output.suffix.lower() != ".png":
         raise SdkitError(f"{output}: the output must be a .png file")
-    if count == 1:
-        return [output]
+    return [output] if count == 1 else numbered_paths(output, count)
+
+
+def numbered_paths(output: Path, count: int) -> list[Path]:
+    """`OUT-0`, `OUT-1`, ... (same suffix), numbered even for one."""
     width = len(str(count - 1))
     return [output.with_name(f"{output.stem}-{index:0{width}d}{output.suffix}") for index in range(count)]
 

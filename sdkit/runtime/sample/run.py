@@ -3,7 +3,8 @@
 Layouts of what is drawn:
 - plain: every prompt, `batch` seeds each (seed, seed+1, ...), one PNG per picture:
   `OUT` for a single picture, else `OUT-<n>` numbered in drawing order;
-- `grid`: the same pictures in one PNG, a row per prompt and a column per seed;
+- `grid`: the same pictures in one PNG, a row per prompt and a column per seed, and each
+  picture on its own beside it (`OUT-<n>`, numbered even when there is one);
 - `xy` (an `Axis`): one PNG, a column per value of the parameter and a row per prompt
   (and per seed when `batch` > 1).
 Grids carry the parameters of their first picture, as A1111's grids do. Every output
@@ -23,7 +24,7 @@ from sdkit.runtime.sample.sampler import Sample, Sampler, Settings, check_settin
 from sdkit.runtime.sample.grid import Axis, grid_image
 from sdkit.runtime.sample.library import Library, resolve_file
 from sdkit.runtime.sample.plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
-from sdkit.runtime.sample.png import check_output_paths, output_paths, picture_paths, save_png  # noqa: F401
+from sdkit.runtime.sample.png import check_output_paths, numbered_paths, output_paths, picture_paths, save_png  # noqa: F401
 
 # (label of the current picture run, steps done, steps in that run)
 RunProgress = Callable[[str, int, int], None]
@@ -65,7 +66,9 @@ def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: boo
         settings = job.settings if value is None else settings_with(job.settings, job.xy.parameter, value)
         check_settings(settings, job.batch)
     paths = picture_paths(output, len(job.prompts), job.batch, one_picture=job.grid or job.xy is not None)
-    check_output_paths(paths, overwrite)
+    # a grid keeps its pictures too, as A1111 saves both: OUT-0, OUT-1, … beside it
+    singles = numbered_paths(Path(output), len(job.prompts) * job.batch) if job.grid and job.xy is None else []
+    check_output_paths(paths + singles, overwrite)
     library = Library(Path(job.library)) if job.library else None
     vae = resolve_file(job.vae, "vae", library, f"--vae {job.vae}") if job.vae else None
     adapters = resolve_adapters(job.adapters, library)
@@ -78,6 +81,8 @@ def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: boo
         sampler.close()
     texts = [sample.parameters for sample in samples[:len(images)]]  # a grid: its first picture's
     written = [save_png(image, path, text, overwrite=overwrite) for image, path, text in zip(images, paths, texts)]
+    written += [save_png(sample.image, path, sample.parameters, overwrite=overwrite)
+                for sample, path in zip(samples, singles)]
     missing = list(dict.fromkeys(reason for plan in plans for reason in plan.missing))
     return SampleResult(written, samples, list(sampler.notes), missing)
 
