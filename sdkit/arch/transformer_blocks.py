@@ -1,5 +1,5 @@
 """Merge block ids of transformer diffusion models (FLUX.1, FLUX.2, Chroma, SD3.x, Z-Image,
-Qwen-Image, Lumina 2, HiDream, Wan), in both of each family's key conventions.
+Qwen-Image, Lumina 2, HiDream, Wan, Anima), in both of each family's key conventions.
 
 The ids come from the family's own data, not from a table per family: every numbered
 block list a family's `DenoiserLayout.counts` measures is either a stack of blocks or a
@@ -7,8 +7,8 @@ part of the input / output side, by the name of the count:
 
 - `double_blocks` → `D00`, `D01`, … (FLUX.1, FLUX.2, Chroma, HiDream double-stream blocks);
 - `single_blocks` → `S00`, … (their single-stream blocks);
-- `depth`, `blocks`, `layers` → `B00`, … (the one stack of SD3 `joint_blocks`, Wan and
-  Qwen-Image `blocks` / `transformer_blocks`, Z-Image and Lumina 2 `layers`);
+- `depth`, `blocks`, `layers` → `B00`, … (the one stack of SD3 `joint_blocks`, Wan, Anima
+  and Qwen-Image `blocks` / `transformer_blocks`, Z-Image and Lumina 2 `layers`);
 - `refiner_layers` (Z-Image / Lumina 2 noise and context refiners, which run on the
   image and caption tokens before the main stack) and `approximator_layers` (Chroma's
   `distilled_guidance_layer`, which computes every block's modulation) → `IN`;
@@ -39,7 +39,10 @@ matched in both conventions by the layouts' own count patterns, and the input / 
 modules of both conventions are named above.
 
 Keys may carry the `model.diffusion_model.` prefix (ComfyUI checkpoints, some single
-files); in a file that has it, only the keys under it are the diffusion model's.
+files); in a file that has it, only the keys under it are the diffusion model's. Files of
+the Cosmos design (Anima) hold the whole model in one module, `net.`: the root modules
+above are its children there. Count names that are none of the above (Anima's
+`adapter_blocks`, the text adapter's own blocks) make no ids: their keys are `IN`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ _OUTPUT_SIDE_COUNTS = ("nerf_blocks",)
 OUTPUT_MODULES = ("final_layer", "all_final_layer", "norm_out", "proj_out", "head", "norm_final",
                   "nerf_image_embedder", "nerf_final_layer", "nerf_final_layer_conv")
 _ROOT_OUTPUT_TENSORS = ("scale_shift_table",)  # a root tensor, not a module: only the bare name
+# the module that holds the whole model in files of the Cosmos design (Anima's `net.`):
+# its children are the root modules above
+_MODEL_ROOTS = ("net.",)
+
+
+def _module_path(relative: str) -> str:
+    """A key below the denoiser root without the model's own holder (`net.final_layer.…`
+    -> `final_layer.…`)."""
+    return next((relative[len(root):] for root in _MODEL_ROOTS if relative.startswith(root)), relative)
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,8 @@ class TransformerScheme:
         for side, patterns in self.side_patterns.items():
             if any(re.match(pattern, relative) for pattern in patterns):
                 return side
-        root = relative.split(".", 1)[0]
-        if root in OUTPUT_MODULES or relative in _ROOT_OUTPUT_TENSORS:
+        path = _module_path(relative)
+        if path.split(".", 1)[0] in OUTPUT_MODULES or path in _ROOT_OUTPUT_TENSORS:
             return OUT
         return IN
 
@@ -140,7 +152,7 @@ def _input_modules(family: Family, scheme: TransformerScheme) -> dict[str, tuple
     found: dict[str, list[str]] = {}
     for layout in family.layouts:
         for key in (*layout.shapes, *layout.optional_shapes, *layout.flags.values(), *layout.markers):
-            root = key.split(".", 1)[0]
+            root = _module_path(key).split(".", 1)[0]
             if root.startswith("_") or root in lists or scheme.block_of(key) != IN:
                 continue
             names = found.setdefault(layout.convention, [])

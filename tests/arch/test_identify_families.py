@@ -32,7 +32,7 @@ NEEDS = {"flux": ["CLIP-L", "T5-XXL", "FLUX VAE"], "sd3": ["CLIP-L", "CLIP-G", "
          "lumina2": ["Gemma-2-2B", "FLUX VAE"],
          "hidream": ["CLIP-L", "CLIP-G", "T5-XXL", "Llama-3.1-8B", "FLUX VAE"],
          "wan": ["UMT5-XXL", "Wan 2.1 VAE"], "chroma": ["T5-XXL", "FLUX VAE"],
-         "chroma-radiance": ["T5-XXL"]}
+         "chroma-radiance": ["T5-XXL"], "anima": ["Qwen3-0.6B", "Qwen-Image VAE"]}
 # releases that run with other parts than their family's usual ones
 RELEASE_NEEDS = {"Wan2.1-I2V-14B-480P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
                  "Wan2.1-I2V-14B-720P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 VAE"],
@@ -41,7 +41,7 @@ RELEASE_NEEDS = {"Wan2.1-I2V-14B-480P": ["UMT5-XXL", "CLIP-H vision", "Wan 2.1 V
                  "FLUX.2-klein-4B": ["Qwen3-4B", "FLUX.2 VAE"], "FLUX.2-klein-9B": ["Qwen3-8B", "FLUX.2 VAE"]}
 VARIANTS = {"FLUX.1-Fill-dev": "inpaint", "FLUX.1-Depth-dev": "depth", "Wan2.1-I2V-14B-480P": "i2v",
             "Wan2.1-I2V-14B-720P": "i2v", "Wan2.2-I2V-A14B": "i2v"}
-DIT_FAMILIES = ("z-image", "qwen-image", "lumina2", "hidream")
+DIT_FAMILIES = ("z-image", "qwen-image", "lumina2", "hidream", "anima")
 CONVENTIONS = [("ldm", ""), ("ldm", UNET), ("diffusers", "")]
 PRECISIONS = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F8_E4M3": "fp8 e4m3fn", "F8_E5M2": "fp8 e5m2"}
 
@@ -89,8 +89,9 @@ def test_each_release_in_each_convention(release, convention, prefix, shapes_of,
     assert identity.prediction == "unknown"  # flow matching: neither epsilon nor v
 
 
-@pytest.mark.parametrize("release", [name for name, m in RELEASES.items() if m.family in DIT_FAMILIES])
-@pytest.mark.parametrize("convention", ["ldm", "diffusers"])
+@pytest.mark.parametrize("release, convention", [
+    (name, convention) for name, m in RELEASES.items() if m.family in DIT_FAMILIES
+    for convention in ("ldm", "diffusers") if convention == "ldm" or m.diffusers_class is not None])
 def test_dit_family_releases_in_fp8(release, convention, shapes_of, tmp_path):
     model = RELEASES[release]
     path = write_header_only(tmp_path / "model.safetensors",
@@ -446,3 +447,50 @@ def test_a_flux_vae_folder_is_flux1s_though_chroma_shares_it(tmp_path):
                       typed(diffusers_vae_shapes(16, quant_convs=False), "F32"))
     identity = identify_file(folder)
     assert (identity.kind, identity.family, identity.part) == ("vae", "flux", "FLUX VAE")
+
+
+# --- Anima: Cosmos-Predict2's DiT with a text adapter, kept under `net.` ------------------------
+
+def _without_net(shapes: dict) -> dict:
+    return {name.removeprefix("net."): shape for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("prefix", ["", UNET])
+def test_anima_in_the_names_comfyui_holds_it_under(prefix, shapes_of, tmp_path):
+    """Without `net.` (ComfyUI's own names, ComfyUI-GGUF's, a ComfyUI checkpoint's
+    `model.diffusion_model.`), the same release."""
+    shapes = _without_net(shapes_of("Anima-2B", "ldm"))
+    identity = identify_file(write_header_only(tmp_path / "m.safetensors", typed(shapes, "BF16", prefix)))
+    assert (identity.kind, identity.family, identity.facts["release"]) == ("unet", "anima", "Anima-2B")
+    assert identity.summary == "Anima-2B diffusion model, bf16; needs: Qwen3-0.6B, Qwen-Image VAE"
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_a_tiny_anima_is_the_design_never_the_release(strip, tmp_path):
+    from released import TINY_LISTINGS
+
+    config, listing = TINY_LISTINGS["anima"]
+    shapes = _without_net(listing(config)) if strip else listing(config)
+    identity = identify_file(write_header_only(tmp_path / "tiny.safetensors", typed(shapes, "F32")))
+    assert (identity.kind, identity.family, identity.key_convention) == ("unet", "anima", "ldm")
+    assert "release" not in identity.facts and identity.facts["design"] == "Anima-2B"
+    assert identity.part.endswith("diffusion model (Anima-2B design, non-standard dimensions)")
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_cosmos_predict2_without_the_adapter_is_not_anima(strip, shapes_of, tmp_path):
+    """Cosmos-Predict2-2B has every DiT key of Anima; only the adapter tells Anima."""
+    shapes = {name: shape for name, shape in shapes_of("Anima-2B", "ldm").items()
+              if not name.startswith("net.llm_adapter.")}
+    shapes = _without_net(shapes) if strip else shapes
+    identity = identify_file(write_header_only(tmp_path / "cosmos.safetensors", typed(shapes, "BF16")))
+    assert identity.family == "unknown" and identity.facts.get("release") is None
+
+
+def test_anima_metadata_names():
+    from sdkit.arch.families import family_from_kohya_version, family_from_modelspec, modelspec_architecture
+
+    assert family_from_modelspec("anima-preview/lora") == family_from_modelspec("anima-unknown") == "anima"
+    assert family_from_kohya_version("anima") == "anima"
+    assert modelspec_architecture("anima", adapter="lora") == "anima-preview/lora"
+    assert FAMILIES["anima"].implementation == "https://huggingface.co/circlestone-labs/Anima"

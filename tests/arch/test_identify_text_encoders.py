@@ -24,6 +24,7 @@ from sdkit.io import open_model  # noqa: E402
 
 # part -> (family, families in the fact, other models in the fact, component, layouts with a vision tower)
 EXPECTED = {
+    "Qwen3-0.6B": ("anima", None, None, "text_encoder", ()),
     "Qwen3-4B": ("unknown", ["flux2", "z-image"], [], "text_encoder", ()),
     "Qwen3-8B": ("flux2", None, None, "text_encoder", ()),
     "Qwen2.5-VL-7B": ("unknown", ["qwen-image"], ["HunyuanImage-2.1"], "text_encoder",
@@ -33,7 +34,7 @@ EXPECTED = {
     "Mistral-Small-3.1-24B": ("flux2", None, None, "text_encoder", ("transformers", "hub")),
 }
 # part -> (design, hidden width, layers, vocabulary)
-SIZES = {"Qwen3-4B": ("qwen3", 2560, 36, 151936), "Qwen3-8B": ("qwen3", 4096, 36, 151936),
+SIZES = {"Qwen3-0.6B": ("qwen3", 1024, 28, 151936), "Qwen3-4B": ("qwen3", 2560, 36, 151936), "Qwen3-8B": ("qwen3", 4096, 36, 151936),
          "Qwen2.5-VL-7B": ("qwen2.5-vl", 3584, 28, 152064), "Gemma-2-2B": ("gemma2", 2304, 26, 256000),
          "Llama-3.1-8B": ("llama", 4096, 32, 128256), "Mistral-Small-3.1-24B": ("llama", 5120, 40, 131072)}
 LAYOUTS = ("transformers", "hub", "comfyui", "base")
@@ -117,13 +118,15 @@ UNET = "model.diffusion_model."
 
 @pytest.mark.parametrize("release, part", [
     ("Z-Image", "Qwen3-4B"), ("Qwen-Image", "Qwen2.5-VL-7B"), ("Lumina-Image-2.0", "Gemma-2-2B"),
+    ("Anima-2B", "Qwen3-0.6B"),
 ])
 def test_comfyui_all_in_one_checkpoints(release, part, shapes_of, tmp_path):
     model = RELEASES[release]
     tensors = typed(single_file_shapes(model), "BF16", UNET)
     slot = LANGUAGE_MODELS[part].comfy_slot
     tensors.update(typed(shapes_of(part, "comfyui"), "BF16", f"text_encoders.{slot}.transformer."))
-    vae = wan_vae_shapes(WAN21_VAE) if model.family == "qwen-image" else ldm_vae_shapes(16, quant_convs=False)
+    qwen_image_vae = model.family in ("qwen-image", "anima")
+    vae = wan_vae_shapes(WAN21_VAE) if qwen_image_vae else ldm_vae_shapes(16, quant_convs=False)
     tensors.update(typed(vae, "BF16", "vae."))
     identity = identify_tensors(tmp_path, tensors)
     assert (identity.kind, identity.family, identity.facts["release"]) == ("checkpoint", model.family, release)

@@ -88,10 +88,11 @@ def test_a_wan_relative_is_wan_but_no_release(tmp_path):
 
 
 # Qwen-Image's VAE is the Wan 2.1 design with the same latent statistics (ComfyUI gives both
-# the Wan21 latent format): the weights name the design, never one of the two families
+# the Wan21 latent format; Anima runs with the Qwen-Image VAE): the weights name the design,
+# never one of the families
 @pytest.mark.parametrize("config, family, part, compatible, channels", [
     (WAN21_VAE, "unknown", "16-channel video VAE (Qwen-Image VAE / Wan 2.1 VAE design: the weights alone do not tell which)",
-     ["qwen-image", "wan"], 16),
+     ["qwen-image", "wan", "anima"], 16),
     (WAN22_VAE, "wan", "Wan 2.2 VAE", ["wan"], 48),
 ])
 @pytest.mark.parametrize("convention", ["ldm", "diffusers"])

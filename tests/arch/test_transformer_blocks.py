@@ -176,3 +176,22 @@ def test_transformer_presets_follow_the_position():
     assert preset_values("GRAD_OUT", ids, transformer=True) == [0, 0.25, 0.5, 0.75, 1]
     assert preset_values("grad_in", ids, transformer=True) == [1, 0.75, 0.5, 0.25, 0]
     assert preset_values("GRAD_V", ids, transformer=True) == [1, 0.5, 0, 0.5, 1]
+
+
+@pytest.mark.parametrize("root", ["net.", ""])
+@pytest.mark.parametrize("prefix", ["", DENOISER_PREFIX])
+def test_anima_blocks_with_and_without_its_net_module(root, prefix):
+    """Anima keeps its whole model under `net.` (ComfyUI holds it without): its 28 DiT
+    blocks are B00–B27, the text adapter's blocks and the embedders IN, the final layer OUT."""
+    model = RELEASES["Anima-2B"]
+    keys = [prefix + root + name.removeprefix("net.") for name in single_file_shapes(model)]
+    layout = transformer_blocks("anima", keys)
+    assert layout.ids == ("IN", *(f"B{i:02d}" for i in range(28)), "OUT")
+    inner = prefix + root
+    assert layout.block_of(f"{inner}blocks.27.mlp.layer2.weight") == "B27"
+    assert layout.block_of(f"{inner}llm_adapter.blocks.5.mlp.0.weight") == "IN"
+    assert layout.block_of(f"{inner}x_embedder.proj.1.weight") == "IN"
+    assert layout.block_of(f"{inner}final_layer.adaln_modulation.2.weight") == "OUT"
+    assert layout.aliases["blocks.3."] == "B03"
+    (releases, released), = released_transformer_blocks("anima")
+    assert releases == ["Anima-2B"] and released.ids == layout.ids

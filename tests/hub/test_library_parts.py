@@ -354,3 +354,35 @@ def test_a_download_is_filed_under_the_family_civitai_names(civitai_parts, real_
         [entry] = library.index.entries()
     assert (entry.family, entry.release, entry.family_source) == ("flux", "FLUX.1-dev", "civitai")
 
+
+
+def test_anima_parts_are_filed_under_its_family(tmp_path: Path) -> None:
+    """Anima's diffusion model and its Qwen3-0.6B go in its folder; the Qwen-Image VAE,
+    which Qwen-Image runs with too, stays out of any one family's."""
+    from released import LANGUAGE_MODELS, WAN21_VAE, comfyui_layout, language_model_shapes
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    files = {
+        "anima-preview.safetensors": typed(single_file_shapes(RELEASES["Anima-2B"]), "BF16"),
+        "qwen_3_06b_base.safetensors": typed(comfyui_layout(language_model_shapes(LANGUAGE_MODELS["Qwen3-0.6B"])),
+                                             "BF16"),
+        "qwen_image_vae.safetensors": typed(wan_vae_shapes(WAN21_VAE), "BF16"),
+    }
+    for name, tensors in files.items():
+        write_header_only(inbox / name, tensors)
+    with Library.init(tmp_path / "lib", "comfyui", family_subfolders=True) as library:
+        placements = library.add([inbox / name for name in files], method="move")
+        placed = {name: p.entry.path for name, p in zip(files, placements)}
+        families = {name: p.entry.family for name, p in zip(files, placements)}
+    assert placed == {
+        "anima-preview.safetensors": "models/diffusion_models/anima/anima-preview.safetensors",
+        "qwen_3_06b_base.safetensors": "models/text_encoders/anima/qwen_3_06b_base.safetensors",
+        "qwen_image_vae.safetensors": "models/vae/qwen_image_vae.safetensors",
+    }
+    assert families["anima-preview.safetensors"] == "anima"
+
+
+def test_anima_civitai_name() -> None:
+    assert family_for_civitai_base_model("Anima") == ("anima", "Anima-2B")
+    assert civitai_base_models_for("anima") == ("Anima",)

@@ -2,7 +2,7 @@
 
 Each family module (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`, `flux2.py`, `chroma.py`,
 `kolors.py`, `playground.py`, `z_image.py`, `qwen_image.py`, `lumina2.py`, `hidream.py`,
-`wan.py`) holds what sdkit knows about its family as data (a `Family`,
+`wan.py`, `anima.py`) holds what sdkit knows about its family as data (a `Family`,
 see `spec.py`): released sizes and variants (`releases`), how its denoiser's keys are named
 in each convention with their shapes (`layouts`), the text encoders and VAE it needs, its
 latent format, prediction type, ModelSpec architecture strings, the kohya base-model
@@ -27,13 +27,14 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from sdkit.arch.families import (chroma, flux, flux2, hidream, kolors, lumina2, playground, qwen_image, sd,
-                                 sd3, sdxl, wan, z_image)
+from sdkit.arch.families import (anima, chroma, flux, flux2, hidream, kolors, lumina2, playground, qwen_image,
+                                 sd, sd3, sdxl, wan, z_image)
 from sdkit.arch.families.encoders import DECODER_ARCHITECTURES, RELEASED_ENCODERS
 from sdkit.arch.families.spec import (DenoiserLayout, Family, LatentFormat, Release,
                                       TextEncoderSpec)
 
-_MODULES = (sd, sdxl, sd3, flux, flux2, chroma, kolors, playground, z_image, qwen_image, lumina2, hidream, wan)
+_MODULES = (sd, sdxl, sd3, flux, flux2, chroma, kolors, playground, z_image, qwen_image, lumina2, hidream, wan,
+            anima)
 
 FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
 
