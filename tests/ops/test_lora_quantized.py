@@ -318,7 +318,6 @@ def _nvfp4_layer(tensors: dict, layer: str) -> None:
     tensors[layer + ".weight_scale"] = torch.ones(rows, columns // 16).to(torch.float8_e4m3fn)
     tensors[layer + ".weight_scale_2"] = torch.tensor(1.0)
     tensors[layer + ".comfy_quant"] = torch.tensor(list(b'{"format":"nvfp4"}'), dtype=torch.uint8)
-    return None
 
 
 def _mxfp8_layer(tensors: dict, layer: str) -> None:
@@ -364,3 +363,23 @@ def test_gguf_base_needs_a_gguf_output(made, tmp_path, capsys):
     code, _out, err = run_sdkit(capsys, "lora", "bake", str(made["Q4_K"]), str(made["lora"]), "-o", str(out))
     assert code == 1 and "give a .gguf output path" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_changed_gguf_tensor_in_a_type_sdkit_does_not_write_is_refused(made, tmp_path, capsys):
+    from sdkit.io.gguf_writer import GgufTensor, write_gguf
+
+    name = "double_blocks.0.img_attn.proj.weight"
+    tensors = []
+    for tensor in gguf.GGUFReader(made["Q8_0"]).tensors:
+        shape = tuple(int(dim) for dim in reversed(tensor.shape))
+        if tensor.name == name:  # a type llama.cpp uses for activations, never written by sdkit
+            blocks = 256 * 256 // 32 * gguf.GGML_QUANT_SIZES[Q.Q8_1][1]
+            tensors.append(GgufTensor(name, shape, Q.Q8_1, lambda: np.zeros(blocks, dtype=np.uint8)))
+        else:
+            tensors.append(GgufTensor(tensor.name, shape, tensor.tensor_type, lambda data=tensor.data: data))
+    base = tmp_path / "q8_1.gguf"
+    write_gguf(base, "flux", {}, tensors)
+    out = tmp_path / "out.gguf"
+    code, _out, err = run_sdkit(capsys, "lora", "bake", str(base), str(made["lora"]), "-o", str(out))
+    assert code == 1 and err.startswith("sdkit: error: ") and err.count("\n") == 1, err
+    assert "Q8_1, which sdkit does not write" in err and not out.exists()
