@@ -312,6 +312,65 @@ def _read_entries(path: Path, file: BinaryIO, file_size: int) -> tuple[dict[str,
     return entries, _metadata(refuse, reader)
 
 
+@dataclass(frozen=True)
+class StoredField:
+    """A key/value as the file stores it: the value, its GGUF type and, for an array,
+    its items' type."""
+
+    key: str
+    value: Any
+    kind: gguf.GGUFValueType
+    item_kind: gguf.GGUFValueType | None = None
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as the file stores it: GGML type, dims in PyTorch order (reversed GGUF
+    dims, before any `comfy.gguf.orig_shape`), and its bytes (a view of the mapping)."""
+
+    name: str
+    ggml_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class GgufLayout:
+    """A GGUF file's header fields and tensors in file order, as stored: what a writer
+    needs to write the file again with some tensors replaced."""
+
+    architecture: str
+    fields: list[StoredField]
+    tensors: list[StoredTensor]
+
+
+def read_gguf_layout(path: Path) -> GgufLayout:
+    """The stored fields and tensors of a GGUF file (checked as `open_gguf` checks it);
+    the tensors' bytes stay mapped, not read."""
+    refuse = _Refusal(path)
+    with open(path, "rb") as file:
+        reader = _read_gguf(refuse, file)
+        fields = [_stored_field(refuse, name, field) for name, field in reader.fields.items()
+                  if name not in _READER_COUNT_FIELDS and name != "GGUF.version"]
+        tensors = [StoredTensor(tensor.name, tensor.tensor_type,
+                                tuple(reversed([int(dim) for dim in tensor.shape.tolist()])), tensor.data)
+                   for tensor in reader.tensors]
+    architecture = next((f.value for f in fields if f.key == "general.architecture"), None)
+    if not isinstance(architecture, str):
+        raise refuse("it has no general.architecture string")
+    return GgufLayout(architecture, [f for f in fields if f.key != "general.architecture"], tensors)
+
+
+def _stored_field(refuse: _Refusal, name: str, field: Any) -> StoredField:
+    kind = field.types[0]
+    if kind != gguf.GGUFValueType.ARRAY:
+        return StoredField(name, field.contents(), kind)
+    item_kind = field.types[1] if len(field.types) > 1 else gguf.GGUFValueType.INT32
+    if item_kind == gguf.GGUFValueType.ARRAY:
+        raise refuse(f"key {name!r} holds arrays of arrays, which sdkit does not copy")
+    return StoredField(name, field.contents() if field.data else [], kind, item_kind)
+
+
 def open_gguf(path: Path) -> ModelFile:
     """ModelFile over a GGUF file; SdkitError naming the broken rule if invalid."""
     fileno = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))

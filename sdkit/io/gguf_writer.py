@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gguf
 import numpy as np
@@ -27,7 +27,19 @@ import numpy as np
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
 from sdkit.io.output_path import write_file_atomically
 
-Field = str | int | list[int]
+
+
+@dataclass(frozen=True)
+class TypedField:
+    """A value with its GGUF type (and its items' type, for an array): a field copied
+    from another file as it was stored."""
+
+    value: Any
+    kind: gguf.GGUFValueType
+    item_kind: gguf.GGUFValueType | None = None
+
+
+Field = str | int | list[int] | TypedField
 
 
 @dataclass(frozen=True)
@@ -48,7 +60,9 @@ class GgufTensor:
 
 
 def _add_field(writer: gguf.GGUFWriter, key: str, value: Field) -> None:
-    if isinstance(value, str):
+    if isinstance(value, TypedField):
+        writer.add_key_value(key, value.value, value.kind, value.item_kind)
+    elif isinstance(value, str):
         writer.add_string(key, value)
     elif isinstance(value, list):
         writer.add_array(key, value)  # integers: an ARRAY of INT32, as ComfyUI-GGUF reads it

@@ -71,43 +71,91 @@ def _limits(dtype: str) -> tuple["torch.dtype", float]:
     return torch_dtype, float(torch.finfo(torch_dtype).max)
 
 
-class _Quantized:
-    """One weight's fp8 values and scale, made once for the weight and its scale tensor."""
+def fp8_scale(weight: "torch.Tensor", dtype: str, scaling: str,
+              scale_dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+    """The float32 scale ComfyUI stores beside a float32 `weight` in fp8: scaling "plain"
+    (1), "tensor" (one: the largest |value| over the format's largest value) or "row"
+    (one such value per output row, shaped (rows, 1)). Rounded to `scale_dtype` first
+    where the file stores scales narrower than float32, so that values × stored scale is
+    the weight; an all-zero weight or row gets 1."""
+    import torch
 
-    def __init__(self, name: str, lazy: LazyTensor, dtype: str, scaled: bool, report: Fp8Report) -> None:
-        self.name, self.lazy, self.dtype, self.scaled, self.report = name, lazy, dtype, scaled, report
+    _torch_dtype, largest = _limits(dtype)
+    if scaling == "plain" or not weight.numel():
+        scale = torch.ones((), dtype=torch.float32)
+    elif scaling == "row":  # the division in float64, as for one scale
+        peaks = weight.reshape(weight.shape[0], -1).abs().amax(dim=1, keepdim=True)
+        scale = (peaks.to(torch.float64) / largest).to(torch.float32)
+    else:
+        scale = torch.tensor(float(weight.abs().max()) / largest, dtype=torch.float32)
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).to(torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fp8_values(weight: "torch.Tensor", dtype: str, scale: "torch.Tensor") -> "torch.Tensor":
+    """A float32 `weight` divided by its `scale` (one value, or one per row) in fp8,
+    values beyond the format's range clamped to it, never NaN."""
+    torch_dtype, largest = _limits(dtype)
+    rows = scale.reshape(-1, *([1] * (weight.ndim - 1))) if scale.numel() > 1 else scale.reshape(())
+    return (weight / rows).clamp_(-largest, largest).to(torch_dtype)
+
+
+def scaled_values(values: "torch.Tensor", scale: "torch.Tensor") -> "torch.Tensor":
+    """Stored values times their scale (one value, or one per output row) in float32:
+    the weight ComfyUI's tensor- and row-scaled layouts mean."""
+    import torch
+
+    values = values.to(torch.float32)
+    factors = scale.to(torch.float32)
+    if factors.numel() == 1:
+        return values * factors.reshape(())
+    return values * factors.reshape(-1, *([1] * (values.ndim - 1)))
+
+
+class Fp8Weight:
+    """One weight in fp8 and its scale tensor, each made when the writer asks for it.
+
+    `lazy` loads the float weight; `scaling` is "plain", "tensor" or "row" (see
+    `fp8_scale`); the scale tensor is given `scale_shape` and `scale_dtype`. The writer
+    lays out float32 scales before fp8 weights: a scale asked for first is measured on
+    a load of its own and kept (one value, or one per row), and the values are made from
+    a second load when their turn comes: holding them in between would hold every fp8
+    weight of the model."""
+
+    def __init__(self, name: str, lazy: LazyTensor, dtype: str, scaling: str, report: LayerClassErrors,
+                 scale_shape: tuple[int, ...] = (), scale_dtype: "torch.dtype | None" = None) -> None:
+        self.name, self.lazy, self.dtype, self.scaling, self.report = name, lazy, dtype, scaling, report
+        self.scale_shape, self.scale_dtype = scale_shape, scale_dtype
         self._lock = threading.Lock()
-        self._scale: float | None = None
+        self._scale: "torch.Tensor | None" = None
 
-    def _make(self) -> tuple["torch.Tensor", float]:
+    def _float_weight(self) -> "torch.Tensor":
         import torch
 
-        torch_dtype, largest = _limits(self.dtype)
-        weight = self.lazy.load().to(torch.float32)
-        peak = float(weight.abs().max()) if weight.numel() else 0.0
-        scale = peak / largest if self.scaled and peak > 0 else 1.0
-        values = (weight / scale).clamp_(-largest, largest).to(torch_dtype)
-        error = values.to(torch.float32).mul_(scale).sub_(weight)
-        self.report.record(self.name, float(error.abs().max()) if error.numel() else 0.0,
-                           float(error.square().sum()), float(weight.square().sum()))
-        return values, scale
+        return self.lazy.load().to(torch.float32)
+
+    def _known_scale(self, weight: "torch.Tensor") -> "torch.Tensor":
+        with self._lock:
+            if self._scale is None:
+                self._scale = fp8_scale(weight, self.dtype, self.scaling, self.scale_dtype)
+            return self._scale
 
     def weight(self) -> "torch.Tensor":
-        values, scale = self._make()
-        with self._lock:
-            self._scale = scale
+        weight = self._float_weight()
+        scale = self._known_scale(weight)
+        values = fp8_values(weight, self.dtype, scale)
+        error = scaled_values(values, scale).sub_(weight)
+        self.report.record(self.name, float(error.abs().max()) if error.numel() else 0.0,
+                           float(error.square().sum()), float(weight.square().sum()))
         return values
 
     def scale(self) -> "torch.Tensor":
-        import torch
-
         with self._lock:
             known = self._scale
-        if known is None:  # asked before the weight was made: measure the weight for it
-            _torch_dtype, largest = _limits(self.dtype)
-            peak = float(self.lazy.load().to(torch.float32).abs().max()) if self.lazy.shape[0] else 0.0
-            known = peak / largest if peak > 0 else 1.0
-        return torch.tensor(known, dtype=torch.float32)
+        if known is None:
+            known = self._known_scale(self._float_weight())
+        return known.to(self.scale_dtype or known.dtype).reshape(self.scale_shape)
 
 
 def _json_tensor(value: Mapping[str, str]) -> LazyTensor:
@@ -147,7 +195,7 @@ def cast_fp8(tensors: Mapping[str, LazyTensor], dtype: str, scaling: str, keep: 
             out[name] = lazy
             continue
         report.cast.append(name)
-        quantized = _Quantized(name, lazy, dtype, scaling != "plain", report)
+        quantized = Fp8Weight(name, lazy, dtype, "plain" if scaling == "plain" else "tensor", report)
         out[name] = LazyTensor(code, lazy.shape, quantized.weight)
         layer = name[: -len(".weight")]
         if scaling == "scaled":

@@ -32,7 +32,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
     (["sample", "{flux}", "-p", "a cat", "-o", "{out}/cat.png"], f"is {FLUX_PART}, not a whole model to sample from"),
     (["lora", "check", "{flux}", "{flux}"], f"is {FLUX_PART}, not a LoRA / LyCORIS adapter"),
     (["lora", "bake", "{flux}", "{flux}", "-o", "{out}/merged.safetensors"],
-     f"is {FLUX_PART} in fp8 e4m3fn; sdkit bakes adapters into bf16 / fp16 / fp32 transformers so far"),
+     f"is {FLUX_PART}, not a LoRA / LyCORIS adapter"),
     (["lora", "check", "{vae}", "{flux}"], "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone "
                                            "do not tell which), not a model adapters can be applied to"),
     (["merge", "{flux}", "{vae}", "-o", "{out}/merged.safetensors"],

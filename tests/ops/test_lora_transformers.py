@@ -14,7 +14,6 @@ from safetensors import safe_open
 from cli_run import run_sdkit
 from fixtures.families.released import TINY, tiny_tensors
 from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
-from sdkit.errors import SdkitError
 from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from transformer_loras import assert_close, converted, load, random_lora, relative_error, save
@@ -98,15 +97,6 @@ def test_dtype_option_and_a_lone_diffusers_folder(tmp_path):
     baked = load(tmp_path / "baked" / "diffusion_pytorch_model.safetensors")
     assert {value.dtype for value in baked.values()} == {torch.bfloat16}
     assert (tmp_path / "baked" / "config.json").exists()
-
-
-def test_fp8_bases_are_refused_in_one_line(tmp_path):
-    base = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in tiny_tensors("flux", "ldm").items()}
-    lora = save({"lora_unet_img_in.lora_down.weight": torch.randn(2, 4),
-                 "lora_unet_img_in.lora_up.weight": torch.randn(32, 2)}, tmp_path / "lora.safetensors")
-    with pytest.raises(SdkitError, match="bf16 / fp16 / fp32 transformers"):
-        bake_loras(save(base, tmp_path / "fp8.safetensors"), [AdapterInput(str(lora))], tmp_path / "out.safetensors")
-    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_weight_dependent_types_on_a_cut_layer_are_reported_not_guessed(tmp_path):

@@ -59,13 +59,9 @@ _MIXED_SIDE_TENSORS = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".inp
 def _row_scaled(weight: LazyTensor, scale: LazyTensor) -> "torch.Tensor":
     """A weight times its scale: one value, or one per output row (ComfyUI's tensor- and
     row-wise fp8 / int8 layouts)."""
-    import torch
+    from sdkit.ops.fp8 import scaled_values
 
-    values = weight.load().to(torch.float32)
-    factors = scale.load().to(torch.float32)
-    if factors.numel() == 1:
-        return values * factors.reshape(())
-    return values * factors.reshape(-1, *([1] * (values.ndim - 1)))
+    return scaled_values(weight.load(), scale.load())
 
 
 def dequantize_mixed(tensors: dict[str, LazyTensor], layers: dict[str, "QuantFormat | None"],

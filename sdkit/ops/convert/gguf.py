@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -42,20 +42,16 @@ import numpy as np
 from sdkit.arch.families import FAMILIES
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor
-from sdkit.io.gguf_kquants import QUANTIZERS, quantize_k
 from sdkit.io.gguf_writer import GgufTensor, patch_field_text, write_gguf
 from sdkit.io.writer import DATA_SHA256
 from sdkit.ops.convert.model import _ModelConversion
 from sdkit.ops.convert.transformer import TransformerConversion
+from sdkit.ops.gguf_quant import gguf_producer
 from sdkit.ops.quant_error import LayerClassErrors
 from sdkit.ops.precision import key_matcher
 from sdkit.ops.recipe_meta import SpecFacts, build_metadata
 
-if TYPE_CHECKING:
-    import torch
-
 Q = gguf.GGMLQuantizationType
-_SLICE_VALUES = 1 << 22  # values quantized at once
 F = gguf.LlamaFileType
 QUANT_TYPES = ("F16", "BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K", "Q2_K")
 FILE_TYPES = {"F16": F.MOSTLY_F16, "BF16": F.MOSTLY_BF16, "Q8_0": F.MOSTLY_Q8_0, "Q6_K": F.MOSTLY_Q6_K,
@@ -180,60 +176,10 @@ def _kept_reason(name: str, stored: tuple[int, ...], rules: ArchRules, keep: Cal
     return None
 
 
-def _stored_values(values: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.ndarray:
-    if kind == Q.F32:
-        return values
-    if kind.name in QUANTIZERS:
-        return quantize_k(values, kind.name)
-    return gguf.quants.quantize(values, kind)
-
-
 def _producer(name: str, lazy: LazyTensor, choice: _Choice, report: GgufReport) -> Callable[[], np.ndarray]:
-    def produce() -> np.ndarray:
-        tensor: "torch.Tensor" = lazy.load()
-        if choice.kept == "integer":
-            return tensor.contiguous().numpy()
-        rows = tensor.reshape(choice.shape)
-        # a slice of rows at a time: the float32 copy, the quantizer's temporaries and the
-        # error measure stay a few tens of megabytes whatever the tensor's size
-        step = max(1, _SLICE_VALUES // max(1, _count(choice.shape[1:])))
-        error = _ErrorSums()
-        parts = [_stored_slice(name, rows[start:start + step], choice, error)
-                 for start in range(0, rows.shape[0], step)]
-        if choice.kept is None:
-            report.record(name, error.max_abs, error.squared_error, error.squared_norm)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return produce
-
-
-@dataclass
-class _ErrorSums:
-    max_abs: float = 0.0
-    squared_error: float = 0.0
-    squared_norm: float = 0.0
-
-
-def _stored_slice(name: str, rows: "torch.Tensor", choice: _Choice, error: _ErrorSums) -> np.ndarray:
-    import torch
-
-    values = rows.to(torch.float32).numpy()
-    if not np.isfinite(values).all():
-        raise SdkitError(f"{name}: holds inf or nan values; they have no GGUF {choice.ggml_type.name} form")
-    stored = _stored_values(values, choice.ggml_type)
-    if choice.ggml_type == Q.F16 and np.isinf(stored).any():
-        raise SdkitError(f"{name}: values beyond float16's range (±65504); use --quant BF16 or keep it "
-                         "with a bfloat16 source")
-    if choice.kept is None:
-        _measure(values, stored, choice.ggml_type, error)
-    return stored
-
-
-def _measure(values: np.ndarray, stored: np.ndarray, kind: gguf.GGMLQuantizationType, error: _ErrorSums) -> None:
-    difference = gguf.quants.dequantize(stored, kind).reshape(values.shape) - values
-    if difference.size:
-        error.max_abs = max(error.max_abs, float(np.abs(difference).max()))
-    error.squared_error += float(np.square(difference, dtype=np.float64).sum())
-    error.squared_norm += float(np.square(values, dtype=np.float64).sum())
+    if choice.kept == "integer":
+        return lambda: lazy.load().contiguous().numpy()
+    return gguf_producer(name, lazy, choice.ggml_type, choice.shape, report if choice.kept is None else None)
 
 
 def _rules(family_name: str) -> tuple[str, ArchRules]:

@@ -15,7 +15,9 @@ options) and ModelSpec. A transformer denoiser (FLUX, SD3, …; alone, under
 `model.diffusion_model.` in a checkpoint, or a lone diffusers folder) keeps its own names,
 and its other parts are copied; a fused single-file module may land on several diffusers
 tensors and a diffusers part on rows of a fused tensor (`lora_names.Target.pieces`).
-Transformers in fp8 or GGUF are refused until the bake writes those formats back.
+A transformer in fp8 (plain, ComfyUI scaled or mixed) or GGUF is baked in float32 and
+its touched weights stored back in their own format, the output in the base's container
+(`quantized.py`).
 
     from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
     bake_loras("base.safetensors", [AdapterInput("style.safetensors", 0.8)], "out.safetensors")
@@ -36,6 +38,8 @@ from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
 from sdkit.io.model_file import FLOAT_DTYPES
 from sdkit.io.output_path import build_in_partial, check_output_path
 from sdkit.ops.lora.compute import KeyBaker
+from sdkit.ops.lora.quantized import (QuantizedBase, RequantReport, gguf_string_fields, quantization_scheme,
+                                      quantized_base, requantized_tensors, scale_owners, write_baked_gguf)
 from sdkit.ops.lora.plan import (COMPONENT_CHOICES, AdapterInput, AdapterReport, BakePlan, OpenBase, open_base,
                                  plan_bake)
 from sdkit.ops.folders import write_component_folder, write_pipeline_folder
@@ -51,6 +55,7 @@ __all__ = ["AdapterInput", "BakeOptions", "BakeResult", "bake_loras"]
 Progress = Callable[[int], None]
 DTYPE_CODES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 _SAFETENSORS = (".safetensors", ".sft")
+_GGUF = ".gguf"
 
 
 @dataclass(frozen=True)
@@ -83,11 +88,13 @@ class BakeResult:
     tensors: int = 0
     touched: int = 0
     notes: list[str] = field(default_factory=list)
+    requantized: RequantReport | None = None  # a quantized base's touched weights stored back
 
     def to_json(self) -> dict[str, Any]:
         return {"output": self.output, "convention": self.convention, "tensors": self.tensors,
                 "touched": self.touched, "adapters": [a.to_json() for a in self.adapters],
-                "notes": self.notes}
+                "notes": self.notes,
+                "requantized": self.requantized.to_json() if self.requantized is not None else None}
 
 
 def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
@@ -100,18 +107,26 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
     with ExitStack() as stack:
         digests = stack.enter_context(InputDigests([base, *(item.path for item in adapters)]))
         opened = open_base(str(base), stack)
+        quantized = quantized_base(opened, options.dtype)
+        _check_output_format(opened, output)
         plan = plan_bake(opened, adapters, stack, components=options.components, blocks=options.blocks,
                          rank=options.rank, alpha=options.alpha,
                          allow_family_mismatch=options.allow_family_mismatch)
         own = opened.denoiser.layout.convention if opened.denoiser else opened.view.convention
         result = BakeResult(str(output), options.to or own, plan.reports,
                             notes=list(opened.names.notes))
-        baker = key_baker(plan, options.dtype)
-        tensors = baked_tensors(plan, baker, baker.compute, options.dtype, result)
+        baker = key_baker(plan, options.dtype, quantized)
         # touched keys are computed on the writer's worker threads, ahead of it, while it
         # copies the untouched ones; one torch thread each, as for merges
-        stack.enter_context(single_threaded_torch())
-        _write(opened, tensors, output, options, adapters, result, overwrite, progress, digests, baker)
+        if quantized is not None:
+            result.requantized = RequantReport(quantized.scheme)
+            stack.enter_context(single_threaded_torch())
+            _write_quantized(opened, quantized, baker, output, options, adapters, result, overwrite, progress,
+                             digests)
+        else:
+            tensors = baked_tensors(plan, baker, baker.compute, options.dtype, result)
+            stack.enter_context(single_threaded_torch())
+            _write(opened, tensors, output, options, adapters, result, overwrite, progress, digests, baker)
     if baker.clamped:
         result.notes.append(f"{len(baker.clamped)} baked tensors clamped to the output dtype's range "
                             f"(e.g. {baker.clamped[0]})")
@@ -120,13 +135,18 @@ def bake_loras(base: str | os.PathLike[str], adapters: Sequence[AdapterInput],
 
 # ---- the baked tensors -------------------------------------------------------------------
 
-def key_baker(plan: BakePlan, dtype: str | None) -> KeyBaker:
+def key_baker(plan: BakePlan, dtype: str | None, quantized: QuantizedBase | None = None) -> KeyBaker:
+    """The baker of the touched keys: each made in its output dtype, or in float32 where a
+    quantized base's weight is stored back in its format afterwards."""
     target = DTYPE_CODES[dtype] if dtype else None
     codes = {}
     for name, lazy in plan.base.view.tensors.items():
-        if name in plan.weights or name in plan.biases:
+        if quantized is not None and quantized.requantized(name) and (name in plan.weights or name in plan.biases):
+            codes[name] = "F32"
+        elif name in plan.weights or name in plan.biases:
             codes[name] = target if target and lazy.dtype in FLOAT_DTYPES else lazy.dtype
-    return KeyBaker(plan.base.view.tensors, plan.weights, plan.biases, codes)
+    sources = quantized.sources if quantized is not None else plan.base.view.tensors
+    return KeyBaker(sources, plan.weights, plan.biases, codes)
 
 
 def baked_tensors(plan: BakePlan, baker: KeyBaker, load: Callable[[str], "torch.Tensor"], dtype: str | None,
@@ -191,6 +211,48 @@ def _write(opened: OpenBase, tensors: dict[str, LazyTensor], output: Path, optio
     result.notes += folder.notes
 
 
+def _write_quantized(opened: OpenBase, quantized: QuantizedBase, baker: KeyBaker, output: Path,
+                     options: BakeOptions, adapters: Sequence[AdapterInput], result: BakeResult, overwrite: bool,
+                     progress: Progress | None, digests: InputDigests) -> None:
+    """A quantized transformer base, baked and written back in its own format and container."""
+    _check_transformer_convention(opened, options)
+    report = result.requantized
+    assert report is not None
+    result.touched = len(baker.codes)
+    if quantized.layout is not None:
+        metadata = _metadata(opened, adapters, options, output, opened.denoiser.layout.convention, digests,
+                             carried=gguf_string_fields(quantized))
+        result.tensors = write_baked_gguf(quantized, baker, output, metadata, digests, report,
+                                          overwrite=overwrite, progress=progress)
+    else:
+        _require_file(output)
+        metadata = _metadata(opened, adapters, options, output, opened.denoiser.layout.convention, digests)
+        tensors = requantized_tensors(quantized, opened.view.tensors, baker, report)
+        owners = scale_owners(quantized)
+
+        def cost(name: str) -> int:
+            owner = owners.get(name, name)
+            return baker.cost(owner) if owner in baker.codes else tensors[name].nbytes
+        write_safetensors(output, tensors, metadata, overwrite=overwrite, progress=progress, finish=digests.patch,
+                          workers=DEFAULT_WORKERS, cost=cost)
+        result.tensors = len(tensors)
+    if report.requantized:
+        result.notes.append(f"{len(report.requantized)} changed weights stored back in {opened.identity.precision.label}; "
+                            "requantization error, worst layer classes first:")
+        result.notes += report.summary()
+
+
+def _check_output_format(opened: OpenBase, output: Path) -> None:
+    """A GGUF base gives a .gguf file, any other base no .gguf: the output keeps the
+    base's container."""
+    gguf_base = quantization_scheme(opened) == "gguf"
+    if gguf_base and output.suffix.lower() != _GGUF:
+        raise SdkitError(f"{output}: a bake into a GGUF base writes GGUF; give a .gguf output path")
+    if not gguf_base and output.suffix.lower() == _GGUF:
+        raise SdkitError(f"{output}: the bake keeps the base's format ({opened.model.path} is not GGUF); "
+                         "convert the baked file with `sdkit convert --to gguf`")
+
+
 def _check_transformer_convention(opened: OpenBase, options: BakeOptions) -> None:
     own = opened.denoiser.layout.convention
     if options.to is not None and options.to != own:
@@ -221,12 +283,14 @@ def _write_standalone(opened: OpenBase, tensors: dict[str, LazyTensor], output: 
 
 
 def _metadata(opened: OpenBase, adapters: Sequence[AdapterInput], options: BakeOptions, output: Path,
-              convention: str, digests: InputDigests) -> dict[str, str]:
+              convention: str, digests: InputDigests, carried: dict[str, str] | None = None) -> dict[str, str]:
+    """The output's metadata; `carried` (default: the base's metadata) is what it keeps."""
     params = {"strengths": [item.strength for item in adapters],
               **{k: v for k, v in asdict(options).items() if v not in (None, False, "all")}}
     implementation = DIFFUSERS_IMPLEMENTATION if convention == "diffusers" else None
     facts = SpecFacts.from_identity(opened.identity, implementation=implementation)
-    carried = {} if opened.model.components else {
-        k: v for k, v in opened.model.metadata.items() if k != "modelspec.title"}
+    if carried is None:
+        carried = {} if opened.model.components else opened.model.metadata
+    carried = {k: v for k, v in carried.items() if k != "modelspec.title"}
     return build_metadata("lora-bake", digests.paths, params, facts, title=output.stem, carried=carried,
                           hashes=digests.placeholders)

@@ -103,7 +103,8 @@ def open_base(path: str, stack: ExitStack, *, transformers: bool = True) -> Open
         names = transformer_names(view.tensors, root, match)
         packed = packed_weights(identity)
         if packed:
-            names.notes.append(f"its weights are {packed}: lora bake takes bf16 / fp16 / fp32 transformers only so far")
+            names.notes.append(f"its weights are {packed}: a bake stores the weights it changes back in that "
+                               "format")
         return OpenBase(model, identity, view, names, match)
     names = model_names(view.convention, view.layout, view.tensors, view.configs)
     if not names.targets:
@@ -120,16 +121,6 @@ def packed_weights(identity: Identity) -> str | None:
     if quantized or (precision.dominant and precision.dominant not in _PLAIN_DTYPES):
         return precision.label or quantized or precision.dominant
     return None
-
-
-def require_plain_weights(base: OpenBase) -> None:
-    """Refuse to bake into packed transformer weights (a scale would be lost, or a block
-    requantized) until the bake writes them back in their own format."""
-    packed = packed_weights(base.identity) if base.denoiser is not None else None
-    if packed:
-        raise SdkitError(f"{base.model.path}: is {with_article(base.identity.part or 'transformer')} in {packed}; "
-                         "sdkit bakes adapters into bf16 / fp16 / fp32 transformers so far "
-                         "(cast it first: sdkit convert --dtype bf16)")
 
 
 def open_adapter(path: str, stack: ExitStack, *, rank: int | None = None,
@@ -210,7 +201,6 @@ def plan_bake(base: OpenBase, adapters: Sequence[AdapterInput], stack: ExitStack
     none of whose modules fit."""
     if not adapters:
         raise SdkitError("no adapter to bake")
-    require_plain_weights(base)
     allowed = COMPONENT_CHOICES[components]
     spec = parse_block_spec(blocks) if isinstance(blocks, str) else blocks
     strengths = BlockStrengths(base.names, spec, base.identity.family)
