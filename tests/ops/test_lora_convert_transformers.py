@@ -212,3 +212,44 @@ def test_the_command_and_the_convert_alias(tmp_path, capsys):
     assert code == 0 and report["family"] == "flux" and report["split"] > 0
     code, _, _ = run_sdkit(capsys, "convert", str(lora), "--to", "diffusers", "-o", str(tmp_path / "b.safetensors"))
     assert code == 0 and load(tmp_path / "a.safetensors").keys() == load(tmp_path / "b.safetensors").keys()
+
+
+# ---- merge and resize of transformer LoRAs ----------------------------------------------------
+
+def test_merge_meets_every_trainer_on_one_layer_and_bakes_as_both(tmp_path):
+    """A peft LoRA (q, k, v apart) and a kohya one (fused qkv) merge exactly: the merged
+    LoRA bakes to what the two bake to together."""
+    from sdkit.ops.lora.merge import MergeOptions, merge_loras
+
+    single = tiny_tensors("flux", "ldm")
+    base = save(single, tmp_path / "base.safetensors")
+    peft = save(random_lora(converted(single, "ldm_to_diffusers"), "diffusers", seed=8), tmp_path / "a.safetensors")
+    kohya = save(random_lora(single, "kohya", seed=9), tmp_path / "b.safetensors")
+    for extra in ({}, {"base": str(base)}):
+        out = tmp_path / f"merged{len(extra)}.safetensors"
+        merge_loras([AdapterInput(str(peft), 0.5), AdapterInput(str(kohya))], out, MergeOptions(**extra),
+                    overwrite=True)
+        assert all(k.startswith("lora_unet_") for k in load(out))
+        both = tmp_path / f"both{len(extra)}.safetensors"
+        bake_loras(base, [AdapterInput(str(peft), 0.5), AdapterInput(str(kohya))], both, BakeOptions())
+        assert_close(bake(base, out, tmp_path / f"one{len(extra)}.safetensors"), load(both), 1e-6)
+
+
+def test_resize_keeps_the_top_singular_directions(tmp_path):
+    from sdkit.ops.lora.extract import ResizeOptions, resize_lora
+
+    single = tiny_tensors("sd3", "ldm")
+    base = save(single, tmp_path / "base.safetensors")
+    lora = random_lora(converted(single, "ldm_to_diffusers"), "diffusers", rank=4, seed=10)
+    source = save(lora, tmp_path / "peft.safetensors")
+    out = tmp_path / "r2.safetensors"
+    resize_lora(source, out, ResizeOptions(rank=2, base=str(base)))
+    resized = load(out)
+    up = lora["transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight"]
+    down = lora["transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight"]
+    u, s, vh = torch.linalg.svd(up @ down)
+    best = (u[:, :2] * s[:2]) @ vh[:2]  # Eckart-Young: the best rank-2 delta
+    name = "lora_unet_joint_blocks_0_x_block_attn_proj"
+    scale = resized[f"{name}.alpha"] / resized[f"{name}.lora_down.weight"].shape[0]
+    delta = resized[f"{name}.lora_up.weight"] @ resized[f"{name}.lora_down.weight"] * scale
+    assert float((delta - best).abs().max() / best.abs().max()) < 1e-5

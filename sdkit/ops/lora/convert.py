@@ -576,3 +576,42 @@ def _metadata(metadata: dict[str, str], family: Family, options: LoraConvertOpti
     params = {"to": options.to, "family": family.name, **({"base": options.base} if options.base else {})}
     inputs = [str(source)] + ([options.base] if options.base else [])
     return build_metadata("lora-convert", inputs, params, facts, extra, title=output.stem, carried=carried)
+
+
+# ---- transformer LoRAs for merge and resize ----------------------------------------------------
+
+def transformer_base(path: str) -> bool:
+    """Whether the model at `path` is (or holds) a transformer denoiser."""
+    with open_model(path) as model:
+        return find_denoiser(model) is not None
+
+
+def in_kohya_layout(lora: LoraFile, identity: Identity, base: str | None = None) -> LoraFile:
+    """A transformer LoRA in kohya's names (fused q / k / v, single-file paths), held in
+    memory, so LoRAs of any trainer meet layer by layer; other LoRAs as they are. With
+    `base` (a transformer model) the sizes are exact and every module's shape checked."""
+    known_other = identity.family in FAMILIES and not _transformer_identity(identity)
+    if base is None and (known_other or not (_transformer_identity(identity) or names_a_transformer(lora))):
+        return lora
+    with ExitStack() as stack:
+        opened = _open_base(base, stack) if base else None
+        family = _family(lora, identity, opened, None)
+        _refuse_unread_keys(lora)
+        index, counts_known = _index(family, lora, opened, "kohya")
+        writer = _Writer(family, "kohya", lora, LoraConvertResult("", family.name, "kohya"))
+        for place, members in _grouped(lora, index).items():
+            if opened is not None:
+                _check_shapes(place, members, opened)
+            writer.add_layer(place, members)
+        for name, module in lora.modules.items():
+            if denoiser_path(name) is None:
+                writer.add_text_module(module)
+        tensors = {key: lazy.load() for key, lazy in writer.tensors.items()}
+    renamed = parse_lora(tensors, lora.metadata)
+    renamed.path = lora.path
+    return renamed
+
+
+def _transformer_identity(identity: Identity) -> bool:
+    family = FAMILIES.get(identity.family)
+    return family is not None and family.key_map is not None
