@@ -114,6 +114,11 @@ def _bind_all(pairs: list[tuple[tuple[Dim, ...], tuple[int, ...]]]) -> dict[str,
     return bound
 
 
+def bind_sizes(pairs: list[tuple[tuple[Dim, ...], tuple[int, ...]]]) -> dict[str, int] | None:
+    """The size names that (shape template, shape) pairs bind, None when they contradict."""
+    return _bind_all(pairs)
+
+
 def _is_plain(template: str) -> bool:
     return "*" not in template and "+" not in template
 

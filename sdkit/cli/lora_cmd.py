@@ -174,6 +174,44 @@ def _render_bake(console: Console, report: dict[str, Any]) -> None:
         console.print(f"• {note}")
 
 
+# ---- convert -----------------------------------------------------------------------------
+
+@lora_group.command("convert")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--to", "to", required=True, type=click.Choice(["comfyui", "kohya", "diffusers"]),
+              help="comfyui: diffusion_model.<single-file path>; kohya: lora_unet_<single-file path> "
+                   "(sd-scripts); diffusers: transformer.<diffusers path> lora_A / lora_B (peft).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
+@click.option("--base", type=click.Path(path_type=str),
+              help="A model of the family: exact sizes and block counts, and every module's shape checked.")
+@click.option("--family", help="The family (flux, sd3, …) where the LoRA's names fit several.")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def convert_command(source: str, to: str, output: str, base: str | None, family: str | None, force: bool,
+                    as_json: bool) -> None:
+    """Rewrite a transformer LoRA (FLUX, SD3, Chroma, Wan, …) in the layout a client loads.
+
+    q / k / v modules are fused for kohya / comfyui and cut apart for diffusers, exactly.
+    Example: sdkit lora convert style.safetensors --to comfyui -o style-comfy.safetensors
+    """
+    require_inputs(source, base)
+    require_output(output, (source, base), force=force, suffixes=SAFETENSORS)
+    from sdkit.ops.lora.convert import LoraConvertOptions, convert_transformer_lora
+
+    result = convert_transformer_lora(source, output, LoraConvertOptions(to, base, family), overwrite=force)
+    _emit(result.to_json(), as_json, _render_convert, summary=True)
+
+
+def _render_convert(console: Console, report: dict[str, Any]) -> None:
+    changes = [f"{report[k]} {word}" for k, word in (("fused", "fused"), ("split", "split"), ("swapped", "swapped"))
+               if report[k]]
+    console.print(f"wrote {report['output']}: {report['family']} LoRA, {report['layout']} layout, "
+                  f"{report['modules_in']} modules in, {report['modules_out']} out"
+                  + (f" ({', '.join(changes)})" if changes else ""))
+    for note in report["notes"]:
+        console.print(f"• {note}")
+
+
 # ---- merge / extract / resize --------------------------------------------------------------
 
 @lora_group.command("merge")

@@ -159,6 +159,13 @@ def adapter_metadata(per_component: dict[str, list[tuple[str, int, float]]]) -> 
     return json.dumps(flat, indent=2, sort_keys=True)
 
 
+def _names_a_transformer(model: ModelFile) -> bool:
+    """A LoRA of no known family whose names some transformer family's layers carry."""
+    from sdkit.ops.lora.convert import names_a_transformer
+
+    return names_a_transformer(parse_lora(model))
+
+
 def _check_options(options: ConvertOptions, output: Path) -> None:
     for flag, given in (("--only", options.only), ("--ema", options.ema), ("--fix-clip", options.fix_clip),
                         ("--prune", options.prune)):
@@ -205,11 +212,38 @@ def _implementation(style: str | None, source: str, layout: str | None) -> str |
     return DIFFUSERS_IMPLEMENTATION
 
 
+def _transformer_family(identity: Identity) -> bool:
+    """Whether the LoRA is for a transformer denoiser (renamed by `sdkit lora convert`)."""
+    from sdkit.arch.families import FAMILIES
+
+    family = FAMILIES.get(identity.family)
+    return family is not None and family.key_map is not None
+
+
+def _convert_transformer(model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
+                         style: str) -> ConvertResult:
+    """`--to single-file` / `--to diffusers` of a transformer LoRA: `sdkit lora convert
+    --to kohya` / `--to diffusers`."""
+    from sdkit.ops.lora.convert import LoraConvertOptions, convert_transformer_lora
+
+    if options.dtype is not None or options.config_dir:
+        raise SdkitError("a transformer LoRA is renamed by itself: leave out --dtype and --config "
+                         "(sdkit lora convert --to kohya|comfyui|diffusers, then sdkit convert --dtype)")
+    done = convert_transformer_lora(model.path, output, LoraConvertOptions(style), overwrite=options.force)
+    result = ConvertResult(output, "file", identity.kind, done.family, style)
+    result.tensors, result.bytes = done.tensors, output.stat().st_size
+    return result
+
+
 def convert_lora_file(model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,
                       progress: Callable[[int], None] | None) -> ConvertResult:
-    """Rename (`--to single-file` = kohya, `--to diffusers`) and / or cast a LoRA file."""
+    """Rename (`--to single-file` = kohya, `--to diffusers`) and / or cast a LoRA file;
+    transformer LoRAs go to `sdkit.ops.lora.convert`."""
     _check_options(options, output)
     style = STYLES.get(options.to)
+    if style is not None and (_transformer_family(identity) or (identity.family == "unknown" and not options.config_dir
+                                                               and _names_a_transformer(model))):
+        return _convert_transformer(model, identity, output, options, style)
     tensors, added, layout = _renamed(model, identity, style, options)
     result = ConvertResult(output, "file", identity.kind, identity.family, style or identity.key_convention)
     final = tensors

@@ -36,6 +36,7 @@ from sdkit.io.ahead import Prefetcher, single_threaded_torch
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.lora.compute import is_plain_lora
 from sdkit.ops.lora.plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
+from sdkit.ops.lora.convert import in_kohya_layout, transformer_base
 from sdkit.ops.lora.merge import DTYPES, Layer, group_layers, lora_dtype, note_dropped_biases, summed_delta
 from sdkit.ops.lora.svd import Factors, RankRule, factorize, factorize_product, relative_error
 
@@ -319,8 +320,11 @@ def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
     check_output_path(output, (source, options.base), force=overwrite)
     report = SvdReport(str(output))
     with ExitStack() as stack:
-        base = open_base(options.base, stack, transformers=False) if options.base else None
+        transformer = options.base is not None and transformer_base(options.base)
+        base = open_base(options.base, stack, transformers=False) if options.base and not transformer else None
         lora, identity = open_adapter(str(source), stack)
+        # transformer LoRAs are resized in kohya's names (q / k / v fused exactly)
+        lora = in_kohya_layout(lora, identity, options.base if transformer else None)
         layers = group_layers([(AdapterInput(str(source)), lora)], base, report.notes)
         modules = [_resized(layer, rule, base, report) for layer in layers]
         facts = LoraFacts(identity.family, "v" if identity.prediction == "v" else "epsilon")

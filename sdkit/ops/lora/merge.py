@@ -38,6 +38,7 @@ from sdkit.errors import SdkitError, with_article
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.lora.compute import is_plain_lora
 from sdkit.ops.lora.plan import AdapterInput, OpenBase, family_problem, open_adapter, open_base
+from sdkit.ops.lora.convert import transformer_base
 from sdkit.ops.lora.svd import RankRule, factorize, factorize_product
 
 if TYPE_CHECKING:
@@ -255,8 +256,10 @@ def merge_loras(inputs: Sequence[AdapterInput], output: str | os.PathLike[str],
     if rule is not None:
         rule.check()
     with ExitStack() as stack:
-        base = open_base(options.base, stack, transformers=False) if options.base else None
-        files, identities = _open_all(inputs, stack)
+        # a transformer base gives the LoRAs' exact sizes: they meet in kohya's names
+        transformer = options.base is not None and transformer_base(options.base)
+        base = open_base(options.base, stack, transformers=False) if options.base and not transformer else None
+        files, identities = _open_all(inputs, stack, options.base if transformer else None)
         family = _common_family(inputs, identities, options.allow_family_mismatch)
         result = MergeResult(str(output), "svd" if rule else "concat")
         layers = group_layers(list(zip(inputs, files)), base, result.notes)
@@ -273,11 +276,16 @@ def merge_loras(inputs: Sequence[AdapterInput], output: str | os.PathLike[str],
     return result
 
 
-def _open_all(inputs: Sequence[AdapterInput], stack: ExitStack) -> tuple[list[LoraFile], list[Identity]]:
+def _open_all(inputs: Sequence[AdapterInput], stack: ExitStack,
+              transformer_base: str | None = None) -> tuple[list[LoraFile], list[Identity]]:
+    """The inputs parsed; transformer LoRAs in kohya's names (q / k / v fused exactly),
+    so that every trainer's modules on one layer meet."""
+    from sdkit.ops.lora.convert import in_kohya_layout
+
     files, identities = [], []
     for item in inputs:
         lora, identity = open_adapter(item.path, stack)
-        files.append(lora)
+        files.append(in_kohya_layout(lora, identity, transformer_base))
         identities.append(identity)
     return files, identities
 
