@@ -432,3 +432,19 @@ def _prefix_style(modules: Mapping[str, LoraModule]) -> str:
         else:
             styles.add("peft")
     return styles.pop() if len(styles) == 1 else "mixed"
+
+
+def plain_lora_problem(module: LoraModule, *, convs: bool = True) -> str | None:
+    """Why `module` is not a plain LoRA (whose factors can be renamed, fused or cut): its
+    type, a Tucker core, DoRA, a bias delta, or (`convs=False`) conv factors; None if plain."""
+    if module.type != LORA:
+        return f"is {module.type}"
+    if "mid" in module.tensors:
+        return "has a Tucker lora_mid"
+    if module.dora_scale is not None:
+        return "is DoRA"
+    if "bias" in module.tensors:
+        return "has a bias delta"
+    if not convs and len(module.tensors["down"].shape) != 2:
+        return "is a conv LoRA"
+    return None

@@ -34,7 +34,7 @@ from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm
                                 infer_clip_config_from_ldm)
 from sdkit.arch.keymaps.clip import clip_links, has_projection
 from sdkit.arch.keymaps.unet import unet_links
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES
 
@@ -409,7 +409,7 @@ def shape_problem(module: LoraModule, target: Target, bias_shape: tuple[int, ...
     if (rows is not None and rows != shape[0]) or (count is not None and count != math.prod(shape)):
         return f"adapter makes {_described(rows, count)}, the layer is {list(shape)}"
     if target.pieces and needs_base_weight(module):
-        return (f"a {module.type} delta depends on the layer's weight, which this base stores "
+        return (f"{with_article(module.type)} delta depends on the layer's weight, which this base stores "
                 f"{'in another row order' if len(target.pieces) == 2 and _swapped(target) else 'as separate tensors'}")
     bias = module.tensors.get("bias")
     if bias is not None and bias_shape is not None and math.prod(bias.shape) != math.prod(bias_shape):

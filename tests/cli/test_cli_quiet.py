@@ -102,7 +102,7 @@ def test_quiet_sample_prints_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     output = tmp_path / "out.png"
     drawn = SimpleNamespace(outputs=[output], samples=[SimpleNamespace(seed=0, parameters="a cat")],
-                            notes=["prompt cut at 77 tokens"])
+                            notes=["prompt cut at 77 tokens"], warnings=[])
     monkeypatch.setattr(sample_run, "run_sample", lambda job, out, **_: drawn)
     args = ["sample", A, "-p", "a cat", "-o", str(output)]
     code, out, err = run(capsys, *args)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sdkit.adapters.lora_export import ExportModule, kohya_module_name
-from sdkit.adapters.lora_format import LORA, LoraFile, LoraModule, parse_lora
+from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora, plain_lora_problem
 from sdkit.adapters.lora_names import Layer, ModelNames, structure_names
 from sdkit.arch import Identity
 from sdkit.arch.keymaps import diffusers_layout
@@ -72,15 +72,7 @@ def lora_layout(identity: Identity, configs: dict[str, dict]) -> str:
 
 
 def _check_module(module: LoraModule) -> None:
-    problem = None
-    if module.type != LORA:
-        problem = f"is {module.type}"
-    elif "mid" in module.tensors:
-        problem = "has a Tucker lora_mid"
-    elif module.dora_scale is not None:
-        problem = "is DoRA"
-    elif "bias" in module.tensors:
-        problem = "has a bias delta"
+    problem = plain_lora_problem(module)
     if problem:
         raise SdkitError(f"{module.name}: {problem}; only plain LoRA / LoCon modules convert between "
                          "kohya and diffusers names")

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sdkit.adapters.lora_format import LOHA, LORA, LoraFile, LoraModule, parse_lora
+from sdkit.adapters.lora_format import LOHA, LORA, LoraFile, LoraModule, parse_lora, plain_lora_problem
 from sdkit.adapters.lora_names import delta_extent
 from sdkit.adapters.transformer_lora import (LAYOUTS, LayerPlace, PlaceIndex, block_counts, denoiser_path,
                                              last_block_places, measured_sizes, place_index, release_counts,
@@ -37,7 +37,7 @@ from sdkit.adapters.transformer_names import find_denoiser, part_rows
 from sdkit.arch import Identity, identify
 from sdkit.arch.families import FAMILIES
 from sdkit.arch.families.spec import Family
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, open_model, write_safetensors
 from sdkit.io.model_file import FLOAT_DTYPES, dtype_code
 from sdkit.io.output_path import check_output_path
@@ -105,7 +105,7 @@ def convert_transformer_lora(source: str | os.PathLike[str], output: str | os.Pa
         model = stack.enter_context(open_model(str(source)))
         identity = identify(model)
         if identity.kind != "lora":
-            raise SdkitError(f"{source}: is a {identity.part or identity.kind}, not a LoRA")
+            raise SdkitError(f"{source}: is {with_article(identity.part or identity.kind)}, not a LoRA")
         lora = parse_lora(model)
         _refuse_unread_keys(lora)
         base = _open_base(options.base, stack) if options.base else None
@@ -279,7 +279,7 @@ def _check_shapes(place: LayerPlace, members: dict[int | None, LoraModule], base
         if expected is None:
             continue
         if (rows is not None and rows != expected[0]) or (count is not None and count != math.prod(expected)):
-            raise SdkitError(f"{module.name}: makes a {rows}-row delta of {count} values, the layer is "
+            raise SdkitError(f"{module.name}: makes a delta of {rows} rows and {count} values, the layer is "
                              f"{list(expected)}")
 
 
@@ -383,7 +383,7 @@ class _Writer:
     def _add_swapped(self, name: str, module: LoraModule) -> None:
         roles = _ROW_ROLES.get(module.type)
         if roles is None or "t1" in module.tensors or module.dora_scale is not None:
-            raise SdkitError(f"{module.name}: a {module.type} module on a layer stored in the other row order "
+            raise SdkitError(f"{module.name}: {with_article(module.type)} module on a layer stored in the other row order "
                              "cannot be converted (LoRA and LoHa only)")
         replaced = {role: _swapped_rows(module.tensors[role].load()) for role in (*roles, "bias")
                     if role in module.tensors}
@@ -511,17 +511,7 @@ PEFT_COMPONENT = "transformer"
 
 def require_plain(module: LoraModule, where: str) -> None:
     """Refuse what only a plain LoRA module can be rebuilt into."""
-    problem = None
-    if module.type != LORA:
-        problem = f"is {module.type}"
-    elif "mid" in module.tensors:
-        problem = "has a Tucker lora_mid"
-    elif module.dora_scale is not None:
-        problem = "is DoRA"
-    elif "bias" in module.tensors:
-        problem = "has a bias delta"
-    elif len(module.tensors["down"].shape) != 2:
-        problem = "is a conv LoRA"
+    problem = plain_lora_problem(module, convs=False)
     if problem:
         raise SdkitError(f"{module.name}: {problem}; {where} takes plain LoRA modules only")
 

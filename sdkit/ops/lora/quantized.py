@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sdkit.arch.quantization import FORMATS, mixed_layer_formats
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor
 from sdkit.io.dtypes import CODE_TO_TORCH
 from sdkit.io.gguf_reader import GgufLayout, read_gguf_layout
@@ -152,7 +152,7 @@ def _fp8_weights(path: str, tensors: dict[str, LazyTensor]) -> dict[str, Fp8Stor
             storage[name] = Fp8Storage(FP8_CODES[lazy.dtype], scale if scaled else None,
                                        "tensor" if scaled else "plain")
         elif scale in tensors:
-            raise SdkitError(f"{path}: {scale} scales a {lazy.dtype} weight; sdkit requantizes scaled fp8 "
+            raise SdkitError(f"{path}: {scale} scales {with_article(lazy.dtype)} weight; sdkit requantizes scaled fp8 "
                              "weights only")
     return storage
 
@@ -171,7 +171,7 @@ def _mixed_weights(opened: "OpenBase", tensors: dict[str, LazyTensor]) -> dict[s
         scale_key = f"{layer}.{fmt.row_scale}"
         scale = tensors.get(scale_key)
         if scale is None:
-            raise SdkitError(f"{path}: {scale_key} is missing: a {fmt.words} layer needs it")
+            raise SdkitError(f"{path}: {scale_key} is missing: {with_article(fmt.words)} layer needs it")
         per_row = len(weight.shape) > 0 and weight.shape[0] > 1 and _count(scale.shape) == weight.shape[0]
         storage[layer + ".weight"] = Fp8Storage(FP8_CODES[fmt.storage], scale_key, "row" if per_row else "tensor")
     return storage
