@@ -44,7 +44,7 @@ from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor
 from sdkit.io.gguf_writer import GgufTensor, patch_field_text, write_gguf
 from sdkit.io.writer import DATA_SHA256
-from sdkit.ops.convert.model import _ModelConversion
+from sdkit.ops.convert.model import ModelConversion
 from sdkit.ops.convert.transformer import TransformerConversion
 from sdkit.ops.gguf_quant import gguf_producer
 from sdkit.ops.quant_error import LayerClassErrors
@@ -279,7 +279,7 @@ class GgufTransformerConversion(_GgufOutput, TransformerConversion):
                              "or GGUF weights")
 
 
-class GgufUnetConversion(_GgufOutput, _ModelConversion):
+class GgufUnetConversion(_GgufOutput, ModelConversion):
     """An SD1/SDXL UNet (alone, in a checkpoint or a diffusers folder) in LDM names, to GGUF."""
 
     def __init__(self, *args: Any) -> None:

@@ -186,7 +186,7 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         if options.to != "safetensors" and identity.components == ["transformer"]:
             from sdkit.ops.convert.transformer import TransformerConversion
             return TransformerConversion(model, identity, output, options, progress, input_hash).run()
-        return _ModelConversion(model, identity, output, options, progress, input_hash).run()
+        return ModelConversion(model, identity, output, options, progress, input_hash).run()
 
 
 def _cancelled_on_error(input_hash: BackgroundHash, convert: Callable[[], ConvertResult]) -> ConvertResult:
@@ -204,7 +204,7 @@ def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | No
     return tuple(part.prefix for part in LAYOUTS[ldm_layout(model.infos)])
 
 
-class _ModelConversion:
+class ModelConversion:
     """One checkpoint / component / pipeline conversion, step by step."""
 
     def __init__(self, model: ModelFile, identity: Identity, output: Path, options: ConvertOptions,

@@ -23,7 +23,7 @@ from sdkit.arch.keymaps.transformer import check_config, diffusers_config, trans
 from sdkit.arch.keyview import KeyView
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, ModelFile, lazy_tensors
-from sdkit.ops.convert.model import _ModelConversion, write_file
+from sdkit.ops.convert.model import ModelConversion, write_file
 from sdkit.ops.folders import build_in_partial, write_component_folder
 from sdkit.ops.layout import plan_tensors
 
@@ -66,7 +66,7 @@ def single_file_names(model: ModelFile) -> dict[str, str]:
     return names
 
 
-class TransformerConversion(_ModelConversion):
+class TransformerConversion(ModelConversion):
     """A lone transformer, converted to the other key convention (or re-laid in its own)."""
 
     def _run(self):
