@@ -164,3 +164,42 @@ def test_merged_files_equal_the_whole_tensor_method(models: list[Path], tmp_path
         assert torch.equal(produced.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)), key
         merged += 1
     assert merged > 10
+
+
+# ---------------------------------------------------------------- fp8 inputs
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("fp8")
+    paths = []
+    for seed in (1, 2):
+        tensors = checkpoint("sd1", seed, dtype=torch.float8_e4m3fn)
+        if seed == 2:  # a NaN where B is used only through the merge
+            key = next(k for k in tensors if k.startswith("model.diffusion_model.") and tensors[k].dim() == 4)
+            tensors[key].view(-1)[:3] = torch.tensor([float("nan"), 448, -448]).to(torch.float8_e4m3fn)
+        paths.append(write(folder / f"{seed}.safetensors", tensors))
+    return paths
+
+
+@pytest.mark.parametrize("piecewise_bytes", [None, 0])
+@pytest.mark.parametrize("method, params", [("weighted_sum", {"alpha": 0.3}), ("slerp", {"alpha": 0.3})])
+def test_fp8_merges_are_the_bytes_of_torch_conversions(fp8_models: list[Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, piecewise_bytes: int | None,
+                                                     method: str, params: dict[str, float]) -> None:
+    import sdkit.ops.merge.compute as compute
+
+    if piecewise_bytes is not None:
+        monkeypatch.setattr(compute, "PIECEWISE_BYTES", piecewise_bytes)
+    monkeypatch.setattr(compute, "SLICE_ELEMENTS", 1000)
+    result = merge_models(MergeRecipe([RecipeInput(str(p)) for p in fp8_models], method, params=params,
+                                      allow_nan=True), tmp_path / "m.safetensors")
+    merged = load_file(result.path)
+    a, b = (load_file(path) for path in fp8_models)
+    whole = get_method(method)
+    for key, produced in merged.items():
+        if not key.startswith("model.diffusion_model.") or not produced.is_floating_point():
+            continue
+        reference = whole([a[key].to(torch.float32), b[key].to(torch.float32)], whole.resolve_params(params), key)
+        assert torch.equal(produced.view(torch.uint8), reference.to(torch.float8_e4m3fn).view(torch.uint8)), key
+    assert sum(result.non_finite.values()) >= 1  # the NaN of B, counted (float8 has no isfinite)

@@ -22,6 +22,7 @@ import torch
 
 from sdkit.errors import SdkitError
 from sdkit.io.dtypes import CODE_TO_TORCH
+from sdkit.io.float8 import to_float32
 from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
@@ -76,9 +77,9 @@ class KeyComputer:
         dtypes = [CODE_TO_TORCH[self.inputs[i].infos[action.key].dtype] for i in action.sources]
         reader = _span_reader(spans, dtypes, math.prod(action.shape))
         dtype = CODE_TO_TORCH[action.dtype]
-        for piece in self._output_slices(action.key, reader, self._params(action)):
-            piece = piece.to(dtype)
-            if _suspicious(piece):
+        for values in self._output_slices(action.key, reader, self._params(action)):
+            piece = values.to(dtype)
+            if _may_not_fit(values, dtype):
                 self._count_non_finite(action.key, piece)
             yield piece
 
@@ -116,32 +117,36 @@ class KeyComputer:
         tensors = [self.inputs[i].load(action.key) for i in action.sources]
         dtype = CODE_TO_TORCH[action.dtype]
         if action.channels is not None:
-            result = self._merge_channels(action, tensors, params).to(dtype)
+            values = self._merge_channels(action, tensors, params)
+            result, flagged = values.to(dtype), _may_not_fit(values, dtype)
         elif self._in_slices:
-            result = self._merge_in_slices(action, tensors, params, dtype)
+            result, flagged = self._merge_in_slices(action, tensors, params, dtype)
         else:
-            result = self._run(action.key, [t.to(torch.float32) for t in tensors], params).to(dtype)
-        if _suspicious(result):
+            values = self._run(action.key, [to_float32(t) for t in tensors], params)
+            result, flagged = values.to(dtype), _may_not_fit(values, dtype)
+        if flagged:
             self._count_non_finite(action.key, result)
         return result
 
-    def _merge_in_slices(self, action: KeyAction, tensors: list[torch.Tensor],
-                         params: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    def _merge_in_slices(self, action: KeyAction, tensors: list[torch.Tensor], params: dict[str, Any],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
         """Slice by slice: the float32 operands stay in cache and are never whole-tensor
-        sized (what makes the merge run at memory speed)."""
+        sized (what makes the merge run at memory speed). Returns the output and whether
+        it may hold NaN/Inf."""
         out = torch.empty(action.shape, dtype=dtype)
         out_flat = out.view(-1)
-        start = 0
-        for piece in self._output_slices(action.key, tensor_reader(tensors), params):
-            out_flat[start:start + piece.numel()] = piece
-            start += piece.numel()
-        return out
+        start, flagged = 0, False
+        for values in self._output_slices(action.key, tensor_reader(tensors), params):
+            out_flat[start:start + values.numel()] = values
+            start += values.numel()
+            flagged = flagged or _may_not_fit(values, dtype)
+        return out, flagged
 
     def _merge_channels(self, action: KeyAction, tensors: list[torch.Tensor],
                         params: dict[str, Any]) -> torch.Tensor:
         """Inpainting A: merge the input channels the others have, keep A's extra ones."""
         base = tensors[0].to(torch.float32, copy=True)
-        shared = [base[:, : action.channels]] + [t.to(torch.float32) for t in tensors[1:]]
+        shared = [base[:, : action.channels]] + [to_float32(t) for t in tensors[1:]]
         base[:, : action.channels] = self._run(action.key, shared, params)
         return base
 
@@ -153,7 +158,7 @@ class KeyComputer:
         return result
 
     def _count_non_finite(self, key: str, tensor: torch.Tensor) -> None:
-        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        bad = _non_finite(tensor)
         if not bad:
             return
         if not self.allow_nan:
@@ -167,9 +172,30 @@ def _span_reader(spans: list[Any], dtypes: list[torch.dtype], count: int) -> Sli
     from sdkit.io.byte_span import read_elements
 
     def read(start: int, size: int) -> list[torch.Tensor]:
-        return [read_elements(span, dtype, start, size).to(torch.float32) for span, dtype in zip(spans, dtypes)]
+        return [to_float32(read_elements(span, dtype, start, size)) for span, dtype in zip(spans, dtypes)]
 
     return SliceReader(count, len(spans), read)
+
+
+def _may_not_fit(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when float32 `values` cast to `dtype` may hold NaN/Inf: a NaN, or a value
+    beyond the dtype's largest. Checked before the cast, where min/max runs vectorized
+    (on float8 it has no kernel at all); the exact count then looks at the cast values."""
+    if values.numel() == 0:
+        return False
+    low, high = torch.aminmax(values)
+    limit = torch.finfo(dtype).max
+    return not (float(low) >= -limit and float(high) <= limit)
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf the tensor holds (float8, which has no `isfinite`, widened a slice
+    at a time)."""
+    if tensor.element_size() != 1:
+        return tensor.numel() - int(torch.isfinite(tensor).sum())
+    flat = tensor.reshape(-1)
+    return sum(_non_finite(to_float32(flat[start:start + SLICE_ELEMENTS]))
+               for start in range(0, flat.numel(), SLICE_ELEMENTS))
 
 
 def _suspicious(tensor: torch.Tensor) -> bool:
@@ -177,8 +203,10 @@ def _suspicious(tensor: torch.Tensor) -> bool:
     it), many times faster than `isfinite`, which only runs when this says so."""
     if tensor.numel() == 0:
         return False
-    if tensor.element_size() == 1:  # float8: no min/max kernel, widen first
-        tensor = tensor.to(torch.float16)
+    if tensor.element_size() == 1:  # float8: no min/max kernel; widened a slice at a time
+        flat = tensor.reshape(-1)
+        return any(_suspicious(to_float32(flat[start:start + SLICE_ELEMENTS]))
+                   for start in range(0, flat.numel(), SLICE_ELEMENTS))
     low, high = torch.aminmax(tensor)
     limit = torch.finfo(tensor.dtype).max
     return not (float(low) >= -limit and float(high) <= limit)

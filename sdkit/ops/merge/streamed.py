@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from sdkit.io.float8 import to_float32
+
 # reductions (norms, dot products) run over fixed slices in float64 so that their result
 # does not depend on how many threads torch uses to sum, nor on how a tensor is read
 REDUCE_SLICE = 1 << 20
@@ -61,7 +63,7 @@ def tensor_reader(tensors: Sequence[Tensor]) -> SliceReader:
     flat = [tensor.reshape(-1) for tensor in tensors]
 
     def read(start: int, size: int) -> list[Tensor]:
-        return [part[start:start + size].to(torch.float32) for part in flat]
+        return [to_float32(part[start:start + size]) for part in flat]
 
     return SliceReader(flat[0].numel(), len(flat), read)
 
