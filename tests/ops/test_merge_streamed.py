@@ -81,6 +81,34 @@ def test_ties_streamed_equals_whole(make: object, params: dict[str, float], mode
     assert_same_bits(streamed_result("ties", tensors, **params), whole_result("ties", tensors, **params))
 
 
+def awkward(seed: int) -> torch.Tensor:
+    """Tied values with signed zeros, subnormals and the smallest normals among them."""
+    values = tied(seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    spots = torch.randint(0, SIZE, (600,), generator=generator)
+    specials = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-40, -1.17549435e-38, 0.125, -0.125])
+    values[spots] = specials[torch.arange(600) % len(specials)]
+    return values
+
+
+@pytest.mark.parametrize("k", [0.05, 0.3, 0.8, 0.999])
+def test_ties_float_only_path_keeps_signed_zeros_and_subnormals(k: float) -> None:
+    tensors = [awkward(seed) for seed in range(3)]
+    assert_same_bits(streamed_result("ties", tensors, k=k), whole_result("ties", tensors, k=k))
+    zero_threshold = [torch.zeros(SIZE), awkward(1) * (torch.arange(SIZE) % 10 == 0), awkward(2)]
+    assert_same_bits(streamed_result("ties", zero_threshold, k=0.5), whole_result("ties", zero_threshold, k=0.5))
+
+
+def test_ties_slices_holding_nan_or_inf_take_the_general_path() -> None:
+    tensors = [awkward(seed) for seed in range(3)]
+    tensors[1][5] = float("nan")
+    tensors[2][2500] = float("inf")
+    tensors[2][7000] = float("-inf")
+    ours, reference = streamed_result("ties", tensors, k=0.3), whole_result("ties", tensors, k=0.3)
+    assert_same_bits(ours, reference)
+    assert not torch.isfinite(reference).all()
+
+
 @pytest.mark.parametrize("params", [{}, {"p": 0.5, "seed": 3, "alpha": 0.6}, {"p": 0.3, "ties": True},
                                     {"p": 0.0}])
 @pytest.mark.parametrize("models", [1, 2])

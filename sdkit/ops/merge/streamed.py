@@ -115,13 +115,43 @@ def dare_slice(base: Tensor, models: Sequence[Tensor], generators: Sequence[torc
 def ties_slice(base: Tensor, models: Sequence[Tensor], thresholds: Sequence[float | None],
                alpha: float) -> Tensor:
     """TIES on one slice, given each task vector's trim threshold."""
-    deltas = []
-    for model, threshold in zip(models, thresholds):
-        delta = model - base
-        if threshold is not None:
-            delta = torch.where(delta.abs() >= threshold, delta, 0.0)
-        deltas.append(delta)
-    return base + alpha * disjoint_mean(deltas)
+    deltas = [model - base for model in models]
+    if all(_finite(delta) for delta in deltas):
+        return base + alpha * _disjoint_mean_of_finite([_trim_finite(d, t) for d, t in zip(deltas, thresholds)])
+    trimmed = [delta if threshold is None else torch.where(delta.abs() >= threshold, delta, 0.0)
+               for delta, threshold in zip(deltas, thresholds)]
+    return base + alpha * disjoint_mean(trimmed)
+
+
+def _finite(tensor: Tensor) -> bool:
+    low, high = torch.aminmax(tensor)  # NaN propagates through it
+    return -math.inf < float(low) and float(high) < math.inf
+
+
+def _trim_finite(delta: Tensor, threshold: float | None) -> Tensor:
+    """`where(|delta| >= threshold, delta, 0)` for a finite delta, bit for bit, from two
+    vectorized `threshold` calls (a comparison making a bool mask and `where` reading
+    it run one element at a time, ten times slower): x > the float32 just below the
+    threshold is x >= the threshold."""
+    if threshold is None or threshold == 0.0:  # every finite entry kept
+        return delta
+    below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
+    return torch.threshold(delta, below, 0.0) - torch.threshold(-delta, below, 0.0)
+
+
+def _disjoint_mean_of_finite(deltas: list[Tensor]) -> Tensor:
+    """`disjoint_mean` of finite deltas, bit for bit, in float arithmetic only: an entry
+    agrees with the elected sign e where delta·e > 0, so sign(max(delta·e, 0)) is its
+    1/0 indicator; where nothing agrees the total is +0, and +0 / 1 is what
+    `disjoint_mean` returns there."""
+    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
+    total = torch.zeros_like(deltas[0])
+    agreeing = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        agrees = (delta * elected).clamp_min_(0.0).sign_()
+        total += delta * agrees
+        agreeing += agrees
+    return total / agreeing.clamp_min_(1.0)
 
 
 def slerp_weights(norm_a: float, norm_b: float, dot_ab: float, alpha: float) -> tuple[float, float] | None:
@@ -203,13 +233,14 @@ def top_fraction_thresholds(reader: SliceReader, fraction: float) -> list[float 
         for histogram, model in zip(high, inputs):
             histogram += torch.bincount(magnitude_bits(model, base) >> 16, minlength=_HIGH_BUCKETS)
     buckets = [bucket_at_rank(histogram, keep) for histogram in high]
-    low = [torch.zeros(_LOW_BUCKETS, dtype=torch.int64) for _ in range(models)]
+    # entries below the bucket counted in bin 0, above it in the last bin: no mask, no
+    # gather, whatever the bucket holds
+    low = [torch.zeros(_LOW_BUCKETS + 2, dtype=torch.int64) for _ in range(models)]
     for _, (base, *inputs) in reader.slices(PASS_SLICE):
         for histogram, model, (bucket, _) in zip(low, inputs, buckets):
-            bits = magnitude_bits(model, base)
-            inside = bits[(bits >> 16) == bucket]
-            histogram += torch.bincount(inside & 0xFFFF, minlength=_LOW_BUCKETS)
-    return [_as_float((bucket << 16) | bucket_at_rank(histogram, rank)[0])
+            inside = (magnitude_bits(model, base) - (bucket << 16)).clamp_(-1, _LOW_BUCKETS).add_(1)
+            histogram += torch.bincount(inside, minlength=_LOW_BUCKETS + 2)
+    return [_as_float((bucket << 16) | bucket_at_rank(histogram[1:-1], rank)[0])
             for histogram, (bucket, rank) in zip(low, buckets)]
 
 
