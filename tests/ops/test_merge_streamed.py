@@ -119,6 +119,20 @@ def test_dare_streamed_draws_the_whole_tensor_masks(params: dict[str, object], m
                          whole_result("dare", tensors, key, **params))
 
 
+@pytest.mark.parametrize("params", [{"p": 0.5}, {"p": 0.9, "alpha": -0.5}, {"p": 0.3, "ties": True},
+                                    {"p": 0.0}])
+def test_dare_keeps_the_bytes_where_signed_zeros_meet(params: dict[str, object]) -> None:
+    # every pairing of ±0 in A against ±0 and small values in B and C, dropped and kept
+    zeros = torch.tensor([0.0, -0.0, 0.0, -0.0, 1e-45, -0.5, 0.25])
+    base = zeros.repeat(SIZE // len(zeros) + 1)[:SIZE]
+    tensors = [base, zeros.roll(1).repeat(SIZE // 7 + 1)[:SIZE], zeros.roll(3).repeat(SIZE // 7 + 1)[:SIZE]]
+    for count in (2, 3):
+        assert_same_bits(streamed_result("dare", tensors[:count], **params),
+                         whole_result("dare", tensors[:count], **params))
+    tensors[2][17] = float("inf")  # a non-finite task vector takes the general path
+    assert_same_bits(streamed_result("dare", tensors, **params), whole_result("dare", tensors, **params))
+
+
 def test_torch_draws_a_stream_in_slices_as_it_draws_it_whole() -> None:
     # what the streamed DARE relies on: torch's CPU `rand` takes one number per element,
     # in order, from the generator

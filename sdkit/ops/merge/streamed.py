@@ -106,10 +106,25 @@ def dare_slice(base: Tensor, models: Sequence[Tensor], generators: Sequence[torc
     """DARE on one slice; each generator draws as many numbers as the slice has."""
     rescaled = []
     for model, generator in zip(models, generators):
-        kept = torch.rand(base.shape, generator=generator) >= p
-        rescaled.append(torch.where(kept, (model - base) / (1.0 - p), 0.0))
+        draws = torch.rand(base.shape, generator=generator)
+        rescaled.append(_dropped((model - base) / (1.0 - p), draws, p))
     combined = disjoint_mean(rescaled) if ties else plain_sum(rescaled)
     return base + alpha * combined
+
+
+def _dropped(delta: Tensor, draws: Tensor, p: float) -> Tensor:
+    """`where(draws >= p, delta, 0)` as far as the merged output can tell, in vectorized
+    float arithmetic where delta is finite: draws >= p (compared in float32) is draws
+    above the float32 just below float32(p), whose sign is the 1/0 indicator. The one
+    difference, a kept −0 coming out +0, occurs only where A is +0 (M − A = −0 needs
+    M = −0, A = +0), so A + alpha·(sum or disjoint mean) is the same there: zeros
+    neither change a sum's other terms nor take part in the disjoint mean."""
+    if not _finite(delta):
+        return torch.where(draws >= p, delta, 0.0)
+    if p == 0.0:  # every draw is at least 0
+        return delta
+    below = float(torch.nextafter(torch.tensor(p, dtype=torch.float32), torch.tensor(0.0)))
+    return torch.threshold(draws, below, 0.0).sign_().mul_(delta).add_(0.0)
 
 
 def ties_slice(base: Tensor, models: Sequence[Tensor], thresholds: Sequence[float | None],
