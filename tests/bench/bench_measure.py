@@ -49,14 +49,15 @@ print(os.waitstatus_to_exitcode(status), time.perf_counter() - started, usage.ru
 """
 
 
-def measure(argv: list[str], timeout: float = 3600, stdout: Path | None = None) -> Measurement:
-    """Run `argv` from the repository root; wall time and the child's own peak RSS (its
-    standard output goes to `stdout` when given)."""
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+def measure(argv: list[str], timeout: float = 3600, stdout: Path | None = None, root: Path = REPO) -> Measurement:
+    """Run `argv` from the repository root (or another checkout's `root`, whose sdkit it
+    then runs); wall time and the child's own peak RSS (its standard output goes to
+    `stdout` when given)."""
+    environment = {**os.environ, "PYTHONPATH": str(root), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     if stdout is not None:
         environment["SDKIT_BENCH_STDOUT"] = str(stdout)
     with tempfile.TemporaryFile() as errors:
-        launched = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *argv], cwd=REPO, env=environment,
+        launched = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, *argv], cwd=root, env=environment,
                                   stdout=subprocess.PIPE, stderr=errors, text=True, timeout=timeout)
         errors.seek(0)
         lines = errors.read().decode(errors="replace").strip().splitlines()

@@ -36,6 +36,7 @@ MIB = 1 << 20
 # write speed on shared machines varies several-fold within minutes); the report keeps
 # the fastest of each and the largest peak RSS
 REPEATS = int(os.environ.get("SDKIT_BENCH_REPEATS", "3"))
+MECHA_PEERS = {"weighted-sum", "add-difference", "ties"}  # the merges bench_drivers runs through sd-mecha
 
 
 @dataclass
@@ -62,7 +63,7 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
     small = inputs.family == "sd15"
 
     def merge(name: str, method: str, models: list[str], full_load: str | None) -> Operation:
-        peers = {"sd-mecha": driver(f"sd-mecha-{method}", str(out), *models)} if mecha else {}
+        peers = {"sd-mecha": driver(f"sd-mecha-{method}", str(out), *models)} if mecha and method in MECHA_PEERS else {}
         if method == "ties" and not small:
             peers = {}
         if full_load and small:
@@ -87,6 +88,8 @@ def operations(inputs: BenchInputs, scratch: Path) -> list[Operation]:
                   [inputs.a, inputs.b], out),
         merge("merge add difference A+(B−C)", "add-difference", [a, b, c], "full-load-add-difference"),
         replace(merge("merge TIES k=0.2 (base + 2)", "ties", [a, b, c], None), repeats=1),
+        replace(merge("merge DARE p=0.9 (base + 2)", "dare", [a, b, c], None), repeats=1),
+        replace(merge("merge SLERP α=0.5", "slerp", [a, b], None), repeats=1),
         Operation("LoRA bake (rank 32, all layers)", sdkit("lora", "bake", a, lora, "-o", str(out)),
                   [inputs.a, inputs.lora], out, {
                       "diffusers fuse_lora": driver("diffusers-fuse-lora", str(scratch / "fused"), a, lora,

@@ -1,9 +1,13 @@
 """Computing one output tensor from its KeyAction: read, upcast, merge, cast, check.
 
 Math runs in float32 and the result is cast once to the output dtype. Elementwise
-methods run over fixed slices of each tensor, so the float32 working set is a few
-megabytes whatever the tensor size; slices are fixed by the tensor alone, so the result
-is the same bytes however it is scheduled. Every output tensor is checked for NaN/Inf.
+methods run over fixed slices of each tensor, and the others (TIES, DARE, SLERP) through
+their streamed forms, a slice at a time in as many passes as they need, so the float32
+working set is a few megabytes whatever the tensor size; slices are fixed by the tensor
+alone, so the result is the same bytes however it is scheduled. A large tensor of
+stored inputs is read a slice at a time and written as it is made (never whole in
+memory); a smaller one is merged from its mapped inputs into one output tensor. Every
+output tensor is checked for NaN/Inf.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import torch
 
 from sdkit.errors import SdkitError
 from sdkit.io.dtypes import CODE_TO_TORCH
+from sdkit.io.float8 import to_float32
 from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
+from sdkit.ops.merge.streamed import SliceReader, tensor_reader
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
 
@@ -52,10 +58,10 @@ class KeyComputer:
         return self._merge(action) if action.merged else self._copy(action)
 
     def pieces(self, action: KeyAction) -> Callable[[], Iterator[torch.Tensor]] | None:
-        """For a large elementwise merge of stored inputs: the output produced slice by
-        slice from slices read from the inputs (memory: a few slices, whatever the tensor
-        size); None where the key is computed whole."""
-        if not (action.merged and self.method.elementwise and action.channels is None
+        """For a large merge of stored inputs by a method that runs in slices: the output
+        produced slice by slice from slices read from the inputs (memory: a few slices,
+        whatever the tensor size); None where the key is computed in memory."""
+        if not (action.merged and self._in_slices and action.channels is None
                 and action.nbytes >= PIECEWISE_BYTES):
             return None
         spans = [self.inputs[i].span(action.key) for i in action.sources]
@@ -63,22 +69,39 @@ class KeyComputer:
             return None
         return partial(self._merge_pieces, action, spans)
 
-    def _merge_pieces(self, action: KeyAction, spans: list[Any]) -> Iterator[torch.Tensor]:
-        from sdkit.io.byte_span import read_elements
+    @property
+    def _in_slices(self) -> bool:
+        return self.method.elementwise or self.method.streamed is not None
 
+    def _merge_pieces(self, action: KeyAction, spans: list[Any]) -> Iterator[torch.Tensor]:
+        dtypes = [CODE_TO_TORCH[self.inputs[i].infos[action.key].dtype] for i in action.sources]
+        reader = _span_reader(spans, dtypes, math.prod(action.shape))
+        dtype = CODE_TO_TORCH[action.dtype]
+        for values in self._output_slices(action.key, reader, self._params(action)):
+            piece = values.to(dtype)
+            if _may_not_fit(values, dtype):
+                self._count_non_finite(action.key, piece)
+            yield piece
+
+    def _params(self, action: KeyAction) -> dict[str, Any]:
         params = dict(self.params)
         if action.alpha is not None:
             params[BLEND_PARAM] = action.alpha
-        dtypes = [CODE_TO_TORCH[self.inputs[i].infos[action.key].dtype] for i in action.sources]
-        dtype = CODE_TO_TORCH[action.dtype]
-        count = math.prod(action.shape)
-        for start in range(0, count, SLICE_ELEMENTS):
-            size = min(SLICE_ELEMENTS, count - start)
-            parts = [read_elements(span, source, start, size).to(torch.float32) for span, source in zip(spans, dtypes)]
-            piece = self._run(action.key, parts, params).to(dtype)
-            if _suspicious(piece):
-                self._count_non_finite(action.key, piece)
-            yield piece
+        return params
+
+    def _output_slices(self, key: str, reader: SliceReader, params: dict[str, Any]) -> Iterator[torch.Tensor]:
+        """The merged tensor, flattened, slice after slice, in float32."""
+        if self.method.elementwise:
+            for _, parts in reader.slices(SLICE_ELEMENTS):
+                yield self._run(key, parts, params)
+            return
+        produced = 0
+        for piece in self.method.stream(reader, params, key):
+            produced += piece.numel()
+            yield piece.reshape(-1)
+        if produced != reader.count:
+            raise SdkitError(f"{key}: merge method {self.method.name} produced {produced} values "
+                             f"for a tensor of {reader.count}")
 
     def _copy(self, action: KeyAction) -> torch.Tensor:
         tensor = self.inputs[action.sources[0]].load(action.key)
@@ -90,38 +113,40 @@ class KeyComputer:
         return tensor
 
     def _merge(self, action: KeyAction) -> torch.Tensor:
-        params = dict(self.params)
-        if action.alpha is not None:
-            params[BLEND_PARAM] = action.alpha
+        params = self._params(action)
         tensors = [self.inputs[i].load(action.key) for i in action.sources]
         dtype = CODE_TO_TORCH[action.dtype]
         if action.channels is not None:
-            result = self._merge_channels(action, tensors, params).to(dtype)
-        elif self.method.elementwise:
-            result = self._merge_in_slices(action, tensors, params, dtype)
+            values = self._merge_channels(action, tensors, params)
+            result, flagged = values.to(dtype), _may_not_fit(values, dtype)
+        elif self._in_slices:
+            result, flagged = self._merge_in_slices(action, tensors, params, dtype)
         else:
-            result = self._run(action.key, [t.to(torch.float32) for t in tensors], params).to(dtype)
-        if _suspicious(result):
+            values = self._run(action.key, [to_float32(t) for t in tensors], params)
+            result, flagged = values.to(dtype), _may_not_fit(values, dtype)
+        if flagged:
             self._count_non_finite(action.key, result)
         return result
 
-    def _merge_in_slices(self, action: KeyAction, tensors: list[torch.Tensor],
-                         params: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    def _merge_in_slices(self, action: KeyAction, tensors: list[torch.Tensor], params: dict[str, Any],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
         """Slice by slice: the float32 operands stay in cache and are never whole-tensor
-        sized (what makes the merge run at memory speed)."""
-        flat = [t.reshape(-1) for t in tensors]
+        sized (what makes the merge run at memory speed). Returns the output and whether
+        it may hold NaN/Inf."""
         out = torch.empty(action.shape, dtype=dtype)
         out_flat = out.view(-1)
-        for start in range(0, out_flat.numel(), SLICE_ELEMENTS):
-            stop = start + SLICE_ELEMENTS
-            out_flat[start:stop] = self._run(action.key, [f[start:stop].to(torch.float32) for f in flat], params)
-        return out
+        start, flagged = 0, False
+        for values in self._output_slices(action.key, tensor_reader(tensors), params):
+            out_flat[start:start + values.numel()] = values
+            start += values.numel()
+            flagged = flagged or _may_not_fit(values, dtype)
+        return out, flagged
 
     def _merge_channels(self, action: KeyAction, tensors: list[torch.Tensor],
                         params: dict[str, Any]) -> torch.Tensor:
         """Inpainting A: merge the input channels the others have, keep A's extra ones."""
         base = tensors[0].to(torch.float32, copy=True)
-        shared = [base[:, : action.channels]] + [t.to(torch.float32) for t in tensors[1:]]
+        shared = [base[:, : action.channels]] + [to_float32(t) for t in tensors[1:]]
         base[:, : action.channels] = self._run(action.key, shared, params)
         return base
 
@@ -133,7 +158,7 @@ class KeyComputer:
         return result
 
     def _count_non_finite(self, key: str, tensor: torch.Tensor) -> None:
-        bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        bad = _non_finite(tensor)
         if not bad:
             return
         if not self.allow_nan:
@@ -142,13 +167,46 @@ class KeyComputer:
         self.non_finite.add(key, bad)
 
 
+def _span_reader(spans: list[Any], dtypes: list[torch.dtype], count: int) -> SliceReader:
+    """Slices read (not mapped) from the inputs' stored bytes: only the slice in memory."""
+    from sdkit.io.byte_span import read_elements
+
+    def read(start: int, size: int) -> list[torch.Tensor]:
+        return [to_float32(read_elements(span, dtype, start, size)) for span, dtype in zip(spans, dtypes)]
+
+    return SliceReader(count, len(spans), read)
+
+
+def _may_not_fit(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True when float32 `values` cast to `dtype` may hold NaN/Inf: a NaN, or a value
+    beyond the dtype's largest. Checked before the cast, where min/max runs vectorized
+    (on float8 it has no kernel at all); the exact count then looks at the cast values."""
+    if values.numel() == 0:
+        return False
+    low, high = torch.aminmax(values)
+    limit = torch.finfo(dtype).max
+    return not (float(low) >= -limit and float(high) <= limit)
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf the tensor holds (float8, which has no `isfinite`, widened a slice
+    at a time)."""
+    if tensor.element_size() != 1:
+        return tensor.numel() - int(torch.isfinite(tensor).sum())
+    flat = tensor.reshape(-1)
+    return sum(_non_finite(to_float32(flat[start:start + SLICE_ELEMENTS]))
+               for start in range(0, flat.numel(), SLICE_ELEMENTS))
+
+
 def _suspicious(tensor: torch.Tensor) -> bool:
     """True when the tensor may hold NaN/Inf. One min/max pass (NaN propagates through
     it), many times faster than `isfinite`, which only runs when this says so."""
     if tensor.numel() == 0:
         return False
-    if tensor.element_size() == 1:  # float8: no min/max kernel, widen first
-        tensor = tensor.to(torch.float16)
+    if tensor.element_size() == 1:  # float8: no min/max kernel; widened a slice at a time
+        flat = tensor.reshape(-1)
+        return any(_suspicious(to_float32(flat[start:start + SLICE_ELEMENTS]))
+                   for start in range(0, flat.numel(), SLICE_ELEMENTS))
     low, high = torch.aminmax(tensor)
     limit = torch.finfo(tensor.dtype).max
     return not (float(low) >= -limit and float(high) <= limit)

@@ -7,18 +7,17 @@ that add task vectors (add_difference, train_difference, ties, dare) take A as t
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
+from sdkit.ops.merge import streamed
 from sdkit.ops.merge.registry import merge_method
+from sdkit.ops.merge.streamed import disjoint_mean, key_seed, plain_sum, slerp_weights, slice_dot
 
-# reductions (norms, dot products) run over fixed slices in float64 so that their result
-# does not depend on how many threads torch uses to sum
-_REDUCE_SLICE = 1 << 20
+__all__ = ["key_seed"]  # with the methods, which register themselves
 
 
 @merge_method(elementwise=True)
@@ -75,7 +74,7 @@ def _check_density(params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(check=_check_density)
+@merge_method(check=_check_density, streamed=streamed.ties)
 def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2) -> Tensor:
     """TIES-merging (arXiv 2306.01708) of the task vectors M − A onto A.
 
@@ -83,15 +82,15 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2) -> T
     entry is elected from the sum of the trimmed vectors; the entries that agree with it
     are averaged (disjoint mean) and alpha times that mean is added to A.
 
-    Only the trim thresholds need the whole tensor; everything else runs slice by slice,
-    so the working set beyond the inputs is a few slices, never whole-tensor deltas.
+    This is the whole-tensor form (the reference the streamed form in `streamed` is
+    tested against); the engine merges files with the streamed form.
     """
     flat_base = base.reshape(-1)
     flat_models = [model.reshape(-1) for model in models]
     thresholds = [_top_fraction_threshold(model, flat_base, k) for model in flat_models]
     out = torch.empty_like(flat_base)
-    for start in range(0, flat_base.numel(), _REDUCE_SLICE):
-        stop = start + _REDUCE_SLICE
+    for start in range(0, flat_base.numel(), streamed.REDUCE_SLICE):
+        stop = start + streamed.REDUCE_SLICE
         part = flat_base[start:stop]
         deltas = []
         for model, threshold in zip(flat_models, thresholds):
@@ -99,7 +98,7 @@ def ties(base: Tensor, *models: Tensor, alpha: float = 1.0, k: float = 0.2) -> T
             if threshold is not None:
                 delta = torch.where(delta.abs() >= threshold, delta, 0.0)
             deltas.append(delta)
-        out[start:stop] = part + alpha * _disjoint_mean(deltas)
+        out[start:stop] = part + alpha * disjoint_mean(deltas)
     return out.reshape(base.shape)
 
 
@@ -131,21 +130,9 @@ def _top_fraction_threshold(model: Tensor, base: Tensor, fraction: float) -> flo
 
 def _magnitude_bits(model: Tensor, base: Tensor) -> Iterator[Tensor]:
     """|model − base| slice by slice, as the int32 bit patterns of the float32 values."""
-    for start in range(0, base.numel(), _REDUCE_SLICE):
-        stop = start + _REDUCE_SLICE
+    for start in range(0, base.numel(), streamed.REDUCE_SLICE):
+        stop = start + streamed.REDUCE_SLICE
         yield (model[start:stop] - base[start:stop]).abs_().view(torch.int32)
-
-
-def _disjoint_mean(deltas: list[Tensor]) -> Tensor:
-    """Mean over the deltas whose sign matches the sign of their sum (zeros excluded)."""
-    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
-    total = torch.zeros_like(deltas[0])
-    agreeing = torch.zeros_like(deltas[0])
-    for delta in deltas:
-        agrees = (torch.sign(delta) == elected) & (delta != 0)
-        total += torch.where(agrees, delta, 0.0)
-        agreeing += agrees
-    return torch.where(agreeing > 0, total / agreeing.clamp_min(1.0), 0.0)
 
 
 def _check_drop(params: dict[str, Any]) -> str | None:
@@ -154,7 +141,7 @@ def _check_drop(params: dict[str, Any]) -> str | None:
     return None
 
 
-@merge_method(check=_check_drop)
+@merge_method(check=_check_drop, streamed=streamed.dare)
 def dare(base: Tensor, *models: Tensor, alpha: float = 1.0, p: float = 0.9, seed: int = 0,
          ties: bool = False, key: str = "") -> Tensor:
     """DARE (arXiv 2311.03099): drop each entry of the task vectors M − A with
@@ -162,56 +149,36 @@ def dare(base: Tensor, *models: Tensor, alpha: float = 1.0, p: float = 0.9, seed
     (with ties=true, their TIES disjoint mean instead).
 
     The random mask of input i for a key is drawn from a generator seeded by
-    sha256(seed, i, key), so it does not depend on key order or threads.
+    sha256(seed, i, key), so it does not depend on key order or threads (the streamed
+    form draws the same stream slice after slice: the same masks).
     """
     rescaled = []
     for index, model in enumerate(models, start=1):
         generator = torch.Generator().manual_seed(key_seed(seed, index, key))
         kept = torch.rand(base.shape, generator=generator) >= p
         rescaled.append(torch.where(kept, (model - base) / (1.0 - p), 0.0))
-    combined = _disjoint_mean(rescaled) if ties else _sum(rescaled)
+    combined = disjoint_mean(rescaled) if ties else plain_sum(rescaled)
     return base + alpha * combined
 
 
-def key_seed(seed: int, index: int, key: str) -> int:
-    """A 63-bit seed for one (seed, input index, key) triple."""
-    digest = hashlib.sha256(f"{seed}\0{index}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _sum(tensors: list[Tensor]) -> Tensor:
-    total = tensors[0].clone()
-    for tensor in tensors[1:]:
-        total += tensor
-    return total
-
-
-@merge_method
+@merge_method(streamed=streamed.slerp)
 def slerp(a: Tensor, b: Tensor, *, alpha: float = 0.5) -> Tensor:
     """Spherical interpolation of the directions of A and B, scaled to the interpolated
     norm (1 − alpha)·|A| + alpha·|B|. Falls back to weighted sum where the angle is
     undefined or degenerate: a zero tensor, parallel or anti-parallel A and B.
+
+    |A|, |B| and A·B are float64 sums over fixed slices of REDUCE_SLICE elements, the
+    slices the streamed form reads, so both give the same numbers.
     """
-    norm_a = math.sqrt(_dot(a, a))
-    norm_b = math.sqrt(_dot(b, b))
-    if norm_a == 0.0 or norm_b == 0.0 or not math.isfinite(norm_a * norm_b):
-        return torch.lerp(a, b, alpha)
-    cosine = max(-1.0, min(1.0, _dot(a, b) / (norm_a * norm_b)))
-    omega = math.acos(cosine)
-    sin_omega = math.sin(omega)
-    if sin_omega < 1e-6:
-        return torch.lerp(a, b, alpha)
-    norm = (1.0 - alpha) * norm_a + alpha * norm_b
-    weight_a = math.sin((1.0 - alpha) * omega) / sin_omega * norm / norm_a
-    weight_b = math.sin(alpha * omega) / sin_omega * norm / norm_b
-    return a * weight_a + b * weight_b
+    weights = slerp_weights(math.sqrt(_dot(a, a)), math.sqrt(_dot(b, b)), _dot(a, b), alpha)
+    return torch.lerp(a, b, alpha) if weights is None else a * weights[0] + b * weights[1]
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
     """sum(a·b) accumulated in float64 over fixed slices, in order."""
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     total = 0.0
-    for start in range(0, flat_a.numel(), _REDUCE_SLICE):
-        stop = start + _REDUCE_SLICE
-        total += float(torch.dot(flat_a[start:stop].double(), flat_b[start:stop].double()))
+    for start in range(0, flat_a.numel(), streamed.REDUCE_SLICE):
+        stop = start + streamed.REDUCE_SLICE
+        total += slice_dot(flat_a[start:stop], flat_b[start:stop])
     return total

@@ -17,6 +17,11 @@ A method is a pure function of one key at a time. Its signature declares everyth
 
 `elementwise=True` promises that each output element depends only on the same element
 of the inputs, which lets the engine compute a large tensor in slices.
+
+`streamed=fn` gives a method that is not elementwise a second form the engine uses
+instead: `fn(reader, **params)` reads the inputs a slice at a time through a
+`streamed.SliceReader` (as many passes as it needs) and yields the output slice after
+slice, in order; its numbers must be those of the whole-tensor function.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from sdkit.errors import SdkitError
 
@@ -80,6 +85,7 @@ class MergeMethod:
     doc: str
     check: Callable[[dict[str, Any]], str | None] | None = None
     copies_input: str | None = None
+    streamed: Callable[..., Iterator[Any]] | None = None  # the slice-at-a-time form
 
     @property
     def has_alpha(self) -> bool:
@@ -125,10 +131,18 @@ class MergeMethod:
         return input_index(params[self.copies_input])
 
     def __call__(self, tensors: list[Any], params: dict[str, Any], key: str) -> Any:
+        return self.function(*tensors, **self._kwargs(params, key))
+
+    def stream(self, reader: Any, params: dict[str, Any], key: str) -> Iterator[Any]:
+        """The output slice after slice, from the streamed form (which must exist)."""
+        assert self.streamed is not None
+        return self.streamed(reader, **self._kwargs(params, key))
+
+    def _kwargs(self, params: dict[str, Any], key: str) -> dict[str, Any]:
         kwargs = dict(params)
         if self.wants_key:
             kwargs["key"] = key
-        return self.function(*tensors, **kwargs)
+        return kwargs
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -137,17 +151,19 @@ METHODS: dict[str, MergeMethod] = {}
 def merge_method(function: Callable[..., Any] | None = None, *, name: str | None = None,
                  elementwise: bool = False,
                  check: Callable[[dict[str, Any]], str | None] | None = None,
-                 copies_input: str | None = None) -> Any:
+                 copies_input: str | None = None,
+                 streamed: Callable[..., Iterator[Any]] | None = None) -> Any:
     """Register `function` as a merge method (usable bare or with arguments).
 
     `check(params)` returns a problem description for out-of-range parameters;
     `copies_input` names the parameter of a method that returns one input unchanged, so
-    the engine reads only that input.
+    the engine reads only that input; `streamed` is the slice-at-a-time form of a method
+    that is not elementwise.
     """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         method = _describe(fn, name or fn.__name__, elementwise)
-        method = replace(method, check=check, copies_input=copies_input)
+        method = replace(method, check=check, copies_input=copies_input, streamed=streamed)
         if method.name in METHODS:
             raise ValueError(f"merge method {method.name} registered twice")
         METHODS[method.name] = method

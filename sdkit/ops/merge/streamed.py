@@ -1,0 +1,263 @@
+"""The merge methods that are not elementwise (TIES, DARE, SLERP), computed a slice of a
+tensor at a time, with the same numbers as their whole-tensor forms in `methods`.
+
+A streamed method reads its inputs through a `SliceReader` (flattened, float32, one
+slice at a time, as many passes as it needs) and yields the output slice by slice, so
+its working set is a few slices whatever the tensor size:
+
+- TIES needs, per task vector, the magnitude of its ceil(k·n)-th largest entry. Two
+  counting passes find it exactly: a non-negative float32 orders like its bit pattern,
+  so a histogram of the top 16 bits names the bucket that holds it, and a histogram of
+  the low 16 bits of the entries inside that bucket names the value itself (ties
+  included). A third pass writes the output; the sign election is per element.
+- DARE's masks come from one generator per (seed, input, key), drawn in element order:
+  torch's CPU `rand` draws one number per element, in order, so consecutive slices of
+  the stream are the whole-tensor draw cut in pieces — the same masks as a whole-tensor
+  draw.
+- SLERP needs |A|, |B| and A·B: one pass sums them over fixed slices in float64 (the
+  slices and the order of the whole-tensor form, so the same sums), a second writes
+  the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from sdkit.io.float8 import to_float32
+
+# reductions (norms, dot products) run over fixed slices in float64 so that their result
+# does not depend on how many threads torch uses to sum, nor on how a tensor is read
+REDUCE_SLICE = 1 << 20
+# elementwise passes: 1 MiB per float32 operand (the operands stay in cache)
+PASS_SLICE = 1 << 18
+
+_HIGH_BUCKETS = 1 << 15  # the top 16 bits of a non-negative float32 (sign bit 0)
+_LOW_BUCKETS = 1 << 16
+_MAGNITUDE = 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class SliceReader:
+    """The inputs of one key, flattened and read a slice at a time as float32.
+
+    `read(start, size)` returns elements [start, start + size) of every input; each call
+    of `slices` is one pass. Slices may be views of the inputs: never modify them."""
+
+    count: int  # elements per input
+    inputs: int
+    read: Callable[[int, int], list[Tensor]]
+
+    def slices(self, size: int) -> Iterator[tuple[int, list[Tensor]]]:
+        for start in range(0, self.count, size):
+            yield start, self.read(start, min(size, self.count - start))
+
+
+def tensor_reader(tensors: Sequence[Tensor]) -> SliceReader:
+    """A reader over tensors already at hand (memory-mapped or loaded)."""
+    flat = [tensor.reshape(-1) for tensor in tensors]
+
+    def read(start: int, size: int) -> list[Tensor]:
+        return [to_float32(part[start:start + size]) for part in flat]
+
+    return SliceReader(flat[0].numel(), len(flat), read)
+
+
+# ---------------------------------------------------------------- shared with methods
+
+
+def disjoint_mean(deltas: list[Tensor]) -> Tensor:
+    """Mean over the deltas whose sign matches the sign of their sum (zeros excluded)."""
+    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
+    total = torch.zeros_like(deltas[0])
+    agreeing = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        agrees = (torch.sign(delta) == elected) & (delta != 0)
+        total += torch.where(agrees, delta, 0.0)
+        agreeing += agrees
+    return torch.where(agreeing > 0, total / agreeing.clamp_min(1.0), 0.0)
+
+
+def plain_sum(tensors: list[Tensor]) -> Tensor:
+    total = tensors[0].clone()
+    for tensor in tensors[1:]:
+        total += tensor
+    return total
+
+
+def key_seed(seed: int, index: int, key: str) -> int:
+    """A 63-bit seed for one (seed, input index, key) triple."""
+    digest = hashlib.sha256(f"{seed}\0{index}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def dare_generators(seed: int, key: str, models: int) -> list[torch.Generator]:
+    """The mask generator of each input B, C, … (index 1 on) for one key."""
+    return [torch.Generator().manual_seed(key_seed(seed, index, key)) for index in range(1, models + 1)]
+
+
+def dare_slice(base: Tensor, models: Sequence[Tensor], generators: Sequence[torch.Generator],
+               alpha: float, p: float, ties: bool) -> Tensor:
+    """DARE on one slice; each generator draws as many numbers as the slice has."""
+    rescaled = []
+    for model, generator in zip(models, generators):
+        draws = torch.rand(base.shape, generator=generator)
+        rescaled.append(_dropped((model - base) / (1.0 - p), draws, p))
+    combined = disjoint_mean(rescaled) if ties else plain_sum(rescaled)
+    return base + alpha * combined
+
+
+def _dropped(delta: Tensor, draws: Tensor, p: float) -> Tensor:
+    """`where(draws >= p, delta, 0)` as far as the merged output can tell, in vectorized
+    float arithmetic where delta is finite: draws >= p (compared in float32) is draws
+    above the float32 just below float32(p), whose sign is the 1/0 indicator. The one
+    difference, a kept −0 coming out +0, occurs only where A is +0 (M − A = −0 needs
+    M = −0, A = +0), so A + alpha·(sum or disjoint mean) is the same there: zeros
+    neither change a sum's other terms nor take part in the disjoint mean."""
+    if not _finite(delta):
+        return torch.where(draws >= p, delta, 0.0)
+    if p == 0.0:  # every draw is at least 0
+        return delta
+    below = float(torch.nextafter(torch.tensor(p, dtype=torch.float32), torch.tensor(0.0)))
+    return torch.threshold(draws, below, 0.0).sign_().mul_(delta).add_(0.0)
+
+
+def ties_slice(base: Tensor, models: Sequence[Tensor], thresholds: Sequence[float | None],
+               alpha: float) -> Tensor:
+    """TIES on one slice, given each task vector's trim threshold."""
+    deltas = [model - base for model in models]
+    if all(_finite(delta) for delta in deltas):
+        return base + alpha * _disjoint_mean_of_finite([_trim_finite(d, t) for d, t in zip(deltas, thresholds)])
+    trimmed = [delta if threshold is None else torch.where(delta.abs() >= threshold, delta, 0.0)
+               for delta, threshold in zip(deltas, thresholds)]
+    return base + alpha * disjoint_mean(trimmed)
+
+
+def _finite(tensor: Tensor) -> bool:
+    low, high = torch.aminmax(tensor)  # NaN propagates through it
+    return -math.inf < float(low) and float(high) < math.inf
+
+
+def _trim_finite(delta: Tensor, threshold: float | None) -> Tensor:
+    """`where(|delta| >= threshold, delta, 0)` for a finite delta, bit for bit, from two
+    vectorized `threshold` calls (a comparison making a bool mask and `where` reading
+    it run one element at a time, ten times slower): x > the float32 just below the
+    threshold is x >= the threshold."""
+    if threshold is None or threshold == 0.0:  # every finite entry kept
+        return delta
+    below = float(torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)))
+    return torch.threshold(delta, below, 0.0) - torch.threshold(-delta, below, 0.0)
+
+
+def _disjoint_mean_of_finite(deltas: list[Tensor]) -> Tensor:
+    """`disjoint_mean` of finite deltas, bit for bit, in float arithmetic only: an entry
+    agrees with the elected sign e where delta·e > 0, so sign(max(delta·e, 0)) is its
+    1/0 indicator; where nothing agrees the total is +0, and +0 / 1 is what
+    `disjoint_mean` returns there."""
+    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
+    total = torch.zeros_like(deltas[0])
+    agreeing = torch.zeros_like(deltas[0])
+    for delta in deltas:
+        agrees = (delta * elected).clamp_min_(0.0).sign_()
+        total += delta * agrees
+        agreeing += agrees
+    return total / agreeing.clamp_min_(1.0)
+
+
+def slerp_weights(norm_a: float, norm_b: float, dot_ab: float, alpha: float) -> tuple[float, float] | None:
+    """The weights of A and B, or None where SLERP falls back to a weighted sum (a zero
+    or non-finite norm; parallel or anti-parallel A and B)."""
+    if norm_a == 0.0 or norm_b == 0.0 or not math.isfinite(norm_a * norm_b):
+        return None
+    cosine = max(-1.0, min(1.0, dot_ab / (norm_a * norm_b)))
+    omega = math.acos(cosine)
+    sin_omega = math.sin(omega)
+    if sin_omega < 1e-6:
+        return None
+    norm = (1.0 - alpha) * norm_a + alpha * norm_b
+    weight_a = math.sin((1.0 - alpha) * omega) / sin_omega * norm / norm_a
+    weight_b = math.sin(alpha * omega) / sin_omega * norm / norm_b
+    return weight_a, weight_b
+
+
+def slice_dot(a: Tensor, b: Tensor) -> float:
+    """sum(a·b) of one reduction slice, in float64."""
+    return float(torch.dot(a.double(), b.double()))
+
+
+def bucket_at_rank(histogram: Tensor, rank: int) -> tuple[int, int]:
+    """(the bucket holding the rank-th largest entry, its rank inside that bucket)."""
+    at_or_above = histogram.flip(0).cumsum(0).flip(0)  # entries in this bucket or a higher one
+    bucket = int((at_or_above >= rank).nonzero().max())
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
+    return bucket, rank - above
+
+
+def magnitude_bits(model: Tensor, base: Tensor) -> Tensor:
+    """|model − base| as the int32 bit patterns of the float32 values (which order alike)."""
+    return (model - base).abs_().view(torch.int32) & _MAGNITUDE
+
+
+# ---------------------------------------------------------------- streamed methods
+
+
+def ties(reader: SliceReader, *, alpha: float = 1.0, k: float = 0.2) -> Iterator[Tensor]:
+    """TIES, streamed: two counting passes for the trim thresholds, then the output."""
+    thresholds = top_fraction_thresholds(reader, k)
+    for _, (base, *models) in reader.slices(PASS_SLICE):
+        yield ties_slice(base, models, thresholds, alpha)
+
+
+def dare(reader: SliceReader, *, alpha: float = 1.0, p: float = 0.9, seed: int = 0,
+         ties: bool = False, key: str = "") -> Iterator[Tensor]:
+    """DARE, streamed: one pass, each input's mask stream drawn slice after slice."""
+    generators: list[torch.Generator] | None = None
+    for _, (base, *models) in reader.slices(PASS_SLICE):
+        if generators is None:
+            generators = dare_generators(seed, key, len(models))
+        yield dare_slice(base, models, generators, alpha, p, ties)
+
+
+def slerp(reader: SliceReader, *, alpha: float = 0.5) -> Iterator[Tensor]:
+    """SLERP, streamed: one pass for |A|, |B| and A·B, one for the output."""
+    squares_a = squares_b = dot_ab = 0.0
+    for _, (a, b) in reader.slices(REDUCE_SLICE):
+        squares_a += slice_dot(a, a)
+        squares_b += slice_dot(b, b)
+        dot_ab += slice_dot(a, b)
+    weights = slerp_weights(math.sqrt(squares_a), math.sqrt(squares_b), dot_ab, alpha)
+    for _, (a, b) in reader.slices(PASS_SLICE):
+        yield torch.lerp(a, b, alpha) if weights is None else a * weights[0] + b * weights[1]
+
+
+def top_fraction_thresholds(reader: SliceReader, fraction: float) -> list[float | None]:
+    """For each task vector M − A (inputs B, C, … against A): the magnitude of its
+    ceil(fraction·n)-th largest entry, or None when every entry is kept. Two passes, each
+    holding one histogram per task vector."""
+    models = reader.inputs - 1
+    keep = math.ceil(fraction * reader.count)
+    if reader.count == 0 or keep >= reader.count:
+        return [None] * models
+    high = [torch.zeros(_HIGH_BUCKETS, dtype=torch.int64) for _ in range(models)]
+    for _, (base, *inputs) in reader.slices(PASS_SLICE):
+        for histogram, model in zip(high, inputs):
+            histogram += torch.bincount(magnitude_bits(model, base) >> 16, minlength=_HIGH_BUCKETS)
+    buckets = [bucket_at_rank(histogram, keep) for histogram in high]
+    # entries below the bucket counted in bin 0, above it in the last bin: no mask, no
+    # gather, whatever the bucket holds
+    low = [torch.zeros(_LOW_BUCKETS + 2, dtype=torch.int64) for _ in range(models)]
+    for _, (base, *inputs) in reader.slices(PASS_SLICE):
+        for histogram, model, (bucket, _) in zip(low, inputs, buckets):
+            inside = (magnitude_bits(model, base) - (bucket << 16)).clamp_(-1, _LOW_BUCKETS).add_(1)
+            histogram += torch.bincount(inside, minlength=_LOW_BUCKETS + 2)
+    return [_as_float((bucket << 16) | bucket_at_rank(histogram[1:-1], rank)[0])
+            for histogram, (bucket, rank) in zip(low, buckets)]
+
+
+def _as_float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
