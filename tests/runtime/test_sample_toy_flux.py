@@ -4,6 +4,7 @@ it is the picture diffusers' FluxPipeline draws, and the split parts ComfyUI use
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +14,13 @@ import torch
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
 from sdkit.runtime.sample.sampler import Sampler, Settings
-from sdkit.runtime.toyscore import IMAGE_SIZE, score_image
+from sdkit.runtime.toyscore import IMAGE_SIZE, SHAPES, score_image
 
 FLUX = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
 FOLDER = FLUX / "diffusers"
-# cases of the builder's palette evaluation (fixtures/toy/toy_eval.py: "a {colour} {shape}",
-# 20 steps, guidance 6 as real CFG, seeds 0 and 1)
-ASKED = [("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "cross")]
+# half the builder's test protocol (fixtures/toy/toy_eval.py: "a {colour} {shape}", 20 steps,
+# guidance 6 as real CFG, the shape cycling with the seed), seeds 0-3
+ASKED = [(colour, SHAPES[seed], seed) for colour in ("red", "green", "blue", "yellow") for seed in range(4)]
 SETTINGS = Settings(steps=20, cfg=6.0, width=IMAGE_SIZE, height=IMAGE_SIZE)
 
 pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").is_file(),
@@ -42,15 +43,16 @@ def _pixels(image) -> np.ndarray:
 
 def test_toy_flux_draws_the_asked_colour_and_shape(folder_sampler):
     found = []
-    for colour, shape in ASKED:
-        for sample in folder_sampler.generate(folder_sampler.plan_prompt(f"a {colour} {shape}"), SETTINGS, count=2):
-            score = score_image(sample.image)
-            found.append(((colour, shape), (score.colour, score.shape)))
+    for colour, shape, seed in ASKED:
+        plan = folder_sampler.plan_prompt(f"a {colour} {shape}")
+        score = score_image(folder_sampler.generate(plan, replace(SETTINGS, seed=seed))[0].image)
+        found.append(((colour, shape), (score.colour, score.shape)))
     colours = sum(asked[0] == seen[0] for asked, seen in found)
     shapes = sum(asked[1] == seen[1] for asked, seen in found)
-    # the card records colour 100%, shape 60% over the whole palette (chance: 25%); crosses
-    # and triangles are what it draws worst, and half the cases here are those
-    assert colours >= len(found) - 1 and shapes >= len(found) // 2, found
+    # the card records 100% for both on the whole protocol, and colour 98%, shape 79% over the
+    # whole palette (chance: 25%); crosses are what it draws worst
+    print(f"toy-flux: colour {colours}/{len(found)}, shape {shapes}/{len(found)}")
+    assert colours >= len(found) - 1 and shapes >= len(found) - 2, found
 
 
 def test_toy_flux_png_parameters_name_the_flow_sampler_and_real_cfg(folder_sampler):
