@@ -50,7 +50,8 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
 @click.option("--width", type=int, help="Width in pixels (default: the model's native size).")
 @click.option("--height", type=int, help="Height in pixels (default: the model's native size).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Pictures per prompt (seeds SEED, SEED+1, ...).")
-@click.option("--scheduler", type=click.Choice(list(SAMPLERS)), default="euler-a", show_default=True)
+@click.option("--scheduler", type=click.Choice(list(SAMPLERS)), default=None,
+              help="Sampler (default: euler-a; euler, the flow-matching one, for FLUX.1).")
 @click.option("--clip-skip", type=int, default=1, show_default=True,
               help="A1111 CLIP skip: 1 = last layer, 2 = penultimate.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="LoRA / LyCORIS file or library name.")
@@ -58,7 +59,10 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
               help="Textual-inversion file or library name; TOKEN defaults to the file's own.")
 @click.option("--hypernet", "hypernets", multiple=True, metavar="FILE[:W]",
               help="A1111 hypernetwork file or library name.")
-@click.option("--vae", metavar="FILE", help="Another VAE (file, diffusers folder or library name).")
+@click.option("--vae", metavar="FILE", help="Another VAE (file, diffusers folder or library name); "
+              "for a FLUX.1 diffusion model alone, its VAE (ae.safetensors).")
+@click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
+              help="For a FLUX.1 diffusion model alone: its text encoder files (clip_l, t5xxl); repeatable.")
 @click.option("--config", "config", type=click.Path(file_okay=False, path_type=str),
               help="Local diffusers folder of the model's family (configs and tokenizers).")
 @click.option("--library", type=click.Path(file_okay=False, path_type=str),
@@ -75,9 +79,10 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
 @click.option("--json", "as_json", is_flag=True, help="Report as one JSON object.")
 @click.pass_context
 def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], negative: str, steps: int,
-                   cfg: float, seed: int, width: int | None, height: int | None, batch: int, scheduler: str,
+                   cfg: float, seed: int, width: int | None, height: int | None, batch: int, scheduler: str | None,
                    clip_skip: int, loras: tuple[str, ...], embeddings: tuple[str, ...],
-                   hypernets: tuple[str, ...], vae: str | None, config: str | None, library: str | None,
+                   hypernets: tuple[str, ...], vae: str | None, text_encoders: tuple[str, ...],
+                   config: str | None, library: str | None,
                    device: str, dtype: str, grid: bool, xy: str | None, output: str, force: bool,
                    as_json: bool) -> None:
     """Draw pictures from a checkpoint or diffusers folder; every PNG carries A1111's
@@ -88,7 +93,7 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
     from sdkit.runtime.sample.grid import parse_axis
 
     axis = parse_axis(xy) if xy else None
-    require_inputs(model, config, library)
+    require_inputs(model, config, library, *text_encoders)
     for path in picture_paths(output, len(prompts), batch, one_picture=grid or axis is not None):
         require_output(path, (model,), force=force)
     from sdkit.runtime.sample.sampler import Settings
@@ -101,7 +106,7 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
                         clip_skip=clip_skip, negative=negative)
     job = SampleJob(model=model, prompts=list(prompts), settings=settings, batch=batch,
                     adapters=AdapterArgs(loras, embeddings, hypernets), library=library, config=config,
-                    vae=vae, device=device, dtype=dtype, grid=grid, xy=axis)
+                    vae=vae, text_encoders=text_encoders, device=device, dtype=dtype, grid=grid, xy=axis)
     quiet = bool((ctx.obj or {}).get("quiet"))
     if not (ctx.obj or {}).get("debug"):
         quiet_peer_logs()

@@ -1,7 +1,9 @@
 """Any Stable Diffusion model file as a diffusers pipeline, offline.
 
 `load_model(path)` accepts an LDM single-file checkpoint (A1111 / ComfyUI layout) or a
-diffusers folder of the SD 1.x, SD 2.x or SDXL base family. Both go through one path:
+diffusers folder of the SD 1.x, SD 2.x or SDXL base family, and (for sampling) a FLUX.1
+diffusers folder or diffusion model with its parts (`flux_load.py`). The SD files go
+through one path:
 the model is seen in the diffusers convention (`sdkit.ops.layout`, whose key maps
 derive every component's config from the weights), each component is built from its
 config with empty weights and the (converted) tensors are assigned to it. Nothing is
@@ -31,7 +33,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -42,6 +44,7 @@ from sdkit.io.diffusers_folder import read_json
 from sdkit.ops.layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl-base")
+FLOW_FAMILIES = ("flux",)  # rectified-flow models: a transformer, packed latents; sampling only
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -65,10 +68,10 @@ _SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 
 class LoadedModel:
     """A model ready to sample: the diffusers pipeline and what describes it."""
 
-    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline
+    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
     path: Path
     identity: Identity
-    layout: str  # a key of sdkit.arch.keymaps.LAYOUTS
+    layout: str  # a key of sdkit.arch.keymaps.LAYOUTS; the family's name for flow models
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
@@ -85,12 +88,28 @@ class LoadedModel:
         return self.path.stem if self.path.is_file() else self.path.name
 
     @property
+    def is_flow(self) -> bool:
+        return self.family in FLOW_FAMILIES
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     @property
+    def size_multiple(self) -> int:
+        """What width and height must be multiples of: FLUX packs 2x2 latents into a token."""
+        return self.vae_scale_factor * (2 if self.is_flow else 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.vae.config.latent_channels if self.is_flow else self.pipe.unet.config.in_channels)
+
+    @property
     def default_size(self) -> int:
-        """diffusers' default side: the UNet's sample size in pixels."""
+        """diffusers' default side: the UNet's sample size in pixels; for FLUX, the VAE's
+        (1024 for the released one), the transformer having no size of its own."""
+        if self.is_flow:
+            return int(self.pipe.vae.config.sample_size)
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     @property
@@ -137,7 +156,7 @@ def read_config_folder(folder: Path) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         raise SdkitError(f"{folder}: --config must be a local diffusers folder")
     configs = {}
-    for component in (*_MODEL_COMPONENTS, "scheduler"):
+    for component in (*_MODEL_COMPONENTS, "transformer", "scheduler"):
         for name in ("config.json", "scheduler_config.json"):
             if (folder / component / name).is_file():
                 configs[component] = _read_json(folder / component / name)
@@ -261,12 +280,15 @@ def _with_token_ids(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 
 # ---- loading ---------------------------------------------------------------------------
 
-def _check_base(path: Path, identity: Identity) -> None:
+def _check_base(path: Path, identity: Identity, flow: bool, has_parts: bool) -> None:
+    families = SUPPORTED_FAMILIES + (FLOW_FAMILIES if flow else ())
+    if flow and identity.family in FLOW_FAMILIES and has_parts and identity.components == ["transformer"]:
+        return  # a FLUX.1 diffusion model alone, its text encoders and VAE given as files
     if identity.kind != "checkpoint":
         raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, not a whole model to sample from")
-    if identity.family not in SUPPORTED_FAMILIES:
-        raise SdkitError(f"{path}: family {identity.family} cannot be sampled (supported: "
-                         f"{', '.join(SUPPORTED_FAMILIES)})")
+    if identity.family not in families:
+        raise SdkitError(f"{path}: family {identity.family} cannot be sampled "
+                         f"(supported: {', '.join(families)})")
     if identity.variant != "normal":
         raise SdkitError(f"{path}: {with_article(identity.variant)} model needs an input image; sample draws from text")
 
@@ -300,12 +322,15 @@ def _hash_in_background(path: Path) -> Future:
 
 def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] | None = None,
                vae: str | os.PathLike[str] | None = None, device: str = "auto",
-               dtype: str = "auto", require_vae: bool = True) -> LoadedModel:
+               dtype: str = "auto", require_vae: bool = True, flow: bool = False,
+               text_encoders: Sequence[str | os.PathLike[str]] = ()) -> LoadedModel:
     """Load a checkpoint file or diffusers folder (and optionally another VAE) for sampling.
 
     The file hashes the PNG parameters name (AutoV2) are computed in a background
     thread while the weights load. `require_vae=False` accepts a model that carries no
     VAE (for tools that only run its UNet and text encoders): its `pipe.vae` is None.
+    `flow=True` also accepts FLUX.1 (for sampling; the trainer and validators run UNets):
+    a diffusers folder, or the diffusion model alone with `vae` and `text_encoders` files.
     """
     path = Path(path)
     config_dir = Path(config) if config is not None else None
@@ -314,8 +339,11 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
     torch_dtype = resolve_dtype(dtype, torch_device)
     with open_model(path) as model:
         identity = identify(model)
-        _check_base(path, identity)
+        _check_base(path, identity, flow, has_parts=vae is not None or bool(text_encoders))
         hashes = {"model": _hash_in_background(path)} if path.is_file() else {}
+        if identity.family in FLOW_FAMILIES:
+            return _load_flux(path, model, identity, config_dir, given, (torch_device, torch_dtype), hashes,
+                              vae, text_encoders)
         view = model_view(model, identity)
         converted = convert_view(view, "diffusers", {c: given[c] for c in _MODEL_COMPONENTS if c in given})
         extras = _own_configs(model, given)
@@ -339,6 +367,24 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
     pipe.to(torch_device)
     return LoadedModel(pipe, path, identity, LAYOUT_OF_FAMILY[identity.family], dict(scheduler_config),
                        torch_device, torch_dtype, vae_path, hashes)
+
+
+def _load_flux(path: Path, model: Any, identity: Identity, config_dir: Path | None, given: dict[str, dict],
+               placement: tuple[torch.device, torch.dtype], hashes: dict[str, Future],
+               vae: str | os.PathLike[str] | None, text_encoders: Sequence[str | os.PathLike[str]]) -> LoadedModel:
+    from sdkit.runtime.flux_load import assemble_flux, build_flux_modules, text_encoder_component
+
+    device, dtype = placement
+    parts = {text_encoder_component(Path(file)): Path(file) for file in text_encoders}
+    vae_path = Path(vae) if vae is not None else None
+    if vae_path is not None:
+        parts["vae"] = vae_path
+        if vae_path.is_file():
+            hashes["vae"] = _hash_in_background(vae_path)
+    modules, scheduler_config = build_flux_modules(path, model, config_dir, given, dtype, parts)
+    pipe = assemble_flux(modules, scheduler_config)
+    pipe.to(device)
+    return LoadedModel(pipe, path, identity, "flux", dict(scheduler_config), device, dtype, vae_path, hashes)
 
 
 def _needs_config(path: Path, layout: str, configs: Mapping[str, dict], derived: list[str]) -> SdkitError | None:

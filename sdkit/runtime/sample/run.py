@@ -42,6 +42,7 @@ class SampleJob:
     library: str | None = None
     config: str | None = None
     vae: str | None = None
+    text_encoders: Sequence[str] = ()  # a FLUX.1 diffusion model alone: its text encoder files
     device: str = "auto"
     dtype: str = "auto"
     grid: bool = False
@@ -73,7 +74,10 @@ def run_sample(job: SampleJob, output: str | os.PathLike[str], *, overwrite: boo
     vae = resolve_file(job.vae, "vae", library, f"--vae {job.vae}") if job.vae else None
     adapters = resolve_adapters(job.adapters, library)
     plans = [plan_prompt(prompt, adapters, library) for prompt in job.prompts]
-    model = load_model(job.model, config=job.config, vae=vae, device=job.device, dtype=job.dtype)
+    text_encoders = [resolve_file(file, "text-encoder", library, f"--text-encoder {file}")
+                     for file in job.text_encoders]
+    model = load_model(job.model, config=job.config, vae=vae, device=job.device, dtype=job.dtype,
+                       flow=True, text_encoders=text_encoders)
     sampler = Sampler(model, library, adapters)
     try:
         images, samples = _draw(sampler, plans, job, progress)

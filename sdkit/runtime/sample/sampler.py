@@ -40,7 +40,8 @@ from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, wi
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
 from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
 from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
-from sdkit.runtime.sample.scheduler import make_scheduler, sampler_spec
+from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, FLOW_SAMPLERS, make_scheduler,
+                                            sampler_spec)
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 
@@ -54,7 +55,7 @@ class Settings:
     seed: int = 0
     width: int | None = None  # None: the model's default size
     height: int | None = None
-    scheduler: str = "euler-a"
+    scheduler: str | None = None  # None: the model's default (euler-a; euler for flow models)
     clip_skip: int = 1
     negative: str = ""
     lora_strength: float | None = None  # replaces every LoRA's strengths when set
@@ -69,7 +70,8 @@ class Sample:
 
 def check_settings(settings: Settings, count: int = 1) -> None:
     """Refuse settings no model can sample with (sizes are checked against the model)."""
-    sampler_spec(settings.scheduler)
+    if settings.scheduler is not None and settings.scheduler not in FLOW_SAMPLERS:
+        sampler_spec(settings.scheduler)
     if settings.steps < 1:
         raise SdkitError(f"--steps must be at least 1, not {settings.steps}")
     if count < 1:
@@ -109,6 +111,8 @@ def text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: 
     A1111 does for an empty SDXL negative), which is what SDXL models are trained to see
     there; encoding "" instead gives a different, off-distribution unconditional pass.
     SD1/SD2 pipelines encode "" for a missing negative prompt, so nothing changes there."""
+    if family == "flux":
+        return flux_text_arguments(pipe, text, negative, clip_skip)
     encoder = pipe.text_encoder_2 if family == "sdxl-base" else pipe.text_encoder
     check_clip_skip(clip_skip, encoder.config.num_hidden_layers)
     if family == "sdxl-base":
@@ -117,6 +121,28 @@ def text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: 
         return {"prompt": text, "negative_prompt": negative or None}
     return {"prompt_embeds": encode_skipped(pipe, text, clip_skip),
             "negative_prompt_embeds": encode_skipped(pipe, negative, clip_skip)}
+
+
+def flux_text_arguments(pipe: Any, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
+    """FLUX.1's prompt arguments. T5's context is padded to the tokenizer's own length (512
+    for the released tokenizer, what FluxPipeline pads to; a model trained on shorter
+    contexts says so in its tokenizer config), and the negative prompt is always passed:
+    it is the unconditional input of real CFG (see `guidance_arguments`)."""
+    if clip_skip != 1:
+        raise SdkitError("--clip-skip does not apply to FLUX.1 (it reads CLIP's pooled output)")
+    length = min(512, int(pipe.tokenizer_2.model_max_length))
+    return {"prompt": text, "negative_prompt": negative, "max_sequence_length": length}
+
+
+def guidance_arguments(pipe: Any, family: str, cfg: float) -> dict[str, Any]:
+    """The CFG scale as the pipeline takes it. A FLUX.1 with a guidance embedder (dev) is
+    given it as distilled guidance; one without (schnell's design) gets real CFG against
+    the negative prompt, twice the model calls per step, as ComfyUI's CFG node does."""
+    if family != "flux":
+        return {"guidance_scale": cfg}
+    if pipe.transformer.config.guidance_embeds:
+        return {"guidance_scale": cfg, "true_cfg_scale": 1.0}
+    return {"true_cfg_scale": cfg}
 
 
 class Sampler:
@@ -133,6 +159,8 @@ class Sampler:
         self._state: tuple[tuple[LoraRequest, ...], tuple[HypernetRequest, ...]] = ((), ())
         self._applied: list[AppliedLora] = []
         self.notes: list[str] = []
+        if adapters.embeddings and model.is_flow:
+            raise SdkitError(f"{adapters.embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
         for path, token in adapters.embeddings:
             self.embeddings.add(read_embedding(path, token))
 
@@ -156,6 +184,9 @@ class Sampler:
     def _activate(self, loras: tuple[LoraRequest, ...], hypernets: tuple[HypernetRequest, ...]) -> None:
         if (loras, hypernets) == self._state:
             return
+        if self.model.is_flow:
+            raise SdkitError(f"{(loras or hypernets)[0].path}: adapters are not applied to {self.model.family} "
+                             "models while sampling yet; bake a LoRA into the model first (sdkit lora bake)")
         if loras or self._loras is not None:
             if self._loras is None:
                 self._loras = RuntimeLoras(self.model.pipe, self.model.family, self.model.layout)
@@ -207,19 +238,28 @@ class Sampler:
     def size(self, settings: Settings) -> tuple[int, int]:
         width = settings.width or self.model.default_size
         height = settings.height or self.model.default_size
-        factor = self.model.vae_scale_factor
+        factor = self.model.size_multiple
+        why = "the VAE's downscaling factor, times the 2x2 latent packing" if self.model.is_flow \
+            else "the VAE's downscaling factor"
         for what, value in (("width", width), ("height", height)):
             if value <= 0 or value % factor:
-                raise SdkitError(f"--{what} {value}: must be a positive multiple of {factor} "
-                                 "(the VAE's downscaling factor)")
+                raise SdkitError(f"--{what} {value}: must be a positive multiple of {factor} ({why})")
         return width, height
 
+    def scheduler_name(self, settings: Settings) -> str:
+        if settings.scheduler is not None:
+            return settings.scheduler
+        return DEFAULT_FLOW_SAMPLER if self.model.is_flow else DEFAULT_SAMPLER
+
     def _latents(self, seeds: Sequence[int], width: int, height: int) -> tuple[torch.Tensor, list]:
-        """Initial noise, one CPU generator per image; the generators go on to the sampler."""
+        """Initial noise, one CPU generator per image; the generators go on to the sampler.
+        A flow model's noise is packed into tokens as its pipeline packs its own."""
         factor = self.model.vae_scale_factor
-        shape = (1, self.model.pipe.unet.config.in_channels, height // factor, width // factor)
+        shape = (1, self.model.latent_channels, height // factor, width // factor)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        if self.model.is_flow:
+            noise = self.model.pipe._pack_latents(noise, len(seeds), *shape[1:])
         return noise.to(self.model.device, self.model.dtype), generators
 
     def generate(self, plan: PromptPlan, settings: Settings, count: int = 1,
@@ -232,7 +272,8 @@ class Sampler:
         self._activate(loras, plan.hypernets)
         self.load_mentioned_embeddings(plan.text, settings.negative)
         pipe = self.model.pipe
-        pipe.scheduler = make_scheduler(settings.scheduler, self.model.scheduler_config)  # fresh state
+        name = self.scheduler_name(settings)
+        pipe.scheduler = make_scheduler(name, self.model.scheduler_config, self.model.is_flow)  # fresh state
         seeds = [settings.seed + index for index in range(count)]
         latents, generators = self._latents(seeds, width, height)
 
@@ -244,9 +285,10 @@ class Sampler:
         with torch.inference_mode():
             texts = text_arguments(pipe, self.model.family, self.embeddings.rewrite(plan.text),
                                    self.embeddings.rewrite(settings.negative), settings.clip_skip)
-            images = pipe(**texts, num_inference_steps=settings.steps, guidance_scale=settings.cfg,
-                          width=width, height=height, num_images_per_prompt=count, latents=latents,
-                          generator=generators, output_type="pil", callback_on_step_end=on_step).images
+            images = pipe(**texts, **guidance_arguments(pipe, self.model.family, settings.cfg),
+                          num_inference_steps=settings.steps, width=width, height=height,
+                          num_images_per_prompt=count, latents=latents, generator=generators, output_type="pil",
+                          callback_on_step_end=on_step).images
         return [Sample(image, self.parameters(plan, settings, seed, loras), seed)
                 for image, seed in zip(images, seeds)]
 
@@ -259,7 +301,7 @@ class Sampler:
         tags = [lora_tag(r.name, r.te_strength, r.unet_strength) for r in loras]
         tags += [hypernet_tag(r.name, r.strength) for r in plan.hypernets]
         prompt = " ".join([plan.text, *tags]).strip()
-        spec = sampler_spec(settings.scheduler)
+        spec = sampler_spec(self.scheduler_name(settings), self.model.is_flow)
         lora_hashes = {a.request.name: a.short_hash for a in self._applied if a.short_hash}
         ti_hashes = {e.embedding.token: e.short_hash
                      for e in self.embeddings.used_in(plan.text, settings.negative) if e.short_hash}

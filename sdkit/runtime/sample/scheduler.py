@@ -42,18 +42,31 @@ SAMPLERS: dict[str, SamplerSpec] = {
 }
 
 
-def sampler_spec(name: str) -> SamplerSpec:
-    spec = SAMPLERS.get(name)
+# rectified-flow models: the diffusers schedulers FluxPipeline can drive (it passes its own
+# sigmas and the resolution shift `mu`)
+FLOW_SAMPLERS: dict[str, SamplerSpec] = {
+    "euler": SamplerSpec("FlowMatchEulerDiscreteScheduler", "Euler"),
+}
+DEFAULT_SAMPLER = "euler-a"
+DEFAULT_FLOW_SAMPLER = "euler"
+
+
+def sampler_spec(name: str, flow: bool = False) -> SamplerSpec:
+    table = FLOW_SAMPLERS if flow else SAMPLERS
+    spec = table.get(name)
     if spec is None:
-        raise SdkitError(f"unknown scheduler {name!r} (choose from {', '.join(SAMPLERS)})")
+        if name in SAMPLERS:
+            raise SdkitError(f"scheduler {name!r} does not sample flow-matching models (choose from "
+                             f"{', '.join(FLOW_SAMPLERS)})")
+        raise SdkitError(f"unknown scheduler {name!r} (choose from {', '.join(table)})")
     return spec
 
 
-def make_scheduler(name: str, model_config: Mapping[str, Any]) -> Any:
+def make_scheduler(name: str, model_config: Mapping[str, Any], flow: bool = False) -> Any:
     """A fresh scheduler `name` over the model's schedule."""
     import diffusers
 
-    spec = sampler_spec(name)
+    spec = sampler_spec(name, flow)
     cls = getattr(diffusers, spec.scheduler)
     accepted = inspect.signature(cls.__init__).parameters
     settings = {key: value for key, value in model_config.items() if key in accepted}

@@ -1,0 +1,116 @@
+"""toy-flux drawn through `sdkit sample`: the picture shows the colour and shape asked for,
+it is the picture diffusers' FluxPipeline draws, and the split parts ComfyUI users keep
+(diffusion model in BFL names, clip_l, t5xxl, ae) draw the diffusers folder's picture."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdkit.errors import SdkitError
+from sdkit.runtime.pipeline import load_model
+from sdkit.runtime.sample.sampler import Sampler, Settings
+from sdkit.runtime.toyscore import IMAGE_SIZE, SHAPES, score_image
+
+FLUX = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
+FOLDER = FLUX / "diffusers"
+# half the builder's test protocol (fixtures/toy/toy_eval.py: "a {colour} {shape}", 20 steps,
+# guidance 6 as real CFG, the shape cycling with the seed), seeds 0-3
+ASKED = [(colour, SHAPES[seed], seed) for colour in ("red", "green", "blue", "yellow") for seed in range(4)]
+SETTINGS = Settings(steps=20, cfg=6.0, width=IMAGE_SIZE, height=IMAGE_SIZE)
+
+pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").is_file(),
+                                reason="toy-flux not built (make fixtures)")
+
+
+@pytest.fixture(scope="module")
+def folder_sampler() -> Sampler:
+    return Sampler(load_model(FOLDER, flow=True))
+
+
+def _parts_model():
+    return load_model(FLUX / "toy-flux.safetensors", config=FOLDER, vae=FLUX / "ae.safetensors", flow=True,
+                      text_encoders=[FLUX / "toy-flux.clip_l.safetensors", FLUX / "toy-flux.t5xxl.safetensors"])
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_toy_flux_draws_the_asked_colour_and_shape(folder_sampler):
+    found = []
+    for colour, shape, seed in ASKED:
+        plan = folder_sampler.plan_prompt(f"a {colour} {shape}")
+        score = score_image(folder_sampler.generate(plan, replace(SETTINGS, seed=seed))[0].image)
+        found.append(((colour, shape), (score.colour, score.shape)))
+    colours = sum(asked[0] == seen[0] for asked, seen in found)
+    shapes = sum(asked[1] == seen[1] for asked, seen in found)
+    # the card records 100% for both on the whole protocol, and colour 98%, shape 79% over the
+    # whole palette (chance: 25%); crosses are what it draws worst
+    print(f"toy-flux: colour {colours}/{len(found)}, shape {shapes}/{len(found)}")
+    assert colours >= len(found) - 1 and shapes >= len(found) - 2, found
+
+
+def test_toy_flux_png_parameters_name_the_flow_sampler_and_real_cfg(folder_sampler):
+    sample = folder_sampler.generate(folder_sampler.plan_prompt("a red circle"), Settings(steps=2, cfg=6.0))[0]
+    assert sample.image.size == (IMAGE_SIZE, IMAGE_SIZE)  # the VAE's sample size: the model's own
+    assert "Sampler: Euler, Schedule type: Automatic, CFG scale: 6, Seed: 0, Size: 32x32" in sample.parameters
+
+
+def test_toy_flux_draws_what_diffusers_draws(folder_sampler):
+    from diffusers import FluxPipeline
+
+    reference = FluxPipeline.from_pretrained(FOLDER, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = reference("a green cross", negative_prompt="", true_cfg_scale=6.0, num_inference_steps=20,
+                           height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=16,
+                           generator=torch.Generator().manual_seed(5)).images[0]
+    settings = Settings(steps=20, cfg=6.0, seed=5, width=IMAGE_SIZE, height=IMAGE_SIZE)
+    ours = folder_sampler.generate(folder_sampler.plan_prompt("a green cross"), settings)[0].image
+    assert np.abs(_pixels(ours) - _pixels(theirs)).max() <= 1
+
+
+def test_toy_flux_parts_draw_the_folders_picture(folder_sampler):
+    settings = Settings(steps=20, cfg=6.0, seed=3, width=IMAGE_SIZE, height=IMAGE_SIZE)
+    parts = Sampler(_parts_model())
+    ours = parts.generate(parts.plan_prompt("a blue square"), settings)[0].image
+    folder = folder_sampler.generate(folder_sampler.plan_prompt("a blue square"), settings)[0].image
+    assert np.abs(_pixels(ours) - _pixels(folder)).max() <= 2  # the parts store fp16 weights
+
+
+@pytest.mark.parametrize("settings, message", [
+    (Settings(steps=2, scheduler="dpm++2m"), "does not sample flow-matching models"),
+    (Settings(steps=2, clip_skip=2), "--clip-skip does not apply to FLUX.1"),
+    (Settings(steps=2, width=36), "multiple of 8"),
+])
+def test_toy_flux_refuses_what_it_cannot_do_in_one_line(folder_sampler, settings, message):
+    with pytest.raises(SdkitError, match=message):
+        folder_sampler.generate(folder_sampler.plan_prompt("a red circle"), settings)
+
+
+def test_flux_diffusion_model_alone_asks_for_its_parts():
+    with pytest.raises(SdkitError, match="not a whole model"):
+        load_model(FLUX / "toy-flux.safetensors", flow=True)
+    with pytest.raises(SdkitError, match="has no text_encoder_2"):
+        load_model(FLUX / "toy-flux.safetensors", config=FOLDER, vae=FLUX / "ae.safetensors", flow=True,
+                   text_encoders=[FLUX / "toy-flux.clip_l.safetensors"])
+
+
+def test_flux_is_refused_where_only_unets_run():
+    with pytest.raises(SdkitError, match="cannot be sampled"):
+        load_model(FOLDER)
+
+
+def test_toy_flux_refuses_adapters_it_does_not_apply_yet(folder_sampler, tmp_path):
+    from sdkit.runtime.sample.lora import LoraRequest
+    from sdkit.runtime.sample.plan import PromptPlan
+
+    lora = tmp_path / "style.safetensors"
+    plan = PromptPlan("a red circle", (LoraRequest(lora, "style", 1.0, 1.0),), ())
+    with pytest.raises(SdkitError, match="adapters are not applied to flux models"):
+        folder_sampler.generate(plan, Settings(steps=2))
