@@ -117,11 +117,12 @@ class Fp8Weight:
     """One weight in fp8 and its scale tensor, each made when the writer asks for it.
 
     `lazy` loads the float weight; `scaling` is "plain", "tensor" or "row" (see
-    `fp8_scale`); the scale tensor is given `scale_shape` and `scale_dtype`. The writer
-    lays out float32 scales before fp8 weights: a scale asked for first is measured on
-    a load of its own and kept (one value, or one per row), and the values are made from
-    a second load when their turn comes: holding them in between would hold every fp8
-    weight of the model."""
+    `fp8_scale`); the scale tensor is given `scale_shape` and `scale_dtype`. Either may be
+    asked for first: the scale is measured once and kept (one value, or one per row). The
+    reference layout puts float32 scales before fp8 weights, so a scale asked for first is
+    measured on a load of its own and the values are made from a second load when their
+    turn comes (holding them in between would hold every fp8 weight of the model); a writer
+    that lays the scales out last (`write_safetensors(last=...)`) loads each weight once."""
 
     def __init__(self, name: str, lazy: LazyTensor, dtype: str, scaling: str, report: LayerClassErrors,
                  scale_shape: tuple[int, ...] = (), scale_dtype: "torch.dtype | None" = None) -> None:

@@ -213,6 +213,27 @@ def test_bake_into_each_base_matches_the_float_bake_within_its_format(kind, made
         "precision"]["label"]
 
 
+@pytest.mark.parametrize("kind", ["scaled", "mixed"])
+def test_each_touched_weight_is_baked_once(kind, made, tmp_path, capsys, monkeypatch):
+    """A fresh scale is known once its weight is baked: the scales are laid out after the
+    weights, so no weight is baked a second time to measure its scale first."""
+    from collections import Counter
+
+    from sdkit.ops.lora.compute import KeyBaker
+
+    calls: Counter[str] = Counter()
+    compute = KeyBaker.compute
+
+    def counted(self, name):
+        calls[name] += 1
+        return compute(self, name)
+    monkeypatch.setattr(KeyBaker, "compute", counted)
+    out = tmp_path / "out.safetensors"
+    bake(capsys, made[kind], made["lora"], out)
+    assert calls and set(calls.values()) == {1}
+    check_values(kind, out, made[kind], made["lora"])
+
+
 @pytest.mark.parametrize("kind", ["fp8", "scaled", "mixed"])
 def test_safetensors_bases_keep_what_comfyui_reads(kind, made, tmp_path, capsys):
     base, out = made[kind], tmp_path / "out.safetensors"

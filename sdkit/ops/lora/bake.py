@@ -233,8 +233,11 @@ def _write_quantized(opened: OpenBase, quantized: QuantizedBase, baker: KeyBaker
         def cost(name: str) -> int:
             owner = owners.get(name, name)
             return baker.cost(owner) if owner in baker.codes else tensors[name].nbytes
+        # a touched weight's fresh scale is known once the weight is made: laid out after
+        # the weights, each weight is baked once (before them, twice: once for its scale)
+        fresh_scales = [scale for scale, owner in owners.items() if owner in baker.codes]
         write_safetensors(output, tensors, metadata, overwrite=overwrite, progress=progress, finish=digests.patch,
-                          workers=DEFAULT_WORKERS, cost=cost)
+                          workers=DEFAULT_WORKERS, cost=cost, last=fresh_scales)
         result.tensors = len(tensors)
     if report.requantized:
         result.notes.append(f"{len(report.requantized)} changed weights stored back in {opened.identity.precision.label}; "
