@@ -125,7 +125,7 @@ def quantized_base(opened: "OpenBase", dtype: str | None) -> QuantizedBase | Non
     for name, stored in storage.items():
         if stored.scale is not None:
             sources[name] = LazyTensor("F32", tensors[name].shape,
-                                       partial(_scaled, tensors[name], tensors[stored.scale]))
+                                       partial(_scaled, tensors[name], tensors[stored.scale]), fresh=True)
     return QuantizedBase(scheme, sources, storage)
 
 
