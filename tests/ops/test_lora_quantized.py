@@ -404,3 +404,17 @@ def test_a_changed_gguf_tensor_in_a_type_sdkit_does_not_write_is_refused(made, t
     code, _out, err = run_sdkit(capsys, "lora", "bake", str(base), str(made["lora"]), "-o", str(out))
     assert code == 1 and err.startswith("sdkit: error: ") and err.count("\n") == 1, err
     assert "Q8_1, which sdkit does not write" in err and not out.exists()
+
+
+def test_a_baked_f16_gguf_tensor_past_float16_is_refused_with_advice_for_a_bake(made, tmp_path, capsys):
+    base, out = tmp_path / "f16.gguf", tmp_path / "out.gguf"
+    assert exit_code(["convert", str(made["bf16"]), "-o", str(base), "--to", "gguf", "--quant", "F16"]) == 0
+    capsys.readouterr()
+    lora = load_file(made["lora"])
+    lora["lora_unet_double_blocks_0_img_mlp_0.lora_up.weight"][0] = 1000.0
+    lora["lora_unet_double_blocks_0_img_mlp_0.lora_down.weight"][:, 0] = 100.0
+    save_file(lora, tmp_path / "huge.safetensors")
+    code, _out, err = run_sdkit(capsys, "lora", "bake", str(base), str(tmp_path / "huge.safetensors"), "-o", str(out))
+    assert code == 1 and err.startswith("sdkit: error: ") and err.count("\n") == 1, err
+    assert "double_blocks.0.img_mlp.0.weight: values beyond float16's range" in err
+    assert "lower strength" in err and "--quant BF16" in err and not out.exists()
