@@ -49,7 +49,7 @@ TOKENIZER_PADS: dict[str, dict[str, str]] = {
     "sdxl": {"tokenizer": END_OF_TEXT, "tokenizer_2": OPENCLIP_PAD},
     "sdxl_refiner": {"tokenizer_2": OPENCLIP_PAD},
 }
-SHIPPED_TOKENIZER = "sdkit's CLIP tokenizer (OpenAI CLIP BPE, shipped)"
+SHIPPED_TOKENIZER = "the CLIP tokenizer sdkit ships (OpenAI CLIP's BPE merges)"
 
 
 def _prediction(prediction: str, zero_snr: bool) -> dict[str, Any]:
