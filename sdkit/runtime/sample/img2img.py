@@ -15,6 +15,7 @@ with the same seeds.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,11 +112,15 @@ def upscale_latents(latents: Any, size: tuple[int, int], factor: int, upscaler: 
 
 
 def image_to_image_pipeline(pipe: Any) -> Any:
-    """The img2img pipeline over the same modules (weights, adapters and tokens shared)."""
+    """The img2img pipeline over the same modules (weights, adapters and tokens shared),
+    with the text-to-image pipeline's settings (SDXL's zeroed empty negative prompt)."""
     import diffusers
 
     cls = diffusers.StableDiffusionImg2ImgPipeline if isinstance(pipe, diffusers.StableDiffusionPipeline) \
         else diffusers.StableDiffusionXLImg2ImgPipeline
-    second = cls.from_pipe(pipe)
+    accepted = inspect.signature(cls.__init__).parameters
+    settings = {**{key: value for key, value in pipe.config.items() if not key.startswith("_")}, **pipe.components}
+    settings.update(requires_safety_checker=False, add_watermarker=False)
+    second = cls(**{key: value for key, value in settings.items() if key in accepted})
     second.set_progress_bar_config(disable=True)
     return second
