@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-
 from runtime_models import SIZE
+
 from sdkit.errors import SdkitError
 from sdkit.runtime.sample.replay import read_replay, replay_a1111, replay_comfy
 
