@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 from sdkit.errors import SdkitError
@@ -50,7 +50,7 @@ class Replay:
 
 def read_replay(path: str | os.PathLike[str]) -> Replay:
     """The generation settings stored in an A1111 or ComfyUI PNG."""
-    texts = _png_texts(Path(path))
+    texts = png.png_texts(path)
     if isinstance(texts.get(png.PARAMETERS_KEY), str) and texts[png.PARAMETERS_KEY].strip():
         return replay_a1111(texts[png.PARAMETERS_KEY])
     if isinstance(texts.get(COMFY_KEY), str):
@@ -60,20 +60,6 @@ def read_replay(path: str | os.PathLike[str]) -> Replay:
             raise SdkitError(f"{path}: its ComfyUI '{COMFY_KEY}' text is not JSON") from None
         return replay_comfy(graph, str(path))
     raise SdkitError(f"{path}: the PNG holds neither A1111 '{png.PARAMETERS_KEY}' nor ComfyUI '{COMFY_KEY}' text")
-
-
-def _png_texts(path: Path) -> dict[str, Any]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            if image.format != "PNG":
-                raise SdkitError(f"{path}: not a PNG image ({image.format})")
-            return dict(image.info)
-    except FileNotFoundError:
-        raise SdkitError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise SdkitError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
 
 
 # ---- A1111 ---------------------------------------------------------------------------
