@@ -140,3 +140,15 @@ def test_an_init_image_size_the_vae_cannot_take_is_refused(sampler, tmp_path):
     Image.new("RGB", (33, 32)).save(odd)
     with pytest.raises(SdkitError, match=r"the init image's width 33: must be a positive multiple of \d+ "):
         sampler.generate(sampler.plan_prompt("a"), Settings(init_image=str(odd), denoise=0.5))
+
+
+@pytest.mark.parametrize("extra", [{"denoise": 0.6}, {"hires": Hires(1.5, 3, 0.5)}])
+def test_picture_i_of_a_batch_is_the_single_picture_of_seed_plus_i(sampler, tmp_path, extra):
+    if "denoise" in extra:
+        extra = {**extra, "init_image": _toy_picture(sampler, tmp_path, "a red circle", 1)}
+    plan = sampler.plan_prompt("a red circle")
+    batch = sampler.generate(plan, Settings(steps=6, seed=3, scheduler="euler-a", **extra), count=2)
+    single = sampler.generate(plan, Settings(steps=6, seed=4, scheduler="euler-a", **extra))[0]
+    difference = np.abs(np.asarray(batch[1].image, dtype=np.int16) - np.asarray(single.image, dtype=np.int16))
+    assert difference.max() <= 1  # batched matmuls may round differently
+    assert "Seed: 4," in batch[1].parameters

@@ -247,3 +247,11 @@ def test_automatic_uses_each_samplers_a1111_default():
     np.testing.assert_allclose(_sigmas("DPM++ 2M", "Automatic", 12), _karras(12, model[0], model[-1]), rtol=RTOL)
     np.testing.assert_allclose(_sigmas("DPM++ 2M SDE", "Automatic", 12), _exponential(12, model[0], model[-1]),
                                rtol=RTOL)
+
+
+def test_xy_axes_take_sampler_and_schedule_names():
+    from sdkit.runtime.sample.grid import parse_axis
+
+    assert parse_axis("scheduler=DPM++ 2M Karras, euler_ancestral").values == ("DPM++ 2M Karras", "euler_ancestral")
+    assert parse_axis("schedule=Karras,SGM Uniform").values == ("Karras", "SGM Uniform")
+    assert parse_axis("denoise=0.3,0.6").values == (0.3, 0.6)
