@@ -66,7 +66,7 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 @click.option("--init-image", metavar="PNG", type=click.Path(dir_okay=False, path_type=str),
               help="img2img: start from this picture.")
 @click.option("--denoise", type=float, default=0.75, show_default=True,
-              help="img2img: A1111's denoising strength (int(steps * denoise) steps run; 1 ignores the picture).")
+              help="img2img: A1111's denoising strength (about steps * denoise steps run; 1 ignores the picture).")
 @click.option("--hires-scale", type=float, help="Hires fix: draw again at this scale of the first picture.")
 @click.option("--hires-steps", type=int, default=0, show_default=True,
               help="Hires fix: steps of the second pass (0: --steps).")

@@ -69,12 +69,23 @@ def test_small_denoise_stays_near_the_init_image_and_full_denoise_ignores_it(sam
     assert np.array_equal(full[0], _draw(sampler, width=SIZE, height=SIZE))  # the text-to-image picture
 
 
-@pytest.mark.parametrize("steps, denoise", [(10, 0.35), (20, 0.5), (7, 0.99)])
-def test_denoise_runs_int_steps_times_strength_as_a1111(sampler, tmp_path, steps, denoise):
+@pytest.mark.parametrize("scheduler", ["euler", "DPM++ 2M Karras", "DDIM", "UniPC"])
+@pytest.mark.parametrize("steps, denoise", [(10, 0.35), (20, 0.5), (7, 0.99), (10, 0.05)])
+def test_denoise_runs_the_steps_a1111_runs(sampler, tmp_path, scheduler, steps, denoise):
+    """A1111 (setup_img2img_steps, "fix steps" off): t_enc = int(steps * min(denoise, 0.999));
+    its k-diffusion samplers run sigmas[steps - t_enc - 1:], t_enc + 1 steps, its timestep
+    samplers (DDIM, PLMS, UniPC) timesteps[:t_enc]."""
     init = _stripes(tmp_path, ((200, 200, 200),), "g.png")
+    encoded = int(steps * min(denoise, 0.999))
+    expected = encoded if scheduler in ("DDIM", "UniPC") else encoded + 1
+    settings = {"init_image": init, "denoise": denoise, "steps": steps, "scheduler": scheduler}
+    if expected == 0:
+        with pytest.raises(SdkitError, match="runs no step"):
+            _draw(sampler, **settings)
+        return
     seen: list[int] = []
-    _draw(sampler, seen, init_image=init, denoise=denoise, steps=steps)
-    assert len(seen) == int(steps * denoise)  # A1111's setup_img2img_steps without "fix steps"
+    _draw(sampler, seen, **settings)
+    assert len(seen) == expected
 
 
 @pytest.mark.parametrize("steps, denoise", [(10, 0.7), (4, 0.3), (15, 1.0), (3, 0.45)])
@@ -123,7 +134,7 @@ def test_img2img_png_names_its_strength(sampler, tmp_path):
 @pytest.mark.parametrize("settings, expected", [
     (Settings(init_image="x.png", denoise=0.0), "--denoise must be above 0"),
     (Settings(init_image="x.png", denoise=1.5), "--denoise must be above 0 and at most 1"),
-    (Settings(init_image="x.png", denoise=0.05, steps=10), "runs no step"),
+    (Settings(init_image="x.png", denoise=0.05, steps=10, scheduler="ddim"), "runs no step with DDIM"),
     (Settings(hires=Hires(0)), "--hires-scale must be above 0"),
     (Settings(hires=Hires(2, denoise=2)), "--hires-denoise"),
     (Settings(hires=Hires(2, upscaler="ESRGAN")), "unknown hires upscaler 'ESRGAN'"),

@@ -1,10 +1,12 @@
 """Image-to-image and A1111's hires fix, on the components of the loaded pipeline.
 
-Denoising strength follows A1111 (`modules/sd_samplers_common.py::setup_img2img_steps`):
-- img2img with strength s and N steps runs int(N * s) steps, the last ones of an N-step
-  schedule, which is how diffusers' img2img pipelines count; strength 1 starts from pure
-  noise at the picture's size (the init image no longer matters, as diffusers' inpaint
-  pipelines treat full strength);
+Denoising strength follows A1111 (`modules/sd_samplers_common.py::setup_img2img_steps`,
+`sample_img2img` of `sd_samplers_kdiffusion.py` and `sd_samplers_timesteps.py`):
+- img2img with strength s and N steps runs the last steps of an N-step schedule:
+  int(N * s) + 1 of them (at most N) with the k-diffusion samplers, int(N * s) with the
+  timestep ones (DDIM, PLMS, UniPC); strength 1 starts from pure noise at the picture's
+  size (the init image no longer matters, as diffusers' inpaint pipelines treat full
+  strength; A1111 still adds it under the largest sigma);
 - the hires pass runs exactly `Hires steps` steps (`Steps` when 0), the last ones of a
   schedule of int(H / min(s, 0.999)) steps.
 The hires pass enlarges the first picture by `Hires upscale` (A1111's size: int(side *
@@ -66,17 +68,28 @@ def check_denoise(denoise: float, option: str) -> None:
         raise SdkitError(f"{option} must be above 0 and at most 1, not {denoise:g}")
 
 
-def img2img_steps(steps: int, denoise: float) -> int:
-    """The steps an img2img run of `steps` at strength `denoise` takes."""
-    return steps if denoise >= 1 else int(steps * denoise)
+def img2img_steps(steps: int, denoise: float, timestep_sampler: bool = False) -> int:
+    """The steps A1111's img2img of `steps` at strength `denoise` runs: its k-diffusion
+    samplers start one sigma before int(steps * denoise) from the end, its timestep
+    samplers (DDIM, PLMS, UniPC) at that timestep."""
+    if denoise >= 1:
+        return steps
+    encoded = int(min(denoise, 0.999) * steps)
+    return encoded if timestep_sampler else min(encoded + 1, steps)
+
+
+def diffusers_strength(steps: int, length: int) -> float:
+    """The strength at which diffusers' img2img runs the last `steps` steps of a `length`
+    schedule (it runs int(length * strength); the half step keeps the product from
+    rounding down)."""
+    return min(1.0, (steps + 0.5) / length)
 
 
 def hires_schedule(steps: int, denoise: float) -> tuple[int, float]:
     """(schedule length, diffusers strength) that run exactly `steps` steps at A1111's
-    hires `denoise`: diffusers runs int(length * strength) steps, the half step keeps
-    the product from rounding down."""
+    hires `denoise`."""
     length = max(int(steps / min(denoise, 0.999)), steps)
-    return length, min(1.0, (steps + 0.5) / length)
+    return length, diffusers_strength(steps, length)
 
 
 def hires_size(width: int, height: int, scale: float, multiple: int) -> tuple[int, int]:

@@ -35,9 +35,9 @@ from sdkit.errors import SdkitError
 from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.embed import PromptEmbeddings
-from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, hires_schedule, hires_size,
-                                          image_to_image_pipeline, img2img_steps, load_init_image, resized,
-                                          upscale_latents, upscaler_name)
+from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
+                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
+                                          resized, upscale_latents, upscaler_name)
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
@@ -77,8 +77,7 @@ class Sample:
 
 def check_settings(settings: Settings, count: int = 1) -> None:
     """Refuse settings no model can sample with (sizes are checked against the model)."""
-    if settings.scheduler is not None or settings.schedule is not None:
-        resolve_sampler(settings.scheduler or DEFAULT_SAMPLER, settings.schedule)
+    choice = resolve_sampler(settings.scheduler or DEFAULT_SAMPLER, settings.schedule)
     if settings.steps < 1:
         raise SdkitError(f"--steps must be at least 1, not {settings.steps}")
     if count < 1:
@@ -87,9 +86,9 @@ def check_settings(settings: Settings, count: int = 1) -> None:
         raise SdkitError(f"--clip-skip must be at least 1, not {settings.clip_skip}")
     if settings.init_image is not None:
         check_denoise(settings.denoise, "--denoise")
-        if img2img_steps(settings.steps, settings.denoise) < 1:
-            raise SdkitError(f"--denoise {settings.denoise:g} of {settings.steps} steps runs no step "
-                             "(A1111 runs int(steps * denoise))")
+        if img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler) < 1:
+            raise SdkitError(f"--denoise {settings.denoise:g} of {settings.steps} steps runs no step with "
+                             f"{choice.a1111_name} (A1111 runs int(steps * denoise) of them)")
         if settings.hires is not None:
             raise SdkitError("--hires-scale applies to text-to-image pictures, not to --init-image")
     if settings.hires is not None:
@@ -308,8 +307,9 @@ class Sampler:
                                    self.embeddings.rewrite(settings.negative), settings.clip_skip)
             run = _PipelineRun(self, choice, settings, texts, seeds, progress)
             if init is not None and settings.denoise < 1:
+                steps = img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler)
                 images = run(self._img2img, settings.steps, image=resized(init, (width, height)),
-                             strength=settings.denoise)
+                             strength=diffusers_strength(steps, settings.steps))
             else:
                 images = self._text_to_image(run, settings, seeds, width, height)
         return [Sample(image, self.parameters(plan, settings, seed, loras, (width, height), choice), seed)

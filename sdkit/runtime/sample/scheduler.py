@@ -38,6 +38,7 @@ class SamplerSpec:
     default_schedule: str = "uniform"  # what A1111's "Automatic" means for this sampler
     aliases: tuple[str, ...] = ()  # A1111 `k_` names, ComfyUI sampler names
     needs: str | None = None  # a module the diffusers class imports (scipy for LMS)
+    timestep_sampler: bool = False  # one of A1111's sd_samplers_timesteps (img2img counts differ)
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ _SAMPLER_LIST = (
     SamplerSpec("HeunDiscreteScheduler", "Heun", {}, "uniform", ("k_heun",)),
     SamplerSpec("KDPM2DiscreteScheduler", "DPM2", {}, "karras", ("k_dpm_2", "dpm_2")),
     SamplerSpec("KDPM2AncestralDiscreteScheduler", "DPM2 a", {}, "karras", ("k_dpm_2_a", "dpm_2_ancestral")),
-    SamplerSpec("DDIMScheduler", "DDIM"),
-    SamplerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
-    SamplerSpec("UniPCMultistepScheduler", "UniPC", {}, "uniform", ("uni_pc", "uni_pc_bh2")),
+    SamplerSpec("DDIMScheduler", "DDIM", timestep_sampler=True),
+    SamplerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, timestep_sampler=True),
+    SamplerSpec("UniPCMultistepScheduler", "UniPC", {}, "uniform", ("uni_pc", "uni_pc_bh2"), timestep_sampler=True),
     SamplerSpec("LCMScheduler", "LCM"),
 )
 A1111_SAMPLERS: dict[str, SamplerSpec] = {spec.a1111_name: spec for spec in _SAMPLER_LIST}
