@@ -87,7 +87,7 @@ def test_comfyui_img2img_and_refusals():
     graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["20", 0], "vae": ["4", 2]}}
     graph["3"]["inputs"]["denoise"] = 0.5
     replay = replay_comfy(graph)
-    # ComfyUI runs its 20 steps of a 40-step schedule; A1111's strength counts int(40 * 0.5)
+    # ComfyUI runs its 20 steps as the last of a 40-step schedule: 40 steps at strength 0.5
     assert replay.options["denoise"] == 0.5 and replay.options["steps"] == 40 and "width" not in replay.options
     graph["3"]["inputs"]["scheduler"] = "beta"
     with pytest.raises(SdkitError, match="beta"):

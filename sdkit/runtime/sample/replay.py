@@ -179,7 +179,8 @@ def _latent_size(nodes: _Graph, sampler: dict[str, Any], replay: Replay) -> dict
     steps = sampler.get("steps")
     if isinstance(denoise, (int, float)) and 0 < denoise < 1 and isinstance(steps, int):
         replay.notes.append(f"drawn from an init image at denoise {denoise:g}; give --init-image to draw it again")
-        # ComfyUI runs all its steps of a steps/denoise schedule, A1111 int(steps * denoise) of steps
+        # ComfyUI runs its steps as the last of a steps/denoise schedule; A1111 counts a strength of
+        # that schedule (about as many steps, give or take one)
         return {"denoise": float(denoise), "steps": int(steps / denoise)}
     return {}
 

@@ -163,7 +163,8 @@ def _unknown_sampler(name: str) -> SdkitError:
     choices = ", ".join(sampler_names())
     if name.strip().lower() in {other.lower() for other in NO_EQUIVALENT}:
         return SdkitError(f"sampler {name!r} has no diffusers equivalent (choose from {choices})")
-    return SdkitError(f"unknown scheduler {name!r} (choose from {choices}; A1111 names may end in a schedule type)")
+    return SdkitError(f"unknown scheduler {name!r} (choose from {choices}; A1111 names may end in a schedule "
+                      "type; ComfyUI sampler names work too)")
 
 
 def resolve_sampler(name: str, schedule: str | None = None, flow: bool = False) -> SamplerChoice:
