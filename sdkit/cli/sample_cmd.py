@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
@@ -112,7 +111,7 @@ def sample_command(ctx: click.Context, **options: Any) -> None:
     o = options
     axis = parse_axis(o["xy"]) if o["xy"] else None
     require_inputs(o["model"], o["config"], o["library"], o["init_image"], o["from_png"], *o["text_encoders"])
-    notes = _apply_png(ctx, o) if o["from_png"] else []
+    replay = _apply_png(ctx, o) if o["from_png"] else None
     if not o["prompts"]:
         raise SdkitError("no prompt given (--prompt TEXT or --from-png PNG)")
     for path in picture_paths(o["output"], len(o["prompts"]), o["batch"], one_picture=o["grid"] or axis is not None):
@@ -129,7 +128,7 @@ def sample_command(ctx: click.Context, **options: Any) -> None:
         quiet_peer_logs()
     with _step_bar(quiet or o["as_json"]) as progress:
         result = run_sample(job, o["output"], overwrite=o["force"], progress=progress)
-    notes += result.notes
+    notes = _replay_notes(replay, o["model"], result) + result.notes
     if o["as_json"]:
         click.echo(json.dumps({"outputs": [str(p) for p in result.outputs],
                                "seeds": [s.seed for s in result.samples],
@@ -158,9 +157,9 @@ def _settings(o: dict[str, Any]) -> Any:
                     negative=o["negative"], init_image=o["init_image"], denoise=o["denoise"], hires=hires)
 
 
-def _apply_png(ctx: click.Context, options: dict[str, Any]) -> list[str]:
+def _apply_png(ctx: click.Context, options: dict[str, Any]) -> Any:
     """Take into `options` what the `--from-png` PNG states, except options given on the
-    command line; the notes to show."""
+    command line; the PNG's `Replay`."""
     from sdkit.runtime.sample.replay import read_replay
 
     replay = read_replay(options["from_png"])
@@ -168,7 +167,13 @@ def _apply_png(ctx: click.Context, options: dict[str, Any]) -> list[str]:
     for name, value in replay.options.items():
         if ctx.get_parameter_source(name) not in given:
             options[name] = value
-    notes = list(replay.notes)
-    if replay.model and replay.model != Path(options["model"]).stem:
-        notes.append(f"the PNG was drawn with the model {replay.model}; drawing with {options['model']}")
-    return notes
+    return replay
+
+
+def _replay_notes(replay: Any, model: str, result: Any) -> list[str]:
+    from sdkit.runtime.sample.replay import model_note
+
+    if replay is None:
+        return []
+    note = model_note(replay, model, result.samples[0].parameters)
+    return [*replay.notes, *([note] if note else [])]

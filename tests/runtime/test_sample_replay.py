@@ -151,3 +151,17 @@ def test_from_png_refusals_are_one_line_and_write_nothing(sd1, tmp_path):
     assert not out.exists()
     done = _sample(str(sd1.file), "-o", str(out))
     assert done.exit_code == 1 and "no prompt given" in str(done.exception)
+
+
+def test_a_model_other_than_the_pngs_is_noted():
+    from sdkit.runtime.sample.replay import model_note
+
+    replay = replay_a1111(A1111_HIRES)  # Model hash: 6ce0161689, Model: v1-5-pruned-emaonly
+    same = "p\nSteps: 2, Sampler: Euler, Seed: 1, Model hash: 6CE0161689, Model: renamed"
+    assert model_note(replay, "renamed.safetensors", same) is None
+    other = "p\nSteps: 2, Sampler: Euler, Seed: 1, Model hash: 0123456789, Model: mine"
+    note = model_note(replay, "mine.safetensors", other)
+    assert "6ce0161689" in note and "0123456789" in note and "v1-5-pruned-emaonly" in note
+    comfy = replay_comfy(_comfy_graph())  # no hash: told by name
+    assert "dreamshaper_8" in model_note(comfy, "x", "p\nSteps: 2, Sampler: Euler, Seed: 1, Model: x")
+    assert model_note(comfy, "x", "p\nSteps: 2, Sampler: Euler, Seed: 1, Model: dreamshaper_8") is None

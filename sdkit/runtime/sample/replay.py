@@ -14,7 +14,8 @@ Two kinds of PNG are read:
   chain to CLIPSetLastLayer (CLIP skip). A second sampler fed by LatentUpscaleBy of the
   first one's output is a hires pass.
 
-Only the options a PNG states are set; the command line overrides any of them.
+Only the options a PNG states are set; the command line overrides any of them. The model
+a PNG names is not looked for: `model_note` says when the one drawn with differs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Replay:
     source: str  # "A1111" | "ComfyUI"
     options: dict[str, Any] = field(default_factory=dict)
     model: str | None = None  # the model the PNG names (checkpoint name or A1111 `Model`)
+    model_hash: str | None = None  # A1111's `Model hash` (AutoV2: sha256, first 10 hex)
     notes: list[str] = field(default_factory=list)
 
 
@@ -71,7 +73,7 @@ def replay_a1111(text: str) -> Replay:
                "steps": summary["steps"], "cfg": summary["cfg_scale"], "seed": summary["seed"],
                "width": summary["width"], "height": summary["height"], "scheduler": summary["sampler"],
                "schedule": summary["schedule_type"], "clip_skip": summary["clip_skip"]}
-    replay = Replay("A1111", model=summary["model"])
+    replay = Replay("A1111", model=summary["model"], model_hash=summary["model_hash"])
     denoise = summary["denoising_strength"]
     if "Hires resize" in fields and summary["hires_upscale"] is None:
         raise SdkitError(f"Hires resize {fields['Hires resize']}: a hires target size is not replayed; "
@@ -223,3 +225,17 @@ def _hires_pass(nodes: _Graph, samplers: list[str]) -> dict[str, Any]:
         return {"hires_scale": nodes.inputs(upscale).get("scale_by"), "hires_steps": second.get("steps"),
                 "hires_denoise": second.get("denoise"), "hires_upscaler": _COMFY_UPSCALE.get(method, "Latent")}
     return {}
+
+
+def model_note(replay: Replay, model: str, parameters: str) -> str | None:
+    """A note when the picture drawn again (its `parameters`) used another model than the
+    PNG's: by `Model hash` where both have one, else by name."""
+    drawn = png.parse_parameters(parameters)
+    if replay.model_hash and drawn.get("Model hash"):
+        if replay.model_hash.lower() == drawn["Model hash"].lower():
+            return None
+        return (f"the PNG was drawn with {replay.model or 'another model'} (hash {replay.model_hash}); "
+                f"{model} has hash {drawn['Model hash']}")
+    if replay.model and replay.model != drawn.get("Model"):
+        return f"the PNG was drawn with the model {replay.model}; drawn here with {model}"
+    return None
