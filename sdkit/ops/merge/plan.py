@@ -44,6 +44,9 @@ class AlignedInput:
     infos: dict[str, TensorInfo]
     load: Callable[[str], Any]
     span: Callable[[str], Any] = lambda key: None  # the key's stored bytes (io.ByteSpan), if any
+    # an earlier step's output (nothing stored): the key's values made slice by slice, as a
+    # streamed.SliceReader of float32 slices of the step's output dtype
+    slices: Callable[[str], Any] | None = None
 
 
 @dataclass(frozen=True)
