@@ -40,10 +40,12 @@ class InputFacts:
     nonstandard: bool = False  # dimensions differ from the family's: its size is not the family's
 
 
-def merge_metadata(recipe: MergeRecipe, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
-    """All metadata keys for the output file of `recipe`."""
+def merge_metadata(recipe: Any, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
+    """All metadata keys for the output file of `recipe` (a MergeRecipe or a
+    MultiStepRecipe: the webui's keys then describe its written step, over all its input
+    files)."""
     metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe.to_json(stored=True), sort_keys=True)}
-    metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe, inputs))
+    metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe.written_step, inputs))
     metadata["sd_merge_models"] = json.dumps(_webui_models(inputs))
     metadata.update(_modelspec(inputs, output))
     return metadata
