@@ -105,9 +105,6 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
     if dry_run:
         _dry_run(recipe, output, as_json)
         return
-    if not quiet and hasattr(recipe, "steps"):
-        for line in _step_lines(recipe):
-            console.print(line, markup=False, highlight=False)
     with progress_bar(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
@@ -269,6 +266,9 @@ def _report_merge(result: Any, as_json: bool, console: Console) -> None:
     if is_quiet():
         return
     console.print(f"wrote {result.path} ({human_bytes(result.output_bytes)})")
+    if hasattr(result.recipe, "steps"):
+        for line in _step_lines(result.recipe):
+            console.print(line, markup=False, highlight=False)
     for line in _report_lines(result.report, result.non_finite):
         console.print(f"• {line}", markup=False, highlight=False)
 

@@ -101,7 +101,7 @@ class KeyComputer:
         for index in action.sources:
             model = self.inputs[index]
             span = model.span(action.key) if from_spans and model.slices is None else None
-            if model.slices is not None:
+            if model.slices is not None and self._reads_once(model, action.key):
                 readers.append(model.slices(action.key))
             elif span is not None:
                 dtype = CODE_TO_TORCH[model.infos[action.key].dtype]
@@ -109,6 +109,13 @@ class KeyComputer:
             else:
                 readers.append(tensor_reader([model.load(action.key)]))
         return joined_reader(readers)
+
+    def _reads_once(self, model: AlignedInput, key: str) -> bool:
+        """Whether an earlier step's output is read as it is made. A method that reads
+        its inputs in several passes (TIES, DARE, SLERP) would make it again for each
+        pass, and for each pass of every step after it: below the size at which a key is
+        made in pieces, the output is made once, whole (in its dtype), and read from it."""
+        return self.method.elementwise or model.infos[key].nbytes >= PIECEWISE_BYTES
 
     def _merge_pieces(self, action: KeyAction) -> Iterator[torch.Tensor]:
         reader = self._input_reader(action, from_spans=True)
