@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, echo
-
 
 
 @cli.command("merge")

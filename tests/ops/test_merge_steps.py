@@ -13,12 +13,18 @@ import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_merge_support import checkpoint, write
 
 from sdkit.cli import merge_cmd  # noqa: F401  (attaches `merge` to the group)
 from sdkit.cli.main import cli, main
-from sdkit.ops.merge import MergeRecipe, RecipeInput, load_recipe_file, merge_models, replay_merge
+from sdkit.ops.merge import (
+    MergeRecipe,
+    RecipeInput,
+    load_recipe_file,
+    merge_models,
+    replay_merge,
+)
 from sdkit.ops.merge.recipe import StepInput
-from test_merge_support import checkpoint, write
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY = ROOT / "fixtures" / "toy"
@@ -130,8 +136,7 @@ def test_large_tensors_streamed_through_steps_in_pieces(models: dict[str, Path],
                                                         monkeypatch: pytest.MonkeyPatch, chain: str) -> None:
     """Every tensor made a slice at a time through every step, with slices of sizes that
     do not divide each other (pieces of one step are cut again for the next)."""
-    import sdkit.ops.merge.compute as compute
-    import sdkit.ops.merge.streamed as streamed
+    from sdkit.ops.merge import compute, streamed
 
     monkeypatch.setattr(compute, "PIECEWISE_BYTES", 0)
     monkeypatch.setattr(compute, "SLICE_ELEMENTS", 1000)

@@ -14,17 +14,30 @@ merging from it, would give.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from sdkit.errors import SdkitError
 from sdkit.io.model_file import ModelFile, TensorInfo
-from sdkit.ops.merge.align import aligned_input, check_same_family, input_facts, mergeable_identity, open_inputs
+from sdkit.ops.merge.align import (
+    aligned_input,
+    check_same_family,
+    input_facts,
+    mergeable_identity,
+    open_inputs,
+)
 from sdkit.ops.merge.compute import KeyComputer
-from sdkit.ops.merge.engine import (PreparedMerge, file_facts, hash_in_background, method_settings,
-                                    plan_step, recorded_step)
+from sdkit.ops.merge.engine import (
+    PreparedMerge,
+    file_facts,
+    hash_in_background,
+    method_settings,
+    plan_step,
+    recorded_step,
+)
 from sdkit.ops.merge.hashes import InputHashes
 from sdkit.ops.merge.plan import AlignedInput, MergePlan
 from sdkit.ops.merge.provenance import InputFacts, merge_metadata
@@ -41,7 +54,7 @@ class _Member:
     """One input of a step, as the step sees it."""
 
     model: ModelFile
-    identity: "Identity"
+    identity: Identity
     aligned: AlignedInput
 
 
@@ -50,7 +63,7 @@ class _Step:
     """A planned step: its output as a file would show it, and how to make its keys."""
 
     model: ModelFile
-    identity: "Identity"
+    identity: Identity
     plan: MergePlan
     computer: KeyComputer
 
@@ -107,7 +120,7 @@ def _where(item: RecipeInput) -> Path:
     return Path(item.path).expanduser().resolve()
 
 
-def _file_member(letter: str, model: ModelFile, identity: "Identity") -> _Member:
+def _file_member(letter: str, model: ModelFile, identity: Identity) -> _Member:
     return _Member(model, identity, aligned_input(letter, model))
 
 

@@ -8,15 +8,20 @@ alone, so the result is the same bytes however it is scheduled. A large tensor o
 stored inputs is read a slice at a time and written as it is made (never whole in
 memory); a smaller one is merged from its mapped inputs into one output tensor. Every
 output tensor is checked for NaN/Inf.
+
+An input may be an earlier step of a merge in steps (`AlignedInput.slices`): its key is
+then read as float32 slices of its output, made as they are read (`output_reader`),
+cast to that step's dtype on the way, the values its written file would hold.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from threading import Lock
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +31,12 @@ from sdkit.io.float8 import to_float32
 from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
-from sdkit.ops.merge.streamed import SliceReader, joined_reader, stream_reader, tensor_reader
+from sdkit.ops.merge.streamed import (
+    SliceReader,
+    joined_reader,
+    stream_reader,
+    tensor_reader,
+)
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
 

@@ -10,27 +10,43 @@ peak memory is a few tensors, whatever the model size and the number of inputs.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sdkit.arch.blocks import TEXT_ENCODERS, Layout, model_block_layout
 from sdkit.errors import SdkitError
-from sdkit.ops.merge.align import (aligned_input, check_same_family, input_facts,
-                                   mergeable_identity, open_inputs)
+from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
+from sdkit.io.output_path import check_output_path
+from sdkit.ops.block_weights import (
+    KeyWeights,
+    component_names,
+    resolve_blocks,
+    resolve_components,
+)
+from sdkit.ops.merge.align import (
+    aligned_input,
+    check_same_family,
+    input_facts,
+    mergeable_identity,
+    open_inputs,
+)
 from sdkit.ops.merge.compute import KeyComputer
 from sdkit.ops.merge.hashes import InputHashes, hash_inputs, legacy_hash, start_hashes
 from sdkit.ops.merge.plan import MERGE, AlignedInput, MergePlan, PlanReport, build_plan
-from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
-from sdkit.io.output_path import check_output_path
 from sdkit.ops.merge.provenance import InputFacts, merge_metadata
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput
+from sdkit.ops.merge.registry import (
+    BLEND_PARAM,
+    MergeMethod,
+    get_method,
+    input_index,
+    input_letter,
+)
 from sdkit.ops.recipe_meta import BackgroundHash
-from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod, get_method, input_index, input_letter
-from sdkit.ops.block_weights import (KeyWeights, component_names, resolve_blocks,
-                                     resolve_components)
 
 if TYPE_CHECKING:
     from sdkit.arch.identity import Identity

@@ -20,14 +20,15 @@ for an impossible merge.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdkit.arch.blocks import component_of, unet_relative
 from sdkit.errors import SdkitError
 from sdkit.io.model_file import FLOAT_DTYPES, TensorInfo, loaded_dtype, tensor_nbytes
-from sdkit.ops.merge.registry import MergeMethod, input_letter
 from sdkit.ops.block_weights import KeyWeights
+from sdkit.ops.merge.registry import MergeMethod, input_letter
 
 MERGE = "merge"
 FIRST_UNET_CONV = "input_blocks.0.0.weight"

@@ -14,9 +14,10 @@ keys and ModelSpec.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
 from sdkit.io.writer import DATA_SHA256

@@ -15,13 +15,18 @@ sdkit version), which is what `sdkit merge --replay FILE` runs again.
     dtype: fp16                  # output dtype of float tensors; default: as the inputs
     allow_nan: false
     output: merged.safetensors   # optional, the command line's -o wins
+
+A recipe of named steps, each one such merge reading files or earlier steps' results,
+is a `steps.MultiStepRecipe`; `load_recipe_file` and `recipe_from_metadata` return
+whichever the data holds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
 from sdkit import __version__
 from sdkit.arch.block_presets import is_preset_name
@@ -84,16 +89,16 @@ class MergeRecipe:
         return NAME_TO_CODE[self.dtype] if self.dtype else None
 
     @property
-    def written_step(self) -> "MergeRecipe":
+    def written_step(self) -> MergeRecipe:
         """The merge whose result is written (a multi-step recipe names one of its steps)."""
         return self
 
-    def map_files(self, change: Callable[[RecipeInput], RecipeInput]) -> "MergeRecipe":
+    def map_files(self, change: Callable[[RecipeInput], RecipeInput]) -> MergeRecipe:
         """The recipe with every input file replaced by `change(file)`."""
         return replace(self, inputs=[change(item) if isinstance(item, RecipeInput) else item
                                      for item in self.inputs])
 
-    def with_digests(self, digests: Mapping[str, str]) -> "MergeRecipe":
+    def with_digests(self, digests: Mapping[str, str]) -> MergeRecipe:
         """The recipe with each input's sha256 looked up in `digests` (placeholder -> digest)."""
         return self.map_files(lambda item: replace(item, sha256=digests.get(item.sha256 or "", item.sha256)))
 
@@ -115,7 +120,7 @@ class MergeRecipe:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], origin: str, *,
-                     steps: Collection[str] | None = None) -> "MergeRecipe":
+                     steps: Collection[str] | None = None) -> MergeRecipe:
         """Build from parsed YAML/JSON, refusing unknown fields and wrong types. `steps`:
         the step names of a multi-step recipe, which this one is a step of (an input
         naming one of them, or given as {step: NAME}, is that step's output)."""
@@ -181,7 +186,7 @@ def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | str | N
     raise SdkitError(f"{origin}: recipe field blocks must be a list of numbers, NAME: number or a preset name")
 
 
-def load_recipe_file(path: str | Path) -> "MergeRecipe | MultiStepRecipe":
+def load_recipe_file(path: str | Path) -> MergeRecipe | MultiStepRecipe:
     """A recipe from a YAML (or JSON) file, of one merge or of named steps (`steps:`);
     relative input paths are taken from its folder."""
     import yaml
@@ -201,7 +206,7 @@ def load_recipe_file(path: str | Path) -> "MergeRecipe | MultiStepRecipe":
     return recipe
 
 
-def _from_mapping(data: Any, origin: str, base: Path | None = None) -> "MergeRecipe | MultiStepRecipe":
+def _from_mapping(data: Any, origin: str, base: Path | None = None) -> MergeRecipe | MultiStepRecipe:
     if isinstance(data, Mapping) and "steps" in data:
         from sdkit.ops.merge.steps import MultiStepRecipe
 
@@ -218,7 +223,7 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
 
 
-def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> "MergeRecipe | MultiStepRecipe":
+def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecipe | MultiStepRecipe:
     """The recipe stored in a merged file's metadata."""
     text = metadata.get(RECIPE_KEY)
     if text is None:

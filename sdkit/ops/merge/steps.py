@@ -21,9 +21,10 @@ Stored in a merged file's `sdkit.recipe` with `steps` in that order, each input 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from sdkit import __version__
 from sdkit.errors import SdkitError
@@ -56,11 +57,11 @@ class MultiStepRecipe:
                     seen.setdefault(item.path, item)
         return list(seen.values())
 
-    def map_files(self, change: Callable[[RecipeInput], RecipeInput]) -> "MultiStepRecipe":
+    def map_files(self, change: Callable[[RecipeInput], RecipeInput]) -> MultiStepRecipe:
         """The recipe with every input file replaced by `change(file)`."""
         return replace(self, steps={name: step.map_files(change) for name, step in self.steps.items()})
 
-    def with_digests(self, digests: Mapping[str, str]) -> "MultiStepRecipe":
+    def with_digests(self, digests: Mapping[str, str]) -> MultiStepRecipe:
         return replace(self, steps={name: step.with_digests(digests) for name, step in self.steps.items()})
 
     def to_json(self, *, stored: bool = False) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class MultiStepRecipe:
         return {"operation": "merge", "sdkit_version": __version__, "steps": steps, "output": self.final}
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], origin: str, base: Path | None = None) -> "MultiStepRecipe":
+    def from_mapping(cls, data: Mapping[str, Any], origin: str, base: Path | None = None) -> MultiStepRecipe:
         """Build from parsed YAML/JSON and check the steps form a chain; `base` is the
         folder relative input paths are taken from (where a name is told from a file)."""
         unknown = sorted(set(data) - _FIELDS)
