@@ -10,13 +10,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_merge_support import checkpoint, write
+from test_merge_support import checkpoint, invoke, run_main, write
 
-from sdkit.cli import merge_cmd  # noqa: F401  (attaches `merge` to the group)
-from sdkit.cli.main import cli, main
 from sdkit.ops.merge import (
     MergeRecipe,
     RecipeInput,
@@ -242,17 +239,6 @@ def test_replay_refuses_a_changed_input(models: dict[str, Path], tmp_path: Path,
     write(local["d"], changed)
     code, err = run_main(capsys, "--replay", str(merged))
     assert code == 1 and "d.safetensors: sha256 is" in err and len(err.strip().splitlines()) == 1
-
-
-def invoke(*args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [*options, "merge", *args], catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", *args])
-    return int(exit_info.value.code or 0), capsys.readouterr().err
 
 
 def test_the_step_order_is_printed_and_dry_run_writes_nothing(models: dict[str, Path], tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ class MultiStepRecipe:
             steps[name] = MergeRecipe.from_mapping(step, where, steps=names)
         final = str(data.get("output") or names[-1])
         if final not in steps:
-            raise SdkitError(f"{origin}: output {final!r} is not a step (steps: {', '.join(names)})")
+            hint = "; the file to write is output_file, or -o" if "." in final or "/" in final else ""
+            raise SdkitError(f"{origin}: output {final!r} is not a step (steps: {', '.join(names)}{hint})")
         order = run_order(steps, final, origin)
         output = data.get("output_file")
         return cls({name: steps[name] for name in order}, final, None if output is None else str(output))
