@@ -5,6 +5,9 @@ every check runs before the first byte is written (method and parameters, model 
 and families, shapes, block names, disk space), and the output is written through the
 streaming writer with one LazyTensor per key whose `load` computes that key's merge. So
 peak memory is a few tensors, whatever the model size and the number of inputs.
+
+A recipe in steps is prepared by `chain.prepare_chain` from the same parts (method
+settings, `plan_step`, input hashes and facts), one step after another.
 """
 
 from __future__ import annotations
