@@ -89,18 +89,18 @@ CHAINS = {
                   "dtype": "fp16"}}},
     # an fp16 step feeding an fp32 one (the rounding happens at the step), bf16 at the end
     "fp16 then fp32": lambda m: {"steps": {
-        "half": {"method": "weighted_sum", "inputs": paths(m, "e", "f"), "params": {"alpha": 0.4}, "dtype": "fp16"},
+        "half": {"method": "weighted_sum", "inputs": paths(m, "e", "f"), "params": {"alpha": 0.4}, "dtype": "fp16",
+                 "blocks": "GRAD_V"},
         "full": {"method": "add_difference", "inputs": [{"step": "half"}, str(m["f"]), str(m["e"])],
                  "params": {"alpha": 0.7}, "dtype": "fp32", "take": {"vae": "merge"}},
         "last": {"method": "train_difference", "inputs": ["full", str(m["e"]), "half"], "dtype": "bf16"}}},
-    # whole-tensor statistics fed by whole-tensor statistics: TIES of TIES, DARE of it,
-    # SLERP of DARE; a step's output read by two later steps
+    # whole-tensor statistics fed by whole-tensor statistics: TIES of TIES, SLERP of both
+    # (the first step's output read by two later steps)
     "streamed into streamed": lambda m: {"steps": {
         "t1": {"method": "ties", "inputs": paths(m, "a", "b", "c"), "params": {"k": 0.5}, "dtype": "fp16"},
-        "t2": {"method": "ties", "inputs": [str(m["a"]), "t1", str(m["d"])], "params": {"k": 0.2, "alpha": 0.8}},
-        "drop": {"method": "dare", "inputs": ["t1", "t2", str(m["b"])], "params": {"p": 0.5, "seed": 3},
-                 "components": {"te": 0.5}},
-        "round": {"method": "slerp", "inputs": ["drop", "t2"], "params": {"alpha": 0.35}, "take": {"vae": "B"},
+        "t2": {"method": "ties", "inputs": [str(m["a"]), "t1", str(m["d"])], "params": {"k": 0.2, "alpha": 0.8},
+               "components": {"te": 0.5}},
+        "round": {"method": "slerp", "inputs": ["t2", "t1"], "params": {"alpha": 0.35}, "take": {"vae": "B"},
                   "dtype": "fp32"}},
         "output": "round"},
     "ties into dare": lambda m: {"steps": {
@@ -196,7 +196,7 @@ def test_each_input_file_is_opened_once(models: dict[str, Path], tmp_path: Path,
 
 def test_replay_of_steps(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    recipe_file = write_recipe(tmp_path / "r.yaml", CHAINS["documented"](models))
+    recipe_file = write_recipe(tmp_path / "r.yaml", CHAINS["fp16 then fp32"](models))
     code, _ = invoke("--recipe", str(recipe_file), "-o", str(tmp_path / "out.safetensors"),
                      options=("--record-paths",))
     assert code == 0
@@ -206,16 +206,16 @@ def test_replay_of_steps(models: dict[str, Path], tmp_path: Path, monkeypatch: p
     from sdkit import __version__
     from sdkit.io import hash_file
 
-    assert stored["sdkit_version"] == __version__ and stored["output"] == "final"
-    assert sorted(stored["steps"]) == ["final", "mix", "style"]
-    assert stored["steps"]["mix"]["inputs"][0] == {"step": "style"}
-    assert stored["steps"]["mix"]["params"] == {"alpha": 0.3}
-    assert isinstance(stored["steps"]["mix"]["blocks"], list)  # the preset's values, not its name
+    assert stored["sdkit_version"] == __version__ and stored["output"] == "last"
+    assert sorted(stored["steps"]) == ["full", "half", "last"]
+    assert stored["steps"]["full"]["inputs"][0] == {"step": "half"}
+    assert stored["steps"]["last"]["inputs"][2] == {"step": "half"}
+    assert stored["steps"]["last"]["params"] == {"alpha": 1.0}  # the default, recorded
+    assert isinstance(stored["steps"]["half"]["blocks"], list)  # the preset's values, not its name
     for step in stored["steps"].values():
         for item in step["inputs"]:
             if "path" in item:
                 assert item["sha256"] == hash_file(item["path"]).sha256
-    assert replay_merge(out).identical
     code, text = invoke("--replay", str(out))
     assert code == 0 and "identical" in text
     again = tmp_path / "again.safetensors"
@@ -231,14 +231,14 @@ def test_replay_of_steps(models: dict[str, Path], tmp_path: Path, monkeypatch: p
 
 def test_replay_refuses_a_changed_input(models: dict[str, Path], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    local = {name: write(tmp_path / f"{name}.safetensors", load_file(models[name])) for name in "abcd"}
-    recipe_file = write_recipe(tmp_path / "r.yaml", CHAINS["documented"](local))
+    local = {name: write(tmp_path / f"{name}.safetensors", load_file(models[name])) for name in "ef"}
+    recipe_file = write_recipe(tmp_path / "r.yaml", CHAINS["fp16 then fp32"](local))
     merged = merge_models(load_recipe_file(recipe_file), tmp_path / "out.safetensors").path
-    changed = load_file(local["d"])
+    changed = load_file(local["f"])
     changed[UNET + "out.0.bias"] = changed[UNET + "out.0.bias"] + 1
-    write(local["d"], changed)
+    write(local["f"], changed)
     code, err = run_main(capsys, "--replay", str(merged))
-    assert code == 1 and "d.safetensors: sha256 is" in err and len(err.strip().splitlines()) == 1
+    assert code == 1 and "f.safetensors: sha256 is" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_step_order_is_printed_and_dry_run_writes_nothing(models: dict[str, Path], tmp_path: Path) -> None:
