@@ -65,6 +65,8 @@ class ExtractOptions:
     sample_layers: int = 4  # layers checked against the full SVD with `randomized`
     format: str = "kohya"
     dtype: str | None = None  # default: the base's dtype
+    to: str | None = None  # a transformer LoRA's layout: comfyui | kohya | diffusers
+    full_diff: bool = False  # transformers: keep other differing tensors whole (diff / diff_b)
 
     def rule(self) -> RankRule:
         rule = RankRule(self.rank, self.conv_rank, self.dynamic, self.value, self.clamp_quantile,
@@ -146,6 +148,11 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
     output = Path(output)
     check_output_path(output, (tuned, base), force=overwrite)
     report = SvdReport(str(output))
+    if transformer_base(str(base)):
+        from sdkit.ops.lora.extract_transformer import extract_transformer_lora
+
+        return extract_transformer_lora(tuned, base, output, options, report, overwrite=overwrite, progress=progress)
+    options = _sd_layout(options)
     with ExitStack() as stack:
         original = open_base(str(base), stack, transformers=False)
         finetuned = open_base(str(tuned), stack, transformers=False)
@@ -158,7 +165,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
         sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
         dtype = _output_dtype(options, original)
         common_alpha = _common_alpha([target for target, _ in pairs], rule) if options.format == "kohya" else None
-        held = _HeldFactors(dtype, common_alpha)
+        held = HeldFactors(dtype, common_alpha)
         modules, identical = [], 0
 
         def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
@@ -188,9 +195,18 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
         if not modules:
             raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
         facts = LoraFacts(original.identity.family, "v" if original.identity.prediction == "v" else "epsilon")
-        write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), _params(options)),
+        write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), params_of(options)),
                    format=options.format, dtype=dtype, common_alpha=common_alpha, overwrite=overwrite)
     return report
+
+
+def _sd_layout(options: ExtractOptions) -> ExtractOptions:
+    """The options of a UNet extract: `--to` names its format; the transformer-only ones refused."""
+    if options.full_diff:
+        raise SdkitError("--full-diff is for transformer models (FLUX, SD3, …); a UNet extract adapts layers only")
+    if options.to == "comfyui":
+        raise SdkitError("--to comfyui is a transformer LoRA layout; a UNet LoRA is written as kohya or diffusers")
+    return replace(options, format=options.to) if options.to else options
 
 
 def _common_alpha(targets: list[Target], rule: RankRule) -> float | None:
@@ -201,7 +217,7 @@ def _common_alpha(targets: list[Target], rule: RankRule) -> float | None:
     return float(ranks.most_common(1)[0][0]) if ranks else None
 
 
-class _HeldFactors:
+class HeldFactors:
     """Where the layers' factors wait for the writer.
 
     They are kept in the output dtype where that gives the bytes a cast at the end would
@@ -277,7 +293,7 @@ def _extract_layer(target: Target, delta: "torch.Tensor", rule: RankRule, sdxl: 
     return module, factors, comparison
 
 
-def _params(options: Any) -> dict[str, Any]:
+def params_of(options: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(options).items() if v is not None}
 
 
@@ -329,7 +345,7 @@ def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
         modules = [_resized(layer, rule, base, report) for layer in layers]
         facts = LoraFacts(identity.family, "v" if identity.prediction == "v" else "epsilon")
         inputs = (str(source),) + ((options.base,) if options.base else ())
-        write_lora(output, modules, facts, Provenance("lora-resize", inputs, _params(options)),
+        write_lora(output, modules, facts, Provenance("lora-resize", inputs, params_of(options)),
                    format=options.format, dtype=lora_dtype(options.dtype, [lora]), overwrite=overwrite)
     return report
 
