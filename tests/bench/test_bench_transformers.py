@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 

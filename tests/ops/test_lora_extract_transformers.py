@@ -20,7 +20,7 @@ from test_lora_quantized import values_of
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from transformer_loras import assert_close, converted, load, save
 
-from fixtures.families.released import TINY
+from fixtures.families.released import TINY, tiny_tensors
 from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.bake import AdapterInput, bake_loras
@@ -42,12 +42,13 @@ def diffusers_model(family: str, seed: int = 0, **changes):
     return getattr(diffusers, class_name)(**dict(config, **changes)).eval()
 
 
-def with_delta(single: dict[str, torch.Tensor], family: str, seed: int = 1) -> dict[str, torch.Tensor]:
-    """`single` plus a random rank-2 matrix on every block matrix."""
+def with_delta(single: dict[str, torch.Tensor], family: str, seed: int = 1,
+               blocks: str | None = None) -> dict[str, torch.Tensor]:
+    """`single` plus a random rank-2 matrix on every block matrix (of `blocks`)."""
     generator = torch.Generator().manual_seed(seed)
     tuned = {}
     for name, value in single.items():
-        if value.dim() == 2 and re.match(BLOCKS[family], name) and "norm" not in name:
+        if value.dim() == 2 and re.match(blocks or BLOCKS[family], name) and "norm" not in name:
             up = torch.randn(value.shape[0], DELTA_RANK, generator=generator) * 0.1
             down = torch.randn(DELTA_RANK, value.shape[1], generator=generator) * 0.1
             value = value + up @ down
@@ -197,3 +198,23 @@ def test_other_family_or_size_is_refused_with_the_first_differing_key(models, tm
         assert not out.exists()
     with pytest.raises(SdkitError, match="--to must be one of"):
         extract_lora(models["tuned_single"], models["base_single"], out, ExtractOptions(to="bogus"))
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_family_round_trips_in_every_layout(family, tmp_path):
+    """Each family's single-file model (random weights, `fixtures.families.released`) with a
+    rank-2 delta on every matrix of its repeated blocks (the block lists its layouts count):
+    every layout bakes back to TUNED."""
+    from sdkit.arch.families import FAMILIES
+
+    single = {name: value.float().contiguous() for name, value in tiny_tensors(family, "ldm").items()}
+    blocks = [pattern for layout in FAMILIES[family].layouts for pattern in layout.counts.values()]
+    tuned = with_delta(single, family, blocks="|".join(f"(?:{pattern})" for pattern in blocks))
+    base, tuned_path = save(single, tmp_path / "base.safetensors"), save(tuned, tmp_path / "tuned.safetensors")
+    changed = sum(not torch.equal(single[name], tuned[name]) for name in single)
+    for to in ("comfyui", "kohya", "diffusers"):
+        out = tmp_path / f"{to}.safetensors"
+        report = extract_lora(tuned_path, base, out, ExtractOptions(**EXACT, to=to))
+        assert len(report.layers) == changed
+        bake_loras(base, [AdapterInput(str(out))], tmp_path / f"{to}-baked.safetensors")
+        assert_close(load(tmp_path / f"{to}-baked.safetensors"), tuned)

@@ -27,6 +27,7 @@ whose shape differs or which one model lacks.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable
@@ -100,18 +101,34 @@ class Denoiser:
         return (sum(lazy.shape[0] for lazy in found), *found[0].shape[1:]) if len(found) > 1 else found[0].shape
 
     def load(self, place: LayerPlace, param: str) -> torch.Tensor:
-        """The single-file tensor in float32, always a fresh buffer (parts stacked by rows,
-        a diffusers-order modulation put back in the single-file order)."""
+        """The single-file tensor in float32, always a fresh buffer."""
+        import torch
+
+        stored = self.stored(place, param)
+        return stored.to(torch.float32, copy=True)
+
+    def stored(self, place: LayerPlace, param: str) -> torch.Tensor:
+        """The single-file tensor in its stored dtype (a view of the file where it can be):
+        parts stacked by rows, a diffusers-order modulation put back in the single-file order."""
         import torch
 
         parts = [self.tensors[name].load() for name in self.names(place, param)]
         if len(parts) > 1:
-            return torch.cat([part.to(torch.float32) for part in parts])
-        value = parts[0].to(torch.float32, copy=True)
+            return torch.cat(parts)
         if place.kind == "swap" and self.convention == "diffusers":
-            half = value.shape[0] // 2
-            value = torch.cat([value[half:], value[:half]])
-        return value
+            half = parts[0].shape[0] // 2
+            return torch.cat([parts[0][half:], parts[0][:half]])
+        return parts[0]
+
+    def delta(self, base: Denoiser, place: LayerPlace, param: str) -> torch.Tensor:
+        """`self − base` on one tensor in float32, with one float32 buffer (subtracting the
+        stored halves promotes them exactly)."""
+        import torch
+
+        subtrahend = base.stored(place, param)
+        if subtrahend.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # fp8 does not promote
+            subtrahend = subtrahend.to(torch.float32)
+        return self.load(place, param).sub_(subtrahend)
 
 
 def open_denoiser(path: str, stack: ExitStack) -> tuple[Denoiser | None, Any]:
@@ -212,13 +229,17 @@ def extract_transformer_lora(tuned: str | os.PathLike[str], base: str | os.PathL
         adapted = [p for p in places if in_block(family, p) and len(original.shape(p, ".weight") or ()) == 2]
         dtype = _output_dtype(options, identity)
         held = HeldFactors(dtype, None)
+        # a randomized SVD is checked against the full one on the smallest layers: a full
+        # SVD of a 21504 x 3072 FLUX matrix takes minutes on one thread
+        sizes = sorted(range(len(adapted)), key=lambda i: math.prod(original.shape(adapted[i], ".weight")))
+        checked = set(sizes[:options.sample_layers])
         modules: list[ExportModule] = []
         identical = 0
 
         def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
             place = adapted[index]
-            delta = finetuned.load(place, ".weight").sub_(original.load(place, ".weight"))
-            extracted = _factorised(place, delta, rule, check=index < options.sample_layers)
+            delta = finetuned.delta(original, place, ".weight")
+            extracted = _factorised(place, delta, rule, check=index in checked)
             return None if extracted is None else held.hold(*extracted)
 
         with single_threaded_torch(), Prefetcher(extract, threads=1).start(range(len(adapted))) as ahead:
@@ -278,7 +299,7 @@ def _whole_differences(base: Denoiser, tuned: Denoiser, places: list[LayerPlace]
         for param, key in ((".weight", "diff"), (".bias", "diff_b")):
             if (param == ".weight" and place.ldm in lora_layers) or base.shape(place, param) is None:
                 continue
-            delta = tuned.load(place, param).sub_(base.load(place, param))
+            delta = tuned.delta(base, place, param)
             if bool(delta.any()):
                 whole[key] = delta.to(dtype)
         if not whole:
