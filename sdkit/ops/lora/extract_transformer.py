@@ -56,11 +56,15 @@ from sdkit.arch.families.spec import Family
 from sdkit.arch.fingerprint import LayoutMatch
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, lazy_tensors, open_model, write_safetensors
-from sdkit.io.ahead import Prefetcher, single_threaded_torch
 from sdkit.ops.convert.lora import adapter_metadata
 from sdkit.ops.lora.convert import layout_tensors
-from sdkit.ops.lora.extract import HeldFactors, params_of
-from sdkit.ops.lora.svd import Factors, RankRule, factorize, relative_error
+from sdkit.ops.lora.extract import (
+    HeldFactors,
+    extract_layers,
+    factorised_layer,
+    params_of,
+)
+from sdkit.ops.lora.svd import Factors
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
 
 if TYPE_CHECKING:
@@ -233,30 +237,16 @@ def extract_transformer_lora(tuned: str | os.PathLike[str], base: str | os.PathL
         # SVD of a 21504 x 3072 FLUX matrix takes minutes on one thread
         sizes = sorted(range(len(adapted)), key=lambda i: math.prod(original.shape(adapted[i], ".weight")))
         checked = set(sizes[:options.sample_layers])
-        modules: list[ExportModule] = []
-        identical = 0
 
         def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
             place = adapted[index]
             delta = finetuned.delta(original, place, ".weight")
-            extracted = _factorised(place, delta, rule, check=index in checked)
+            name = unet_name("kohya", place.ldm)
+            module = ExportModule("unet", None, place.ldm, {}, name=name)
+            extracted = factorised_layer(module, name, delta, rule, check=index in checked)
             return None if extracted is None else held.hold(*extracted)
 
-        with single_threaded_torch(), Prefetcher(extract, threads=1).start(range(len(adapted))) as ahead:
-            for index in range(len(adapted)):
-                extracted = ahead.get(index)
-                if extracted is None:
-                    identical += 1
-                else:
-                    module, factors, check = extracted
-                    report.add(module.name, factors)
-                    if check is not None:
-                        report.randomized_check.append(check)
-                    modules.append(module)
-                if progress is not None:
-                    progress(1)
-        if identical:
-            report.notes.append(f"{identical} layers are identical in both models and left out")
+        modules = extract_layers(extract, len(adapted), report, lambda module: module.name, progress)
         differing = _whole_differences(original, finetuned, places, adapted, modules, dtype, options.full_diff)
         if differing:
             report.notes.append(f"{differing} other tensors differ (biases, embedders, norms, final layer): "
@@ -265,25 +255,6 @@ def extract_transformer_lora(tuned: str | os.PathLike[str], base: str | os.PathL
             raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
         _write(output, modules, family, places, layout, (str(tuned), str(base)), options, overwrite)
     return report
-
-
-def _factorised(place: LayerPlace, delta: torch.Tensor, rule: RankRule, check: bool
-                ) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
-    """The module for one layer's delta (None when it is zero), its factors, and with
-    `check` and a randomized rule its error next to the full SVD's."""
-    from dataclasses import replace
-
-    if not bool(delta.any()):
-        return None
-    name = unet_name("kohya", place.ldm)
-    factors = factorize(delta, rule)
-    comparison = None
-    if rule.randomized and check:
-        full = factorize(delta, replace(rule, randomized=False, dynamic=None), cap=factors.rank)
-        comparison = {"layer": name, "rank": factors.rank, "error_randomized": relative_error(delta, factors),
-                      "error_full_svd": relative_error(delta, full)}
-    tensors = {"lora_up.weight": factors.up, "lora_down.weight": factors.down}
-    return ExportModule("unet", None, place.ldm, tensors, float(factors.rank), name), factors, comparison
 
 
 def _whole_differences(base: Denoiser, tuned: Denoiser, places: list[LayerPlace], adapted: list[LayerPlace],
