@@ -218,3 +218,17 @@ def test_every_family_round_trips_in_every_layout(family, tmp_path):
         assert len(report.layers) == changed
         bake_loras(base, [AdapterInput(str(out))], tmp_path / f"{to}-baked.safetensors")
         assert_close(load(tmp_path / f"{to}-baked.safetensors"), tuned)
+
+
+def test_randomized_extract_checks_the_smallest_layer_against_the_full_svd(models, tmp_path):
+    report = extract_lora(models["tuned_single"], models["base_single"], tmp_path / "lora.safetensors",
+                          ExtractOptions(**EXACT, randomized=True))
+    assert len(report.randomized_check) == 1
+    check = report.randomized_check[0]
+    assert check["error_randomized"] <= check["error_full_svd"] + 1e-4 < 1e-3  # rank 4 ≥ the change's 2
+    with safe_open(str(models["tuned_single"]), "pt") as handle:
+        sizes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    block_sizes = {"lora_unet_" + name[: -len(".weight")].replace(".", "_"): shape[0] * shape[1]
+                   for name, shape in sizes.items()
+                   if len(shape) == 2 and re.match(BLOCKS[models["family"]], name) and "norm" not in name}
+    assert block_sizes[check["layer"]] == min(block_sizes.values())
