@@ -16,7 +16,7 @@ import pytest
 import torch
 from cli_run import exit_code, run_sdkit
 from safetensors import safe_open
-from test_lora_quantized import values_of
+from test_lora_quantized import values_of, wide_flux
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from transformer_loras import assert_close, converted, load, save
 
@@ -165,12 +165,7 @@ def test_full_diff_keeps_biases_and_embedders(tmp_path):
 def test_quantized_base_is_read_as_its_values(kind, args, tmp_path):
     """BASE stored in fp8 / GGUF, TUNED = the values it stands for + the delta (float32):
     the factors multiply to the delta."""
-    _cls, config, single_file = TINY["flux"]
-    config = dict(config, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=256,
-                  pooled_projection_dim=256, axes_dims_rope=(16, 56, 56))
-    generator = torch.Generator().manual_seed(0)
-    plain = {name: (torch.randn(shape, generator=generator) * 0.05).to(torch.bfloat16)
-             for name, shape in single_file(config).items()}
+    plain = wide_flux()
     source = save(plain, tmp_path / "bf16.safetensors")
     base = tmp_path / ("base.gguf" if kind == "Q8_0" else "base.safetensors")
     assert exit_code(["convert", str(source), "-o", str(base), *args]) == 0
@@ -226,8 +221,7 @@ def test_randomized_extract_checks_the_smallest_layer_against_the_full_svd(model
     assert len(report.randomized_check) == 1
     check = report.randomized_check[0]
     assert check["error_randomized"] <= check["error_full_svd"] + 1e-4 < 1e-3  # rank 4 ≥ the change's 2
-    with safe_open(str(models["tuned_single"]), "pt") as handle:
-        sizes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    sizes = {name: tuple(value.shape) for name, value in models["tuned_values"].items()}
     block_sizes = {"lora_unet_" + name[: -len(".weight")].replace(".", "_"): shape[0] * shape[1]
                    for name, shape in sizes.items()
                    if len(shape) == 2 and re.match(BLOCKS[models["family"]], name) and "norm" not in name}
