@@ -43,17 +43,22 @@ BASES = {"bf16": (".safetensors", ()), "fp8": (".safetensors", ("--dtype", "fp8_
          "Q8_0": (".gguf", ("--to", "gguf", "--quant", "Q8_0")), "Q4_K": (".gguf", ("--to", "gguf", "--quant", "Q4_K"))}
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 FLUX.1 of width 256 (rows that fill K-quant blocks), its quantized forms by
-    `sdkit convert`, and a LoRA on every matrix outside `UNTOUCHED`."""
-    folder = tmp_path_factory.mktemp("quantized")
+def wide_flux() -> dict[str, torch.Tensor]:
+    """A bf16 FLUX.1 of width 256 (rows that fill K-quant blocks), random weights."""
     _cls, config, single_file = TINY["flux"]
     config = dict(config, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=256,
                   pooled_projection_dim=256, axes_dims_rope=(16, 56, 56))
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: (torch.randn(shape, generator=generator) * 0.05).to(torch.bfloat16)
-               for name, shape in single_file(config).items()}
+    return {name: (torch.randn(shape, generator=generator) * 0.05).to(torch.bfloat16)
+            for name, shape in single_file(config).items()}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """`wide_flux`, its quantized forms by `sdkit convert`, and a LoRA on every matrix
+    outside `UNTOUCHED`."""
+    folder = tmp_path_factory.mktemp("quantized")
+    tensors = wide_flux()
     paths = {"bf16": folder / "bf16.safetensors"}
     save_file(tensors, paths["bf16"])
     for name, (suffix, args) in BASES.items():
