@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -18,10 +17,9 @@ from sdkit.cli.tables import table_or_lines
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import LIBRARY_ENV
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError, with_article
-
-LIBRARY_ENV = "SDKIT_LIBRARY"
 
 
 class _RichProgress:
@@ -147,14 +145,12 @@ def download_command(ctx: click.Context, source: str, library: Path | None, outp
 # --- library ----------------------------------------------------------------------------
 
 def _library_root(option: Path | None) -> Path:
-    """--library, else $SDKIT_LIBRARY, else the library around the current folder."""
+    """--library, else `sdkit --library` or $SDKIT_LIBRARY, else the library around the
+    current folder."""
+    from sdkit.cli.preflight import configured_library
     from sdkit.hub.library import find_library_root
 
-    if option is not None:
-        return option
-    if os.environ.get(LIBRARY_ENV):
-        return Path(os.environ[LIBRARY_ENV])
-    return find_library_root(Path.cwd()) or Path.cwd()
+    return option or configured_library() or find_library_root(Path.cwd()) or Path.cwd()
 
 
 _library_option = click.option("--library", type=click.Path(file_okay=False, path_type=Path),
@@ -219,12 +215,43 @@ def add_command(files: tuple[Path, ...], library: Path | None, method: str,
         echo(f"{verb}: {source} -> {entry.path} ({entry.part or entry.kind}; {_family_words(entry)})")
 
 
+_WEBUI_FOLDER_FLAGS = ("--ckpt-dir", "--lora-dir", "--vae-dir", "--embeddings-dir", "--hypernetwork-dir")
+
+
+def _folder_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A1111's folder flags and ComfyUI's yaml, for folders outside the library's root."""
+    from sdkit.hub.library.folders import WEBUI_DIR_FLAGS
+
+    for flag in reversed(_WEBUI_FOLDER_FLAGS):
+        command = click.option(flag, multiple=True, metavar="DIR",
+                               help=f"A folder of {WEBUI_DIR_FLAGS[flag]} files (A1111's {flag}).")(command)
+    return click.option("--extra-model-paths", "yaml_files", multiple=True, metavar="FILE",
+                        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                        help="A ComfyUI extra_model_paths.yaml whose folders belong to the library.")(command)
+
+
+def _given_folders(yaml_files: tuple[Path, ...], webui_dirs: dict[str, tuple[str, ...]]) -> list[Any]:
+    from sdkit.hub.library.folders import folders_from_webui_args, read_extra_model_paths
+
+    words = [word for flag in _WEBUI_FOLDER_FLAGS
+             for value in webui_dirs[flag.lstrip("-").replace("-", "_")] for word in (flag, value)]
+    folders = folders_from_webui_args(words, Path.cwd())
+    for yaml_file in yaml_files:
+        folders += read_extra_model_paths(yaml_file)
+    return folders
+
+
 @library_group.command("scan")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@_folder_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> None:
+def scan_command(ctx: click.Context, directory: Path | None, yaml_files: tuple[Path, ...], as_json: bool,
+                 **webui_dirs: tuple[str, ...]) -> None:
     """Index the model files under DIRECTORY (only new or changed files are read).
+
+    Folders outside it count too: those in ComfyUI's extra_model_paths.yaml or A1111's
+    webui-user COMMANDLINE_ARGS, and those given here (remembered for later commands).
 
     Example: sdkit library scan ~/ComfyUI
     """
@@ -233,9 +260,12 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
     root = directory or _library_root(None)
     if not root.is_dir():
         raise SdkitError(f"{root}: no such folder")
+    given = _given_folders(yaml_files, webui_dirs)
     notify = _notifier(ctx)
     library, rebuilt = open_for_scan(root)
     with library:
+        if given:
+            library.remember_folders(given)
         report = scan_library(library, progress=(lambda p: notify(f"hashing {p}")) if notify else None)
     report.rebuilt = rebuilt
     if as_json:
@@ -245,6 +275,8 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
     echo(f"{library.root}: {report.files} model files; {report.added} added, "
          f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
          f"{report.rehashed} hashed{rebuilt_note}")
+    for folder in report.folders:
+        echo(f"also reads: {folder['path']} ({folder['kind']} files; {folder['origin']})")
     for misplaced in report.misplaced:
         echo(f"misplaced: {misplaced['path']} is {with_article(misplaced['kind'])}; "
              f"{report.layout} reads those from {misplaced['folder']}")
@@ -256,14 +288,28 @@ def _family_words(entry: Any) -> str:
     return words + (", from Civitai" if entry.family_source == "civitai" else "")
 
 
-def _entries_table(entries: list[Any], title: str | None = None) -> RenderableType:
+def _entries_table(entries: list[Any], title: str | None = None,
+                   extras: dict[str, Any] | None = None) -> RenderableType:
+    """One row per entry; with `extras` (path -> Sidecars) a column naming its sidecars."""
     rows = []
     for entry in entries:
         kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
         # a row from before the index kept parts shows "?" until the next scan
         part = "?" if entry.part is None else entry.part
-        rows.append((entry.path, kind, _family_words(entry), part, _size(entry.size), (entry.sha256 or "")[:12]))
-    return table_or_lines(("path", "kind", "family", "part", "size", "sha256"), rows, SafeConsole().width, title)
+        row = (entry.path, kind, _family_words(entry), part, _size(entry.size), (entry.sha256 or "")[:12])
+        rows.append(row + ((", ".join(extras[entry.path].names()) or "-",) if extras is not None else ()))
+    header = ("path", "kind", "family", "part", "size", "sha256") + (("sidecars",) if extras is not None else ())
+    return table_or_lines(header, rows, SafeConsole().width, title)
+
+
+def _sidecars_of(lib: Any, entries: list[Any]) -> dict[str, Any]:
+    from sdkit.hub.library.sidecars import read_sidecars
+
+    return {entry.path: read_sidecars(lib.root / entry.path) for entry in entries}
+
+
+def _with_sidecars(entry: Any, found: Any) -> dict[str, Any]:
+    return {**entry.to_json(), "sidecars": found.to_json()}
 
 
 @library_group.command("ls")
@@ -272,7 +318,7 @@ def _entries_table(entries: list[Any], title: str | None = None) -> RenderableTy
 @click.option("--family", help="Only this family (sd1, sdxl-base, flux, …).")
 @click.option("--json", "as_json", is_flag=True)
 def ls_command(library: Path | None, kind: str | None, family: str | None, as_json: bool) -> None:
-    """List the indexed files.
+    """List the indexed files, and the A1111 sidecars beside each.
 
     Example: sdkit library ls --kind lora --family sdxl-base
     """
@@ -280,10 +326,63 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
 
     with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.entries(kind=kind, family=family)
+        found = _sidecars_of(lib, entries)
     if as_json:
-        _echo_json([e.to_json() for e in entries])
+        _echo_json([_with_sidecars(e, found[e.path]) for e in entries])
     else:
-        SafeConsole().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries, extras=found))
+
+
+@library_group.command("show")
+@click.argument("name")
+@_library_option
+@click.option("--json", "as_json", is_flag=True)
+def show_command(name: str, library: Path | None, as_json: bool) -> None:
+    """Show one file by name: its index row and its A1111 sidecars.
+
+    NAME: the file's stem, its file name or the end of its path in the library.
+
+    Example: sdkit library show style
+    """
+    from sdkit.hub.library import Library
+    from sdkit.hub.library.names import entries_named
+
+    with Library.open_existing(_library_root(library)) as lib:
+        entries = entries_named(lib, name)
+        found = _sidecars_of(lib, entries)
+    if not entries:
+        raise SdkitError(f"{name}: no file of that name in the library")
+    if as_json:
+        _echo_json([_with_sidecars(e, found[e.path]) for e in entries])
+        return
+    for entry in entries:
+        _show_entry(entry, found[entry.path])
+
+
+_USER_METADATA_SHOWN = ("activation text", "preferred weight", "negative text", "sd version", "description", "notes")
+
+
+def _show_entry(entry: Any, found: Any) -> None:
+    kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
+    lines = [entry.path, f"  {kind}; {_family_words(entry)}; {entry.part or '?'}; {_size(entry.size)}",
+             f"  sha256: {entry.sha256 or '?'}"]
+    if entry.source:
+        lines.append(f"  source: {entry.source}")
+    if entry.trigger_words:
+        lines.append(f"  trigger words: {', '.join(entry.trigger_words)}")
+    for key in _USER_METADATA_SHOWN:
+        value = (found.user_metadata or {}).get(key)
+        if value not in (None, ""):
+            lines.append(f"  {key}: {value}")
+    if found.civitai_info:
+        facts = found.to_json()["civitai"]
+        lines.append(f"  civitai: {facts['model_name']} — {facts['version_name']} ({facts['base_model']}; "
+                     f"model {facts['model_id']}, version {facts['version_id']})")
+    if found.preview:
+        lines.append(f"  preview: {found.preview}")
+    lines += [f"  problem: {problem}" for problem in found.problems]
+    for line in lines:
+        echo(line)
 
 
 @library_group.command("find")
@@ -357,20 +456,62 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
 
 
 @library_group.command("lookup")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @_library_option
+@click.option("--again", is_flag=True, help="Without FILE: ask again for files answered or unknown before.")
+@click.option("--no-previews", is_flag=True, help="Without FILE: download no preview images.")
+@click.option("--pause", type=click.FloatRange(min=0), default=1.0, show_default=True, metavar="SECONDS",
+              help="Without FILE: wait this long between two requests to Civitai.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json: bool) -> None:
+def lookup_command(ctx: click.Context, file: Path | None, library: Path | None, again: bool, no_previews: bool,
+                   pause: float, as_json: bool) -> None:
     """Ask Civitai what FILE is (by sha256) and store the answer in the index.
+
+    Without FILE, every file of the library, writing A1111's sidecars beside each:
+    NAME.civitai.info, the keys NAME.json lacks (activation text, preferred weight,
+    sd version) and NAME.preview.EXT. Stop it at any time: the same command goes on.
 
     Example: sdkit library lookup models/Lora/mystery.safetensors
     """
     from sdkit.hub.civitai import CivitaiClient
+
+    client = CivitaiClient(notify=_notifier(ctx))
+    if file is None:
+        from sdkit.hub.library.lookup_all import LookupSettings
+
+        settings = LookupSettings(pause=pause, previews=not no_previews, again=again)
+        _lookup_library(ctx, _library_root(library), client, settings, as_json)
+    else:
+        _lookup_one_file(file, library, client, as_json)
+
+
+def _lookup_library(ctx: click.Context, root: Path, client: Any, settings: Any, as_json: bool) -> None:
+    from sdkit.hub import TransferOptions
+    from sdkit.hub.library import Library
+    from sdkit.hub.library.lookup_all import lookup_library
+
+    notify = _notifier(ctx)
+    settings.progress = (lambda p: notify(f"looking up {p}")) if notify else None
+    settings.transfer = TransferOptions(policy=client.policy, notify=notify)
+    with Library.open_existing(root) as lib:
+        report = lookup_library(lib, client, settings)
+    if as_json:
+        _echo_json(vars(report))
+        return
+    for path in report.written:
+        echo(f"wrote {path}")
+    for problem in report.problems:
+        echo(f"note: {problem}")
+    echo(f"{report.files} files: {len(report.found)} known to Civitai, {len(report.unknown)} unknown "
+         f"({report.skipped_unknown} unknown before, not asked again); {report.asked} asked, "
+         f"{report.from_info} answered by their .civitai.info")
+
+
+def _lookup_one_file(file: Path, library: Path | None, client: Any, as_json: bool) -> None:
     from sdkit.hub.library import Library, find_library_root, lookup_file
 
     root = library or find_library_root(file.parent)
-    client = CivitaiClient(notify=_notifier(ctx))
     if root is None:
         result = lookup_file(file, None, client)
     else:

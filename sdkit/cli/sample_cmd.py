@@ -11,7 +11,7 @@ import click
 
 from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.runtime.sample.png import picture_paths
 from sdkit.runtime.sample.scheduler import SAMPLERS
@@ -39,7 +39,7 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
 
 
 @cli.command("sample")
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=ModelInput(*MODEL_KINDS))
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
               help="Prompt (repeatable); A1111 tags <lora:NAME:W>, <lyco:NAME:W>, <hypernet:NAME:W> "
                    "and embedding names are understood.")
@@ -54,12 +54,12 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
               help="Sampler (default: euler-a; euler, the flow-matching one, for FLUX.1).")
 @click.option("--clip-skip", type=int, default=1, show_default=True,
               help="A1111 CLIP skip: 1 = last layer, 2 = penultimate.")
-@click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="LoRA / LyCORIS file or library name.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", type=ModelInput("lora", strength=True), help="LoRA / LyCORIS file or library name.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
               help="Textual-inversion file or library name; TOKEN defaults to the file's own.")
 @click.option("--hypernet", "hypernets", multiple=True, metavar="FILE[:W]",
               help="A1111 hypernetwork file or library name.")
-@click.option("--vae", metavar="FILE", help="Another VAE (file, diffusers folder or library name); "
+@click.option("--vae", metavar="FILE", type=ModelInput("vae"), help="Another VAE (file, diffusers folder or library name); "
               "for a FLUX.1 diffusion model alone, its VAE (ae.safetensors).")
 @click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
               help="For a FLUX.1 diffusion model alone: its text encoder files (clip_l, t5xxl); repeatable.")

@@ -12,7 +12,7 @@ import click
 
 from sdkit.cli.common import is_quiet, quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.errors import SdkitError
 from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
@@ -108,7 +108,7 @@ class ProgressLines:
 
 @cli.command("train")
 @click.argument("method", type=click.Choice(METHODS))
-@click.option("--base", required=True, type=_PATH, help="Model to train on: a checkpoint file or diffusers folder.")
+@click.option("--base", required=True, type=ModelInput(*MODEL_KINDS, as_path=True), help="Model to train on: a checkpoint file or diffusers folder.")
 @click.option("--data", "data_dir", required=True, type=_PATH,
               help="Folder of images with captions (sidecar .txt/.caption, metadata.csv or metadata.jsonl).")
 @click.option("--output", "-o", required=True, type=_PATH,
@@ -248,8 +248,8 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
 
 
 @cli.command("verify")
-@click.argument("adapter", type=_PATH)
-@click.option("--base", required=True, type=_PATH, help="The model the adapter was trained on.")
+@click.argument("adapter", type=ModelInput("lora", "embedding", "hypernetwork", as_path=True))
+@click.option("--base", required=True, type=ModelInput(*MODEL_KINDS, as_path=True), help="The model the adapter was trained on.")
 @click.option("--concept", required=True, help="Prompt that should show the concept (name embeddings by trigger).")
 @click.option("--expect", required=True, metavar="LABEL[/LABEL...]",
               help="Labels the scorer must read in a picture, e.g. red/circle.")

@@ -43,6 +43,7 @@ class ScanReport:
     rebuilt: bool = False  # the index was damaged and has been rebuilt
     layout: str | None = None
     misplaced: list[dict[str, str]] = field(default_factory=list)  # {path, kind, folder}
+    folders: list[dict[str, object]] = field(default_factory=list)  # configured folders: {kind, path, is_default, origin}
 
 
 @dataclass
@@ -106,7 +107,8 @@ def _set_aside(path: Path) -> None:
 
 def scan_library(library: Library, progress: Callable[[Path], None] | None = None) -> ScanReport:
     """Bring the index in line with the files on disk."""
-    report = ScanReport(layout=library.layout.name if library.layout else None)
+    report = ScanReport(layout=library.layout.name if library.layout else None,
+                        folders=[folder.to_json() for folder in library.folders])
     known = {entry.path: entry for entry in library.index.entries()}
     on_disk = {index_key(library.root, p): p for p in library_files(library)}
     report.files = len(on_disk)
