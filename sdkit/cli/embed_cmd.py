@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import progress_bar
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole
 
 

@@ -8,16 +8,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
-from rich.console import RenderableType
-
-from sdkit.cli.tables import table_or_lines
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import LIBRARY_ENV
+from sdkit.cli.tables import table_or_lines
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError, with_article
 
@@ -231,7 +236,10 @@ def _folder_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _given_folders(yaml_files: tuple[Path, ...], webui_dirs: dict[str, tuple[str, ...]]) -> list[Any]:
-    from sdkit.hub.library.folders import folders_from_webui_args, read_extra_model_paths
+    from sdkit.hub.library.folders import (
+        folders_from_webui_args,
+        read_extra_model_paths,
+    )
 
     words = [word for flag in _WEBUI_FOLDER_FLAGS
              for value in webui_dirs[flag.lstrip("-").replace("-", "_")] for word in (flag, value)]

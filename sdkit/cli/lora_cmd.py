@@ -8,11 +8,17 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, SAFETENSORS, ModelInput, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, styled
 from sdkit.ops.adapter_input import parse_adapter_arg
 

@@ -8,13 +8,18 @@ from typing import Any, Iterator
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, SAFETENSORS, ModelInput, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, echo
-
 
 
 @cli.command("merge")

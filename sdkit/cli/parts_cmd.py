@@ -8,7 +8,13 @@ import click
 
 from sdkit.cli.common import human_bytes, is_quiet, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, SAFETENSORS, ModelInput, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
 from sdkit.cli.terminal import SafeConsole
 
 

@@ -23,7 +23,13 @@ _DTYPES = ("auto", "fp32", "fp16", "bf16")
 @contextmanager
 def _step_bar(quiet: bool) -> Iterator[Any]:
     """A rich progress bar over sampling steps on a terminal; None otherwise."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = SafeConsole(stderr=True)
     if quiet or not console.is_terminal:
@@ -96,9 +102,9 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
     require_inputs(model, config, library, *text_encoders)
     for path in picture_paths(output, len(prompts), batch, one_picture=grid or axis is not None):
         require_output(path, (model,), force=force)
-    from sdkit.runtime.sample.sampler import Settings
     from sdkit.runtime.sample.plan import AdapterArgs
     from sdkit.runtime.sample.run import SampleJob, run_sample
+    from sdkit.runtime.sample.sampler import Settings
 
     if seed == -1:
         seed = random.randrange(4294967294)  # A1111's range for a random seed

@@ -15,8 +15,18 @@ from sdkit.cli.main import cli
 from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.errors import SdkitError
-from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
-                                        PRECISIONS, PREDICTIONS, SAVE_PRECISIONS, check_config)
+from sdkit.runtime.train.config import (
+    CACHES,
+    CROPS,
+    DREAMBOOTH_FORMATS,
+    LR_SCHEDULERS,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREDICTIONS,
+    SAVE_PRECISIONS,
+    check_config,
+)
 
 _PATH = click.Path(path_type=Path)
 
@@ -41,8 +51,14 @@ def _numbers(text: str, what: str) -> tuple[float, ...]:
 @contextmanager
 def _train_progress(quiet: bool) -> Iterator[Any]:
     """A rich bar per phase (loss, it/s and time left while training) on a terminal."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = SafeConsole(stderr=True)
     if quiet:
@@ -223,8 +239,17 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
 
 
 def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict[str, Any]) -> Any:
-    from sdkit.runtime.train import (DataOptions, DreamBoothOptions, EmbeddingOptions, HypernetOptions, LossOptions,
-                                     NetworkOptions, OptimOptions, RunOptions, TrainConfig)
+    from sdkit.runtime.train import (
+        DataOptions,
+        DreamBoothOptions,
+        EmbeddingOptions,
+        HypernetOptions,
+        LossOptions,
+        NetworkOptions,
+        OptimOptions,
+        RunOptions,
+        TrainConfig,
+    )
 
     low, high = _ratio_range(o["aspect_range"])
     data = DataOptions(data_dir, o["resolution"], not o["no_buckets"], o["bucket_step"], o["crop"], o["min_width"],

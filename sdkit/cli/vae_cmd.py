@@ -11,7 +11,13 @@ from rich.text import Text
 
 from sdkit.cli.common import is_quiet, progress_bar, quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, SAFETENSORS, ModelInput, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
 from sdkit.cli.terminal import SafeConsole, shown, styled
 from sdkit.errors import with_article
 

@@ -15,12 +15,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cli_run import run_sdkit
 from conftest import kohya_lora
+
 from sdkit.errors import SdkitError
-from sdkit.hub.library.folders import (ModelFolder, commandline_args, folders_from_webui_args,
-                                       read_extra_model_paths)
+from sdkit.hub.library.folders import (
+    ModelFolder,
+    commandline_args,
+    folders_from_webui_args,
+    read_extra_model_paths,
+)
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

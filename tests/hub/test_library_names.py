@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from cli_run import run_sdkit
+
 from sdkit.cli.preflight import resolve_input
 from sdkit.errors import SdkitError
 
@@ -50,9 +50,9 @@ def test_a_name_several_files_answer_to_is_refused_listing_them(library: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_sdkit(capsys, "--library", str(library), "lora", "check", "tiny-checkpoint", "style")
     assert (code, out) == (1, "")
-    assert err.splitlines() == [f"sdkit: error: style: 2 files in the library {library} have that name: "
-                                "models/Lora/a/style.safetensors, models/Lora/b/style.safetensors; "
-                                "give one of these paths"]
+    expected = (f"sdkit: error: style: 2 files in the library {library} have that name: "
+                "models/Lora/a/style.safetensors, models/Lora/b/style.safetensors; give one of these paths")
+    assert err.splitlines() == [expected]
     code, _, err = run_sdkit(capsys, "--library", str(library), "lora", "check", "tiny-checkpoint", "b/style",
                              "--json")
     assert code in (0, 1) and "have that name" not in err

@@ -13,15 +13,14 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from cli_run import run_sdkit
 from conftest import kohya_lora
 from hub_fakes import CivitaiFile, CivitaiVersion, FakeCivitai
+from PIL import Image
+
 from sdkit.hub import RetryPolicy
 from sdkit.hub.civitai import CivitaiClient
-from sdkit.hub.library import Library
-from sdkit.hub.library import sidecars
+from sdkit.hub.library import Library, sidecars
 from sdkit.hub.library.lookup_all import LookupSettings, lookup_library
 
 

@@ -17,8 +17,14 @@ from typing import Any, Literal
 
 from sdkit.errors import SdkitError, with_article
 from sdkit.hub.library.folders import ModelFolder, configured_folders
-from sdkit.hub.library.identified import (Identified, base_model_of, identify_file,
-                                          identify_strictly, settle_family, settled_family)
+from sdkit.hub.library.identified import (
+    Identified,
+    base_model_of,
+    identify_file,
+    identify_strictly,
+    settle_family,
+    settled_family,
+)
 from sdkit.hub.library.index import Entry, Index
 from sdkit.hub.library.layouts import LAYOUTS, Layout, detect_layout
 from sdkit.hub.placement import Method, Policy, place
