@@ -160,3 +160,19 @@ def test_webui_user_sh_folders_are_scanned(tmp_path: Path, capsys: pytest.Captur
     assert code == 0, err
     assert json.loads(out)["added"] == 1
     assert json.loads(out)["folders"][0]["origin"] == "webui-user.sh"
+
+
+def test_sample_finds_adapters_in_configured_folders(tmp_path: Path) -> None:
+    from sdkit.runtime.sample.library import Library, resolve_file
+
+    root = tmp_path / "webui"
+    for folder in ("models/Stable-diffusion", "models/Lora", "models/VAE"):
+        (root / folder).mkdir(parents=True)
+    (tmp_path / "far" / "sdxl").mkdir(parents=True)
+    far = kohya_lora(tmp_path / "far" / "sdxl" / "far-style.safetensors")
+    (root / "webui-user.sh").write_text(f'export COMMANDLINE_ARGS="--lora-dir {tmp_path / "far"}"\n', encoding="utf-8")
+    library = Library(root)
+    assert resolve_file("far-style", "lora", library) == far
+    assert resolve_file("sdxl/far-style", "lora", library) == far  # below the configured folder
+    with pytest.raises(SdkitError, match=f"models/Lora, models/LyCORIS, models/loras, {tmp_path / 'far'}"):
+        resolve_file("nothing", "lora", library)

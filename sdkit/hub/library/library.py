@@ -64,6 +64,17 @@ def find_library_root(start: Path) -> Path | None:
     return None
 
 
+def model_folders_of(root: Path) -> list[ModelFolder]:
+    """The configured model folders of the library or WebUI folder `root` (none for any
+    other folder); nothing is created."""
+    root = root.resolve()
+    if index_path(root).is_file():
+        with Library.open_existing(root) as library:
+            return library.folders
+    layout = detect_layout(root)
+    return configured_folders(root, layout.name, []) if layout else []
+
+
 def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] | None]:
     """(trigger words, hub facts) to store from what a hub said about a file."""
     if not facts:

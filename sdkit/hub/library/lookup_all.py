@@ -87,7 +87,7 @@ def _look_up_one(library: Library, client: CivitaiClient, entry: Entry, path: Pa
             _remember_unknown(library, entry, sha256)
             report.unknown.append(entry.path)
             return
-        _write(report, sidecars.write_json(sidecars.civitai_info_path(path), version))
+        _wrote(report, sidecars.write_json(sidecars.civitai_info_path(path), version))
     report.found.append(entry.path)
     stored = store_answer(library, path, entry.path, sha256, version_facts(version))
     _fill_user_metadata(path, version, stored, report)
@@ -108,7 +108,7 @@ def _remember_unknown(library: Library, entry: Entry, sha256: str) -> None:
     library.update_entry(entry)
 
 
-def _write(report: LibraryLookup, path: Path) -> None:
+def _wrote(report: LibraryLookup, path: Path) -> None:
     report.written.append(str(path))
 
 
@@ -120,7 +120,7 @@ def _fill_user_metadata(path: Path, version: dict[str, Any], entry: Entry, repor
         return
     merged = sidecars.fill_missing(found.user_metadata, sidecars.offered_user_metadata(version, entry.kind, entry.family))
     if merged is not None:
-        _write(report, sidecars.write_json(target, merged))
+        _wrote(report, sidecars.write_json(target, merged))
 
 
 def _fetch_preview(path: Path, version: dict[str, Any], client: CivitaiClient,
@@ -129,7 +129,7 @@ def _fetch_preview(path: Path, version: dict[str, Any], client: CivitaiClient,
     if url is None or sidecars.find_preview(path) is not None:
         return
     try:
-        _write(report, download_preview(path, url, client, options))
+        _wrote(report, download_preview(path, url, client, options))
     except SdkitError as exc:  # a missing picture must not stop the lookup of a library
         report.problems.append(f"{path}: no preview: {exc}")
 
