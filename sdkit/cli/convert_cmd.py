@@ -9,13 +9,13 @@ import click
 
 from sdkit.cli.common import human_bytes, key_examples, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole
 
 
 
 @cli.command("convert")
-@click.argument("source", type=click.Path(path_type=str))
+@click.argument("source", type=ModelInput())
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output .safetensors file, .pt (A1111 embeddings) or folder (diffusers).")
 @click.option("--to", "target", type=click.Choice(["safetensors", "single-file", "diffusers", "gguf"]),

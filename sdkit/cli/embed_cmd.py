@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole
 
 
@@ -80,7 +80,7 @@ def _request(spec: str) -> Any:
 
 
 @embed_group.command("add")
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=ModelInput(*MODEL_KINDS))
 @click.argument("embeddings", nargs=-1, required=True, metavar="EMB[:TOKEN]...")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="The new diffusers pipeline folder.")

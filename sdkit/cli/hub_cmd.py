@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
-from rich.console import RenderableType
-
-from sdkit.cli.tables import table_or_lines
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from sdkit.cli.common import is_quiet
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import LIBRARY_ENV
+from sdkit.cli.tables import table_or_lines
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError, with_article
-
-LIBRARY_ENV = "SDKIT_LIBRARY"
 
 
 class _RichProgress:
@@ -147,19 +150,17 @@ def download_command(ctx: click.Context, source: str, library: Path | None, outp
 # --- library ----------------------------------------------------------------------------
 
 def _library_root(option: Path | None) -> Path:
-    """--library, else $SDKIT_LIBRARY, else the library around the current folder."""
+    """--library, else `sdkit --library` or $SDKIT_LIBRARY, else the library around the
+    current folder."""
+    from sdkit.cli.preflight import configured_library
     from sdkit.hub.library import find_library_root
 
-    if option is not None:
-        return option
-    if os.environ.get(LIBRARY_ENV):
-        return Path(os.environ[LIBRARY_ENV])
-    return find_library_root(Path.cwd()) or Path.cwd()
+    return option or configured_library() or find_library_root(Path.cwd()) or Path.cwd()
 
 
 _library_option = click.option("--library", type=click.Path(file_okay=False, path_type=Path),
-                               help=f"The library folder (default: ${LIBRARY_ENV}, else the "
-                                    "library around the current folder).")
+                               help=f"The library folder (default: `sdkit --library`, ${LIBRARY_ENV}, "
+                                    "else the library around the current folder).")
 
 
 @cli.group("library")
@@ -219,12 +220,46 @@ def add_command(files: tuple[Path, ...], library: Path | None, method: str,
         echo(f"{verb}: {source} -> {entry.path} ({entry.part or entry.kind}; {_family_words(entry)})")
 
 
+_WEBUI_FOLDER_FLAGS = ("--ckpt-dir", "--lora-dir", "--vae-dir", "--embeddings-dir", "--hypernetwork-dir")
+
+
+def _folder_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A1111's folder flags and ComfyUI's yaml, for folders outside the library's root."""
+    from sdkit.hub.library.folders import WEBUI_DIR_FLAGS
+
+    for flag in reversed(_WEBUI_FOLDER_FLAGS):
+        command = click.option(flag, multiple=True, metavar="DIR",
+                               help=f"A folder of {WEBUI_DIR_FLAGS[flag]} files (A1111's {flag}).")(command)
+    return click.option("--extra-model-paths", "yaml_files", multiple=True, metavar="FILE",
+                        type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                        help="A ComfyUI extra_model_paths.yaml whose folders belong to the library.")(command)
+
+
+def _given_folders(yaml_files: tuple[Path, ...], webui_dirs: dict[str, tuple[str, ...]]) -> list[Any]:
+    from sdkit.hub.library.folders import (
+        folders_from_webui_args,
+        read_extra_model_paths,
+    )
+
+    words = [word for flag in _WEBUI_FOLDER_FLAGS
+             for value in webui_dirs[flag.lstrip("-").replace("-", "_")] for word in (flag, value)]
+    folders = folders_from_webui_args(words, Path.cwd())
+    for yaml_file in yaml_files:
+        folders += read_extra_model_paths(yaml_file)
+    return folders
+
+
 @library_group.command("scan")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=Path))
+@_folder_options
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> None:
+def scan_command(ctx: click.Context, directory: Path | None, yaml_files: tuple[Path, ...], as_json: bool,
+                 **webui_dirs: tuple[str, ...]) -> None:
     """Index the model files under DIRECTORY (only new or changed files are read).
+
+    Folders outside it count too: those in ComfyUI's extra_model_paths.yaml or A1111's
+    webui-user COMMANDLINE_ARGS, and those given here (remembered for later commands).
 
     Example: sdkit library scan ~/ComfyUI
     """
@@ -233,9 +268,12 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
     root = directory or _library_root(None)
     if not root.is_dir():
         raise SdkitError(f"{root}: no such folder")
+    given = _given_folders(yaml_files, webui_dirs)
     notify = _notifier(ctx)
     library, rebuilt = open_for_scan(root)
     with library:
+        if given:
+            library.remember_folders(given)
         report = scan_library(library, progress=(lambda p: notify(f"hashing {p}")) if notify else None)
     report.rebuilt = rebuilt
     if as_json:
@@ -245,6 +283,8 @@ def scan_command(ctx: click.Context, directory: Path | None, as_json: bool) -> N
     echo(f"{library.root}: {report.files} model files; {report.added} added, "
          f"{report.updated} updated, {report.removed} removed, {report.unchanged} unchanged; "
          f"{report.rehashed} hashed{rebuilt_note}")
+    for folder in report.folders:
+        echo(f"also reads: {folder['path']} ({folder['kind']} files; {folder['origin']})")
     for misplaced in report.misplaced:
         echo(f"misplaced: {misplaced['path']} is {with_article(misplaced['kind'])}; "
              f"{report.layout} reads those from {misplaced['folder']}")
@@ -256,14 +296,28 @@ def _family_words(entry: Any) -> str:
     return words + (", from Civitai" if entry.family_source == "civitai" else "")
 
 
-def _entries_table(entries: list[Any], title: str | None = None) -> RenderableType:
+def _entries_table(entries: list[Any], title: str | None = None,
+                   extras: dict[str, Any] | None = None) -> RenderableType:
+    """One row per entry; with `extras` (path -> Sidecars) a column naming its sidecars."""
     rows = []
     for entry in entries:
         kind = entry.kind + (f" ({entry.adapter_type})" if entry.adapter_type else "")
         # a row from before the index kept parts shows "?" until the next scan
         part = "?" if entry.part is None else entry.part
-        rows.append((entry.path, kind, _family_words(entry), part, _size(entry.size), (entry.sha256 or "")[:12]))
-    return table_or_lines(("path", "kind", "family", "part", "size", "sha256"), rows, SafeConsole().width, title)
+        row = (entry.path, kind, _family_words(entry), part, _size(entry.size), (entry.sha256 or "")[:12])
+        rows.append(row + ((", ".join(extras[entry.path].names()) or "-",) if extras is not None else ()))
+    header = ("path", "kind", "family", "part", "size", "sha256") + (("sidecars",) if extras is not None else ())
+    return table_or_lines(header, rows, SafeConsole().width, title)
+
+
+def _sidecars_of(lib: Any, entries: list[Any]) -> dict[str, Any]:
+    from sdkit.hub.library.sidecars import read_sidecars
+
+    return {entry.path: read_sidecars(lib.root / entry.path) for entry in entries}
+
+
+def _with_sidecars(entry: Any, found: Any) -> dict[str, Any]:
+    return {**entry.to_json(), "sidecars": found.to_json()}
 
 
 @library_group.command("ls")
@@ -272,7 +326,7 @@ def _entries_table(entries: list[Any], title: str | None = None) -> RenderableTy
 @click.option("--family", help="Only this family (sd1, sdxl-base, flux, …).")
 @click.option("--json", "as_json", is_flag=True)
 def ls_command(library: Path | None, kind: str | None, family: str | None, as_json: bool) -> None:
-    """List the indexed files.
+    """List the indexed files, and the A1111 sidecars beside each.
 
     Example: sdkit library ls --kind lora --family sdxl-base
     """
@@ -280,10 +334,11 @@ def ls_command(library: Path | None, kind: str | None, family: str | None, as_js
 
     with Library.open_existing(_library_root(library)) as lib:
         entries = lib.index.entries(kind=kind, family=family)
+        found = _sidecars_of(lib, entries)
     if as_json:
-        _echo_json([e.to_json() for e in entries])
+        _echo_json([_with_sidecars(e, found[e.path]) for e in entries])
     else:
-        SafeConsole().print(_entries_table(entries))
+        SafeConsole().print(_entries_table(entries, extras=found))
 
 
 @library_group.command("find")
@@ -356,37 +411,4 @@ def verify_command(library: Path | None, full: bool, as_json: bool) -> None:
                          "since they were indexed")
 
 
-@library_group.command("lookup")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-@_library_option
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def lookup_command(ctx: click.Context, file: Path, library: Path | None, as_json: bool) -> None:
-    """Ask Civitai what FILE is (by sha256) and store the answer in the index.
-
-    Example: sdkit library lookup models/Lora/mystery.safetensors
-    """
-    from sdkit.hub.civitai import CivitaiClient
-    from sdkit.hub.library import Library, find_library_root, lookup_file
-
-    root = library or find_library_root(file.parent)
-    client = CivitaiClient(notify=_notifier(ctx))
-    if root is None:
-        result = lookup_file(file, None, client)
-    else:
-        with Library.open_existing(root) as lib:
-            result = lookup_file(file, lib, client)
-    if as_json:
-        _echo_json({"path": str(result.path), "sha256": result.sha256, "stored": result.stored,
-                    **result.facts, "family": result.family, "notes": result.notes})
-        return
-    facts = result.facts
-    echo(f"{file}: {facts['model_name']} — {facts['version_name']} "
-         f"({facts['model_type']}, {facts['base_model']})")
-    if facts["trigger_words"]:
-        echo(f"trigger words: {', '.join(facts['trigger_words'])}")
-    if result.stored:
-        echo(f"family: {result.family}")
-    for note in result.notes:
-        echo(f"note: {note}")
-    click.echo("stored in the library index" if result.stored else "not in a library: nothing stored")
+from sdkit.cli import library_cmd  # noqa: F401  (attaches `library show` and `library lookup`)

@@ -11,6 +11,7 @@ import click
 
 from sdkit.cli.common import human_bytes
 from sdkit.cli.main import cli
+from sdkit.cli.preflight import ModelInput
 from sdkit.errors import SdkitError
 
 if TYPE_CHECKING:  # rich only for tables: --json prints without it, tens of ms sooner
@@ -98,7 +99,7 @@ def _render_parameters(console: Console, report: dict[str, Any]) -> None:
 
 
 @cli.command("inspect")
-@click.argument("path", type=click.Path(path_type=str))
+@click.argument("path", type=ModelInput())
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (schema in the README).")
 @click.option("--hash", "with_hashes", is_flag=True, help="Also compute sha256, AutoV2, legacy and AutoV3 hashes.")
 @click.option("--deep", is_flag=True,

@@ -8,11 +8,17 @@ from typing import Any, Callable
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import is_quiet, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, styled
 from sdkit.ops.adapter_input import parse_adapter_arg
 
@@ -58,8 +64,8 @@ def _shown(items: dict[str, str], console: Console, label: str) -> None:
 # ---- check -------------------------------------------------------------------------------
 
 @lora_group.command("check")
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("lora", type=click.Path(path_type=str))
+@click.argument("base", type=ModelInput(*MODEL_KINDS))
+@click.argument("lora", type=ModelInput("lora"))
 @click.option("--rank", type=int, help="Rank alpha is divided by (adapters saved without it).")
 @click.option("--alpha", type=float, help="Alpha for adapters that store none.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
@@ -116,8 +122,9 @@ def _print_verdict(console: Console, report: dict[str, Any]) -> None:
 # ---- bake --------------------------------------------------------------------------------
 
 @lora_group.command("bake")
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("adapters", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
+@click.argument("base", type=ModelInput(*MODEL_KINDS))
+@click.argument("adapters", nargs=-1, required=True, metavar="LORA[:STRENGTH]...",
+                type=ModelInput("lora", strength=True))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output .safetensors file (or folder for a diffusers model).")
 @click.option("--dtype", type=_DTYPES, help="Output dtype of float tensors (default: each keeps the base's).")
@@ -177,12 +184,12 @@ def _render_bake(console: Console, report: dict[str, Any]) -> None:
 # ---- convert -----------------------------------------------------------------------------
 
 @lora_group.command("convert")
-@click.argument("source", type=click.Path(path_type=str))
+@click.argument("source", type=ModelInput("lora"))
 @click.option("--to", "to", required=True, type=click.Choice(["comfyui", "kohya", "diffusers"]),
               help="comfyui: diffusion_model.<single-file path>; kohya: lora_unet_<single-file path> "
                    "(sd-scripts); diffusers: transformer.<diffusers path> lora_A / lora_B (peft).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
-@click.option("--base", type=click.Path(path_type=str),
+@click.option("--base", type=ModelInput(*MODEL_KINDS),
               help="A model of the family: exact sizes and block counts, and every module's shape checked.")
 @click.option("--family", help="The family (flux, sd3, …) where the LoRA's names fit several.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -215,13 +222,14 @@ def _render_convert(console: Console, report: dict[str, Any]) -> None:
 # ---- merge / extract / resize --------------------------------------------------------------
 
 @lora_group.command("merge")
-@click.argument("inputs", nargs=-1, required=True, metavar="LORA[:WEIGHT]...")
+@click.argument("inputs", nargs=-1, required=True, metavar="LORA[:WEIGHT]...",
+                type=ModelInput("lora", strength=True))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
 @click.option("--rank", type=int, help="Re-factorise every layer's summed delta to this rank (SVD); "
                                        "default: exact concatenation.")
 @click.option("--conv-rank", type=int, help="Rank of 3x3 conv layers with --rank (default: --rank).")
 @click.option("--clamp-quantile", type=float, help="With --rank: clamp factors to this quantile (kohya: 0.99).")
-@click.option("--base", type=click.Path(path_type=str), help="Base model: aligns names across conventions, "
+@click.option("--base", type=ModelInput(*MODEL_KINDS), help="Base model: aligns names across conventions, "
                                                               "gives layer shapes and base weights.")
 @click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
 @click.option("--dtype", type=_DTYPES, help="Output dtype (default: the first input's).")
@@ -258,8 +266,8 @@ def _render_merge(console: Console, report: dict[str, Any]) -> None:
 
 
 @lora_group.command("extract")
-@click.argument("tuned", type=click.Path(path_type=str))
-@click.argument("base", type=click.Path(path_type=str))
+@click.argument("tuned", type=ModelInput(*MODEL_KINDS))
+@click.argument("base", type=ModelInput(*MODEL_KINDS))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
 @click.option("--rank", type=int, default=4, show_default=True, help="Rank (the cap with --dynamic).")
 @click.option("--conv-rank", type=int, help="Also extract ResNet convs and samplers, 3x3 at this rank.")
@@ -300,13 +308,13 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
 
 
 @lora_group.command("resize")
-@click.argument("source", type=click.Path(path_type=str))
+@click.argument("source", type=ModelInput("lora"))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
 @click.option("--rank", type=int, default=4, show_default=True, help="New rank (the cap with --dynamic).")
 @click.option("--conv-rank", type=int, help="New rank of 3x3 conv layers (default: --rank).")
 @click.option("--dynamic", type=_DYNAMIC, metavar="METHOD VALUE",
               help="Per-layer rank: sv_ratio, sv_fro or sv_cumulative, and its value.")
-@click.option("--base", type=click.Path(path_type=str), help="Base model (layer shapes for some LyCORIS modules).")
+@click.option("--base", type=ModelInput(*MODEL_KINDS), help="Base model (layer shapes for some LyCORIS modules).")
 @click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
 @click.option("--dtype", type=_DTYPES, help="Output dtype (default: the input's).")
 @click.option("--force", is_flag=True, help="Overwrite the output.")

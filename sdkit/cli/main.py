@@ -103,8 +103,10 @@ def load_command(name: str) -> click.Command:
                    "(no progress bars, summaries, notes or warnings).")
 @click.option("--record-paths", is_flag=True,
               help="Record inputs in written metadata by absolute path, not file name.")
+@click.option("--library", metavar="DIR",
+              help="A library whose files every command takes by name (default: $SDKIT_LIBRARY).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, quiet: bool, record_paths: bool) -> None:
+def cli(ctx: click.Context, debug: bool, quiet: bool, record_paths: bool, library: str | None) -> None:
     """Inspect, convert, merge and apply Stable Diffusion model files.
 
     Example: sdkit inspect fixtures/toy/sd1/toy-sd1.safetensors
@@ -112,6 +114,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool, record_paths: bool) -> Non
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     ctx.obj["quiet"] = quiet
+    ctx.obj["library"] = library
     if record_paths:  # recipe_meta is a heavy import; names are recorded without it
         from sdkit.ops.recipe_meta import full_paths_recorded
 

@@ -12,13 +12,19 @@ from rich.console import Console
 
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
 from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, echo
 
 
 @cli.command("merge")
-@click.argument("inputs", nargs=-1, type=click.Path(path_type=str))
+@click.argument("inputs", nargs=-1, type=ModelInput(*MODEL_KINDS))
 @click.option("--method", "-m", help="Merge method (see --list-methods); default weighted_sum.")
 @click.option("--alpha", "-a", type=float, help="The method's alpha (its blend weight).")
 @click.option("--param", "-p", "params", multiple=True, metavar="NAME=VALUE",

@@ -8,12 +8,18 @@ import click
 
 from sdkit.cli.common import human_bytes, is_quiet, progress_bar
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
 from sdkit.cli.terminal import SafeConsole
 
 
 @cli.command("split")
-@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.argument("checkpoint", type=ModelInput(*MODEL_KINDS))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Folder to create, with diffusion_models/, text_encoders/ and vae/ inside.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
@@ -49,7 +55,7 @@ def split_command(ctx: click.Context, checkpoint: str, output: str, force: bool,
 
 
 @cli.command("join")
-@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("parts", nargs=-1, required=True, type=ModelInput("unet", "text-encoder", "vae"))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Output .safetensors file.")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from sdkit.cli.common import quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError
 from sdkit.runtime.sample.png import picture_paths
@@ -24,7 +24,13 @@ _DTYPES = ("auto", "fp32", "fp16", "bf16")
 @contextmanager
 def _step_bar(quiet: bool) -> Iterator[Any]:
     """A rich progress bar over sampling steps on a terminal; None otherwise."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = SafeConsole(stderr=True)
     if quiet or not console.is_terminal:
@@ -43,7 +49,7 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 
 
 @cli.command("sample")
-@click.argument("model", type=click.Path(path_type=str))
+@click.argument("model", type=ModelInput(*MODEL_KINDS))
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="Prompt (repeatable); A1111 tags <lora:NAME:W>, <lyco:NAME:W>, <hypernet:NAME:W> "
                    "and embedding names are understood.")
@@ -75,12 +81,13 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
               help=f"Hires fix: how the first picture is enlarged ({_HIRES_UPSCALERS}).")
 @click.option("--from-png", metavar="PNG", type=click.Path(dir_okay=False, path_type=str),
               help="Draw with the settings of an A1111 or ComfyUI PNG; options given here override its own.")
-@click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", help="LoRA / LyCORIS file or library name.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:W]", type=ModelInput("lora", strength=True),
+              help="LoRA / LyCORIS file or library name.")
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
               help="Textual-inversion file or library name; TOKEN defaults to the file's own.")
 @click.option("--hypernet", "hypernets", multiple=True, metavar="FILE[:W]",
               help="A1111 hypernetwork file or library name.")
-@click.option("--vae", metavar="FILE", help="Another VAE (file, diffusers folder or library name); "
+@click.option("--vae", metavar="FILE", type=ModelInput("vae"), help="Another VAE (file, diffusers folder or library name); "
               "for a FLUX.1 diffusion model alone, its VAE (ae.safetensors).")
 @click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
               help="For a FLUX.1 diffusion model alone: its text encoder files (clip_l, t5xxl); repeatable.")

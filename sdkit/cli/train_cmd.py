@@ -12,11 +12,21 @@ import click
 
 from sdkit.cli.common import is_quiet, quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.errors import SdkitError
-from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LR_SCHEDULERS, METHODS, OPTIMIZERS,
-                                        PRECISIONS, PREDICTIONS, SAVE_PRECISIONS, check_config)
+from sdkit.runtime.train.config import (
+    CACHES,
+    CROPS,
+    DREAMBOOTH_FORMATS,
+    LR_SCHEDULERS,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PREDICTIONS,
+    SAVE_PRECISIONS,
+    check_config,
+)
 
 _PATH = click.Path(path_type=Path)
 
@@ -41,8 +51,14 @@ def _numbers(text: str, what: str) -> tuple[float, ...]:
 @contextmanager
 def _train_progress(quiet: bool) -> Iterator[Any]:
     """A rich bar per phase (loss, it/s and time left while training) on a terminal."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = SafeConsole(stderr=True)
     if quiet:
@@ -108,7 +124,7 @@ class ProgressLines:
 
 @cli.command("train")
 @click.argument("method", type=click.Choice(METHODS))
-@click.option("--base", required=True, type=_PATH, help="Model to train on: a checkpoint file or diffusers folder.")
+@click.option("--base", required=True, type=ModelInput(*MODEL_KINDS, as_path=True), help="Model to train on: a checkpoint file or diffusers folder.")
 @click.option("--data", "data_dir", required=True, type=_PATH,
               help="Folder of images with captions (sidecar .txt/.caption, metadata.csv or metadata.jsonl).")
 @click.option("--output", "-o", required=True, type=_PATH,
@@ -223,8 +239,17 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
 
 
 def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict[str, Any]) -> Any:
-    from sdkit.runtime.train import (DataOptions, DreamBoothOptions, EmbeddingOptions, HypernetOptions, LossOptions,
-                                     NetworkOptions, OptimOptions, RunOptions, TrainConfig)
+    from sdkit.runtime.train import (
+        DataOptions,
+        DreamBoothOptions,
+        EmbeddingOptions,
+        HypernetOptions,
+        LossOptions,
+        NetworkOptions,
+        OptimOptions,
+        RunOptions,
+        TrainConfig,
+    )
 
     low, high = _ratio_range(o["aspect_range"])
     data = DataOptions(data_dir, o["resolution"], not o["no_buckets"], o["bucket_step"], o["crop"], o["min_width"],
@@ -248,8 +273,8 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
 
 
 @cli.command("verify")
-@click.argument("adapter", type=_PATH)
-@click.option("--base", required=True, type=_PATH, help="The model the adapter was trained on.")
+@click.argument("adapter", type=ModelInput("lora", "embedding", "hypernetwork", as_path=True))
+@click.option("--base", required=True, type=ModelInput(*MODEL_KINDS, as_path=True), help="The model the adapter was trained on.")
 @click.option("--concept", required=True, help="Prompt that should show the concept (name embeddings by trigger).")
 @click.option("--expect", required=True, metavar="LABEL[/LABEL...]",
               help="Labels the scorer must read in a picture, e.g. red/circle.")

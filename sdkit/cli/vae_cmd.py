@@ -11,7 +11,13 @@ from rich.text import Text
 
 from sdkit.cli.common import is_quiet, progress_bar, quiet_peer_logs
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.preflight import (
+    MODEL_KINDS,
+    SAFETENSORS,
+    ModelInput,
+    require_inputs,
+    require_output,
+)
 from sdkit.cli.terminal import SafeConsole, shown, styled
 from sdkit.errors import with_article
 
@@ -33,8 +39,8 @@ def _quiet(ctx: click.Context, as_json: bool) -> bool:
 
 
 @vae_group.command("swap")
-@click.argument("checkpoint", type=click.Path(path_type=str))
-@click.argument("vae", type=click.Path(path_type=str))
+@click.argument("checkpoint", type=ModelInput(*MODEL_KINDS))
+@click.argument("vae", type=ModelInput("vae"))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output .safetensors file (a folder when CHECKPOINT is a diffusers folder).")
 @click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
@@ -65,7 +71,7 @@ def swap_command(ctx: click.Context, checkpoint: str, vae: str, output: str, for
 
 
 @vae_group.command("extract")
-@click.argument("checkpoint", type=click.Path(path_type=str))
+@click.argument("checkpoint", type=ModelInput(*MODEL_KINDS))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output .safetensors file, or a folder with --to diffusers.")
 @click.option("--to", "convention", type=click.Choice(["ldm", "diffusers"]), default="ldm", show_default=True,
@@ -95,8 +101,8 @@ def extract_command(ctx: click.Context, checkpoint: str, output: str, convention
 
 
 @vae_group.command("check")
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("vae", type=click.Path(path_type=str))
+@click.argument("base", type=ModelInput(*MODEL_KINDS))
+@click.argument("vae", type=ModelInput("vae"))
 @click.option("--config", "config_dir", type=click.Path(path_type=str),
               help="A local diffusers folder of BASE's architecture (tokenizer, configs single files lack).")
 @click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",

@@ -359,6 +359,8 @@ class CivitaiVersion:
     trained_words: list[str] = field(default_factory=list)
     login_required: bool = False
     early_access_until: str | None = None
+    images: list[tuple[str, bytes]] = field(default_factory=list)  # (name, bytes) on the storage host
+    image_type: str = "image"
 
 
 class FakeCivitai:
@@ -378,6 +380,9 @@ class FakeCivitai:
     def add_model(self, model_id: int, name: str, model_type: str, versions: list[CivitaiVersion]) -> None:
         self.models[model_id] = (name, model_type, versions)
         for version in versions:
+            for image_name, image in version.images:
+                self.storage.blobs[image_name] = Blob(image, etag=f'"{hashlib.md5(image).hexdigest()}"',
+                                                      content_type="image/jpeg")
             for file in version.files:
                 self.storage.blobs[f"{file.id}"] = Blob(
                     file.data, etag=f'"{hashlib.md5(file.data).hexdigest()}"',
@@ -406,6 +411,8 @@ class FakeCivitai:
                 "baseModel": version.base_model, "trainedWords": version.trained_words,
                 "model": {"name": name, "type": model_type, "nsfw": False},
                 "files": [self._file_json(version, f) for f in version.files],
+                "images": [{"url": self.storage.url(image_name), "type": version.image_type, "nsfwLevel": 1}
+                           for image_name, _ in version.images],
                 "downloadUrl": f"{self.endpoint}/api/download/models/{version.id}"}
 
     def _route(self, handler: Handler) -> None:

@@ -7,14 +7,24 @@ index when the library is created, or detected from an existing tree.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from sdkit.errors import SdkitError, with_article
-from sdkit.hub.library.identified import (Identified, base_model_of, identify_file,
-                                          identify_strictly, settle_family, settled_family)
+from sdkit.hub.library.folders import ModelFolder, configured_folders
+from sdkit.hub.library.identified import (
+    Identified,
+    base_model_of,
+    identify_file,
+    identify_strictly,
+    settle_family,
+    settled_family,
+)
 from sdkit.hub.library.index import Entry, Index
 from sdkit.hub.library.layouts import LAYOUTS, Layout, detect_layout
 from sdkit.hub.placement import Method, Policy, place
@@ -23,6 +33,7 @@ from sdkit.io import Hashes, hash_file
 INDEX_FOLDER = ".sdkit"
 INDEX_FILE = "index.sqlite"
 STAGING_FOLDER = "downloads"
+FOLDERS_SETTING = "model_folders"
 HUB_FACT_KEYS = ("civitai_model_id", "civitai_version_id", "civitai_file_id", "model_name",
                  "model_type", "version_name", "base_model", "hf_repo", "hf_revision", "hf_path")
 
@@ -35,6 +46,15 @@ def index_path(root: Path) -> Path:
     return root / INDEX_FOLDER / INDEX_FILE
 
 
+def index_key(root: Path, path: Path) -> str:
+    """How the index names a file: relative to the root with '/' separators, or by its
+    absolute path for a file in a configured folder outside the root."""
+    try:
+        return PurePosixPath(path.relative_to(root)).as_posix()
+    except ValueError:
+        return Path(os.path.abspath(path)).as_posix()
+
+
 def find_library_root(start: Path) -> Path | None:
     """The nearest folder at or above `start` that holds a library index."""
     start = start.resolve()
@@ -42,6 +62,17 @@ def find_library_root(start: Path) -> Path | None:
         if index_path(folder).is_file():
             return folder
     return None
+
+
+def model_folders_of(root: Path) -> list[ModelFolder]:
+    """The configured model folders of the library or WebUI folder `root` (none for any
+    other folder); nothing is created."""
+    root = root.resolve()
+    if index_path(root).is_file():
+        with Library.open_existing(root) as library:
+            return library.folders
+    layout = detect_layout(root)
+    return configured_folders(root, layout.name, []) if layout else []
 
 
 def hub_fields(facts: dict[str, Any] | None) -> tuple[list[str], dict[str, Any] | None]:
@@ -63,7 +94,7 @@ def describe_file(root: Path, path: Path, *, hashes: Hashes | None = None,
     same_bytes = previous is not None and previous.sha256 == hashes.sha256
     kept = previous if same_bytes else None
     entry = Entry(
-        path=PurePosixPath(path.relative_to(root)).as_posix(), size=stat.st_size,
+        path=index_key(root, path), size=stat.st_size,
         mtime_ns=stat.st_mtime_ns, sha256=hashes.sha256, autov2=hashes.autov2,
         autov3=hashes.autov3, legacy=hashes.legacy, kind="unknown", family="unknown",
         adapter_type=None, source=kept.source if kept else None,
@@ -152,17 +183,55 @@ class Library:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @cached_property
+    def folders(self) -> list[ModelFolder]:
+        """The model folders the WebUI is told about (its yaml / webui-user, and those given
+        to sdkit), read when first needed."""
+        stored = [ModelFolder.from_json(value) for value in json.loads(self.index.setting(FOLDERS_SETTING) or "[]")]
+        return configured_folders(self.root, self.layout.name if self.layout else None, stored)
+
+    def remember_folders(self, folders: list[ModelFolder]) -> None:
+        """Keep folders given to sdkit (A1111 flags, a ComfyUI yaml elsewhere) for later commands."""
+        stored = json.loads(self.index.setting(FOLDERS_SETTING) or "[]")
+        for folder in folders:
+            if folder.to_json() not in stored:
+                stored.append(folder.to_json())
+        with self.index.transaction():
+            self.index.set_setting(FOLDERS_SETTING, json.dumps(stored))
+        self.__dict__.pop("folders", None)
+
+    def kinds_read_from(self, key: str) -> set[str]:
+        """The kinds the WebUI reads from where the indexed file `key` lies (its layout's
+        folders and the configured ones)."""
+        kinds = self.layout.kinds_read_from(key) if self.layout else set()
+        path = self.root / key
+        for folder in self.folders:
+            if path.is_relative_to(folder.path):
+                kinds.add(folder.kind)
+        return kinds
+
     @property
     def staging(self) -> Path:
         """Where downloads grow before they are identified and placed (same filesystem)."""
         return self.root / INDEX_FOLDER / STAGING_FOLDER
 
     def relative(self, path: Path) -> str | None:
-        """`path` relative to the root, or None when it lies outside the library."""
-        try:
-            return PurePosixPath(path.resolve().relative_to(self.root)).as_posix()
-        except ValueError:
-            return None
+        """The index key of `path` (relative to the root, or absolute in a configured
+        folder outside it), or None when it lies outside the library."""
+        path = path.resolve()
+        if path.is_relative_to(self.root) or any(path.is_relative_to(f.path) for f in self.folders):
+            return index_key(self.root, path)
+        return None
+
+    def _placement_folder(self, kind: str, family: str, subfolders: bool) -> Path:
+        """Where a new file of this kind goes: the WebUI's first folder for it (a ComfyUI
+        `is_default` folder comes before its own), else the layout's."""
+        layout = self._layout_or_refuse()
+        first = next((f.path for f in self.folders if f.is_default and f.kind == kind), None)
+        if first is None or layout.family_first:
+            return self.root / layout.folder_for(kind, family, subfolders)
+        relative = layout.folder_for(kind, family, subfolders)
+        return first / relative[len(layout.folders.get(kind, "")):].lstrip("/")
 
     def _layout_or_refuse(self) -> Layout:
         if self.layout is None:
@@ -187,7 +256,7 @@ class Library:
                    identified: Identified | None = None) -> Placement:
         """Identify `path` (unless `identified` says what it is), put it in its kind's
         folder (its family's, with family subfolders) and index it."""
-        layout = self._layout_or_refuse()
+        self._layout_or_refuse()
         hashes = hash_file(path)
         present = self.already_has(hashes.sha256)
         if present is not None:
@@ -195,7 +264,7 @@ class Library:
         identified = identified or identify_file(path)
         subfolders = self.family_subfolders if family_subfolders is None else family_subfolders
         family = settled_family(identified, base_model_of(hub_fields(facts)[1])).filing_family
-        folder = self.root / layout.folder_for(identified.kind, family, subfolders)
+        folder = self._placement_folder(identified.kind, family, subfolders)
         old_relative = self.relative(path) if method == "move" else None
         placed = place(path, folder, name or path.name, hashes.sha256 or "", policy=policy, method=method)
         entry = describe_file(self.root, placed.path, hashes=hashes, identified=identified,

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sdkit.hub.library.folders import outside
 from sdkit.hub.library.identified import identify_file, settle_family
 from sdkit.hub.library.index import Entry, Index, IndexDamaged
 from sdkit.hub.library.layouts import Layout, detect_layout
-from sdkit.hub.library.library import Library, describe_file, index_path
+from sdkit.hub.library.library import Library, describe_file, index_key, index_path
 from sdkit.io import hash_file
 from sdkit.io.safetensors_reader import SAFETENSORS_SUFFIXES
 from sdkit.io.torch_checkpoint import PICKLE_SUFFIXES
@@ -42,6 +43,7 @@ class ScanReport:
     rebuilt: bool = False  # the index was damaged and has been rebuilt
     layout: str | None = None
     misplaced: list[dict[str, str]] = field(default_factory=list)  # {path, kind, folder}
+    folders: list[dict[str, object]] = field(default_factory=list)  # configured folders: {kind, path, is_default, origin}
 
 
 @dataclass
@@ -64,6 +66,14 @@ def model_files(root: Path) -> Iterator[Path]:
             path = Path(folder) / name
             if path.suffix.lower() in MODEL_SUFFIXES and not name.startswith("."):
                 yield path
+
+
+def library_files(library: Library) -> Iterator[Path]:
+    """The model files under the root and in the configured folders outside it."""
+    yield from model_files(library.root)
+    for folder in outside(library.root, library.folders):
+        if folder.is_dir():
+            yield from model_files(folder)
 
 
 def open_for_scan(root: Path) -> tuple[Library, bool]:
@@ -97,9 +107,10 @@ def _set_aside(path: Path) -> None:
 
 def scan_library(library: Library, progress: Callable[[Path], None] | None = None) -> ScanReport:
     """Bring the index in line with the files on disk."""
-    report = ScanReport(layout=library.layout.name if library.layout else None)
+    report = ScanReport(layout=library.layout.name if library.layout else None,
+                        folders=[folder.to_json() for folder in library.folders])
     known = {entry.path: entry for entry in library.index.entries()}
-    on_disk = {Path(p).relative_to(library.root).as_posix(): p for p in model_files(library.root)}
+    on_disk = {index_key(library.root, p): p for p in library_files(library)}
     report.files = len(on_disk)
     gone = [known[p] for p in known if p not in on_disk]
     moved_from = {entry.sha256: entry for entry in gone if entry.sha256}
@@ -143,18 +154,20 @@ def misplaced_files(library: Library) -> list[dict[str, str]]:
     layout = library.layout
     if layout is None:
         return []
-    return [{"path": entry.path, "kind": entry.kind, "folder": _home(layout, entry.kind)}
+    return [{"path": entry.path, "kind": entry.kind, "folder": _home(library, layout, entry.kind)}
             for entry in library.index.entries()
-            if entry.kind != "unknown" and _elsewhere(layout, entry)]
+            if entry.kind != "unknown" and _elsewhere(library, entry)]
 
 
-def _elsewhere(layout: Layout, entry: Entry) -> bool:
-    kinds = layout.kinds_read_from(entry.path)
+def _elsewhere(library: Library, entry: Entry) -> bool:
+    kinds = library.kinds_read_from(entry.path)
     return bool(kinds) and entry.kind not in kinds
 
 
-def _home(layout: Layout, kind: str) -> str:
-    return layout.folders_of_kind(kind)[0] if layout.folders_of_kind(kind) else layout.folders["unknown"]
+def _home(library: Library, layout: Layout, kind: str) -> str:
+    configured = [str(f.path) for f in library.folders if f.kind == kind]
+    own = list(layout.folders_of_kind(kind)) or [layout.folders["unknown"]]
+    return (own + configured)[0]
 
 
 def _inherit(entry: Entry, moved: Entry) -> None:

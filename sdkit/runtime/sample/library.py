@@ -3,8 +3,10 @@
 A library root is searched in the A1111 layout (`models/Lora`, `models/LyCORIS`,
 `models/hypernetworks`, `embeddings`, `models/VAE`) and in ComfyUI's (`models/loras`,
 `models/hypernetworks`, `models/embeddings`, `models/vae`), subfolders included, as both
-WebUIs list them. A name is a file stem (`style` for `models/Lora/sdxl/style.safetensors`)
-or a path below the kind's folder without suffix (`sdxl/style`).
+WebUIs list them, then in the folders the WebUI is told about (ComfyUI's
+extra_model_paths.yaml, A1111's `--lora-dir` … in webui-user, folders given to `library
+scan`). A name is a file stem (`style` for `models/Lora/sdxl/style.safetensors`) or a path
+below the kind's folder without suffix (`sdxl/style`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdkit.errors import SdkitError
+from sdkit.hub.library.folders import ModelFolder
 from sdkit.hub.library.layouts import A1111, COMFYUI
+from sdkit.hub.library.library import model_folders_of
 
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 KINDS = ("lora", "hypernetwork", "embedding", "vae")
@@ -32,17 +36,24 @@ def kind_folders(kind: str) -> tuple[str, ...]:
 class Library:
     root: Path
     _files: dict[str, list[Path]] = field(default_factory=dict, repr=False, compare=False)
+    _configured: list[ModelFolder] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.root.is_dir():
             raise SdkitError(f"{self.root}: --library must be a folder")
 
+    def folders(self, kind: str) -> list[Path]:
+        """The folders holding files of `kind`: the layouts' under the root, then the configured ones."""
+        if self._configured is None:
+            self._configured = model_folders_of(self.root)
+        return [self.root / folder for folder in kind_folders(kind)] + \
+            [folder.path for folder in self._configured if folder.kind == kind]
+
     def files(self, kind: str) -> list[Path]:
         """Every model file of `kind`, in folder order then sorted by path (listed once)."""
         if kind not in self._files:
             found: list[Path] = []
-            for folder in kind_folders(kind):
-                base = self.root / folder
+            for base in self.folders(kind):
                 if base.is_dir():
                     found += sorted(p for p in base.rglob("*")
                                     if p.suffix.lower() in MODEL_SUFFIXES and p.is_file())
@@ -52,7 +63,7 @@ class Library:
     def find(self, kind: str, name: str) -> Path | None:
         wanted = name.replace("\\", "/").lower()
         for path in self.files(kind):
-            relative = _relative_stem(self.root, kind, path)
+            relative = _relative_stem(self.folders(kind), path)
             if path.stem.lower() == wanted or relative == wanted:
                 return path
         return None
@@ -65,10 +76,10 @@ class Library:
         return named
 
 
-def _relative_stem(root: Path, kind: str, path: Path) -> str | None:
-    for folder in kind_folders(kind):
+def _relative_stem(folders: list[Path], path: Path) -> str | None:
+    for folder in folders:
         try:
-            relative = path.relative_to(root / folder)
+            relative = path.relative_to(folder)
         except ValueError:
             continue
         return relative.with_suffix("").as_posix().lower()
@@ -85,6 +96,7 @@ def resolve_file(text: str, kind: str, library: Library | None, mention: str | N
         raise SdkitError(f"{where}: no such file (pass --library DIR to find {kind} files by name)")
     found = library.find(kind, text)
     if found is None:
-        folders = ", ".join(kind_folders(kind))
+        folders = ", ".join(f.relative_to(library.root).as_posix() if f.is_relative_to(library.root) else str(f)
+                            for f in library.folders(kind))
         raise SdkitError(f"{where}: no {kind} named {text!r} in {library.root} ({folders})")
     return found
