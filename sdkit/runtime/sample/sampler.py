@@ -34,12 +34,14 @@ from sdkit.adapters.embedding import read_embedding
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
+from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
 from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
 from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
+from sdkit.runtime.sample.text_inputs import ScheduledText, loop_steps, scheduled_text
 from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, FLOW_SAMPLERS, make_scheduler,
                                             sampler_spec)
 
@@ -86,41 +88,9 @@ def check_clip_skip(clip_skip: int, layers: int) -> None:
                          f"not {clip_skip}")
 
 
-def sdxl_clip_skip(clip_skip: int) -> int | None:
-    """A1111's CLIP skip as diffusers' SDXL `clip_skip`: SDXL always reads the penultimate
-    layer (A1111's default there), so 1 and 2 both mean that; larger values go further back."""
-    return clip_skip - 2 if clip_skip > 2 else None
-
-
-def encode_skipped(pipe: Any, text: str, clip_skip: int) -> torch.Tensor:
-    """SD1/SD2 text embeddings with A1111's CLIP skip: the hidden state `clip_skip` layers
-    from the end, through the final layer norm (diffusers' own clip_skip path reaches for
-    a `text_model` level that transformers 5 no longer has)."""
-    encoder = pipe.text_encoder
-    ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-    hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-
-
-def text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
-    """The prompt arguments of a pipeline call for this CLIP skip.
-
-    An empty negative prompt is passed as no negative prompt: SDXL pipelines then use
-    zeroed conditioning for the unconditional pass (`force_zeros_for_empty_prompt`, as
-    A1111 does for an empty SDXL negative), which is what SDXL models are trained to see
-    there; encoding "" instead gives a different, off-distribution unconditional pass.
-    SD1/SD2 pipelines encode "" for a missing negative prompt, so nothing changes there."""
-    if family == "flux":
-        return flux_text_arguments(pipe, text, negative, clip_skip)
+def check_text_settings(pipe: Any, family: str, clip_skip: int) -> None:
     encoder = pipe.text_encoder_2 if family == "sdxl-base" else pipe.text_encoder
     check_clip_skip(clip_skip, encoder.config.num_hidden_layers)
-    if family == "sdxl-base":
-        return {"prompt": text, "negative_prompt": negative or None, "clip_skip": sdxl_clip_skip(clip_skip)}
-    if clip_skip == 1:
-        return {"prompt": text, "negative_prompt": negative or None}
-    return {"prompt_embeds": encode_skipped(pipe, text, clip_skip),
-            "negative_prompt_embeds": encode_skipped(pipe, negative, clip_skip)}
 
 
 def flux_text_arguments(pipe: Any, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
@@ -277,20 +247,35 @@ class Sampler:
         seeds = [settings.seed + index for index in range(count)]
         latents, generators = self._latents(seeds, width, height)
 
-        def on_step(_pipe: Any, step: int, _timestep: Any, tensors: dict) -> dict:
-            if progress is not None:
-                progress(step + 1, len(_pipe.scheduler.timesteps))
-            return tensors
-
         with torch.inference_mode():
-            texts = text_arguments(pipe, self.model.family, self.embeddings.rewrite(plan.text),
-                                   self.embeddings.rewrite(settings.negative), settings.clip_skip)
+            texts, switch = self._text_inputs(plan, settings, name, count)
+
+            def on_step(_pipe: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+                if progress is not None:
+                    progress(step + 1, len(_pipe.scheduler.timesteps))
+                return switch.after_step(_pipe, step, tensors) if switch is not None else tensors
+
             images = pipe(**texts, **guidance_arguments(pipe, self.model.family, settings.cfg),
                           num_inference_steps=settings.steps, width=width, height=height,
                           num_images_per_prompt=count, latents=latents, generator=generators, output_type="pil",
-                          callback_on_step_end=on_step).images
+                          callback_on_step_end=on_step,
+                          callback_on_step_end_tensor_inputs=switch.tensor_inputs if switch else []).images
         return [Sample(image, self.parameters(plan, settings, seed, loras), seed)
                 for image, seed in zip(images, seeds)]
+
+    def _text_inputs(self, plan: PromptPlan, settings: Settings, scheduler: str,
+                     count: int) -> tuple[dict[str, Any], ScheduledText | None]:
+        """The pipeline's text arguments and, for SD/SDXL, the conditioning schedule that
+        switches them as the steps go (A1111's prompt syntax; FLUX.1 gets the text as it is)."""
+        pipe, family = self.model.pipe, self.model.family
+        if family == "flux":
+            return flux_text_arguments(pipe, plan.text, settings.negative, settings.clip_skip), None
+        check_text_settings(pipe, family, settings.clip_skip)
+        steps = loop_steps(scheduler, self.model.scheduler_config, settings.steps)
+        schedule = scheduled_text(pipe, family, self.embeddings.rewrite(plan.text),
+                                  self.embeddings.rewrite(settings.negative), settings.clip_skip, steps, count,
+                                  self.embeddings.placeholder_runs())
+        return schedule.arguments(), schedule
 
     # ---- PNG parameters -------------------------------------------------------------
 

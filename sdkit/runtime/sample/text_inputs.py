@@ -1,0 +1,90 @@
+"""A1111 conditioning handed to a diffusers SD/SDXL pipeline, switched as the steps go.
+
+The pipeline gets the conditioning of step 0 as `prompt_embeds` (and SDXL's pooled
+vectors); after each step its `callback_on_step_end` hands back the next step's tensors
+when prompt editing or alternation changes them. Steps are counted as the pipeline's loop
+counts them, one per UNet evaluation, which is how A1111 counts denoiser calls (Heun's
+2n-1 included), so a schedule switches at the step A1111 switches at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from sdkit.runtime.sample.conditioning import Conditioning, paired_conditioning, text_readers
+from sdkit.runtime.sample.scheduler import make_scheduler
+
+
+def loop_steps(scheduler: str, config: Mapping[str, Any], steps: int) -> int:
+    """How many UNet evaluations the pipeline's loop makes for `steps` sampler steps."""
+    fresh = make_scheduler(scheduler, config)
+    fresh.set_timesteps(steps)
+    return len(fresh.timesteps)
+
+
+@dataclass
+class ScheduledText:
+    """Prompt and negative prompt conditioning of one pipeline call of `count` pictures."""
+
+    positive: Conditioning
+    negative: Conditioning
+    count: int
+    _current: tuple[int, int] = field(default=(0, 0), init=False)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.positive.pooled is not None
+
+    def arguments(self) -> dict[str, Any]:
+        """The pipeline's text arguments at step 0."""
+        self._current = (self.positive.index_at(0), self.negative.index_at(0))
+        hidden, pooled = self.positive.at(0)
+        negative_hidden, negative_pooled = self.negative.at(0)
+        arguments = {"prompt_embeds": hidden, "negative_prompt_embeds": negative_hidden}
+        if self.sdxl:
+            arguments.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+        return arguments
+
+    @property
+    def changes(self) -> bool:
+        return len(self.positive.ends) > 1 or len(self.negative.ends) > 1
+
+    @property
+    def tensor_inputs(self) -> list[str]:
+        """The loop tensors the step callback replaces."""
+        if not self.changes:
+            return []
+        return ["prompt_embeds", "add_text_embeds"] if self.sdxl else ["prompt_embeds"]
+
+    def _batch(self, negative: torch.Tensor, positive: torch.Tensor, guided: bool, like: torch.Tensor) -> torch.Tensor:
+        """The loop's layout: `count` negatives then `count` prompts (prompts alone without CFG)."""
+        repeat = (self.count,) + (1,) * (positive.dim() - 1)
+        parts = [negative.repeat(repeat), positive.repeat(repeat)] if guided else [positive.repeat(repeat)]
+        return torch.cat(parts).to(like.device, like.dtype)
+
+    def after_step(self, pipe: Any, step: int, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The callback's replacement tensors for the step after `step`."""
+        following = (self.positive.index_at(step + 1), self.negative.index_at(step + 1))
+        if not self.changes or following == self._current:
+            return tensors
+        self._current = following
+        hidden, pooled = self.positive.at(step + 1)
+        negative_hidden, negative_pooled = self.negative.at(step + 1)
+        guided = bool(pipe.do_classifier_free_guidance)
+        tensors["prompt_embeds"] = self._batch(negative_hidden, hidden, guided, tensors["prompt_embeds"])
+        if self.sdxl:
+            tensors["add_text_embeds"] = self._batch(negative_pooled, pooled, guided, tensors["add_text_embeds"])
+        return tensors
+
+
+def scheduled_text(pipe: Any, family: str, prompt: str, negative: str, clip_skip: int, steps: int, count: int,
+                   embeddings: Mapping[str, Mapping[int, tuple[int, ...]]] | None = None) -> ScheduledText:
+    """The conditioning of `prompt` and `negative` over `steps` loop steps. An empty SDXL
+    negative prompt is zeros (A1111's rule, and the unconditional input SDXL was trained on)."""
+    readers = text_readers(pipe, family, clip_skip, embeddings)
+    positive, negative_conditioning = paired_conditioning(readers, prompt, negative, steps,
+                                                          zero_empty_negative=family == "sdxl-base")
+    return ScheduledText(positive, negative_conditioning, count)
