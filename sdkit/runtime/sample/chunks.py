@@ -11,8 +11,9 @@ and filled to 77 with end tokens, weight 1 outside the text (A1111's `tokenize_l
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sdkit.runtime.sample.prompt_syntax import attention_pieces, is_break
 

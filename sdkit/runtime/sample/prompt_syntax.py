@@ -22,8 +22,8 @@ capitals) is a piece of its own that starts a new 75-token chunk (`chunks.py`).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 from sdkit.errors import SdkitError
 
@@ -42,7 +42,7 @@ class Alternation:
     options: tuple[tuple[Node, ...], ...]
 
 
-Node = Union[str, Edit, Alternation]
+Node = str | Edit | Alternation
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _SPACE = re.compile(r"\s+")
@@ -234,7 +234,7 @@ BREAK = -1.0  # the weight that marks a BREAK piece
 ROUND = 1.1
 SQUARE = 1 / 1.1
 _ATTENTION = re.compile(r"\\[()\[\]\\]?|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
 def attention_pieces(text: str) -> list[tuple[str, float]]:

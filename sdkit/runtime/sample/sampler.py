@@ -23,9 +23,10 @@ A1111 and civitai read back what was sampled.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -37,13 +38,24 @@ from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
 from sdkit.runtime.sample.library import Library
-from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
+from sdkit.runtime.sample.lora import (
+    AppliedLora,
+    LoraRequest,
+    RuntimeLoras,
+    with_strength,
+)
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
 from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
 from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
-from sdkit.runtime.sample.text_inputs import ScheduledText, loop_steps, scheduled_text
-from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, FLOW_SAMPLERS, make_scheduler,
-                                            sampler_spec)
+from sdkit.runtime.sample.scheduler import (
+    DEFAULT_FLOW_SAMPLER,
+    DEFAULT_SAMPLER,
+    FLOW_SAMPLERS,
+    make_scheduler,
+    sampler_spec,
+    schedule_steps,
+)
+from sdkit.runtime.sample.text_inputs import ScheduledText, scheduled_text
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 
@@ -119,10 +131,10 @@ class Sampler:
     """Samples from one loaded model, keeping its adapters applied between runs."""
 
     def __init__(self, model: LoadedModel, library: Library | None = None,
-                 adapters: Adapters = Adapters()) -> None:
+                 adapters: Adapters | None = None) -> None:
         self.model = model
         self.library = library
-        self.adapters = adapters
+        self.adapters = adapters or Adapters()
         self.embeddings = PromptEmbeddings(model.pipe, model.text_components)
         self._loras: RuntimeLoras | None = None
         self._hypernets: dict[Path, Any] = {}
@@ -271,7 +283,7 @@ class Sampler:
         if family == "flux":
             return flux_text_arguments(pipe, plan.text, settings.negative, settings.clip_skip), None
         check_text_settings(pipe, family, settings.clip_skip)
-        steps = loop_steps(scheduler, self.model.scheduler_config, settings.steps)
+        steps = schedule_steps(scheduler, settings.steps)
         schedule = scheduled_text(pipe, family, self.embeddings.rewrite(plan.text),
                                   self.embeddings.rewrite(settings.negative), settings.clip_skip, steps, count,
                                   self.embeddings.placeholder_runs())

@@ -10,8 +10,9 @@ civitai show the closest sampler of their own.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from sdkit.errors import SdkitError
 
@@ -22,6 +23,7 @@ class SamplerSpec:
     a1111_name: str
     overrides: dict[str, Any] = field(default_factory=dict)
     karras: bool = False
+    second_order: bool = False  # A1111 counts two model calls per step
 
     @property
     def schedule_type(self) -> str:
@@ -36,7 +38,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm++2m-karras": SamplerSpec("DPMSolverMultistepScheduler", "DPM++ 2M", _DPM_2M, karras=True),
     "ddim": SamplerSpec("DDIMScheduler", "DDIM"),
     "lcm": SamplerSpec("LCMScheduler", "LCM"),
-    "heun": SamplerSpec("HeunDiscreteScheduler", "Heun"),
+    "heun": SamplerSpec("HeunDiscreteScheduler", "Heun", second_order=True),
     "pndm": SamplerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}),
     "unipc": SamplerSpec("UniPCMultistepScheduler", "UniPC"),
 }
@@ -60,6 +62,12 @@ def sampler_spec(name: str, flow: bool = False) -> SamplerSpec:
                              f"{', '.join(FLOW_SAMPLERS)})")
         raise SdkitError(f"unknown scheduler {name!r} (choose from {', '.join(table)})")
     return spec
+
+
+def schedule_steps(name: str, steps: int) -> int:
+    """The steps A1111 spreads prompt editing over: its `total_steps`, twice the steps for a
+    second-order sampler (whose last step makes one call, so the last listed step is never reached)."""
+    return steps * 2 if sampler_spec(name).second_order else steps
 
 
 def make_scheduler(name: str, model_config: Mapping[str, Any], flow: bool = False) -> Any:

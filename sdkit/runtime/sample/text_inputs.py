@@ -3,26 +3,24 @@
 The pipeline gets the conditioning of step 0 as `prompt_embeds` (and SDXL's pooled
 vectors); after each step its `callback_on_step_end` hands back the next step's tensors
 when prompt editing or alternation changes them. Steps are counted as the pipeline's loop
-counts them, one per UNet evaluation, which is how A1111 counts denoiser calls (Heun's
-2n-1 included), so a schedule switches at the step A1111 switches at.
+counts them, one per UNet evaluation, which is how A1111 counts its denoiser calls (Heun:
+2n-1), and schedules span A1111's `total_steps` (`scheduler.schedule_steps`), so an edit
+switches at the call A1111 switches at.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-from sdkit.runtime.sample.conditioning import Conditioning, paired_conditioning, text_readers
-from sdkit.runtime.sample.scheduler import make_scheduler
-
-
-def loop_steps(scheduler: str, config: Mapping[str, Any], steps: int) -> int:
-    """How many UNet evaluations the pipeline's loop makes for `steps` sampler steps."""
-    fresh = make_scheduler(scheduler, config)
-    fresh.set_timesteps(steps)
-    return len(fresh.timesteps)
+from sdkit.runtime.sample.conditioning import (
+    Conditioning,
+    paired_conditioning,
+    text_readers,
+)
 
 
 @dataclass
