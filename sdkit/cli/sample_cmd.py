@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -23,7 +24,13 @@ _DTYPES = ("auto", "fp32", "fp16", "bf16")
 @contextmanager
 def _step_bar(quiet: bool) -> Iterator[Any]:
     """A rich progress bar over sampling steps on a terminal; None otherwise."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = SafeConsole(stderr=True)
     if quiet or not console.is_terminal:
@@ -42,8 +49,9 @@ def _step_bar(quiet: bool) -> Iterator[Any]:
 @click.argument("model", type=click.Path(path_type=str))
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True,
               help="Prompt (repeatable); A1111 tags <lora:NAME:W>, <lyco:NAME:W>, <hypernet:NAME:W> "
-                   "and embedding names are understood.")
-@click.option("--negative", "-n", default="", help="Negative prompt.")
+                   "and embedding names are understood, and on SD1/SD2/SDXL A1111's syntax: (word:1.2), "
+                   "[word], BREAK, [from:to:when], [a|b].")
+@click.option("--negative", "-n", default="", help="Negative prompt (same syntax).")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--cfg", type=float, default=7.0, show_default=True, help="Guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first picture; -1 picks one.")
@@ -96,9 +104,9 @@ def sample_command(ctx: click.Context, model: str, prompts: tuple[str, ...], neg
     require_inputs(model, config, library, *text_encoders)
     for path in picture_paths(output, len(prompts), batch, one_picture=grid or axis is not None):
         require_output(path, (model,), force=force)
-    from sdkit.runtime.sample.sampler import Settings
     from sdkit.runtime.sample.plan import AdapterArgs
     from sdkit.runtime.sample.run import SampleJob, run_sample
+    from sdkit.runtime.sample.sampler import Settings
 
     if seed == -1:
         seed = random.randrange(4294967294)  # A1111's range for a random seed
