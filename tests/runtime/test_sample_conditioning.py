@@ -21,7 +21,7 @@ from sdkit.runtime.sample.conditioning import (
     prompt_conditioning,
     text_readers,
 )
-from sdkit.runtime.sample.text_inputs import scheduled_text
+from sdkit.runtime.sample.text_inputs import own_lengths, scheduled_text
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy"
 OPENCLIP_PAD = 0  # A1111's id_pad for OpenCLIP encoders (SD2, SDXL's second)
@@ -169,6 +169,41 @@ def test_the_shorter_side_is_filled_with_the_empty_prompt(toy_sd1, toy_sdxl):
     assert torch.equal(negative.pooled, torch.zeros_like(negative.pooled))
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_the_unet_attends_each_side_over_its_own_length_as_a1111_does(sd1, sdxl, family):
+    """A1111 (by default) runs the UNet on prompt and negative prompt separately when their
+    lengths differ; the filled batch with its attention mask must give the same outputs."""
+    model = load_model((sd1 if family == "sd1" else sdxl).file)
+    name = "sd1" if family == "sd1" else "sdxl-base"
+    pipe = model.pipe
+    with torch.inference_mode():
+        text = scheduled_text(pipe, name, "a red photo BREAK a cat", "blurry", 1, STEPS, 1)
+        arguments = text.arguments()
+    negative, positive = arguments["negative_prompt_embeds"], arguments["prompt_embeds"]
+    assert negative.shape == positive.shape and positive.shape[1] == 154
+    assert (text.negative.length, text.positive.length) == (77, 154)
+    latents = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    pooled = [arguments.get("negative_pooled_prompt_embeds"), arguments.get("pooled_prompt_embeds")]
+
+    def extra(rows: list) -> dict:
+        """SDXL's added conditioning (pooled text and size ids) for these rows."""
+        if family != "sdxl":
+            return {}
+        time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(len(rows), 1)
+        return {"added_cond_kwargs": {"text_embeds": torch.cat(rows), "time_ids": time_ids}}
+
+    with torch.inference_mode():
+        with own_lengths(pipe, text):
+            together = pipe.unet(torch.cat([latents, latents]), 500, encoder_hidden_states=torch.cat(
+                [negative, positive]), **extra(pooled)).sample
+        alone = [pipe.unet(latents, 500, encoder_hidden_states=negative[:, :77], **extra(pooled[:1])).sample,
+                 pipe.unet(latents, 500, encoder_hidden_states=positive, **extra(pooled[1:])).sample]
+        unmasked = pipe.unet(latents, 500, encoder_hidden_states=negative, **extra(pooled[:1])).sample
+    assert "forward" not in pipe.unet.__dict__  # put back
+    assert torch.allclose(together[0], alone[0][0], atol=1e-5) and torch.allclose(together[1], alone[1][0], atol=1e-5)
+    assert (unmasked - alone[0]).abs().max() > 1e-3  # the filling would count without the mask
+
+
 # ---- in the pipeline -----------------------------------------------------------------------------
 
 def _unet_inputs(model):
@@ -177,7 +212,8 @@ def _unet_inputs(model):
     original = model.pipe.unet.forward
 
     def recording(*args, **kwargs):
-        seen.append(kwargs["encoder_hidden_states"].clone())
+        pooled = (kwargs.get("added_cond_kwargs") or {}).get("text_embeds")
+        seen.append((kwargs["encoder_hidden_states"].clone(), None if pooled is None else pooled.clone()))
         return original(*args, **kwargs)
 
     model.pipe.unet.forward = recording
@@ -200,9 +236,26 @@ def test_prompt_editing_switches_at_a1111s_step(sd1, scheduler, calls, last_red)
     finally:
         restore()
     assert len(seen) == calls
-    for call, batch in enumerate(seen):
+    for call, (batch, _) in enumerate(seen):
         expected = red if call <= last_red else cat
         assert torch.allclose(batch[0], negative[0], atol=1e-6) and torch.allclose(batch[1], expected[0], atol=1e-6)
+
+
+def test_sdxl_editing_switches_the_pooled_vector_too(sdxl):
+    model = load_model(sdxl.file)
+    with torch.inference_mode():
+        readers = text_readers(model.pipe, "sdxl-base", 1)
+        red = encode_texts(readers, ["a red photo"])
+        cat = encode_texts(readers, ["a cat photo"])
+    seen, restore = _unet_inputs(model)
+    try:
+        draw(model, "a [red:cat:2] photo", scheduler="euler")
+    finally:
+        restore()
+    for call, (batch, pooled) in enumerate(seen):
+        hidden, vector = red if call <= 2 else cat
+        assert torch.allclose(batch[1], hidden[0], atol=1e-6) and torch.allclose(pooled[1], vector[0], atol=1e-6)
+        assert not batch[0].any() and not pooled[0].any()  # the empty negative prompt: zeros
 
 
 def test_alternation_changes_every_step(sd1):

@@ -13,10 +13,11 @@ skip n > 2 goes further back), joined along the features, and its pooled vector 
 second encoder's projected end-of-text state of the first chunk. An SDXL negative prompt
 that is empty at every step is all zeros, pooled vector included.
 
-Unlike A1111, which runs the UNet on prompt and negative prompt separately when their
-lengths differ, the pipelines take one length for both: the shorter one is filled up with
-the encoding of the empty prompt, 77 tokens at a time (A1111's "Pad prompt/negative
-prompt" setting).
+The pipelines take one length for prompt and negative prompt: the shorter one is filled up
+with the encoding of the empty prompt, 77 tokens at a time (what A1111's "Pad
+prompt/negative prompt" setting does). `Conditioning.length` keeps the prompt's own
+length, so the UNet can be kept from seeing the filling (`text_inputs.py`), which is what
+A1111 does by default: it runs the UNet on each with its own length.
 """
 
 from __future__ import annotations
@@ -133,6 +134,10 @@ class Conditioning:
     ends: list[int]
     hidden: torch.Tensor  # (entries, T, C)
     pooled: torch.Tensor | None  # (entries, P)
+    length: int = 0  # the tokens of the prompt itself, before any filling
+
+    def __post_init__(self) -> None:
+        self.length = self.length or self.hidden.shape[1]
 
     def index_at(self, step: int) -> int:
         return text_at_step([(end, None) for end in self.ends], step)
@@ -148,7 +153,7 @@ class Conditioning:
         if repeats <= 0:
             return self
         filler = empty.expand(self.hidden.shape[0], -1, -1).repeat(1, repeats, 1)
-        return Conditioning(self.ends, torch.cat([self.hidden, filler], dim=1), self.pooled)
+        return Conditioning(self.ends, torch.cat([self.hidden, filler], dim=1), self.pooled, self.length)
 
 
 def encode_texts(readers: Sequence[TextReader], texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

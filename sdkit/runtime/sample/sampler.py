@@ -55,7 +55,7 @@ from sdkit.runtime.sample.scheduler import (
     sampler_spec,
     schedule_steps,
 )
-from sdkit.runtime.sample.text_inputs import ScheduledText, scheduled_text
+from sdkit.runtime.sample.text_inputs import ScheduledText, own_lengths, scheduled_text
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 
@@ -267,11 +267,12 @@ class Sampler:
                     progress(step + 1, len(_pipe.scheduler.timesteps))
                 return switch.after_step(_pipe, step, tensors) if switch is not None else tensors
 
-            images = pipe(**texts, **guidance_arguments(pipe, self.model.family, settings.cfg),
-                          num_inference_steps=settings.steps, width=width, height=height,
-                          num_images_per_prompt=count, latents=latents, generator=generators, output_type="pil",
-                          callback_on_step_end=on_step,
-                          callback_on_step_end_tensor_inputs=switch.tensor_inputs if switch else []).images
+            with own_lengths(pipe, switch):
+                images = pipe(**texts, **guidance_arguments(pipe, self.model.family, settings.cfg),
+                              num_inference_steps=settings.steps, width=width, height=height,
+                              num_images_per_prompt=count, latents=latents, generator=generators,
+                              output_type="pil", callback_on_step_end=on_step,
+                              callback_on_step_end_tensor_inputs=switch.tensor_inputs if switch else []).images
         return [Sample(image, self.parameters(plan, settings, seed, loras), seed)
                 for image, seed in zip(images, seeds)]
 

@@ -10,7 +10,8 @@ switches at the call A1111 switches at.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,20 @@ class ScheduledText:
             return []
         return ["prompt_embeds", "add_text_embeds"] if self.sdxl else ["prompt_embeds"]
 
+    @property
+    def filled(self) -> bool:
+        """Whether one side was filled up to the other's length."""
+        return self.positive.length != self.negative.length
+
+    def attention_mask(self, rows: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """1 over each row's own prompt, 0 over its filling, rows as the loop lays them out."""
+        if rows == 2 * self.count:
+            lengths = [self.negative.length] * self.count + [self.positive.length] * self.count
+        else:
+            lengths = [self.positive.length] * rows
+        positions = torch.arange(tokens, device=device)
+        return positions.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)
+
     def _batch(self, negative: torch.Tensor, positive: torch.Tensor, guided: bool, like: torch.Tensor) -> torch.Tensor:
         """The loop's layout: `count` negatives then `count` prompts (prompts alone without CFG)."""
         repeat = (self.count,) + (1,) * (positive.dim() - 1)
@@ -86,3 +101,30 @@ def scheduled_text(pipe: Any, family: str, prompt: str, negative: str, clip_skip
     positive, negative_conditioning = paired_conditioning(readers, prompt, negative, steps,
                                                           zero_empty_negative=family == "sdxl-base")
     return ScheduledText(positive, negative_conditioning, count)
+
+
+@contextmanager
+def own_lengths(pipe: Any, text: ScheduledText | None) -> Iterator[None]:
+    """While it lasts, the UNet's cross-attention ignores the filling of the shorter side,
+    so each side is attended over its own tokens only: the same as A1111 running the UNet
+    on prompt and negative prompt separately when their lengths differ (its default)."""
+    if text is None or not text.filled:
+        yield
+        return
+    unet = pipe.unet
+    own = unet.__dict__.get("forward")
+    forward = unet.forward
+
+    def masked(*args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs["encoder_hidden_states"]
+        kwargs["encoder_attention_mask"] = text.attention_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+        return forward(*args, **kwargs)
+
+    unet.forward = masked
+    try:
+        yield
+    finally:
+        if own is None:
+            del unet.forward
+        else:
+            unet.forward = own
