@@ -141,9 +141,10 @@ class Sampler:
         self._state: tuple[tuple[LoraRequest, ...], tuple[HypernetRequest, ...]] = ((), ())
         self._applied: list[AppliedLora] = []
         self.notes: list[str] = []
-        if adapters.embeddings and model.is_flow:
-            raise SdkitError(f"{adapters.embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
-        for path, token in adapters.embeddings:
+        embeddings = self.adapters.embeddings
+        if embeddings and model.is_flow:
+            raise SdkitError(f"{embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
+        for path, token in embeddings:
             self.embeddings.add(read_embedding(path, token))
 
     # ---- embeddings and prompts -------------------------------------------------------
