@@ -46,7 +46,12 @@ from sdkit.io import ModelFile, open_model
 from sdkit.ops.layout import extract_component
 from sdkit.ops.recipe_meta import input_sha256
 from sdkit.ops.vae.swap import VaeSource, open_vae_source, vae_config
-from sdkit.runtime.vae_check_flow import FlowDenoiser, flow_denoising, load_flow_base
+from sdkit.runtime.vae_check_flow import (
+    FlowDenoiser,
+    denoising_scores,
+    flow_denoising,
+    load_flow_base,
+)
 from sdkit.runtime.vae_table import known_vae
 
 TIMESTEPS = (100, 300, 500, 700)
@@ -351,15 +356,9 @@ def _denoising(denoiser: _Denoiser, candidate: torch.Tensor, base: torch.Tensor 
     named = {"candidate": candidate * denoiser.scaling_factor}
     if base is not None:
         named["base"] = base * denoiser.scaling_factor
-    result: dict[str, Any] = {"timesteps": list(timesteps)}
-    for (name, latents), errors in zip(named.items(), _denoise_errors(denoiser, list(named.values()), timesteps)):
-        oracle = _oracle_errors(latents, alphas)
-        result[f"{name}_mse"] = [round(e, 5) for e in errors]
-        result[f"{name}_oracle_mse"] = [round(o, 5) for o in oracle]
-        result[f"{name}_score"] = round(sum(errors) / sum(oracle), 4)
-    if base is not None:
-        result["ratio"] = round(result["candidate_score"] / result["base_score"], 4)
-    return result
+    errors = _denoise_errors(denoiser, list(named.values()), timesteps)
+    return denoising_scores(("timesteps", list(timesteps)), named, errors,
+                            lambda latents: _oracle_errors(latents, alphas))
 
 
 def _fp16(vae: Any, images: torch.Tensor, peak: float) -> dict[str, Any]:

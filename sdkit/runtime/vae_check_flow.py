@@ -17,7 +17,7 @@ what they mean for UNets (`vae_check`), so the same thresholds decide.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,12 +122,21 @@ def flow_denoising(denoiser: FlowDenoiser, candidate: torch.Tensor, base: torch.
     named = {"candidate": denoiser.normalise(candidate)}
     if base is not None:
         named["base"] = denoiser.normalise(base)
-    result: dict[str, Any] = {"sigmas": list(sigmas)}
-    for (name, latents), errors in zip(named.items(), _velocity_errors(denoiser, list(named.values()), sigmas)):
-        oracle = _oracle_errors(latents, sigmas)
-        result[f"{name}_mse"] = [round(e, 5) for e in errors]
-        result[f"{name}_oracle_mse"] = [round(o, 5) for o in oracle]
-        result[f"{name}_score"] = round(sum(errors) / sum(oracle), 4)
-    if base is not None:
+    errors = _velocity_errors(denoiser, list(named.values()), sigmas)
+    return denoising_scores(("sigmas", list(sigmas)), named, errors, lambda latents: _oracle_errors(latents, sigmas))
+
+
+def denoising_scores(points: tuple[str, list[Any]], named: dict[str, torch.Tensor], errors: list[list[float]],
+                     oracle: Callable[[torch.Tensor], list[float]]) -> dict[str, Any]:
+    """The report of a denoising test: for each named set of latents its errors at each
+    point (timestep or sigma), the oracle's, their `score` (sum over sum), and the
+    candidate's score over the base's (`ratio`) where the base's own latents were run."""
+    result: dict[str, Any] = {points[0]: points[1]}
+    for (name, latents), found in zip(named.items(), errors):
+        best = oracle(latents)
+        result[f"{name}_mse"] = [round(e, 5) for e in found]
+        result[f"{name}_oracle_mse"] = [round(o, 5) for o in best]
+        result[f"{name}_score"] = round(sum(found) / sum(best), 4)
+    if "base" in named:
         result["ratio"] = round(result["candidate_score"] / result["base_score"], 4)
     return result

@@ -63,6 +63,13 @@ def test_when_is_a_fraction_with_a_decimal_point_and_a_step_without():
     assert prompt_schedule("a [b:0]", 10) == [(10, "a b")]  # a switch at step 0 is not listed
 
 
+def test_a_hires_pass_counts_on_from_the_first_pass():
+    # A1111's doctests with hires_steps=10 after 10 base steps
+    assert prompt_schedule("a [b:.5] c", 10, first_pass=10) == [(10, "a b c")]
+    assert prompt_schedule("a [b:1.5] c", 10, first_pass=10) == [(5, "a  c"), (10, "a b c")]
+    assert prompt_schedule("a [b:13] c", 10, first_pass=10) == [(3, "a  c"), (10, "a b c")]  # step 13 overall
+
+
 def test_unreadable_prompts_are_used_unchanged():
     # a `|` outside an alternation, or a lone backslash at the end: A1111's parser fails and
     # the prompt is one text for every step

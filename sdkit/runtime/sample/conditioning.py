@@ -164,9 +164,10 @@ def encode_texts(readers: Sequence[TextReader], texts: Sequence[str]) -> tuple[t
 
 
 def prompt_conditioning(readers: Sequence[TextReader], prompt: str, steps: int,
-                        zero_if_empty: bool = False) -> Conditioning:
-    """The conditioning schedule of one prompt over `steps` denoising steps."""
-    schedule = prompt_schedule(prompt, steps)
+                        zero_if_empty: bool = False, first_pass: int | None = None) -> Conditioning:
+    """The conditioning schedule of one prompt over `steps` denoising steps (of a second
+    pass after `first_pass` steps, when given)."""
+    schedule = prompt_schedule(prompt, steps, first_pass)
     texts = [text for _, text in schedule]
     hidden, pooled = encode_texts(readers, texts)
     if zero_if_empty and all(text == "" for text in texts):
@@ -176,10 +177,10 @@ def prompt_conditioning(readers: Sequence[TextReader], prompt: str, steps: int,
 
 
 def paired_conditioning(readers: Sequence[TextReader], prompt: str, negative: str, steps: int,
-                        zero_empty_negative: bool) -> tuple[Conditioning, Conditioning]:
+                        zero_empty_negative: bool, first_pass: int | None = None) -> tuple[Conditioning, Conditioning]:
     """(prompt, negative prompt) conditioning of the same length."""
-    positive = prompt_conditioning(readers, prompt, steps)
-    negative_conditioning = prompt_conditioning(readers, negative, steps, zero_empty_negative)
+    positive = prompt_conditioning(readers, prompt, steps, first_pass=first_pass)
+    negative_conditioning = prompt_conditioning(readers, negative, steps, zero_empty_negative, first_pass)
     tokens = max(positive.hidden.shape[1], negative_conditioning.hidden.shape[1])
     if positive.hidden.shape[1] == negative_conditioning.hidden.shape[1]:
         return positive, negative_conditioning

@@ -175,12 +175,16 @@ def parse_prompt(prompt: str) -> tuple[Node, ...] | None:
         return None
 
 
-def switch_step(when: str, steps: int) -> int:
+def switch_step(when: str, steps: int, first_pass: int | None = None) -> int:
     """The step after which an edit switches: a number written with a decimal point is a
-    fraction of `steps`, otherwise a step; at most `steps`, truncated to a whole step."""
+    fraction of `steps`, otherwise a step; at most `steps`, truncated to a whole step. In a
+    second pass after `first_pass` steps (hires fix), steps count on from the first pass
+    and fractions from 1 (A1111: `1.5` is halfway through the second pass)."""
     value = float(when)
     if "." in when:
-        value *= steps
+        value = (value - (1.0 if first_pass is not None else 0.0)) * steps
+    elif first_pass is not None:
+        value -= first_pass
     return min(steps, int(value))
 
 
@@ -195,32 +199,33 @@ def _walk(nodes: Sequence[Node]):
                 yield from _walk(option)
 
 
-def _text_at(nodes: Sequence[Node], step: int, steps: int) -> str:
+def _text_at(nodes: Sequence[Node], step: int, steps: int, first_pass: int | None) -> str:
     parts = []
     for node in nodes:
         if isinstance(node, str):
             parts.append(node)
         elif isinstance(node, Edit):
-            chosen = (node.before or ()) if step <= switch_step(node.when, steps) else node.after
-            parts.append(_text_at(chosen, step, steps))
+            chosen = (node.before or ()) if step <= switch_step(node.when, steps, first_pass) else node.after
+            parts.append(_text_at(chosen, step, steps, first_pass))
         else:
-            parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps))
+            parts.append(_text_at(node.options[(step - 1) % len(node.options)], step, steps, first_pass))
     return "".join(parts)
 
 
-def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
+def prompt_schedule(prompt: str, steps: int, first_pass: int | None = None) -> list[tuple[int, str]]:
     """(last step, text) pairs covering steps 0..`steps`, as A1111's
-    `get_learned_conditioning_prompt_schedules` lists them."""
+    `get_learned_conditioning_prompt_schedules` lists them (`first_pass`: the steps of the
+    pass before this one, for a hires pass)."""
     nodes = parse_prompt(prompt)
     if nodes is None:
         return [(steps, prompt)]
     ends = {steps}
     for node in _walk(nodes):
-        if isinstance(node, Edit) and switch_step(node.when, steps) >= 1:
-            ends.add(switch_step(node.when, steps))
+        if isinstance(node, Edit) and switch_step(node.when, steps, first_pass) >= 1:
+            ends.add(switch_step(node.when, steps, first_pass))
         elif isinstance(node, Alternation):
             ends.update(range(1, steps + 1))
-    return [(end, _text_at(nodes, end, steps)) for end in sorted(ends)]
+    return [(end, _text_at(nodes, end, steps, first_pass)) for end in sorted(ends)]
 
 
 def text_at_step(schedule: Sequence[tuple[int, object]], step: int) -> int:

@@ -94,12 +94,14 @@ class ScheduledText:
 
 
 def scheduled_text(pipe: Any, family: str, prompt: str, negative: str, clip_skip: int, steps: int, count: int,
-                   embeddings: Mapping[str, Mapping[int, tuple[int, ...]]] | None = None) -> ScheduledText:
-    """The conditioning of `prompt` and `negative` over `steps` loop steps. An empty SDXL
-    negative prompt is zeros (A1111's rule, and the unconditional input SDXL was trained on)."""
+                   embeddings: Mapping[str, Mapping[int, tuple[int, ...]]] | None = None,
+                   first_pass: int | None = None) -> ScheduledText:
+    """The conditioning of `prompt` and `negative` over `steps` loop steps (of a hires pass
+    after `first_pass` steps, when given). An empty SDXL negative prompt is zeros (A1111's
+    rule, and the unconditional input SDXL was trained on)."""
     readers = text_readers(pipe, family, clip_skip, embeddings)
     positive, negative_conditioning = paired_conditioning(readers, prompt, negative, steps,
-                                                          zero_empty_negative=family == "sdxl-base")
+                                                          family == "sdxl-base", first_pass)
     return ScheduledText(positive, negative_conditioning, count)
 
 
