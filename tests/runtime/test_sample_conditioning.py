@@ -258,6 +258,27 @@ def test_sdxl_editing_switches_the_pooled_vector_too(sdxl):
         assert not batch[0].any() and not pooled[0].any()  # the empty negative prompt: zeros
 
 
+def test_a_hires_pass_reads_edits_after_the_first_pass(sd1):
+    from sdkit.runtime.sample.img2img import Hires
+
+    model = load_model(sd1.file)
+    with torch.inference_mode():
+        readers = text_readers(model.pipe, "sd1", 1)
+        red, _ = encode_texts(readers, ["a red photo"])
+        cat, _ = encode_texts(readers, ["a cat photo"])
+    seen, restore = _unet_inputs(model)
+    try:
+        draw(model, "a [red:cat:1.5] photo", scheduler="euler", hires=Hires(scale=2.0, steps=STEPS, denoise=0.5))
+    finally:
+        restore()
+    # A1111: 1.5 is past the first pass (red throughout) and halfway through the second:
+    # (1.5 - 1) * 4 = step 2 of the hires pass, so its calls 0-2 are red and call 3 is cat
+    expected = [red] * STEPS + [red, red, red, cat]
+    assert len(seen) == len(expected)
+    for (batch, _), words in zip(seen, expected):
+        assert torch.allclose(batch[1], words[0], atol=1e-6)
+
+
 def test_alternation_changes_every_step(sd1):
     model = load_model(sd1.file)
     with torch.inference_mode():
