@@ -23,27 +23,16 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))  # the offline tokenizer writer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))  # the tokenizer writer, full-size shapes
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "sd1" / "diffusers"
 PROMPT = "a red circle"
 
 # real model shapes (diffusers / transformers configs of SD1.5 and SDXL base)
-CLIP_L = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-          "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
-CLIP_BIG_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
-              "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
-              "projection_dim": 1280}
-VAE = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "latent_channels": 4,
-       "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
-SD15_UNET = {"sample_size": 64, "cross_attention_dim": 768}  # the rest are UNet2DConditionModel's defaults
-SDXL_UNET = {
-    "sample_size": 128, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
-    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816}
+from full_size_sd import CLIP_BIG_G, CLIP_L, UNETS, VAE
+
+SD15_UNET = UNETS["sd15"]  # the rest are UNet2DConditionModel's defaults
+SDXL_UNET = UNETS["sdxl"]
 
 
 # ---- timing ------------------------------------------------------------------------------
