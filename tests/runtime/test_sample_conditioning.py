@@ -220,9 +220,12 @@ def _unet_inputs(model):
     return seen, lambda: setattr(model.pipe.unet, "forward", original)
 
 
-# "[red:cat:0.5]": A1111 spreads the schedule over its total_steps (Heun: twice the steps) and
-# call i (from 0) uses the first entry ending at or after i; Heun makes 2n-1 calls
-@pytest.mark.parametrize("scheduler, calls, last_red", [("euler", STEPS, 2), ("heun", 2 * STEPS - 1, 4)])
+# "[red:cat:0.5]": A1111 spreads the schedule over its total_steps (second-order samplers:
+# twice the steps) and call i (from 0) uses the first entry ending at or after i. Heun makes
+# 2n-1 calls in both; diffusers' DPM++ SDE (a singlestep solver) makes one call where A1111
+# makes two, so its iteration i stands for A1111's call 2i: iterations 0-2 (calls 0, 2, 4) red
+@pytest.mark.parametrize("scheduler, calls, last_red", [("euler", STEPS, 2), ("heun", 2 * STEPS - 1, 4),
+                                                        ("DPM++ SDE", STEPS, 2)])
 def test_prompt_editing_switches_at_a1111s_step(sd1, scheduler, calls, last_red):
     model = load_model(sd1.file)
     with torch.inference_mode():

@@ -65,6 +65,7 @@ from sdkit.runtime.sample.scheduler import (
     DEFAULT_FLOW_SAMPLER,
     DEFAULT_SAMPLER,
     SamplerChoice,
+    a1111_calls_per_iteration,
     build_scheduler,
     resolve_sampler,
     schedule_steps,
@@ -417,6 +418,7 @@ class _PipelineRun:
         first = schedule_steps(self.choice, first_pass_steps) if first_pass_steps else None
         self.switch = scheduled_text(pipe, family, texts.prompt, texts.negative, texts.clip_skip,
                                      schedule_steps(self.choice, steps), len(self.seeds), texts.embeddings, first)
+        self.switch.calls_per_iteration = a1111_calls_per_iteration(self.choice, pipe.scheduler)
         return self.switch.arguments()
 
     def __call__(self, pipe: Any, steps: int, text_steps: int | None = None, first_pass_steps: int | None = None,

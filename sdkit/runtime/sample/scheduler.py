@@ -144,6 +144,13 @@ def schedule_steps(choice: SamplerChoice, steps: int) -> int:
     return steps * 2 if choice.sampler.second_order else steps
 
 
+def a1111_calls_per_iteration(choice: SamplerChoice, scheduler: Any) -> int:
+    """A1111's model calls per iteration of the pipeline's loop: 2 where A1111's sampler is
+    second order but the diffusers class steps once per call (its `order` 1: DPM++ SDE's
+    singlestep solver), else 1 (Heun and DPM2 loop over both of their calls)."""
+    return 2 if choice.sampler.second_order and getattr(scheduler, "order", 1) == 1 else 1
+
+
 def sampler_names() -> list[str]:
     """Every sampler name accepted, for help texts and refusals: sdkit's, then A1111's."""
     return [*SHORT_NAMES, *A1111_SAMPLERS]

@@ -31,6 +31,7 @@ class ScheduledText:
     positive: Conditioning
     negative: Conditioning
     count: int
+    calls_per_iteration: int = 1  # A1111's model calls per pipeline loop iteration
     _current: tuple[int, int] = field(default=(0, 0), init=False)
 
     @property
@@ -80,12 +81,13 @@ class ScheduledText:
 
     def after_step(self, pipe: Any, step: int, tensors: dict[str, Any]) -> dict[str, Any]:
         """The callback's replacement tensors for the step after `step`."""
-        following = (self.positive.index_at(step + 1), self.negative.index_at(step + 1))
+        call = (step + 1) * self.calls_per_iteration  # A1111's denoiser call at the next iteration
+        following = (self.positive.index_at(call), self.negative.index_at(call))
         if not self.changes or following == self._current:
             return tensors
         self._current = following
-        hidden, pooled = self.positive.at(step + 1)
-        negative_hidden, negative_pooled = self.negative.at(step + 1)
+        hidden, pooled = self.positive.at(call)
+        negative_hidden, negative_pooled = self.negative.at(call)
         guided = bool(pipe.do_classifier_free_guidance)
         tensors["prompt_embeds"] = self._batch(negative_hidden, hidden, guided, tensors["prompt_embeds"])
         if self.sdxl:
