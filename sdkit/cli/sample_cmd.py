@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -52,8 +53,9 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 @click.argument("model", type=ModelInput(*MODEL_KINDS))
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="Prompt (repeatable); A1111 tags <lora:NAME:W>, <lyco:NAME:W>, <hypernet:NAME:W> "
-                   "and embedding names are understood.")
-@click.option("--negative", "-n", default="", help="Negative prompt.")
+                   "and embedding names are understood, and on SD1/SD2/SDXL A1111's syntax: (word:1.2), "
+                   "[word], BREAK, [from:to:when], [a|b].")
+@click.option("--negative", "-n", default="", help="Negative prompt (same syntax).")
 @click.option("--steps", type=int, default=20, show_default=True)
 @click.option("--cfg", type=float, default=7.0, show_default=True, help="Guidance scale.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first picture; -1 picks one.")

@@ -16,32 +16,23 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))  # the offline tokenizer writer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))  # the tokenizer writer, full-size shapes
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "sd1" / "diffusers"
 PROMPT = "a red circle"
 
 # real model shapes (diffusers / transformers configs of SD1.5 and SDXL base)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # the rest are UNet2DConditionModel's defaults
-SDXL_UNET = dict(
-    sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816)
+from full_size_sd import CLIP_BIG_G, CLIP_L, UNETS, VAE
+
+SD15_UNET = UNETS["sd15"]  # the rest are UNet2DConditionModel's defaults
+SDXL_UNET = UNETS["sdxl"]
 
 
 # ---- timing ------------------------------------------------------------------------------
@@ -140,23 +131,67 @@ def test_bench_toy_pictures_per_second_cpu() -> None:
     print(f"  sdkit Sampler                  {ours:6.2f} pictures/s  ({ours / theirs:.2f}x)")
 
 
+@pytest.mark.skipif(not (TOY / "model_index.json").is_file(), reason="toy fixtures not built (make fixtures)")
+@pytest.mark.parametrize("model", ["sd1", "sdxl"])
+def test_bench_prompt_conditioning_cpu(model: str) -> None:
+    """A1111 prompt conditioning (chunks, weights, schedule) against diffusers' own
+    `encode_prompt` of the same plain text; best of 7, interleaved."""
+    from sdkit.runtime.pipeline import load_model
+    from sdkit.runtime.sample.text_inputs import scheduled_text
+
+    family = "sd1" if model == "sd1" else "sdxl-base"
+    pipe = load_model(TOY.parents[1] / model / "diffusers", device="cpu").pipe
+    long_prompt = "a (red:1.2) circle, [blue] square BREAK " + "green, " * 40 + "[cat:dog:0.5] [x|y]"
+    runs = {
+        "diffusers encode_prompt (baseline)": lambda: pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt="blurry"),
+        "sdkit, the same plain prompt": lambda: scheduled_text(pipe, family, PROMPT, "blurry", 1, 20, 1),
+        "sdkit, 2 chunks + editing + alternation": lambda: scheduled_text(pipe, family, long_prompt, "blurry",
+                                                                          1, 20, 1),
+    }
+    best = dict.fromkeys(runs, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: contention between two threads is all noise
+    with torch.inference_mode():
+        for _ in range(7):
+            for label, run in runs.items():
+                started = time.perf_counter()
+                run()
+                best[label] = min(best[label], time.perf_counter() - started)
+    torch.set_num_threads(threads)
+    baseline = best["diffusers encode_prompt (baseline)"]
+    print(f"\nprompt conditioning: toy-{model} on CPU, 20 steps (load average {os.getloadavg()[0]:.1f})")
+    for label, seconds in best.items():
+        print(f"  {label:<42} {seconds * 1000:7.1f} ms  ({seconds / baseline:.2f}x)")
+
+
 # ---- GPU: full-size shapes ---------------------------------------------------------------
 
 def build_random_folder(kind: str, root: Path, device: str) -> Path:
     """A diffusers folder of random fp16 weights with SD1.5 or SDXL base shapes."""
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from runtime_models import write_tokenizer
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     folder = root / kind
     if (folder / "model_index.json").is_file():
         return folder
     write_tokenizer(root / "tokenizer-files")
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer-files", model_max_length=77)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     torch.manual_seed(0)

@@ -83,6 +83,23 @@ def test_toy_flux_parts_draw_the_folders_picture(folder_sampler):
     assert np.abs(_pixels(ours) - _pixels(folder)).max() <= 2  # the parts store fp16 weights
 
 
+def test_toy_flux_reads_a1111_syntax_as_plain_text(folder_sampler):
+    """FLUX.1 has no A1111 syntax: brackets, weights and BREAK reach its encoders as written."""
+    from diffusers import FluxPipeline
+
+    prompt = "a (green:1.3) [cross:square:0.5] BREAK [red|blue] \\(x\\)"
+    reference = FluxPipeline.from_pretrained(FOLDER, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = reference(prompt, negative_prompt="", true_cfg_scale=6.0, num_inference_steps=4,
+                           height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=16,
+                           generator=torch.Generator().manual_seed(5)).images[0]
+    settings = Settings(steps=4, cfg=6.0, seed=5, width=IMAGE_SIZE, height=IMAGE_SIZE)
+    sample = folder_sampler.generate(folder_sampler.plan_prompt(prompt), settings)[0]
+    assert np.abs(_pixels(sample.image) - _pixels(theirs)).max() <= 1
+    assert sample.parameters.startswith(prompt + "\n")
+
+
 @pytest.mark.parametrize("settings, message", [
     (Settings(steps=2, scheduler="dpm++2m"), "does not sample flow-matching models"),
     (Settings(steps=2, clip_skip=2), "--clip-skip does not apply to FLUX.1"),

@@ -84,6 +84,17 @@ class PromptEmbeddings:
             text = replace_name(text, name, loaded.placeholders)
         return text
 
+    def placeholder_runs(self) -> dict[str, dict[int, tuple[int, ...]]]:
+        """Per text encoder: the first placeholder id of each embedding -> all its ids,
+        so prompts can keep an embedding's vectors together."""
+        runs: dict[str, dict[int, tuple[int, ...]]] = {}
+        for component in self.components:
+            tokenizer = getattr(self.pipe, _TOKENIZER_OF[component])
+            ids = [tuple(tokenizer.convert_tokens_to_ids(loaded.placeholders.split()))
+                   for loaded in self.loaded.values()]
+            runs[component] = {run[0]: run for run in ids}
+        return runs
+
     def used_in(self, *texts: str) -> list[LoadedEmbedding]:
         """The loaded embeddings some text mentions (for the PNG's TI hashes)."""
         return [loaded for name, loaded in self.loaded.items() if any(mentions(t, name) for t in texts)]

@@ -23,9 +23,10 @@ A1111 and civitai read back what was sampled.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -34,17 +35,42 @@ from sdkit.adapters.embedding import read_embedding
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
+from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
-from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
-                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
-                                          resized, upscale_latents, upscaler_name)
+from sdkit.runtime.sample.img2img import (
+    Hires,
+    check_denoise,
+    check_hires,
+    diffusers_strength,
+    hires_schedule,
+    hires_size,
+    image_to_image_pipeline,
+    img2img_steps,
+    load_init_image,
+    resized,
+    upscale_latents,
+    upscaler_name,
+)
 from sdkit.runtime.sample.library import Library
-from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
+from sdkit.runtime.sample.lora import (
+    AppliedLora,
+    LoraRequest,
+    RuntimeLoras,
+    with_strength,
+)
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
 from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
 from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
-from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, SamplerChoice, build_scheduler,
-                                            resolve_sampler)
+from sdkit.runtime.sample.scheduler import (
+    DEFAULT_FLOW_SAMPLER,
+    DEFAULT_SAMPLER,
+    SamplerChoice,
+    a1111_calls_per_iteration,
+    build_scheduler,
+    resolve_sampler,
+    schedule_steps,
+)
+from sdkit.runtime.sample.text_inputs import ScheduledText, own_lengths, scheduled_text
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 
@@ -101,41 +127,9 @@ def check_clip_skip(clip_skip: int, layers: int) -> None:
                          f"not {clip_skip}")
 
 
-def sdxl_clip_skip(clip_skip: int) -> int | None:
-    """A1111's CLIP skip as diffusers' SDXL `clip_skip`: SDXL always reads the penultimate
-    layer (A1111's default there), so 1 and 2 both mean that; larger values go further back."""
-    return clip_skip - 2 if clip_skip > 2 else None
-
-
-def encode_skipped(pipe: Any, text: str, clip_skip: int) -> torch.Tensor:
-    """SD1/SD2 text embeddings with A1111's CLIP skip: the hidden state `clip_skip` layers
-    from the end, through the final layer norm (diffusers' own clip_skip path reaches for
-    a `text_model` level that transformers 5 no longer has)."""
-    encoder = pipe.text_encoder
-    ids = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(encoder.device)
-    hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    return getattr(encoder, "text_model", encoder).final_layer_norm(hidden)
-
-
-def text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
-    """The prompt arguments of a pipeline call for this CLIP skip.
-
-    An empty negative prompt is passed as no negative prompt: SDXL pipelines then use
-    zeroed conditioning for the unconditional pass (`force_zeros_for_empty_prompt`, as
-    A1111 does for an empty SDXL negative), which is what SDXL models are trained to see
-    there; encoding "" instead gives a different, off-distribution unconditional pass.
-    SD1/SD2 pipelines encode "" for a missing negative prompt, so nothing changes there."""
-    if family == "flux":
-        return flux_text_arguments(pipe, text, negative, clip_skip)
+def check_text_settings(pipe: Any, family: str, clip_skip: int) -> None:
     encoder = pipe.text_encoder_2 if family == "sdxl-base" else pipe.text_encoder
     check_clip_skip(clip_skip, encoder.config.num_hidden_layers)
-    if family == "sdxl-base":
-        return {"prompt": text, "negative_prompt": negative or None, "clip_skip": sdxl_clip_skip(clip_skip)}
-    if clip_skip == 1:
-        return {"prompt": text, "negative_prompt": negative or None}
-    return {"prompt_embeds": encode_skipped(pipe, text, clip_skip),
-            "negative_prompt_embeds": encode_skipped(pipe, negative, clip_skip)}
 
 
 def flux_text_arguments(pipe: Any, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
@@ -164,10 +158,10 @@ class Sampler:
     """Samples from one loaded model, keeping its adapters applied between runs."""
 
     def __init__(self, model: LoadedModel, library: Library | None = None,
-                 adapters: Adapters = Adapters()) -> None:
+                 adapters: Adapters | None = None) -> None:
         self.model = model
         self.library = library
-        self.adapters = adapters
+        self.adapters = adapters or Adapters()
         self.embeddings = PromptEmbeddings(model.pipe, model.text_components)
         self._loras: RuntimeLoras | None = None
         self._hypernets: dict[Path, Any] = {}
@@ -175,9 +169,10 @@ class Sampler:
         self._applied: list[AppliedLora] = []
         self._img2img: Any = None  # the img2img pipeline over the same modules, made when first needed
         self.notes: list[str] = []
-        if adapters.embeddings and model.is_flow:
-            raise SdkitError(f"{adapters.embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
-        for path, token in adapters.embeddings:
+        embeddings = self.adapters.embeddings
+        if embeddings and model.is_flow:
+            raise SdkitError(f"{embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
+        for path, token in embeddings:
             self.embeddings.add(read_embedding(path, token))
 
     # ---- embeddings and prompts -------------------------------------------------------
@@ -303,9 +298,7 @@ class Sampler:
         choice = self.sampler_choice(settings)
         seeds = [settings.seed + index for index in range(count)]
         with torch.inference_mode():
-            texts = text_arguments(self.model.pipe, self.model.family, self.embeddings.rewrite(plan.text),
-                                   self.embeddings.rewrite(settings.negative), settings.clip_skip)
-            run = _PipelineRun(self, choice, settings, texts, seeds, progress)
+            run = _PipelineRun(self, choice, settings, self._prompt_texts(plan, settings), seeds, progress)
             if init is not None and settings.denoise < 1:
                 steps = img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler)
                 images = run(self._img2img, settings.steps, image=resized(init, (width, height)),
@@ -329,7 +322,16 @@ class Sampler:
         image = upscale_latents(first, target, self.model.vae_scale_factor, upscaler) if latent_upscale \
             else [resized(picture, target, upscaler) for picture in first]
         length, strength = hires_schedule(hires.steps or settings.steps, hires.denoise)
-        return run(self._img2img, length, image=image, strength=strength)
+        return run(self._img2img, length, image=image, strength=strength,
+                   text_steps=hires.steps or settings.steps, first_pass_steps=settings.steps)
+
+    def _prompt_texts(self, plan: PromptPlan, settings: Settings) -> PromptTexts:
+        """The prompt and negative prompt as the encoders read them (embedding names made
+        placeholders), and how CLIP skip reads them (checked here, before any pass)."""
+        if self.model.family != "flux":
+            check_text_settings(self.model.pipe, self.model.family, settings.clip_skip)
+        return PromptTexts(self.embeddings.rewrite(plan.text), self.embeddings.rewrite(settings.negative),
+                           settings.clip_skip, self.embeddings.placeholder_runs())
 
     # ---- PNG parameters -------------------------------------------------------------
 
@@ -377,11 +379,22 @@ def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
+@dataclass(frozen=True)
+class PromptTexts:
+    """A generate call's texts, ready for the encoders."""
+
+    prompt: str
+    negative: str
+    clip_skip: int
+    embeddings: dict[str, dict[int, tuple[int, ...]]]
+
+
 class _PipelineRun:
     """One pipeline call of a `generate`: the same prompts, guidance, seeds and progress
-    for every pass, a fresh scheduler each time."""
+    for every pass, a fresh scheduler each time, and for SD/SDXL the A1111 conditioning
+    of that pass, switched by the step callback as prompt editing asks."""
 
-    def __init__(self, sampler: Sampler, choice: SamplerChoice, settings: Settings, texts: dict[str, Any],
+    def __init__(self, sampler: Sampler, choice: SamplerChoice, settings: Settings, texts: PromptTexts,
                  seeds: list[int], progress: StepProgress | None) -> None:
         self.model = sampler.model
         self.choice = choice
@@ -389,20 +402,39 @@ class _PipelineRun:
         self.texts = texts
         self.seeds = seeds
         self.progress = progress
+        self.switch: ScheduledText | None = None
 
     def _on_step(self, pipe: Any, step: int, _timestep: Any, tensors: dict) -> dict:
         if self.progress is not None:
             self.progress(step + 1, pipe.num_timesteps)
-        return tensors
+        return self.switch.after_step(pipe, step, tensors) if self.switch is not None else tensors
 
-    def __call__(self, pipe: Any, steps: int, **arguments: Any) -> Any:
+    def _text_arguments(self, pipe: Any, steps: int, first_pass_steps: int | None) -> dict[str, Any]:
+        """The pass's text arguments; a second (hires) pass reads edits after the first's steps."""
+        texts, family = self.texts, self.model.family
+        if family == "flux":
+            self.switch = None
+            return flux_text_arguments(pipe, texts.prompt, texts.negative, texts.clip_skip)
+        first = schedule_steps(self.choice, first_pass_steps) if first_pass_steps else None
+        self.switch = scheduled_text(pipe, family, texts.prompt, texts.negative, texts.clip_skip,
+                                     schedule_steps(self.choice, steps), len(self.seeds), texts.embeddings, first)
+        self.switch.calls_per_iteration = a1111_calls_per_iteration(self.choice, pipe.scheduler)
+        return self.switch.arguments()
+
+    def __call__(self, pipe: Any, steps: int, text_steps: int | None = None, first_pass_steps: int | None = None,
+                 **arguments: Any) -> Any:
+        """`steps` for the pipeline; prompt edits span `text_steps` (default: `steps`)."""
         model = self.model
         pipe.scheduler = build_scheduler(self.choice, model.scheduler_config)  # fresh state
         arguments.setdefault("generator", _generators(self.seeds))
         arguments.setdefault("output_type", "pil")
-        return pipe(**self.texts, **guidance_arguments(pipe, model.family, self.settings.cfg),
-                    num_inference_steps=steps, num_images_per_prompt=len(self.seeds),
-                    callback_on_step_end=self._on_step, **arguments).images
+        texts = self._text_arguments(pipe, text_steps or steps, first_pass_steps)
+        with own_lengths(pipe, self.switch):
+            return pipe(**texts, **guidance_arguments(pipe, model.family, self.settings.cfg),
+                        num_inference_steps=steps, num_images_per_prompt=len(self.seeds),
+                        callback_on_step_end=self._on_step,
+                        callback_on_step_end_tensor_inputs=self.switch.tensor_inputs if self.switch else [],
+                        **arguments).images
 
 
 def settings_with(settings: Settings, parameter: str, value: Any) -> Settings:

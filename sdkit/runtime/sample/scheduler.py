@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from sdkit.errors import SdkitError
 
@@ -39,6 +40,7 @@ class SamplerSpec:
     aliases: tuple[str, ...] = ()  # A1111 `k_` names, ComfyUI sampler names
     needs: str | None = None  # a module the diffusers class imports (scipy for LMS)
     timestep_sampler: bool = False  # one of A1111's sd_samplers_timesteps (img2img counts differ)
+    second_order: bool = False  # A1111 counts two model calls a step (its `second_order` option)
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ _DPM_3M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}
 _SAMPLER_LIST = (
     SamplerSpec("DPMSolverMultistepScheduler", "DPM++ 2M", _DPM_2M, "karras", ("k_dpmpp_2m", "dpmpp_2m")),
     SamplerSpec("DPMSolverSinglestepScheduler", "DPM++ SDE", {}, "karras",
-                ("k_dpmpp_sde", "dpmpp_sde", "dpmpp_sde_gpu")),
+                ("k_dpmpp_sde", "dpmpp_sde", "dpmpp_sde_gpu"), second_order=True),
     SamplerSpec("DPMSolverMultistepScheduler", "DPM++ 2M SDE", _DPM_2M_SDE, "exponential",
                 ("k_dpmpp_2m_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu")),
     SamplerSpec("DPMSolverMultistepScheduler", "DPM++ 3M SDE", _DPM_3M_SDE, "exponential",
@@ -89,9 +91,10 @@ _SAMPLER_LIST = (
                 ("k_euler_a", "k_euler_ancestral", "euler_ancestral")),
     SamplerSpec("EulerDiscreteScheduler", "Euler", {}, "uniform", ("k_euler",)),
     SamplerSpec("LMSDiscreteScheduler", "LMS", {}, "uniform", ("k_lms",), needs="scipy"),
-    SamplerSpec("HeunDiscreteScheduler", "Heun", {}, "uniform", ("k_heun",)),
-    SamplerSpec("KDPM2DiscreteScheduler", "DPM2", {}, "karras", ("k_dpm_2", "dpm_2")),
-    SamplerSpec("KDPM2AncestralDiscreteScheduler", "DPM2 a", {}, "karras", ("k_dpm_2_a", "dpm_2_ancestral")),
+    SamplerSpec("HeunDiscreteScheduler", "Heun", {}, "uniform", ("k_heun",), second_order=True),
+    SamplerSpec("KDPM2DiscreteScheduler", "DPM2", {}, "karras", ("k_dpm_2", "dpm_2"), second_order=True),
+    SamplerSpec("KDPM2AncestralDiscreteScheduler", "DPM2 a", {}, "karras", ("k_dpm_2_a", "dpm_2_ancestral"),
+                second_order=True),
     SamplerSpec("DDIMScheduler", "DDIM", timestep_sampler=True),
     SamplerSpec("PNDMScheduler", "PLMS", {"skip_prk_steps": True}, timestep_sampler=True),
     SamplerSpec("UniPCMultistepScheduler", "UniPC", {}, "uniform", ("uni_pc", "uni_pc_bh2"), timestep_sampler=True),
@@ -133,6 +136,19 @@ _SAMPLER_NAMES = {name.lower(): spec for spec in _SAMPLER_LIST for name in (spec
 FLOW_SAMPLER = SamplerSpec("FlowMatchEulerDiscreteScheduler", "Euler")
 DEFAULT_SAMPLER = "euler-a"
 DEFAULT_FLOW_SAMPLER = "euler"
+
+
+def schedule_steps(choice: SamplerChoice, steps: int) -> int:
+    """The steps A1111 spreads prompt editing over: its `total_steps`, twice the steps for a
+    second-order sampler (whose last step makes one call, so the last listed step is never reached)."""
+    return steps * 2 if choice.sampler.second_order else steps
+
+
+def a1111_calls_per_iteration(choice: SamplerChoice, scheduler: Any) -> int:
+    """A1111's model calls per iteration of the pipeline's loop: 2 where A1111's sampler is
+    second order but the diffusers class steps once per call (its `order` 1: DPM++ SDE's
+    singlestep solver), else 1 (Heun and DPM2 loop over both of their calls)."""
+    return 2 if choice.sampler.second_order and getattr(scheduler, "order", 1) == 1 else 1
 
 
 def sampler_names() -> list[str]:
