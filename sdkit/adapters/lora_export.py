@@ -273,7 +273,9 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
     else:
         state, adapter = peft_state_dict(modules, dtype)
         extra = {**facts.notes, "lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
-    implementation = None if sdxl and format == "kohya" else DIFFUSERS_IMPLEMENTATION
+    # kohya names SDXL and transformer layers after the original code's modules
+    implementation = None if format == "kohya" and (sdxl or _single_file_names(facts.family)) \
+        else DIFFUSERS_IMPLEMENTATION
     spec = SpecFacts(family=facts.family, prediction=facts.prediction, adapter="lora",
                      implementation=implementation)
     metadata = build_metadata(provenance.operation, provenance.inputs, provenance.params, spec, extra,
@@ -282,6 +284,13 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
     if format == "kohya":
         metadata.update(addnet_hashes(lazies, metadata))
     return write_safetensors(path, lazies, metadata, overwrite=overwrite)
+
+
+def _single_file_names(family: str) -> bool:
+    from sdkit.arch.families import FAMILIES
+
+    found = FAMILIES.get(family)
+    return found is not None and found.key_map is not None and not found.key_map.same_names
 
 
 def _lazy(tensor: "torch.Tensor") -> LazyTensor:

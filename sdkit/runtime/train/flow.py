@@ -47,6 +47,18 @@ def flow_metadata(sampling: str, shift: float) -> dict[str, str]:
             "ss_guidance_scale": str(TRAIN_GUIDANCE), "ss_apply_t5_attn_mask": "False"}
 
 
+def design_architecture(family: str, transformer: nn.Module) -> str | None:
+    """ModelSpec architecture of the released design the transformer follows: dev (a
+    guidance embedder) or schnell (none), told by the family's releases' flags."""
+    from sdkit.arch.families import FAMILIES
+
+    guidance = bool(transformer.config.guidance_embeds)
+    for release in FAMILIES[family].releases:
+        if release.flags.get("guidance") == guidance and release.variant == "normal":
+            return release.modelspec_architecture
+    return None
+
+
 class FlowObjective:
     def __init__(self, scheduler_config: Mapping[str, Any], options: LossOptions) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler

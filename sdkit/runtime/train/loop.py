@@ -29,7 +29,7 @@ from sdkit.runtime.train.buckets import BatchPlan
 from sdkit.runtime.train.config import TrainConfig, check_config, check_family_options
 from sdkit.runtime.train.data import DatasetScan, ImageFilter, scan_dataset
 from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
-from sdkit.runtime.train.flow import FlowObjective, FluxDenoiser
+from sdkit.runtime.train.flow import FlowObjective, FluxDenoiser, design_architecture
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
 from sdkit.runtime.train.objective import Objective
@@ -361,7 +361,7 @@ class Trainer:
         context = SaveContext(path=config.output, steps=len(losses), prediction=self.prediction,
                               dtype=dtypes[config.run.save_precision] if config.run.save_precision else default,
                               training_metadata={**kohya_metadata(config, self.scan, self.facts),
-                                                 **spec_metadata(config, self.facts)},
+                                                 **spec_metadata(config, self.facts), **self._flow_spec()},
                               recipe_params=config.to_json(recorded=True), inputs=inputs,
                               input_hashes=input_hashes,
                               base_short_hash=autov2, overwrite=config.run.overwrite)
@@ -369,6 +369,11 @@ class Trainer:
         written = self.method.save(context)
         self.notes += self.method.notes
         return written
+
+    def _flow_spec(self) -> dict[str, str]:
+        """A flow base's ModelSpec architecture: the released design it follows (dev / schnell)."""
+        architecture = design_architecture(self.model.family, self.model.pipe.transformer) if self.flow else None
+        return {"modelspec.architecture": f"{architecture}/lora"} if architecture else {}
 
     def _finish(self, outputs: list[Path], losses: list[float], resumed_from: int) -> TrainResult:
         config = self.config
