@@ -11,7 +11,8 @@ error. Noise levels (`--timestep-sampling`):
   scheduler's 1000-entry sigma table, so a schedule with a fixed shift (dev's shift 3 when
   not dynamic) is sampled shifted, schnell's (shift 1) uniformly;
 - `logit-normal`: the index from sigmoid(N(0, 1)) instead (diffusers' `logit_normal` with
-  mean 0 and std 1: more weight on middle noise levels);
+  mean 0 and std 1: more weight on middle noise levels); both drawn by diffusers'
+  `compute_density_for_timestep_sampling`, as the script draws them;
 - `shift`: kohya's `--timestep_sampling shift`: s = sigmoid(N(0, 1)), sigma =
   s·k / (1 + (k - 1)·s) with k = `--flow-shift` (kohya's `--discrete_flow_shift`, 3.0).
 
@@ -72,10 +73,10 @@ class FlowObjective:
         if self.sampling == "shift":
             drawn = torch.sigmoid(torch.randn((batch,), generator=generator))
             return drawn * self.shift / (1 + (self.shift - 1) * drawn)
-        if self.sampling == "logit-normal":
-            u = torch.sigmoid(torch.randn((batch,), generator=generator))
-        else:
-            u = torch.rand((batch,), generator=generator)
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        scheme = "logit_normal" if self.sampling == "logit-normal" else "none"
+        u = compute_density_for_timestep_sampling(scheme, batch, logit_mean=0.0, logit_std=1.0, generator=generator)
         indices = (u * len(self.sigma_table)).long().clamp_(max=len(self.sigma_table) - 1)
         return self.sigma_table[indices]
 
