@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_run import run_sdkit
+
 from sdkit.runtime.toyscore import write_concept_pictures
 from sdkit.runtime.train.config import LossOptions
 from sdkit.runtime.train.flow import FlowObjective
@@ -95,7 +95,7 @@ def test_options_a_base_does_not_train_with_are_refused_in_one_line(capsys, pict
         pytest.skip("toy models not built (make fixtures)")
     method, *rest = options
     output = tmp_path / ("out.pt" if method == "hypernet" else "out.safetensors")
-    code, out, err = run_sdkit(capsys, "train", method, "--base", str(base), "--data", str(pictures),
+    code, _, err = run_sdkit(capsys, "train", method, "--base", str(base), "--data", str(pictures),
                                "-o", str(output), *rest)
     assert code == 1 and message in err, err
     assert err.count("\n") == 1 and err.startswith("sdkit: error: ")

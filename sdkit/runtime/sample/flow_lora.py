@@ -12,8 +12,9 @@ modules of such adapters are not applied here (they are listed as reaching no la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

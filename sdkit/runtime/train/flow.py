@@ -25,7 +25,8 @@ embedder) is given the guidance both scripts train with by default, 3.5.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

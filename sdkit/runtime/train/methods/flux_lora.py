@@ -25,8 +25,9 @@ Files:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,7 +55,7 @@ def flux_network_metadata(method: str) -> dict[str, Any]:
     return args
 
 
-def write_flux_adapter(method: "NetworkMethod", state: Mapping[str, torch.Tensor], context: "SaveContext") -> Path:
+def write_flux_adapter(method: NetworkMethod, state: Mapping[str, torch.Tensor], context: SaveContext) -> Path:
     options = method.config.network
     modules = export_modules(state, "transformer", options.rank, method.alpha)
     if method.name == "lokr":
