@@ -80,6 +80,7 @@ def pictures(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("base, options, message", [
     (FLUX, ["ti"], "FLUX.1 bases train lora and lokr, not ti"),
+    (FLUX.parent / "toy-flux.safetensors", ["lora"], "alone; FLUX.1 trains from a diffusers folder"),
     (FLUX, ["lora", "--noise-offset", "0.1"], "--noise-offset does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--min-snr-gamma", "5"], "--min-snr-gamma does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--prediction-type", "epsilon"], "--prediction-type does not apply to FLUX.1 bases"),

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.train.buckets import Size, bucket_resolutions, bucket_step, nearest_bucket
 from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig
@@ -53,7 +53,12 @@ def base_is_flow(path: Path) -> bool:
     if not path.exists():
         raise SdkitError(f"{path}: no such file or directory")
     with open_model(path) as model:
-        return identify(model).family in FLOW_FAMILIES
+        identity = identify(model)
+    flow = identity.family in FLOW_FAMILIES
+    if flow and identity.components == ["transformer"]:
+        raise SdkitError(f"{path}: is {with_article(identity.part or 'diffusion model')} alone; FLUX.1 trains "
+                         "from a diffusers folder (transformer, text encoders, VAE and tokenizers)")
+    return flow
 
 
 def denoiser_of(model: LoadedModel) -> torch.nn.Module:
