@@ -18,7 +18,8 @@ error. Noise levels (`--timestep-sampling`):
 
 `FluxDenoiser` holds the transformer (the text encoders are frozen and run without
 gradients): captions are encoded as `FluxPipeline.encode_prompt` encodes them (CLIP's
-pooled vector, T5's hidden states at the tokenizer's context length, at most 512), the
+pooled vector, T5's hidden states at the tokenizer's context length, at most 512), once
+per distinct caption, the
 latents packed into 2x2 tokens with their position ids, and a dev base (guidance
 embedder) is given the guidance both scripts train with by default, 3.5.
 """
@@ -105,16 +106,28 @@ class FluxDenoiser(nn.Module):
         self.encoders = nn.ModuleList([pipe.text_encoder, pipe.text_encoder_2])
         self._pipe = pipe
         self.text_length = min(MAX_T5_TOKENS, int(pipe.tokenizer_2.model_max_length))
+        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_ids = torch.zeros(0)
 
     def tokenize(self, captions: Sequence[str]) -> list[str]:
         """Captions go to the pipeline's own prompt encoder as they are."""
         return list(captions)
 
     def encode(self, captions: Sequence[str], device: torch.device) -> tuple[torch.Tensor, ...]:
-        with torch.no_grad():
-            embeds, pooled, text_ids = self._pipe.encode_prompt(
-                prompt=list(captions), prompt_2=None, device=device, max_sequence_length=self.text_length)
-        return embeds, pooled, text_ids
+        """(T5 states, CLIP pooled vectors, text position ids) of the captions. The encoders are
+        frozen, so each distinct caption is encoded once and kept on the CPU (as diffusers'
+        script precomputes its instance prompt and kohya caches text-encoder outputs)."""
+        missing = sorted({caption for caption in captions if caption not in self._encoded})
+        if missing:
+            with torch.no_grad():
+                embeds, pooled, text_ids = self._pipe.encode_prompt(
+                    prompt=missing, prompt_2=None, device=device, max_sequence_length=self.text_length)
+            for index, caption in enumerate(missing):
+                self._encoded[caption] = (embeds[index].cpu(), pooled[index].cpu())
+            self._text_ids = text_ids.cpu()
+        embeds = torch.stack([self._encoded[caption][0] for caption in captions]).to(device)
+        pooled = torch.stack([self._encoded[caption][1] for caption in captions]).to(device)
+        return embeds, pooled, self._text_ids.to(device)
 
     def forward(self, noisy: torch.Tensor, sigmas: torch.Tensor, captions: Sequence[str],
                 time_ids: torch.Tensor | None = None) -> torch.Tensor:
