@@ -101,3 +101,44 @@ def test_options_a_base_does_not_train_with_are_refused_in_one_line(capsys, pict
     assert code == 1 and message in err, err
     assert err.count("\n") == 1 and err.startswith("sdkit: error: ")
     assert not output.exists() and not list(tmp_path.iterdir())
+
+
+def test_sd_lora_in_diffusers_layout_holds_the_kohya_files_deltas_and_loads_in_diffusers(pictures, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from sdkit.runtime.train import (
+        DataOptions,
+        NetworkOptions,
+        OptimOptions,
+        RunOptions,
+        TrainConfig,
+        train,
+    )
+
+    if not SD1.exists():
+        pytest.skip("toy models not built (make fixtures)")
+    folder = SD1.parent / "diffusers"
+    files = {}
+    for layout in ("kohya", "diffusers"):
+        files[layout] = tmp_path / f"{layout}.safetensors"
+        train(TrainConfig("lora", SD1, files[layout], DataOptions(pictures), config_dir=folder,
+                          optim=OptimOptions(steps=3, lr=1e-2), network=NetworkOptions(rank=2, alpha=1.0, layout=layout),
+                          run=RunOptions(seed=3)))
+    kohya_name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    peft_name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    with safe_open(files["kohya"], "pt") as kohya, safe_open(files["diffusers"], "pt") as peft:
+        scale = kohya.get_tensor(f"{kohya_name}.alpha").item() / 2
+        theirs = scale * kohya.get_tensor(f"{kohya_name}.lora_up.weight") @ kohya.get_tensor(
+            f"{kohya_name}.lora_down.weight")
+        ours = peft.get_tensor(f"{peft_name}.lora_B.weight") @ peft.get_tensor(f"{peft_name}.lora_A.weight")
+        assert peft.metadata()["ss_network_dim"] == "2"
+    assert theirs.abs().max() > 0
+    torch.testing.assert_close(ours, theirs)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, local_files_only=True)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    original = layer.weight.detach().clone()
+    pipe.load_lora_weights(str(files["diffusers"]))
+    pipe.fuse_lora()
+    torch.testing.assert_close(pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.base_layer.weight
+                               - original, ours)
