@@ -6,9 +6,10 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +59,23 @@ def test_the_license_is_an_spdx_string_and_the_build_backend_reads_it():
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]["requires"]
     version = next(r for r in requires if r.startswith("setuptools"))
     assert int(re.search(r">=(\d+)", version)[1]) >= 77  # the first setuptools that reads SPDX strings
+
+
+def test_the_wheel_carries_the_clip_merges_and_their_licence(tmp_path):
+    """The built wheel (and so any install) holds sdkit.data's files: single files need
+    them to load offline."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "sdkit", source / "sdkit", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-c", "import setuptools.build_meta as b; b.build_wheel('dist')"],
+                   cwd=source, check=True, capture_output=True)
+    wheel = next((source / "dist").glob("sdkit-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"sdkit/data/bpe_simple_vocab_16e6.txt.gz", "sdkit/data/CLIP-LICENSE.txt"} <= names
+    packed = zipfile.ZipFile(wheel).read("sdkit/data/bpe_simple_vocab_16e6.txt.gz")
+    assert packed == (ROOT / "sdkit" / "data" / "bpe_simple_vocab_16e6.txt.gz").read_bytes()

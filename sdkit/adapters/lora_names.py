@@ -38,12 +38,12 @@ from sdkit.errors import SdkitError, with_article
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES
 
-ADAPTABLE = ("unet", "text_encoder", "text_encoder_2")
+ADAPTABLE = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")
 # adapter-name prefix -> component (None: a bare path, looked up in every component)
 _NAME_PREFIXES: tuple[tuple[str, str | None], ...] = (
     ("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-    ("lora_te_", "text_encoder"), ("lycoris_", "unet"), ("unet.", "unet"),
-    ("text_encoder_2.", "text_encoder_2"), ("text_encoder.", "text_encoder"),
+    ("lora_te3_", "text_encoder_3"), ("lora_te_", "text_encoder"), ("lycoris_", "unet"), ("unet.", "unet"),
+    ("text_encoder_2.", "text_encoder_2"), ("text_encoder_3.", "text_encoder_3"), ("text_encoder.", "text_encoder"),
     ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
     # transformer denoisers (ComfyUI `model_lora_keys_unet`): diffusers / peft `transformer.`,
     # OneTrainer `lora_transformer_`, peft wrappers around either root

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from sdkit.adapters.lora_names import ModelNames, Piece, Target, TensorRef, index_names
+from sdkit.adapters.lora_names import ModelNames, Piece, Target, TensorRef, index_names, underscore_names
+from sdkit.arch.families.spec import Family
 from sdkit.arch.fingerprint import LayoutMatch, match_transformers
 from sdkit.arch.keymaps.recipe import Link
 from sdkit.arch.keymaps.transformer import transformer_links
@@ -38,6 +39,10 @@ from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES, ModelFile
 
 COMPONENT = "unet"  # the diffusion model, whatever its design, as adapter names call it
+_ENCODERS_ROOT = "text_encoders."  # a ComfyUI all-in-one checkpoint's text encoders
+# kohya names text encoders by their place in SD3 in every family: te1 CLIP-L, te2 CLIP-G,
+# te3 T5-XXL (sd-scripts networks/lora_flux.py: "lora_te3" for T5, "make ComfyUI compatible")
+_KOHYA_COMPONENT = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
 # where a denoiser's tensors may sit: ComfyUI checkpoints, a lone diffusers folder, a lone file
 DENOISER_ROOTS = ("model.diffusion_model.", "transformer/", "")
 _WEIGHT, _BIAS = ".weight", ".bias"
@@ -66,7 +71,37 @@ def transformer_names(tensors: Mapping[str, LazyTensor], root: str, match: Layou
         for link in transformer_links(key_map, match.dims):
             builder.add_link(link)
     builder.add_unlinked(both_conventions=key_map is None or key_map.same_names)
-    return index_names(builder.targets, [])
+    encoders = encoder_targets(tensors, match.family)
+    names = index_names(builder.targets + [target for target, _alias in encoders], [])
+    for target, alias in encoders:  # kohya's numbering where the family's differs
+        if alias is not None:
+            names.names.update({(alias, name): target for name in underscore_names(target)})
+    return names
+
+
+def encoder_targets(tensors: Mapping[str, LazyTensor], family: Family) -> list[tuple[Target, str | None]]:
+    """The text encoders of a ComfyUI all-in-one checkpoint (`text_encoders.<name>.transformer.`,
+    transformers' names inside) as targets of the family's diffusers components, each with
+    the component kohya's names reach it by where that differs (FLUX.1's T5 is diffusers'
+    `text_encoder_2` and kohya's `lora_te3_`)."""
+    found = []
+    for spec in family.text_encoders:
+        if not spec.comfyui_name:
+            continue
+        root = f"{_ENCODERS_ROOT}{spec.comfyui_name}.transformer."
+        kohya = _KOHYA_COMPONENT.get(spec.comfyui_name)
+        alias = kohya if kohya not in (None, spec.component) else None
+        for name, lazy in tensors.items():
+            if not name.startswith(root) or not name.endswith(_WEIGHT) or not lazy.shape \
+                    or lazy.dtype not in FLOAT_DTYPES:
+                continue
+            path = _module(name[len(root):])
+            bias = _module(name) + _BIAS
+            target = Target(spec.component, diffusers_path=path, ldm_path=path, weight=TensorRef(name),
+                            shape=lazy.shape, dtype=lazy.dtype, ldm_key=name,
+                            bias=TensorRef(bias) if bias in tensors else None)
+            found.append((target, alias))
+    return found
 
 
 def part_rows(sizes: tuple[int | None, ...] | None, parts: int, total: int) -> list[tuple[int, int]]:

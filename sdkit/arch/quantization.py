@@ -197,13 +197,20 @@ def _mixed_layers(model: ModelFile, scan: QuantScan) -> dict[str, dict[str, Any]
             scan.problems.append(f"metadata {METADATA_KEY} is not JSON of the form "
                                  '{"layers": {layer: {"format": …}}}')
             return {"": {}}
-        layers.update({str(k): v if isinstance(v, dict) else {"format": v} for k, v in listed.items()})
+        layers.update({_stored_layer(model, str(k)): v if isinstance(v, dict) else {"format": v}
+                       for k, v in listed.items()})
     for name in model.infos:
         if name.endswith(_LAYER_MARKER):
             layers.setdefault(name[: -len(_LAYER_MARKER)], _marker_config(model, name, scan))
     if layers and raw is None:
         scan.markers.append(f"*{_LAYER_MARKER} tensors")
     return layers
+
+
+def _stored_layer(model: ModelFile, layer: str) -> str:
+    """A layer named as the file's keys name it: metadata may list it without the root
+    prefix that the keys (and their per-layer markers) carry."""
+    return next((p + layer for p in _MIXED_PREFIXES if p + layer + ".weight" in model.infos), layer)
 
 
 def mixed_layer_formats(model: ModelFile) -> dict[str, QuantFormat | None]:

@@ -271,12 +271,17 @@ def _render_merge(console: Console, report: dict[str, Any]) -> None:
               help="Clamp the factors to this quantile of their values (1 = no clamp).")
 @click.option("--randomized", is_flag=True, help="Randomized SVD (torch.svd_lowrank); reports its error on a sample.")
 @click.option("--format", "fmt", type=_FORMATS, default="kohya", show_default=True)
+@click.option("--to", type=click.Choice(["comfyui", "kohya", "diffusers"]),
+              help="Layout (replaces --format); transformer models default to comfyui.")
+@click.option("--full-diff", is_flag=True, help="Transformers: also keep the other differing tensors "
+                                                "(biases, embedders, norms) as full differences.")
 @click.option("--dtype", type=_DTYPES, help="Output dtype (default: the base's).")
 @click.option("--force", is_flag=True, help="Overwrite the output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: int | None,
                     dynamic: tuple[str, float] | None, min_diff: float, clamp_quantile: float,
-                    randomized: bool, fmt: str, dtype: str | None, force: bool, as_json: bool) -> None:
+                    randomized: bool, fmt: str, to: str | None, full_diff: bool, dtype: str | None, force: bool,
+                    as_json: bool) -> None:
     """Extract a LoRA approximating TUNED − BASE (sd-scripts' extract_lora_from_models).
 
     Example: sdkit lora extract finetune.safetensors base.safetensors -o diff.safetensors --rank 32
@@ -288,7 +293,7 @@ def extract_command(tuned: str, base: str, output: str, rank: int, conv_rank: in
     method, value = dynamic if dynamic else (None, None)
     clamp = None if clamp_quantile >= 1 else clamp_quantile
     options = ExtractOptions(rank, conv_rank, method, value, clamp, min_diff, randomized,
-                             format=fmt, dtype=dtype)
+                             format=fmt, dtype=dtype, to=to, full_diff=full_diff)
     with progress_bar(_console(), _quiet(as_json), "extracting", unit="layers") as advance:
         report = extract_lora(tuned, base, output, options, overwrite=force, progress=advance)
     _emit(report.to_json(), as_json, _render_svd, summary=True)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import click
 from rich.console import Console
-from sdkit.cli.tables import Table
 
 from sdkit.cli.common import human_bytes, is_quiet, key_examples, progress_bar
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import SAFETENSORS, require_inputs, require_output
+from sdkit.cli.tables import Table
 from sdkit.cli.terminal import SafeConsole, echo
-
 
 
 @cli.command("merge")
@@ -48,6 +48,9 @@ from sdkit.cli.terminal import SafeConsole, echo
 @click.option("--replay", "replay_file", type=click.Path(path_type=str),
               help="Re-run the recipe stored in a merged file: check the tensors are identical, "
                    "or with -o write the result there.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the inputs and plan every key (and every step of a recipe), print the steps "
+                   "in the order they run, write nothing.")
 @click.option("--list-methods", is_flag=True, help="List the merge methods and their parameters.")
 @click.option("--list-blocks", "list_blocks", metavar="FAMILY",
               help="List a family's block ids in --blocks order (sd1, sdxl, flux, wan, …) and its presets.")
@@ -55,7 +58,7 @@ from sdkit.cli.terminal import SafeConsole, echo
 @click.pass_context
 def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: bool,
                   list_blocks: str | None, replay_file: str | None, recipe_file: str | None, as_json: bool,
-                  threads: int | None, output: str | None, force: bool, **options: Any) -> None:
+                  threads: int | None, output: str | None, force: bool, dry_run: bool, **options: Any) -> None:
     """Merge checkpoints key by key into a new .safetensors file.
 
     Inputs are A, B, C… in order. Example:
@@ -89,23 +92,26 @@ def merge_command(ctx: click.Context, inputs: tuple[str, ...], list_methods: boo
         if not result.identical:
             sys.exit(1)
         return
-    _check_merge_arguments(inputs, recipe_file, output, force)
+    _check_merge_arguments(inputs, recipe_file, output, force, dry_run)
     from sdkit.ops.merge import load_recipe_file, merge_models
 
     if recipe_file:
         recipe = _override(load_recipe_file(recipe_file), options)
-        if output is None and recipe.output is None:
+        if output is None and recipe.output is None and not dry_run:
             raise click.UsageError(f"{recipe_file} names no output: give -o/--output")
     else:
         recipe = _override(_recipe_from_inputs(inputs), options)
     _check_arity(recipe)
+    if dry_run:
+        _dry_run(recipe, output, as_json)
+        return
     with progress_bar(console, quiet, "merging") as advance:
         result = merge_models(recipe, output, overwrite=force, threads=threads, progress=advance)
     _report_merge(result, as_json, console)
 
 
 def _check_merge_arguments(inputs: tuple[str, ...], recipe_file: str | None, output: str | None,
-                           force: bool) -> None:
+                           force: bool, dry_run: bool) -> None:
     """What can be refused before torch loads: the inputs, a missing -o, the output path."""
     if recipe_file:
         if inputs:
@@ -113,7 +119,7 @@ def _check_merge_arguments(inputs: tuple[str, ...], recipe_file: str | None, out
         require_inputs(recipe_file)
     elif not inputs:
         raise click.UsageError("give the models to merge (A B [C …]), --recipe or --replay")
-    elif output is None:
+    elif output is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--output' (the file to write)")
     require_inputs(*inputs)
     if output is not None:
@@ -128,9 +134,13 @@ def _recipe_from_inputs(inputs: tuple[str, ...]) -> Any:
 
 def _check_arity(recipe: Any) -> None:
     """A method given the wrong number of models is a usage error (an unknown method is
-    left to the merge, which lists the known ones)."""
+    left to the merge, which lists the known ones; a step's, to the merge, which names
+    the step)."""
     from sdkit.errors import SdkitError
     from sdkit.ops.merge import get_method
+
+    if hasattr(recipe, "steps"):
+        return
 
     try:
         method = get_method(recipe.method)
@@ -143,9 +153,16 @@ def _check_arity(recipe: Any) -> None:
 
 
 def _override(recipe: Any, options: dict[str, Any]) -> Any:
-    """The recipe with every option given on the command line applied over it."""
+    """The recipe with every option given on the command line applied over it (a recipe
+    in steps takes none: which step would they change?)."""
     from sdkit.ops.block_weights import parse_assignments, parse_block_spec
 
+    if hasattr(recipe, "steps"):
+        given = sorted(name for name, value in options.items() if value not in (None, False, ()))
+        if given:
+            raise click.UsageError(f"--{given[0].replace('_', '-')}: a recipe with steps sets the "
+                                   "method and its options in each step")
+        return recipe
     if options["method"]:
         recipe.method = options["method"]
     params = dict(recipe.params)
@@ -189,8 +206,41 @@ def _takes(items: tuple[str, ...], vae_source: str | None) -> dict[str, str]:
     return takes
 
 
-def _report_lines(result: Any) -> Iterator[str]:
-    report = result.report
+def _step_lines(recipe: Any) -> Iterator[str]:
+    """The steps in the order they run, each with its method and inputs."""
+    from pathlib import Path
+
+    if hasattr(recipe, "steps"):
+        yield "steps: " + " → ".join(recipe.steps)
+        steps = recipe.steps.items()
+    else:
+        steps = [("merge", recipe)]
+    for name, step in steps:
+        names = [getattr(item, "step", None) or Path(item.path).name for item in step.inputs]
+        yield f"• {name}: {step.method} of {', '.join(names)}"
+
+
+def _dry_run(recipe: Any, output: str | None, as_json: bool) -> None:
+    """Every check a merge makes before writing, and what it would do; nothing written."""
+    from pathlib import Path
+
+    from sdkit.ops.merge import prepare_merge
+
+    target = Path(output or recipe.output or "merged.safetensors")
+    with prepare_merge(recipe, target, check_disk=False) as prepared:
+        report = prepared.plan.report
+        if as_json:
+            click.echo(json.dumps({"output": str(target), "bytes": prepared.plan.output_bytes,
+                                   "recipe": recipe.to_json(), "report": report.to_json()}, indent=2))
+            return
+        for line in _step_lines(recipe):
+            echo(line)
+        for line in _report_lines(report, {}):
+            echo(f"• {line}")
+        echo(f"would write {target} ({human_bytes(prepared.plan.output_bytes)}); nothing written (--dry-run)")
+
+
+def _report_lines(report: Any, non_finite: dict[str, int]) -> Iterator[str]:
     copied = ", ".join(f"{count} from {name}" for name, count in sorted(report.copied.items()))
     yield f"{report.merged} tensors merged" + (f", {copied} copied" if copied else "")
     for component, source in sorted(report.components_taken.items()):
@@ -201,7 +251,7 @@ def _report_lines(result: Any) -> Iterator[str]:
         yield f"not in A, copied from {name}: {key_examples(keys)}"
     if report.partial_channels:
         yield f"A's extra input channels kept: {key_examples(report.partial_channels)}"
-    for key, count in sorted(result.non_finite.items()):
+    for key, count in sorted(non_finite.items()):
         yield f"NaN/Inf kept in {key}: {count} values"
 
 
@@ -216,7 +266,10 @@ def _report_merge(result: Any, as_json: bool, console: Console) -> None:
     if is_quiet():
         return
     console.print(f"wrote {result.path} ({human_bytes(result.output_bytes)})")
-    for line in _report_lines(result):
+    if hasattr(result.recipe, "steps"):
+        for line in _step_lines(result.recipe):
+            console.print(line, markup=False, highlight=False)
+    for line in _report_lines(result.report, result.non_finite):
         console.print(f"• {line}", markup=False, highlight=False)
 
 

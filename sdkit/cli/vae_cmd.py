@@ -99,11 +99,14 @@ def extract_command(ctx: click.Context, checkpoint: str, output: str, convention
 @click.argument("vae", type=click.Path(path_type=str))
 @click.option("--config", "config_dir", type=click.Path(path_type=str),
               help="A local diffusers folder of BASE's architecture (tokenizer, configs single files lack).")
+@click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
+              help="A text encoder of a FLUX.1 diffusion model given alone (CLIP-L and T5; with --config), "
+                   "so that its latent space is measured.")
 @click.option("--no-fp16", "skip_fp16", is_flag=True, help="Skip the float16 encode/decode test.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.pass_context
-def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | None, skip_fp16: bool,
-                  as_json: bool) -> None:
+def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | None, text_encoders: tuple[str, ...],
+                  skip_fp16: bool, as_json: bool) -> None:
     """Tell whether VAE fits BASE: match, mismatch (another latent space) or incompatible
     (another architecture), with the evidence. Exits 1 unless the verdict is match.
 
@@ -111,7 +114,7 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
     """
     from contextlib import nullcontext
 
-    require_inputs(base, vae, config_dir)
+    require_inputs(base, vae, config_dir, *text_encoders)
     from sdkit.runtime.vae_check import check_vae
 
     if not (ctx.obj or {}).get("debug"):
@@ -119,7 +122,7 @@ def check_command(ctx: click.Context, base: str, vae: str, config_dir: str | Non
     console = SafeConsole(stderr=True)
     spinning = console.is_terminal and not _quiet(ctx, as_json)
     with console.status("loading the base model and measuring") if spinning else nullcontext():
-        report = check_vae(base, vae, config=config_dir, fp16=not skip_fp16)
+        report = check_vae(base, vae, config=config_dir, fp16=not skip_fp16, text_encoders=text_encoders)
     if as_json:
         _print_json(report.to_json())
     else:

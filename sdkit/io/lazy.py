@@ -31,6 +31,9 @@ class LazyTensor:
     `chunks()`, when given, yields the tensor's data in pieces (tensors of this dtype
     whose flattened concatenation is the tensor): the writer writes each as it comes, so
     a tensor far larger than a slice never exists whole in memory.
+
+    `fresh`: `load()` makes a new tensor each time (computed, not a view of a file or of
+    another tensor), which its caller may change in place instead of copying it.
     """
 
     dtype: str  # safetensors code, e.g. "F16"
@@ -38,6 +41,7 @@ class LazyTensor:
     load: Callable[[], "torch.Tensor"]
     span: Callable[[], ByteSpan | None] | None = None
     chunks: Callable[[], Iterator["torch.Tensor"]] | None = None
+    fresh: bool = False
 
     @property
     def nbytes(self) -> int:

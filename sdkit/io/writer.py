@@ -14,7 +14,11 @@ swept on the next write of the same target.
 Tensor order and header layout follow `safetensors.torch.save_file` (descending dtype
 alignment, then name; compact JSON; spaces to a multiple of 8), so for the same tensors
 the bytes are identical. The reference writer orders `__metadata__` keys arbitrarily;
-we sort them, so the two agree whenever metadata has at most one key.
+we sort them, so the two agree whenever metadata has at most one key. A writer may ask
+for some tensors to be laid out `last` (e.g. a scale that is only known once its weight
+is made): after the others, or after as many of them as keeps every tensor starting at a
+multiple of its item size, which readers that map the file expect (byte tensors such as
+JSON blobs come last in the reference order).
 
 A metadata value `DATA_SHA256` asks for the sha256 of the file's data section (every
 byte after the header, as ModelSpec's `hash_sha256` defines it): the sink hashes the
@@ -26,10 +30,11 @@ output (about 0.7 s of CPU per GiB); `SDKIT_DATA_HASH=off` writes no such key.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Collection, Mapping
 
 from sdkit.errors import SdkitError
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher
@@ -56,18 +61,44 @@ Cost = Callable[[str], int]
 Finish = Callable[[Path], None]
 
 
-def write_order(tensors: Mapping[str, LazyTensor]) -> list[str]:
-    """Names in the order their data is laid out: descending dtype alignment, then name."""
-    return sorted(tensors, key=lambda name: (-_RANK[tensors[name].dtype], name))
+def write_order(tensors: Mapping[str, LazyTensor], last: Collection[str] = ()) -> list[str]:
+    """Names in the order their data is laid out: descending dtype alignment, then name;
+    the names in `last` after as many of the others as keeps every tensor aligned."""
+    order = sorted(tensors, key=lambda name: (-_RANK[tensors[name].dtype], name))
+    if not last:
+        return order
+    rest, moved = [name for name in order if name not in last], [name for name in order if name in last]
+    for cut in range(len(rest), 0, -1):
+        candidate = rest[:cut] + moved + rest[cut:]
+        if _aligned(tensors, candidate):
+            return candidate
+    return order
 
 
-def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None) -> bytes:
-    """The JSON header, padded with spaces to a multiple of 8 bytes."""
+def _aligned(tensors: Mapping[str, LazyTensor], order: list[str]) -> bool:
+    offset = 0
+    for name in order:
+        lazy = tensors[name]
+        if lazy.nbytes and offset % _item_size(lazy) != 0:
+            return False
+        offset += lazy.nbytes
+    return True
+
+
+def _item_size(lazy: LazyTensor) -> int:
+    count = math.prod(lazy.shape)
+    return max(1, lazy.nbytes // count) if count else 1
+
+
+def build_header(tensors: Mapping[str, LazyTensor], metadata: Mapping[str, str] | None,
+                 order: list[str] | None = None) -> bytes:
+    """The JSON header, padded with spaces to a multiple of 8 bytes (tensors laid out in
+    `order`, by default `write_order`'s)."""
     document: dict[str, object] = {}
     if metadata is not None:
         document["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
-    for name in write_order(tensors):
+    for name in order or write_order(tensors):
         lazy = tensors[name]
         document[name] = {"dtype": lazy.dtype, "shape": list(lazy.shape),
                           "data_offsets": [offset, offset + lazy.nbytes]}
@@ -153,11 +184,10 @@ def _copy_tensor(sink: Sink, path: Path, name: str, lazy: LazyTensor, span: Byte
     return sink.copy(span)
 
 
-def _write_all(sink: Sink, path: Path, tensors: Mapping[str, LazyTensor], header: bytes,
+def _write_all(sink: Sink, path: Path, tensors: Mapping[str, LazyTensor], header: bytes, order: list[str],
                ahead: Prefetcher, spans: Mapping[str, ByteSpan], progress: Progress | None) -> None:
     sink.write(len(header).to_bytes(8, "little"))
     sink.write(header)
-    order = write_order(tensors)
     # copied spans and tensors written in pieces are not produced ahead: the first needs
     # no producing, the second is produced piece by piece as it is written
     produced = [name for name in order if name not in spans and tensors[name].chunks is None]
@@ -215,7 +245,7 @@ def _spans(tensors: Mapping[str, LazyTensor]) -> dict[str, ByteSpan]:
 def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = False,
                       progress: Progress | None = None, workers: int = 1, cost: Cost | None = None,
-                      finish: Finish | None = None) -> Path:
+                      finish: Finish | None = None, last: Collection[str] = ()) -> Path:
     """Write `tensors` (produced one at a time) to a safetensors file, atomically.
 
     `metadata` None writes no `__metadata__`; `progress(n)` is called after each tensor
@@ -223,14 +253,16 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
     writer (0: produced on the calling thread), holding at most `AHEAD_BUDGET` bytes by
     `cost(name)` (default: the tensor's size). `finish(temp_path)` runs once every byte
     is written and before the file is made durable and renamed into place (e.g. to patch
-    a digest computed meanwhile into the header). Returns the path written.
+    a digest computed meanwhile into the header). `last`: tensors to lay out after the
+    others where alignment allows (`write_order`). Returns the path written.
     """
     path = Path(path)
     _check_request(path, tensors, metadata)
     if path.is_dir():
         raise SdkitError(f"{path}: is a folder")
     metadata, placeholder = _with_digest_placeholder(metadata)
-    header = build_header(tensors, metadata)
+    order = write_order(tensors, last)
+    header = build_header(tensors, metadata, order)
     if len(header) > MAX_HEADER_SIZE:
         raise SdkitError(f"{path}: header would take {len(header)} bytes, over the "
                          f"{MAX_HEADER_SIZE}-byte limit of the format")
@@ -242,7 +274,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, LazyTe
         file, sink = open_sink(partial, digest)
         with file:
             try:
-                _write_all(sink, path, tensors, header, ahead, _spans(tensors), progress)
+                _write_all(sink, path, tensors, header, order, ahead, _spans(tensors), progress)
             finally:
                 sink.close()
         if digest is not None and placeholder is not None:

@@ -20,11 +20,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from sdkit.arch.keymaps import stored_clip_names
+from sdkit.data.pipeline_defaults import (
+    SHIPPED_TOKENIZER,
+    TOKENIZER_PADS,
+    released_scheduler_config,
+    tokenizer_fits,
+    write_shipped_tokenizer,
+)
 from sdkit.errors import SdkitError
 from sdkit.io import LazyTensor, write_safetensors
 from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
@@ -52,14 +60,6 @@ _PIPELINES = {
         "image_encoder": [None, None], "feature_extractor": [None, None],
         "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False}),
 }
-# the scheduler each family's reference repository ships (betas of the LDM training schedule)
-_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False}
-_SCHEDULERS = {"sd1": ("PNDMScheduler", {"skip_prk_steps": True}),
-               "sd2": ("DDIMScheduler", {}),
-               "sdxl": ("EulerDiscreteScheduler", {"timestep_spacing": "leading", "interpolation_type": "linear"}),
-               "sdxl_refiner": ("EulerDiscreteScheduler", {"timestep_spacing": "leading",
-                                                           "interpolation_type": "linear"})}
 _REFERENCE_REPOS = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd2": "stabilityai/stable-diffusion-2-1",
                     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
                     "sdxl_refiner": "stabilityai/stable-diffusion-xl-refiner-1.0"}
@@ -124,12 +124,7 @@ def component_config(component: str, config: Mapping[str, Any]) -> dict[str, Any
 def scheduler_config(layout: str, prediction: str, zero_snr: bool = False) -> dict[str, Any]:
     """The scheduler of a written pipeline; `zero_snr` for models trained for a zero
     terminal SNR schedule (diffusers rescales the betas so the last step is pure noise)."""
-    name, settings = _SCHEDULERS[layout]
-    config = {"_class_name": name, "_diffusers_version": _diffusers_version(), **_SCHEDULE, **settings,
-              "prediction_type": "v_prediction" if prediction == "v" else "epsilon"}
-    if zero_snr:
-        config["rescale_betas_zero_snr"] = True
-    return config
+    return {**released_scheduler_config(layout, prediction, zero_snr), "_diffusers_version": _diffusers_version()}
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -175,16 +170,16 @@ def _cached_tokenizer(layout: str, name: str, rows: int) -> Path | None:
 
         folder = Path(snapshot_download(_REFERENCE_REPOS[layout], allow_patterns=[f"{name}/*"],
                                         local_files_only=True)) / name
-    except Exception:  # huggingface_hub raises several types for "not in the cache"
+    except Exception:  # noqa: BLE001 - huggingface_hub raises several types for "not in the cache"
         return None
     size = _vocab_size(folder) if folder.is_dir() else None
     return folder if size is not None and size <= rows else None
 
 
 def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str, dict],
-                       config_dir: Path | None) -> dict[str, tuple[Path, str]]:
-    """tokenizer folder name -> (source folder, description)."""
-    found: dict[str, tuple[Path, str]] = {}
+                       config_dir: Path | None) -> dict[str, tuple[Path | None, str]]:
+    """tokenizer folder name -> (source folder, or None for the shipped one; description)."""
+    found: dict[str, tuple[Path | None, str]] = {}
     for component, name in _TOKENIZER_OF.items():
         if component not in components:
             continue
@@ -194,6 +189,8 @@ def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str,
         cached = _cached_tokenizer(layout, name, int(configs[component].get("vocab_size", 0)))
         if cached is not None:
             found[name] = (cached, f"{_REFERENCE_REPOS[layout]} (local Hugging Face cache)")
+        elif name in TOKENIZER_PADS.get(layout, {}) and tokenizer_fits(configs[component]):
+            found[name] = (None, SHIPPED_TOKENIZER)
     return found
 
 
@@ -245,7 +242,10 @@ def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], confi
         scheduler = _write_scheduler(folder, layout, prediction, zero_snr, config_dir)
         written = ["scheduler"]
         for name, (source, _) in tokenizers.items():
-            shutil.copytree(source, folder / name)
+            if source is None:
+                write_shipped_tokenizer(folder / name, layout, name)
+            else:
+                shutil.copytree(source, folder / name)
             written.append(name)
         if config_dir is not None and (config_dir / "feature_extractor").is_dir():
             shutil.copytree(config_dir / "feature_extractor", folder / "feature_extractor")
@@ -259,7 +259,8 @@ def write_pipeline_folder(target: Path, tensors: Mapping[str, LazyTensor], confi
     if missing:
         names = " and ".join(missing)
         passed = ", ".join(f"{name}=None" for name in missing)
-        result.notes.append(f"written without {names}: a single file holds none and none was found locally; "
+        result.notes.append(f"written without {names}: a single file holds none, none was found locally and "
+                            "its text encoder's vocabulary is not CLIP's; "
                             f"load the folder with from_pretrained(..., {passed}) or a tokenizer of your own, "
                             "or convert again with --config <the base model's diffusers folder>")
     return result

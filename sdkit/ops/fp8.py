@@ -84,13 +84,21 @@ def fp8_scale(weight: "torch.Tensor", dtype: str, scaling: str,
     if scaling == "plain" or not weight.numel():
         scale = torch.ones((), dtype=torch.float32)
     elif scaling == "row":  # the division in float64, as for one scale
-        peaks = weight.reshape(weight.shape[0], -1).abs().amax(dim=1, keepdim=True)
-        scale = (peaks.to(torch.float64) / largest).to(torch.float32)
+        scale = (_peaks(weight.reshape(weight.shape[0], -1), dim=1).unsqueeze(1).to(torch.float64)
+                 / largest).to(torch.float32)
     else:
-        scale = torch.tensor(float(weight.abs().max()) / largest, dtype=torch.float32)
+        scale = torch.tensor(float(_peaks(weight)) / largest, dtype=torch.float32)
     if scale_dtype is not None:
         scale = scale.to(scale_dtype).to(torch.float32)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _peaks(weight: "torch.Tensor", dim: int | None = None) -> "torch.Tensor":
+    """The largest |value| (per row along `dim`), without a |weight| copy; NaN stays NaN."""
+    import torch
+
+    low, high = torch.aminmax(weight) if dim is None else torch.aminmax(weight, dim=dim)
+    return torch.maximum(low.neg(), high)
 
 
 def fp8_values(weight: "torch.Tensor", dtype: str, scale: "torch.Tensor") -> "torch.Tensor":
@@ -106,22 +114,28 @@ def scaled_values(values: "torch.Tensor", scale: "torch.Tensor") -> "torch.Tenso
     the weight ComfyUI's tensor- and row-scaled layouts mean."""
     import torch
 
-    values = values.to(torch.float32)
+    from sdkit.io.float8 import to_float32
+
+    widened = to_float32(values)
     factors = scale.to(torch.float32)
-    if factors.numel() == 1:
-        return values * factors.reshape(())
-    return values * factors.reshape(-1, *([1] * (values.ndim - 1)))
+    factors = factors.reshape(()) if factors.numel() == 1 else factors.reshape(-1, *([1] * (values.ndim - 1)))
+    # a widened copy is ours to scale in place; a float32 input is the caller's
+    return widened.mul_(factors) if widened is not values else widened * factors
+
+
+_BLOCK_ELEMENTS = 1 << 22  # rows of a weight requantized at a time (16 MiB of float32)
 
 
 class Fp8Weight:
     """One weight in fp8 and its scale tensor, each made when the writer asks for it.
 
     `lazy` loads the float weight; `scaling` is "plain", "tensor" or "row" (see
-    `fp8_scale`); the scale tensor is given `scale_shape` and `scale_dtype`. The writer
-    lays out float32 scales before fp8 weights: a scale asked for first is measured on
-    a load of its own and kept (one value, or one per row), and the values are made from
-    a second load when their turn comes: holding them in between would hold every fp8
-    weight of the model."""
+    `fp8_scale`); the scale tensor is given `scale_shape` and `scale_dtype`. Either may be
+    asked for first: the scale is measured once and kept (one value, or one per row). The
+    reference layout puts float32 scales before fp8 weights, so a scale asked for first is
+    measured on a load of its own and the values are made from a second load when their
+    turn comes (holding them in between would hold every fp8 weight of the model); a writer
+    that lays the scales out last (`write_safetensors(last=...)`) loads each weight once."""
 
     def __init__(self, name: str, lazy: LazyTensor, dtype: str, scaling: str, report: LayerClassErrors,
                  scale_shape: tuple[int, ...] = (), scale_dtype: "torch.dtype | None" = None) -> None:
@@ -142,12 +156,25 @@ class Fp8Weight:
             return self._scale
 
     def weight(self) -> "torch.Tensor":
+        """The fp8 values, made (and their error measured) a block of rows at a time, so
+        that no float32 copy of the whole weight is made besides the weight itself."""
+        import torch
+
         weight = self._float_weight()
         scale = self._known_scale(weight)
-        values = fp8_values(weight, self.dtype, scale)
-        error = scaled_values(values, scale).sub_(weight)
-        self.report.record(self.name, float(error.abs().max()) if error.numel() else 0.0,
-                           float(error.square().sum()), float(weight.square().sum()))
+        values = torch.empty(weight.shape, dtype=_limits(self.dtype)[0])
+        rows = weight.reshape(weight.shape[0] if weight.ndim else 1, -1)
+        out, per_row = values.view(rows.shape), scale.numel() > 1
+        step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
+        max_abs = error_norm2 = norm2 = 0.0
+        for start in range(0, rows.shape[0], step):
+            block, block_scale = rows[start:start + step], scale[start:start + step] if per_row else scale
+            out[start:start + step] = fp8_values(block, self.dtype, block_scale)
+            error = scaled_values(out[start:start + step], block_scale).sub_(block)
+            max_abs = max(max_abs, float(_peaks(error)) if error.numel() else 0.0)
+            error_norm2 += float(error.square_().sum())
+            norm2 += float(block.square().sum())
+        self.report.record(self.name, max_abs, error_norm2, norm2)
         return values
 
     def scale(self) -> "torch.Tensor":

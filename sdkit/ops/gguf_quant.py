@@ -45,16 +45,20 @@ def stored_values(values: np.ndarray, kind: gguf.GGMLQuantizationType) -> np.nda
     return gguf.quants.quantize(values, kind)
 
 
+CONVERT_F16_ADVICE = "use --quant BF16 or keep it with a bfloat16 source"
+
+
 def gguf_producer(name: str, lazy: LazyTensor, kind: gguf.GGMLQuantizationType, shape: tuple[int, ...],
-                  report: LayerClassErrors | None) -> Callable[[], np.ndarray]:
+                  report: LayerClassErrors | None, f16_advice: str = CONVERT_F16_ADVICE) -> Callable[[], np.ndarray]:
     """What makes the stored bytes of `lazy` (reshaped to the stored `shape`) in type
-    `kind`; the error goes to `report` (None: not measured)."""
+    `kind`; the error goes to `report` (None: not measured). `f16_advice` ends the
+    refusal of values float16 cannot hold."""
     def produce() -> np.ndarray:
         rows = lazy.load().reshape(shape)
         step = max(1, SLICE_VALUES // max(1, _count(shape[1:])))
         error = _ErrorSums()
-        parts = [_stored_slice(name, rows[start:start + step], kind, error if report is not None else None)
-                 for start in range(0, rows.shape[0], step)]
+        parts = [_stored_slice(name, rows[start:start + step], kind, error if report is not None else None,
+                               f16_advice) for start in range(0, rows.shape[0], step)]
         if report is not None:
             report.record(name, error.max_abs, error.squared_error, error.squared_norm)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -69,16 +73,16 @@ class _ErrorSums:
 
 
 def _stored_slice(name: str, rows: "torch.Tensor", kind: gguf.GGMLQuantizationType,
-                  error: _ErrorSums | None) -> np.ndarray:
+                  error: _ErrorSums | None, f16_advice: str) -> np.ndarray:
     import torch
 
     values = rows.to(torch.float32).numpy()
     if not np.isfinite(values).all():
         raise SdkitError(f"{name}: holds inf or nan values; they have no GGUF {kind.name} form")
-    stored = stored_values(values, kind)
+    with np.errstate(over="ignore"):  # float16 overflow is refused below, in one line
+        stored = stored_values(values, kind)
     if kind == Q.F16 and np.isinf(stored).any():
-        raise SdkitError(f"{name}: values beyond float16's range (±65504); use --quant BF16 or keep it "
-                         "with a bfloat16 source")
+        raise SdkitError(f"{name}: values beyond float16's range (±65504); {f16_advice}")
     if error is not None:
         _measure(values, stored, kind, error)
     return stored

@@ -14,11 +14,16 @@ the same architecture), the model's own folder, and family defaults (a model who
 sizes are not the released ones and cannot be built with them asks for `config`):
 - tokenizers: `config/tokenizer[_2]`, the model folder's, a companion folder
   `<file>.tokenizer/` beside a single file (the tokenizer files themselves, or
-  `tokenizer/` and `tokenizer_2/` in it), then the local Hugging Face cache of the
-  family's reference repositories (`local_files_only`); else a one-line error;
+  `tokenizer/` and `tokenizer_2/` in it), the local Hugging Face cache of the family's
+  reference repositories (`local_files_only`), then the CLIP tokenizer sdkit ships
+  (`sdkit.data.pipeline_defaults`) when the text encoder has CLIP's vocabulary; else a
+  one-line error naming `--config`;
 - the scheduler config: `config/scheduler`, the folder's, else the SD training schedule
-  (betas 0.00085 -> 0.012 scaled_linear over 1000 steps, "leading" spacing, offset 1);
+  (betas 0.00085 -> 0.012 scaled_linear over 1000 steps, "leading" spacing, offset 1)
+  with the model's prediction type and zero-terminal-SNR rescaling;
 - inferred text-encoder configs take their special-token ids from the tokenizer.
+
+So a single file of a released size loads with no network and no `--config`.
 
 Precision (`dtype="auto"`): float16 on CUDA, float32 on CPU. The SDXL VAE overflows in
 float16; diffusers' SDXL pipeline decodes in float32 when the VAE config says
@@ -30,18 +35,29 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from sdkit.arch import Identity, identify
+from sdkit.data.pipeline_defaults import (
+    sampling_schedule,
+    shipped_tokenizer,
+    tokenizer_refusal,
+)
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, hash_file, open_model
 from sdkit.io.diffusers_folder import read_json
-from sdkit.ops.layout import LAYOUT_OF_FAMILY, convert_view, extract_component, model_view
+from sdkit.ops.layout import (
+    LAYOUT_OF_FAMILY,
+    convert_view,
+    extract_component,
+    model_view,
+)
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl-base")
 FLOW_FAMILIES = ("flux",)  # rectified-flow models: a transformer, packed latents; sampling only
@@ -59,9 +75,6 @@ _CACHED_TOKENIZERS: dict[str, tuple[tuple[str, str | None], ...]] = {
             ("stabilityai/stable-diffusion-2", "tokenizer")),
     "sdxl-base": (("stabilityai/stable-diffusion-xl-base-1.0", "{sub}"),),
 }
-_SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
-                "clip_sample": False, "set_alpha_to_one": False}
 
 
 @dataclass
@@ -196,22 +209,23 @@ def _from_cache(family: str, sub: str) -> Any | None:
     return None
 
 
-def find_tokenizer(model_path: Path, config_dir: Path | None, family: str, sub: str) -> Any:
+def find_tokenizer(model_path: Path, config_dir: Path | None, family: str, sub: str,
+                   encoder_config: Mapping[str, Any]) -> Any:
     """The CLIP tokenizer `sub` ("tokenizer" | "tokenizer_2") of a model, found offline."""
     from transformers import CLIPTokenizer
 
     for folder in _tokenizer_folders(model_path, config_dir, sub):
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    cached = _from_cache(family, sub)
-    if cached is None:
-        raise SdkitError(f"{model_path}: no {sub} found offline; pass --config DIR (a local diffusers "
-                         f"folder of this model's family) or put one in {model_path.name}.tokenizer/")
-    return cached
+    found = _from_cache(family, sub) or shipped_tokenizer(LAYOUT_OF_FAMILY[family], sub, encoder_config)
+    if found is None:
+        raise SdkitError(f"{model_path}: no {sub} found offline and {tokenizer_refusal(encoder_config)}; "
+                         f"pass --config DIR (a local diffusers folder of this model) or put its tokenizer "
+                         f"in {model_path.name}.tokenizer/")
+    return found
 
 
 def default_scheduler_config(identity: Identity) -> dict[str, Any]:
-    prediction = "v_prediction" if identity.prediction == "v" else "epsilon"
-    return {**_SD_SCHEDULE, "prediction_type": prediction}
+    return sampling_schedule(identity.prediction, "zero_terminal_snr" in identity.facts)
 
 
 # ---- building modules ------------------------------------------------------------------
@@ -313,7 +327,7 @@ def _hash_in_background(path: Path) -> Future:
     def run() -> None:
         try:
             future.set_result(hash_file(path).autov2)
-        except BaseException as exc:  # handed to whoever asks for the hash
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the hash
             future.set_exception(exc)
 
     threading.Thread(target=run, name="sdkit-hash", daemon=True).start()
@@ -372,7 +386,11 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
 def _load_flux(path: Path, model: Any, identity: Identity, config_dir: Path | None, given: dict[str, dict],
                placement: tuple[torch.device, torch.dtype], hashes: dict[str, Future],
                vae: str | os.PathLike[str] | None, text_encoders: Sequence[str | os.PathLike[str]]) -> LoadedModel:
-    from sdkit.runtime.flux_load import assemble_flux, build_flux_modules, text_encoder_component
+    from sdkit.runtime.flux_load import (
+        assemble_flux,
+        build_flux_modules,
+        text_encoder_component,
+    )
 
     device, dtype = placement
     parts = {text_encoder_component(Path(file)): Path(file) for file in text_encoders}
@@ -417,15 +435,14 @@ def _build_components(path: Path, config_dir: Path | None, identity: Identity,
     for component in ("text_encoder", "text_encoder_2"):
         if component not in configs:
             continue
-        tokenizer = find_tokenizer(path, config_dir, identity.family, _TOKENIZER_OF[component])
         config = configs[component]
+        tokenizer = find_tokenizer(path, config_dir, identity.family, _TOKENIZER_OF[component], config)
         if component not in given and not folder_configs:
             config = _with_token_ids(config, tokenizer)
         encoder = _build_text_encoder(config, _component_tensors(tensors, component), dtype,
                                       f"{path}: {component}")
-        if tokenizer.model_max_length > encoder.config.max_position_embeddings:
-            # a bare vocab.json + merges.txt says no length; pipelines pad to it
-            tokenizer.model_max_length = encoder.config.max_position_embeddings
+        # a bare vocab.json + merges.txt says no length; pipelines pad to it
+        tokenizer.model_max_length = min(tokenizer.model_max_length, encoder.config.max_position_embeddings)
         modules[component], modules[_TOKENIZER_OF[component]] = encoder, tokenizer
     return modules
 
@@ -448,7 +465,11 @@ def _load_vae(path: Path, config: dict[str, Any], dtype: torch.dtype) -> torch.n
 
 def _assemble(family: str, modules: dict[str, Any], scheduler_config: dict[str, Any],
               model_index: Mapping[str, Any]) -> Any:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
     if family == "sdxl-base":

@@ -18,6 +18,9 @@
    - *decoding*: PSNR of each VAE's round trip, and of the candidate's decoder on the base
      encoder's latents (a decoder from another latent space draws garbage from them).
    Verdict *mismatch* when any test fails its threshold (THRESHOLDS, below), else *match*.
+   FLUX.1 bases (`vae_check_flow.py`): the transformer's velocity error on noised
+   normalised latents, against the same references; other transformer families and lone
+   diffusion models without their text encoders get the headers' verdict (`vae_fit`).
 3. fp16 safety: the candidate encodes and decodes the probes in float16 (torch runs fp16
    convolutions on CPU); NaN/Inf there is the SDXL-VAE problem sdxl-vae-fp16-fix solves.
    The largest activation of the float32 run is reported too (float16 ends at 65504).
@@ -29,6 +32,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,12 @@ from sdkit.io import ModelFile, open_model
 from sdkit.ops.layout import extract_component
 from sdkit.ops.recipe_meta import input_sha256
 from sdkit.ops.vae.swap import VaeSource, open_vae_source, vae_config
+from sdkit.runtime.vae_check_flow import (
+    FlowDenoiser,
+    denoising_scores,
+    flow_denoising,
+    load_flow_base,
+)
 from sdkit.runtime.vae_table import known_vae
 
 TIMESTEPS = (100, 300, 500, 700)
@@ -140,28 +150,34 @@ class _Denoiser:
     context: torch.Tensor | None = None  # (1, tokens, width), set once the probe size is known
     added: dict[str, torch.Tensor] | None = None  # SDXL text_time conditioning
 
+    def probe_size(self, vae: Any, cap: int) -> int:
+        """sample_size latents in pixels, capped; a multiple of what both models downsample by."""
+        vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        step = vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        wanted = min(int(self.unet.config.sample_size) * vae_factor, cap)
+        return max(step, wanted // step * step)
+
+    def condition(self, size: int) -> None:
+        """The unconditional context: the empty prompt; for SDXL zeros, as its pipelines encode
+        an empty negative prompt and as it trained on dropped captions (size ids: the probes')."""
+        config = self.unet.config
+        if self.tokenizer is None:
+            pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            self.context = torch.zeros(1, 77, config.cross_attention_dim)
+            self.added = {"text_embeds": torch.zeros(1, pooled),
+                          "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}
+            return
+        tokenizer = self.tokenizer
+        ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        self.context = self.text_encoder(ids)[0]
+
 
 def _alphas(scheduler_config: dict[str, Any]) -> torch.Tensor:
     from diffusers import DDPMScheduler
 
     keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
     return DDPMScheduler(**{k: scheduler_config[k] for k in keys if k in scheduler_config}).alphas_cumprod
-
-
-def _condition(denoiser: _Denoiser, size: int) -> None:
-    """The unconditional context: the empty prompt; for SDXL zeros, as its pipelines encode
-    an empty negative prompt and as it trained on dropped captions (size ids: the probes')."""
-    config = denoiser.unet.config
-    if denoiser.tokenizer is None:
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        denoiser.context = torch.zeros(1, 77, config.cross_attention_dim)
-        denoiser.added = {"text_embeds": torch.zeros(1, pooled),
-                          "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)}
-        return
-    tokenizer = denoiser.tokenizer
-    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    denoiser.context = denoiser.text_encoder(ids)[0]
 
 
 def _scaling(identity: Identity, config: dict[str, Any] | None, source: str) -> tuple[float, str]:
@@ -315,7 +331,7 @@ def _oracle_errors(latents: torch.Tensor, alphas: list[float]) -> list[float]:
 def _denoise_errors(denoiser: _Denoiser, sets: list[torch.Tensor], timesteps: tuple[int, ...]) -> list[list[float]]:
     """eps-prediction MSE of the base UNet on each set of (scaled) latents at each timestep;
     every set gets the same noise, and all sets run in one batch."""
-    assert denoiser.context is not None  # set by _condition
+    assert denoiser.context is not None  # set by `condition`
     latents = torch.cat(sets)
     batch = len(latents)
     context = denoiser.context.expand(batch, -1, -1)
@@ -340,15 +356,9 @@ def _denoising(denoiser: _Denoiser, candidate: torch.Tensor, base: torch.Tensor 
     named = {"candidate": candidate * denoiser.scaling_factor}
     if base is not None:
         named["base"] = base * denoiser.scaling_factor
-    result: dict[str, Any] = {"timesteps": list(timesteps)}
-    for (name, latents), errors in zip(named.items(), _denoise_errors(denoiser, list(named.values()), timesteps)):
-        oracle = _oracle_errors(latents, alphas)
-        result[f"{name}_mse"] = [round(e, 5) for e in errors]
-        result[f"{name}_oracle_mse"] = [round(o, 5) for o in oracle]
-        result[f"{name}_score"] = round(sum(errors) / sum(oracle), 4)
-    if base is not None:
-        result["ratio"] = round(result["candidate_score"] / result["base_score"], 4)
-    return result
+    errors = _denoise_errors(denoiser, list(named.values()), timesteps)
+    return denoising_scores(("timesteps", list(timesteps)), named, errors,
+                            lambda latents: _oracle_errors(latents, alphas))
 
 
 def _fp16(vae: Any, images: torch.Tensor, peak: float) -> dict[str, Any]:
@@ -378,14 +388,7 @@ def _fp16(vae: Any, images: torch.Tensor, peak: float) -> dict[str, Any]:
 # ---- the check ---------------------------------------------------------------------------
 
 NUMERIC_FAMILIES = ("sd1", "sd2", "sdxl-base")
-
-
-def _probe_size(unet: Any, vae: Any, cap: int) -> int:
-    """sample_size latents in pixels, capped; a multiple of what both models downsample by."""
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    step = vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    wanted = min(int(unet.config.sample_size) * vae_factor, cap)
-    return max(step, wanted // step * step)
+FLOW_NUMERIC_FAMILIES = ("flux",)  # rectified-flow transformers sdkit runs (`vae_check_flow`)
 
 
 def _require_base(path: Path, identity: Identity) -> None:
@@ -395,8 +398,11 @@ def _require_base(path: Path, identity: Identity) -> None:
         raise SdkitError(f"{path}: unknown model family; cannot tell which VAEs fit it")
 
 
-def _runs_numerically(identity: Identity) -> bool:
-    """The latent-space measurement runs a UNet checkpoint of the families sdkit samples."""
+def _runs_numerically(identity: Identity, text_encoders: Sequence[str | os.PathLike[str]]) -> bool:
+    """The latent-space measurement runs a UNet checkpoint of the families sdkit samples,
+    and a FLUX.1 transformer with its text encoders (its folder's, or given as files)."""
+    if identity.family in FLOW_NUMERIC_FAMILIES:
+        return identity.kind == "checkpoint" or bool(text_encoders)
     return identity.family in NUMERIC_FAMILIES and identity.kind == "checkpoint"
 
 
@@ -422,30 +428,39 @@ def _candidate_facts(path: Path, source: VaeSource) -> dict[str, Any]:
 
 def check_vae(base: str | os.PathLike[str], vae: str | os.PathLike[str], *,
               config: str | os.PathLike[str] | None = None, timesteps: tuple[int, ...] = TIMESTEPS,
-              max_image_size: int = MAX_IMAGE_SIZE, fp16: bool = True) -> VaeCheckReport:
+              max_image_size: int = MAX_IMAGE_SIZE, fp16: bool = True,
+              text_encoders: Sequence[str | os.PathLike[str]] = ()) -> VaeCheckReport:
     """Check whether `vae` fits the base model `base` (see the module notes for how).
 
     `config`: a local diffusers folder of the base's architecture, for what single files
     cannot tell (tokenizer, norm groups and heads of non-standard models, scaling factor).
+    `text_encoders`: the text encoder files of a FLUX.1 diffusion model given alone (with
+    `config` for its configs and tokenizers), so that its latent space can be measured.
     """
     base_path, vae_path = Path(base), Path(vae)
     config_dir = Path(config) if config is not None else None
     with open_model(base_path) as model, open_vae_source(vae_path) as source:
         identity = identify(model)
         _require_base(base_path, identity)
-        if not _runs_numerically(identity):
+        if not _runs_numerically(identity, text_encoders):
             return _check_by_headers(base_path, identity, vae_path, source)
         if identity.variant != "normal":
             raise SdkitError(f"{base_path}: {with_article(identity.variant)} model; the numeric VAE check "
                              "runs on text-to-image models")
+        flow = identity.family in FLOW_NUMERIC_FAMILIES
         report = VaeCheckReport("incompatible", [], base=_base_facts(base_path, identity),
                                 candidate=_candidate_facts(vae_path, source),
-                                architecture=_architecture(model, identity, source))
+                                architecture=_header_architecture(identity, source) if flow
+                                else _architecture(model, identity, source))
         if not report.architecture["fits"]:
             report.reasons = list(report.architecture["problems"])
             return report
+        if flow:
+            denoiser: Any = load_flow_base(base_path, config_dir, text_encoders, vae_path, "vae" in identity.components)
+        else:
+            denoiser = _load_base(base_path, identity, config_dir)
         with torch.no_grad():
-            _measure(report, model, identity, source, config_dir, timesteps, max_image_size, fp16)
+            _measure(report, denoiser, source, config_dir, timesteps, max_image_size, fp16)
     report.verdict, report.reasons = _verdict(report)
     return report
 
@@ -455,39 +470,51 @@ def _base_facts(path: Path, identity: Identity) -> dict[str, Any]:
             "has_vae": "vae" in identity.components, "prediction": identity.prediction}
 
 
-def _check_by_headers(base_path: Path, identity: Identity, vae_path: Path, source: VaeSource) -> VaeCheckReport:
-    """Bases whose diffusion model sdkit does not run (transformer families, lone diffusion
-    models): the verdict is the headers' (`sdkit.arch.vae_fit`)."""
+def _header_architecture(identity: Identity, source: VaeSource) -> dict[str, Any]:
+    """What the headers say (`sdkit.arch.vae_fit`): latent channels and VAE design."""
     fit = vae_fit(identity, source.identity)
-    architecture = {"fits": fit.fits, "problems": fit.problems, "latent_channels": fit.latent_channels,
-                    "expected_latent_channels": fit.expected_latent_channels, "compared_with_base_vae": False,
-                    "video": bool((source.identity.facts.get("vae") or {}).get("video"))}
-    report = VaeCheckReport("incompatible", list(fit.problems), base=_base_facts(base_path, identity),
+    return {"fits": fit.fits, "problems": fit.problems, "latent_channels": fit.latent_channels,
+            "expected_latent_channels": fit.expected_latent_channels, "compared_with_base_vae": False,
+            "video": bool((source.identity.facts.get("vae") or {}).get("video")),
+            "shared_design": list(fit.shared_design)}
+
+
+def _check_by_headers(base_path: Path, identity: Identity, vae_path: Path, source: VaeSource) -> VaeCheckReport:
+    """Bases whose diffusion model sdkit does not run here (transformer families, lone
+    diffusion models without their text encoders): the verdict is the headers'."""
+    architecture = _header_architecture(identity, source)
+    report = VaeCheckReport("incompatible", list(architecture["problems"]), base=_base_facts(base_path, identity),
                             candidate=_candidate_facts(vae_path, source), architecture=architecture)
     report.fp16 = {"status": "not tested", "reason": "the diffusion model was not run"}
-    if fit.fits:
+    if architecture["fits"]:
         title = FAMILIES[identity.family].title
         report.verdict = "match"
-        report.reasons = [f"{fit.latent_channels} latent channels and the VAE design {title} uses"]
-        if fit.shared_design:
-            others = ", ".join(FAMILIES[name].title for name in fit.shared_design)
-            verb = "uses" if len(fit.shared_design) == 1 else "use"
+        report.reasons = [f"{architecture['latent_channels']} latent channels and the VAE design {title} uses"]
+        if architecture["shared_design"]:
+            others = ", ".join(FAMILIES[name].title for name in architecture["shared_design"])
+            verb = "uses" if len(architecture["shared_design"]) == 1 else "use"
             report.reasons.append(f"{others} {verb} a VAE of the same design in another latent space: the "
                                   "weights were not measured, so this also passes such a VAE")
+            if identity.family in FLOW_NUMERIC_FAMILIES:
+                report.reasons.append("to measure them, give the diffusion model its text encoders "
+                                      "(--text-encoder FILE, twice) and --config DIR")
     return report
 
 
-def _measure(report: VaeCheckReport, model: ModelFile, identity: Identity, source: VaeSource,
-             config: Path | None, timesteps: tuple[int, ...], max_image_size: int, fp16: bool) -> None:
-    denoiser = _load_base(model.path, identity, config)
+def _measure(report: VaeCheckReport, denoiser: Any, source: VaeSource, config: Path | None,
+             timesteps: tuple[int, ...], max_image_size: int, fp16: bool) -> None:
+    """`denoiser`: the base as a `_Denoiser` (UNet) or a `FlowDenoiser` (transformer)."""
+    flow = isinstance(denoiser, FlowDenoiser)
     candidate = _candidate_module(source, denoiser.vae, config)
-    size = _probe_size(denoiser.unet, candidate, max_image_size)
-    _condition(denoiser, size)
+    size = denoiser.probe_size(candidate, max_image_size)
+    denoiser.condition(size)
     images = probe_images(size)
     latents, decoded, peak = _round_trip(candidate, images)
     report.scaling = {"factor": denoiser.scaling_factor, "source": denoiser.scaling_source,
                       "candidate_config_factor": candidate.config.scaling_factor,
                       "measured_candidate": round(1 / float(latents.std()), 5), "probe_size": size}
+    if flow:
+        report.scaling.update(shift=denoiser.shift_factor, measured_candidate_mean=round(float(latents.mean()), 5))
     report.latents = {"candidate": _latent_stats(latents)}
     report.reconstruction = {"candidate_psnr": round(_psnr(images, decoded), 2)}
     base_latents = None
@@ -499,20 +526,24 @@ def _measure(report: VaeCheckReport, model: ModelFile, identity: Identity, sourc
         cross_psnr = _psnr(images, candidate.decode(base_latents).sample)
         report.reconstruction.update(base_psnr=round(base_psnr, 2), cross_psnr=round(cross_psnr, 2),
                                      cross_loss_db=round(base_psnr - cross_psnr, 2))
-    report.denoising = _denoising(denoiser, latents, base_latents, timesteps)
+    if flow:
+        report.denoising = flow_denoising(denoiser, latents, base_latents)
+    else:
+        report.denoising = _denoising(denoiser, latents, base_latents, timesteps)
     report.fp16 = _fp16(candidate, images, peak) if fp16 else {"status": "not tested", "reason": "skipped on request"}
 
 
 def _verdict(report: VaeCheckReport) -> tuple[str, list[str]]:
     limits, failed, passed = report.thresholds, [], []
     denoising = report.denoising or {}
+    error = "transformer's velocity error" if "sigmas" in denoising else "UNet's noise error"
     if "ratio" in denoising:
         ratio, limit = denoising["ratio"], limits["max_denoise_ratio"]
-        line = f"the base UNet's noise error on its latents is {ratio:.2f}x that on the base VAE's (limit {limit})"
+        line = f"the base {error} on its latents is {ratio:.2f}x that on the base VAE's (limit {limit})"
         (failed if ratio > limit else passed).append(line)
     else:
         score, limit = denoising["candidate_score"], limits["max_denoise_score"]
-        line = (f"the base UNet's noise error on its latents is {score:.2f} of what per-channel statistics "
+        line = (f"the base {error} on its latents is {score:.2f} of what per-channel statistics "
                 f"alone give (limit {limit})")
         (failed if score > limit else passed).append(line)
     cosine = (report.latents or {}).get("cosine")

@@ -203,6 +203,26 @@ def test_comfy_mixed_quantization_metadata(shapes_of, tmp_path):
         identify_file(write_header_only(tmp_path / "broken.safetensors", tensors, metadata))
 
 
+def test_mixed_layers_listed_without_the_checkpoint_prefix_are_counted_once(tmp_path):
+    """A checkpoint's keys carry `model.diffusion_model.`; its metadata may list the layers
+    without it while each layer's `comfy_quant` marker names it with it: one layer each."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux" / "toy-flux.safetensors")
+    layers = [n[: -len(".weight")] for n, t in tensors.items() if n.startswith("single_blocks.") and t.dim() == 2]
+    marker = torch.tensor(list(b'{"format":"float8_e4m3fn"}'), dtype=torch.uint8)
+    for layer in layers:
+        tensors[layer + ".weight"] = tensors[layer + ".weight"].to(torch.float8_e4m3fn)
+        tensors[layer + ".weight_scale"] = torch.tensor(1.0)
+        tensors[layer + ".comfy_quant"] = marker.clone()
+    metadata = {"_quantization_metadata": json.dumps(
+        {"format_version": "1.0", "layers": {layer: {"format": "float8_e4m3fn"} for layer in layers}})}
+    save_file({UNET + n: t for n, t in tensors.items()}, tmp_path / "flux.safetensors", metadata)
+    identity = identify_file(tmp_path / "flux.safetensors")
+    assert identity.precision.label == f"mixed: {len(layers)} fp8 e4m3fn layers, rest fp16"
+
+
 def test_look_alike_releases_are_named_only_by_metadata(shapes_of, tmp_path):
     tensors = typed(shapes_of("FLUX.1-dev", "ldm"), "BF16")
     plain = identify_file(write_header_only(tmp_path / "dev.safetensors", tensors))

@@ -14,9 +14,11 @@ import math
 import os
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 
@@ -105,3 +107,100 @@ def test_bench_flux_to_gguf(bench_cache: Path, tmp_path: Path) -> None:
         print(f"  {'--quant ' + quant:<26} {run.wall:8.1f} s  {run.wall / copied.wall:5.2f}x copy  "
               f"{run.rss_mb:8.0f} MiB RSS  ({output.stat().st_size / 2**30:.2f} GiB)")
         remove(output)
+
+
+def _kohya_flux_lora(shapes: dict[str, tuple[int, ...]], rank: int) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA in kohya's FLUX.1 names on every linear layer of the double and
+    single blocks (what sd-scripts' networks/lora_flux.py trains by default), bf16 factors."""
+    generator = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, shape in sorted(shapes.items()):
+        if not name.startswith(("double_blocks.", "single_blocks.")) or not name.endswith(".weight") \
+                or len(shape) != 2:
+            continue
+        module = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        lora[f"{module}.lora_down.weight"] = (torch.randn(rank, shape[1], generator=generator) * 0.01).bfloat16()
+        lora[f"{module}.lora_up.weight"] = (torch.randn(shape[0], rank, generator=generator) * 0.01).bfloat16()
+        lora[f"{module}.alpha"] = torch.tensor(float(rank))
+    return lora
+
+
+@pytest.mark.skipif(os.environ.get("SDKIT_BENCH_BIG") == "0", reason="SDKIT_BENCH_BIG=0")
+def test_bench_flux_lora_bake(bench_cache: Path, tmp_path: Path) -> None:
+    """lora bake of a rank-32 all-layer kohya FLUX.1 LoRA into a FLUX.1-dev-shaped bf16
+    diffusion model and into its scaled-fp8 cast, each against a plain copy of that base."""
+    from safetensors.torch import save_file
+
+    shapes, name = _flux_shapes()
+    bf16_bytes = 2 * sum(math.prod(shape) for shape in shapes.values())
+    if not _room_for(bench_cache, name, bf16_bytes, 4):
+        pytest.skip(f"{bench_cache}: not enough free disk for a bf16 FLUX.1 base, its fp8 cast and the outputs "
+                    "(SDKIT_BENCH_FLUX_BLOCKS=D,S makes it smaller)")
+    bf16 = cached_synthetic(bench_cache / name.replace("-fp8", "-bf16"), shapes, dtype="BF16")
+    scaled = bench_cache / name.replace("-fp8", "-fp8-scaled")
+    if not scaled.exists():
+        assert measure(sdkit("convert", str(bf16), "--dtype", "fp8_e4m3fn", "--fp8-scaling", "scaled",
+                             "-o", str(scaled))).ok
+    lora = tmp_path / "flux-lora-r32.safetensors"
+    save_file(_kohya_flux_lora(shapes, 32), lora)
+    print(f"\nflux lora bake: rank 32, {lora.stat().st_size / 2**20:.0f} MiB LoRA (load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    for base, label in ((bf16, "bf16"), (scaled, "fp8 scaled")):
+        copy, out = tmp_path / "copy.safetensors", tmp_path / "baked.safetensors"
+        copied = measure([sys.executable, "-c", f"import shutil; shutil.copyfile({str(base)!r}, {str(copy)!r})"])
+        remove(copy)
+        baked = measure(sdkit("lora", "bake", str(base), str(lora), "-o", str(out)))
+        remove(out)
+        assert copied.ok and baked.ok, baked.error
+        print(f"  {label + ' base':<14} {base.stat().st_size / 2**30:6.2f} GiB  copy {copied.wall:6.1f} s  "
+              f"bake {baked.wall:6.1f} s  {baked.wall / copied.wall:5.2f}x copy  {baked.rss_mb:6.0f} MiB RSS")
+
+
+def _tuned_twin(base: Path, path: Path) -> Path:
+    """`base` plus small random changes on every tensor (a stand-in for a fine-tune),
+    streamed tensor by tensor; reused when already built from a base of these shapes."""
+    from sdkit.io import LazyTensor, lazy_tensors, open_model, write_safetensors
+
+    with open_model(base) as model:
+        shapes = {name: info.shape for name, info in model.infos.items()}
+        if path.exists():
+            with open_model(path) as built:
+                if {name: info.shape for name, info in built.infos.items()} == shapes:
+                    return path
+
+        def changed(lazy: LazyTensor, seed: int) -> torch.Tensor:
+            value = lazy.load()
+            noise = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed)) * 0.01
+            return (value.float() + noise).to(value.dtype)
+
+        tensors = {name: LazyTensor(lazy.dtype, lazy.shape, partial(changed, lazy, seed))
+                   for seed, (name, lazy) in enumerate(sorted(lazy_tensors(model).items()))}
+        write_safetensors(path, tensors, {"format": "pt"}, overwrite=True)
+    return path
+
+
+@pytest.mark.skipif(os.environ.get("SDKIT_BENCH_BIG") == "0", reason="SDKIT_BENCH_BIG=0")
+def test_bench_flux_lora_extract(bench_cache: Path, tmp_path: Path) -> None:
+    """`lora extract --rank 64 --randomized` from two bf16 FLUX.1-dev-shaped files (23.8 GB
+    each at full size; `SDKIT_BENCH_FLUX_BLOCKS=D,S` for fewer blocks), against a plain
+    read of both files in the same run."""
+    shapes, name = _flux_shapes()
+    name = name.replace("-fp8", "-bf16")
+    size = 2 * sum(math.prod(shape) for shape in shapes.values())
+    if not _room_for(bench_cache, name, size, 2):
+        pytest.skip(f"{bench_cache}: not enough free disk for two {size / 1e9:.1f} GB inputs "
+                    "(SDKIT_BENCH_FLUX_BLOCKS=D,S makes them smaller)")
+    base = cached_synthetic(bench_cache / name, shapes, dtype="BF16")
+    tuned = _tuned_twin(base, bench_cache / name.replace(".safetensors", "-tuned.safetensors"))
+    read = ("import sys\nfor path in sys.argv[1:]:\n    with open(path, 'rb') as f:\n"
+            "        while f.read(64 << 20):\n            pass")
+    baseline = measure([sys.executable, "-c", read, str(base), str(tuned)])
+    lora = tmp_path / "extract.safetensors"
+    extract = measure(sdkit("lora", "extract", str(tuned), str(base), "-o", str(lora), "--rank", "64", "--randomized"))
+    print(f"\nflux lora extract: 2 x {base.name} ({base.stat().st_size / 2**30:.2f} GiB each; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    for label, run in (("plain read of both (baseline)", baseline), ("extract --rank 64 --randomized", extract)):
+        assert run.ok, run.error
+        print(f"  {label:<32} {run.wall:8.1f} s  {run.wall / baseline.wall:6.2f}x read  {run.rss_mb:8.0f} MiB RSS")
+    print(f"  LoRA: {lora.stat().st_size / 2**20:.0f} MiB")
+    remove(lora)

@@ -337,3 +337,25 @@ def test_a_file_system_refusing_direct_writes_gets_buffered_ones(tmp_path: Path,
     safetensors.torch.save_file(tensors, tmp_path / "reference.safetensors")
     assert refused == [0]  # refused once, then buffered from where it stood
     assert ours.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_tensors_asked_last_are_laid_out_after_the_others(tmp_path: Path) -> None:
+    tensors = {"w": torch.ones(4, 4, dtype=torch.float16), "w.scale": torch.tensor(2.0), "b": torch.ones(3)}
+    out = write_safetensors(tmp_path / "out.safetensors", {n: lazy(t) for n, t in tensors.items()},
+                            last=["w.scale"])
+    header = json.loads(out.read_bytes()[8:8 + struct.unpack("<Q", out.read_bytes()[:8])[0]])
+    starts = {name: header[name]["data_offsets"][0] for name in tensors}
+    assert starts["w.scale"] == max(starts.values())  # after the float16 weight it is known from
+    assert starts["w.scale"] % 4 == 0
+    assert safetensors.torch.load_file(out).keys() == tensors.keys()
+    assert all(torch.equal(safetensors.torch.load_file(out)[n], t) for n, t in tensors.items())
+
+
+def test_an_order_that_would_misalign_a_tensor_keeps_the_reference_layout(tmp_path: Path) -> None:
+    # 3 bytes of float8 before a float32 moved last would start it at an odd offset
+    tensors = {"w": torch.ones(3).to(torch.float8_e4m3fn), "w.scale": torch.tensor(2.0)}
+    moved = write_safetensors(tmp_path / "moved.safetensors", {n: lazy(t) for n, t in tensors.items()},
+                              last=["w.scale"])
+    reference = tmp_path / "reference.safetensors"
+    safetensors.torch.save_file(tensors, reference)
+    assert moved.read_bytes() == reference.read_bytes()

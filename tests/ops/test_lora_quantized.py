@@ -43,17 +43,22 @@ BASES = {"bf16": (".safetensors", ()), "fp8": (".safetensors", ("--dtype", "fp8_
          "Q8_0": (".gguf", ("--to", "gguf", "--quant", "Q8_0")), "Q4_K": (".gguf", ("--to", "gguf", "--quant", "Q4_K"))}
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> dict[str, Path]:
-    """A bf16 FLUX.1 of width 256 (rows that fill K-quant blocks), its quantized forms by
-    `sdkit convert`, and a LoRA on every matrix outside `UNTOUCHED`."""
-    folder = tmp_path_factory.mktemp("quantized")
+def wide_flux() -> dict[str, torch.Tensor]:
+    """A bf16 FLUX.1 of width 256 (rows that fill K-quant blocks), random weights."""
     _cls, config, single_file = TINY["flux"]
     config = dict(config, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=256,
                   pooled_projection_dim=256, axes_dims_rope=(16, 56, 56))
     generator = torch.Generator().manual_seed(0)
-    tensors = {name: (torch.randn(shape, generator=generator) * 0.05).to(torch.bfloat16)
-               for name, shape in single_file(config).items()}
+    return {name: (torch.randn(shape, generator=generator) * 0.05).to(torch.bfloat16)
+            for name, shape in single_file(config).items()}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> dict[str, Path]:
+    """`wide_flux`, its quantized forms by `sdkit convert`, and a LoRA on every matrix
+    outside `UNTOUCHED`."""
+    folder = tmp_path_factory.mktemp("quantized")
+    tensors = wide_flux()
     paths = {"bf16": folder / "bf16.safetensors"}
     save_file(tensors, paths["bf16"])
     for name, (suffix, args) in BASES.items():
@@ -211,6 +216,27 @@ def test_bake_into_each_base_matches_the_float_bake_within_its_format(kind, made
     assert code == 0, err
     assert json.loads(text)["precision"]["label"] == json.loads(run_sdkit(capsys, "inspect", "--json", str(base))[1])[
         "precision"]["label"]
+
+
+@pytest.mark.parametrize("kind", ["scaled", "mixed"])
+def test_each_touched_weight_is_baked_once(kind, made, tmp_path, capsys, monkeypatch):
+    """A fresh scale is known once its weight is baked: the scales are laid out after the
+    weights, so no weight is baked a second time to measure its scale first."""
+    from collections import Counter
+
+    from sdkit.ops.lora.compute import KeyBaker
+
+    calls: Counter[str] = Counter()
+    compute = KeyBaker.compute
+
+    def counted(self, name):
+        calls[name] += 1
+        return compute(self, name)
+    monkeypatch.setattr(KeyBaker, "compute", counted)
+    out = tmp_path / "out.safetensors"
+    bake(capsys, made[kind], made["lora"], out)
+    assert calls and set(calls.values()) == {1}
+    check_values(kind, out, made[kind], made["lora"])
 
 
 @pytest.mark.parametrize("kind", ["fp8", "scaled", "mixed"])
@@ -383,3 +409,17 @@ def test_a_changed_gguf_tensor_in_a_type_sdkit_does_not_write_is_refused(made, t
     code, _out, err = run_sdkit(capsys, "lora", "bake", str(base), str(made["lora"]), "-o", str(out))
     assert code == 1 and err.startswith("sdkit: error: ") and err.count("\n") == 1, err
     assert "Q8_1, which sdkit does not write" in err and not out.exists()
+
+
+def test_a_baked_f16_gguf_tensor_past_float16_is_refused_with_advice_for_a_bake(made, tmp_path, capsys):
+    base, out = tmp_path / "f16.gguf", tmp_path / "out.gguf"
+    assert exit_code(["convert", str(made["bf16"]), "-o", str(base), "--to", "gguf", "--quant", "F16"]) == 0
+    capsys.readouterr()
+    lora = load_file(made["lora"])
+    lora["lora_unet_double_blocks_0_img_mlp_0.lora_up.weight"][0] = 1000.0
+    lora["lora_unet_double_blocks_0_img_mlp_0.lora_down.weight"][:, 0] = 100.0
+    save_file(lora, tmp_path / "huge.safetensors")
+    code, _out, err = run_sdkit(capsys, "lora", "bake", str(base), str(tmp_path / "huge.safetensors"), "-o", str(out))
+    assert code == 1 and err.startswith("sdkit: error: ") and err.count("\n") == 1, err
+    assert "double_blocks.0.img_mlp.0.weight: values beyond float16's range" in err
+    assert "lower strength" in err and "--quant BF16" in err and not out.exists()

@@ -193,3 +193,53 @@ def test_a_loha_on_a_fused_layer_is_cut_over_the_parts_too(tmp_path):
     expected = single["single_blocks.0.linear1.weight"] + delta
     assert relative_error(baked_single["single_blocks.0.linear1.weight"], expected) < 1e-5
     assert relative_error(baked_diffusers["single_transformer_blocks.0.proj_mlp.weight"], expected[96:]) < 1e-5
+
+
+def test_text_encoder_modules_bake_into_an_all_in_one_checkpoint(tmp_path, capsys):
+    """A ComfyUI all-in-one FLUX.1 checkpoint keeps CLIP-L and T5 under `text_encoders.`:
+    kohya's `lora_te1_` (CLIP-L) and `lora_te3_` (T5, sd-scripts' name in every family) and
+    diffusers' `text_encoder.` / `text_encoder_2.` (FLUX.1's T5) reach them."""
+    from pathlib import Path
+
+    toy = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
+    aio = tmp_path / "aio.safetensors"
+    parts = [toy / "toy-flux.safetensors", toy / "toy-flux.clip_l.safetensors", toy / "toy-flux.t5xxl.safetensors",
+             toy / "ae.safetensors"]
+    code, _out, err = run_sdkit(capsys, "join", *map(str, parts), "-o", str(aio))
+    assert code == 0, err
+    base = load(aio)
+    gen = torch.Generator().manual_seed(3)
+    modules = {  # module name -> the base weight it must change
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "lora_te3_encoder_block_0_layer_0_SelfAttention_q":
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
+        "text_encoder.text_model.encoder.layers.1.mlp.fc1":
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc1.weight",
+        "text_encoder_2.encoder.block.1.layer.0.SelfAttention.v":
+            "text_encoders.t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.v.weight",
+        "lora_unet_double_blocks_0_img_attn_proj": ROOT + "double_blocks.0.img_attn.proj.weight",
+    }
+    lora, expected = {}, {}
+    for module, key in modules.items():
+        rows, columns = base[key].shape
+        down, up = torch.randn(2, columns, generator=gen) * 0.1, torch.randn(rows, 2, generator=gen) * 0.1
+        if module.startswith("lora_"):
+            lora.update({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
+                         f"{module}.alpha": torch.tensor(1.0)})  # scale 1/2
+            expected[key] = base[key].float() + 0.5 * up @ down
+        else:
+            lora.update({f"{module}.lora_A.weight": down, f"{module}.lora_B.weight": up})
+            expected[key] = base[key].float() + up @ down
+    path = save(lora, tmp_path / "lora.safetensors")
+    code, text, err = run_sdkit(capsys, "lora", "check", str(aio), str(path), "--json")
+    assert code == 0, err
+    report = json.loads(text)
+    assert report["mapped"] == report["modules"] == len(modules) and report["verdict"] == "all"
+    baked = bake(aio, [path], tmp_path / "baked.safetensors")
+    for key, value in baked.items():
+        if key in expected:
+            assert relative_error(value.float(), expected[key]) < 2e-3, key
+            assert relative_error(value.float(), base[key].float()) > 2e-2, key  # the delta shows
+        else:
+            assert torch.equal(value, base[key]), key

@@ -8,13 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-from sdkit.cli import merge_cmd  # noqa: F401  (attaches `merge` to the group)
-from sdkit.cli.main import cli, main
-from test_merge_support import checkpoint, write
+from test_merge_support import checkpoint, invoke, run_main, write
 
 UNET = "model.diffusion_model."
 
@@ -24,17 +20,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("cli_inputs")
     return {name: write(folder / f"{name}.safetensors", checkpoint("sd1", seed))
             for name, seed in (("a", 1), ("b", 2), ("c", 3))}
-
-
-def invoke(*args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, [*options, "merge", *args], catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", *args])
-    return int(exit_info.value.code or 0), capsys.readouterr().err
 
 
 def test_merge_with_options_and_json_report(models: dict[str, Path], tmp_path: Path) -> None:

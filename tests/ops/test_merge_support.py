@@ -8,9 +8,10 @@ renames them to LDM keys, and each seed fills them with its own random values.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
@@ -18,9 +19,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdkit.arch.keymaps import checkpoint_from_ldm, checkpoint_to_ldm
 
-TEXT = dict(vocab_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=8, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
-            pad_token_id=1)
+TEXT = {"vocab_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "max_position_embeddings": 8, "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
+        "pad_token_id": 1}
 
 
 def _vae() -> AutoencoderKL:
@@ -53,7 +54,7 @@ def _sdxl_modules() -> dict[str, torch.nn.Module]:
     return {"unet": unet, "vae": _vae(), "text_encoder": text_1, "text_encoder_2": text_2}
 
 
-@lru_cache(maxsize=None)
+@cache
 def layout(family: str) -> tuple[dict[str, dict], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """(diffusers configs, LDM key -> (shape, dtype)) of the tiny model of `family`."""
     modules = _sd1_modules() if family == "sd1" else _sdxl_modules()
@@ -81,6 +82,27 @@ def checkpoint(family: str = "sd1", seed: int = 0, dtype: torch.dtype = torch.fl
         else:
             out[key] = torch.arange(shape[-1], dtype=original).reshape(shape)
     return out
+
+
+def invoke(*args: str, options: tuple[str, ...] = ()) -> tuple[int, str]:
+    """`sdkit [options] merge args…` in process: exit code and output."""
+    from click.testing import CliRunner
+
+    from sdkit.cli import merge_cmd  # noqa: F401  (attaches `merge` to the group)
+    from sdkit.cli.main import cli
+
+    result = CliRunner().invoke(cli, [*options, "merge", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """`sdkit merge args…` as the console script runs it: exit code and stderr."""
+    from sdkit.cli import merge_cmd  # noqa: F401
+    from sdkit.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", *args])
+    return int(exit_info.value.code or 0), capsys.readouterr().err
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

@@ -146,6 +146,7 @@ CHROMA = Family(
     name="chroma", title="Chroma", denoiser="flux", context_dim=4096, unet_channels=3072,
     adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX.latent,
     default_resolution=1024, modelspec_architecture="chroma", kohya_base_model_version=None,
+    kohya_network_module="networks.lora_flux",  # sd-scripts trains Chroma with its FLUX network
     text_encoders=(_T5,), vae_part=FLUX.vae_part, prediction="flow",
     modelspec_prefixes=("chroma",), kohya_version_pattern=r"chroma(?![-_ ]?radiance)",
     civitai_base_models=("Chroma",), air_ecosystem="chroma", diffusers_pipeline_pattern=r"Chroma\w*Pipeline",

@@ -153,6 +153,7 @@ FLUX = Family(
     adm_channels=768, unet_levels=None, in_channels=64,
     latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
     default_resolution=1024, modelspec_architecture="flux-1-dev", kohya_base_model_version="flux1",
+    kohya_network_module="networks.lora_flux",
     text_encoders=(CLIP_L, with_component(T5_XXL, "text_encoder_2")), vae_part="FLUX VAE",
     prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),

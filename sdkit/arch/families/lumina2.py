@@ -130,6 +130,7 @@ LUMINA2 = Family(
     name="lumina2", title="Lumina-Image 2.0", denoiser="dit", context_dim=2304, unet_channels=2304,
     adm_channels=None, unet_levels=None, in_channels=64, latent=FLUX_VAE_LATENT,
     default_resolution=1024, modelspec_architecture="lumina-2", kohya_base_model_version=None,
+    kohya_network_module="networks.lora_lumina",
     text_encoders=(GEMMA2_2B,), vae_part="FLUX VAE", prediction="flow",
     modelspec_prefixes=("lumina",), civitai_base_models=("Lumina",), air_ecosystem="lumina",
     diffusers_pipeline_pattern=r"Lumina2\w*Pipeline",

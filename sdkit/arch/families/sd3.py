@@ -122,6 +122,7 @@ SD3 = Family(
     name="sd3", title="Stable Diffusion 3", denoiser="mmdit", context_dim=4096, unet_channels=1536,
     adm_channels=2048, unet_levels=None, in_channels=16, latent=SD3_LATENT, default_resolution=1024,
     modelspec_architecture="stable-diffusion-v3-medium", kohya_base_model_version=None,
+    kohya_network_module="networks.lora_sd3",
     text_encoders=(CLIP_L, CLIP_G, T5_XXL), vae_part="SD3 VAE", prediction="flow",
     other_unet_channels=(2432,), modelspec_prefixes=("stable-diffusion-v3", "stable-diffusion-3"),
     kohya_version_pattern=r"sd3", civitai_base_models=("SD 3", "SD 3.5"), air_ecosystem="sd3",

@@ -256,6 +256,8 @@ class Family:
     # "epsilon" | "v-or-epsilon" (SD2: releases of both) | "flow" (flow matching) | "edm"
     prediction: str = "epsilon"
     other_unet_channels: tuple[int, ...] = ()  # further released sizes (SD3.5 large)
+    # sd-scripts' `ss_network_module` for a LoRA of this family's denoiser
+    kohya_network_module: str = "networks.lora"
     derived_from: str | None = None  # same denoiser design as this family (Kolors: SDXL)
     embedding_width: int | None = None  # textual-inversion vector width that names it
     modelspec_prefixes: tuple[str, ...] = ()  # `modelspec.architecture` starts that name it

@@ -68,14 +68,18 @@ class KeyBaker:
 
         from sdkit.io.dtypes import CODE_TO_TORCH
 
-        source = self.sources[name].load()
+        lazy = self.sources[name]
+        source = lazy.load()
         weights, biases = self.weights.get(name, []), self.biases.get(name, [])
         original = None
         if any(needs_base_weight(c.module) for c in weights):
             original = source.to(torch.float32)
         deltas = [_delta(c, original) for c in weights]
         deltas += [_bias(c) for c in biases]
-        return self._blocked(name, source, deltas, CODE_TO_TORCH[self.codes[name]])
+        dtype = CODE_TO_TORCH[self.codes[name]]
+        # a float32 source made for this bake (a scaled fp8 weight) takes its deltas in place
+        in_place = lazy.fresh and original is None and source.dtype == dtype == torch.float32
+        return self._blocked(name, source, deltas, dtype, in_place)
 
     def _note_clamp(self, name: str) -> None:
         with self._lock:
@@ -95,23 +99,25 @@ class KeyBaker:
         return values
 
     def _blocked(self, name: str, source: "torch.Tensor", deltas: Sequence["_Delta"],
-                 dtype: "torch.dtype") -> "torch.Tensor":
+                 dtype: "torch.dtype", in_place: bool = False) -> "torch.Tensor":
         import torch
 
-        out = torch.empty(source.shape, dtype=dtype)
+        out = source if in_place else torch.empty(source.shape, dtype=dtype)
         flat_source = source.reshape(source.shape[0], -1)
         flat_out = out.view(flat_source.shape)
         rows = flat_source.shape[0]
         step = max(1, _BLOCK_ELEMENTS // max(1, flat_source.shape[1]))
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            block = flat_source[start:stop].to(torch.float32, copy=True)
+            block = flat_source[start:stop] if in_place else flat_source[start:stop].to(torch.float32, copy=True)
             for delta in deltas:
                 first, last = delta.rows or (0, rows)
                 for low, part in delta.pieces(max(start, first) - first, min(stop, last) - first):
                     at = first + low - start
                     block[at:at + part.shape[0]].add_(part)
-            flat_out[start:stop].copy_(self._narrow(name, block, dtype))
+            narrowed = self._narrow(name, block, dtype)
+            if not in_place:
+                flat_out[start:stop].copy_(narrowed)
         return out
 
 

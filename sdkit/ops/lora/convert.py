@@ -568,6 +568,17 @@ def _metadata(metadata: dict[str, str], family: Family, options: LoraConvertOpti
     return build_metadata("lora-convert", inputs, params, facts, extra, title=output.stem, carried=carried)
 
 
+def layout_tensors(lora: LoraFile, index: PlaceIndex, layout: str
+                   ) -> tuple[dict[str, LazyTensor], dict[str, list[tuple[str, int, float]]]]:
+    """A LoRA on the layers of `index` in `layout`'s names: its tensors, and for diffusers
+    each component's (path, rank, alpha) for the peft config."""
+    family = index.family
+    writer = _Writer(family, layout, lora, LoraConvertResult("", family.name, layout))
+    for place, members in _grouped(lora, index).items():
+        writer.add_layer(place, members)
+    return writer.tensors, writer.ranks
+
+
 # ---- transformer LoRAs for merge and resize ----------------------------------------------------
 
 def transformer_base(path: str) -> bool:

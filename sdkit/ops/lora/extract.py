@@ -8,7 +8,8 @@ time-embedding Linear and 1×1 shortcut at the rank) and the down / up samplers.
 layer's `tuned − base` is factorised (`sdkit.ops.lora.svd`), alpha = rank, both factors
 clamped to the 0.99 quantile by default; the text encoders are left out when no weight
 differs by more than `min_diff`. The two models may be in either convention: layers are
-matched through their names in both.
+matched through their names in both. Transformer denoisers (FLUX, SD3, …) are extracted by
+`sdkit.ops.lora.extract_transformer`.
 
 Resize follows sd-scripts' `resize_lora`: each module's `up @ down` is re-factorised to
 the new rank (or a dynamic one, capped at it), and alpha becomes
@@ -65,6 +66,8 @@ class ExtractOptions:
     sample_layers: int = 4  # layers checked against the full SVD with `randomized`
     format: str = "kohya"
     dtype: str | None = None  # default: the base's dtype
+    to: str | None = None  # a transformer LoRA's layout: comfyui | kohya | diffusers
+    full_diff: bool = False  # transformers: keep other differing tensors whole (diff / diff_b)
 
     def rule(self) -> RankRule:
         rule = RankRule(self.rank, self.conv_rank, self.dynamic, self.value, self.clamp_quantile,
@@ -146,6 +149,11 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
     output = Path(output)
     check_output_path(output, (tuned, base), force=overwrite)
     report = SvdReport(str(output))
+    if transformer_base(str(base)):
+        from sdkit.ops.lora.extract_transformer import extract_transformer_lora
+
+        return extract_transformer_lora(tuned, base, output, options, report, overwrite=overwrite, progress=progress)
+    options = _sd_layout(options)
     with ExitStack() as stack:
         original = open_base(str(base), stack, transformers=False)
         finetuned = open_base(str(tuned), stack, transformers=False)
@@ -158,39 +166,33 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
         sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
         dtype = _output_dtype(options, original)
         common_alpha = _common_alpha([target for target, _ in pairs], rule) if options.format == "kohya" else None
-        held = _HeldFactors(dtype, common_alpha)
-        modules, identical = [], 0
+        held = HeldFactors(dtype, common_alpha)
 
         def extract(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
             target, other = pairs[index]
             delta = _delta(finetuned, other, original, target)
-            extracted = _extract_layer(target, delta, rule, sdxl, check=index < options.sample_layers)
+            module = ExportModule(target.component, target.diffusers_path, target.ldm_path, {})
+            extracted = factorised_layer(module, kohya_module_name(module, sdxl), delta, rule,
+                                         check=index < options.sample_layers)
             return None if extracted is None else held.hold(*extracted)
 
-        # layers are factorised two at a time on worker threads, one torch thread each: an
-        # SVD of a few-hundred-wide matrix gains little from more, and with a fixed count
-        # its bits do not depend on the machine's load
-        with single_threaded_torch(), Prefetcher(extract, threads=1).start(range(len(pairs))) as ahead:
-            for index in range(len(pairs)):
-                extracted = ahead.get(index)
-                if extracted is None:
-                    identical += 1
-                else:
-                    module, factors, check = extracted
-                    report.add(kohya_module_name(module, sdxl), factors)
-                    if check is not None:
-                        report.randomized_check.append(check)
-                    modules.append(module)
-                if progress is not None:
-                    progress(1)
-        if identical:
-            report.notes.append(f"{identical} layers are identical in both models and left out")
+        modules = extract_layers(extract, len(pairs), report, lambda module: kohya_module_name(module, sdxl),
+                                 progress)
         if not modules:
             raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
         facts = LoraFacts(original.identity.family, "v" if original.identity.prediction == "v" else "epsilon")
-        write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), _params(options)),
+        write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), params_of(options)),
                    format=options.format, dtype=dtype, common_alpha=common_alpha, overwrite=overwrite)
     return report
+
+
+def _sd_layout(options: ExtractOptions) -> ExtractOptions:
+    """The options of a UNet extract: `--to` names its format; the transformer-only ones refused."""
+    if options.full_diff:
+        raise SdkitError("--full-diff is for transformer models (FLUX, SD3, …); a UNet extract adapts layers only")
+    if options.to == "comfyui":
+        raise SdkitError("--to comfyui is a transformer LoRA layout; a UNet LoRA is written as kohya or diffusers")
+    return replace(options, format=options.to) if options.to else options
 
 
 def _common_alpha(targets: list[Target], rule: RankRule) -> float | None:
@@ -201,7 +203,7 @@ def _common_alpha(targets: list[Target], rule: RankRule) -> float | None:
     return float(ranks.most_common(1)[0][0]) if ranks else None
 
 
-class _HeldFactors:
+class HeldFactors:
     """Where the layers' factors wait for the writer.
 
     They are kept in the output dtype where that gives the bytes a cast at the end would
@@ -258,26 +260,50 @@ def _drop_same_text_encoders(pairs: list[tuple[Target, Target]], original: OpenB
     return [(t, o) for t, o in pairs if t.component == "unet"]
 
 
-def _extract_layer(target: Target, delta: "torch.Tensor", rule: RankRule, sdxl: bool, check: bool
-                   ) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
-    """The module for one layer's delta (None when it is zero), its factors, and with
-    `check` and a randomized rule its error next to the full SVD's."""
-    module = ExportModule(target.component, target.diffusers_path, target.ldm_path, {})
+def extract_layers(extract: Callable[[int], Any], count: int, report: SvdReport, name_of: Callable[[ExportModule], str],
+                   progress: Progress | None) -> list[ExportModule]:
+    """The modules `extract(0 … count−1)` makes (None: an identical layer), in order, with
+    each one's rank and retained energy in `report`."""
+    modules, identical = [], 0
+    # layers are factorised two at a time on worker threads, one torch thread each: an
+    # SVD of a few-hundred-wide matrix gains little from more, and with a fixed count
+    # its bits do not depend on the machine's load
+    with single_threaded_torch(), Prefetcher(extract, threads=1).start(range(count)) as ahead:
+        for index in range(count):
+            extracted = ahead.get(index)
+            if extracted is None:
+                identical += 1
+            else:
+                module, factors, check = extracted
+                report.add(name_of(module), factors)
+                if check is not None:
+                    report.randomized_check.append(check)
+                modules.append(module)
+            if progress is not None:
+                progress(1)
+    if identical:
+        report.notes.append(f"{identical} layers are identical in both models and left out")
+    return modules
+
+
+def factorised_layer(module: ExportModule, name: str, delta: "torch.Tensor", rule: RankRule, check: bool
+                     ) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
+    """`module` holding the factors of one layer's delta (None when it is zero), the
+    factors, and with `check` and a randomized rule its error next to the full SVD's."""
     if not bool(delta.any()):
         return None
     factors = factorize(delta, rule)
     comparison = None
     if rule.randomized and check:
         full = factorize(delta, replace(rule, randomized=False, dynamic=None), cap=factors.rank)
-        comparison = {"layer": kohya_module_name(module, sdxl), "rank": factors.rank,
-                      "error_randomized": relative_error(delta, factors),
+        comparison = {"layer": name, "rank": factors.rank, "error_randomized": relative_error(delta, factors),
                       "error_full_svd": relative_error(delta, full)}
     module.tensors = {"lora_up.weight": factors.up, "lora_down.weight": factors.down}
     module.alpha = float(factors.rank)
     return module, factors, comparison
 
 
-def _params(options: Any) -> dict[str, Any]:
+def params_of(options: Any) -> dict[str, Any]:
     return {k: v for k, v in asdict(options).items() if v is not None}
 
 
@@ -329,7 +355,7 @@ def resize_lora(source: str | os.PathLike[str], output: str | os.PathLike[str],
         modules = [_resized(layer, rule, base, report) for layer in layers]
         facts = LoraFacts(identity.family, "v" if identity.prediction == "v" else "epsilon")
         inputs = (str(source),) + ((options.base,) if options.base else ())
-        write_lora(output, modules, facts, Provenance("lora-resize", inputs, _params(options)),
+        write_lora(output, modules, facts, Provenance("lora-resize", inputs, params_of(options)),
                    format=options.format, dtype=lora_dtype(options.dtype, [lora]), overwrite=overwrite)
     return report
 

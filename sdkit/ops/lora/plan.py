@@ -25,8 +25,8 @@ from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView, model_view
 from sdkit.ops.block_weights import BlockSpec, block_setting, parse_block_spec, resolve_blocks
 
-COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2"), "unet": ("unet",),
-                     "te": ("text_encoder", "text_encoder_2")}
+COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2", "text_encoder_3"), "unet": ("unet",),
+                     "te": ("text_encoder", "text_encoder_2", "text_encoder_3")}
 # families whose LoRAs fit each other's models (same architecture, other training)
 _SAME_ARCHITECTURE = ({"sdxl-base", "playground-v2.5"},)
 _BASE_KINDS = ("checkpoint", "unet", "text-encoder")

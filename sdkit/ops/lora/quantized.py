@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 FP8_CODES = {code: name for name, (code, _torch_name) in FP8_DTYPES.items()}
 _OTHER_FP8 = ("F8_E4M3FNUZ", "F8_E5M2FNUZ")
 _SCALE = ".scale_weight"
+_BAKED_F16_ADVICE = ("the base stores it as F16: bake at a lower strength, or into a GGUF converted "
+                     "from a bf16 source with --quant BF16")
 _REQUANTIZED_MIXED = ", ".join(name for name, fmt in FORMATS.items() if fmt.storage in FP8_CODES)
 
 
@@ -125,7 +127,7 @@ def quantized_base(opened: "OpenBase", dtype: str | None) -> QuantizedBase | Non
     for name, stored in storage.items():
         if stored.scale is not None:
             sources[name] = LazyTensor("F32", tensors[name].shape,
-                                       partial(_scaled, tensors[name], tensors[stored.scale]))
+                                       partial(_scaled, tensors[name], tensors[stored.scale]), fresh=True)
     return QuantizedBase(scheme, sources, storage)
 
 
@@ -257,4 +259,5 @@ def _planned_tensor(stored: Any, base: QuantizedBase, baker: "KeyBaker", report:
     if quantized:
         report.requantized.append(name)
     return GgufTensor(name, stored.shape, stored.ggml_type,
-                      gguf_producer(name, baked, stored.ggml_type, stored.shape, report if quantized else None))
+                      gguf_producer(name, baked, stored.ggml_type, stored.shape, report if quantized else None,
+                                    _BAKED_F16_ADVICE))

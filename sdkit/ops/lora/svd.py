@@ -135,13 +135,15 @@ def randomized_svd(matrix: "torch.Tensor", columns: int, iterations: int
 
 def factorize(delta: "torch.Tensor", rule: RankRule, cap: int | None = None) -> Factors:
     """LoRA factors of `delta` (out, in[, kh, kw]) under `rule` (`cap` overrides its rank)."""
+    import torch
+
     if delta.numel() == 0:
         return _empty_factors(tuple(delta.shape))
     cap = cap or rule.cap_for(tuple(delta.shape))
     matrix = delta.float().reshape(delta.shape[0], -1)
     cap = min(cap, *matrix.shape)
     u, s, vh = decompose(matrix, rule, cap)
-    total = float(matrix.pow(2).sum())
+    total = float(torch.linalg.vector_norm(matrix)) ** 2  # no squared copy of a large matrix
     return _truncated(u, s, vh, cap, rule, total, tuple(delta.shape))
 
 

@@ -8,15 +8,20 @@ alone, so the result is the same bytes however it is scheduled. A large tensor o
 stored inputs is read a slice at a time and written as it is made (never whole in
 memory); a smaller one is merged from its mapped inputs into one output tensor. Every
 output tensor is checked for NaN/Inf.
+
+An input may be an earlier step of a merge in steps (`AlignedInput.slices`): its key is
+then read as float32 slices of its output, made as they are read (`output_reader`),
+cast to that step's dtype on the way, the values its written file would hold.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from threading import Lock
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +31,12 @@ from sdkit.io.float8 import to_float32
 from sdkit.io.lazy import PIECEWISE_BYTES
 from sdkit.ops.merge.plan import AlignedInput, KeyAction
 from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod
-from sdkit.ops.merge.streamed import SliceReader, tensor_reader
+from sdkit.ops.merge.streamed import (
+    SliceReader,
+    joined_reader,
+    stream_reader,
+    tensor_reader,
+)
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
 
@@ -58,26 +68,77 @@ class KeyComputer:
         return self._merge(action) if action.merged else self._copy(action)
 
     def pieces(self, action: KeyAction) -> Callable[[], Iterator[torch.Tensor]] | None:
-        """For a large merge of stored inputs by a method that runs in slices: the output
-        produced slice by slice from slices read from the inputs (memory: a few slices,
-        whatever the tensor size); None where the key is computed in memory."""
-        if not (action.merged and self._in_slices and action.channels is None
-                and action.nbytes >= PIECEWISE_BYTES):
+        """For a large merge by a method that runs in slices, or a large copy of an earlier
+        step's output: the output produced slice by slice from slices of the inputs
+        (memory: a few slices, whatever the tensor size); None where the key is computed
+        in memory."""
+        if action.nbytes < PIECEWISE_BYTES:
             return None
-        spans = [self.inputs[i].span(action.key) for i in action.sources]
-        if any(span is None for span in spans):
+        if not action.merged:
+            return partial(self._copy_pieces, action) if self._copies_in_slices(action) else None
+        if not (self._in_slices and action.channels is None):
             return None
-        return partial(self._merge_pieces, action, spans)
+        models = [self.inputs[i] for i in action.sources]
+        if not any(model.slices for model in models) and any(model.span(action.key) is None for model in models):
+            return None
+        return partial(self._merge_pieces, action)
+
+    def output_reader(self, action: KeyAction) -> SliceReader:
+        """The key's output as the float32 slices a later step reads: made slice by slice
+        and cast to the output dtype on the way, where the method allows; else made whole."""
+        if action.merged and self._in_slices and action.channels is None:
+            pieces = partial(self._merge_pieces, action)
+        elif self._copies_in_slices(action):
+            pieces = partial(self._copy_pieces, action)
+        else:
+            return tensor_reader([self(action)])
+        return stream_reader(math.prod(action.shape), lambda: map(to_float32, pieces()))
 
     @property
     def _in_slices(self) -> bool:
         return self.method.elementwise or self.method.streamed is not None
 
-    def _merge_pieces(self, action: KeyAction, spans: list[Any]) -> Iterator[torch.Tensor]:
-        dtypes = [CODE_TO_TORCH[self.inputs[i].infos[action.key].dtype] for i in action.sources]
-        reader = _span_reader(spans, dtypes, math.prod(action.shape))
+    def _copies_in_slices(self, action: KeyAction) -> bool:
+        """A float copy of an earlier step's output (a stored tensor is mapped instead)."""
+        return (not action.merged and self.inputs[action.sources[0]].slices is not None
+                and CODE_TO_TORCH[action.dtype].is_floating_point)
+
+    def _input_reader(self, action: KeyAction, *, from_spans: bool) -> SliceReader:
+        """The inputs of a merged key, one after the other: an earlier step's output made
+        slice by slice, a stored tensor read from its file bytes (`from_spans`, only the
+        slice in memory) or mapped."""
+        readers = []
+        for index in action.sources:
+            model = self.inputs[index]
+            span = model.span(action.key) if from_spans and model.slices is None else None
+            if model.slices is not None and self._reads_once(model, action.key):
+                readers.append(model.slices(action.key))
+            elif span is not None:
+                dtype = CODE_TO_TORCH[model.infos[action.key].dtype]
+                readers.append(_span_reader([span], [dtype], math.prod(action.shape)))
+            else:
+                readers.append(tensor_reader([model.load(action.key)]))
+        return joined_reader(readers)
+
+    def _reads_once(self, model: AlignedInput, key: str) -> bool:
+        """Whether an earlier step's output is read as it is made. A method that reads
+        its inputs in several passes (TIES, DARE, SLERP) would make it again for each
+        pass, and for each pass of every step after it: below the size at which a key is
+        made in pieces, the output is made once, whole (in its dtype), and read from it."""
+        return self.method.elementwise or model.infos[key].nbytes >= PIECEWISE_BYTES
+
+    def _merge_pieces(self, action: KeyAction) -> Iterator[torch.Tensor]:
+        reader = self._input_reader(action, from_spans=True)
+        yield from self._cast_pieces(action, self._output_slices(action.key, reader, self._params(action)))
+
+    def _copy_pieces(self, action: KeyAction) -> Iterator[torch.Tensor]:
+        source = self.inputs[action.sources[0]].slices(action.key)
+        yield from self._cast_pieces(action, (values for _, (values,) in source.slices(SLICE_ELEMENTS)))
+
+    def _cast_pieces(self, action: KeyAction, slices: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Float32 slices cast to the output dtype, each checked for NaN/Inf."""
         dtype = CODE_TO_TORCH[action.dtype]
-        for values in self._output_slices(action.key, reader, self._params(action)):
+        for values in slices:
             piece = values.to(dtype)
             if _may_not_fit(values, dtype):
                 self._count_non_finite(action.key, piece)
@@ -114,13 +175,16 @@ class KeyComputer:
 
     def _merge(self, action: KeyAction) -> torch.Tensor:
         params = self._params(action)
-        tensors = [self.inputs[i].load(action.key) for i in action.sources]
         dtype = CODE_TO_TORCH[action.dtype]
+        if action.channels is None and self._in_slices:
+            result, flagged = self._merge_in_slices(action, params, dtype)
+            if flagged:
+                self._count_non_finite(action.key, result)
+            return result
+        tensors = [self.inputs[i].load(action.key) for i in action.sources]
         if action.channels is not None:
             values = self._merge_channels(action, tensors, params)
             result, flagged = values.to(dtype), _may_not_fit(values, dtype)
-        elif self._in_slices:
-            result, flagged = self._merge_in_slices(action, tensors, params, dtype)
         else:
             values = self._run(action.key, [to_float32(t) for t in tensors], params)
             result, flagged = values.to(dtype), _may_not_fit(values, dtype)
@@ -128,7 +192,7 @@ class KeyComputer:
             self._count_non_finite(action.key, result)
         return result
 
-    def _merge_in_slices(self, action: KeyAction, tensors: list[torch.Tensor], params: dict[str, Any],
+    def _merge_in_slices(self, action: KeyAction, params: dict[str, Any],
                          dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
         """Slice by slice: the float32 operands stay in cache and are never whole-tensor
         sized (what makes the merge run at memory speed). Returns the output and whether
@@ -136,7 +200,8 @@ class KeyComputer:
         out = torch.empty(action.shape, dtype=dtype)
         out_flat = out.view(-1)
         start, flagged = 0, False
-        for values in self._output_slices(action.key, tensor_reader(tensors), params):
+        reader = self._input_reader(action, from_spans=False)
+        for values in self._output_slices(action.key, reader, params):
             out_flat[start:start + values.numel()] = values
             start += values.numel()
             flagged = flagged or _may_not_fit(values, dtype)

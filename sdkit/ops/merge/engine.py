@@ -5,32 +5,54 @@ every check runs before the first byte is written (method and parameters, model 
 and families, shapes, block names, disk space), and the output is written through the
 streaming writer with one LazyTensor per key whose `load` computes that key's merge. So
 peak memory is a few tensors, whatever the model size and the number of inputs.
+
+A recipe in steps is prepared by `chain.prepare_chain` from the same parts (method
+settings, `plan_step`, input hashes and facts), one step after another.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sdkit.arch.blocks import TEXT_ENCODERS, Layout, model_block_layout
 from sdkit.errors import SdkitError
-from sdkit.ops.merge.align import (aligned_input, check_same_family, input_facts,
-                                   mergeable_identity, open_inputs)
+from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
+from sdkit.io.output_path import check_output_path
+from sdkit.ops.block_weights import (
+    KeyWeights,
+    component_names,
+    resolve_blocks,
+    resolve_components,
+)
+from sdkit.ops.merge.align import (
+    aligned_input,
+    check_same_family,
+    input_facts,
+    mergeable_identity,
+    open_inputs,
+)
 from sdkit.ops.merge.compute import KeyComputer
 from sdkit.ops.merge.hashes import InputHashes, hash_inputs, legacy_hash, start_hashes
 from sdkit.ops.merge.plan import MERGE, AlignedInput, MergePlan, PlanReport, build_plan
-from sdkit.io.ahead import DEFAULT_WORKERS, single_threaded_torch
-from sdkit.io.output_path import check_output_path
 from sdkit.ops.merge.provenance import InputFacts, merge_metadata
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput
+from sdkit.ops.merge.registry import (
+    BLEND_PARAM,
+    MergeMethod,
+    get_method,
+    input_index,
+    input_letter,
+)
 from sdkit.ops.recipe_meta import BackgroundHash
-from sdkit.ops.merge.registry import BLEND_PARAM, MergeMethod, get_method, input_index, input_letter
-from sdkit.ops.block_weights import (KeyWeights, component_names, resolve_blocks,
-                                     resolve_components)
+
+if TYPE_CHECKING:
+    from sdkit.arch.identity import Identity
 
 HEADER_ALLOWANCE = 1 << 20  # header and metadata, generously
 ProgressCallback = Callable[[int], None]
@@ -51,9 +73,9 @@ class MergeResult:
 class PreparedMerge:
     """A checked, planned merge whose tensors can be produced on demand."""
 
-    recipe: MergeRecipe
+    recipe: Any  # MergeRecipe, or steps.MultiStepRecipe
     inputs: list[AlignedInput]
-    facts: list[InputFacts]
+    facts: list[InputFacts]  # of every input file
     plan: MergePlan
     computer: KeyComputer
     pending: list[BackgroundHash] = field(default_factory=list)  # input hashes still running
@@ -66,11 +88,9 @@ class PreparedMerge:
         for running in self.pending:
             running.patch(file)
 
-    def hashed_recipe(self) -> MergeRecipe:
+    def hashed_recipe(self) -> Any:
         """The recipe with every input's real sha256 (waits for running hashes)."""
-        digests = {running.placeholder: running.digest() for running in self.pending}
-        return replace(self.recipe, inputs=[replace(item, sha256=digests.get(item.sha256, item.sha256))
-                                            for item in self.recipe.inputs])
+        return self.recipe.with_digests({running.placeholder: running.digest() for running in self.pending})
 
     def cost(self, key: str) -> int:
         """Memory a key holds while computed ahead: its output and its mapped inputs."""
@@ -82,15 +102,17 @@ class PreparedMerge:
 
 
 @dataclass(frozen=True)
-class _Settings:
+class MethodSettings:
     method: MergeMethod
     params: dict[str, Any]
 
 
-def merge_models(recipe: MergeRecipe, output: str | Path | None = None, *,
+def merge_models(recipe: Any, output: str | Path | None = None, *,
                  overwrite: bool = False, threads: int | None = None,
                  progress: ProgressCallback | None = None) -> MergeResult:
     """Merge the recipe's inputs into one safetensors file (atomically; nothing on failure).
+    `recipe` is a MergeRecipe or a steps.MultiStepRecipe (whose written step is made
+    key by key from the input files, its earlier steps on the way, nothing else written).
 
     `threads` keys (default 2) are computed ahead of the writer in parallel; the output
     bytes do not depend on it. `progress(n)` is called with the bytes of each tensor as
@@ -115,47 +137,76 @@ def merge_models(recipe: MergeRecipe, output: str | Path | None = None, *,
 
 
 @contextmanager
-def prepare_merge(recipe: MergeRecipe, target: Path, *,
+def prepare_merge(recipe: Any, target: Path, *,
                   check_disk: bool = True) -> Iterator[PreparedMerge]:
     """Open and check everything, plan every key; inputs stay open inside the `with`."""
+    from sdkit.ops.merge.chain import prepare_chain
+    from sdkit.ops.merge.steps import MultiStepRecipe
+
     with ExitStack() as stack:
-        yield _prepare(recipe, target, stack, check_disk)
+        if isinstance(recipe, MultiStepRecipe):
+            prepared = prepare_chain(recipe, target, stack)
+        else:
+            prepared = _prepare(recipe, target, stack)
+        if check_disk:
+            _check_disk_space(target, prepared.plan.output_bytes)
+        yield prepared
 
 
-def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack, check_disk: bool) -> PreparedMerge:
-    settings = _method_settings(recipe)
+def _prepare(recipe: MergeRecipe, target: Path, stack: ExitStack) -> PreparedMerge:
+    settings = method_settings(recipe)
     models = open_inputs(recipe.inputs, stack)
-    # hashing reads every input in full; unless the recipe names the digests its inputs
-    # must have, it starts now and runs beside everything else (from the checks and the
-    # import of torch to the writing); a refused merge stops it at its next chunk
-    pending: list[BackgroundHash] = []
-    if not any(given.sha256 for given in recipe.inputs):
-        pending = start_hashes(models)
-        stack.callback(lambda: [running.cancel() for running in pending])
+    pending = hash_in_background(recipe.inputs, models, stack)
     inputs = [aligned_input(input_letter(i), model) for i, model in enumerate(models)]
     identities = [mergeable_identity(model) for model in models]
     check_same_family(models, identities)
-    layout = model_block_layout(identities[0].family, (key for model in inputs for key in model.infos))
-    weights = _key_weights(recipe, settings, inputs, layout)
-    sources = _component_sources(recipe, inputs, settings.method, layout)
-    plan = build_plan(inputs, settings.method, settings.params, weights, sources,
-                      recipe.dtype_code)
-    if check_disk:
-        _check_disk_space(target, plan.output_bytes)
-    if pending:
-        hashes = [InputHashes(running.placeholder, legacy_hash(model)) for running, model in zip(pending, models)]
-    else:  # checked against the recipe before any work
-        hashes = hash_inputs(models)
-    facts = [input_facts(aligned.name, model, identity, hashed, given.sha256)
-             for aligned, model, identity, hashed, given
-             in zip(inputs, models, identities, hashes, recipe.inputs)]
-    # every parameter recorded with its effective value: a replay must not depend on
-    # the defaults of the sdkit version that replays it
-    recipe = replace(recipe, inputs=[RecipeInput(f.path, f.sha256) for f in facts],
-                     params=dict(settings.params), blocks=_recorded_blocks(recipe, weights))
+    plan, weights = plan_step(recipe, settings, inputs, identities)
+    facts = file_facts(recipe.inputs, models, identities, pending, [i.name for i in inputs])
+    recipe = recorded_step(recipe, settings, weights)
+    recipe = replace(recipe, inputs=[RecipeInput(f.path, f.sha256) for f in facts])
     computer = KeyComputer(inputs, settings.method, settings.params, str(target),
                            allow_nan=recipe.allow_nan)
     return PreparedMerge(recipe, inputs, facts, plan, computer, pending)
+
+
+def hash_in_background(given: Sequence[RecipeInput], models: Sequence[Any],
+                       stack: ExitStack) -> list[BackgroundHash]:
+    """Hashing reads every input in full; unless the recipe names the digests its inputs
+    must have, it starts now and runs beside everything else (from the checks and the
+    import of torch to the writing); a refused merge stops it at its next chunk."""
+    if any(item.sha256 for item in given):
+        return []
+    pending = start_hashes(models)
+    stack.callback(lambda: [running.cancel() for running in pending])
+    return pending
+
+
+def file_facts(given: Sequence[RecipeInput], models: Sequence[Any], identities: Sequence[Identity],
+               pending: Sequence[BackgroundHash], names: Sequence[str]) -> list[InputFacts]:
+    """What provenance records of each input file (their hashes running, or computed and
+    checked against the recipe's now, before any work)."""
+    if pending:
+        hashes = [InputHashes(running.placeholder, legacy_hash(model)) for running, model in zip(pending, models)]
+    else:
+        hashes = hash_inputs(models)
+    return [input_facts(name, model, identity, hashed, item.sha256)
+            for name, model, identity, hashed, item in zip(names, models, identities, hashes, given)]
+
+
+def plan_step(recipe: MergeRecipe, settings: MethodSettings, inputs: Sequence[AlignedInput],
+              identities: Sequence[Identity]) -> tuple[MergePlan, KeyWeights]:
+    """The action for every key of one merge, and the weight of each key."""
+    layout = model_block_layout(identities[0].family, (key for model in inputs for key in model.infos))
+    weights = _key_weights(recipe, settings, inputs, layout)
+    sources = _component_sources(recipe, inputs, settings.method, layout)
+    plan = build_plan(inputs, settings.method, settings.params, weights, sources, recipe.dtype_code)
+    return plan, weights
+
+
+def recorded_step(recipe: MergeRecipe, settings: MethodSettings, weights: KeyWeights) -> MergeRecipe:
+    """Every parameter recorded with its effective value: a replay must not depend on the
+    defaults of the sdkit version that replays it."""
+    return replace(recipe, params=dict(settings.params), blocks=_recorded_blocks(recipe, weights))
 
 
 def _output_path(recipe: MergeRecipe, output: str | Path | None) -> Path:
@@ -168,7 +219,8 @@ def _output_path(recipe: MergeRecipe, output: str | Path | None) -> Path:
     return target
 
 
-def _method_settings(recipe: MergeRecipe) -> _Settings:
+def method_settings(recipe: MergeRecipe) -> MethodSettings:
+    """The recipe's method and its parameters, checked."""
     method = get_method(recipe.method)
     method.check_inputs(len(recipe.inputs))
     params = method.resolve_params(recipe.params)
@@ -180,10 +232,10 @@ def _method_settings(recipe: MergeRecipe) -> _Settings:
     if not method.has_alpha and (recipe.blocks or recipe.components):
         raise SdkitError(f"merge method {method.name} has no alpha, so block and component "
                          "weights do not apply")
-    return _Settings(method, params)
+    return MethodSettings(method, params)
 
 
-def _key_weights(recipe: MergeRecipe, settings: _Settings, inputs: Sequence[AlignedInput],
+def _key_weights(recipe: MergeRecipe, settings: MethodSettings, inputs: Sequence[AlignedInput],
                  layout: Layout) -> KeyWeights:
     alpha = float(settings.params.get(BLEND_PARAM, 0.0))
     present = _components_present(inputs, layout)

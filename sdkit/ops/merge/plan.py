@@ -20,14 +20,15 @@ for an impossible merge.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdkit.arch.blocks import component_of, unet_relative
 from sdkit.errors import SdkitError
 from sdkit.io.model_file import FLOAT_DTYPES, TensorInfo, loaded_dtype, tensor_nbytes
-from sdkit.ops.merge.registry import MergeMethod, input_letter
 from sdkit.ops.block_weights import KeyWeights
+from sdkit.ops.merge.registry import MergeMethod, input_letter
 
 MERGE = "merge"
 FIRST_UNET_CONV = "input_blocks.0.0.weight"
@@ -44,6 +45,9 @@ class AlignedInput:
     infos: dict[str, TensorInfo]
     load: Callable[[str], Any]
     span: Callable[[str], Any] = lambda key: None  # the key's stored bytes (io.ByteSpan), if any
+    # an earlier step's output (nothing stored): the key's values made slice by slice, as a
+    # streamed.SliceReader of float32 slices of the step's output dtype
+    slices: Callable[[str], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ keys and ModelSpec.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sdkit.arch.families import FAMILIES, default_resolution, modelspec_architecture
 from sdkit.io.writer import DATA_SHA256
@@ -40,10 +41,12 @@ class InputFacts:
     nonstandard: bool = False  # dimensions differ from the family's: its size is not the family's
 
 
-def merge_metadata(recipe: MergeRecipe, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
-    """All metadata keys for the output file of `recipe`."""
+def merge_metadata(recipe: Any, inputs: Sequence[InputFacts], output: Path) -> dict[str, str]:
+    """All metadata keys for the output file of `recipe` (a MergeRecipe or a
+    MultiStepRecipe: the webui's keys then describe its written step, over all its input
+    files)."""
     metadata = {"format": "pt", RECIPE_KEY: json.dumps(recipe.to_json(stored=True), sort_keys=True)}
-    metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe, inputs))
+    metadata["sd_merge_recipe"] = json.dumps(_webui_recipe(recipe.written_step, inputs))
     metadata["sd_merge_models"] = json.dumps(_webui_models(inputs))
     metadata.update(_modelspec(inputs, output))
     return metadata

@@ -15,13 +15,18 @@ sdkit version), which is what `sdkit merge --replay FILE` runs again.
     dtype: fp16                  # output dtype of float tensors; default: as the inputs
     allow_nan: false
     output: merged.safetensors   # optional, the command line's -o wins
+
+A recipe of named steps, each one such merge reading files or earlier steps' results,
+is a `steps.MultiStepRecipe`; `load_recipe_file` and `recipe_from_metadata` return
+whichever the data holds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from sdkit import __version__
 from sdkit.arch.block_presets import is_preset_name
@@ -29,9 +34,13 @@ from sdkit.errors import SdkitError
 from sdkit.io.dtypes import NAME_TO_CODE
 from sdkit.io.safetensors_json import metadata_json
 
+if TYPE_CHECKING:
+    from sdkit.ops.merge.steps import MultiStepRecipe
+
 RECIPE_KEY = "sdkit.recipe"
 _FIELDS = {"inputs", "method", "params", "blocks", "components", "take", "dtype",
            "allow_nan", "output", "sdkit_version", "operation"}
+_STEP_FIELDS = {"inputs", "method", "params", "blocks", "components", "take", "dtype", "allow_nan"}
 
 
 @dataclass(frozen=True)
@@ -39,12 +48,27 @@ class RecipeInput:
     path: str
     sha256: str | None = None
 
+    def to_json(self, stored: bool) -> dict[str, Any]:
+        from sdkit.ops.recipe_meta import recorded_path
+
+        return {"path": recorded_path(self.path) if stored else self.path, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """An input that is the output of an earlier step of a multi-step recipe."""
+
+    step: str
+
+    def to_json(self, stored: bool) -> dict[str, Any]:
+        return {"step": self.step}
+
 
 @dataclass
 class MergeRecipe:
     """Everything that determines a merge's output tensors."""
 
-    inputs: list[RecipeInput]
+    inputs: list[RecipeInput | StepInput]  # StepInput only inside a multi-step recipe
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     blocks: dict[str, float] | list[float] | str | None = None  # str: a preset name
@@ -64,16 +88,27 @@ class MergeRecipe:
     def dtype_code(self) -> str | None:
         return NAME_TO_CODE[self.dtype] if self.dtype else None
 
+    @property
+    def written_step(self) -> MergeRecipe:
+        """The merge whose result is written (a multi-step recipe names one of its steps)."""
+        return self
+
+    def map_files(self, change: Callable[[RecipeInput], RecipeInput]) -> MergeRecipe:
+        """The recipe with every input file replaced by `change(file)`."""
+        return replace(self, inputs=[change(item) if isinstance(item, RecipeInput) else item
+                                     for item in self.inputs])
+
+    def with_digests(self, digests: Mapping[str, str]) -> MergeRecipe:
+        """The recipe with each input's sha256 looked up in `digests` (placeholder -> digest)."""
+        return self.map_files(lambda item: replace(item, sha256=digests.get(item.sha256 or "", item.sha256)))
+
     def to_json(self, *, stored: bool = False) -> dict[str, Any]:
         """The recipe as JSON (inputs with their sha256 when known); `stored`: the form a
         merged file's metadata keeps, inputs named as `recorded_path` names them."""
-        from sdkit.ops.recipe_meta import recorded_path
-
         return {
             "operation": "merge",
             "sdkit_version": __version__,
-            "inputs": [{"path": recorded_path(i.path) if stored else i.path, "sha256": i.sha256}
-                       for i in self.inputs],
+            "inputs": [item.to_json(stored) for item in self.inputs],
             "method": self.method,
             "params": dict(self.params),
             "blocks": self.blocks,
@@ -84,11 +119,14 @@ class MergeRecipe:
         }
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], origin: str) -> "MergeRecipe":
-        """Build from parsed YAML/JSON, refusing unknown fields and wrong types."""
+    def from_mapping(cls, data: Mapping[str, Any], origin: str, *,
+                     steps: Collection[str] | None = None) -> MergeRecipe:
+        """Build from parsed YAML/JSON, refusing unknown fields and wrong types. `steps`:
+        the step names of a multi-step recipe, which this one is a step of (an input
+        naming one of them, or given as {step: NAME}, is that step's output)."""
         if not isinstance(data, Mapping):
             raise SdkitError(f"{origin}: a merge recipe must be a mapping")
-        unknown = sorted(set(data) - _FIELDS)
+        unknown = sorted(set(data) - (_FIELDS if steps is None else _STEP_FIELDS))
         if unknown:
             raise SdkitError(f"{origin}: unknown recipe field {unknown[0]!r}")
         if data.get("operation", "merge") != "merge":
@@ -96,7 +134,7 @@ class MergeRecipe:
         if "method" not in data or "inputs" not in data:
             raise SdkitError(f"{origin}: a merge recipe needs `inputs` and `method`")
         return cls(
-            inputs=[_recipe_input(item, origin) for item in _as_list(data["inputs"], "inputs", origin)],
+            inputs=[_recipe_input(item, origin, steps) for item in _as_list(data["inputs"], "inputs", origin)],
             method=str(data["method"]),
             params=dict(_as_map(data.get("params"), "params", origin)),
             blocks=_blocks(data.get("blocks"), origin),
@@ -122,12 +160,17 @@ def _as_map(value: Any, name: str, origin: str) -> Mapping[str, Any]:
     return value
 
 
-def _recipe_input(item: Any, origin: str) -> RecipeInput:
+def _recipe_input(item: Any, origin: str, steps: Collection[str] | None) -> RecipeInput | StepInput:
     if isinstance(item, str):
-        return RecipeInput(item)
+        return StepInput(item) if steps is not None and item in steps else RecipeInput(item)
+    if isinstance(item, Mapping) and set(item) == {"step"} and steps is not None:
+        if str(item["step"]) not in steps:
+            raise SdkitError(f"{origin}: no step named {str(item['step'])!r} (steps: {', '.join(steps)})")
+        return StepInput(str(item["step"]))
     if isinstance(item, Mapping) and "path" in item:
         return RecipeInput(str(item["path"]), item.get("sha256"))
-    raise SdkitError(f"{origin}: each recipe input is a path or {{path, sha256}}, got {item!r}")
+    raise SdkitError(f"{origin}: each recipe input is a path or {{path, sha256}}"
+                     + (", or a step name" if steps is not None else "") + f", got {item!r}")
 
 
 def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | str | None:
@@ -143,8 +186,9 @@ def _blocks(value: Any, origin: str) -> dict[str, float] | list[float] | str | N
     raise SdkitError(f"{origin}: recipe field blocks must be a list of numbers, NAME: number or a preset name")
 
 
-def load_recipe_file(path: str | Path) -> MergeRecipe:
-    """A recipe from a YAML (or JSON) file; relative input paths are taken from its folder."""
+def load_recipe_file(path: str | Path) -> MergeRecipe | MultiStepRecipe:
+    """A recipe from a YAML (or JSON) file, of one merge or of named steps (`steps:`);
+    relative input paths are taken from its folder."""
     import yaml
 
     source = Path(path)
@@ -154,12 +198,20 @@ def load_recipe_file(path: str | Path) -> MergeRecipe:
         raise SdkitError(f"{source}: cannot read recipe ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         raise SdkitError(f"{source}: not valid YAML ({_first_line(exc)})") from None
-    recipe = MergeRecipe.from_mapping(data, str(source))
     base = source.parent
-    recipe.inputs = [RecipeInput(_relative_to(i.path, base), i.sha256) for i in recipe.inputs]
+    recipe = _from_mapping(data, str(source), base)
+    recipe = recipe.map_files(lambda item: replace(item, path=_relative_to(item.path, base)))
     if recipe.output is not None:
         recipe.output = _relative_to(recipe.output, base)
     return recipe
+
+
+def _from_mapping(data: Any, origin: str, base: Path | None = None) -> MergeRecipe | MultiStepRecipe:
+    if isinstance(data, Mapping) and "steps" in data:
+        from sdkit.ops.merge.steps import MultiStepRecipe
+
+        return MultiStepRecipe.from_mapping(data, origin, base)
+    return MergeRecipe.from_mapping(data, origin)
 
 
 def _relative_to(path: str, base: Path) -> str:
@@ -171,7 +223,7 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
 
 
-def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecipe:
+def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecipe | MultiStepRecipe:
     """The recipe stored in a merged file's metadata."""
     text = metadata.get(RECIPE_KEY)
     if text is None:
@@ -179,4 +231,4 @@ def recipe_from_metadata(metadata: Mapping[str, str], origin: str) -> MergeRecip
     data = metadata_json(text)  # bounded: the file may be anyone's
     if data is None:
         raise SdkitError(f"{origin}: {RECIPE_KEY} metadata is not valid JSON (or too large to be a recipe)")
-    return MergeRecipe.from_mapping(data, origin)
+    return _from_mapping(data, origin)

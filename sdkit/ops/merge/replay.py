@@ -11,22 +11,23 @@ direct merge writes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from sdkit.errors import SdkitError
-from sdkit.ops.merge.engine import MergeResult, merge_models, prepare_merge
 from sdkit.io.ahead import AHEAD_BUDGET, Prefetcher, single_threaded_torch
+from sdkit.ops.merge.engine import MergeResult, merge_models, prepare_merge
 from sdkit.ops.merge.recipe import MergeRecipe, RecipeInput, recipe_from_metadata
+from sdkit.ops.merge.steps import MultiStepRecipe
 
 
 @dataclass
 class ReplayResult:
     path: Path
-    recipe: MergeRecipe
+    recipe: MergeRecipe | MultiStepRecipe
     matched: int = 0
     different: list[str] = field(default_factory=list)  # same key, other dtype/shape/bytes
     missing: list[str] = field(default_factory=list)  # the replay makes it, the file lacks it
@@ -37,10 +38,10 @@ class ReplayResult:
         return not (self.different or self.missing or self.extra)
 
 
-def stored_recipe(merged_path: Path, metadata: dict[str, str]) -> MergeRecipe:
+def stored_recipe(merged_path: Path, metadata: dict[str, str]) -> MergeRecipe | MultiStepRecipe:
     """The recipe recorded in a merged file, its inputs located on this machine."""
     recipe = recipe_from_metadata(metadata, str(merged_path))
-    return replace(recipe, inputs=[_locate(item, merged_path) for item in recipe.inputs])
+    return recipe.map_files(lambda item: _locate(item, merged_path))
 
 
 def replay_into(path: str | Path, output: str | Path, *, overwrite: bool = False, threads: int | None = None,

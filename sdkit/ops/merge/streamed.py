@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -66,6 +66,50 @@ def tensor_reader(tensors: Sequence[Tensor]) -> SliceReader:
         return [to_float32(part[start:start + size]) for part in flat]
 
     return SliceReader(flat[0].numel(), len(flat), read)
+
+
+def joined_reader(readers: Sequence[SliceReader]) -> SliceReader:
+    """One reader over the inputs of several, in order (all of one element count)."""
+
+    def read(start: int, size: int) -> list[Tensor]:
+        return [part for reader in readers for part in reader.read(start, size)]
+
+    return SliceReader(readers[0].count, sum(reader.inputs for reader in readers), read)
+
+
+def stream_reader(count: int, produce: Callable[[], Iterator[Tensor]]) -> SliceReader:
+    """A reader over one input whose values come out in order, in pieces of any size
+    (an earlier merge step's output, made as it is read): a read goes on where the last
+    one stopped; a read further back (a method's next pass) produces them again from
+    the start. Only the piece being read is held."""
+    return SliceReader(count, 1, _Cursor(produce).read)
+
+
+class _Cursor:
+    def __init__(self, produce: Callable[[], Iterator[Tensor]]) -> None:
+        self._produce = produce
+        self._stream: Iterator[Tensor] | None = None
+        self._pending = torch.empty(0)  # produced, not read yet
+        self._position = 0  # the index of its first element
+
+    def read(self, start: int, size: int) -> list[Tensor]:
+        if self._stream is None or start < self._position:
+            self._stream, self._pending, self._position = iter(self._produce()), torch.empty(0), 0
+        self._take(start - self._position)
+        return [torch.cat(self._take(size)) if size else torch.empty(0)]
+
+    def _take(self, size: int) -> list[Tensor]:
+        """The next `size` values, in the pieces they came in."""
+        parts = []
+        while size > 0:
+            if self._pending.numel() == 0:
+                self._pending = next(self._stream).reshape(-1)  # type: ignore[arg-type]
+            part = self._pending[:size]
+            parts.append(part)
+            self._pending = self._pending[part.numel():]
+            self._position += part.numel()
+            size -= part.numel()
+        return parts
 
 
 # ---------------------------------------------------------------- shared with methods

@@ -17,6 +17,7 @@ from sdkit.errors import SdkitError
 
 AXIS_PARAMETERS: dict[str, Callable[[str], Any]] = {
     "lora_strength": float, "steps": int, "cfg": float, "seed": int, "clip_skip": int, "scheduler": str,
+    "schedule": str, "denoise": float,
 }
 _BACKGROUND = (255, 255, 255)
 _INK = (0, 0, 0)

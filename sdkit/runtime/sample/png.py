@@ -152,6 +152,14 @@ def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
     Keys: "Prompt", "Negative prompt", then every field in the order written ("Steps",
     "Sampler", "Seed", "Size", "Model hash", "Lora hashes", ...); values are strings.
     """
+    text = png_texts(path).get(PARAMETERS_KEY)
+    if not isinstance(text, str) or not text.strip():
+        raise SdkitError(f"{path}: the PNG holds no generation parameters (no '{PARAMETERS_KEY}' text)")
+    return parse_parameters(text)
+
+
+def png_texts(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The text chunks (and other info) of a PNG; a file that is not one is refused."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -159,14 +167,11 @@ def read_png_parameters(path: str | os.PathLike[str]) -> dict[str, str]:
         with Image.open(path) as image:
             if image.format != "PNG":
                 raise SdkitError(f"{path}: not a PNG image ({image.format})")
-            text = image.info.get(PARAMETERS_KEY)
+            return dict(image.info)
     except FileNotFoundError:
         raise SdkitError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise SdkitError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-    if not isinstance(text, str) or not text.strip():
-        raise SdkitError(f"{path}: the PNG holds no generation parameters (no '{PARAMETERS_KEY}' text)")
-    return parse_parameters(text)
 
 
 def picture_paths(output: str | os.PathLike[str], prompts: int, batch: int, *, one_picture: bool) -> list[Path]:

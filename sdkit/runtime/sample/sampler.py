@@ -36,13 +36,16 @@ from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.embed import PromptEmbeddings
 from sdkit.runtime.sample.flow_lora import FlowLoras
+from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
+                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
+                                          resized, upscale_latents, upscaler_name)
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, RuntimeLoras, with_strength
 from sdkit.runtime.sample.plan import Adapters, HypernetRequest, PromptPlan, plan_prompt
 from sdkit.runtime.sample.png import format_hashes, format_number, format_parameters
 from sdkit.runtime.sample.prompt import hypernet_tag, lora_tag, mentions
-from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, FLOW_SAMPLERS, make_scheduler,
-                                            sampler_spec)
+from sdkit.runtime.sample.scheduler import (DEFAULT_FLOW_SAMPLER, DEFAULT_SAMPLER, SamplerChoice, build_scheduler,
+                                            resolve_sampler)
 
 StepProgress = Callable[[int, int], None]  # (steps done, steps in this run)
 
@@ -57,9 +60,13 @@ class Settings:
     width: int | None = None  # None: the model's default size
     height: int | None = None
     scheduler: str | None = None  # None: the model's default (euler-a; euler for flow models)
+    schedule: str | None = None  # schedule type; None: the one in the sampler's name, else Automatic
     clip_skip: int = 1
     negative: str = ""
     lora_strength: float | None = None  # replaces every LoRA's strengths when set
+    init_image: str | None = None  # img2img: the picture to start from
+    denoise: float = 0.75  # img2img: A1111's denoising strength (its default)
+    hires: Hires | None = None  # A1111's hires fix of a text-to-image picture
 
 
 @dataclass
@@ -71,14 +78,22 @@ class Sample:
 
 def check_settings(settings: Settings, count: int = 1) -> None:
     """Refuse settings no model can sample with (sizes are checked against the model)."""
-    if settings.scheduler is not None and settings.scheduler not in FLOW_SAMPLERS:
-        sampler_spec(settings.scheduler)
+    choice = resolve_sampler(settings.scheduler or DEFAULT_SAMPLER, settings.schedule)
     if settings.steps < 1:
         raise SdkitError(f"--steps must be at least 1, not {settings.steps}")
     if count < 1:
         raise SdkitError(f"--batch must be at least 1, not {count}")
     if settings.clip_skip < 1:
         raise SdkitError(f"--clip-skip must be at least 1, not {settings.clip_skip}")
+    if settings.init_image is not None:
+        check_denoise(settings.denoise, "--denoise")
+        if img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler) < 1:
+            raise SdkitError(f"--denoise {settings.denoise:g} of {settings.steps} steps runs no step with "
+                             f"{choice.a1111_name} (A1111 runs int(steps * denoise) of them)")
+        if settings.hires is not None:
+            raise SdkitError("--hires-scale applies to text-to-image pictures, not to --init-image")
+    if settings.hires is not None:
+        check_hires(settings.hires)
 
 
 def check_clip_skip(clip_skip: int, layers: int) -> None:
@@ -159,6 +174,7 @@ class Sampler:
         self._hypernets: dict[Path, Any] = {}
         self._state: tuple[tuple[LoraRequest, ...], tuple[HypernetRequest, ...]] = ((), ())
         self._applied: list[AppliedLora] = []
+        self._img2img: Any = None  # the img2img pipeline over the same modules, made when first needed
         self.notes: list[str] = []
         if adapters.embeddings and model.is_flow:
             raise SdkitError(f"{adapters.embeddings[0][0]}: embeddings are not applied to {model.family} models yet")
@@ -241,83 +257,111 @@ class Sampler:
 
     # ---- sampling -----------------------------------------------------------------------
 
-    def size(self, settings: Settings) -> tuple[int, int]:
-        width = settings.width or self.model.default_size
-        height = settings.height or self.model.default_size
+    def size(self, settings: Settings, init: Any = None) -> tuple[int, int]:
+        """The picture's size: the settings', else the init image's, else the model's."""
         factor = self.model.size_multiple
         why = "the VAE's downscaling factor, times the 2x2 latent packing" if self.model.is_flow \
             else "the VAE's downscaling factor"
-        for what, value in (("width", width), ("height", height)):
-            if value <= 0 or value % factor:
-                raise SdkitError(f"--{what} {value}: must be a positive multiple of {factor} ({why})")
-        return width, height
+        sides = []
+        for what, value, init_value in (("width", settings.width, init and init.width),
+                                        ("height", settings.height, init and init.height)):
+            side = value or init_value or self.model.default_size
+            if side <= 0 or side % factor:
+                where = f"--{what} {side}" if value or not init_value else f"the init image's {what} {side}"
+                raise SdkitError(f"{where}: must be a positive multiple of {factor} ({why})")
+            sides.append(side)
+        return sides[0], sides[1]
 
-    def scheduler_name(self, settings: Settings) -> str:
-        if settings.scheduler is not None:
-            return settings.scheduler
-        return DEFAULT_FLOW_SAMPLER if self.model.is_flow else DEFAULT_SAMPLER
+    def sampler_choice(self, settings: Settings) -> SamplerChoice:
+        name = settings.scheduler or (DEFAULT_FLOW_SAMPLER if self.model.is_flow else DEFAULT_SAMPLER)
+        return resolve_sampler(name, settings.schedule, self.model.is_flow)
 
     def _latents(self, seeds: Sequence[int], width: int, height: int) -> tuple[torch.Tensor, list]:
         """Initial noise, one CPU generator per image; the generators go on to the sampler.
         A flow model's noise is packed into tokens as its pipeline packs its own."""
         factor = self.model.vae_scale_factor
         shape = (1, self.model.latent_channels, height // factor, width // factor)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        generators = _generators(seeds)
         noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
         if self.model.is_flow:
             noise = self.model.pipe._pack_latents(noise, len(seeds), *shape[1:])
         return noise.to(self.model.device, self.model.dtype), generators
 
+    def _image_to_image(self) -> Any:
+        if self._img2img is None:
+            if self.model.is_flow:
+                raise SdkitError(f"--init-image and --hires-scale do not apply to {self.model.family} models yet")
+            self._img2img = image_to_image_pipeline(self.model.pipe)
+        return self._img2img
+
     def generate(self, plan: PromptPlan, settings: Settings, count: int = 1,
                  progress: StepProgress | None = None) -> list[Sample]:
         """`count` pictures of seeds settings.seed, +1, ...; adapters applied first."""
         check_settings(settings, count)
-        width, height = self.size(settings)
+        init = load_init_image(settings.init_image) if settings.init_image else None
+        if init is not None or settings.hires is not None:
+            self._image_to_image()
+        width, height = self.size(settings, init)
         loras = plan.loras if settings.lora_strength is None else \
             tuple(with_strength(plan.loras, settings.lora_strength))
         self._activate(loras, plan.hypernets)
         self.load_mentioned_embeddings(plan.text, settings.negative)
-        pipe = self.model.pipe
-        name = self.scheduler_name(settings)
-        pipe.scheduler = make_scheduler(name, self.model.scheduler_config, self.model.is_flow)  # fresh state
+        choice = self.sampler_choice(settings)
         seeds = [settings.seed + index for index in range(count)]
-        latents, generators = self._latents(seeds, width, height)
-
-        def on_step(_pipe: Any, step: int, _timestep: Any, tensors: dict) -> dict:
-            if progress is not None:
-                progress(step + 1, len(_pipe.scheduler.timesteps))
-            return tensors
-
         with torch.inference_mode():
-            texts = text_arguments(pipe, self.model.family, self.embeddings.rewrite(plan.text),
+            texts = text_arguments(self.model.pipe, self.model.family, self.embeddings.rewrite(plan.text),
                                    self.embeddings.rewrite(settings.negative), settings.clip_skip)
-            images = pipe(**texts, **guidance_arguments(pipe, self.model.family, settings.cfg),
-                          num_inference_steps=settings.steps, width=width, height=height,
-                          num_images_per_prompt=count, latents=latents, generator=generators, output_type="pil",
-                          callback_on_step_end=on_step).images
-        return [Sample(image, self.parameters(plan, settings, seed, loras), seed)
+            run = _PipelineRun(self, choice, settings, texts, seeds, progress)
+            if init is not None and settings.denoise < 1:
+                steps = img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler)
+                images = run(self._img2img, settings.steps, image=resized(init, (width, height)),
+                             strength=diffusers_strength(steps, settings.steps))
+            else:
+                images = self._text_to_image(run, settings, seeds, width, height)
+        return [Sample(image, self.parameters(plan, settings, seed, loras, (width, height), choice), seed)
                 for image, seed in zip(images, seeds)]
+
+    def _text_to_image(self, run: _PipelineRun, settings: Settings, seeds: list[int],
+                       width: int, height: int) -> list[Any]:
+        latents, generators = self._latents(seeds, width, height)
+        hires = settings.hires
+        upscaler = upscaler_name(hires.upscaler) if hires is not None else ""
+        latent_upscale = upscaler.startswith("Latent")
+        first = run(self.model.pipe, settings.steps, width=width, height=height, latents=latents,
+                    generator=generators, output_type="latent" if latent_upscale else "pil")
+        if hires is None:
+            return first
+        target = hires_size(width, height, hires.scale, self.model.size_multiple)
+        image = upscale_latents(first, target, self.model.vae_scale_factor, upscaler) if latent_upscale \
+            else [resized(picture, target, upscaler) for picture in first]
+        length, strength = hires_schedule(hires.steps or settings.steps, hires.denoise)
+        return run(self._img2img, length, image=image, strength=strength)
 
     # ---- PNG parameters -------------------------------------------------------------
 
     def parameters(self, plan: PromptPlan, settings: Settings, seed: int,
-                   loras: tuple[LoraRequest, ...]) -> str:
-        """A1111's `parameters` text for one picture."""
-        width, height = self.size(settings)
+                   loras: tuple[LoraRequest, ...], size: tuple[int, int] | None = None,
+                   choice: SamplerChoice | None = None) -> str:
+        """A1111's `parameters` text for one picture (`size`: the first pass's)."""
+        width, height = size or self.size(settings)
         tags = [lora_tag(r.name, r.te_strength, r.unet_strength) for r in loras]
         tags += [hypernet_tag(r.name, r.strength) for r in plan.hypernets]
         prompt = " ".join([plan.text, *tags]).strip()
-        spec = sampler_spec(self.scheduler_name(settings), self.model.is_flow)
+        choice = choice or self.sampler_choice(settings)
         lora_hashes = {a.request.name: a.short_hash for a in self._applied if a.short_hash}
         ti_hashes = {e.embedding.token: e.short_hash
                      for e in self.embeddings.used_in(plan.text, settings.negative) if e.short_hash}
         model = self.model
+        hires = settings.hires
+        denoise = hires.denoise if hires is not None else settings.denoise if settings.init_image else None
         fields = [
-            ("Steps", settings.steps), ("Sampler", spec.a1111_name), ("Schedule type", spec.schedule_type),
+            ("Steps", settings.steps), ("Sampler", choice.a1111_name), ("Schedule type", choice.schedule_type),
             ("CFG scale", format_number(settings.cfg)), ("Seed", seed), ("Size", f"{width}x{height}"),
             ("Model hash", model.file_hash("model")), ("Model", model.name),
             ("VAE hash", model.file_hash("vae")), ("VAE", model.vae_path.name if model.vae_path else None),
+            ("Denoising strength", format_number(denoise) if denoise is not None else None),
             ("Clip skip", settings.clip_skip if settings.clip_skip > 1 else None),
+            *hires_fields(hires),
             ("Lora hashes", format_hashes(lora_hashes) if loras else None),
             ("TI hashes", format_hashes(ti_hashes)), ("Version", f"sdkit {__version__}"),
         ]
@@ -325,6 +369,46 @@ class Sampler:
 
     def applied_loras(self) -> list[AppliedLora]:
         return list(self._applied)
+
+
+def hires_fields(hires: Hires | None) -> list[tuple[str, Any]]:
+    """A1111's hires fields, in the order it writes them (`Hires steps` only when set)."""
+    if hires is None:
+        return []
+    return [("Hires upscale", format_number(hires.scale)), ("Hires steps", hires.steps or None),
+            ("Hires upscaler", upscaler_name(hires.upscaler))]
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+class _PipelineRun:
+    """One pipeline call of a `generate`: the same prompts, guidance, seeds and progress
+    for every pass, a fresh scheduler each time."""
+
+    def __init__(self, sampler: Sampler, choice: SamplerChoice, settings: Settings, texts: dict[str, Any],
+                 seeds: list[int], progress: StepProgress | None) -> None:
+        self.model = sampler.model
+        self.choice = choice
+        self.settings = settings
+        self.texts = texts
+        self.seeds = seeds
+        self.progress = progress
+
+    def _on_step(self, pipe: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+        if self.progress is not None:
+            self.progress(step + 1, pipe.num_timesteps)
+        return tensors
+
+    def __call__(self, pipe: Any, steps: int, **arguments: Any) -> Any:
+        model = self.model
+        pipe.scheduler = build_scheduler(self.choice, model.scheduler_config)  # fresh state
+        arguments.setdefault("generator", _generators(self.seeds))
+        arguments.setdefault("output_type", "pil")
+        return pipe(**self.texts, **guidance_arguments(pipe, model.family, self.settings.cfg),
+                    num_inference_steps=steps, num_images_per_prompt=len(self.seeds),
+                    callback_on_step_end=self._on_step, **arguments).images
 
 
 def settings_with(settings: Settings, parameter: str, value: Any) -> Settings:
