@@ -12,14 +12,7 @@ from pathlib import Path
 import pytest
 
 from sdkit.runtime.toyscore import write_concept_pictures
-from sdkit.runtime.train import (
-    DataOptions,
-    NetworkOptions,
-    OptimOptions,
-    RunOptions,
-    TrainConfig,
-    train,
-)
+from sdkit.runtime.train import DataOptions, NetworkOptions, OptimOptions, RunOptions, TrainConfig, train
 from sdkit.runtime.train.verify import VerifyJob, verify_adapter
 
 FOLDER = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux" / "diffusers"

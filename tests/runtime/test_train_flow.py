@@ -107,14 +107,7 @@ def test_sd_lora_in_diffusers_layout_holds_the_kohya_files_deltas_and_loads_in_d
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from sdkit.runtime.train import (
-        DataOptions,
-        NetworkOptions,
-        OptimOptions,
-        RunOptions,
-        TrainConfig,
-        train,
-    )
+    from sdkit.runtime.train import DataOptions, NetworkOptions, OptimOptions, RunOptions, TrainConfig, train
 
     if not SD1.exists():
         pytest.skip("toy models not built (make fixtures)")

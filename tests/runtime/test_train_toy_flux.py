@@ -22,14 +22,7 @@ from cli_run import run_sdkit
 from safetensors import safe_open
 
 from sdkit.runtime.toyscore import IMAGE_SIZE, score_image, write_concept_pictures
-from sdkit.runtime.train import (
-    DataOptions,
-    NetworkOptions,
-    OptimOptions,
-    RunOptions,
-    TrainConfig,
-    train,
-)
+from sdkit.runtime.train import DataOptions, NetworkOptions, OptimOptions, RunOptions, TrainConfig, train
 from sdkit.runtime.train.verify import VerifyJob, verify_adapter
 
 FLUX = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
