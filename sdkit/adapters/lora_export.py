@@ -18,7 +18,8 @@ data; sha256 of 64 KiB at 1 MiB of the file written with only the `ss_*` metadat
 diffusers format: `unet.<path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<path>…`,
 paths as the diffusers models name their layers. alpha / rank is folded into `lora_B`,
 and `lora_adapter_metadata` holds the peft config per component (`r`, `lora_alpha`
-equal to it, rank patterns for other ranks, target modules), as diffusers saves it.
+equal to it, rank patterns for other ranks, target modules), as diffusers saves it; the
+facts' notes (a trainer's `ss_*` keys) are kept beside it.
 """
 
 from __future__ import annotations
@@ -271,8 +272,10 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
         state, extra = kohya_state_dict(modules, sdxl, dtype), network_metadata(modules, facts)
     else:
         state, adapter = peft_state_dict(modules, dtype)
-        extra = {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
-    implementation = None if sdxl and format == "kohya" else DIFFUSERS_IMPLEMENTATION
+        extra = {**facts.notes, "lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
+    # kohya names SDXL and transformer layers after the original code's modules
+    implementation = None if format == "kohya" and (sdxl or _single_file_names(facts.family)) \
+        else DIFFUSERS_IMPLEMENTATION
     spec = SpecFacts(family=facts.family, prediction=facts.prediction, adapter="lora",
                      implementation=implementation)
     metadata = build_metadata(provenance.operation, provenance.inputs, provenance.params, spec, extra,
@@ -281,6 +284,13 @@ def write_lora(path: str | os.PathLike[str], modules: Sequence[ExportModule], fa
     if format == "kohya":
         metadata.update(addnet_hashes(lazies, metadata))
     return write_safetensors(path, lazies, metadata, overwrite=overwrite)
+
+
+def _single_file_names(family: str) -> bool:
+    from sdkit.arch.families import FAMILIES
+
+    found = FAMILIES.get(family)
+    return found is not None and found.key_map is not None and not found.key_map.same_names
 
 
 def _lazy(tensor: "torch.Tensor") -> LazyTensor:

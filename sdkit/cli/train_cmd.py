@@ -15,18 +15,9 @@ from sdkit.cli.main import cli
 from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.errors import SdkitError
-from sdkit.runtime.train.config import (
-    CACHES,
-    CROPS,
-    DREAMBOOTH_FORMATS,
-    LR_SCHEDULERS,
-    METHODS,
-    OPTIMIZERS,
-    PRECISIONS,
-    PREDICTIONS,
-    SAVE_PRECISIONS,
-    check_config,
-)
+from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LORA_LAYOUTS, LR_SCHEDULERS, METHODS,
+                                        OPTIMIZERS, PRECISIONS, PREDICTIONS, SAVE_PRECISIONS, TIMESTEP_SAMPLINGS,
+                                        check_config)
 
 _PATH = click.Path(path_type=Path)
 
@@ -165,11 +156,17 @@ class ProgressLines:
 @click.option("--prediction-type", type=click.Choice(PREDICTIONS), help="Override the base's scheduler config.")
 @click.option("--min-snr-gamma", type=float, help="Min-SNR loss weighting (5 is usual).")
 @click.option("--noise-offset", type=float, default=0.0, show_default=True)
+@click.option("--timestep-sampling", type=click.Choice(TIMESTEP_SAMPLINGS),
+              help="FLUX.1 noise levels: uniform over the scheduler's sigmas (default), logit-normal, or "
+                   "kohya's shift.")
+@click.option("--flow-shift", type=float, help="Shift of --timestep-sampling shift (default 3.0, kohya's).")
 # methods
 @click.option("--rank", type=int, default=4, show_default=True, help="LoRA / LoHa / LoKr rank.")
 @click.option("--alpha", type=float, help="Network alpha (default: the rank).")
 @click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout (LoHa/LoKr: rank dropout).")
 @click.option("--train-text-encoder", is_flag=True, help="Also train the text encoder(s) (networks, DreamBooth).")
+@click.option("--layout", type=click.Choice(LORA_LAYOUTS), default="kohya", show_default=True,
+              help="LoRA file names: kohya (A1111, ComfyUI, Forge) or diffusers (peft names).")
 @click.option("--token", help="Textual-inversion trigger word (default: the output's file name).")
 @click.option("--init-word", default="*", show_default=True, help="Word the new vectors start from.")
 @click.option("--vectors", type=int, default=1, show_default=True, help="Vectors per embedding.")
@@ -260,8 +257,9 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
                          o["gradient_checkpointing"])
     return TrainConfig(
         method, base, output, data, o["config_dir"], optim,
-        LossOptions(o["prediction_type"], o["min_snr_gamma"], o["noise_offset"]),
-        NetworkOptions(o["rank"], o["alpha"], o["dropout"], o["train_text_encoder"]),
+        LossOptions(o["prediction_type"], o["min_snr_gamma"], o["noise_offset"], o["timestep_sampling"],
+                    o["flow_shift"]),
+        NetworkOptions(o["rank"], o["alpha"], o["dropout"], o["train_text_encoder"], o["layout"]),
         EmbeddingOptions(o["token"], o["init_word"], o["vectors"]),
         HypernetOptions(_numbers(o["layer_structure"], "--layer-structure"), o["activation"], o["layer_norm"],
                         o["hypernet_dropout"], o["weight_init"]),

@@ -123,11 +123,9 @@ def test_flux_is_refused_where_only_unets_run():
         load_model(FOLDER)
 
 
-def test_toy_flux_refuses_adapters_it_does_not_apply_yet(folder_sampler, tmp_path):
-    from sdkit.runtime.sample.lora import LoraRequest
-    from sdkit.runtime.sample.plan import PromptPlan
+def test_toy_flux_refuses_hypernetworks_in_one_line(folder_sampler, tmp_path):
+    from sdkit.runtime.sample.plan import HypernetRequest, PromptPlan
 
-    lora = tmp_path / "style.safetensors"
-    plan = PromptPlan("a red circle", (LoraRequest(lora, "style", 1.0, 1.0),), ())
-    with pytest.raises(SdkitError, match="adapters are not applied to flux models"):
+    plan = PromptPlan("a red circle", (), (HypernetRequest(tmp_path / "style.pt", "style", 1.0),))
+    with pytest.raises(SdkitError, match="hypernetworks are not applied to flux models"):
         folder_sampler.generate(plan, Settings(steps=2))

@@ -37,20 +37,10 @@ from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
-from sdkit.runtime.sample.img2img import (
-    Hires,
-    check_denoise,
-    check_hires,
-    diffusers_strength,
-    hires_schedule,
-    hires_size,
-    image_to_image_pipeline,
-    img2img_steps,
-    load_init_image,
-    resized,
-    upscale_latents,
-    upscaler_name,
-)
+from sdkit.runtime.sample.flow_lora import FlowLoras
+from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
+                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
+                                          resized, upscale_latents, upscaler_name)
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import (
     AppliedLora,
@@ -163,7 +153,7 @@ class Sampler:
         self.library = library
         self.adapters = adapters or Adapters()
         self.embeddings = PromptEmbeddings(model.pipe, model.text_components)
-        self._loras: RuntimeLoras | None = None
+        self._loras: RuntimeLoras | FlowLoras | None = None
         self._hypernets: dict[Path, Any] = {}
         self._state: tuple[tuple[LoraRequest, ...], tuple[HypernetRequest, ...]] = ((), ())
         self._applied: list[AppliedLora] = []
@@ -195,17 +185,22 @@ class Sampler:
     def _activate(self, loras: tuple[LoraRequest, ...], hypernets: tuple[HypernetRequest, ...]) -> None:
         if (loras, hypernets) == self._state:
             return
-        if self.model.is_flow:
-            raise SdkitError(f"{(loras or hypernets)[0].path}: adapters are not applied to {self.model.family} "
-                             "models while sampling yet; bake a LoRA into the model first (sdkit lora bake)")
+        if self.model.is_flow and hypernets:
+            raise SdkitError(f"{hypernets[0].path}: hypernetworks are not applied to {self.model.family} models")
         if loras or self._loras is not None:
             if self._loras is None:
-                self._loras = RuntimeLoras(self.model.pipe, self.model.family, self.model.layout)
+                self._loras = self._runtime_loras()
                 self.notes += self._loras.names.notes
             self._applied = self._loras.apply(loras)
             self._note_unmapped()
-        self._attach_hypernets(hypernets)
+        if not self.model.is_flow:
+            self._attach_hypernets(hypernets)
         self._state = (loras, hypernets)
+
+    def _runtime_loras(self) -> RuntimeLoras | FlowLoras:
+        if self.model.is_flow:
+            return FlowLoras(self.model.pipe, self.model.family)
+        return RuntimeLoras(self.model.pipe, self.model.family, self.model.layout)
 
     def _note_unmapped(self) -> None:
         for report in self._applied:

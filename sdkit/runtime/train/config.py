@@ -26,6 +26,10 @@ CACHES = ("memory", "disk", "off")
 PREDICTIONS = ("epsilon", "v_prediction")
 DREAMBOOTH_FORMATS = ("single-file", "diffusers")
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal", "shift")  # flow-matching bases (FLUX.1)
+DEFAULT_FLOW_SHIFT = 3.0  # kohya's --discrete_flow_shift
+LORA_LAYOUTS = ("kohya", "diffusers")
+FLOW_METHODS = ("lora", "lokr")
 MAX_VECTORS = 75  # a CLIP prompt chunk holds 75 tokens: A1111's most vectors per embedding
 DEFAULT_CLASS_IMAGES = 50
 DEFAULT_PRIOR_LOSS_WEIGHT = 1.0
@@ -73,6 +77,12 @@ class LossOptions:
     prediction_type: str | None = None  # None: the base's scheduler config
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
+    timestep_sampling: str | None = None  # flow-matching bases; None: uniform
+    flow_shift: float | None = None  # --timestep-sampling shift; None: DEFAULT_FLOW_SHIFT
+
+    @property
+    def shift(self) -> float:
+        return self.flow_shift if self.flow_shift is not None else DEFAULT_FLOW_SHIFT
 
 
 @dataclass
@@ -83,6 +93,7 @@ class NetworkOptions:
     alpha: float | None = None  # None: alpha = rank
     dropout: float = 0.0
     train_text_encoder: bool = False
+    layout: str = "kohya"  # kohya (what A1111 / ComfyUI load) | diffusers (peft names)
 
 
 @dataclass
@@ -217,6 +228,10 @@ def check_config(config: TrainConfig) -> None:
     if config.method in NETWORK_METHODS:
         _at_least("--rank", config.network.rank, 1)
         _probability("--dropout", config.network.dropout)
+        _choice("--layout", config.network.layout, LORA_LAYOUTS)
+        if config.network.layout == "diffusers" and config.method != "lora":
+            raise SdkitError(f"--layout diffusers holds plain LoRA modules; {config.method} files are written "
+                             "in kohya / LyCORIS names")
         if config.network.alpha is not None and config.network.alpha <= 0:
             raise SdkitError(f"--alpha must be positive, not {config.network.alpha:g} "
                              "(the update is scaled by alpha / rank)")
@@ -246,6 +261,28 @@ def _check_method_options(config: TrainConfig) -> None:
         raise _ignored("--save-precision", "does not apply to hypernetworks (their .pt files are written in float32)")
     if method != "dreambooth" and config.dreambooth.class_prompt is not None:
         raise _ignored("--class-prompt", f"applies to dreambooth, not {method}")
+
+
+def check_family_options(config: TrainConfig, flow: bool) -> None:
+    """Options the base's kind of model does not train with: DDPM's (prediction type,
+    min-SNR, noise offset) on a flow-matching base, flow matching's on a DDPM one."""
+    loss = config.loss
+    if not flow:
+        if loss.timestep_sampling is not None:
+            raise _ignored("--timestep-sampling", "applies to flow-matching bases (FLUX.1)")
+        return
+    if config.method not in FLOW_METHODS:
+        raise SdkitError(f"FLUX.1 bases train {' and '.join(FLOW_METHODS)}, not {config.method}")
+    flow_matching = "FLUX.1 trains on flow matching (target noise - latents)"
+    refused = (("--prediction-type", loss.prediction_type is not None, flow_matching),
+               ("--min-snr-gamma", loss.min_snr_gamma is not None, flow_matching),
+               ("--noise-offset", bool(loss.noise_offset), flow_matching),
+               ("--train-text-encoder", config.network.train_text_encoder,
+                "FLUX.1 trains its transformer alone, the text encoders frozen"),
+               ("--preview-every", bool(config.run.preview_every), "FLUX.1 previews are not drawn while training"))
+    for option, given, why in refused:
+        if given:
+            raise SdkitError(f"{option} does not apply to FLUX.1 bases ({why}); drop it")
 
 
 def _check_dreambooth(options: DreamBoothOptions) -> None:
@@ -323,6 +360,13 @@ def _check_optim(optim: OptimOptions) -> None:
 def _check_loss(loss: LossOptions) -> None:
     if loss.prediction_type is not None:
         _choice("--prediction-type", loss.prediction_type, PREDICTIONS)
+    if loss.timestep_sampling is not None:
+        _choice("--timestep-sampling", loss.timestep_sampling, TIMESTEP_SAMPLINGS)
+    if loss.flow_shift is not None:
+        if loss.timestep_sampling != "shift":
+            raise _ignored("--flow-shift", "shifts --timestep-sampling shift, which is not chosen")
+        if loss.flow_shift <= 0:
+            raise SdkitError(f"--flow-shift must be positive, not {loss.flow_shift:g}")
     if loss.min_snr_gamma is not None and loss.min_snr_gamma <= 0:
         raise SdkitError(f"--min-snr-gamma must be positive, not {loss.min_snr_gamma:g}")
     _at_least("--noise-offset", loss.noise_offset, 0)

@@ -26,9 +26,10 @@ from sdkit.io import hash_file
 from sdkit.ops.recipe_meta import recorded_path
 from sdkit.runtime.pipeline import load_model, resolve_device
 from sdkit.runtime.train.buckets import BatchPlan
-from sdkit.runtime.train.config import TrainConfig, check_config
+from sdkit.runtime.train.config import TrainConfig, check_config, check_family_options
 from sdkit.runtime.train.data import DatasetScan, ImageFilter, scan_dataset
 from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
+from sdkit.runtime.train.flow import FlowObjective, FluxDenoiser, design_architecture
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
 from sdkit.runtime.train.objective import Objective
@@ -36,9 +37,9 @@ from sdkit.runtime.train.outputs import (RunFacts, draw_loss_curve, kohya_metada
                                          write_json_atomic)
 from sdkit.runtime.train.precision import PrecisionPlan, resolve_precision
 from sdkit.runtime.train.sampling import draw_previews, ensure_class_images
-from sdkit.runtime.train.setup import (bucket_counts, cast_frozen, class_samples, enable_checkpointing, freeze,
-                                       instance_samples, make_accelerator, make_lr_scheduler, make_optimizer,
-                                       micro_seed, side_path, training_buckets)
+from sdkit.runtime.train.setup import (base_is_flow, bucket_counts, cast_frozen, class_samples, denoiser_of,
+                                       enable_checkpointing, freeze, instance_samples, make_accelerator,
+                                       make_lr_scheduler, make_optimizer, micro_seed, side_path, training_buckets)
 from sdkit.runtime.train.state import (TrainState, folder_digest, load_state, restore_optimizer, restore_parameters,
                                        run_identity, save_state)
 
@@ -80,6 +81,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 class Trainer:
     def __init__(self, config: TrainConfig, progress: Progress | None) -> None:
         check_config(config)
+        self.flow = base_is_flow(config.base)
+        check_family_options(config, self.flow)
         self.config = config
         self.progress = progress
         self.notes: list[str] = []
@@ -114,7 +117,7 @@ class Trainer:
         self.resume_state = load_state(config.run.resume, config, self._identity()) if config.run.resume else None
         self._lap("data_s")
         # loaded on the CPU in float32, moved to the device once frozen weights are cast
-        self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32")
+        self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32", flow=self.flow)
         self._lap("load_s")
         self.resolution, buckets = training_buckets(self.model, config.data)
         self.samples = instance_samples(self.scan, buckets, config.data)
@@ -195,12 +198,15 @@ class Trainer:
         method = make_method(config, model)
         torch.manual_seed(config.run.seed)  # peft initialises its layers from the global generator
         method.setup(torch.Generator().manual_seed(config.run.seed))
-        modules = [model.pipe.unet, *(getattr(model.pipe, name) for name in model.text_components)]
+        modules = [denoiser_of(model), *(getattr(model.pipe, name) for name in model.text_components)]
         cast_frozen(modules, self.plan.frozen_dtype)
         self._to_device()
         if config.optim.gradient_checkpointing:
             enable_checkpointing(model, method.text_grad)
-        self.denoiser = Denoiser(model.pipe, model.family, method.text_grad, method.extra_module())
+        if self.flow:
+            self.denoiser = FluxDenoiser(model.pipe)
+        else:
+            self.denoiser = Denoiser(model.pipe, model.family, method.text_grad, method.extra_module())
         return method
 
     def _to_device(self) -> None:
@@ -222,7 +228,8 @@ class Trainer:
     def _train(self) -> tuple[list[float], int]:
         config, accelerator = self.config, self.accelerator
         optimizer = make_optimizer(self.method.parameter_groups(), config.optim, accelerator.device)
-        self.objective = Objective(self.model.scheduler_config, config.loss)
+        objective = FlowObjective if self.flow else Objective
+        self.objective = objective(self.model.scheduler_config, config.loss)
         start, losses, state = 0, [], self.resume_state
         if state is not None:
             restore_parameters(self._named_trainables(), state.parameters, config.run.resume)
@@ -334,6 +341,8 @@ class Trainer:
 
     @property
     def prediction(self) -> str:
+        if self.flow:
+            return "flow"
         return "v" if self.objective.prediction == "v_prediction" else "epsilon"
 
     def _save(self, losses: list[float], started_at: float, hashes: Future | None) -> list[Path]:
@@ -352,7 +361,7 @@ class Trainer:
         context = SaveContext(path=config.output, steps=len(losses), prediction=self.prediction,
                               dtype=dtypes[config.run.save_precision] if config.run.save_precision else default,
                               training_metadata={**kohya_metadata(config, self.scan, self.facts),
-                                                 **spec_metadata(config, self.facts)},
+                                                 **spec_metadata(config, self.facts), **self._flow_spec()},
                               recipe_params=config.to_json(recorded=True), inputs=inputs,
                               input_hashes=input_hashes,
                               base_short_hash=autov2, overwrite=config.run.overwrite)
@@ -360,6 +369,11 @@ class Trainer:
         written = self.method.save(context)
         self.notes += self.method.notes
         return written
+
+    def _flow_spec(self) -> dict[str, str]:
+        """A flow base's ModelSpec architecture: the released design it follows (dev / schnell)."""
+        architecture = design_architecture(self.model.family, self.model.pipe.transformer) if self.flow else None
+        return {"modelspec.architecture": f"{architecture}/lora"} if architecture else {}
 
     def _finish(self, outputs: list[Path], losses: list[float], resumed_from: int) -> TrainResult:
         config = self.config

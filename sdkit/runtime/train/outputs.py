@@ -90,6 +90,10 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_v2": str(facts.family == "sd2"),
         "ss_training_comment": f"sdkit {__version__} train {config.method}",
     }
+    if facts.prediction == "flow":
+        from sdkit.runtime.train.flow import flow_metadata
+
+        metadata.update(flow_metadata(config.loss.timestep_sampling or "uniform", config.loss.shift))
     if config.method == "dreambooth":
         metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_weight)
     if facts.family in FAMILIES:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.train.buckets import Size, bucket_resolutions, bucket_step, nearest_bucket
 from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig
@@ -44,10 +44,32 @@ def unet_levels(model: LoadedModel) -> int:
     return len(model.pipe.unet.config.block_out_channels)
 
 
+def base_is_flow(path: Path) -> bool:
+    """Whether the base is a flow-matching model (FLUX.1), from its header."""
+    from sdkit.arch import identify
+    from sdkit.io import open_model
+    from sdkit.runtime.pipeline import FLOW_FAMILIES
+
+    if not path.exists():
+        raise SdkitError(f"{path}: no such file or directory")
+    with open_model(path) as model:
+        identity = identify(model)
+    flow = identity.family in FLOW_FAMILIES
+    if flow and identity.components == ["transformer"]:
+        raise SdkitError(f"{path}: is {with_article(identity.part or 'diffusion model')} alone; FLUX.1 trains "
+                         "from a diffusers folder (transformer, text encoders, VAE and tokenizers)")
+    return flow
+
+
+def denoiser_of(model: LoadedModel) -> torch.nn.Module:
+    """The UNet, or a flow model's transformer."""
+    return model.pipe.transformer if model.is_flow else model.pipe.unet
+
+
 def training_buckets(model: LoadedModel, data: DataOptions) -> tuple[int, list[Size]]:
     """(resolution, the buckets pictures may go to)."""
     resolution = data.resolution or model.default_size
-    minimum = bucket_step(model.vae_scale_factor, unet_levels(model))
+    minimum = model.size_multiple if model.is_flow else bucket_step(model.vae_scale_factor, unet_levels(model))
     step = data.bucket_step or minimum
     if step % minimum:
         raise SdkitError(f"--bucket-step {step} must be a multiple of {minimum} (VAE factor x UNet downsampling)")
@@ -84,8 +106,8 @@ def bucket_counts(samples: Sequence[TrainSample]) -> dict[Size, int]:
 
 
 def freeze(model: LoadedModel) -> None:
-    for name in ("unet", "vae", *model.text_components):
-        getattr(model.pipe, name).requires_grad_(False)
+    for module in (denoiser_of(model), model.pipe.vae, *(getattr(model.pipe, n) for n in model.text_components)):
+        module.requires_grad_(False)
 
 
 def cast_frozen(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> None:
@@ -130,7 +152,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimOptions, don
 
 
 def enable_checkpointing(model: LoadedModel, text_grad: bool) -> None:
-    model.pipe.unet.enable_gradient_checkpointing()
+    denoiser_of(model).enable_gradient_checkpointing()
     if text_grad:
         for name in model.text_components:
             getattr(model.pipe, name).gradient_checkpointing_enable()

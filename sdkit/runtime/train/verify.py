@@ -12,6 +12,9 @@ nothing about the adapter.
 A scorer is named `module:callable` (the module imported from the current folder or the
 installed packages) or `path/to/file.py:callable` (the file loaded as a module).
 
+A FLUX.1 base (a diffusers folder) samples with its flow-matching Euler scheduler, the
+LoRA applied to its transformer as `lora bake` would bake it.
+
 The default scorer is the toy world's (`sdkit.runtime.toyscore.score_image`: colour and
 shape of the drawn figure).
 """
@@ -186,8 +189,10 @@ def _adapters(kind: str, path: Path, strength: float) -> Adapters:
 
 
 def _rate(sampler: Sampler, job: VerifyJob, scorer: Scorer, expected: list[str]) -> tuple[float, list[list[str]]]:
+    # a flow model samples on its own flow-matching Euler scheduler
+    scheduler = None if sampler.model.is_flow else job.scheduler
     settings = Settings(steps=job.steps, cfg=job.cfg, seed=job.first_seed, width=job.size, height=job.size,
-                        scheduler=job.scheduler)
+                        scheduler=scheduler)
     samples = sampler.generate(sampler.plan_prompt(job.concept), settings, job.seeds)
     labels = [as_labels(scorer(sample.image), job.scorer or "toy") for sample in samples]
     hits = sum(all(label in found for label in expected) for found in labels)
@@ -206,10 +211,10 @@ def verify_adapter(job: VerifyJob) -> VerifyResult:
             raise SdkitError(f"{option} must be between 0 and 1, not {rate:g}")
     kind = adapter_kind(job.adapter)
     scorer = load_scorer(job.scorer)
-    base = load_model(job.base, config=job.config, device=job.device)
+    base = load_model(job.base, config=job.config, device=job.device, flow=True)
     without, labels_without = _rate(Sampler(base), job, scorer, expected)
     if kind == "checkpoint":
-        tuned = load_model(job.adapter, config=job.config, device=job.device)
+        tuned = load_model(job.adapter, config=job.config, device=job.device, flow=True)
         sampler = Sampler(tuned)
     else:
         sampler = Sampler(base, adapters=_adapters(kind, job.adapter, job.strength))

@@ -9,7 +9,12 @@ is peft's `lora_dropout` for LoRA and `rank_dropout` for LoHa / LoKr.
 
 The file is written by `sdkit.adapters.lora_export` in kohya format (`lora_unet_`,
 `lora_te_` or SDXL `lora_te1_` / `lora_te2_` names, the configured alpha stored as
-`.alpha`), with sd-scripts' `ss_*` training metadata and ModelSpec.
+`.alpha`), with sd-scripts' `ss_*` training metadata and ModelSpec; `--layout diffusers`
+writes a LoRA in diffusers / peft names instead.
+
+On FLUX.1 (`flux_lora.py`) the targets are the layers kohya's `networks/lora_flux.py`
+trains by default, every linear layer of the double- and single-stream blocks, reached by
+their diffusers names.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from sdkit.adapters.lora_export import LoraFacts, Provenance, write_lora
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod, trainable
+from sdkit.runtime.train.methods.flux_lora import FLUX_TARGETS, flux_network_metadata, write_flux_adapter
 from sdkit.runtime.train.methods.lyco import export_modules
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -55,6 +61,8 @@ class NetworkMethod(TrainingMethod):
                             target_modules=targets)
 
     def components(self) -> dict[str, torch.nn.Module]:
+        if self.model.is_flow:
+            return {"transformer": self.pipe.transformer}
         found = {"unet": self.pipe.unet}
         if self.config.network.train_text_encoder:
             found.update({name: getattr(self.pipe, name) for name in self.model.text_components})
@@ -66,14 +74,14 @@ class NetworkMethod(TrainingMethod):
         if self.model.family == "sdxl-base":  # kohya names SDXL UNet layers after LDM paths
             self._ldm_paths = unet_ldm_paths(self.model)
         for name, module in self.components().items():
-            targets = UNET_TARGETS if name == "unet" else TEXT_TARGETS
+            targets = {"unet": UNET_TARGETS, "transformer": FLUX_TARGETS}.get(name, TEXT_TARGETS)
             inject_adapter_in_model(self._peft_config(targets), module, adapter_name="default")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = []
         optim = self.config.optim
         for name, module in self.components().items():
-            lr = optim.lr if name == "unet" else (optim.text_encoder_lr or optim.lr)
+            lr = optim.lr if name in ("unet", "transformer") else (optim.text_encoder_lr or optim.lr)
             groups.append({"params": trainable(module), "lr": lr})
         return groups
 
@@ -87,6 +95,8 @@ class NetworkMethod(TrainingMethod):
         metadata = {"ss_network_module": _NETWORK_MODULES[self.name], "ss_network_dim": str(options.rank),
                     "ss_network_alpha": str(self.alpha), "ss_network_dropout": str(options.dropout),
                     "ss_network_train_unet_only": str(not options.train_text_encoder)}
+        if self.model.is_flow:
+            args = {**args, **flux_network_metadata(self.name)}
         if args:
             metadata["ss_network_args"] = json.dumps(args)
         return metadata
@@ -94,6 +104,9 @@ class NetworkMethod(TrainingMethod):
     def save(self, context: SaveContext) -> list[Path]:
         from peft.utils import get_peft_model_state_dict
 
+        if self.model.is_flow:
+            state = get_peft_model_state_dict(self.pipe.transformer, adapter_name="default")
+            return [write_flux_adapter(self, state, context)]
         modules = []
         for name, module in self.components().items():
             state = get_peft_model_state_dict(module, adapter_name="default")
@@ -103,8 +116,8 @@ class NetworkMethod(TrainingMethod):
                           network_module=_NETWORK_MODULES[self.name],
                           notes={**context.training_metadata, **self.network_metadata()})
         provenance = Provenance("train", tuple(context.inputs), context.recipe_params, context.input_hashes)
-        return [write_lora(context.path, modules, facts, provenance, dtype=context.dtype,
-                           overwrite=context.overwrite)]
+        return [write_lora(context.path, modules, facts, provenance, format=self.config.network.layout,
+                           dtype=context.dtype, overwrite=context.overwrite)]
 
 
 def unet_ldm_paths(model: Any) -> dict[str, str]:
