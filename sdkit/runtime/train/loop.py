@@ -28,6 +28,8 @@ from sdkit.runtime.pipeline import load_model, resolve_device
 from sdkit.runtime.train.buckets import BatchPlan
 from sdkit.runtime.train.config import TrainConfig, check_config
 from sdkit.runtime.train.data import DatasetScan, ImageFilter, scan_dataset
+from sdkit.runtime.train.datasets import (combined_scan, scan_subsets, split_tags, subset_samples, subsets_of,
+                                          with_dataset_settings)
 from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
@@ -106,7 +108,7 @@ class Trainer:
             self.progress(TrainEvent(phase, done, total, loss, lr))
 
     def run(self) -> TrainResult:
-        config = self.config
+        self.config = config = with_dataset_settings(self.config)
         started_at = time.time()
         self.hashes = self._hash_base()
         self.scan = self._scan()
@@ -117,7 +119,7 @@ class Trainer:
         self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32")
         self._lap("load_s")
         self.resolution, buckets = training_buckets(self.model, config.data)
-        self.samples = instance_samples(self.scan, buckets, config.data)
+        self.samples = self._instance_samples(buckets)
         self.classes = self._class_samples()
         self._lap("data_s")
         self.method = self._build_method()
@@ -158,8 +160,11 @@ class Trainer:
         # folders the run writes pictures into may sit inside the data folder
         exclude = (self._class_folder(), side_path(self.config, ".previews"), side_path(self.config, ".loss.png"),
                    *((data.cache_dir,) if data.cache_dir else ()))
-        scan = scan_dataset(data.folder, ImageFilter(data.min_width, data.min_height, data.min_aspect,
-                                                     data.max_aspect), exclude)
+        image_filter = ImageFilter(data.min_width, data.min_height, data.min_aspect, data.max_aspect)
+        kohya = subsets_of(self.config)
+        self.subset_scans = scan_subsets(kohya[1], image_filter, exclude) if kohya else None
+        scan = combined_scan(self.subset_scans) if self.subset_scans else scan_dataset(data.folder, image_filter,
+                                                                                         exclude)
         if scan.dropped:
             first, reason = next(iter(scan.dropped.items()))
             self.notes.append(f"{len(scan.dropped)} of {len(scan.dropped) + len(scan.records)} images dropped "
@@ -167,6 +172,12 @@ class Trainer:
         if scan.uncaptioned:
             self.notes.append(f"{scan.uncaptioned} images have no caption")
         return scan
+
+    def _instance_samples(self, buckets: list[tuple[int, int]]) -> list[TrainSample]:
+        if self.subset_scans is None:
+            return instance_samples(self.scan, buckets, self.config.data)
+        return subset_samples(self.subset_scans, buckets, self.config.data.trigger,
+                              self.config.dreambooth.prior_weight)
 
     def _class_folder(self) -> Path:
         return self.config.dreambooth.class_dir or side_path(self.config, ".class-images")
@@ -282,7 +293,8 @@ class Trainer:
 
     def _batch_loss(self, batch: LatentBatch, generator: torch.Generator, rng: random.Random,
                     dropout: float) -> torch.Tensor:
-        captions = [self.method.caption("" if dropout and rng.random() < dropout else sample.caption)
+        captions = [self.method.caption("" if dropout and rng.random() < dropout else
+                                        split_tags(sample.caption, sample.keep_tokens, sample.shuffle_caption, rng))
                     for sample in batch.samples]
         noisy = self.objective.noisy_batch(batch.latents.to(self.accelerator.device), generator)
         time_ids = None
@@ -290,7 +302,8 @@ class Trainer:
             sizes = [(s.record.width, s.record.height) for s in batch.samples]
             time_ids = sdxl_time_ids(sizes, batch.crops, batch.samples[0].bucket)
         prediction = self.wrapped(noisy.noisy, noisy.timesteps, self.denoiser.tokenize(captions), time_ids)
-        return self.objective.loss(prediction, noisy).mean()
+        weights = torch.tensor([sample.weight for sample in batch.samples], device=prediction.device)
+        return (self.objective.loss(prediction, noisy) * weights).mean()
 
     def _after_step(self, done: int, losses: list[float]) -> None:
         run = self.config.run
