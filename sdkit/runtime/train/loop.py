@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,8 +32,10 @@ from sdkit.runtime.train.datasets import (combined_scan, scan_subsets, split_tag
                                           with_dataset_settings)
 from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
+from sdkit.runtime.train.logs import TrainLog, epoch_file, epochs_done, step_scalars
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
 from sdkit.runtime.train.objective import Objective
+from sdkit.runtime.train.optimizers import current_lr
 from sdkit.runtime.train.outputs import (RunFacts, draw_loss_curve, kohya_metadata, loss_summary, spec_metadata,
                                          write_json_atomic)
 from sdkit.runtime.train.precision import PrecisionPlan, resolve_precision
@@ -87,6 +89,8 @@ class Trainer:
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self.previews: list[Path] = []
+        self.epoch_outputs: list[Path] = []
+        self.log: TrainLog | None = None
         self._run_identity: dict[str, Any] | None = None
         device = resolve_device(config.run.device)
         self.plan: PrecisionPlan = resolve_precision(config.run.precision, device)
@@ -109,7 +113,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         self.config = config = with_dataset_settings(self.config)
-        started_at = time.time()
+        self.started_at = started_at = time.time()
         self.hashes = self._hash_base()
         self.scan = self._scan()
         # a state of another run is refused before the model loads
@@ -307,6 +311,8 @@ class Trainer:
 
     def _after_step(self, done: int, losses: list[float]) -> None:
         run = self.config.run
+        self._log_step(done, losses)
+        self._save_epoch(done, losses)
         if run.preview_every and done % run.preview_every == 0:
             self._preview(done)
         if run.save_every and (done % run.save_every == 0 or done == self.config.optim.steps):
@@ -315,6 +321,33 @@ class Trainer:
                 scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
                 state = TrainState(done, self._named_trainables(), self.optimizer.state_dict(), scaler, losses)
                 save_state(self.config.state_dir, state, self.config, self._identity())
+
+    def _log_step(self, done: int, losses: list[float]) -> None:
+        folder = self.config.run.log_dir
+        if folder is None or not self.accelerator.is_main_process:
+            return
+        if self.log is None:
+            self.log = TrainLog(folder)
+            if not self.log.tensorboard:
+                self.notes.append("the tensorboard package is not installed: --log-dir has scalars.csv only "
+                                  "(pip install 'sdkit[tensorboard]' for event files)")
+        rates = [current_lr(self.optimizer, self.scheduler, index) for index in range(len(self.optimizer.param_groups))]
+        self.log.add(done, step_scalars(losses, self.batches_per_epoch, rates))
+
+    def _save_epoch(self, done: int, losses: list[float]) -> None:
+        """kohya's --save_every_n_epochs: a numbered file at the end of every N epochs but the last."""
+        every, optim = self.config.run.save_every_n_epochs, self.config.optim
+        if not every or done == optim.steps:
+            return
+        epoch = epochs_done(done, optim.grad_accum, self.processes, self.batches_per_epoch)
+        if epoch == epochs_done(done - 1, optim.grad_accum, self.processes, self.batches_per_epoch) or epoch % every:
+            return
+        final, notes = self.config, list(self.notes)
+        self.config = replace(final, output=epoch_file(final.output, epoch))
+        try:
+            self.epoch_outputs += self._save(losses, self.started_at, self.hashes)
+        finally:
+            self.config, self.notes = final, notes
 
     def _preview(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -343,7 +376,13 @@ class Trainer:
                         class_images=len(self.classes), batches_per_epoch=self.batches_per_epoch,
                         processes=self.processes, steps_done=len(losses), started_at=started_at,
                         finished_at=time.time(), base_hashes=base_hashes,
-                        class_dir=self._class_folder() if self.classes else None)
+                        class_dir=self._class_folder() if self.classes else None, subsets=self._subset_facts())
+
+    def _subset_facts(self) -> dict[str, dict[str, Any]]:
+        if not self.subset_scans:
+            return {}
+        return {item.subset.image_dir.name: {"n_repeats": item.subset.num_repeats, "img_count": len(item.scan.records),
+                                             "is_reg": item.subset.is_reg} for item in self.subset_scans}
 
     @property
     def prediction(self) -> str:
@@ -376,6 +415,9 @@ class Trainer:
 
     def _finish(self, outputs: list[Path], losses: list[float], resumed_from: int) -> TrainResult:
         config = self.config
+        if self.log is not None:
+            self.log.close()
+        outputs = self.epoch_outputs + outputs
         record, curve = side_path(config, ".train.json"), side_path(config, ".loss.png")
         result = TrainResult(outputs, record, curve, len(losses), resumed_from, losses, self.plan.name,
                              self.accelerator.is_main_process, self.notes, self.previews, dict(self.timings))
