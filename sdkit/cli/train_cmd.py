@@ -167,7 +167,8 @@ class ProgressLines:
 @click.option("--class-prompt", help="DreamBooth prior preservation: prompt of the class pictures.")
 @click.option("--class-dir", type=_PATH, help="Folder of class pictures (drawn there when too few).")
 @click.option("--num-class-images", type=int, help="Class pictures for prior preservation (default: 50).")
-@click.option("--prior-loss-weight", type=float, help="Weight of the class pictures' loss (default: 1.0).")
+@click.option("--prior-loss-weight", type=float,
+              help="Weight of the class or regularization pictures' loss (default: 1.0).")
 @click.option("--format", "output_format", type=click.Choice(DREAMBOOTH_FORMATS), default="single-file",
               show_default=True, help="DreamBooth output: one checkpoint file or a diffusers folder.")
 # run

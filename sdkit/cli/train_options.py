@@ -72,8 +72,9 @@ def refuse_foreign_options(ctx: click.Context, method: str) -> None:
     for name, methods in METHOD_OPTIONS.items():
         if method not in methods and ctx.get_parameter_source(name) in _GIVEN:
             option = "--" + name.replace("_", "-")
-            raise SdkitError(f"{_flag(ctx, name) or option} does not apply to {method} (it is for "
-                             f"{', '.join(methods)}; `sdkit train {method} --help` lists {method}'s options)")
+            listed = ", ".join(methods[:-1]) + " and " + methods[-1] if len(methods) > 1 else methods[0]
+            raise SdkitError(f"{_flag(ctx, name) or option} does not apply to {method} (it is for {listed}; "
+                             f"`sdkit train {method} --help` lists {method}'s options)")
 
 
 def _flag(ctx: click.Context, name: str) -> str | None:

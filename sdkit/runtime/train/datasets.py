@@ -309,6 +309,6 @@ def subset_samples(scans: list[SubsetScan], buckets: Any, trigger: str | None, p
     train = [s for item in scans if not item.subset.is_reg for s in samples_of(item, item.subset.num_repeats)]
     reg_items = [(item, record) for item in scans if item.subset.is_reg for record in item.scan.records]
     repeats = balanced_reg_repeats(len(train), [item.subset.num_repeats for item, _ in reg_items])
-    reg = [s for (item, record), count in zip(reg_items, repeats)
+    reg = [s for (item, record), count in zip(reg_items, repeats, strict=True)
            for s in samples_of(SubsetScan(item.subset, replace(item.scan, records=[record])), count)]
     return train + reg

@@ -28,6 +28,7 @@ def check_kohya_options(config: Any) -> None:
     _check_network(config)
     _check_optim(config.optim)
     _check_run(config.run)
+    _check_epoch_files(config)
 
 
 def _check_data(config: Any) -> None:
@@ -75,6 +76,9 @@ def _check_network(config: Any) -> None:
                              "(lora trains kohya's networks.lora set; add --conv-dim for convolutions)")
         if network.preset not in LYCORIS_PRESETS:
             raise SdkitError(f"--preset must be one of {', '.join(LYCORIS_PRESETS)}, not {network.preset!r}")
+        if network.preset.startswith("unet-") and network.train_text_encoder:
+            raise _ignored("--train-text-encoder", f"trains text-encoder layers, and --preset {network.preset} "
+                           "has none")
 
 
 def _check_optim(optim: Any) -> None:
@@ -84,6 +88,14 @@ def _check_optim(optim: Any) -> None:
                          f"(pip install {package[1]}); or use --optimizer adamw")
     if optim.unet_lr is not None and optim.unet_lr <= 0:
         raise SdkitError("learning rates must be positive")
+    if optim.optimizer == "adafactor":  # relative_step: Adafactor picks its own step sizes
+        for option, given in (("--lr-scheduler", optim.lr_scheduler != "constant"),
+                              ("--warmup-steps", optim.warmup_steps != 0),
+                              ("--text-encoder-lr", optim.text_encoder_lr is not None),
+                              ("--unet-lr", optim.unet_lr is not None)):
+            if given:
+                raise _ignored(option, "sets step sizes, and Adafactor picks its own (relative_step, "
+                               "kohya's default)")
 
 
 def _check_run(run: Any) -> None:
@@ -91,3 +103,15 @@ def _check_run(run: Any) -> None:
         raise SdkitError(f"--save-every-n-epochs must be at least 0, not {run.save_every_n_epochs}")
     if run.log_dir is not None and run.log_dir.exists() and not run.log_dir.is_dir():
         raise SdkitError(f"{run.log_dir}: --log-dir must be a folder")
+
+
+def _check_epoch_files(config: Any) -> None:
+    """Numbered files of an earlier run are not overwritten without --force."""
+    if not config.run.save_every_n_epochs or config.run.overwrite:
+        return
+    output = config.output
+    pattern = f"{output.stem}-[0-9][0-9][0-9][0-9][0-9][0-9]{output.suffix}"
+    found = sorted(output.parent.glob(pattern)) if output.parent.is_dir() else []
+    if found:
+        raise SdkitError(f"{found[0]}: already exists, and --save-every-n-epochs writes files of this name "
+                         "(overwriting needs --force)")

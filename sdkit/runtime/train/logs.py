@@ -52,7 +52,7 @@ def step_scalars(losses: list[float], window: int, rates: list[float | None]) ->
     """kohya's step logs from the losses so far and each parameter group's rate."""
     recent = losses[-max(window, 1):]
     scalars = {"loss/current": losses[-1], "loss/average": sum(recent) / len(recent)}
-    for tag, rate in zip(("lr/unet", "lr/textencoder"), rates):
+    for tag, rate in zip(("lr/unet", "lr/textencoder"), rates, strict=False):
         if rate is not None:
             scalars[tag] = rate
     return scalars

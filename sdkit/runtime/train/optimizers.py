@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Any
 
 import torch
@@ -41,7 +43,8 @@ def build_optimizer(groups: list[dict[str, Any]], name: str, lr: float, weight_d
     if name == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(groups, lr=lr, weight_decay=weight_decay)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its weight-decay mode, spoiling --json
+            return Prodigy(groups, lr=lr, weight_decay=weight_decay)
     if name == "lion":
         from lion_pytorch import Lion
 
