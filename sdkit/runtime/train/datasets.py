@@ -125,14 +125,18 @@ def _typed(where: str, key: str, value: Any) -> Any:
     return value
 
 
-def _section(table: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+def _known(table: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise SdkitError(f"{where} must be a table")
     unknown = [key for key in table if key not in allowed]
     if unknown:
         raise SdkitError(f"{where}: unknown or unsupported keys {', '.join(unknown)} (sdkit reads "
                          f"{', '.join(allowed)})")
-    return {key: _typed(where, key, value) for key, value in table.items()}
+    return table
+
+
+def _section(table: Any, where: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    return {key: _typed(where, key, value) for key, value in _known(table, where, allowed).items()}
 
 
 def _merged(settings: list[DatasetSettings], path: Path) -> DatasetSettings:
@@ -156,7 +160,7 @@ def read_dataset_config(path: Path) -> tuple[DatasetSettings, list[Subset]]:
         raise SdkitError(f"{path}: cannot read the dataset config ({exc.__class__.__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SdkitError(f"{path}: not TOML ({exc})") from None
-    _section({k: None for k in document}, str(path), ("general", "datasets"))
+    _known(document, str(path), ("general", "datasets"))
     inherited = tuple(k for k in DATASET_KEYS + SUBSET_KEYS if k != "image_dir")
     general = _section(document.get("general", {}), f"{path} [general]", inherited)
     datasets = document.get("datasets")

@@ -97,8 +97,9 @@ class NetworkMethod(TrainingMethod):
         options = self.config.network
         args: dict[str, Any] = {}
         if self.name != "lora":
-            args = {"algo": self.name, "preset": options.preset or "attn-mlp", "dropout": 0.0,
-                    "rank_dropout": options.dropout}
+            args = {"algo": self.name, "dropout": 0.0, "rank_dropout": options.dropout}
+        if options.preset is not None:
+            args["preset"] = options.preset
             if self.name == "lokr":
                 args["factor"] = -1
         if options.conv_dim is not None:  # kohya records network_args as strings

@@ -8,7 +8,7 @@ text encoders' `CLIPAttention` / `CLIPMLP`; with `conv_dim` it adds `ResnetBlock
 
 LyCORIS presets (lycoris/config.py) name container classes and layer names the same way:
 `full` (transformers, ResNet blocks, samplers, conv_in / conv_out and the time
-embedding), `attn-mlp` (kohya's set), `attn-only` (attention modules — LyCORIS names
+embedding), `attn-mlp` (kohya's set and the time embedding), `attn-only` (attention modules — LyCORIS names
 them by the old diffusers class names `CrossAttention` / `SelfAttention`, today's
 `Attention`), `unet-transformer-only`, `unet-convblock-only` (ResNet blocks, samplers,
 conv_in / conv_out). Within them 3x3 convolutions are trained only with a conv rank, as
@@ -36,19 +36,21 @@ class Preset:
 
 
 KOHYA = Preset(TRANSFORMERS)
+# LyCORIS lists `TimestepEmbedding` (for another model) beside the transformer blocks, so on
+# an SD UNet its presets also take the time embedding's two Linear layers
+_LYCORIS_TRANSFORMERS = TRANSFORMERS + ("TimestepEmbedding",)
 PRESETS = {
-    "full": Preset(TRANSFORMERS + CONV_BLOCKS, ("conv_in", "conv_out", "time_embedding.linear_1",
-                                                 "time_embedding.linear_2"), conv=True),
-    "attn-mlp": KOHYA,
+    "full": Preset(_LYCORIS_TRANSFORMERS + CONV_BLOCKS, ("conv_in", "conv_out", "time_embedding.linear_1",
+                                                         "time_embedding.linear_2"), conv=True),
+    "attn-mlp": Preset(_LYCORIS_TRANSFORMERS),
     "attn-only": Preset(("Attention",), text_blocks=("CLIPAttention", "CLIPSdpaAttention")),
-    "unet-transformer-only": Preset(TRANSFORMERS, text_blocks=()),
+    "unet-transformer-only": Preset(_LYCORIS_TRANSFORMERS, text_blocks=()),
     "unet-convblock-only": Preset(CONV_BLOCKS, ("conv_in", "conv_out"), text_blocks=(), conv=True),
 }
 
 
 def preset_of(method: str, preset: str | None, conv_dim: int | None) -> Preset:
-    """LoRA: kohya's set (plus its conv blocks with a conv rank); LoHa / LoKr: the preset,
-    kohya's set when none is named."""
+    """kohya's set (plus its conv blocks with a conv rank), or the named LyCORIS preset."""
     if preset is not None:
         return PRESETS[preset]
     if conv_dim is not None:
