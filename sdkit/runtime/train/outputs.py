@@ -93,12 +93,8 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_v2": str(facts.family == "sd2"),
         "ss_training_comment": f"sdkit {__version__} train {config.method}",
     }
-    if config.method == "dreambooth" or any(s["is_reg"] for s in facts.subsets.values()):
+    if config.method == "dreambooth":
         metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_weight)
-    if facts.subsets:  # kohya's per-folder counts
-        for key, reg in (("ss_dataset_dirs", False), ("ss_reg_dataset_dirs", True)):
-            metadata[key] = json.dumps({name: {"n_repeats": s["n_repeats"], "img_count": s["img_count"]}
-                                        for name, s in facts.subsets.items() if s["is_reg"] == reg})
     if facts.family in FAMILIES:
         version = kohya_base_model_version(facts.family, prediction=facts.prediction)
         if version:
@@ -108,6 +104,19 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         metadata["ss_sd_model_hash"] = str(hashes["legacy"])
     if hashes.get("sha256"):
         metadata["ss_new_sd_model_hash"] = str(hashes["sha256"])
+    metadata.update(_subset_metadata(config, facts))
+    return metadata
+
+
+def _subset_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+    """kohya's per-folder counts of a run on kohya subsets, and the reg pictures' weight."""
+    if not facts.subsets:
+        return {}
+    metadata = {key: json.dumps({name: {"n_repeats": s["n_repeats"], "img_count": s["img_count"]}
+                                 for name, s in facts.subsets.items() if s["is_reg"] == reg})
+                for key, reg in (("ss_dataset_dirs", False), ("ss_reg_dataset_dirs", True))}
+    if any(s["is_reg"] for s in facts.subsets.values()):
+        metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_weight)
     return metadata
 
 
