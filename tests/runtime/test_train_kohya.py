@@ -287,6 +287,22 @@ def test_locon_trains_3x3_convolutions_at_conv_dim_and_peers_load_the_file(sd1, 
     assert report["verdict"] == "all" and report["mapped"] == report["modules"] == len(network.loras)
 
 
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_locon_with_text_encoders_maps_fully_on_sd2_and_sdxl(request, kohya_data, tmp_path, capsys, family):
+    model = request.getfixturevalue(family)
+    config = tiny_config("lora", model.file, kohya_data / "train" / "3_sks disc", tmp_path, steps=1,
+                         network={"conv_dim": 2, "train_text_encoder": True})
+    run_trainer(config)
+    capsys.readouterr()
+    main(["lora", "check", str(model.file), str(config.output), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    text_parts = {"sd2": {"text_encoder"}, "sdxl": {"text_encoder", "text_encoder_2"}}[family]
+    assert report["verdict"] == "all" and report["mapped"] == report["modules"]
+    assert set(report["by_component"]) == {"unet", *text_parts}
+    with open_model(config.output) as file:
+        assert any("resnets" in k or "_in_layers_" in k for k in file.infos)  # the ResNet convolutions
+
+
 def test_loha_with_a_preset_writes_the_layers_lycoris_picks(sd1, kohya_data, tmp_path, monkeypatch):
     config = tiny_config("loha", sd1.file, kohya_data / "train", tmp_path, steps=1,
                          network={"rank": 2, "preset": "full", "conv_dim": 2})
