@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
+import numpy
 import pytest
 import torch
 from PIL import Image, ImageOps
+from test_train_support import concept_pictures, run_trainer, tiny_config, unet_output
 
 from sdkit.cli.main import main
 from sdkit.errors import SdkitError
 from sdkit.io import open_model
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.train.datasets import balanced_reg_repeats, folder_subsets, read_dataset_config, split_tags
+from sdkit.runtime.train import datasets
 from sdkit.runtime.train.methods.targets import PRESETS, layer_targets
-from test_train_support import concept_pictures, run_trainer, tiny_config, unet_output
 
 CONTEXT = 32  # the tiny SD1 model's text width
 
@@ -40,28 +42,28 @@ def kohya_data(tmp_path_factory):
 
 
 def test_concept_folders_give_repeats_and_class_tokens_as_kohya_reads_them(kohya_data):
-    subsets = folder_subsets(kohya_data / "train", is_reg=False)
+    subsets = datasets.folder_subsets(kohya_data / "train", is_reg=False)
     assert [(s.image_dir.name, s.num_repeats, s.class_tokens) for s in subsets] == \
         [("2_plain disc", 2, "plain disc"), ("3_sks disc", 3, "sks disc")]
 
 
 def test_reg_repeats_follow_kohyas_balancing_loop():
     # kohya's DreamBoothDataset: each reg picture's own repeats first, then one more each in turn
-    assert balanced_reg_repeats(13, [1, 1]) == [7, 6]
-    assert balanced_reg_repeats(3, [2, 2, 2]) == [2, 2, 0]  # more reg pictures than needed: some unused
-    assert balanced_reg_repeats(5, []) == []
+    assert datasets.balanced_reg_repeats(13, [1, 1]) == [7, 6]
+    assert datasets.balanced_reg_repeats(3, [2, 2, 2]) == [2, 2, 0]  # more reg pictures than needed: some unused
+    assert datasets.balanced_reg_repeats(5, []) == []
 
 
 def test_shuffled_tags_keep_the_first_n_and_depend_only_on_the_seed():
     caption = "sks, purple disc, white background, centered, soft light"
     tags = [t.strip() for t in caption.split(",")]
-    shuffled = [split_tags(caption, 2, True, random.Random(seed)) for seed in range(20)]
+    shuffled = [datasets.split_tags(caption, 2, True, random.Random(seed)) for seed in range(20)]
     for text in shuffled:
         parts = text.split(", ")
         assert parts[:2] == tags[:2] and sorted(parts[2:]) == sorted(tags[2:])
     assert len(set(shuffled)) > 1
-    assert shuffled == [split_tags(caption, 2, True, random.Random(seed)) for seed in range(20)]
-    assert split_tags(caption, 2, False, random.Random(0)) == caption
+    assert shuffled == [datasets.split_tags(caption, 2, True, random.Random(seed)) for seed in range(20)]
+    assert datasets.split_tags(caption, 2, False, random.Random(0)) == caption
 
 
 def _toml(path, text):
@@ -91,7 +93,7 @@ batch_size = 2
   is_reg = true
   keep_tokens = 0
 """)
-    settings, subsets = read_dataset_config(config)
+    settings, subsets = datasets.read_dataset_config(config)
     assert (settings.resolution, settings.batch_size, settings.enable_bucket) == (32, 2, None)
     first, reg = subsets
     assert (first.num_repeats, first.flip_aug, first.shuffle_caption, first.keep_tokens, first.caption_extension,
@@ -111,7 +113,7 @@ batch_size = 2
 def test_dataset_toml_mistakes_are_refused_in_one_line_naming_the_key(tmp_path, text, message):
     (tmp_path / "x").mkdir()
     with pytest.raises(SdkitError) as refused:
-        read_dataset_config(_toml(tmp_path / "bad.toml", text))
+        datasets.read_dataset_config(_toml(tmp_path / "bad.toml", text))
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
@@ -134,7 +136,7 @@ def test_concept_folders_and_reg_pictures_become_weighted_samples(sd1, kohya_dat
     assert metadata["ss_prior_loss_weight"] == "0.25"
 
 
-def test_reg_pictures_loss_is_scaled_by_the_prior_loss_weight(sd1, kohya_data, tmp_path, monkeypatch):
+def test_reg_pictures_loss_is_scaled_by_the_prior_loss_weight(sd1, kohya_data, tmp_path):
     """The same noise, timesteps and batch: the loss of a reg sample is weight x its plain loss."""
     trainer = run_trainer(tiny_config("lora", sd1.file, kohya_data / "train", tmp_path, steps=1,
                                       data={"reg_folder": kohya_data / "reg"},
@@ -142,8 +144,7 @@ def test_reg_pictures_loss_is_scaled_by_the_prior_loss_weight(sd1, kohya_data, t
     reg_index = next(i for i, s in enumerate(trainer.samples) if s.weight != 1.0)
     batch = trainer.instance_latents.batch([reg_index], torch.Generator().manual_seed(0), random.Random(0))
     weighted = trainer._batch_loss(batch, torch.Generator().manual_seed(1), random.Random(1), 0.0)
-    plain = batch.samples[0].__class__(**{**batch.samples[0].__dict__, "weight": 1.0})
-    batch.samples[0] = plain
+    batch.samples[0] = replace(batch.samples[0], weight=1.0)
     unweighted = trainer._batch_loss(batch, torch.Generator().manual_seed(1), random.Random(1), 0.0)
     assert torch.allclose(weighted, 0.25 * unweighted)
 
@@ -181,10 +182,10 @@ def test_flip_aug_caches_the_mirrored_pictures_latents(sd1, kohya_data, tmp_path
                                       data={"flip_aug": True, "reg_folder": kohya_data / "reg"}))
     source = trainer.instance_latents
     assert source.encoded == 2 * (3 + 2)  # every picture, plain and mirrored
-    sample = next(s for s in trainer.samples if s.flip_aug and not s.weight != 1.0)
+    sample = next(s for s in trainer.samples if s.flip_aug and s.weight == 1.0)
     mirrored_key = next(k for k in source._memory if k[0] == sample.record.path and k[3])
     picture = ImageOps.mirror(Image.open(sample.record.path).convert("RGB").resize(sample.bucket, Image.LANCZOS))
-    pixels = torch.from_numpy(__import__("numpy").asarray(picture, dtype="float32")).permute(2, 0, 1) / 127.5 - 1
+    pixels = torch.from_numpy(numpy.asarray(picture, dtype="float32")).permute(2, 0, 1) / 127.5 - 1
     with torch.no_grad():
         expected = trainer.model.pipe.vae.encode(pixels[None]).latent_dist.parameters[0]
     assert torch.allclose(source._memory[mirrored_key], expected, atol=1e-5)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import random
 import re
-import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from sdkit.errors import SdkitError
 
@@ -154,6 +154,8 @@ def _merged(settings: list[DatasetSettings], path: Path) -> DatasetSettings:
 def read_dataset_config(path: Path) -> tuple[DatasetSettings, list[Subset]]:
     """The settings and subsets of a kohya dataset TOML; relative image_dirs are taken from
     the file's folder."""
+    import tomllib
+
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -247,30 +249,30 @@ def subsets_of(config: Any) -> tuple[DatasetSettings, list[Subset]] | None:
 def scan_subsets(subsets: list[Subset], image_filter: Any, exclude: tuple[Path, ...]) -> list[SubsetScan]:
     """Each subset's pictures (its folder's own, as kohya globs them) and captions: the
     caption file of the subset's extension, else the class tokens."""
-    from sdkit.runtime.train.data import DatasetScan, ImageRecord, image_files, image_size, read_captions
+    from sdkit.runtime.train import data
 
     scans = []
     for subset in subsets:
-        images = [p for p in image_files(subset.image_dir, exclude) if p.parent == subset.image_dir]
+        images = [p for p in data.image_files(subset.image_dir, exclude) if p.parent == subset.image_dir]
         if not images:
             raise SdkitError(f"{subset.image_dir}: no images in this subset's folder")
         if subset.caption_extension is None:
-            captions, source = read_captions(subset.image_dir, images)
+            captions, source = data.read_captions(subset.image_dir, images)
         else:
             sidecars = {image: image.with_suffix(subset.caption_extension) for image in images}
             captions = {image: path.read_text(encoding="utf-8").strip() for image, path in sidecars.items()
                         if path.is_file()}
             source = "sidecar" if captions else "none"
-        scan = DatasetScan(subset.image_dir, [], caption_source=source)
+        scan = data.DatasetScan(subset.image_dir, [], caption_source=source)
         for path in images:
-            size = image_size(path)
+            size = data.image_size(path)
             reason = size if isinstance(size, str) else image_filter.reason_to_drop(*size)
             if reason is not None:
                 scan.dropped[path.name] = reason
                 continue
             if path not in captions and not subset.class_tokens:
                 scan.uncaptioned += 1
-            scan.records.append(ImageRecord(path, captions.get(path) or subset.class_tokens or "", *size))
+            scan.records.append(data.ImageRecord(path, captions.get(path) or subset.class_tokens or "", *size))
         scans.append(SubsetScan(subset, scan))
     if not any(s.scan.records for s in scans if not s.subset.is_reg):
         raise SdkitError("no training pictures left in the subsets (all are regularization pictures or filtered out)")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 CSV_NAME = "scalars.csv"
 
