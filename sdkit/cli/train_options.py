@@ -57,7 +57,9 @@ class MethodCommand(click.Command):
         return None
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        method = ctx.meta.get("train_method")
+        from sdkit.runtime.train.config import METHODS
+
+        method = ctx.meta.get("train_method") if ctx.meta.get("train_method") in METHODS else None
         records = [param.get_help_record(ctx) for param in self.get_params(ctx) if isinstance(param, click.Option)
                    and (method is None or param.name is None or applies(param.name, method))]
         records = [record for record in records if record is not None]

@@ -406,6 +406,7 @@ def test_train_method_help_lists_that_methods_options_only(capsys):
     ("loha", ["--preset", "nope"], "--preset must be one of full, attn-only"),
     ("lora", ["--optimizer", "adafactor", "--lr-scheduler", "cosine"], "--lr-scheduler sets step sizes"),
     ("lora", ["--prior-loss-weight", "0.5"], "--prior-loss-weight weights regularization pictures"),
+    ("lora", ["--repeats", "3"], "--repeats is set per folder by the N_ prefix"),
 ])
 def test_options_a_method_does_not_use_are_refused_in_one_line(sd1, kohya_data, tmp_path, capsys, method, extra,
                                                                 message):

@@ -11,6 +11,7 @@ import importlib.util
 from typing import Any
 
 from sdkit.errors import SdkitError
+from sdkit.runtime.train.datasets import is_concept_folder
 
 # the pip package each optional optimizer needs
 OPTIMIZER_PACKAGES = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "prodigy": ("prodigyopt", "prodigyopt"),
@@ -47,6 +48,8 @@ def _check_data(config: Any) -> None:
         if given:
             raise SdkitError(f"{', '.join(given)}: the dataset config sets these per subset "
                              "(shuffle_caption, keep_tokens, flip_aug, num_repeats); set them there")
+    if data.repeats != 1 and data.dataset_config is None and is_concept_folder(data.folder):
+        raise _ignored("--repeats", f"is set per folder by the N_ prefix of {data.folder}'s kohya subfolders")
     if data.reg_folder is not None:
         if config.method not in ("lora", "loha", "lokr"):
             raise SdkitError(f"--reg-data applies to lora, loha and lokr, not {config.method} "
