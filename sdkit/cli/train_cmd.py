@@ -199,8 +199,8 @@ class ProgressLines:
 @click.option("--unet-lr", type=float, help="Learning rate of the UNet (default: --lr).")
 @click.option("--conv-dim", type=int, help="Also train 3x3 convolutions at this rank (kohya's LoCon conv_dim).")
 @click.option("--conv-alpha", type=float, help="Alpha of the convolutions (default: 1).")
-@click.option("--preset", help="LyCORIS preset of LoHa / LoKr targets: full, attn-only, attn-mlp "
-              "(default), unet-transformer-only, unet-convblock-only.")
+@click.option("--preset", help="LyCORIS preset of LoHa / LoKr targets: full, attn-only, attn-mlp, "
+              "unet-transformer-only, unet-convblock-only (default: kohya's networks.lora layers).")
 @click.option("--save-every-n-epochs", type=int, default=0, show_default=True,
               help="Also write OUT-00000N.safetensors after every N epochs.")
 @click.option("--log-dir", type=_PATH, help="Write loss and learning rates per step for TensorBoard here.")
