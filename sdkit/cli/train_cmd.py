@@ -14,6 +14,7 @@ from sdkit.cli.common import is_quiet, quiet_peer_logs
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
+from sdkit.cli.train_options import MethodCommand, refuse_foreign_options, with_kohya_options
 from sdkit.errors import SdkitError
 from sdkit.runtime.train.config import (CACHES, CROPS, DREAMBOOTH_FORMATS, LORA_LAYOUTS, LR_SCHEDULERS, METHODS,
                                         OPTIMIZERS, PRECISIONS, PREDICTIONS, SAVE_PRECISIONS, TIMESTEP_SAMPLINGS,
@@ -113,11 +114,12 @@ class ProgressLines:
         return "train: " + " · ".join(parts)
 
 
-@cli.command("train")
+@cli.command("train", cls=MethodCommand)
 @click.argument("method", type=click.Choice(METHODS))
 @click.option("--base", required=True, type=ModelInput(*MODEL_KINDS, as_path=True), help="Model to train on: a checkpoint file or diffusers folder.")
-@click.option("--data", "data_dir", required=True, type=_PATH,
-              help="Folder of images with captions (sidecar .txt/.caption, metadata.csv or metadata.jsonl).")
+@click.option("--data", "data_dir", type=_PATH,
+              help="Folder of images with captions (sidecar .txt/.caption, metadata.csv or metadata.jsonl), "
+                   "or of kohya N_concept subfolders (required unless --dataset-config).")
 @click.option("--output", "-o", required=True, type=_PATH,
               help="File to write (.safetensors; .pt for hypernetworks or A1111 embeddings; a folder for "
                    "DreamBooth --format diffusers).")
@@ -178,7 +180,8 @@ class ProgressLines:
 @click.option("--class-prompt", help="DreamBooth prior preservation: prompt of the class pictures.")
 @click.option("--class-dir", type=_PATH, help="Folder of class pictures (drawn there when too few).")
 @click.option("--num-class-images", type=int, help="Class pictures for prior preservation (default: 50).")
-@click.option("--prior-loss-weight", type=float, help="Weight of the class pictures' loss (default: 1.0).")
+@click.option("--prior-loss-weight", type=float,
+              help="Weight of the class or regularization pictures' loss (default: 1.0).")
 @click.option("--format", "output_format", type=click.Choice(DREAMBOOTH_FORMATS), default="single-file",
               show_default=True, help="DreamBooth output: one checkpoint file or a diffusers folder.")
 # run
@@ -198,6 +201,25 @@ class ProgressLines:
 @click.option("--preview-seeds", type=int, default=1, show_default=True, help="Seeds per preview prompt.")
 @click.option("--sample-steps", type=int, default=20, show_default=True,
               help="Sampling steps of previews and class pictures.")
+# kohya sd-scripts
+@click.option("--dataset-config", type=_PATH, help="kohya dataset TOML ([general], [[datasets]], "
+              "[[datasets.subsets]]), instead of --data.")
+@click.option("--reg-data", type=_PATH, help="Regularization pictures in kohya N_class subfolders (networks).")
+@click.option("--shuffle-caption", is_flag=True, help="Shuffle the comma-separated tags of each caption.")
+@click.option("--keep-tokens", type=int, default=0, show_default=True,
+              help="With --shuffle-caption: the first N tags stay in place.")
+@click.option("--flip-aug", is_flag=True, help="Train each picture mirrored half the time.")
+@click.option("--unet-lr", type=float, help="Learning rate of the UNet (default: --lr).")
+@click.option("--conv-dim", type=int, help="Also train 3x3 convolutions at this rank (kohya's LoCon conv_dim).")
+@click.option("--conv-alpha", type=float, help="Alpha of the convolutions (default: 1).")
+@click.option("--preset", help="LyCORIS preset of LoHa / LoKr targets: full, attn-only, attn-mlp, "
+              "unet-transformer-only, unet-convblock-only (default: kohya's networks.lora layers).")
+@click.option("--save-every-n-epochs", type=int, default=0, show_default=True,
+              help="Also write OUT-00000N.safetensors after every N epochs.")
+@click.option("--log-dir", type=_PATH, help="Write loss and learning rates per step for TensorBoard here.")
+@click.option("--metadata-title", help="modelspec.title of the output (default: its name).")
+@click.option("--metadata-author", help="modelspec.author of the output.")
+@click.option("--metadata-description", help="modelspec.description of the output.")
 @click.option("--json", "as_json", is_flag=True, help="Report as one JSON object.")
 @click.pass_context
 def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, output: Path, **options: Any) -> None:
@@ -205,8 +227,10 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
 
     Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
     """
-    require_inputs(base, options["config_dir"])
-    inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"])
+    refuse_foreign_options(ctx, method)
+    require_inputs(base, options["config_dir"], options["dataset_config"])
+    inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"],
+              options["dataset_config"], options["reg_data"])
     require_output(output, inputs, force=options["force"])
     config = _train_config(method, base, data_dir, output, options)
     check_config(config)  # the output's suffix first: torch only for a hypernetwork's options
@@ -255,7 +279,7 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
     optim = OptimOptions(o["steps"], o["batch_size"], o["grad_accum"], o["lr"], o["text_encoder_lr"],
                          o["lr_scheduler"], o["warmup_steps"], o["optimizer"], o["weight_decay"], o["max_grad_norm"],
                          o["gradient_checkpointing"])
-    return TrainConfig(
+    config = TrainConfig(
         method, base, output, data, o["config_dir"], optim,
         LossOptions(o["prediction_type"], o["min_snr_gamma"], o["noise_offset"], o["timestep_sampling"],
                     o["flow_shift"]),
@@ -268,6 +292,7 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
         RunOptions(o["seed"], o["precision"], o["device"], o["save_precision"], o["save_every"], o["state_dir"],
                    o["resume"], o["preview_every"], tuple(o["preview_prompts"]), o["preview_seeds"],
                    o["sample_steps"], o["force"]))
+    return with_kohya_options(config, o)
 
 
 @cli.command("verify")

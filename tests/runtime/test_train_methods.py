@@ -87,7 +87,9 @@ def _peer_output(method, sd1, output, modules, monkeypatch):
     unet = UNet2DConditionModel.from_pretrained(sd1.folder, subfolder="unet")
     monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
     network, _ = create_lycoris_from_weights(1.0, str(output), unet)
-    assert len(network.loras) == modules == 32  # every attention projection of the tiny UNet
+    # kohya's networks.lora set on the tiny UNet: 8 attention projections, proj_in / proj_out and
+    # ff.net.0.proj / ff.net.2 in each of its 4 transformer blocks
+    assert len(network.loras) == modules == 48
     network.apply_to()
     return unet_output(unet, CONTEXT)
 

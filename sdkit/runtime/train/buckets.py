@@ -69,15 +69,17 @@ def plan_crop(width: int, height: int, bucket: Size, mode: str, rng: random.Rand
     return Crop(scaled, spare_x // 2, spare_y // 2)
 
 
-def load_pixels(path: object, bucket: Size, crop: Crop) -> torch.Tensor:
-    """The cropped picture as a (3, H, W) float tensor in [-1, 1]."""
+def load_pixels(path: object, bucket: Size, crop: Crop, mirrored: bool = False) -> torch.Tensor:
+    """The cropped picture (mirrored left-right after the crop, as kohya's flip_aug) as a
+    (3, H, W) float tensor in [-1, 1]."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:  # type: ignore[arg-type]
         rgb = image.convert("RGB").resize(crop.scaled, Image.Resampling.LANCZOS)
     box = (crop.left, crop.top, crop.left + bucket[0], crop.top + bucket[1])
-    array = np.asarray(rgb.crop(box), dtype=np.float32)
+    cropped = rgb.crop(box)
+    array = np.asarray(ImageOps.mirror(cropped) if mirrored else cropped, dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 

@@ -8,7 +8,6 @@ constant learning rate).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from sdkit.errors import SdkitError, with_article
 
 METHODS = ("lora", "loha", "lokr", "ti", "hypernet", "dreambooth")
 NETWORK_METHODS = ("lora", "loha", "lokr")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "lion", "adafactor")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CROPS = ("center", "random")
@@ -53,6 +52,11 @@ class DataOptions:
     caption_dropout: float = 0.0
     repeats: int = 1
     trigger: str | None = None
+    dataset_config: Path | None = None  # a kohya dataset TOML (sdkit.runtime.train.datasets)
+    reg_folder: Path | None = None  # kohya regularization images (N_class folders)
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    flip_aug: bool = False
 
 
 @dataclass
@@ -70,6 +74,13 @@ class OptimOptions:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    unet_lr: float | None = None  # kohya's --unet_lr: the denoiser's rate, --lr staying the others' default
+
+    def __post_init__(self) -> None:
+        # --lr is the default of every part; --unet-lr takes the denoiser's over (idempotent)
+        if self.unet_lr is not None and self.unet_lr != self.lr:
+            self.text_encoder_lr = self.text_encoder_lr if self.text_encoder_lr is not None else self.lr
+            self.lr = self.unet_lr
 
 
 @dataclass
@@ -94,6 +105,9 @@ class NetworkOptions:
     dropout: float = 0.0
     train_text_encoder: bool = False
     layout: str = "kohya"  # kohya (what A1111 / ComfyUI load) | diffusers (peft names)
+    conv_dim: int | None = None  # kohya's conv_dim: LoCon on 3x3 convolutions too
+    conv_alpha: float | None = None  # None: 1.0, kohya's default
+    preset: str | None = None  # LyCORIS preset of loha / lokr targets; None: kohya's networks.lora set
 
 
 @dataclass
@@ -148,6 +162,11 @@ class RunOptions:
     preview_seeds: int = 1
     sample_steps: int = 20  # sampling steps of previews and class pictures
     overwrite: bool = False
+    save_every_n_epochs: int = 0  # OUT-00000N.safetensors after every N epochs (kohya's names)
+    log_dir: Path | None = None  # scalars for TensorBoard (and scalars.csv)
+    metadata_title: str | None = None
+    metadata_author: str | None = None
+    metadata_description: str | None = None
 
 
 @dataclass
@@ -246,6 +265,9 @@ def check_config(config: TrainConfig) -> None:
         _check_hypernet(config.hypernet)
     if config.method == "dreambooth":
         _check_dreambooth(config.dreambooth)
+    from sdkit.runtime.train.kohya_options import check_kohya_options
+
+    check_kohya_options(config)
 
 
 def _ignored(option: str, why: str) -> SdkitError:
@@ -350,9 +372,6 @@ def _check_optim(optim: OptimOptions) -> None:
     _at_least("--warmup-steps", optim.warmup_steps, 0)
     _choice("--lr-scheduler", optim.lr_scheduler, LR_SCHEDULERS)
     _choice("--optimizer", optim.optimizer, OPTIMIZERS)
-    if optim.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise SdkitError("--optimizer adamw8bit needs the bitsandbytes package, which is not installed "
-                         "(pip install bitsandbytes); or use --optimizer adamw")
     if optim.lr <= 0 or (optim.text_encoder_lr is not None and optim.text_encoder_lr <= 0):
         raise SdkitError("learning rates must be positive")
 

@@ -34,7 +34,7 @@ from sdkit.runtime.train.buckets import Crop, Size, load_pixels, plan_crop
 from sdkit.runtime.train.data import ImageRecord
 
 Progress = Callable[[int, int], None]  # (pictures encoded, pictures in all)
-CacheKey = tuple[Path, Size, Crop]  # (picture, bucket, crop)
+CacheKey = tuple[Path, Size, Crop, bool]  # (picture, bucket, crop, mirrored)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class TrainSample:
     bucket: Size
     caption: str
     is_class: bool = False
+    weight: float = 1.0  # the loss weight (kohya's prior-loss weight for regularization pictures)
+    keep_tokens: int = 0  # with shuffle_caption: tags that stay first
+    shuffle_caption: bool = False
+    flip_aug: bool = False  # trained mirrored half the time
 
 
 @dataclass
@@ -92,34 +96,35 @@ class LatentSource:
                 raise ValueError("a disk cache needs a folder")
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             self._fingerprint = vae_fingerprint(self.vae)
-        entries = {_cache_key(sample): sample for sample in self.samples}  # repeats share an entry
+        entries = {key: sample for sample in self.samples for key in _cache_keys(sample)}  # repeats share one
         for done, (key, sample) in enumerate(entries.items(), start=1):
-            self._memory[key] = self._cached(sample, key[2])
+            self._memory[key] = self._cached(sample, key[2], key[3])
             if progress is not None:
                 progress(done, len(entries))
 
-    def _cached(self, sample: TrainSample, crop: Crop) -> torch.Tensor:
+    def _cached(self, sample: TrainSample, crop: Crop, mirrored: bool) -> torch.Tensor:
         if self.mode == "memory":
-            return self._encode(sample, crop)
-        path = self._cache_path(sample, crop)
+            return self._encode(sample, crop, mirrored)
+        path = self._cache_path(sample, crop, mirrored)
         if path.is_file():
             from safetensors.torch import load_file
 
             return load_file(path)["distribution"]
-        distribution = self._encode(sample, crop)
+        distribution = self._encode(sample, crop, mirrored)
         _save_atomic(path, distribution)
         return distribution
 
-    def _cache_path(self, sample: TrainSample, crop: Crop) -> Path:
+    def _cache_path(self, sample: TrainSample, crop: Crop, mirrored: bool) -> Path:
         stat = sample.record.path.stat()
-        key = "|".join(str(part) for part in (sample.record.path.resolve(), stat.st_size, stat.st_mtime_ns,
-                                               sample.bucket, crop, self._fingerprint))
+        parts = (sample.record.path.resolve(), stat.st_size, stat.st_mtime_ns, sample.bucket, crop, self._fingerprint,
+                 *(("mirrored",) if mirrored else ()))
+        key = "|".join(str(part) for part in parts)
         name = hashlib.sha256(key.encode()).hexdigest()[:32]
         return self.cache_dir / f"{sample.record.path.stem}-{name}.safetensors"  # type: ignore[operator]
 
     @torch.no_grad()
-    def _encode(self, sample: TrainSample, crop: Crop) -> torch.Tensor:
-        pixels = load_pixels(sample.record.path, sample.bucket, crop).unsqueeze(0)
+    def _encode(self, sample: TrainSample, crop: Crop, mirrored: bool = False) -> torch.Tensor:
+        pixels = load_pixels(sample.record.path, sample.bucket, crop, mirrored).unsqueeze(0)
         parameters = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
         self.encoded += 1
         if not torch.isfinite(parameters).all():
@@ -131,11 +136,12 @@ class LatentSource:
         distributions, crops = [], []
         for index in indices:
             sample = self.samples[index]
+            mirrored = sample.flip_aug and rng.random() < 0.5  # kohya's flip_aug: half the loads mirrored
             if self.mode == "off":
                 crop = plan_crop(sample.record.width, sample.record.height, sample.bucket, self.crop_mode, rng)
-                distributions.append(self._encode(sample, crop))
+                distributions.append(self._encode(sample, crop, mirrored))
             else:
-                key = _cache_key(sample)
+                key = _cache_keys(sample)[int(mirrored)]
                 crop = key[2]
                 distributions.append(self._memory[key])
             crops.append(crop)
@@ -147,10 +153,12 @@ class LatentSource:
         return LatentBatch(scaled, crops, [self.samples[i] for i in indices])
 
 
-def _cache_key(sample: TrainSample) -> CacheKey:
-    """A cached sample's entry: cached latents are always of the center crop."""
+def _cache_keys(sample: TrainSample) -> list[CacheKey]:
+    """A cached sample's entries: cached latents are always of the center crop; a sample
+    with flip_aug has its mirrored picture's latents too (as kohya caches them)."""
     record = sample.record
-    return record.path, sample.bucket, plan_crop(record.width, record.height, sample.bucket, "center")
+    crop = plan_crop(record.width, record.height, sample.bucket, "center")
+    return [(record.path, sample.bucket, crop, mirrored) for mirrored in (False, True)[:1 + sample.flip_aug]]
 
 
 def _save_atomic(path: Path, distribution: torch.Tensor) -> None:

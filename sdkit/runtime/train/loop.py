@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +28,15 @@ from sdkit.runtime.pipeline import load_model, resolve_device
 from sdkit.runtime.train.buckets import BatchPlan
 from sdkit.runtime.train.config import TrainConfig, check_config, check_family_options
 from sdkit.runtime.train.data import DatasetScan, ImageFilter, scan_dataset
+from sdkit.runtime.train.datasets import (combined_scan, scan_subsets, split_tags, subset_samples, subsets_of,
+                                          with_dataset_settings)
 from sdkit.runtime.train.denoiser import Denoiser, sdxl_time_ids
 from sdkit.runtime.train.flow import FlowObjective, FluxDenoiser, design_architecture
 from sdkit.runtime.train.latents import LatentBatch, LatentSource, TrainSample
+from sdkit.runtime.train.logs import TrainLog, epoch_file, epochs_done, step_scalars
 from sdkit.runtime.train.methods import SaveContext, TrainingMethod, make_method
 from sdkit.runtime.train.objective import Objective
+from sdkit.runtime.train.optimizers import current_lr
 from sdkit.runtime.train.outputs import (RunFacts, draw_loss_curve, kohya_metadata, loss_summary, spec_metadata,
                                          write_json_atomic)
 from sdkit.runtime.train.precision import PrecisionPlan, resolve_precision
@@ -88,6 +92,8 @@ class Trainer:
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
         self.previews: list[Path] = []
+        self.epoch_outputs: list[Path] = []
+        self.log: TrainLog | None = None
         self._run_identity: dict[str, Any] | None = None
         device = resolve_device(config.run.device)
         self.plan: PrecisionPlan = resolve_precision(config.run.precision, device)
@@ -109,8 +115,8 @@ class Trainer:
             self.progress(TrainEvent(phase, done, total, loss, lr))
 
     def run(self) -> TrainResult:
-        config = self.config
-        started_at = time.time()
+        self.config = config = with_dataset_settings(self.config)
+        self.started_at = started_at = time.time()
         self.hashes = self._hash_base()
         self.scan = self._scan()
         # a state of another run is refused before the model loads
@@ -120,7 +126,7 @@ class Trainer:
         self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32", flow=self.flow)
         self._lap("load_s")
         self.resolution, buckets = training_buckets(self.model, config.data)
-        self.samples = instance_samples(self.scan, buckets, config.data)
+        self.samples = self._instance_samples(buckets)
         self.classes = self._class_samples()
         self._lap("data_s")
         self.method = self._build_method()
@@ -161,8 +167,11 @@ class Trainer:
         # folders the run writes pictures into may sit inside the data folder
         exclude = (self._class_folder(), side_path(self.config, ".previews"), side_path(self.config, ".loss.png"),
                    *((data.cache_dir,) if data.cache_dir else ()))
-        scan = scan_dataset(data.folder, ImageFilter(data.min_width, data.min_height, data.min_aspect,
-                                                     data.max_aspect), exclude)
+        image_filter = ImageFilter(data.min_width, data.min_height, data.min_aspect, data.max_aspect)
+        kohya = subsets_of(self.config)
+        self.subset_scans = scan_subsets(kohya[1], image_filter, exclude) if kohya else None
+        scan = combined_scan(self.subset_scans) if self.subset_scans else scan_dataset(data.folder, image_filter,
+                                                                                         exclude)
         if scan.dropped:
             first, reason = next(iter(scan.dropped.items()))
             self.notes.append(f"{len(scan.dropped)} of {len(scan.dropped) + len(scan.records)} images dropped "
@@ -170,6 +179,12 @@ class Trainer:
         if scan.uncaptioned:
             self.notes.append(f"{scan.uncaptioned} images have no caption")
         return scan
+
+    def _instance_samples(self, buckets: list[tuple[int, int]]) -> list[TrainSample]:
+        if self.subset_scans is None:
+            return instance_samples(self.scan, buckets, self.config.data)
+        return subset_samples(self.subset_scans, buckets, self.config.data.trigger,
+                              self.config.dreambooth.prior_weight)
 
     def _class_folder(self) -> Path:
         return self.config.dreambooth.class_dir or side_path(self.config, ".class-images")
@@ -289,7 +304,8 @@ class Trainer:
 
     def _batch_loss(self, batch: LatentBatch, generator: torch.Generator, rng: random.Random,
                     dropout: float) -> torch.Tensor:
-        captions = [self.method.caption("" if dropout and rng.random() < dropout else sample.caption)
+        captions = [self.method.caption("" if dropout and rng.random() < dropout else
+                                        split_tags(sample.caption, sample.keep_tokens, sample.shuffle_caption, rng))
                     for sample in batch.samples]
         noisy = self.objective.noisy_batch(batch.latents.to(self.accelerator.device), generator)
         time_ids = None
@@ -297,10 +313,13 @@ class Trainer:
             sizes = [(s.record.width, s.record.height) for s in batch.samples]
             time_ids = sdxl_time_ids(sizes, batch.crops, batch.samples[0].bucket)
         prediction = self.wrapped(noisy.noisy, noisy.timesteps, self.denoiser.tokenize(captions), time_ids)
-        return self.objective.loss(prediction, noisy).mean()
+        weights = torch.tensor([sample.weight for sample in batch.samples], device=prediction.device)
+        return (self.objective.loss(prediction, noisy) * weights).mean()
 
     def _after_step(self, done: int, losses: list[float]) -> None:
         run = self.config.run
+        self._log_step(done, losses)
+        self._save_epoch(done, losses)
         if run.preview_every and done % run.preview_every == 0:
             self._preview(done)
         if run.save_every and (done % run.save_every == 0 or done == self.config.optim.steps):
@@ -309,6 +328,33 @@ class Trainer:
                 scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
                 state = TrainState(done, self._named_trainables(), self.optimizer.state_dict(), scaler, losses)
                 save_state(self.config.state_dir, state, self.config, self._identity())
+
+    def _log_step(self, done: int, losses: list[float]) -> None:
+        folder = self.config.run.log_dir
+        if folder is None or not self.accelerator.is_main_process:
+            return
+        if self.log is None:
+            self.log = TrainLog(folder)
+            if not self.log.tensorboard:
+                self.notes.append("the tensorboard package is not installed: --log-dir has scalars.csv only "
+                                  "(pip install 'sdkit[tensorboard]' for event files)")
+        rates = [current_lr(self.optimizer, self.scheduler, index) for index in range(len(self.optimizer.param_groups))]
+        self.log.add(done, step_scalars(losses, self.batches_per_epoch, rates))
+
+    def _save_epoch(self, done: int, losses: list[float]) -> None:
+        """kohya's --save_every_n_epochs: a numbered file at the end of every N epochs but the last."""
+        every, optim = self.config.run.save_every_n_epochs, self.config.optim
+        if not every or done == optim.steps:
+            return
+        epoch = epochs_done(done, optim.grad_accum, self.processes, self.batches_per_epoch)
+        if epoch == epochs_done(done - 1, optim.grad_accum, self.processes, self.batches_per_epoch) or epoch % every:
+            return
+        final, notes = self.config, list(self.notes)
+        self.config = replace(final, output=epoch_file(final.output, epoch))
+        try:
+            self.epoch_outputs += self._save(losses, self.started_at, self.hashes)
+        finally:
+            self.config, self.notes = final, notes
 
     def _preview(self, step: int) -> None:
         if not self.accelerator.is_main_process:
@@ -337,7 +383,13 @@ class Trainer:
                         class_images=len(self.classes), batches_per_epoch=self.batches_per_epoch,
                         processes=self.processes, steps_done=len(losses), started_at=started_at,
                         finished_at=time.time(), base_hashes=base_hashes,
-                        class_dir=self._class_folder() if self.classes else None)
+                        class_dir=self._class_folder() if self.classes else None, subsets=self._subset_facts())
+
+    def _subset_facts(self) -> dict[str, dict[str, Any]]:
+        if not self.subset_scans:
+            return {}
+        return {item.subset.image_dir.name: {"n_repeats": item.subset.num_repeats, "img_count": len(item.scan.records),
+                                             "is_reg": item.subset.is_reg} for item in self.subset_scans}
 
     @property
     def prediction(self) -> str:
@@ -377,6 +429,9 @@ class Trainer:
 
     def _finish(self, outputs: list[Path], losses: list[float], resumed_from: int) -> TrainResult:
         config = self.config
+        if self.log is not None:
+            self.log.close()
+        outputs = self.epoch_outputs + outputs
         record, curve = side_path(config, ".train.json"), side_path(config, ".loss.png")
         result = TrainResult(outputs, record, curve, len(losses), resumed_from, losses, self.plan.name,
                              self.accelerator.is_main_process, self.notes, self.previews, dict(self.timings))

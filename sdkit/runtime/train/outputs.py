@@ -29,8 +29,8 @@ from sdkit.io.output_path import write_file_atomically
 from sdkit.runtime.train.buckets import Size
 from sdkit.runtime.train.config import TrainConfig
 from sdkit.runtime.train.data import DatasetScan, tag_frequency
+from sdkit.runtime.train.optimizers import OPTIMIZER_CLASSES
 
-_OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit"}
 
 
 @dataclass
@@ -53,6 +53,8 @@ class RunFacts:
     class_dir: Path | None = None  # where the DreamBooth class pictures are
     # kohya's random integer telling which training session a file came from
     session_id: int = field(default_factory=lambda: secrets.randbelow(2 ** 32 + 1))
+    # kohya subsets: folder name -> {"n_repeats", "img_count", "is_reg"}
+    subsets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> dict[str, str]:
@@ -70,7 +72,7 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_batch_size_per_device": str(optim.batch_size), "ss_gradient_accumulation_steps": str(optim.grad_accum),
         "ss_total_batch_size": str(optim.batch_size * optim.grad_accum * facts.processes),
         "ss_lr_scheduler": optim.lr_scheduler, "ss_lr_warmup_steps": str(optim.warmup_steps),
-        "ss_optimizer": f"{_OPTIMIZER_NAMES[optim.optimizer]}(weight_decay={optim.weight_decay})",
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[optim.optimizer]}(weight_decay={optim.weight_decay})",
         "ss_max_grad_norm": str(optim.max_grad_norm), "ss_gradient_checkpointing": str(optim.gradient_checkpointing),
         "ss_mixed_precision": "no" if facts.precision == "fp32" else facts.precision,
         "ss_seed": str(config.run.seed), "ss_resolution": str((facts.resolution, facts.resolution)),
@@ -82,8 +84,9 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         "ss_reg_dataset_dirs": json.dumps(_reg_dirs(facts)),
         "ss_datasets": json.dumps([_dataset(config, scan, facts, min(sides), max(sides))]),
         "ss_tag_frequency": json.dumps(tag_frequency(scan)),
-        "ss_random_crop": str(data.crop == "random"), "ss_flip_aug": "False", "ss_color_aug": "False",
-        "ss_shuffle_caption": "False", "ss_keep_tokens": "0", "ss_clip_skip": "None",
+        "ss_random_crop": str(data.crop == "random"), "ss_flip_aug": str(data.flip_aug), "ss_color_aug": "False",
+        "ss_shuffle_caption": str(data.shuffle_caption), "ss_keep_tokens": str(data.keep_tokens),
+        "ss_clip_skip": "None",
         "ss_caption_dropout_rate": str(data.caption_dropout), "ss_cache_latents": str(data.cache != "off"),
         "ss_noise_offset": str(config.loss.noise_offset), "ss_min_snr_gamma": str(config.loss.min_snr_gamma),
         "ss_training_started_at": str(facts.started_at), "ss_training_finished_at": str(facts.finished_at),
@@ -105,6 +108,19 @@ def kohya_metadata(config: TrainConfig, scan: DatasetScan, facts: RunFacts) -> d
         metadata["ss_sd_model_hash"] = str(hashes["legacy"])
     if hashes.get("sha256"):
         metadata["ss_new_sd_model_hash"] = str(hashes["sha256"])
+    metadata.update(_subset_metadata(config, facts))
+    return metadata
+
+
+def _subset_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
+    """kohya's per-folder counts of a run on kohya subsets, and the reg pictures' weight."""
+    if not facts.subsets:
+        return {}
+    metadata = {key: json.dumps({name: {"n_repeats": s["n_repeats"], "img_count": s["img_count"]}
+                                 for name, s in facts.subsets.items() if s["is_reg"] == reg})
+                for key, reg in (("ss_dataset_dirs", False), ("ss_reg_dataset_dirs", True))}
+    if any(s["is_reg"] for s in facts.subsets.values()):
+        metadata["ss_prior_loss_weight"] = str(config.dreambooth.prior_weight)
     return metadata
 
 
@@ -113,6 +129,11 @@ def spec_metadata(config: TrainConfig, facts: RunFacts) -> dict[str, str]:
     spec = {"modelspec.resolution": f"{facts.resolution}x{facts.resolution}"}
     if config.data.trigger:
         spec["modelspec.trigger_phrase"] = config.data.trigger
+    run = config.run  # kohya's --metadata_title / _author / _description
+    for key, value in (("title", run.metadata_title), ("author", run.metadata_author),
+                       ("description", run.metadata_description)):
+        if value:
+            spec[f"modelspec.{key}"] = value
     return spec
 
 

@@ -121,17 +121,12 @@ def cast_frozen(modules: Sequence[torch.nn.Module], dtype: torch.dtype) -> None:
 
 
 def make_optimizer(groups: list[dict[str, Any]], optim: OptimOptions, device: torch.device) -> torch.optim.Optimizer:
+    from sdkit.runtime.train.optimizers import build_optimizer
+
     groups = [group for group in groups if group["params"]]
     if not groups:
         raise SdkitError("nothing to train: the method made no parameter trainable")
-    settings = {"lr": optim.lr, "weight_decay": optim.weight_decay, "betas": (0.9, 0.999), "eps": 1e-8}
-    if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **settings)
-    if device.type != "cuda":
-        raise SdkitError("--optimizer adamw8bit runs on CUDA GPUs only; use --optimizer adamw here")
-    import bitsandbytes  # present: check_config made sure
-
-    return bitsandbytes.optim.AdamW8bit(groups, **settings)
+    return build_optimizer(groups, optim.optimizer, optim.lr, optim.weight_decay, device)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimOptions, done: int = 0) -> Any:
@@ -143,7 +138,13 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, optim: OptimOptions, don
     name = optim.lr_scheduler
     if name == "constant" and optim.warmup_steps:
         name = "constant_with_warmup"
-    scheduler = get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=optim.steps)
+    if optim.optimizer == "adafactor":  # kohya's adafactor:LR scheduler
+        from sdkit.runtime.train.optimizers import adafactor_schedule
+
+        scheduler = adafactor_schedule(optimizer, optim.lr)
+    else:
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=optim.warmup_steps,
+                                  num_training_steps=optim.steps)
     with warnings.catch_warnings():  # stepping the schedule alone is what replaying it means
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(done):

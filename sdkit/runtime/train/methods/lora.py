@@ -1,8 +1,10 @@
-"""LoRA, LoHa and LoKr: peft adapters on the attention projections, saved as kohya files.
+"""LoRA, LoHa and LoKr: peft adapters on kohya's layers, saved as kohya files.
 
-Targets are those of diffusers' LoRA trainers and kohya's attention LoRAs: the UNet's
-`to_q`, `to_k`, `to_v`, `to_out.0` and, with `--train-text-encoder`, every text encoder's
-`q_proj`, `k_proj`, `v_proj`, `out_proj`. peft injects the layers (`LoraConfig`,
+Targets are those of kohya's `networks.lora` (see `targets.py`): every Linear and 1x1
+conv of the UNet's transformer blocks (attention, proj_in / proj_out, feed-forward) and,
+with `--train-text-encoder`, of every text encoder's attention and MLP; `--conv-dim` adds
+the ResNet blocks and samplers, their 3x3 convolutions at the conv rank (LoCon), and
+`--preset` picks a LyCORIS preset for LoHa / LoKr. peft injects the layers (`LoraConfig`,
 `LoHaConfig`, `LoKrConfig`), initialised as kohya initialises them (down / first factors
 random, up / second factors zero, so training starts from the base model). `--dropout`
 is peft's `lora_dropout` for LoRA and `rank_dropout` for LoHa / LoKr.
@@ -29,9 +31,8 @@ from sdkit.adapters.lora_export import LoraFacts, Provenance, write_lora
 from sdkit.runtime.train.methods.base import SaveContext, TrainingMethod, trainable
 from sdkit.runtime.train.methods.flux_lora import FLUX_TARGETS, flux_network_metadata, write_flux_adapter
 from sdkit.runtime.train.methods.lyco import export_modules
+from sdkit.runtime.train.methods.targets import DEFAULT_CONV_ALPHA, layer_targets, preset_of
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 _NETWORK_MODULES = {"lora": "networks.lora", "loha": "lycoris.kohya", "lokr": "lycoris.kohya"}
 
 
@@ -43,22 +44,38 @@ class NetworkMethod(TrainingMethod):
         self.name = self.config.method
         self.text_grad = self.config.network.train_text_encoder
         self._ldm_paths: dict[str, str] = {}
+        self._conv_layers: dict[str, set[str]] = {}
 
     @property
     def alpha(self) -> float:
         options = self.config.network
         return float(options.alpha if options.alpha is not None else options.rank)
 
-    def _peft_config(self, targets: list[str]) -> Any:
+    @property
+    def conv_alpha(self) -> float:
+        options = self.config.network
+        return float(options.conv_alpha if options.conv_alpha is not None else DEFAULT_CONV_ALPHA)
+
+    def _peft_config(self, targets: list[str], convs: list[str] = ()) -> Any:
+        """peft's config for `targets` at the network rank and `convs` at the conv rank."""
         from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         options = self.config.network
+        ranks = {name: options.conv_dim for name in convs}
+        alphas = {name: self.conv_alpha for name in convs}
         if self.name == "lora":
             return LoraConfig(r=options.rank, lora_alpha=self.alpha, lora_dropout=options.dropout,
-                              target_modules=targets)
+                              target_modules=[*targets, *convs], rank_pattern=ranks, alpha_pattern=alphas)
         config_class = LoHaConfig if self.name == "loha" else LoKrConfig
         return config_class(r=options.rank, alpha=self.alpha, rank_dropout=options.dropout,
-                            target_modules=targets)
+                            target_modules=[*targets, *convs], rank_pattern=ranks, alpha_pattern=alphas)
+
+    def _targets(self, name: str, module: torch.nn.Module) -> tuple[list[str], list[str]]:
+        options = self.config.network
+        preset = preset_of(self.name, options.preset, options.conv_dim)
+        linear, convs = layer_targets(module, name, preset, options.conv_dim is not None)
+        self._conv_layers[name] = set(convs)
+        return linear, convs
 
     def components(self) -> dict[str, torch.nn.Module]:
         if self.model.is_flow:
@@ -74,8 +91,8 @@ class NetworkMethod(TrainingMethod):
         if self.model.family == "sdxl-base":  # kohya names SDXL UNet layers after LDM paths
             self._ldm_paths = unet_ldm_paths(self.model)
         for name, module in self.components().items():
-            targets = {"unet": UNET_TARGETS, "transformer": FLUX_TARGETS}.get(name, TEXT_TARGETS)
-            inject_adapter_in_model(self._peft_config(targets), module, adapter_name="default")
+            targets = (FLUX_TARGETS, []) if name == "transformer" else self._targets(name, module)
+            inject_adapter_in_model(self._peft_config(*targets), module, adapter_name="default")
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         groups = []
@@ -89,9 +106,13 @@ class NetworkMethod(TrainingMethod):
         options = self.config.network
         args: dict[str, Any] = {}
         if self.name != "lora":
-            args = {"algo": self.name, "preset": "attn-only", "dropout": 0.0, "rank_dropout": options.dropout}
+            args = {"algo": self.name, "dropout": 0.0, "rank_dropout": options.dropout}
+        if options.preset is not None:
+            args["preset"] = options.preset
             if self.name == "lokr":
                 args["factor"] = -1
+        if options.conv_dim is not None:  # kohya records network_args as strings
+            args.update(conv_dim=str(options.conv_dim), conv_alpha=str(self.conv_alpha))
         metadata = {"ss_network_module": _NETWORK_MODULES[self.name], "ss_network_dim": str(options.rank),
                     "ss_network_alpha": str(self.alpha), "ss_network_dropout": str(options.dropout),
                     "ss_network_train_unet_only": str(not options.train_text_encoder)}
@@ -111,7 +132,8 @@ class NetworkMethod(TrainingMethod):
         for name, module in self.components().items():
             state = get_peft_model_state_dict(module, adapter_name="default")
             paths = self._ldm_paths if name == "unet" else None
-            modules += export_modules(state, name, self.config.network.rank, self.alpha, paths)
+            conv = {path: (self.config.network.conv_dim, self.conv_alpha) for path in self._conv_layers.get(name, ())}
+            modules += export_modules(state, name, self.config.network.rank, self.alpha, paths, conv)
         facts = LoraFacts(family=self.model.family, prediction=context.prediction,
                           network_module=_NETWORK_MODULES[self.name],
                           notes={**context.training_metadata, **self.network_metadata()})

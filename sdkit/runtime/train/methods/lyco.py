@@ -31,9 +31,11 @@ def _split(key: str) -> tuple[str, str] | None:
 
 
 def export_modules(peft_state: Mapping[str, torch.Tensor], component: str, rank: int, alpha: float,
-                   ldm_paths: Mapping[str, str] | None = None) -> list[ExportModule]:
+                   ldm_paths: Mapping[str, str] | None = None,
+                   own_ranks: Mapping[str, tuple[int, float]] | None = None) -> list[ExportModule]:
     """One ExportModule per adapted layer of `component`; `ldm_paths` maps diffusers module
-    paths to LDM ones (SDXL files name UNet layers after them)."""
+    paths to LDM ones (SDXL files name UNet layers after them); `own_ranks` gives the
+    (rank, alpha) of layers trained at another rank (kohya's conv_dim / conv_alpha)."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in peft_state.items():
         split = _split(key)
@@ -43,8 +45,9 @@ def export_modules(peft_state: Mapping[str, torch.Tensor], component: str, rank:
         grouped.setdefault(path, {})[role] = tensor.detach().float().cpu()
     modules = []
     for path, tensors in sorted(grouped.items()):
+        layer_rank, layer_alpha = (own_ranks or {}).get(path, (rank, alpha))
         if "lokr_w1" in tensors and "lokr_w2" in tensors:
-            tensors["lokr_w2"] = tensors["lokr_w2"] * (alpha / rank)
+            tensors["lokr_w2"] = tensors["lokr_w2"] * (layer_alpha / layer_rank)
         ldm = (ldm_paths or {}).get(path)
-        modules.append(ExportModule(component, path, ldm, tensors, alpha=alpha))
+        modules.append(ExportModule(component, path, ldm, tensors, alpha=layer_alpha))
     return modules
