@@ -56,19 +56,21 @@ class NetworkMethod(TrainingMethod):
         options = self.config.network
         return float(options.conv_alpha if options.conv_alpha is not None else DEFAULT_CONV_ALPHA)
 
-    def _peft_config(self, targets: list[str], convs: list[str] = ()) -> Any:
-        """peft's config for `targets` at the network rank and `convs` at the conv rank."""
+    def _peft_config(self, targets: list[str] | str, convs: list[str] = ()) -> Any:
+        """peft's config for `targets` (layer names, or one regex: FLUX's) at the network rank
+        and `convs` at the conv rank."""
         from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         options = self.config.network
         ranks = {name: options.conv_dim for name in convs}
         alphas = {name: self.conv_alpha for name in convs}
+        modules = targets if isinstance(targets, str) else [*targets, *convs]
         if self.name == "lora":
             return LoraConfig(r=options.rank, lora_alpha=self.alpha, lora_dropout=options.dropout,
-                              target_modules=[*targets, *convs], rank_pattern=ranks, alpha_pattern=alphas)
+                              target_modules=modules, rank_pattern=ranks, alpha_pattern=alphas)
         config_class = LoHaConfig if self.name == "loha" else LoKrConfig
         return config_class(r=options.rank, alpha=self.alpha, rank_dropout=options.dropout,
-                            target_modules=[*targets, *convs], rank_pattern=ranks, alpha_pattern=alphas)
+                            target_modules=modules, rank_pattern=ranks, alpha_pattern=alphas)
 
     def _targets(self, name: str, module: torch.nn.Module) -> tuple[list[str], list[str]]:
         options = self.config.network
