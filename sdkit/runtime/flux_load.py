@@ -129,17 +129,20 @@ def _build_component(component: str, configs: Mapping[str, dict], tensors: dict[
 
 def _transformer_in_diffusers_names(model: ModelFile, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
     """A lone FLUX.1 diffusion model's tensors in diffusers names (BFL files converted
-    through the family's key map, lazily)."""
+    through the family's key map, lazily); scaled fp8 and mixed-precision weights as the
+    values they stand for (ComfyUI's fp8 files)."""
+    from sdkit.arch import identify
     from sdkit.arch.fingerprint import match_transformers
     from sdkit.arch.keymaps.transformer import check_config, transformer_plan
     from sdkit.arch.keyview import KeyView
+    from sdkit.ops.convert.dequantize import plain_values
     from sdkit.ops.layout import plan_tensors
 
     prefix = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in model.infos) else ""
     (match,) = match_transformers(KeyView(model, prefix))
     if "transformer" in configs:
         check_config(match.family, configs["transformer"], match.dims, match.flags)
-    tensors = lazy_tensors(model)
+    tensors = plain_values(model, identify(model), lazy_tensors(model))
     if match.layout.convention == "diffusers":
         return {name[len(prefix):]: lazy for name, lazy in tensors.items() if name.startswith(prefix)}
     plan = transformer_plan(match.family, match.dims, "ldm_to_diffusers", list(tensors), prefix)

@@ -129,3 +129,38 @@ def test_toy_flux_refuses_hypernetworks_in_one_line(folder_sampler, tmp_path):
     plan = PromptPlan("a red circle", (), (HypernetRequest(tmp_path / "style.pt", "style", 1.0),))
     with pytest.raises(SdkitError, match="hypernetworks are not applied to flux models"):
         folder_sampler.generate(plan, Settings(steps=2))
+
+
+def _dequantized_by_hand(quantized: Path, out: Path) -> Path:
+    """ComfyUI's fp8 layouts read back with torch alone: each fp8 weight times its scale
+    (`scale_weight` of scaled fp8, `weight_scale` of mixed), scales and markers dropped."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(quantized)
+    plain = {}
+    for name, value in tensors.items():
+        if name.endswith((".scale_weight", ".scale_input", ".weight_scale", ".comfy_quant")) or name == "scaled_fp8":
+            continue
+        layer = name[: -len(".weight")]
+        scale = tensors.get(f"{layer}.scale_weight", tensors.get(f"{layer}.weight_scale"))
+        plain[name] = value.float() * scale.float() if name.endswith(".weight") and scale is not None else value
+    save_file(plain, out)
+    return out
+
+
+@pytest.mark.parametrize("scaling", ["scaled", "mixed"])
+def test_toy_flux_fp8_diffusion_models_draw_their_values(scaling, tmp_path):
+    """A ComfyUI fp8 file (scaled, or mixed precision) samples from the values its weights
+    and scales stand for: the picture of those values written out plainly."""
+    from cli_run import exit_code
+
+    quantized = tmp_path / "fp8.safetensors"
+    assert exit_code(["convert", str(FLUX / "toy-flux.safetensors"), "--dtype", "fp8_e4m3fn", "--fp8-scaling",
+                      scaling, "-o", str(quantized)]) == 0
+    pictures = []
+    for path in (quantized, _dequantized_by_hand(quantized, tmp_path / "plain.safetensors")):
+        sampler = Sampler(load_model(path, config=FOLDER, vae=FLUX / "ae.safetensors", flow=True, text_encoders=[
+            FLUX / "toy-flux.clip_l.safetensors", FLUX / "toy-flux.t5xxl.safetensors"]))
+        settings = Settings(steps=8, cfg=6.0, seed=1, width=IMAGE_SIZE, height=IMAGE_SIZE)
+        pictures.append(_pixels(sampler.generate(sampler.plan_prompt("a red circle"), settings)[0].image))
+    assert np.array_equal(*pictures)

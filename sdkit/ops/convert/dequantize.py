@@ -13,7 +13,7 @@ out: the output is a plain model any loader reads.
 from __future__ import annotations
 
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sdkit.arch.quantization import MARKER
 from sdkit.errors import SdkitError
@@ -84,3 +84,17 @@ def dequantize_mixed(tensors: dict[str, LazyTensor], layers: dict[str, "QuantFor
         else:
             out[name] = lazy
     return out, len(layers)
+
+
+def plain_values(model: Any, identity: Any, tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
+    """`tensors` of `model` with scaled fp8 and mixed-precision weights as their values
+    (their scales and markers left out); other files' tensors as they are (plain fp8 and
+    GGUF become values on load)."""
+    from sdkit.arch.quantization import mixed_layer_formats
+
+    scheme = (identity.precision.quantization or {}).get("scheme")
+    if scheme == "mixed":
+        return dequantize_mixed(tensors, mixed_layer_formats(model), str(model.path))[0]
+    if scheme == "scaled-fp8":
+        return dequantize_scaled_fp8(tensors)[0]
+    return tensors

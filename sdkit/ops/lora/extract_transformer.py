@@ -56,6 +56,7 @@ from sdkit.arch.families.spec import Family
 from sdkit.arch.fingerprint import LayoutMatch
 from sdkit.errors import SdkitError, with_article
 from sdkit.io import LazyTensor, lazy_tensors, open_model, write_safetensors
+from sdkit.ops.convert.dequantize import plain_values
 from sdkit.ops.convert.lora import adapter_metadata
 from sdkit.ops.lora.convert import layout_tensors
 from sdkit.ops.lora.extract import (
@@ -144,20 +145,7 @@ def open_denoiser(path: str, stack: ExitStack) -> tuple[Denoiser | None, Any]:
     if found is None:
         return None, identity
     root, match = found
-    return Denoiser(path, _plain_values(model, identity, lazy_tensors(model)), root, match), identity
-
-
-def _plain_values(model: Any, identity: Any, tensors: dict[str, LazyTensor]) -> dict[str, LazyTensor]:
-    """Scaled fp8 weights as their values (plain fp8 and GGUF become values on load)."""
-    from sdkit.arch.quantization import mixed_layer_formats
-    from sdkit.ops.convert.dequantize import dequantize_mixed, dequantize_scaled_fp8
-
-    scheme = (identity.precision.quantization or {}).get("scheme")
-    if scheme == "mixed":
-        return dequantize_mixed(tensors, mixed_layer_formats(model), str(model.path))[0]
-    if scheme == "scaled-fp8":
-        return dequantize_scaled_fp8(tensors)[0]
-    return tensors
+    return Denoiser(path, plain_values(model, identity, lazy_tensors(model)), root, match), identity
 
 
 # ---- which layers --------------------------------------------------------------------------
