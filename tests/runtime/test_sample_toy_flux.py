@@ -164,3 +164,59 @@ def test_toy_flux_fp8_diffusion_models_draw_their_values(scaling, tmp_path):
         settings = Settings(steps=8, cfg=6.0, seed=1, width=IMAGE_SIZE, height=IMAGE_SIZE)
         pictures.append(_pixels(sampler.generate(sampler.plan_prompt("a red circle"), settings)[0].image))
     assert np.array_equal(*pictures)
+
+
+def _encoder_lora(path: Path) -> Path:
+    """A random LoRA on toy-flux's text encoders only, named as kohya names them: CLIP-L
+    `lora_te1_…`, T5 `lora_te3_…` (sd-scripts' T5 prefix in every family)."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(5)
+    lora = {}
+    for prefix, part, layers in (("lora_te1_", "clip_l", ("text_model.encoder.layers.0.self_attn.v_proj",
+                                                          "text_model.encoder.layers.1.mlp.fc1")),
+                                 ("lora_te3_", "t5xxl", ("encoder.block.0.layer.0.SelfAttention.v",
+                                                         "encoder.block.1.layer.0.SelfAttention.o"))):
+        weights = load_file(FLUX / f"toy-flux.{part}.safetensors")
+        for layer in layers:
+            rows, columns = weights[layer + ".weight"].shape
+            name = prefix + layer.replace(".", "_")
+            lora[f"{name}.lora_down.weight"] = torch.randn(2, columns, generator=generator)
+            lora[f"{name}.lora_up.weight"] = torch.randn(rows, 2, generator=generator)
+            lora[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(lora, path)
+    return path
+
+
+def test_text_encoder_modules_of_a_lora_apply_while_sampling(capsys, tmp_path):
+    """Sampling with a LoRA on CLIP-L and T5 draws the picture of the encoders baked with
+    it (`lora bake` into the all-in-one checkpoint, split back into parts)."""
+    from PIL import Image
+
+    from cli_run import run_sdkit
+
+    lora = _encoder_lora(tmp_path / "encoders.safetensors")
+    parts = [FLUX / "toy-flux.safetensors", FLUX / "toy-flux.clip_l.safetensors",
+             FLUX / "toy-flux.t5xxl.safetensors", FLUX / "ae.safetensors"]
+    checkpoint, baked = tmp_path / "aio.safetensors", tmp_path / "baked.safetensors"
+    assert run_sdkit(capsys, "join", *map(str, parts), "-o", str(checkpoint))[0] == 0
+    assert run_sdkit(capsys, "lora", "bake", str(checkpoint), str(lora), "-o", str(baked))[0] == 0
+    assert run_sdkit(capsys, "split", str(baked), "-o", str(tmp_path / "split"))[0] == 0
+    encoders = sorted((tmp_path / "split" / "text_encoders").iterdir())
+
+    def draw(name: str, diffusion_model: Path, clip_l: Path, t5: Path, *options: str) -> np.ndarray:
+        out = tmp_path / f"{name}.png"
+        code, _out, err = run_sdkit(capsys, "sample", str(diffusion_model), "--config", str(FOLDER), "--vae",
+                                    str(FLUX / "ae.safetensors"), "--text-encoder", str(clip_l), "--text-encoder",
+                                    str(t5), *options, "-p", "a red circle", "--cfg", "6", "--steps", "8",
+                                    "-o", str(out))
+        assert code == 0, err
+        return _pixels(Image.open(out).convert("RGB"))
+
+    plain = draw("plain", parts[0], parts[1], parts[2])
+    applied = draw("applied", parts[0], parts[1], parts[2], "--lora", str(lora))
+    clip_l = next(path for path in encoders if "clip_l" in path.name)
+    t5 = next(path for path in encoders if "t5xxl" in path.name)
+    from_baked = draw("baked", parts[0], clip_l, t5)
+    assert np.abs(applied - plain).max() > 20  # the encoders' change shows
+    assert np.abs(applied - from_baked).max() <= 2  # baked parts are fp16, applied runs in fp32

@@ -6,8 +6,11 @@ computed by `lora bake`'s own code (`ops.lora.plan.plan_bake`, `ops.lora.compute
 a kohya / ComfyUI module on a fused single-file layer (`img_attn.qkv`, `linear1`) lands
 on the rows of q, k, v and the MLP input it covers, a swapped modulation with its halves
 exchanged. So sampling with a LoRA at strength s draws the picture of the transformer
-baked with it at s. Weights it changes are kept and put back by `restore()`. Text-encoder
-modules of such adapters are not applied here (they are listed as reaching no layer).
+baked with it at s. Text-encoder modules (kohya's `lora_te1_` CLIP-L / `lora_te3_` T5,
+diffusers' `text_encoder.` / `text_encoder_2.`) reach the pipeline's encoders the same
+way, seen as a ComfyUI all-in-one checkpoint holds them (`text_encoders.clip_l.transformer.`,
+…), at the request's text-encoder strength. Weights it changes are kept and put back by
+`restore()`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from sdkit.adapters.lora_names import ModelNames
 from sdkit.adapters.transformer_names import find_denoiser, transformer_names
-from sdkit.arch import Identity
+from sdkit.arch import FAMILIES, Identity
 from sdkit.errors import SdkitError
 from sdkit.io import lazy_tensors
 from sdkit.io.model_file import dtype_code, model_from_tensors
@@ -31,13 +34,23 @@ from sdkit.ops.lora.plan import OpenBase, open_adapter, plan_bake
 from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, lora_short_hash
 
 
+_DENOISER_ROOT = "model.diffusion_model."  # where the in-memory model keeps the transformer
+
+
 class FlowLoras:
-    """Adapters on one flow pipeline's transformer; `apply` (re)writes the weights."""
+    """Adapters on one flow pipeline's transformer and text encoders; `apply` (re)writes
+    the weights."""
 
     def __init__(self, pipe: Any, family: str) -> None:
-        self.transformer = pipe.transformer
         self.family = family
-        model = model_from_tensors({k: v.detach().cpu() for k, v in self.transformer.state_dict().items()})
+        # key prefix of the in-memory model -> the module whose parameters it names
+        self.modules: dict[str, torch.nn.Module] = {_DENOISER_ROOT: pipe.transformer}
+        for spec in FAMILIES[family].text_encoders:
+            encoder = getattr(pipe, spec.component, None)
+            if encoder is not None and spec.comfyui_name:
+                self.modules[f"text_encoders.{spec.comfyui_name}.transformer."] = encoder
+        model = model_from_tensors({prefix + k: v.detach().cpu() for prefix, module in self.modules.items()
+                                    for k, v in module.state_dict().items()})
         found = find_denoiser(model)
         if found is None:
             raise SdkitError(f"the {family} transformer's weights match no layout sdkit knows")
@@ -50,33 +63,58 @@ class FlowLoras:
         self.originals: dict[str, torch.Tensor] = {}
 
     def apply(self, requests: Sequence[LoraRequest]) -> list[AppliedLora]:
-        """Restore, then bake every request in at its diffusion-model strength."""
+        """Restore, then bake every request in: its diffusion-model modules at its UNet
+        strength, its text-encoder modules at its text-encoder strength."""
         self.restore()
-        active = [request for request in requests if request.unet_strength != 0]
-        if not active:
-            return [AppliedLora(request, self.family, 0) for request in requests]
+        weights: dict[str, list] = {}
+        biases: dict[str, list] = {}
+        reports: dict[int, Any] = {}
         with ExitStack() as stack:
-            plan = plan_bake(self.base, [AdapterInput(str(r.path), r.unet_strength) for r in active], stack)
-            hashes = [lora_short_hash(r.path, open_adapter(str(r.path), stack)[0]) for r in active]
-            self._bake(plan.weights, plan.biases)
-        return [AppliedLora(request, self.family, report.mapped, dict(report.unmapped), short_hash)
-                for request, report, short_hash in zip(active, plan.reports, hashes)]
+            for components, strength in (("unet", _unet_strength), ("te", _te_strength)):
+                active = [(number, r) for number, r in enumerate(requests) if strength(r) != 0]
+                if not active:
+                    continue
+                plan = plan_bake(self.base, [AdapterInput(str(r.path), strength(r)) for _n, r in active], stack,
+                                 components=components)
+                for table, planned in ((weights, plan.weights), (biases, plan.biases)):
+                    for key, contributions in planned.items():
+                        table.setdefault(key, []).extend(contributions)
+                reports.update({number: report for (number, _r), report in zip(active, plan.reports)
+                                if number not in reports})
+            hashes = {number: lora_short_hash(requests[number].path, open_adapter(str(requests[number].path),
+                                                                                  stack)[0]) for number in reports}
+            self._bake(weights, biases)
+        return [AppliedLora(request, self.family, reports[number].mapped, dict(reports[number].unmapped),
+                            hashes[number]) if number in reports else AppliedLora(request, self.family, 0)
+                for number, request in enumerate(requests)]
+
+    def _parameter(self, key: str) -> torch.nn.Parameter:
+        prefix = next(prefix for prefix in self.modules if key.startswith(prefix))
+        return self.modules[prefix].get_parameter(key[len(prefix):])
 
     def _bake(self, weights: dict, biases: dict) -> None:
         keys = sorted(set(weights) | set(biases))
-        codes = {key: dtype_code(self.transformer.get_parameter(key).dtype) for key in keys}
+        codes = {key: dtype_code(self._parameter(key).dtype) for key in keys}
         baker = KeyBaker(self.base.view.tensors, weights, biases, codes)
         with torch.no_grad():
             for key in keys:
-                parameter = self.transformer.get_parameter(key)
+                parameter = self._parameter(key)
                 self.originals.setdefault(key, parameter.detach().clone())
                 parameter.copy_(baker.compute(key).to(parameter.device))
 
     def restore(self) -> None:
         with torch.no_grad():
             for key, original in self.originals.items():
-                self.transformer.get_parameter(key).copy_(original)
+                self._parameter(key).copy_(original)
         self.originals.clear()
 
     def close(self) -> None:
         self.restore()
+
+
+def _unet_strength(request: LoraRequest) -> float:
+    return request.unet_strength
+
+
+def _te_strength(request: LoraRequest) -> float:
+    return request.te_strength
