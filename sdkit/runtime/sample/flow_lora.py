@@ -31,13 +31,13 @@ from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView
 from sdkit.ops.lora.compute import KeyBaker
 from sdkit.ops.lora.plan import OpenBase, open_adapter, plan_bake
-from sdkit.runtime.sample.lora import AppliedLora, LoraRequest, lora_short_hash
+from sdkit.runtime.sample.lora import AppliedLora, ChangedWeights, LoraRequest, lora_short_hash
 
 
 _DENOISER_ROOT = "model.diffusion_model."  # where the in-memory model keeps the transformer
 
 
-class FlowLoras:
+class FlowLoras(ChangedWeights):
     """Adapters on one flow pipeline's transformer and text encoders; `apply` (re)writes
     the weights."""
 
@@ -101,12 +101,6 @@ class FlowLoras:
                 parameter = self._parameter(key)
                 self.originals.setdefault(key, parameter.detach().clone())
                 parameter.copy_(baker.compute(key).to(parameter.device))
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for key, original in self.originals.items():
-                self._parameter(key).copy_(original)
-        self.originals.clear()
 
     def close(self) -> None:
         self.restore()

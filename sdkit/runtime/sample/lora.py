@@ -85,7 +85,24 @@ def _config(module: Any) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-class RuntimeLoras:
+class ChangedWeights:
+    """The original values of the weights an adapter changed, put back by `restore()`;
+    `_parameter(key)` says which parameter a key names."""
+
+    originals: dict[str, torch.Tensor]
+
+    def _parameter(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        """Every changed weight back to its original value."""
+        with torch.no_grad():
+            for key, original in self.originals.items():
+                self._parameter(key).copy_(original)
+        self.originals.clear()
+
+
+class RuntimeLoras(ChangedWeights):
     """Adapters held open for one pipeline; `apply` (re)writes the weights, `restore`
     puts the originals back, `close` releases the files."""
 
@@ -153,13 +170,6 @@ class RuntimeLoras:
             limit = torch.finfo(parameter.dtype).max
             result.clamp_(-limit, limit)
         parameter.copy_(result.to(parameter.dtype))
-
-    def restore(self) -> None:
-        """Every changed weight back to its original value."""
-        with torch.no_grad():
-            for key, original in self.originals.items():
-                self._parameter(key).copy_(original)
-        self.originals.clear()
 
     def close(self) -> None:
         self.restore()
