@@ -21,9 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 # glibc mallopt parameters: allocations at least this large are mapped on their own; free
 # memory beyond this much at the top of an arena goes back to the system
@@ -35,6 +37,8 @@ _allocator_bounded = False
 
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)  # more adds memory and little speed (I/O-bound)
 AHEAD_BUDGET = 192 << 20  # bytes of tensors computed ahead of the writer
+_slice_pool: ThreadPoolExecutor | None = None
+_slice_pool_lock = threading.Lock()
 
 
 @contextmanager
@@ -48,6 +52,24 @@ def single_threaded_torch() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def in_parallel(function: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+    """`function(item)` for each item, in order, made a few ahead on a process-wide pool of
+    `DEFAULT_WORKERS` threads (one torch thread each): the slices of one tensor, when a
+    method passes over them more than once. `function` must not itself wait on this pool."""
+    global _slice_pool
+    with _slice_pool_lock:
+        if _slice_pool is None:
+            _slice_pool = ThreadPoolExecutor(DEFAULT_WORKERS, thread_name_prefix="sdkit-slices",
+                                             initializer=_set_torch_threads, initargs=(1,))
+    window: deque[Future[Any]] = deque()
+    for item in items:
+        window.append(_slice_pool.submit(function, item))
+        if len(window) > 2 * DEFAULT_WORKERS:
+            yield window.popleft().result()
+    while window:
+        yield window.popleft().result()
 
 
 def _set_torch_threads(count: int | None) -> None:
@@ -127,6 +149,21 @@ class Prefetcher:
         self._top_up()
         return future.result()
 
+    def made_in_order(self, items: Iterable[Any]) -> Iterator[Any]:
+        """`items` in order, each callable among them replaced by what it returns: those
+        are made on the worker threads, a few ahead of the one asked for (the pieces of
+        one large tensor, made in parallel)."""
+        if self._pool is None:
+            yield from (item() if callable(item) else item for item in items)
+            return
+        window: deque[Any] = deque()
+        for item in items:
+            window.append(self._pool.submit(item) if callable(item) else item)
+            if len(window) > 2 * self.workers:
+                yield _made(window.popleft())
+        while window:
+            yield _made(window.popleft())
+
     def _top_up(self) -> None:
         assert self._pool is not None
         while len(self._pending) < self.workers and self._next < len(self._order):
@@ -157,3 +194,7 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _made(item: Any) -> Any:
+    return item.result() if isinstance(item, Future) else item

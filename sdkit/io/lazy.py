@@ -30,7 +30,9 @@ class LazyTensor:
 
     `chunks()`, when given, yields the tensor's data in pieces (tensors of this dtype
     whose flattened concatenation is the tensor): the writer writes each as it comes, so
-    a tensor far larger than a slice never exists whole in memory.
+    a tensor far larger than a slice never exists whole in memory. A piece may also be
+    yielded as a function that makes it, independent of every other piece: the writer
+    then makes a few at once on its worker threads (`Prefetcher.made_in_order`).
 
     `fresh`: `load()` makes a new tensor each time (computed, not a view of a file or of
     another tensor), which its caller may change in place instead of copying it.

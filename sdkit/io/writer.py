@@ -159,14 +159,14 @@ def _write_bytes(sink: Sink, tensor: "torch.Tensor") -> int:
     return sink.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor) -> int:
+def _write_chunks(sink: Sink, path: Path, name: str, lazy: LazyTensor, ahead: Prefetcher) -> int:
     import torch
 
     from sdkit.io.dtypes import CODE_TO_TORCH
 
     assert lazy.chunks is not None
     written = 0
-    for chunk in lazy.chunks():
+    for chunk in ahead.made_in_order(lazy.chunks()):
         if not isinstance(chunk, torch.Tensor) or chunk.dtype != CODE_TO_TORCH[lazy.dtype]:
             raise SdkitError(f"{path}: tensor {name!r} was declared {lazy.dtype} but a piece of it is "
                              f"{getattr(chunk, 'dtype', type(chunk).__name__)}")
@@ -196,7 +196,7 @@ def _write_all(sink: Sink, path: Path, tensors: Mapping[str, LazyTensor], header
             if name in spans:
                 written = _copy_tensor(sink, path, name, tensors[name], spans[name])
             elif tensors[name].chunks is not None:
-                written = _write_chunks(sink, path, name, tensors[name])
+                written = _write_chunks(sink, path, name, tensors[name], ahead)
             else:
                 written = _write_tensor(sink, path, name, tensors[name], ahead.get(name))
             if progress is not None:

@@ -8,6 +8,7 @@ import os
 import signal
 import struct
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -253,6 +254,42 @@ def test_a_tensor_written_in_pieces(tmp_path: Path) -> None:
         with pytest.raises(SdkitError, match=problem):
             write_safetensors(tmp_path / "bad.safetensors", {"w": LazyTensor("F32", (2, 5), never, chunks=wrong)})
         assert not (tmp_path / "bad.safetensors").exists()
+    assert files_in(tmp_path) == ["p.safetensors"]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pieces_given_as_functions_are_made_ahead_and_written_in_order(tmp_path: Path, workers: int) -> None:
+    import threading
+    import time
+
+    values = torch.arange(64, dtype=torch.float32)
+    makers: set[str] = set()
+
+    def piece(start: int) -> torch.Tensor:
+        time.sleep(0.002 * (8 - start // 8))  # the first pieces finish last
+        makers.add(threading.current_thread().name)
+        return values[start:start + 8].clone()
+
+    def produce():  # functions and ready tensors mixed
+        for start in range(0, 64, 8):
+            yield values[start:start + 8] if start == 24 else partial(piece, start)
+
+    tensors = {"w": LazyTensor("F32", (8, 8), lambda: values, chunks=produce)}
+    path = write_safetensors(tmp_path / "p.safetensors", tensors, workers=workers)
+    assert torch.equal(safetensors.torch.load_file(path)["w"], values.reshape(8, 8))
+    on_workers = all(name.startswith("sdkit-ahead") for name in makers)
+    assert on_workers == (workers > 0)
+
+    def broken_piece() -> torch.Tensor:
+        raise SdkitError("piece 2 failed")
+
+    def failing():
+        yield partial(piece, 0)
+        yield broken_piece
+
+    with pytest.raises(SdkitError, match="piece 2 failed"):
+        write_safetensors(tmp_path / "bad.safetensors", {"w": LazyTensor("F32", (2, 8), lambda: values, chunks=failing)},
+                          workers=workers)
     assert files_in(tmp_path) == ["p.safetensors"]
 
 

@@ -323,14 +323,16 @@ def test_workers_with_one_thread_compute_what_one_thread_would() -> None:
     with svd.start(order) as ahead:
         assert all(torch.equal(ahead.get(index), alone) for index in order)
 
-@pytest.mark.parametrize("method, letters, params", [
-    ("weighted_sum", "ab", {"alpha": 0.3}),
-    ("add_difference", "abc", {"alpha": 0.7}),
-    ("train_difference", "abc", {}),
+@pytest.mark.parametrize("method, letters, params, threads", [
+    ("weighted_sum", "ab", {"alpha": 0.3}, 2),
+    ("weighted_sum", "ab", {"alpha": 0.3}, 0),
+    ("add_difference", "abc", {"alpha": 0.7}, 2),
+    ("train_difference", "abc", {}, 1),
 ])
 def test_tensors_written_in_pieces_are_the_same_bytes(models: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch, method: str,
-                                                      letters: str, params: dict[str, float]) -> None:
+                                                      letters: str, params: dict[str, float], threads: int) -> None:
+    """Pieces made on the writer's worker threads (or on its own thread) come out in order."""
     import sdkit.ops.merge.compute as compute
 
     folder = write_diffusers_folder(tmp_path / "b-folder", "sd1", load_file(models["b"]))
@@ -338,7 +340,7 @@ def test_tensors_written_in_pieces_are_the_same_bytes(models: dict[str, Path], t
     whole = merge_models(recipe(inputs, method, params=params), tmp_path / "whole.safetensors").path
     monkeypatch.setattr(compute, "PIECEWISE_BYTES", 0)
     monkeypatch.setattr(compute, "SLICE_ELEMENTS", 1000)  # many pieces, a ragged last one
-    pieces = merge_models(recipe(inputs, method, params=params), tmp_path / "pieces.safetensors").path
+    pieces = merge_models(recipe(inputs, method, params=params), tmp_path / "pieces.safetensors", threads=threads).path
     expected, produced = load_file(whole), load_file(pieces)
     assert produced.keys() == expected.keys()
     assert all(torch.equal(produced[k].view(-1).view(torch.uint8), expected[k].view(-1).view(torch.uint8))

@@ -39,6 +39,9 @@ from sdkit.ops.merge.streamed import (
 )
 
 SLICE_ELEMENTS = 1 << 18  # 256 Ki elements: 1 MiB per float32 operand
+# slices in a piece the writer may make on a worker thread (whole slices, so the slices
+# are the same however a key is made)
+PIECE_SLICES = 4
 
 
 @dataclass
@@ -67,11 +70,11 @@ class KeyComputer:
     def __call__(self, action: KeyAction) -> torch.Tensor:
         return self._merge(action) if action.merged else self._copy(action)
 
-    def pieces(self, action: KeyAction) -> Callable[[], Iterator[torch.Tensor]] | None:
+    def pieces(self, action: KeyAction) -> Callable[[], Iterator[Any]] | None:
         """For a large merge by a method that runs in slices, or a large copy of an earlier
         step's output: the output produced slice by slice from slices of the inputs
-        (memory: a few slices, whatever the tensor size); None where the key is computed
-        in memory."""
+        (memory: a few slices, whatever the tensor size), as `LazyTensor.chunks` yields
+        it; None where the key is computed in memory."""
         if action.nbytes < PIECEWISE_BYTES:
             return None
         if not action.merged:
@@ -81,7 +84,7 @@ class KeyComputer:
         models = [self.inputs[i] for i in action.sources]
         if not any(model.slices for model in models) and any(model.span(action.key) is None for model in models):
             return None
-        return partial(self._merge_pieces, action)
+        return partial(self._merge_pieces, action, deferred=True)
 
     def output_reader(self, action: KeyAction) -> SliceReader:
         """The key's output as the float32 slices a later step reads: made slice by slice
@@ -127,9 +130,25 @@ class KeyComputer:
         made in pieces, the output is made once, whole (in its dtype), and read from it."""
         return self.method.elementwise or model.infos[key].nbytes >= PIECEWISE_BYTES
 
-    def _merge_pieces(self, action: KeyAction) -> Iterator[torch.Tensor]:
+    def _merge_pieces(self, action: KeyAction, deferred: bool = False) -> Iterator[Any]:
+        """The merged key in its output dtype, piece after piece. `deferred`: where the
+        method is elementwise and the inputs can be read anywhere, each piece is yielded as
+        a function that makes it, independent of the others (the writer makes several at
+        once on its worker threads)."""
         reader = self._input_reader(action, from_spans=True)
-        yield from self._cast_pieces(action, self._output_slices(action.key, reader, self._params(action)))
+        params = self._params(action)
+        if deferred and self.method.elementwise and reader.random_access:
+            size = PIECE_SLICES * SLICE_ELEMENTS
+            for start in range(0, reader.count, size):
+                yield partial(self._merged_piece, action, reader, params, start, min(size, reader.count - start))
+            return
+        yield from self._cast_pieces(action, self._output_slices(action.key, reader, params))
+
+    def _merged_piece(self, action: KeyAction, reader: SliceReader, params: dict[str, Any],
+                      start: int, size: int) -> torch.Tensor:
+        """Elements [start, start + size) of an elementwise merge, in the output dtype."""
+        piece = SliceReader(size, reader.inputs, lambda at, count: reader.read(start + at, count))
+        return torch.cat(list(self._cast_pieces(action, self._output_slices(action.key, piece, params))))
 
     def _copy_pieces(self, action: KeyAction) -> Iterator[torch.Tensor]:
         source = self.inputs[action.sources[0]].slices(action.key)

@@ -25,11 +25,15 @@ import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
+from sdkit.io.ahead import DEFAULT_WORKERS, in_parallel
 from sdkit.io.float8 import to_float32
+
+T = TypeVar("T")
 
 # reductions (norms, dot products) run over fixed slices in float64 so that their result
 # does not depend on how many threads torch uses to sum, nor on how a tensor is read
@@ -47,11 +51,14 @@ class SliceReader:
     """The inputs of one key, flattened and read a slice at a time as float32.
 
     `read(start, size)` returns elements [start, start + size) of every input; each call
-    of `slices` is one pass. Slices may be views of the inputs: never modify them."""
+    of `slices` is one pass. Slices may be views of the inputs: never modify them.
+    `random_access`: reads may come in any order and from several threads at once (a
+    reader over values made in order, an earlier step's output, has neither)."""
 
     count: int  # elements per input
     inputs: int
     read: Callable[[int, int], list[Tensor]]
+    random_access: bool = True
 
     def slices(self, size: int) -> Iterator[tuple[int, list[Tensor]]]:
         for start in range(0, self.count, size):
@@ -74,7 +81,8 @@ def joined_reader(readers: Sequence[SliceReader]) -> SliceReader:
     def read(start: int, size: int) -> list[Tensor]:
         return [part for reader in readers for part in reader.read(start, size)]
 
-    return SliceReader(readers[0].count, sum(reader.inputs for reader in readers), read)
+    return SliceReader(readers[0].count, sum(reader.inputs for reader in readers), read,
+                       all(reader.random_access for reader in readers))
 
 
 def stream_reader(count: int, produce: Callable[[], Iterator[Tensor]]) -> SliceReader:
@@ -82,7 +90,7 @@ def stream_reader(count: int, produce: Callable[[], Iterator[Tensor]]) -> SliceR
     (an earlier merge step's output, made as it is read): a read goes on where the last
     one stopped; a read further back (a method's next pass) produces them again from
     the start. Only the piece being read is held."""
-    return SliceReader(count, 1, _Cursor(produce).read)
+    return SliceReader(count, 1, _Cursor(produce).read, random_access=False)
 
 
 class _Cursor:
@@ -145,13 +153,10 @@ def dare_generators(seed: int, key: str, models: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(key_seed(seed, index, key)) for index in range(1, models + 1)]
 
 
-def dare_slice(base: Tensor, models: Sequence[Tensor], generators: Sequence[torch.Generator],
+def dare_slice(base: Tensor, models: Sequence[Tensor], draws: Sequence[Tensor],
                alpha: float, p: float, ties: bool) -> Tensor:
-    """DARE on one slice; each generator draws as many numbers as the slice has."""
-    rescaled = []
-    for model, generator in zip(models, generators):
-        draws = torch.rand(base.shape, generator=generator)
-        rescaled.append(_dropped((model - base) / (1.0 - p), draws, p))
+    """DARE on one slice, given each input's uniform draws for it."""
+    rescaled = [_dropped((model - base) / (1.0 - p), drawn, p) for model, drawn in zip(models, draws)]
     combined = disjoint_mean(rescaled) if ties else plain_sum(rescaled)
     return base + alpha * combined
 
@@ -253,54 +258,97 @@ def magnitude_bits(model: Tensor, base: Tensor) -> Tensor:
 def ties(reader: SliceReader, *, alpha: float = 1.0, k: float = 0.2) -> Iterator[Tensor]:
     """TIES, streamed: two counting passes for the trim thresholds, then the output."""
     thresholds = top_fraction_thresholds(reader, k)
-    for _, (base, *models) in reader.slices(PASS_SLICE):
-        yield ties_slice(base, models, thresholds, alpha)
+    yield from mapped(reader, PASS_SLICE, lambda parts: ties_slice(parts[0], parts[1:], thresholds, alpha))
 
 
 def dare(reader: SliceReader, *, alpha: float = 1.0, p: float = 0.9, seed: int = 0,
          ties: bool = False, key: str = "") -> Iterator[Tensor]:
-    """DARE, streamed: one pass, each input's mask stream drawn slice after slice."""
-    generators: list[torch.Generator] | None = None
-    for _, (base, *models) in reader.slices(PASS_SLICE):
-        if generators is None:
-            generators = dare_generators(seed, key, len(models))
-        yield dare_slice(base, models, generators, alpha, p, ties)
+    """DARE, streamed: one pass; each input's mask stream is drawn slice after slice, in
+    order, on the calling thread (the rest of a slice may be made on another)."""
+    generators = dare_generators(seed, key, reader.inputs - 1)
+
+    def draws(size: int) -> list[Tensor]:
+        return [torch.rand(size, generator=generator) for generator in generators]
+
+    yield from mapped(reader, PASS_SLICE, lambda parts, drawn: dare_slice(parts[0], parts[1:], drawn, alpha, p, ties),
+                      along=draws)
 
 
 def slerp(reader: SliceReader, *, alpha: float = 0.5) -> Iterator[Tensor]:
-    """SLERP, streamed: one pass for |A|, |B| and A·B, one for the output."""
+    """SLERP, streamed: one pass for |A|, |B| and A·B (summed in slice order), one for the
+    output."""
     squares_a = squares_b = dot_ab = 0.0
-    for _, (a, b) in reader.slices(REDUCE_SLICE):
-        squares_a += slice_dot(a, a)
-        squares_b += slice_dot(b, b)
-        dot_ab += slice_dot(a, b)
+    for a_a, b_b, a_b in mapped(reader, REDUCE_SLICE, _slerp_sums):
+        squares_a, squares_b, dot_ab = squares_a + a_a, squares_b + b_b, dot_ab + a_b
     weights = slerp_weights(math.sqrt(squares_a), math.sqrt(squares_b), dot_ab, alpha)
-    for _, (a, b) in reader.slices(PASS_SLICE):
-        yield torch.lerp(a, b, alpha) if weights is None else a * weights[0] + b * weights[1]
+    yield from mapped(reader, PASS_SLICE, lambda parts: _slerp_slice(parts, weights, alpha))
+
+
+def _slerp_sums(parts: list[Tensor]) -> tuple[float, float, float]:
+    a, b = parts
+    return slice_dot(a, a), slice_dot(b, b), slice_dot(a, b)
+
+
+def _slerp_slice(parts: list[Tensor], weights: tuple[float, float] | None, alpha: float) -> Tensor:
+    a, b = parts
+    return torch.lerp(a, b, alpha) if weights is None else a * weights[0] + b * weights[1]
 
 
 def top_fraction_thresholds(reader: SliceReader, fraction: float) -> list[float | None]:
     """For each task vector M − A (inputs B, C, … against A): the magnitude of its
     ceil(fraction·n)-th largest entry, or None when every entry is kept. Two passes, each
-    holding one histogram per task vector."""
+    holding one histogram per task vector (and one per slice in flight: counts add up
+    in any order)."""
     models = reader.inputs - 1
     keep = math.ceil(fraction * reader.count)
     if reader.count == 0 or keep >= reader.count:
         return [None] * models
     high = [torch.zeros(_HIGH_BUCKETS, dtype=torch.int64) for _ in range(models)]
-    for _, (base, *inputs) in reader.slices(PASS_SLICE):
-        for histogram, model in zip(high, inputs):
-            histogram += torch.bincount(magnitude_bits(model, base) >> 16, minlength=_HIGH_BUCKETS)
+    for counts in mapped(reader, PASS_SLICE, _high_counts):
+        for histogram, count in zip(high, counts):
+            histogram += count
     buckets = [bucket_at_rank(histogram, keep) for histogram in high]
-    # entries below the bucket counted in bin 0, above it in the last bin: no mask, no
-    # gather, whatever the bucket holds
     low = [torch.zeros(_LOW_BUCKETS + 2, dtype=torch.int64) for _ in range(models)]
-    for _, (base, *inputs) in reader.slices(PASS_SLICE):
-        for histogram, model, (bucket, _) in zip(low, inputs, buckets):
-            inside = (magnitude_bits(model, base) - (bucket << 16)).clamp_(-1, _LOW_BUCKETS).add_(1)
-            histogram += torch.bincount(inside, minlength=_LOW_BUCKETS + 2)
+    for counts in mapped(reader, PASS_SLICE, lambda parts: _low_counts(parts, buckets)):
+        for histogram, count in zip(low, counts):
+            histogram += count
     return [_as_float((bucket << 16) | bucket_at_rank(histogram[1:-1], rank)[0])
             for histogram, (bucket, rank) in zip(low, buckets)]
+
+
+def _high_counts(parts: list[Tensor]) -> list[Tensor]:
+    """Per task vector of a slice: its entries counted by the top 16 bits of |M − A|."""
+    base, *inputs = parts
+    return [torch.bincount(magnitude_bits(model, base) >> 16, minlength=_HIGH_BUCKETS) for model in inputs]
+
+
+def _low_counts(parts: list[Tensor], buckets: list[tuple[int, int]]) -> list[Tensor]:
+    """Per task vector of a slice: the entries inside its threshold's bucket counted by
+    their low 16 bits; those below the bucket in bin 0, above it in the last bin (no mask,
+    no gather, whatever the bucket holds)."""
+    base, *inputs = parts
+    return [torch.bincount((magnitude_bits(model, base) - (bucket << 16)).clamp_(-1, _LOW_BUCKETS).add_(1),
+                           minlength=_LOW_BUCKETS + 2)
+            for model, (bucket, _) in zip(inputs, buckets)]
+
+
+def mapped(reader: SliceReader, size: int, function: Callable[..., T],
+           along: Callable[[int], Any] | None = None) -> Iterator[T]:
+    """`function(parts)` of each slice of one pass (`function(parts, along(slice size))`
+    when `along` is given; `along` runs on the calling thread, in slice order), in order.
+    Slices are made on the slice pool where the reader may be read from several threads."""
+    starts = range(0, reader.count, size)
+
+    def item(start: int) -> tuple[int, Any]:
+        return start, along(min(size, reader.count - start)) if along is not None else None
+
+    def made(job: tuple[int, Any]) -> T:
+        start, extra = job
+        parts = reader.read(start, min(size, reader.count - start))
+        return function(parts) if along is None else function(parts, extra)
+
+    jobs = map(item, starts)
+    return in_parallel(made, jobs) if reader.random_access and DEFAULT_WORKERS > 1 else map(made, jobs)
 
 
 def _as_float(bits: int) -> float:
