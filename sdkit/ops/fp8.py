@@ -73,7 +73,8 @@ def _limits(dtype: str) -> tuple["torch.dtype", float]:
 
 def fp8_scale(weight: "torch.Tensor", dtype: str, scaling: str,
               scale_dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """The float32 scale ComfyUI stores beside a float32 `weight` in fp8: scaling "plain"
+    """The float32 scale ComfyUI stores beside a float `weight` in fp8 (16 or 32 bits: the
+    largest |value| is the same in float32): scaling "plain"
     (1), "tensor" (one: the largest |value| over the format's largest value) or "row"
     (one such value per output row, shaped (rows, 1)). Rounded to `scale_dtype` first
     where the file stores scales narrower than float32, so that values × stored scale is
@@ -144,23 +145,23 @@ class Fp8Weight:
         self._lock = threading.Lock()
         self._scale: "torch.Tensor | None" = None
 
-    def _float_weight(self) -> "torch.Tensor":
+    def _known_scale(self, weight: "torch.Tensor") -> "torch.Tensor":
+        """The scale, measured on `weight` as stored the first time (16- and 32-bit values
+        peak where their float32 copies do; float64 ones are rounded first, as they will be)."""
         import torch
 
-        return self.lazy.load().to(torch.float32)
-
-    def _known_scale(self, weight: "torch.Tensor") -> "torch.Tensor":
         with self._lock:
             if self._scale is None:
-                self._scale = fp8_scale(weight, self.dtype, self.scaling, self.scale_dtype)
+                measured = weight.to(torch.float32) if weight.dtype == torch.float64 else weight
+                self._scale = fp8_scale(measured, self.dtype, self.scaling, self.scale_dtype)
             return self._scale
 
     def weight(self) -> "torch.Tensor":
         """The fp8 values, made (and their error measured) a block of rows at a time, so
-        that no float32 copy of the whole weight is made besides the weight itself."""
+        that no float32 copy of the whole weight is made."""
         import torch
 
-        weight = self._float_weight()
+        weight = self.lazy.load()
         scale = self._known_scale(weight)
         values = torch.empty(weight.shape, dtype=_limits(self.dtype)[0])
         rows = weight.reshape(weight.shape[0] if weight.ndim else 1, -1)
@@ -168,7 +169,8 @@ class Fp8Weight:
         step = max(1, _BLOCK_ELEMENTS // max(1, rows.shape[1]))
         max_abs = error_norm2 = norm2 = 0.0
         for start in range(0, rows.shape[0], step):
-            block, block_scale = rows[start:start + step], scale[start:start + step] if per_row else scale
+            block = rows[start:start + step].to(torch.float32)
+            block_scale = scale[start:start + step] if per_row else scale
             out[start:start + step] = fp8_values(block, self.dtype, block_scale)
             error = scaled_values(out[start:start + step], block_scale).sub_(block)
             max_abs = max(max_abs, float(_peaks(error)) if error.numel() else 0.0)
@@ -180,8 +182,8 @@ class Fp8Weight:
     def scale(self) -> "torch.Tensor":
         with self._lock:
             known = self._scale
-        if known is None:
-            known = self._known_scale(self._float_weight())
+        if known is None:  # measured on the weight as stored: a read, no float32 copy
+            known = self._known_scale(self.lazy.load())
         return known.to(self.scale_dtype or known.dtype).reshape(self.scale_shape)
 
 
