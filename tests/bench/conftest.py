@@ -43,8 +43,9 @@ def _random_tensor(shape: tuple[int, ...], dtype: torch.dtype,
     return load
 
 
-def cached_synthetic(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16") -> Path:
-    """A safetensors file of random tensors with these shapes, reused when already built."""
+def cached_synthetic(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "F16", seed: int = 0) -> Path:
+    """A safetensors file of random tensors with these shapes, reused when already built
+    (files of different `seed`s hold different values)."""
     try:
         with open_model(path) as model:
             if {name: info.shape for name, info in model.infos.items()} == shapes:
@@ -53,8 +54,8 @@ def cached_synthetic(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str 
         pass
     torch_dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                    "F8_E4M3": torch.float8_e4m3fn}[dtype]
-    tensors = {name: LazyTensor(dtype, shape, _random_tensor(shape, torch_dtype, seed))
-               for seed, (name, shape) in enumerate(sorted(shapes.items()))}
+    tensors = {name: LazyTensor(dtype, shape, _random_tensor(shape, torch_dtype, seed + index))
+               for index, (name, shape) in enumerate(sorted(shapes.items()))}
     started = time.perf_counter()
     write_safetensors(path, tensors, {"format": "pt"}, overwrite=True)
     print(f"\nbuilt {path} ({path.stat().st_size / 2**30:.2f} GiB) in "

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
 
-from bench_measure import measure, remove, sdkit  # noqa: E402
+from bench_measure import REPO, driver, measure, remove, sdkit  # noqa: E402
 from conftest import cached_synthetic  # noqa: E402
 from released import RELEASES, single_file_shapes  # noqa: E402
 
@@ -204,3 +204,44 @@ def test_bench_flux_lora_extract(bench_cache: Path, tmp_path: Path) -> None:
         print(f"  {label:<32} {run.wall:8.1f} s  {run.wall / baseline.wall:6.2f}x read  {run.rss_mb:8.0f} MiB RSS")
     print(f"  LoRA: {lora.stat().st_size / 2**20:.0f} MiB")
     remove(lora)
+
+
+FLUX_MERGES = (  # (label, inputs, options): the inputs are A, B and C of one precision
+    ("weighted sum α=0.5", 2, ["--method", "weighted_sum"]),
+    ("add difference α=1", 3, ["--method", "add_difference"]),
+    ("TIES k=0.2 (base + 2)", 3, ["--method", "ties"]),
+    ("DARE p=0.9 (base + 2)", 3, ["--method", "dare"]),
+)
+FLUX_MERGE_BARS = {"weighted sum α=0.5": (1.25, 2.0), "add difference α=1": (1.25, 2.0)}  # bf16, fp8; else 3
+
+
+@pytest.mark.skipif(os.environ.get("SDKIT_BENCH_BIG") == "0", reason="SDKIT_BENCH_BIG=0")
+def test_bench_flux_merges(bench_cache: Path, tmp_path: Path) -> None:
+    """Merges of three FLUX.1-dev-shaped files (fp8 e4m3fn, then bf16), each against a
+    plain read of its inputs and write of its output's bytes in the same run, and
+    sd-mecha's weighted sum where it is installed."""
+    from bench_measure import peer_installed
+    from bench_merge_methods import paired
+
+    shapes, name = _flux_shapes()
+    elements = sum(math.prod(shape) for shape in shapes.values())
+    if not _room_for(bench_cache, name, elements, 3 + 3 * 2 + 2):  # 3 fp8 and 3 bf16 inputs, an output
+        pytest.skip(f"{bench_cache}: not enough free disk for three {elements / 1e9:.1f} GB fp8 inputs, three bf16 "
+                    "ones and an output (SDKIT_BENCH_FLUX_BLOCKS=D,S makes them smaller)")
+    print(f"\nflux merges: {name} shapes (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    out = tmp_path / "merged.safetensors"
+    for dtype, label, bar_at in (("F8_E4M3", "fp8", 1), ("BF16", "bf16", 0)):
+        inputs = [cached_synthetic(bench_cache / name.replace("-fp8", f"-{label}-{letter}"), shapes, dtype=dtype,
+                                   seed=1000 * number)
+                  for number, letter in enumerate("abc")]
+        rows = [(merge, sdkit("merge", *map(str, inputs[:count]), *options, "-o", str(out)), inputs[:count])
+                for merge, count, options in FLUX_MERGES]
+        if peer_installed("sd_mecha"):
+            rows.append(("sd-mecha weighted sum", driver("sd-mecha-weighted-sum", str(out), *map(str, inputs[:2])),
+                         inputs[:2]))
+        for merge, argv, reads in rows:
+            result, baseline = paired(argv, reads, out, REPO)
+            assert result.ok, result.error
+            bar = FLUX_MERGE_BARS.get(merge, (3.0, 3.0))[bar_at] if not merge.startswith("sd-mecha") else None
+            print(f"  {label:<5} {merge:<24} {result.wall:7.1f} s  {result.wall / baseline.wall:5.2f}x read+write "
+                  f"({baseline.wall:.1f} s)  {result.rss_mb:7.0f} MiB RSS" + (f"  bar {bar}x" if bar else ""))
