@@ -48,13 +48,11 @@ def base_is_flow(path: Path) -> bool:
     """Whether the base is a flow-matching model (FLUX.1), from its header."""
     from sdkit.arch import identify
     from sdkit.io import open_model
-    from sdkit.runtime.pipeline import FLOW_FAMILIES
-
     if not path.exists():
         raise SdkitError(f"{path}: no such file or directory")
     with open_model(path) as model:
         identity = identify(model)
-    flow = identity.family in FLOW_FAMILIES
+    flow = identity.family == "flux"  # the one transformer family the trainer runs
     if flow and identity.components == ["transformer"]:
         raise SdkitError(f"{path}: is {with_article(identity.part or 'diffusion model')} alone; FLUX.1 trains "
                          "from a diffusers folder (transformer, text encoders, VAE and tokenizers)")
