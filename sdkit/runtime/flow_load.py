@@ -119,8 +119,8 @@ def _build_flow_modules(family: Family, path: Path, model: ModelFile, config: tu
     elif "transformer" not in configs:
         raise SdkitError(f"{path}: {with_title(family)} diffusion model alone samples with --config DIR (a local "
                          "diffusers folder of this model: its configs and tokenizers)")
-    else:  # a lone diffusion model: its tensors are the transformer's
-        tensors = {f"transformer/{k}": v for k, v in _transformer_in_diffusers_names(model, configs).items()}
+    else:  # a diffusion model alone, or with its text encoders and VAE in one file (all-in-one)
+        tensors = _single_file_tensors(model, configs)
     components = ("transformer", *sampling.text_encoders, "vae")
     missing = [c for c in components if c not in configs or not (_component_tensors(tensors, c) or c in parts)]
     if missing:
@@ -169,11 +169,33 @@ def _build_component(sampling: SamplingPipeline, family: Family, component: str,
     return _build_language_model(class_name, configs[component], tensors, dtype, what)
 
 
-def _transformer_in_diffusers_names(model: ModelFile, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
+def _single_file_tensors(model: ModelFile, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
+    """A single file's components in diffusers names, as `component/name`: the transformer,
+    and the text encoders and VAE an all-in-one checkpoint keeps beside it
+    (`text_encoders.clip_l.transformer.`, `first_stage_model.`)."""
+    from sdkit.arch import identify
+    from sdkit.ops.parts.split import VAE_ROOTS
+    from sdkit.ops.vae.swap import renamed_model
+
+    identity = identify(model)
+    found = {f"transformer/{k}": v for k, v in _transformer_in_diffusers_names(model, identity, configs).items()}
+    tensors = lazy_tensors(model)
+    for encoder in identity.facts.get("text_encoders") or []:
+        head = encoder["prefix"]
+        found.update({f"{encoder['component']}/{name[len(head):]}": lazy for name, lazy in tensors.items()
+                      if head and name.startswith(head)})
+    root = next((root for root in VAE_ROOTS if any(name.startswith(root) for name in tensors)), None)
+    if root is not None and "vae" in configs:  # seen as a VAE file of its own
+        vae = renamed_model(model, {name[len(root):]: name for name in tensors if name.startswith(root)})
+        found.update({f"vae/{name}": lazy for name, lazy in _part_tensors(vae, "vae", configs).items()})
+    return found
+
+
+def _transformer_in_diffusers_names(model: ModelFile, identity: Any,
+                                    configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
     """A lone diffusion model's tensors in diffusers names (single files converted through
     the family's key map, lazily); scaled fp8 and mixed-precision weights as the values
     they stand for (ComfyUI's fp8 files)."""
-    from sdkit.arch import identify
     from sdkit.arch.fingerprint import match_transformers
     from sdkit.arch.keymaps.transformer import check_config, transformer_plan
     from sdkit.arch.keyview import KeyView
@@ -184,10 +206,11 @@ def _transformer_in_diffusers_names(model: ModelFile, configs: Mapping[str, dict
     (match,) = match_transformers(KeyView(model, prefix))
     if "transformer" in configs:
         check_config(match.family, configs["transformer"], match.dims, match.flags)
-    tensors = plain_values(model, identify(model), lazy_tensors(model))
+    tensors = plain_values(model, identity, lazy_tensors(model))
     if match.layout.convention == "diffusers":
         return {name[len(prefix):]: lazy for name, lazy in tensors.items() if name.startswith(prefix)}
-    plan = transformer_plan(match.family, match.dims, "ldm_to_diffusers", list(tensors), prefix)
+    plan = transformer_plan(match.family, match.dims, "ldm_to_diffusers", [k for k in tensors if k.startswith(prefix)],
+                            prefix)
     return plan_tensors(plan, tensors)
 
 

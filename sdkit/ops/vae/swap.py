@@ -55,7 +55,7 @@ def is_training_leftover(key: str) -> bool:
     return key.startswith("loss") or key in _EMA_BOOKKEEPING
 
 
-def _renamed(model: ModelFile, names: dict[str, str]) -> ModelFile:
+def renamed_model(model: ModelFile, names: dict[str, str]) -> ModelFile:
     """`model` showing only `names` (new name -> name in the file); closing closes `model`."""
     infos = {new: TensorInfo(new, model.infos[old].dtype, model.infos[old].shape) for new, old in names.items()}
     return ModelFile(path=model.path, format=model.format, infos=infos, metadata=model.metadata,
@@ -69,7 +69,7 @@ def _standalone(model: ModelFile) -> VaeSource:
     dropped = [key for key in model.infos if is_training_leftover(key)]
     prefixed = bool(kept) and all(key.startswith(_LDM_PREFIX) for key in kept)
     names = {(key[len(_LDM_PREFIX):] if prefixed else key): key for key in kept}
-    view = _renamed(model, names) if dropped or prefixed else model
+    view = renamed_model(model, names) if dropped or prefixed else model
     return VaeSource(view, identify(view), dropped, prefixed)
 
 
