@@ -13,9 +13,10 @@ released one (for FLUX.1, dev's or schnell's as the weights show a guidance embe
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

@@ -389,7 +389,11 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
 def _load_flow(path: Path, model: Any, identity: Identity, config_dir: Path | None, given: dict[str, dict],
                placement: tuple[torch.device, torch.dtype], hashes: dict[str, Future],
                vae: str | os.PathLike[str] | None, text_encoders: Sequence[str | os.PathLike[str]]) -> LoadedModel:
-    from sdkit.runtime.flow_load import assemble_flow, build_flow_modules, text_encoder_components
+    from sdkit.runtime.flow_load import (
+        assemble_flow,
+        build_flow_modules,
+        text_encoder_components,
+    )
 
     device, dtype = placement
     family = FAMILIES[identity.family]

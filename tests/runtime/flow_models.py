@@ -27,9 +27,9 @@ SCHEDULERS = {
 }
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline", "z-image": "ZImagePipeline"}
 # two VAE levels (a factor of 2): single files of it convert both ways
-_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
-            norm_num_groups=4, sample_size=SIZE)
+_VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [8, 8], "layers_per_block": 1,
+        "norm_num_groups": 4, "sample_size": SIZE}
 # QWen's chat template reduced to what ZImagePipeline asks of it: a user turn, the
 # assistant's turn opened, and an empty thinking block when thinking is off
 _QWEN_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"

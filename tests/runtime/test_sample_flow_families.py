@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from cli_run import exit_code, run_sdkit
 from flow_models import PIPELINES, SIZE, write_flow_pipeline
+from PIL import Image
+
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
 from sdkit.runtime.sample.lora import LoraRequest

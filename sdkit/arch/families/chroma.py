@@ -34,9 +34,18 @@ from __future__ import annotations
 
 from sdkit.arch.families.encoders import T5_XXL, with_component
 from sdkit.arch.families.flux import FLUX
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      SamplingPipeline,
-                                      same, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    same,
+    tensor,
+)
 
 # the approximator: timestep + guidance features and a modulation index in, one modulation
 # vector per block out (in_proj [width, 64], `layers` x MLP, out_proj [hidden, width])
@@ -183,8 +192,8 @@ CHROMA_RADIANCE = Family(
     # fp8: the pixel-space head and patch embedder, the approximator and the text input
     # stay in 16 bits (convert_to_quant's Radiance and NeRF lists)
     gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
-    fp8_keep=(r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
-              r"txt_in)\.",),
+    fp8_keep=((r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
+               r"txt_in)\."),),
     releases=(
         Release("Chroma1-Radiance", dims={**_BACKBONE, "in_channels": 3, "patch": 16}),
     ),

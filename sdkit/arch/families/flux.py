@@ -29,9 +29,20 @@ other relatives without them are reported as unknown transformers.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      SamplingPipeline, fused, same,
-                                      swapped, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    fused,
+    same,
+    swapped,
+    tensor,
+)
 
 # sinusoidal timestep / guidance features fed to the time and guidance embedders
 _TIME_FEATURES = 256

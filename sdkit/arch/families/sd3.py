@@ -19,8 +19,20 @@ as (scale, shift) in `norm1_context`, and has no output projection or MLP.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_G, CLIP_L, T5_XXL
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      SamplingPipeline, fused, same, swapped, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    fused,
+    same,
+    swapped,
+    tensor,
+)
 
 SD3_LATENT = LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609)
 

@@ -10,10 +10,11 @@ stacked), and None accepts any size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
-Dim = Union[int, str, None]
+Dim = int | str | None
 
 
 def size_terms(size: str) -> tuple[tuple[int, str], ...]:

@@ -35,9 +35,21 @@ block modulation) keeps its name.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN3_4B
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Place, Release,
+from sdkit.arch.families.spec import (
+                                      BlockMap,
+                                      DenoiserLayout,
+                                      DiffusersModel,
+                                      Family,
+                                      KeyMap,
+                                      LatentFormat,
+                                      Place,
+                                      Release,
                                       SamplingPipeline,
-                                      fused, kept, same, tensor)
+                                      fused,
+                                      kept,
+                                      same,
+                                      tensor,
+)
 
 FLUX_VAE_LATENT = LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159)
 _TIME_FEATURES = 256

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sdkit.arch import Identity, identify
 from sdkit.arch.keymaps import checkpoint_from_ldm
@@ -31,7 +32,12 @@ from sdkit.io import LazyTensor, ModelFile, TensorInfo, open_model, write_safete
 from sdkit.io.output_path import build_in_partial, check_output_path
 from sdkit.ops.folders import write_component_folder
 from sdkit.ops.layout import ModelView, extract_component, model_view, replace_component
-from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import (
+    DIFFUSERS_IMPLEMENTATION,
+    InputDigests,
+    SpecFacts,
+    build_metadata,
+)
 
 Progress = Callable[[int], None]
 CONVENTIONS = ("ldm", "diffusers")

@@ -39,9 +39,20 @@ from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
 from sdkit.runtime.sample.flow_lora import FlowLoras
-from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
-                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
-                                          resized, upscale_latents, upscaler_name)
+from sdkit.runtime.sample.img2img import (
+    Hires,
+    check_denoise,
+    check_hires,
+    diffusers_strength,
+    hires_schedule,
+    hires_size,
+    image_to_image_pipeline,
+    img2img_steps,
+    load_init_image,
+    resized,
+    upscale_latents,
+    upscaler_name,
+)
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import (
     AppliedLora,

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from sdkit.errors import SdkitError, with_article
 from sdkit.runtime.pipeline import LoadedModel
-from sdkit.runtime.train.buckets import Size, bucket_resolutions, bucket_step, nearest_bucket
+from sdkit.runtime.train.buckets import (
+    Size,
+    bucket_resolutions,
+    bucket_step,
+    nearest_bucket,
+)
 from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig
 from sdkit.runtime.train.data import DatasetScan, ImageRecord, image_size, with_trigger
 from sdkit.runtime.train.latents import TrainSample
