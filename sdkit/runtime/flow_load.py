@@ -61,8 +61,11 @@ def _build_t5(config: dict[str, Any], tensors: dict[str, LazyTensor], dtype: tor
 def _build_language_model(class_name: str, config: dict[str, Any], tensors: dict[str, LazyTensor],
                           dtype: torch.dtype, what: str) -> Any:
     """A decoder language model whose hidden states are the text context (Qwen3 for
-    Z-Image). Files name its layers with or without the `model.` of the causal-LM class
-    (ComfyUI's `qwen_3_4b.safetensors` keep it, a diffusers folder's `Qwen3Model` does not)."""
+    Z-Image, Qwen2.5-VL for Qwen-Image, Gemma 2 for Lumina 2). Files name its weights
+    the ways transformers itself reads: the class's own names, the older layout its
+    loading renames (Qwen2.5-VL's `visual.` and `model.layers.`, as save_pretrained still
+    writes them), or with the `model.` of the causal-LM class (ComfyUI's
+    `qwen_3_4b.safetensors`, where a diffusers folder keeps a `Qwen3Model`)."""
     import transformers
     from accelerate import init_empty_weights
 
@@ -72,11 +75,26 @@ def _build_language_model(class_name: str, config: dict[str, Any], tensors: dict
     with init_empty_weights():
         module = cls(cls.config_class.from_dict(config))
     own = module.state_dict()
+    renamings = _weight_renamings(module)
     renamed = {}
     for name, lazy in tensors.items():
+        key = name
+        for renaming in renamings if key not in own else ():
+            key = renaming.rename_source_key(key)[0]
         bare = name.removeprefix("model.")
-        renamed[name if name in own or bare not in own else bare] = lazy
+        renamed[key if key in own or bare not in own else bare] = lazy
     return _assign(module, renamed, dtype, what)
+
+
+def _weight_renamings(module: Any) -> list[Any]:
+    """The key renamings transformers applies when it loads `module` (none where this
+    transformers has no such table)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    return [step for step in get_model_conversion_mapping(module) if isinstance(step, WeightRenaming)]
 
 
 def _tokenizers(path: Path, config_dir: Path | None, sampling: SamplingPipeline, title: str) -> dict[str, Any]:

@@ -108,6 +108,8 @@ class LoadedModel:
 
     @property
     def vae_scale_factor(self) -> int:
+        if self.is_flow:  # the pipeline's own (Lumina 2 fixes it at 8, Qwen-Image counts its VAE's levels)
+            return int(self.pipe.vae_scale_factor)
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     @property
@@ -117,14 +119,17 @@ class LoadedModel:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.pipe.vae.config.latent_channels if self.is_flow else self.pipe.unet.config.in_channels)
+        if self.is_flow:  # a packed transformer reads 2x2 latents a token
+            packed = FAMILIES[self.family].sampling.packed
+            return int(self.pipe.transformer.config.in_channels) // (4 if packed else 1)
+        return int(self.pipe.unet.config.in_channels)
 
     @property
     def default_size(self) -> int:
         """diffusers' default side: the UNet's sample size in pixels; for a transformer, the VAE's
         (1024 for the released one), the transformer having no size of its own."""
         if self.is_flow:
-            return int(self.pipe.vae.config.sample_size)
+            return int(getattr(self.pipe.vae.config, "sample_size", None) or FAMILIES[self.family].default_resolution)
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     @property

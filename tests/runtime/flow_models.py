@@ -24,8 +24,13 @@ SCHEDULERS = {
     "chroma": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
                "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
     "z-image": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
+    "qwen-image": {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                   "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+                   "time_shift_type": "exponential"},
+    "lumina2": {"num_train_timesteps": 1000, "shift": 6.0, "use_dynamic_shifting": False},
 }
-PIPELINES = {"sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline", "z-image": "ZImagePipeline"}
+PIPELINES = {"sd3": "StableDiffusion3Pipeline", "chroma": "ChromaPipeline", "z-image": "ZImagePipeline",
+             "qwen-image": "QwenImagePipeline", "lumina2": "Lumina2Pipeline"}
 # two VAE levels (a factor of 2): single files of it convert both ways
 _VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
         "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [8, 8], "layers_per_block": 1,
@@ -94,6 +99,10 @@ def _modules(family: str, folder: Path) -> dict[str, Any]:
             approximator_layers=1, approximator_num_channels=16)
         vae = diffusers.AutoencoderKL(**_VAE, latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611)
         return {"transformer": transformer, "vae": vae, "text_encoder": _t5_encoder()}
+    if family == "qwen-image":
+        return _qwen_image(folder)
+    if family == "lumina2":
+        return _lumina2(folder)
     from transformers import Qwen3Config, Qwen3Model
 
     transformer = diffusers.ZImageTransformer2DModel(
@@ -110,8 +119,46 @@ def _modules(family: str, folder: Path) -> dict[str, Any]:
     return {"transformer": transformer, "vae": vae, "text_encoder": encoder}
 
 
+def _qwen_image(folder: Path) -> dict[str, Any]:
+    import diffusers
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                           temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                           latents_std=[1.0] * 4)
+    vocab = len(qwen_tokenizer(folder / "tokenizer"))
+    text = {"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": vocab,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0}}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16,
+                                                               "num_heads": 2, "out_hidden_size": 16},
+                              vocab_size=vocab)
+    return {"transformer": transformer, "vae": vae, "text_encoder": Qwen2_5_VLForConditionalGeneration(config)}
+
+
+def _lumina2(folder: Path) -> dict[str, Any]:
+    import diffusers
+    from transformers import Gemma2Config, Gemma2Model
+
+    transformer = diffusers.Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=2, num_attention_heads=1,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
+        axes_dim_rope=[4, 2, 2], cap_feat_dim=8)
+    # four levels: the pipeline takes the VAE's factor to be 8
+    vae = diffusers.AutoencoderKL(**{**_VAE, "down_block_types": ["DownEncoderBlock2D"] * 4,
+                                     "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [8] * 4},
+                                  latent_channels=4, shift_factor=0.1159, scaling_factor=0.3611)
+    vocab = len(qwen_tokenizer(folder / "tokenizer"))
+    encoder = Gemma2Model(Gemma2Config(head_dim=4, hidden_size=8, intermediate_size=8, num_attention_heads=2,
+                                       num_hidden_layers=2, num_key_value_heads=2, sliding_window=2, vocab_size=vocab))
+    return {"transformer": transformer, "vae": vae, "text_encoder": encoder}
+
+
 _TOKENIZERS = {"sd3": {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer", "tokenizer_3": "tokenizer_2"},
-               "chroma": {"tokenizer": "tokenizer_2"}, "z-image": {}}
+               "chroma": {"tokenizer": "tokenizer_2"}, "z-image": {}, "qwen-image": {}, "lumina2": {}}
 
 
 def write_flow_pipeline(folder: Path, family: str) -> Path:

@@ -1,4 +1,5 @@
-"""`sdkit sample` on the transformer families beyond FLUX.1 (SD3, Chroma, Z-Image): tiny
+"""`sdkit sample` on the transformer families beyond FLUX.1 (SD3, Chroma, Z-Image,
+Qwen-Image, Lumina 2): tiny
 random pipelines (`flow_models.py`) draw the pixels diffusers' own pipeline draws from
 the same folder, seed, steps and guidance; the split parts ComfyUI users keep (the
 diffusion model converted by `sdkit convert --to single-file`, the text encoders, the VAE
@@ -22,14 +23,18 @@ from sdkit.runtime.sample.lora import LoraRequest
 from sdkit.runtime.sample.plan import PromptPlan
 from sdkit.runtime.sample.sampler import Sampler, Settings
 
-FAMILIES = ("sd3", "chroma", "z-image")
+FAMILIES = ("sd3", "chroma", "z-image", "qwen-image", "lumina2")
 PROMPT = "a red circle"
 STEPS = 3
 CFG = 4.0
 # a LoRA's layers in each transformer, in diffusers names
 LORA_LAYERS = {"sd3": ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.ff.net.2"),
                "chroma": ("transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.proj_mlp"),
-               "z-image": ("layers.0.attention.to_v", "layers.1.feed_forward.w2")}
+               "z-image": ("layers.0.attention.to_v", "layers.1.feed_forward.w2"),
+               "qwen-image": ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.net.2"),
+               "lumina2": ("layers.0.attn.to_k", "context_refiner.0.feed_forward.linear_2")}
+# sdkit has no single-file map of Qwen-Image's VAE (Wan 2.1's design): its diffusers file is given
+VAE_IN_DIFFUSERS_NAMES = ("qwen-image",)
 
 
 class Parts:
@@ -40,8 +45,12 @@ class Parts:
         self.folder = write_flow_pipeline(root / "diffusers", family)
         self.diffusion_model = root / f"{family}.safetensors"
         self.vae = root / f"{family}-vae.safetensors"
-        for source, target in (("transformer", self.diffusion_model), ("vae", self.vae)):
-            assert exit_code(["convert", str(self.folder / source), "--to", "single-file", "-o", str(target)]) == 0
+        assert exit_code(["convert", str(self.folder / "transformer"), "--to", "single-file", "-o",
+                          str(self.diffusion_model)]) == 0
+        if family in VAE_IN_DIFFUSERS_NAMES:
+            self.vae = self.folder / "vae" / "diffusion_pytorch_model.safetensors"
+        else:
+            assert exit_code(["convert", str(self.folder / "vae"), "--to", "single-file", "-o", str(self.vae)]) == 0
         # T5 first: which encoder a file is comes from its design; only encoders of one design
         # and width (the tiny CLIP-L and CLIP-G) are taken in the order given
         encoders = sorted(self.folder.glob("text_encoder*/model.safetensors"))
@@ -63,15 +72,23 @@ def _draw(model, loras: tuple[LoraRequest, ...] = ()) -> np.ndarray:
     return _pixels(sampler.generate(PromptPlan(PROMPT, loras, ()), settings)[0].image)
 
 
+def _guidance(family: str) -> dict:
+    """The same CFG scale as each pipeline takes it: Z-Image's less one (`pos + g * (pos -
+    neg)`), Qwen-Image's as `true_cfg_scale`; T5's context as long as the tiny tokenizer
+    says (16)."""
+    if family == "z-image":
+        return {"guidance_scale": CFG - 1}
+    if family == "qwen-image":
+        return {"true_cfg_scale": CFG}
+    length = {"max_sequence_length": 16} if family in ("sd3", "chroma") else {}
+    return {"guidance_scale": CFG, **length}
+
+
 def _diffusers_picture(pipe, family: str) -> np.ndarray:
-    """The peer's picture at the same CFG scale: Z-Image's pipeline takes it less one
-    (`pos + g * (pos - neg)`); T5's context is as long as the tiny tokenizer says (16)."""
-    guidance = CFG - 1 if family == "z-image" else CFG
-    length = {} if family == "z-image" else {"max_sequence_length": 16}
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        image = pipe(PROMPT, negative_prompt="", guidance_scale=guidance, num_inference_steps=STEPS, height=SIZE,
-                     width=SIZE, generator=torch.Generator().manual_seed(2), **length).images[0]
+        image = pipe(PROMPT, negative_prompt="", num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(2), **_guidance(family)).images[0]
     return _pixels(image)
 
 
