@@ -3,7 +3,8 @@
 `load_model(path)` accepts an LDM single-file checkpoint (A1111 / ComfyUI layout) or a
 diffusers folder of the SD 1.x, SD 2.x or SDXL base family, and (for sampling) a diffusers
 folder or diffusion model with its parts of a transformer family whose `Family.sampling`
-says how diffusers draws it: FLUX.1, SD3 / 3.5, Chroma, Z-Image (`flow_load.py`). The SD files go
+says how diffusers draws it: FLUX.1, SD3 / 3.5, Chroma, Z-Image, Qwen-Image, Lumina 2
+(`flow_load.py`). The SD files go
 through one path:
 the model is seen in the diffusers convention (`sdkit.ops.layout`, whose key maps
 derive every component's config from the weights), each component is built from its

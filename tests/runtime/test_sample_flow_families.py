@@ -214,3 +214,32 @@ def test_clip_skip_is_refused_in_one_line(sd3, capsys, tmp_path):
     assert err.strip() == ("sdkit: error: --clip-skip does not apply to Stable Diffusion 3 (its pipeline reads its "
                            "text encoders its own way)")
     assert not (tmp_path / "out.png").exists()
+
+
+def test_without_a_scheduler_config_the_released_schedule_is_used(sd3, tmp_path):
+    """stabilityai/stable-diffusion-3.5-large scheduler/scheduler_config.json: shift 3, no
+    resolution-dependent shift."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(sd3.folder, tmp_path / "no-scheduler", ignore=shutil.ignore_patterns("scheduler"))
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["scheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    model = load_model(folder, flow=True)
+    assert model.scheduler_config == {"num_train_timesteps": 1000, "shift": 3.0}
+    assert model.pipe.scheduler.config.shift == 3.0 and not model.pipe.scheduler.config.use_dynamic_shifting
+
+
+def test_a_family_sample_does_not_draw_is_refused_in_one_line(capsys, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fixtures" / "families"))
+    from released import write_tiny_pipeline
+
+    folder = write_tiny_pipeline(tmp_path / "wan", "wan")
+    capsys.readouterr()
+    code, _out, err = run_sdkit(capsys, "sample", str(folder), "-p", PROMPT, "-o", str(tmp_path / "out.png"))
+    assert code == 1
+    assert err.startswith("sdkit: error: ") and "family wan cannot be sampled (supported: " in err
+    assert "sd3" in err and "z-image" in err and len(err.strip().splitlines()) == 1

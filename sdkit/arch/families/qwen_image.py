@@ -27,7 +27,14 @@ ecosystem Qwen (civitai `basemodel.constants.ts`; its "Qwen 2" ecosystem is anot
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN25_VL_7B
-from sdkit.arch.families.spec import SAME_NAMES, DenoiserLayout, DiffusersModel, Family, Release, SamplingPipeline
+from sdkit.arch.families.spec import (
+    SAME_NAMES,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    Release,
+    SamplingPipeline,
+)
 from sdkit.arch.families.wan import WAN21_LATENT
 
 # the Wan 2.1 VAE's latent space (ComfyUI gives Qwen-Image the Wan21 latent format)

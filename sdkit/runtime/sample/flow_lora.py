@@ -1,4 +1,4 @@
-"""LoRA-family adapters applied to a loaded transformer pipeline (FLUX.1, SD3, Chroma, Z-Image).
+"""LoRA-family adapters applied to a loaded transformer pipeline (FLUX.1, SD3, Chroma, …).
 
 The transformer's weights are seen as an in-memory model in diffusers names, indexed by
 the family's key map (`adapters.transformer_names`), and every adapter is planned and
