@@ -243,3 +243,24 @@ def test_a_family_sample_does_not_draw_is_refused_in_one_line(capsys, tmp_path):
     assert code == 1
     assert err.startswith("sdkit: error: ") and "family wan cannot be sampled (supported: " in err
     assert "sd3" in err and "z-image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_sd3_lora_on_its_clip_encoders_draws_what_diffusers_draws(sd3, tmp_path):
+    """diffusers' names for SD3's encoders (`text_encoder.` CLIP-L, `text_encoder_2.` CLIP-G)
+    reach the pipeline's encoders as they reach diffusers'."""
+    from safetensors.torch import save_file
+
+    reference = _reference(sd3)
+    generator = torch.Generator().manual_seed(3)
+    lora = {}
+    for component, layer in (("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"),
+                             ("text_encoder_2", "text_model.encoder.layers.1.self_attn.v_proj"),
+                             ("transformer", "transformer_blocks.0.attn.to_q")):
+        rows, columns = getattr(reference, component).state_dict()[layer + ".weight"].shape
+        lora[f"{component}.{layer}.lora_A.weight"] = torch.randn(4, columns, generator=generator)
+        lora[f"{component}.{layer}.lora_B.weight"] = torch.randn(rows, 4, generator=generator)
+    save_file(lora, tmp_path / "lora.safetensors")
+    reference.load_lora_weights(tmp_path / "lora.safetensors")
+    assert set(reference.get_list_adapters()) == {"transformer", "text_encoder", "text_encoder_2"}
+    ours = _draw(load_model(sd3.folder, flow=True), (LoraRequest(tmp_path / "lora.safetensors", "lora"),))
+    assert np.abs(ours - _diffusers_picture(reference, "sd3")).max() <= 1
