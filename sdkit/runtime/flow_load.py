@@ -136,14 +136,14 @@ def _build_flow_modules(family: Family, path: Path, model: ModelFile, config: tu
     if model.components:
         tensors = lazy_tensors(model)
     elif "transformer" not in configs:
-        raise SdkitError(f"{path}: {with_title(family)} diffusion model alone samples with --config DIR (a local "
+        raise SdkitError(f"{path}: {with_article(family.title)} single file samples with --config DIR (a local "
                          "diffusers folder of this model: its configs and tokenizers)")
     else:  # a diffusion model alone, or with its text encoders and VAE in one file (all-in-one)
         tensors = _single_file_tensors(model, configs)
     components = ("transformer", *sampling.text_encoders, "vae")
     missing = [c for c in components if c not in configs or not (_component_tensors(tensors, c) or c in parts)]
     if missing:
-        raise SdkitError(f"{path}: has no {missing[0]}; {with_title(family)} model samples with "
+        raise SdkitError(f"{path}: has no {missing[0]}; {with_article(family.title)} model samples with "
                          f"{needed_parts(family)} (a diffusers folder, or the diffusion model with "
                          "--text-encoder and --vae files)")
     modules = {}
@@ -157,10 +157,6 @@ def _build_flow_modules(family: Family, path: Path, model: ModelFile, config: tu
     modules.update(_tokenizers(path, config_dir, sampling, family.title))
     schedule = configs.get("scheduler") or default_schedule(family, configs["transformer"])
     return modules, schedule
-
-
-def with_title(family: Family) -> str:
-    return with_article(family.title)
 
 
 def needed_parts(family: Family) -> str:
