@@ -69,7 +69,10 @@ def _pixels(image) -> np.ndarray:
 def _draw(model, loras: tuple[LoraRequest, ...] = ()) -> np.ndarray:
     sampler = Sampler(model)
     settings = Settings(steps=STEPS, cfg=CFG, seed=2, width=SIZE, height=SIZE)
-    return _pixels(sampler.generate(PromptPlan(PROMPT, loras, ()), settings)[0].image)
+    try:
+        return _pixels(sampler.generate(PromptPlan(PROMPT, loras, ()), settings)[0].image)
+    finally:
+        sampler.close()  # the model's own weights back
 
 
 def _guidance(family: str) -> dict:
@@ -264,3 +267,33 @@ def test_an_sd3_lora_on_its_clip_encoders_draws_what_diffusers_draws(sd3, tmp_pa
     assert set(reference.get_list_adapters()) == {"transformer", "text_encoder", "text_encoder_2"}
     ours = _draw(load_model(sd3.folder, flow=True), (LoraRequest(tmp_path / "lora.safetensors", "lora"),))
     assert np.abs(ours - _diffusers_picture(reference, "sd3")).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def z_image(tmp_path_factory) -> Parts:
+    return Parts(tmp_path_factory.mktemp("z-image-bake"), "z-image")
+
+
+def test_a_comfyui_lora_on_fused_layers_draws_the_baked_models_picture(z_image, capsys, tmp_path):
+    """A LoRA in the original single-file names (Z-Image's fused `attention.qkv`), as ComfyUI
+    keeps it: sampling with it draws the picture of the diffusion model `lora bake` bakes it into."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(z_image.diffusion_model)
+    generator = torch.Generator().manual_seed(4)
+    lora = {}
+    for layer in ("layers.0.attention.qkv", "noise_refiner.0.feed_forward.w1"):
+        rows, columns = weights[layer + ".weight"].shape
+        lora[f"diffusion_model.{layer}.lora_A.weight"] = torch.randn(4, columns, generator=generator)
+        lora[f"diffusion_model.{layer}.lora_B.weight"] = torch.randn(rows, 4, generator=generator)
+    save_file(lora, tmp_path / "lora.safetensors")
+    baked = tmp_path / "baked.safetensors"
+    code, _out, err = run_sdkit(capsys, "lora", "bake", str(z_image.diffusion_model), f"{tmp_path / 'lora.safetensors'}:0.8",
+                                "-o", str(baked))
+    assert code == 0, err
+    model = load_model(z_image.folder, flow=True)
+    applied = _draw(model, (LoraRequest(tmp_path / "lora.safetensors", "lora", 0.8, 0.8),))
+    assert np.abs(applied - _draw(model)).max() > 20
+    from_baked = _draw(load_model(baked, config=z_image.folder, vae=z_image.vae, flow=True,
+                                  text_encoders=z_image.text_encoders))
+    assert np.abs(applied - from_baked).max() <= 1
