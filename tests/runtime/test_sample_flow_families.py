@@ -265,8 +265,12 @@ def test_an_sd3_lora_on_its_clip_encoders_draws_what_diffusers_draws(sd3, tmp_pa
     save_file(lora, tmp_path / "lora.safetensors")
     reference.load_lora_weights(tmp_path / "lora.safetensors")
     assert set(reference.get_list_adapters()) == {"transformer", "text_encoder", "text_encoder_2"}
-    ours = _draw(load_model(sd3.folder, flow=True), (LoraRequest(tmp_path / "lora.safetensors", "lora"),))
-    assert np.abs(ours - _diffusers_picture(reference, "sd3")).max() <= 1
+    sampler = Sampler(load_model(sd3.folder, flow=True))
+    plan = PromptPlan(PROMPT, (LoraRequest(tmp_path / "lora.safetensors", "lora"),), ())
+    ours = sampler.generate(plan, Settings(steps=STEPS, cfg=CFG, seed=2, width=SIZE, height=SIZE))[0]
+    assert np.abs(_pixels(ours.image) - _diffusers_picture(reference, "sd3")).max() <= 1
+    (applied,) = sampler.applied_loras()
+    assert (applied.mapped, applied.unmapped) == (3, {})  # every module of the file, encoders' included
 
 
 @pytest.fixture(scope="module")

@@ -83,8 +83,11 @@ class FlowLoras(ChangedWeights):
                 for table, planned in ((weights, plan.weights), (biases, plan.biases)):
                     for key, contributions in planned.items():
                         table.setdefault(key, []).extend(contributions)
-                reports.update({number: report for (number, _r), report in zip(active, plan.reports)
-                                if number not in reports})
+                for (number, _r), report in zip(active, plan.reports):
+                    if number in reports:  # the modules the other plan left to this one
+                        reports[number].mapped += report.mapped
+                    else:
+                        reports[number] = report
             hashes = {number: lora_short_hash(requests[number].path, open_adapter(str(requests[number].path),
                                                                                   stack)[0]) for number in reports}
             self._bake(weights, biases)
