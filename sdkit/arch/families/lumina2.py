@@ -37,19 +37,19 @@ from __future__ import annotations
 
 from sdkit.arch.families.encoders import GEMMA2_2B
 from sdkit.arch.families.spec import (
-                                      BlockMap,
-                                      DenoiserLayout,
-                                      DiffusersModel,
-                                      Family,
-                                      KeyMap,
-                                      Place,
-                                      Release,
-                                      SamplingPipeline,
-                                      fused,
-                                      kept,
-                                      same,
-                                      tensor,
-                                      unused,
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    Place,
+    Release,
+    SamplingPipeline,
+    fused,
+    kept,
+    same,
+    tensor,
+    unused,
 )
 from sdkit.arch.families.z_image import FLUX_VAE_LATENT
 

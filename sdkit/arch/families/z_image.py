@@ -36,19 +36,19 @@ from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN3_4B
 from sdkit.arch.families.spec import (
-                                      BlockMap,
-                                      DenoiserLayout,
-                                      DiffusersModel,
-                                      Family,
-                                      KeyMap,
-                                      LatentFormat,
-                                      Place,
-                                      Release,
-                                      SamplingPipeline,
-                                      fused,
-                                      kept,
-                                      same,
-                                      tensor,
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Place,
+    Release,
+    SamplingPipeline,
+    fused,
+    kept,
+    same,
+    tensor,
 )
 
 FLUX_VAE_LATENT = LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159)
