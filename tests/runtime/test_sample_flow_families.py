@@ -301,3 +301,17 @@ def test_a_comfyui_lora_on_fused_layers_draws_the_baked_models_picture(z_image, 
     from_baked = _draw(load_model(baked, config=z_image.folder, vae=z_image.vae, flow=True,
                                   text_encoders=z_image.text_encoders))
     assert np.abs(applied - from_baked).max() <= 1
+
+
+def test_a_comfyui_flux_checkpoint_draws_the_folders_picture(capsys, tmp_path):
+    """toy-flux's parts joined as ComfyUI keeps an all-in-one FLUX.1 (`model.diffusion_model.`,
+    `text_encoders.clip_l|t5xxl.transformer.`, `vae.`) draw the picture of its diffusers folder."""
+    toy = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
+    if not (toy / "diffusers" / "model_index.json").is_file():
+        pytest.skip("toy-flux not built (make fixtures)")
+    checkpoint = tmp_path / "aio.safetensors"
+    parts = [toy / "toy-flux.safetensors", toy / "toy-flux.clip_l.safetensors", toy / "toy-flux.t5xxl.safetensors",
+             toy / "ae.safetensors"]
+    assert run_sdkit(capsys, "join", *map(str, parts), "-o", str(checkpoint))[0] == 0
+    ours = _draw(load_model(checkpoint, config=toy / "diffusers", flow=True))
+    assert np.abs(ours - _draw(load_model(toy / "diffusers", flow=True))).max() <= 2  # the parts store fp16 weights
