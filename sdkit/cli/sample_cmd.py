@@ -64,7 +64,7 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 @click.option("--batch", type=int, default=1, show_default=True, help="Pictures per prompt (seeds SEED, SEED+1, ...).")
 @click.option("--sampler", "--scheduler", "scheduler", metavar="NAME", default=None,
               help="Sampler: sdkit (euler-a, dpm++2m-karras, …), A1111 (\"DPM++ 2M Karras\", \"Euler a\", …) "
-                   "or ComfyUI (dpmpp_2m, …) name (default: euler-a; euler for FLUX.1).")
+                   "or ComfyUI (dpmpp_2m, …) name (default: euler-a; euler for transformer families: FLUX.1, SD3, …).")
 @click.option("--schedule", metavar="TYPE", default=None,
               help="Schedule type: Automatic, Uniform, Karras, Exponential, SGM Uniform, Simple, Normal, DDIM, "
                    "Beta (A1111 labels or ComfyUI scheduler names).")
@@ -90,9 +90,10 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 @click.option("--hypernet", "hypernets", multiple=True, metavar="FILE[:W]",
               help="A1111 hypernetwork file or library name.")
 @click.option("--vae", metavar="FILE", type=ModelInput("vae"), help="Another VAE (file, diffusers folder or library name); "
-              "for a FLUX.1 diffusion model alone, its VAE (ae.safetensors).")
+              "for a transformer diffusion model alone (FLUX.1, SD3, Chroma, Z-Image, …), its VAE.")
 @click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
-              help="For a FLUX.1 diffusion model alone: its text encoder files (clip_l, t5xxl); repeatable.")
+              help="For a transformer diffusion model alone: its text encoder files (clip_l, clip_g, t5xxl, "
+                   "qwen_3_4b, … in any order); repeatable.")
 @click.option("--config", "config", type=click.Path(file_okay=False, path_type=str),
               help="Local diffusers folder of the model's family (configs and tokenizers).")
 @click.option("--library", type=click.Path(file_okay=False, path_type=str),

@@ -1,8 +1,10 @@
 """Any Stable Diffusion model file as a diffusers pipeline, offline.
 
 `load_model(path)` accepts an LDM single-file checkpoint (A1111 / ComfyUI layout) or a
-diffusers folder of the SD 1.x, SD 2.x or SDXL base family, and (for sampling) a FLUX.1
-diffusers folder or diffusion model with its parts (`flux_load.py`). The SD files go
+diffusers folder of the SD 1.x, SD 2.x or SDXL base family, and (for sampling) a diffusers
+folder or diffusion model with its parts of a transformer family whose `Family.sampling`
+says how diffusers draws it: FLUX.1, SD3 / 3.5, Chroma, Z-Image, Qwen-Image, Lumina 2
+(`flow_load.py`). The SD files go
 through one path:
 the model is seen in the diffusers convention (`sdkit.ops.layout`, whose key maps
 derive every component's config from the weights), each component is built from its
@@ -43,7 +45,7 @@ from typing import Any
 
 import torch
 
-from sdkit.arch import Identity, identify
+from sdkit.arch import FAMILIES, Identity, identify
 from sdkit.data.pipeline_defaults import (
     sampling_schedule,
     shipped_tokenizer,
@@ -60,7 +62,8 @@ from sdkit.ops.layout import (
 )
 
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl-base")
-FLOW_FAMILIES = ("flux",)  # rectified-flow models: a transformer, packed latents; sampling only
+# rectified-flow transformer families (those with `Family.sampling`); sampling only
+FLOW_FAMILIES = tuple(name for name, spec in FAMILIES.items() if spec.sampling is not None)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -81,7 +84,7 @@ _CACHED_TOKENIZERS: dict[str, tuple[tuple[str, str | None], ...]] = {
 class LoadedModel:
     """A model ready to sample: the diffusers pipeline and what describes it."""
 
-    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline
+    pipe: Any  # StableDiffusionPipeline | StableDiffusionXLPipeline | a transformer family's pipeline
     path: Path
     identity: Identity
     layout: str  # a key of sdkit.arch.keymaps.LAYOUTS; the family's name for flow models
@@ -106,23 +109,28 @@ class LoadedModel:
 
     @property
     def vae_scale_factor(self) -> int:
+        if self.is_flow:  # the pipeline's own (Lumina 2 fixes it at 8, Qwen-Image counts its VAE's levels)
+            return int(self.pipe.vae_scale_factor)
         return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
 
     @property
     def size_multiple(self) -> int:
-        """What width and height must be multiples of: FLUX packs 2x2 latents into a token."""
+        """What width and height must be multiples of: transformers patch 2x2 latents into a token."""
         return self.vae_scale_factor * (2 if self.is_flow else 1)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.pipe.vae.config.latent_channels if self.is_flow else self.pipe.unet.config.in_channels)
+        if self.is_flow:  # a packed transformer reads 2x2 latents a token
+            packed = FAMILIES[self.family].sampling.packed
+            return int(self.pipe.transformer.config.in_channels) // (4 if packed else 1)
+        return int(self.pipe.unet.config.in_channels)
 
     @property
     def default_size(self) -> int:
-        """diffusers' default side: the UNet's sample size in pixels; for FLUX, the VAE's
+        """diffusers' default side: the UNet's sample size in pixels; for a transformer, the VAE's
         (1024 for the released one), the transformer having no size of its own."""
         if self.is_flow:
-            return int(self.pipe.vae.config.sample_size)
+            return int(getattr(self.pipe.vae.config, "sample_size", None) or FAMILIES[self.family].default_resolution)
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     @property
@@ -169,7 +177,7 @@ def read_config_folder(folder: Path) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         raise SdkitError(f"{folder}: --config must be a local diffusers folder")
     configs = {}
-    for component in (*_MODEL_COMPONENTS, "transformer", "scheduler"):
+    for component in (*_MODEL_COMPONENTS, "text_encoder_3", "transformer", "scheduler"):
         for name in ("config.json", "scheduler_config.json"):
             if (folder / component / name).is_file():
                 configs[component] = _read_json(folder / component / name)
@@ -297,7 +305,7 @@ def _with_token_ids(config: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 def _check_base(path: Path, identity: Identity, flow: bool, has_parts: bool) -> None:
     families = SUPPORTED_FAMILIES + (FLOW_FAMILIES if flow else ())
     if flow and identity.family in FLOW_FAMILIES and has_parts and identity.components == ["transformer"]:
-        return  # a FLUX.1 diffusion model alone, its text encoders and VAE given as files
+        return  # a transformer diffusion model alone, its text encoders and VAE given as files
     if identity.kind != "checkpoint":
         raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}, not a whole model to sample from")
     if identity.family not in families:
@@ -343,8 +351,9 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
     The file hashes the PNG parameters name (AutoV2) are computed in a background
     thread while the weights load. `require_vae=False` accepts a model that carries no
     VAE (for tools that only run its UNet and text encoders): its `pipe.vae` is None.
-    `flow=True` also accepts FLUX.1 (for sampling; the trainer and validators run UNets):
-    a diffusers folder, or the diffusion model alone with `vae` and `text_encoders` files.
+    `flow=True` also accepts the transformer families of `FLOW_FAMILIES` (for sampling; the
+    trainer and validators run UNets and FLUX.1): a diffusers folder, or the diffusion model
+    alone with `vae` and `text_encoders` files.
     """
     path = Path(path)
     config_dir = Path(config) if config is not None else None
@@ -356,7 +365,7 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
         _check_base(path, identity, flow, has_parts=vae is not None or bool(text_encoders))
         hashes = {"model": _hash_in_background(path)} if path.is_file() else {}
         if identity.family in FLOW_FAMILIES:
-            return _load_flux(path, model, identity, config_dir, given, (torch_device, torch_dtype), hashes,
+            return _load_flow(path, model, identity, config_dir, given, (torch_device, torch_dtype), hashes,
                               vae, text_encoders)
         view = model_view(model, identity)
         converted = convert_view(view, "diffusers", {c: given[c] for c in _MODEL_COMPONENTS if c in given})
@@ -383,26 +392,27 @@ def load_model(path: str | os.PathLike[str], *, config: str | os.PathLike[str] |
                        torch_device, torch_dtype, vae_path, hashes)
 
 
-def _load_flux(path: Path, model: Any, identity: Identity, config_dir: Path | None, given: dict[str, dict],
+def _load_flow(path: Path, model: Any, identity: Identity, config_dir: Path | None, given: dict[str, dict],
                placement: tuple[torch.device, torch.dtype], hashes: dict[str, Future],
                vae: str | os.PathLike[str] | None, text_encoders: Sequence[str | os.PathLike[str]]) -> LoadedModel:
-    from sdkit.runtime.flux_load import (
-        assemble_flux,
-        build_flux_modules,
-        text_encoder_component,
+    from sdkit.runtime.flow_load import (
+        assemble_flow,
+        build_flow_modules,
+        text_encoder_components,
     )
 
     device, dtype = placement
-    parts = {text_encoder_component(Path(file)): Path(file) for file in text_encoders}
+    family = FAMILIES[identity.family]
+    parts = text_encoder_components(family, [Path(file) for file in text_encoders])
     vae_path = Path(vae) if vae is not None else None
     if vae_path is not None:
         parts["vae"] = vae_path
         if vae_path.is_file():
             hashes["vae"] = _hash_in_background(vae_path)
-    modules, scheduler_config = build_flux_modules(path, model, config_dir, given, dtype, parts)
-    pipe = assemble_flux(modules, scheduler_config)
+    modules, scheduler_config = build_flow_modules(family, path, model, config_dir, given, dtype, parts)
+    pipe = assemble_flow(family, modules, scheduler_config)
     pipe.to(device)
-    return LoadedModel(pipe, path, identity, "flux", dict(scheduler_config), device, dtype, vae_path, hashes)
+    return LoadedModel(pipe, path, identity, family.name, dict(scheduler_config), device, dtype, vae_path, hashes)
 
 
 def _needs_config(path: Path, layout: str, configs: Mapping[str, dict], derived: list[str]) -> SdkitError | None:

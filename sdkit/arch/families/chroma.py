@@ -34,8 +34,18 @@ from __future__ import annotations
 
 from sdkit.arch.families.encoders import T5_XXL, with_component
 from sdkit.arch.families.flux import FLUX
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      same, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    same,
+    tensor,
+)
 
 # the approximator: timestep + guidance features and a modulation index in, one modulation
 # vector per block out (in_proj [width, 64], `layers` x MLP, out_proj [hidden, width])
@@ -141,6 +151,11 @@ _LATENT = {"in_channels": 64, "out_channels": 64}
 _PLAIN = {"in_channels": ("out_channels", 1)}
 _T5 = with_component(T5_XXL, "text_encoder")  # diffusers ChromaPipeline: T5 is `text_encoder`
 
+# ChromaPipeline (T5 with its attention mask, real CFG); lodestones/Chroma1-HD
+# scheduler/scheduler_config.json, FLUX.1-dev's resolution-dependent shift
+SAMPLING = SamplingPipeline("ChromaPipeline", {"text_encoder": "T5EncoderModel"},
+                            schedule=FLUX.sampling.schedule, packed=True)
+
 CHROMA = Family(
     implementation="https://huggingface.co/lodestones/Chroma",
     name="chroma", title="Chroma", denoiser="flux", context_dim=4096, unet_channels=3072,
@@ -150,7 +165,7 @@ CHROMA = Family(
     text_encoders=(_T5,), vae_part=FLUX.vae_part, prediction="flow",
     modelspec_prefixes=("chroma",), kohya_version_pattern=r"chroma(?![-_ ]?radiance)",
     civitai_base_models=("Chroma",), air_ecosystem="chroma", diffusers_pipeline_pattern=r"Chroma\w*Pipeline",
-    layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL, sampling=SAMPLING,
     # fp8: the approximator, the embedders and the final layer stay in 16 bits
     # (convert_to_quant's list for Chroma, "distillation_large")
     gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
@@ -177,8 +192,8 @@ CHROMA_RADIANCE = Family(
     # fp8: the pixel-space head and patch embedder, the approximator and the text input
     # stay in 16 bits (convert_to_quant's Radiance and NeRF lists)
     gguf_architecture="flux",  # what ComfyUI-GGUF's convert.py detects
-    fp8_keep=(r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
-              r"txt_in)\.",),
+    fp8_keep=((r"(nerf_blocks|nerf_image_embedder|nerf_final_layer_conv|img_in_patch|distilled_guidance_layer|"
+               r"txt_in)\."),),
     releases=(
         Release("Chroma1-Radiance", dims={**_BACKBONE, "in_channels": 3, "patch": 16}),
     ),

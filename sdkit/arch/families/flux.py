@@ -29,8 +29,20 @@ other relatives without them are reported as unknown transformers.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release, fused, same,
-                                      swapped, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    fused,
+    same,
+    swapped,
+    tensor,
+)
 
 # sinusoidal timestep / guidance features fed to the time and guidance embedders
 _TIME_FEATURES = 256
@@ -142,6 +154,14 @@ DIFFUSERS_MODEL = DiffusersModel(
 # the released 11.9 GB fp8 files hold every block matrix, modulation included, in fp8)
 FP8_KEEP = (r"(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.",)
 
+# black-forest-labs/FLUX.1-{dev,schnell} scheduler/scheduler_config.json; FluxPipeline
+SAMPLING = SamplingPipeline(
+    "FluxPipeline", {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"},
+    schedule={"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+              "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+    undistilled_schedule={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
+    guidance="embedded-or-true", packed=True, long_tokenizer="tokenizer_2")
+
 _RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
              "double_blocks": 19, "single_blocks": 38}
 _DEV = dict(_RELEASED, in_channels=64)
@@ -159,7 +179,7 @@ FLUX = Family(
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),
     diffusers_pipeline_pattern=r"Flux(?!2)\w*Pipeline", key_map=KEY_MAP,
-    diffusers_model=DIFFUSERS_MODEL, fp8_keep=FP8_KEEP,
+    diffusers_model=DIFFUSERS_MODEL, fp8_keep=FP8_KEEP, sampling=SAMPLING,
     releases=(
         Release("FLUX.1-dev", dims=_DEV, flags={"guidance": True}, ratios=_PLAIN,
                 modelspec_architecture="flux-1-dev", civitai_base_models=("Flux.1 D",),

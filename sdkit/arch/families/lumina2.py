@@ -36,8 +36,21 @@ and the way back makes it again as ones, an RMSNorm's initial weight.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import GEMMA2_2B
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, Place, Release, fused,
-                                      kept, same, tensor, unused)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    Place,
+    Release,
+    SamplingPipeline,
+    fused,
+    kept,
+    same,
+    tensor,
+    unused,
+)
 from sdkit.arch.families.z_image import FLUX_VAE_LATENT
 
 _TIME_FEATURES = 256
@@ -121,6 +134,13 @@ DIFFUSERS_MODEL = DiffusersModel(
     unmeasured=("axes_dim_rope", "multiple_of", "ffn_dim_multiplier"),
 )
 
+# Lumina2Pipeline: Gemma 2's second-to-last hidden states of the system prompt and the
+# prompt, CFG with its norm rescaled (`cfg_normalization`); a shift of 6 without the
+# resolution-dependent one (ComfyUI `supported_models.py` Lumina2 `sampling_settings`)
+SAMPLING = SamplingPipeline("Lumina2Pipeline", {"text_encoder": "Gemma2Model"},
+                            schedule={"num_train_timesteps": 1000, "shift": 6.0, "use_dynamic_shifting": False},
+                            max_sequence_length=256)
+
 _RELEASED = {"hidden": 2304, "context": 2304, "in_channels": 64, "out_channels": 64, "adaln": 1024,
              "layers": 26, "refiner_layers": 2}
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
@@ -135,6 +155,7 @@ LUMINA2 = Family(
     modelspec_prefixes=("lumina",), civitai_base_models=("Lumina",), air_ecosystem="lumina",
     diffusers_pipeline_pattern=r"Lumina2\w*Pipeline",
     layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    sampling=SAMPLING,
     # fp8: embedders and the final layer stay in 16 bits (sdkit's rule, as for Z-Image's
     # design without its per-block modulation list: no peer publishes a Lumina 2 list)
     gguf_architecture="lumina2",  # what ComfyUI-GGUF's convert.py detects

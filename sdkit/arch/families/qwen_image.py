@@ -27,7 +27,14 @@ ecosystem Qwen (civitai `basemodel.constants.ts`; its "Qwen 2" ecosystem is anot
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN25_VL_7B
-from sdkit.arch.families.spec import SAME_NAMES, DenoiserLayout, DiffusersModel, Family, Release
+from sdkit.arch.families.spec import (
+    SAME_NAMES,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    Release,
+    SamplingPipeline,
+)
 from sdkit.arch.families.wan import WAN21_LATENT
 
 # the Wan 2.1 VAE's latent space (ComfyUI gives Qwen-Image the Wan21 latent format)
@@ -64,6 +71,16 @@ DIFFUSERS_MODEL = DiffusersModel(
     unmeasured=("axes_dims_rope",),
 )
 
+# QwenImagePipeline: Qwen2.5-VL's last hidden states of the prompt in its chat template
+# (the template's 34 leading tokens dropped), real CFG as `true_cfg_scale`, the Wan 2.1
+# design VAE (`AutoencoderKLQwenImage`); Qwen/Qwen-Image scheduler/scheduler_config.json
+SAMPLING = SamplingPipeline(
+    "QwenImagePipeline", {"text_encoder": "Qwen2_5_VLForConditionalGeneration"},
+    schedule={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+              "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
+              "time_shift_type": "exponential"},
+    guidance="embedded-or-true", packed=True, vae_class="AutoencoderKLQwenImage")
+
 _RELEASED = {"hidden": 3072, "context": 3584, "in_channels": 64, "out_channels": 64, "blocks": 60}
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
 _PLAIN = {"additional_t_cond": False}
@@ -82,7 +99,7 @@ QWEN_IMAGE = Family(
     text_encoders=(QWEN25_VL_7B,), vae_part="Qwen-Image VAE", prediction="flow",
     modelspec_prefixes=("qwen-image",), civitai_base_models=("Qwen",), air_ecosystem="qwen",
     diffusers_pipeline_pattern=r"QwenImage\w*Pipeline",
-    layouts=(DIFFUSERS_LAYOUT,), key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL,
+    layouts=(DIFFUSERS_LAYOUT,), key_map=SAME_NAMES, diffusers_model=DIFFUSERS_MODEL, sampling=SAMPLING,
     # fp8: embedders, the text norm, the output layers and the first block's image
     # modulation stay in 16 bits (convert_to_quant's Qwen-Image list)
     gguf_architecture="qwen_image",  # in ComfyUI-GGUF loader.py IMG_ARCH_LIST

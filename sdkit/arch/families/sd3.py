@@ -19,8 +19,20 @@ as (scale, shift) in `norm1_context`, and has no output projection or MLP.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import CLIP_G, CLIP_L, T5_XXL
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Release,
-                                      fused, same, swapped, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Release,
+    SamplingPipeline,
+    fused,
+    same,
+    swapped,
+    tensor,
+)
 
 SD3_LATENT = LatentFormat(channels=16, scaling_factor=1.5305, shift_factor=0.0609)
 
@@ -115,6 +127,13 @@ DIFFUSERS_MODEL = DiffusersModel(
 _MEDIUM_35 = {"pos_embed_max_size": 384, "qk_norm": "rms_norm", "dual_attention_layers": list(range(13))}
 _LARGE_35 = {"num_attention_heads": 38, "qk_norm": "rms_norm"}
 
+# StableDiffusion3Pipeline; stabilityai/stable-diffusion-3-medium-diffusers and -3.5-large
+# scheduler/scheduler_config.json (shift 3, no resolution-dependent shift)
+SAMPLING = SamplingPipeline(
+    "StableDiffusion3Pipeline", {"text_encoder": "CLIPTextModelWithProjection",
+                                 "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"},
+    schedule={"num_train_timesteps": 1000, "shift": 3.0}, max_sequence_length=256, long_tokenizer="tokenizer_3")
+
 _SHARED = {"context": 4096, "pooled": 2048, "in_channels": 16}
 
 SD3 = Family(
@@ -127,7 +146,7 @@ SD3 = Family(
     other_unet_channels=(2432,), modelspec_prefixes=("stable-diffusion-v3", "stable-diffusion-3"),
     kohya_version_pattern=r"sd3", civitai_base_models=("SD 3", "SD 3.5"), air_ecosystem="sd3",
     diffusers_pipeline_pattern=r"StableDiffusion3\w*Pipeline", gguf_architecture="sd3",
-    layouts=(SGM_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    layouts=(SGM_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL, sampling=SAMPLING,
     # fp8: the embedders and the final layer stay in 16 bits (sdkit's rule for MMDiT
     # designs, as for FLUX.1; no peer publishes an SD3 list)
     fp8_keep=(r"(x_embedder|context_embedder|t_embedder|y_embedder|pos_embed|final_layer)\.",),

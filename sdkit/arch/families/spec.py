@@ -10,10 +10,11 @@ stacked), and None accepts any size.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any
 
-Dim = Union[int, str, None]
+Dim = int | str | None
 
 
 def size_terms(size: str) -> tuple[tuple[int, str], ...]:
@@ -191,6 +192,34 @@ class DiffusersModel:
 
 
 @dataclass(frozen=True)
+class SamplingPipeline:
+    """How the family's diffusers pipeline draws a picture, for `sdkit sample`.
+
+    `text_encoders` maps each encoder component to its transformers class (its tokenizer
+    is the component of the same number, `tokenizer_N`); `schedule` is the released
+    `scheduler/scheduler_config.json` (`FlowMatchEulerDiscreteScheduler`), and
+    `undistilled_schedule` the one of a release without a guidance embedder where it
+    differs (FLUX.1-schnell). `guidance` is how the pipeline takes a CFG scale:
+    "cfg" (`guidance_scale`, real CFG against the negative prompt), "cfg-1"
+    (`guidance_scale` is the scale minus one: `pos + g * (pos - neg)`, so 0 is none) or
+    "embedded-or-true" (FLUX.1: a guidance embedder takes it as distilled guidance, a model
+    without one gets `true_cfg_scale`). `packed`: the pipeline takes its noise packed into
+    2 x 2 tokens (`_pack_latents`). `max_sequence_length`: the pipeline's default, bounded
+    by `long_tokenizer`'s own length.
+    """
+
+    class_name: str
+    text_encoders: Mapping[str, str]
+    schedule: Mapping[str, Any]
+    guidance: str = "cfg"
+    packed: bool = False
+    max_sequence_length: int = 512
+    long_tokenizer: str = "tokenizer"
+    vae_class: str = "AutoencoderKL"
+    undistilled_schedule: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Release:
     """One released model of a family, as its weights show it.
 
@@ -275,6 +304,7 @@ class Family:
     releases: tuple[Release, ...] = ()
     key_map: KeyMap | None = None  # single-file ⇄ diffusers names of the transformer
     diffusers_model: DiffusersModel | None = None  # the transformer's diffusers class and config
+    sampling: SamplingPipeline | None = None  # how `sdkit sample` draws it (transformer families)
     # denoiser modules an fp8 cast leaves in their precision (regexes matched at the start
     # of a key below the denoiser root, in single-file names): embedders, final layers and
     # whatever else the released fp8 files of the family keep

@@ -35,8 +35,21 @@ block modulation) keeps its name.
 from __future__ import annotations
 
 from sdkit.arch.families.encoders import QWEN3_4B
-from sdkit.arch.families.spec import (BlockMap, DenoiserLayout, DiffusersModel, Family, KeyMap, LatentFormat, Place, Release,
-                                      fused, kept, same, tensor)
+from sdkit.arch.families.spec import (
+    BlockMap,
+    DenoiserLayout,
+    DiffusersModel,
+    Family,
+    KeyMap,
+    LatentFormat,
+    Place,
+    Release,
+    SamplingPipeline,
+    fused,
+    kept,
+    same,
+    tensor,
+)
 
 FLUX_VAE_LATENT = LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159)
 _TIME_FEATURES = 256
@@ -115,6 +128,12 @@ DIFFUSERS_MODEL = DiffusersModel(
     unmeasured=("axes_dims",),
 )
 
+# ZImagePipeline: the Qwen3 encoder's second-to-last hidden states of the chat-formatted
+# prompt, CFG as `pos + g * (pos - neg)`; Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json
+SAMPLING = SamplingPipeline("ZImagePipeline", {"text_encoder": "Qwen3Model"},
+                            schedule={"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
+                            guidance="cfg-1")
+
 _RELEASED = {"hidden": 3840, "context": 2560, "in_channels": 64, "out_channels": 64, "adaln": 256,
              "layers": 30, "refiner_layers": 2}
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}
@@ -128,6 +147,7 @@ Z_IMAGE = Family(
     modelspec_prefixes=("z-image",), civitai_base_models=("ZImageTurbo", "ZImageBase"),
     air_ecosystem="zimageturbo", layouts=(ORIGINAL_LAYOUT, DIFFUSERS_LAYOUT),
     diffusers_pipeline_pattern=r"ZImage\w*Pipeline", key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL,
+    sampling=SAMPLING,
     # fp8: embedders, the final layer and every block's adaLN modulation stay in 16 bits
     # (convert_to_quant's Z-Image list, the community fp8 converter)
     gguf_architecture="lumina2",  # what ComfyUI-GGUF's convert.py detects

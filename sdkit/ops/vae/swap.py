@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sdkit.arch import Identity, identify
 from sdkit.arch.keymaps import checkpoint_from_ldm
@@ -31,7 +32,12 @@ from sdkit.io import LazyTensor, ModelFile, TensorInfo, open_model, write_safete
 from sdkit.io.output_path import build_in_partial, check_output_path
 from sdkit.ops.folders import write_component_folder
 from sdkit.ops.layout import ModelView, extract_component, model_view, replace_component
-from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, InputDigests, SpecFacts, build_metadata
+from sdkit.ops.recipe_meta import (
+    DIFFUSERS_IMPLEMENTATION,
+    InputDigests,
+    SpecFacts,
+    build_metadata,
+)
 
 Progress = Callable[[int], None]
 CONVENTIONS = ("ldm", "diffusers")
@@ -55,7 +61,7 @@ def is_training_leftover(key: str) -> bool:
     return key.startswith("loss") or key in _EMA_BOOKKEEPING
 
 
-def _renamed(model: ModelFile, names: dict[str, str]) -> ModelFile:
+def renamed_model(model: ModelFile, names: dict[str, str]) -> ModelFile:
     """`model` showing only `names` (new name -> name in the file); closing closes `model`."""
     infos = {new: TensorInfo(new, model.infos[old].dtype, model.infos[old].shape) for new, old in names.items()}
     return ModelFile(path=model.path, format=model.format, infos=infos, metadata=model.metadata,
@@ -69,7 +75,7 @@ def _standalone(model: ModelFile) -> VaeSource:
     dropped = [key for key in model.infos if is_training_leftover(key)]
     prefixed = bool(kept) and all(key.startswith(_LDM_PREFIX) for key in kept)
     names = {(key[len(_LDM_PREFIX):] if prefixed else key): key for key in kept}
-    view = _renamed(model, names) if dropped or prefixed else model
+    view = renamed_model(model, names) if dropped or prefixed else model
     return VaeSource(view, identify(view), dropped, prefixed)
 
 

@@ -1,4 +1,4 @@
-"""LoRA-family adapters applied to a loaded FLUX.1 pipeline's transformer.
+"""LoRA-family adapters applied to a loaded transformer pipeline (FLUX.1, SD3, Chroma, …).
 
 The transformer's weights are seen as an in-memory model in diffusers names, indexed by
 the family's key map (`adapters.transformer_names`), and every adapter is planned and
@@ -6,9 +6,9 @@ computed by `lora bake`'s own code (`ops.lora.plan.plan_bake`, `ops.lora.compute
 a kohya / ComfyUI module on a fused single-file layer (`img_attn.qkv`, `linear1`) lands
 on the rows of q, k, v and the MLP input it covers, a swapped modulation with its halves
 exchanged. So sampling with a LoRA at strength s draws the picture of the transformer
-baked with it at s. Text-encoder modules (kohya's `lora_te1_` CLIP-L / `lora_te3_` T5,
-diffusers' `text_encoder.` / `text_encoder_2.`) reach the pipeline's encoders the same
-way, seen as a ComfyUI all-in-one checkpoint holds them (`text_encoders.clip_l.transformer.`,
+baked with it at s. Text-encoder modules (kohya's `lora_te1_` CLIP-L / `lora_te2_` CLIP-G /
+`lora_te3_` T5, diffusers' `text_encoder.` …) reach the pipeline's encoders the same way,
+seen as a ComfyUI all-in-one checkpoint holds them (`text_encoders.clip_l.transformer.`,
 …), at the request's text-encoder strength. Weights it changes are kept and put back by
 `restore()`.
 """
@@ -31,8 +31,12 @@ from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView
 from sdkit.ops.lora.compute import KeyBaker
 from sdkit.ops.lora.plan import OpenBase, open_adapter, plan_bake
-from sdkit.runtime.sample.lora import AppliedLora, ChangedWeights, LoraRequest, lora_short_hash
-
+from sdkit.runtime.sample.lora import (
+    AppliedLora,
+    ChangedWeights,
+    LoraRequest,
+    lora_short_hash,
+)
 
 _DENOISER_ROOT = "model.diffusion_model."  # where the in-memory model keeps the transformer
 
@@ -79,8 +83,11 @@ class FlowLoras(ChangedWeights):
                 for table, planned in ((weights, plan.weights), (biases, plan.biases)):
                     for key, contributions in planned.items():
                         table.setdefault(key, []).extend(contributions)
-                reports.update({number: report for (number, _r), report in zip(active, plan.reports)
-                                if number not in reports})
+                for (number, _r), report in zip(active, plan.reports):
+                    if number in reports:  # the modules the other plan left to this one
+                        reports[number].mapped += report.mapped
+                    else:
+                        reports[number] = report
             hashes = {number: lora_short_hash(requests[number].path, open_adapter(str(requests[number].path),
                                                                                   stack)[0]) for number in reports}
             self._bake(weights, biases)

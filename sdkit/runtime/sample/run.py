@@ -14,17 +14,35 @@ path is checked before anything is drawn, so a refused run leaves no partial out
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sdkit.errors import SdkitError
 from sdkit.runtime.pipeline import load_model
-from sdkit.runtime.sample.sampler import Sample, Sampler, Settings, check_settings, settings_with
 from sdkit.runtime.sample.grid import Axis, grid_image
 from sdkit.runtime.sample.library import Library, resolve_file
-from sdkit.runtime.sample.plan import AdapterArgs, PromptPlan, plan_prompt, resolve_adapters
-from sdkit.runtime.sample.png import check_output_paths, numbered_paths, output_paths, picture_paths, save_png  # noqa: F401
+from sdkit.runtime.sample.plan import (
+    AdapterArgs,
+    PromptPlan,
+    plan_prompt,
+    resolve_adapters,
+)
+from sdkit.runtime.sample.png import (  # noqa: F401
+    check_output_paths,
+    numbered_paths,
+    output_paths,
+    picture_paths,
+    save_png,
+)
+from sdkit.runtime.sample.sampler import (
+    Sample,
+    Sampler,
+    Settings,
+    check_settings,
+    settings_with,
+)
 
 # (label of the current picture run, steps done, steps in that run)
 RunProgress = Callable[[str, int, int], None]
@@ -36,13 +54,13 @@ class SampleJob:
 
     model: str
     prompts: Sequence[str]
-    settings: Settings = Settings()
+    settings: Settings = field(default_factory=Settings)
     batch: int = 1
-    adapters: AdapterArgs = AdapterArgs()
+    adapters: AdapterArgs = field(default_factory=AdapterArgs)
     library: str | None = None
     config: str | None = None
     vae: str | None = None
-    text_encoders: Sequence[str] = ()  # a FLUX.1 diffusion model alone: its text encoder files
+    text_encoders: Sequence[str] = ()  # a transformer diffusion model alone: its text encoder files
     device: str = "auto"
     dtype: str = "auto"
     grid: bool = False

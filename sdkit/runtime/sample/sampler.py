@@ -32,15 +32,27 @@ import torch
 
 from sdkit import __version__
 from sdkit.adapters.embedding import read_embedding
+from sdkit.arch import FAMILIES
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.plan import family_problem
 from sdkit.runtime.pipeline import LoadedModel
 from sdkit.runtime.sample.conditioning import sdxl_clip_skip  # noqa: F401  (the sampler's CLIP skip rules)
 from sdkit.runtime.sample.embed import PromptEmbeddings
 from sdkit.runtime.sample.flow_lora import FlowLoras
-from sdkit.runtime.sample.img2img import (Hires, check_denoise, check_hires, diffusers_strength, hires_schedule,
-                                          hires_size, image_to_image_pipeline, img2img_steps, load_init_image,
-                                          resized, upscale_latents, upscaler_name)
+from sdkit.runtime.sample.img2img import (
+    Hires,
+    check_denoise,
+    check_hires,
+    diffusers_strength,
+    hires_schedule,
+    hires_size,
+    image_to_image_pipeline,
+    img2img_steps,
+    load_init_image,
+    resized,
+    upscale_latents,
+    upscaler_name,
+)
 from sdkit.runtime.sample.library import Library
 from sdkit.runtime.sample.lora import (
     AppliedLora,
@@ -122,22 +134,31 @@ def check_text_settings(pipe: Any, family: str, clip_skip: int) -> None:
     check_clip_skip(clip_skip, encoder.config.num_hidden_layers)
 
 
-def flux_text_arguments(pipe: Any, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
-    """FLUX.1's prompt arguments. T5's context is padded to the tokenizer's own length (512
-    for the released tokenizer, what FluxPipeline pads to; a model trained on shorter
-    contexts says so in its tokenizer config), and the negative prompt is always passed:
-    it is the unconditional input of real CFG (see `guidance_arguments`)."""
+def flow_text_arguments(pipe: Any, family: str, text: str, negative: str, clip_skip: int) -> dict[str, Any]:
+    """A transformer family's prompt arguments. The long context (T5, Qwen3) is padded to
+    the pipeline's length, or the tokenizer's own where shorter (a model trained on
+    shorter contexts says so in its tokenizer config), and the negative prompt is always
+    passed: it is the unconditional input of real CFG (see `guidance_arguments`)."""
+    spec = FAMILIES[family]
     if clip_skip != 1:
-        raise SdkitError("--clip-skip does not apply to FLUX.1 (it reads CLIP's pooled output)")
-    length = min(512, int(pipe.tokenizer_2.model_max_length))
+        raise SdkitError(f"--clip-skip does not apply to {spec.title} (its pipeline reads its text encoders "
+                         "its own way)")
+    sampling = spec.sampling
+    length = min(sampling.max_sequence_length, int(getattr(pipe, sampling.long_tokenizer).model_max_length))
     return {"prompt": text, "negative_prompt": negative, "max_sequence_length": length}
 
 
 def guidance_arguments(pipe: Any, family: str, cfg: float) -> dict[str, Any]:
-    """The CFG scale as the pipeline takes it. A FLUX.1 with a guidance embedder (dev) is
-    given it as distilled guidance; one without (schnell's design) gets real CFG against
-    the negative prompt, twice the model calls per step, as ComfyUI's CFG node does."""
-    if family != "flux":
+    """The CFG scale as the pipeline takes it, meaning what it means in A1111 and ComfyUI
+    (1: no guidance). A FLUX.1 with a guidance embedder (dev) is given it as distilled
+    guidance; one without (schnell's design) gets real CFG against the negative prompt,
+    twice the model calls per step, as ComfyUI's CFG node does. Z-Image's pipeline takes
+    the scale less one (`pos + g * (pos - neg)`)."""
+    sampling = FAMILIES[family].sampling if family in FAMILIES else None
+    guidance = sampling.guidance if sampling is not None else "cfg"
+    if guidance == "cfg-1":
+        return {"guidance_scale": cfg - 1.0}
+    if guidance != "embedded-or-true":
         return {"guidance_scale": cfg}
     if pipe.transformer.config.guidance_embeds:
         return {"guidance_scale": cfg, "true_cfg_scale": 1.0}
@@ -267,7 +288,7 @@ class Sampler:
         shape = (1, self.model.latent_channels, height // factor, width // factor)
         generators = _generators(seeds)
         noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        if self.model.is_flow:
+        if self.model.is_flow and FAMILIES[self.model.family].sampling.packed:
             noise = self.model.pipe._pack_latents(noise, len(seeds), *shape[1:])
         return noise.to(self.model.device, self.model.dtype), generators
 
@@ -323,7 +344,7 @@ class Sampler:
     def _prompt_texts(self, plan: PromptPlan, settings: Settings) -> PromptTexts:
         """The prompt and negative prompt as the encoders read them (embedding names made
         placeholders), and how CLIP skip reads them (checked here, before any pass)."""
-        if self.model.family != "flux":
+        if not self.model.is_flow:
             check_text_settings(self.model.pipe, self.model.family, settings.clip_skip)
         return PromptTexts(self.embeddings.rewrite(plan.text), self.embeddings.rewrite(settings.negative),
                            settings.clip_skip, self.embeddings.placeholder_runs())
@@ -407,9 +428,9 @@ class _PipelineRun:
     def _text_arguments(self, pipe: Any, steps: int, first_pass_steps: int | None) -> dict[str, Any]:
         """The pass's text arguments; a second (hires) pass reads edits after the first's steps."""
         texts, family = self.texts, self.model.family
-        if family == "flux":
+        if self.model.is_flow:
             self.switch = None
-            return flux_text_arguments(pipe, texts.prompt, texts.negative, texts.clip_skip)
+            return flow_text_arguments(pipe, family, texts.prompt, texts.negative, texts.clip_skip)
         first = schedule_steps(self.choice, first_pass_steps) if first_pass_steps else None
         self.switch = scheduled_text(pipe, family, texts.prompt, texts.negative, texts.clip_skip,
                                      schedule_steps(self.choice, steps), len(self.seeds), texts.embeddings, first)

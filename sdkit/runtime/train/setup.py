@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from sdkit.errors import SdkitError, with_article
 from sdkit.runtime.pipeline import LoadedModel
-from sdkit.runtime.train.buckets import Size, bucket_resolutions, bucket_step, nearest_bucket
+from sdkit.runtime.train.buckets import (
+    Size,
+    bucket_resolutions,
+    bucket_step,
+    nearest_bucket,
+)
 from sdkit.runtime.train.config import DataOptions, OptimOptions, TrainConfig
 from sdkit.runtime.train.data import DatasetScan, ImageRecord, image_size, with_trigger
 from sdkit.runtime.train.latents import TrainSample
@@ -48,13 +54,11 @@ def base_is_flow(path: Path) -> bool:
     """Whether the base is a flow-matching model (FLUX.1), from its header."""
     from sdkit.arch import identify
     from sdkit.io import open_model
-    from sdkit.runtime.pipeline import FLOW_FAMILIES
-
     if not path.exists():
         raise SdkitError(f"{path}: no such file or directory")
     with open_model(path) as model:
         identity = identify(model)
-    flow = identity.family in FLOW_FAMILIES
+    flow = identity.family == "flux"  # the one transformer family the trainer runs
     if flow and identity.components == ["transformer"]:
         raise SdkitError(f"{path}: is {with_article(identity.part or 'diffusion model')} alone; FLUX.1 trains "
                          "from a diffusers folder (transformer, text encoders, VAE and tokenizers)")
