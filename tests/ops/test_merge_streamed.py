@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sdkit.ops.merge import MergeRecipe, RecipeInput, get_method, merge_models
 from sdkit.ops.merge import streamed
+from sdkit.io.float8 import to_float32
 from sdkit.ops.merge.streamed import tensor_reader, top_fraction_thresholds
 from test_merge_support import checkpoint, write
 
@@ -64,6 +65,42 @@ def test_streamed_threshold_is_the_exact_kth_largest_magnitude(k: float, make: o
         magnitudes = (task - base).abs()
         assert threshold == float(magnitudes.topk(keep).values[-1])
         assert threshold == float(magnitudes.kthvalue(SIZE - keep + 1).values)
+
+
+def float8_inputs(dtypes: tuple[torch.dtype, ...], nan: bool) -> list[torch.Tensor]:
+    """Random bytes seen as float8 (every pattern, NaN included when asked), with runs of
+    equal values so that magnitudes tie."""
+    generator = torch.Generator().manual_seed(len(dtypes))
+    made = []
+    for index, dtype in enumerate(dtypes):
+        raw = torch.randint(0, 256, (SIZE,), generator=generator, dtype=torch.int32).to(torch.uint8)
+        raw[index * 50:index * 50 + 2000] = 0x38  # 1.0 in e4m3fn, 0.5 in e5m2
+        if not nan:
+            raw[(raw & 0x7F) >= (0x7F if dtype == torch.float8_e4m3fn else 0x7C)] = 0x11
+        made.append(raw.view(dtype))
+    return made
+
+
+@pytest.mark.parametrize("k", [1e-4, 0.2, 0.5, 0.999])
+@pytest.mark.parametrize("dtypes, nan", [
+    ((torch.float8_e4m3fn,) * 3, False),
+    ((torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fn), False),
+    ((torch.float8_e5m2,) * 3, True),
+    ((torch.float8_e4m3fn,) * 3, True),
+])
+def test_float8_thresholds_counted_by_byte_pairs_equal_the_widened_count(k: float, dtypes: tuple[torch.dtype, ...],
+                                                                        nan: bool) -> None:
+    stored = float8_inputs(dtypes, nan)
+    by_pairs = tensor_reader(stored)
+    assert by_pairs.stored is not None
+    widened = streamed.SliceReader(SIZE, 3, by_pairs.read)  # no stored form: the two counting passes
+    expected = top_fraction_thresholds(widened, k)
+    assert [repr(t) for t in top_fraction_thresholds(by_pairs, k)] == [repr(t) for t in expected]
+    finite = [to_float32(tensor) for tensor in stored]
+    for threshold, task in zip(expected, finite[1:]):
+        magnitudes = (task - finite[0]).abs()
+        if not nan:
+            assert threshold == float(magnitudes.topk(math.ceil(k * SIZE)).values[-1])
 
 
 def test_streamed_threshold_of_a_constant_delta_holds_no_bucket() -> None:
@@ -225,7 +262,8 @@ def fp8_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 @pytest.mark.parametrize("piecewise_bytes", [None, 0])
-@pytest.mark.parametrize("method, params", [("weighted_sum", {"alpha": 0.3}), ("slerp", {"alpha": 0.3})])
+@pytest.mark.parametrize("method, params", [("weighted_sum", {"alpha": 0.3}), ("slerp", {"alpha": 0.3}),
+                                            ("ties", {"k": 0.3})])  # TIES: thresholds counted by byte pairs
 def test_fp8_merges_are_the_bytes_of_torch_conversions(fp8_models: list[Path], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch, piecewise_bytes: int | None,
                                                      method: str, params: dict[str, float]) -> None:
@@ -239,9 +277,13 @@ def test_fp8_merges_are_the_bytes_of_torch_conversions(fp8_models: list[Path], t
     merged = load_file(result.path)
     a, b = (load_file(path) for path in fp8_models)
     whole = get_method(method)
+    reference_non_finite = 0
     for key, produced in merged.items():
         if not key.startswith("model.diffusion_model.") or not produced.is_floating_point():
             continue
         reference = whole([a[key].to(torch.float32), b[key].to(torch.float32)], whole.resolve_params(params), key)
         assert torch.equal(produced.view(torch.uint8), reference.to(torch.float8_e4m3fn).view(torch.uint8)), key
-    assert sum(result.non_finite.values()) >= 1  # the NaN of B, counted (float8 has no isfinite)
+        reference_non_finite += int((~torch.isfinite(reference.to(torch.float8_e4m3fn).float())).sum())
+    # the NaN of B, where the method carries it to the output, counted (float8 has no isfinite)
+    assert sum(result.non_finite.values()) == reference_non_finite
+    assert reference_non_finite >= (0 if method == "ties" else 1)

@@ -255,10 +255,11 @@ def _span_reader(spans: list[Any], dtypes: list[torch.dtype], count: int) -> Sli
     """Slices read (not mapped) from the inputs' stored bytes: only the slice in memory."""
     from sdkit.io.byte_span import read_elements
 
-    def read(start: int, size: int) -> list[torch.Tensor]:
-        return [to_float32(read_elements(span, dtype, start, size)) for span, dtype in zip(spans, dtypes)]
+    def stored(start: int, size: int) -> list[torch.Tensor]:
+        return [read_elements(span, dtype, start, size) for span, dtype in zip(spans, dtypes)]
 
-    return SliceReader(count, len(spans), read)
+    return SliceReader(count, len(spans), lambda start, size: list(map(to_float32, stored(start, size))),
+                       stored=stored)
 
 
 def _may_not_fit(values: torch.Tensor, dtype: torch.dtype) -> bool:

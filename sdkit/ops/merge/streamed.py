@@ -53,12 +53,14 @@ class SliceReader:
     `read(start, size)` returns elements [start, start + size) of every input; each call
     of `slices` is one pass. Slices may be views of the inputs: never modify them.
     `random_access`: reads may come in any order and from several threads at once (a
-    reader over values made in order, an earlier step's output, has neither)."""
+    reader over values made in order, an earlier step's output, has neither). `stored`,
+    where every input has one: the same elements as stored (float8 not widened)."""
 
     count: int  # elements per input
     inputs: int
     read: Callable[[int, int], list[Tensor]]
     random_access: bool = True
+    stored: Callable[[int, int], list[Tensor]] | None = None
 
     def slices(self, size: int) -> Iterator[tuple[int, list[Tensor]]]:
         for start in range(0, self.count, size):
@@ -69,10 +71,11 @@ def tensor_reader(tensors: Sequence[Tensor]) -> SliceReader:
     """A reader over tensors already at hand (memory-mapped or loaded)."""
     flat = [tensor.reshape(-1) for tensor in tensors]
 
-    def read(start: int, size: int) -> list[Tensor]:
-        return [to_float32(part[start:start + size]) for part in flat]
+    def stored(start: int, size: int) -> list[Tensor]:
+        return [part[start:start + size] for part in flat]
 
-    return SliceReader(flat[0].numel(), len(flat), read)
+    return SliceReader(flat[0].numel(), len(flat), lambda start, size: list(map(to_float32, stored(start, size))),
+                       stored=stored)
 
 
 def joined_reader(readers: Sequence[SliceReader]) -> SliceReader:
@@ -81,8 +84,12 @@ def joined_reader(readers: Sequence[SliceReader]) -> SliceReader:
     def read(start: int, size: int) -> list[Tensor]:
         return [part for reader in readers for part in reader.read(start, size)]
 
+    def stored(start: int, size: int) -> list[Tensor]:
+        return [part for reader in readers for part in reader.stored(start, size)]  # type: ignore[misc]
+
     return SliceReader(readers[0].count, sum(reader.inputs for reader in readers), read,
-                       all(reader.random_access for reader in readers))
+                       all(reader.random_access for reader in readers),
+                       stored if all(reader.stored is not None for reader in readers) else None)
 
 
 def stream_reader(count: int, produce: Callable[[], Iterator[Tensor]]) -> SliceReader:
@@ -303,6 +310,9 @@ def top_fraction_thresholds(reader: SliceReader, fraction: float) -> list[float 
     keep = math.ceil(fraction * reader.count)
     if reader.count == 0 or keep >= reader.count:
         return [None] * models
+    if reader.stored is not None and all(part.dtype.itemsize == 1 and part.dtype.is_floating_point
+                                         for part in reader.stored(0, 0)):
+        return _byte_pair_thresholds(reader, keep)
     high = [torch.zeros(_HIGH_BUCKETS, dtype=torch.int64) for _ in range(models)]
     for counts in mapped(reader, PASS_SLICE, _high_counts):
         for histogram, count in zip(high, counts):
@@ -332,19 +342,58 @@ def _low_counts(parts: list[Tensor], buckets: list[tuple[int, int]]) -> list[Ten
             for model, (bucket, _) in zip(inputs, buckets)]
 
 
+def _byte_pair_thresholds(reader: SliceReader, keep: int) -> list[float | None]:
+    """`top_fraction_thresholds` of float8 inputs in one pass that decodes nothing: an
+    entry of |M − A| is one of the 65 536 values a (byte of M, byte of A) pair makes, so
+    counting the pairs counts the values; the keep-th largest is then read off the
+    pairs' magnitudes (made with the slices' own float32 arithmetic) in descending order."""
+    base_dtype, *model_dtypes = (part.dtype for part in reader.stored(0, 0))  # type: ignore[misc]
+    counts = [torch.zeros(1 << 16, dtype=torch.int64) for _ in model_dtypes]
+    for slice_counts in mapped(reader, PASS_SLICE, _pair_counts, stored=True):
+        for total, count in zip(counts, slice_counts):
+            total += count
+    return [_kth_largest(_pair_magnitude_bits(dtype, base_dtype), count, keep)
+            for dtype, count in zip(model_dtypes, counts)]
+
+
+def _pair_counts(parts: list[Tensor]) -> list[Tensor]:
+    """Per model of a float8 slice: its entries counted by (byte of M) · 256 + byte of A."""
+    base = parts[0].view(torch.uint8).to(torch.int32)
+    return [torch.bincount((model.view(torch.uint8).to(torch.int32) << 8).bitwise_or_(base), minlength=1 << 16)
+            for model in parts[1:]]
+
+
+def _pair_magnitude_bits(model_dtype: torch.dtype, base_dtype: torch.dtype) -> Tensor:
+    """`magnitude_bits` of every (M byte, A byte) pair, indexed as `_pair_counts` counts."""
+    patterns = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    models = to_float32(patterns.view(model_dtype)).repeat_interleave(256)
+    bases = to_float32(patterns.view(base_dtype)).repeat(256)
+    return magnitude_bits(models, bases)
+
+
+def _kth_largest(bits: Tensor, counts: Tensor, keep: int) -> float:
+    """The keep-th largest of values given as bit patterns with their counts."""
+    order = torch.argsort(bits, descending=True, stable=True)
+    reached = counts[order].cumsum(0)
+    return _as_float(int(bits[order[int(torch.searchsorted(reached, keep))]]))
+
+
 def mapped(reader: SliceReader, size: int, function: Callable[..., T],
-           along: Callable[[int], Any] | None = None) -> Iterator[T]:
+           along: Callable[[int], Any] | None = None, stored: bool = False) -> Iterator[T]:
     """`function(parts)` of each slice of one pass (`function(parts, along(slice size))`
-    when `along` is given; `along` runs on the calling thread, in slice order), in order.
-    Slices are made on the slice pool where the reader may be read from several threads."""
+    when `along` is given; `along` runs on the calling thread, in slice order), in order;
+    `stored`: the parts as stored rather than widened. Slices are made on the slice pool
+    where the reader may be read from several threads."""
     starts = range(0, reader.count, size)
+    read = reader.stored if stored else reader.read
+    assert read is not None
 
     def item(start: int) -> tuple[int, Any]:
         return start, along(min(size, reader.count - start)) if along is not None else None
 
     def made(job: tuple[int, Any]) -> T:
         start, extra = job
-        parts = reader.read(start, min(size, reader.count - start))
+        parts = read(start, min(size, reader.count - start))
         return function(parts) if along is None else function(parts, extra)
 
     jobs = map(item, starts)
