@@ -61,6 +61,7 @@ class KeyBaker:
         held = sum(_held_elements(c, columns) for c in weights)
         if any(needs_base_weight(c.module) for c in weights):
             held += elements
+        held += sum(math.prod(c.target.shape) for c in weights if c.target.pieces and needs_base_weight(c.module))
         return tensor_nbytes(self.codes[name], shape) + 4 * held
 
     def compute(self, name: str) -> "torch.Tensor":
@@ -74,12 +75,30 @@ class KeyBaker:
         original = None
         if any(needs_base_weight(c.module) for c in weights):
             original = source.to(torch.float32)
-        deltas = [_delta(c, original) for c in weights]
+        deltas = [_delta(c, self._layer_weight(c) if c.target.pieces else original) for c in weights]
         deltas += [_bias(c) for c in biases]
         dtype = CODE_TO_TORCH[self.codes[name]]
         # a float32 source made for this bake (a scaled fp8 weight) takes its deltas in place
         in_place = lazy.fresh and original is None and source.dtype == dtype == torch.float32
         return self._blocked(name, source, deltas, dtype, in_place)
+
+    def _layer_weight(self, contribution: Contribution) -> "torch.Tensor | None":
+        """The original weight of a layer whose delta is spread over pieces (q, k and v
+        kept apart, halves stored in the other order), put together in the adapter's
+        row order: a delta that depends on the weight (DoRA's norm, OFT's rotations)
+        is computed on the whole layer, then cut."""
+        import torch
+
+        target = contribution.target
+        if not needs_base_weight(contribution.module):
+            return None
+        whole = torch.empty(target.shape[0], math.prod(target.shape[1:]), dtype=torch.float32)
+        for piece in target.pieces:
+            values = self.sources[piece.weight.key].load()
+            rows = piece.weight.rows
+            values = values if rows is None else values[rows[0]:rows[1]]
+            whole[piece.delta_rows[0]:piece.delta_rows[1]] = values.reshape(piece.rows, -1)
+        return whole.reshape(target.shape)
 
     def _note_clamp(self, name: str) -> None:
         with self._lock:
@@ -169,8 +188,9 @@ def _delta(contribution: Contribution, original: "torch.Tensor | None") -> _Delt
         chunks = ((start, chunk.mul_(module.scale)) for start, chunk in lora_product_chunks(up, down))
         return _Delta(chunks, rows, contribution.strength)
     context = None
-    if needs_base_weight(module) and original is not None:  # one piece: the mapping says so
-        context = original if rows is None else original[rows[0]:rows[1]]
+    if needs_base_weight(module) and original is not None:
+        # a layer over pieces gets its whole weight; else this tensor, or the layer's rows of it
+        context = original if rows is None or contribution.target.pieces else original[rows[0]:rows[1]]
     if module.type in (OFT, BOFT):  # the strength blends each rotation with the identity
         delta, _ = delta_weight(module, context, contribution.strength)
         return _Delta(_whole(_piece_rows(delta, contribution)), rows, None)
