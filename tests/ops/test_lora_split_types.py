@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fixtures.families.released import TINY, tiny_tensors
+from sdkit.errors import SdkitError
 from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
 from test_lora_support import single_thread  # noqa: F401  (autouse)
 from transformer_loras import converted, load, relative_error, save
@@ -163,3 +164,90 @@ def test_runtime_loras_apply_a_fused_dora_to_the_split_transformer(bases, tmp_pa
     assert relative_error(rows_of(PARTS, state), expected) < 1e-5
     loras.restore()
     assert torch.equal(rows_of(PARTS, transformer.state_dict()), fused)
+
+
+# ---- lora convert: parts → a fused single-file module, swapped halves --------------------------
+
+# algorithms whose parts have no exact fused form (each part's delta depends on its own rows
+# as a whole: a per-column norm, one norm bound over all blocks, one input transform)
+NO_FUSED_FORM = {"dora-columns", "oft", "glora", "ia3-columns"}
+
+
+def convert(source, out, to, base=None):
+    from sdkit.ops.lora.convert import LoraConvertOptions, convert_transformer_lora
+
+    return convert_transformer_lora(source, out, LoraConvertOptions(to, base=str(base) if base else None))
+
+
+def part_adapters(bases, parts, algo, cls, options, present=None):
+    """LyCORIS modules trained on each diffusers part (OneTrainer's names), and the
+    merged weight of every part (the base's own where no module sits)."""
+    tensors, merged = {}, []
+    for index, part in enumerate(parts):
+        weight, bias = bases.split[f"{part}.weight"], bases.split[f"{part}.bias"]
+        if present is not None and index not in present:
+            merged.append(weight)
+            continue
+        module, weights, _ = lycoris_adapter("lora_transformer_" + part.replace(".", "_"), weight, bias, cls,
+                                             dict(options, lora_dim=min(options.get("lora_dim", 4), 8)), seed=index)
+        tensors.update(module)
+        merged.append(weights)
+    return with_neighbour(bases, tensors), torch.cat(merged)
+
+
+def with_neighbour(bases, tensors):
+    """An adapter file also holding a plain LoRA module on another layer, as trained files do."""
+    rows, columns = bases.split["x_embedder.weight"].shape
+    return {**tensors, "lora_transformer_x_embedder.lora_down.weight": torch.full((2, columns), 0.01),
+            "lora_transformer_x_embedder.lora_up.weight": torch.full((rows, 2), 0.01)}
+
+
+@pytest.mark.parametrize("algo,cls,options", ALGORITHMS, ids=[a for a, _, _ in ALGORITHMS])
+def test_part_modules_convert_to_one_fused_module_that_bakes_alike(bases, algo, cls, options, tmp_path):
+    tensors, merged = part_adapters(bases, PARTS, algo, cls, options)
+    lora = save(tensors, tmp_path / "parts.safetensors")
+    out = tmp_path / "comfy.safetensors"
+    if algo in NO_FUSED_FORM:
+        with pytest.raises(SdkitError, match="lora_transformer_transformer_blocks_0_attn_to_"):
+            convert(lora, out, "comfyui", bases.single_path)
+        assert not out.exists()
+        return
+    result = convert(lora, out, "comfyui", bases.single_path)
+    assert result.fused == 1 and result.modules_out == 2
+    assert any(key.startswith(f"diffusion_model.{QKV}.") for key in load(out))
+    baked = bake(bases.single_path, out, tmp_path / "baked.safetensors")
+    assert relative_error(baked[f"{QKV}.weight"], merged) < 1e-5
+    assert (algo == "lokr") == bool(result.as_differences)  # only LoKr needs a full difference
+
+
+@pytest.mark.parametrize("algo", ["loha", "dora-rows", "ia3-rows", "full"])
+def test_a_part_alone_fuses_with_the_other_parts_left_alone(bases, algo, tmp_path):
+    _, cls, options = next(a for a in ALGORITHMS if a[0] == algo)
+    tensors, merged = part_adapters(bases, LINEAR1_PARTS, algo, cls, options, present={1, 3})
+    lora = save(tensors, tmp_path / "parts.safetensors")
+    out = tmp_path / "comfy.safetensors"
+    if algo == "dora-rows":  # a fused DoRA would renormalise q's and v's rows too
+        with pytest.raises(SdkitError, match="DoRA on some parts"):
+            convert(lora, out, "kohya", bases.single_path)
+        return
+    convert(lora, out, "kohya", bases.single_path)
+    baked = bake(bases.single_path, out, tmp_path / "baked.safetensors")
+    assert relative_error(baked[f"{LINEAR1}.weight"], merged) < 1e-5
+    assert torch.equal(baked[f"{LINEAR1}.weight"][:32], bases.single[f"{LINEAR1}.weight"][:32])
+
+
+@pytest.mark.parametrize("algo,cls,options", [a for a in ALGORITHMS if a[0] != "glora"],
+                         ids=[a for a, _, _ in ALGORITHMS if a != "glora"])
+def test_a_module_on_the_swapped_modulation_converts_with_its_halves_exchanged(bases, algo, cls, options, tmp_path):
+    weight, bias = bases.split["norm_out.linear.weight"], bases.split["norm_out.linear.bias"]
+    if algo == "oft":
+        options = dict(options, lora_dim=16)  # 64 rows: two blocks per half
+    tensors, merged, _ = lycoris_adapter("lora_transformer_norm_out_linear", weight, bias, cls, options)
+    lora = save(with_neighbour(bases, tensors), tmp_path / "adapter.safetensors")
+    out = tmp_path / "comfy.safetensors"
+    result = convert(lora, out, "comfyui", bases.single_path)
+    assert result.swapped == 1
+    baked = bake(bases.single_path, out, tmp_path / "baked.safetensors")
+    half = merged.shape[0] // 2
+    expected = torch.cat([merged[half:], merged[:half]])
+    assert relative_error(baked["final_layer.adaLN_modulation.1.weight"], expected) < 1e-5
