@@ -251,3 +251,56 @@ def test_a_module_on_the_swapped_modulation_converts_with_its_halves_exchanged(b
     half = merged.shape[0] // 2
     expected = torch.cat([merged[half:], merged[:half]])
     assert relative_error(baked["final_layer.adaLN_modulation.1.weight"], expected) < 1e-5
+
+
+# ---- lora convert: DoRA in the diffusers layout (peft's magnitude vectors) -----------------------
+
+DORA_ROWS = {"lora_dim": 4, "alpha": 2, "weight_decompose": True}
+# single-file layers and their diffusers parts: fused, renamed, swapped
+DORA_LAYERS = {QKV: PARTS, "double_blocks.0.img_attn.proj": ["transformer_blocks.0.attn.to_out.0"],
+               "final_layer.adaLN_modulation.1": ["norm_out.linear"]}
+
+
+def test_a_kohya_dora_converts_to_peft_magnitudes_diffusers_fuses_alike(bases, tmp_path):
+    """Fused, renamed and swapped DoRA layers written for peft (`lora_magnitude_vector`,
+    `use_dora` in the config): diffusers loads the file and its `fuse_lora` gives each
+    part the rows of the merged weight LyCORIS computes on the whole single-file layer."""
+    import diffusers
+
+    tensors, expected = {}, {}
+    for seed, (layer, parts) in enumerate(DORA_LAYERS.items()):
+        weight, bias = bases.single[f"{layer}.weight"], bases.single[f"{layer}.bias"]
+        module, merged, _ = lycoris_adapter("lora_unet_" + layer.replace(".", "_"), weight, bias,
+                                            "locon.LoConModule", DORA_ROWS, seed=seed)
+        tensors.update(module)
+        if layer.startswith("final_layer"):
+            half = merged.shape[0] // 2
+            merged = torch.cat([merged[half:], merged[:half]])
+        expected.update(zip(parts, merged.split(32 if len(parts) > 1 else merged.shape[0])))
+    kohya = save(tensors, tmp_path / "kohya.safetensors")
+    out = tmp_path / "peft.safetensors"
+    result = convert(kohya, out, "diffusers", bases.single_path)
+    assert result.split == 1 and result.swapped == 1
+    assert any(key.endswith(".lora_magnitude_vector") for key in load(out))
+    class_name, config, _ = TINY["flux"]
+    model = getattr(diffusers, class_name)(**config).eval()
+    model.load_state_dict(bases.split)
+    model.load_lora_adapter(str(out), prefix="transformer", adapter_name="x")
+    model.fuse_lora(adapter_names=["x"])
+    fused = {name.replace(".base_layer.", "."): value for name, value in model.state_dict().items()
+             if "lora_" not in name}
+    for part, merged in expected.items():
+        assert relative_error(fused[f"{part}.weight"], merged) < 1e-5, part
+
+
+def test_a_dora_only_peft_cannot_hold_is_refused_in_one_line(bases, tmp_path):
+    weight, bias = bases.single[f"{QKV}.weight"], bases.single[f"{QKV}.bias"]
+    columns, _, _ = lycoris_adapter("lora_unet_double_blocks_0_img_attn_qkv", weight, bias, "locon.LoConModule",
+                                    dict(DORA_ROWS, wd_on_out=False))
+    with pytest.raises(SdkitError, match="lora_unet_double_blocks_0_img_attn_qkv: its DoRA norm runs over input"):
+        convert(save(columns, tmp_path / "columns.safetensors"), tmp_path / "a.safetensors", "diffusers")
+    rows, _, _ = lycoris_adapter("lora_unet_double_blocks_0_img_attn_qkv", weight, bias, "locon.LoConModule", DORA_ROWS)
+    mixed = save(with_neighbour(bases, rows), tmp_path / "mixed.safetensors")
+    with pytest.raises(SdkitError, match="peft's config turns DoRA on or off"):
+        convert(mixed, tmp_path / "b.safetensors", "diffusers", bases.single_path)
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()

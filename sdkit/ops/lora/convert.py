@@ -42,7 +42,7 @@ from sdkit.io import LazyTensor, open_model, write_safetensors
 from sdkit.io.model_file import FLOAT_DTYPES, dtype_code
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.convert.lora import adapter_metadata
-from sdkit.ops.lora.convert_rows import (RebuiltModule, fused_module, module_rows, swap_halves,
+from sdkit.ops.lora.convert_rows import (RebuiltModule, dora_on_rows, fused_module, module_rows, swap_halves,
                                          swapped_difference, swapped_roles)
 from sdkit.ops.lora.plan import decisive_family, family_problem
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
@@ -333,6 +333,9 @@ class _Writer:
         self.result = result
         self.tensors: dict[str, LazyTensor] = {}
         self.ranks: dict[str, list[tuple[str, int, float]]] = {}  # diffusers: component -> (path, r, alpha)
+        # diffusers: per component, a DoRA module and a plain one (peft's config holds one use_dora)
+        self.dora: dict[str, str] = {}
+        self.plain: dict[str, str] = {}
         self.modules = 0
 
     # one layer
@@ -359,9 +362,11 @@ class _Writer:
         for part, module in members.items():
             path = place.parts[part or 0]
             if place.kind == "swap" and source == "ldm":
-                require_plain(module, "a layer stored in the other row order")
+                require_peft(module)
                 up = swap_halves(module.tensors["up"].load())
-                self._add_peft(PEFT_COMPONENT, path, module, up, module.tensors["down"].load())
+                magnitude = _magnitude(module)
+                self._add_peft(PEFT_COMPONENT, path, module, up, module.tensors["down"].load(),
+                               None if magnitude is None else swap_halves(magnitude))
                 self.result.swapped += 1
             else:
                 self._add_peft(PEFT_COMPONENT, path, module)
@@ -438,8 +443,9 @@ class _Writer:
     def _add_split(self, place: LayerPlace, module: LoraModule) -> None:
         """A fused module as its parts: the up factor's rows, the shared down factor, and
         only the rank columns a part uses."""
-        require_plain(module, "a fused layer written as its parts")
+        require_peft(module)
         up, down = module.tensors["up"].load(), module.tensors["down"].load()
+        magnitude = _magnitude(module)
         if place.unknown:
             raise SdkitError(f"{module.name}: cutting this fused layer needs {', '.join(place.unknown)}, which "
                              "the LoRA's other layers do not show; give --base MODEL")
@@ -454,14 +460,18 @@ class _Writer:
             rows = up[start:stop]
             used = rows.abs().sum(0) != 0
             if not bool(used.any()):
-                continue
-            self._add_peft(PEFT_COMPONENT, part, module, rows[:, used], down[used])
+                if magnitude is None:
+                    continue
+                used[0] = True  # DoRA renormalises a part even where its LoRA adds nothing
+            self._add_peft(PEFT_COMPONENT, part, module, rows[:, used], down[used],
+                           None if magnitude is None else magnitude[start:stop])
         self.result.split += 1
 
     def _add_peft(self, component: str, path: str, module: LoraModule, up: "torch.Tensor | None" = None,
-                  down: "torch.Tensor | None" = None) -> None:
-        """A peft module: lora_A = down as it is, lora_B = up with alpha / rank folded in."""
-        require_plain(module, "the diffusers layout")
+                  down: "torch.Tensor | None" = None, magnitude: "torch.Tensor | None" = None) -> None:
+        """A peft module: lora_A = down as it is, lora_B = up with alpha / rank folded in
+        (and a DoRA magnitude per output row: `magnitude`, else the module's own)."""
+        require_peft(module)
         name = f"{component}.{path}"
         scale = module.scale
         self._put(f"{name}.lora_A.weight", module, "down", down, module.tensors["down"])
@@ -470,6 +480,12 @@ class _Writer:
         else:
             up = module.tensors["up"].load() if up is None else up
             self._put(f"{name}.lora_B.weight", module, "up", (up.float() * scale).to(up.dtype), None)
+        if module.dora_scale is not None:
+            magnitude = _magnitude(module) if magnitude is None else magnitude
+            self._put(f"{name}.lora_magnitude_vector", module, "dora_scale", magnitude.contiguous(), None)
+            self.dora.setdefault(component, module.name)
+        else:
+            self.plain.setdefault(component, module.name)
         rank = (down if down is not None else module.tensors["down"]).shape[0]
         self.ranks.setdefault(component, []).append((path, int(rank), float(rank)))
         self.modules += 1
@@ -495,6 +511,23 @@ class _Writer:
 
 
 PEFT_COMPONENT = "transformer"
+
+
+def require_peft(module: LoraModule) -> None:
+    """Refuse what peft's LoRA cannot hold: all but plain LoRA and DoRA with a magnitude
+    per output row (peft renormalises output rows)."""
+    if module.dora_scale is not None and module.type == LORA and _magnitude(module) is None:
+        raise SdkitError(f"{module.name}: its DoRA norm runs over input columns; peft's DoRA (the diffusers "
+                         "layout) takes it over output rows")
+    if module.dora_scale is None or module.type != LORA or "bias" in module.tensors:
+        require_plain(module, "the diffusers layout")
+
+
+def _magnitude(module: LoraModule) -> "torch.Tensor | None":
+    """A DoRA module's magnitude per output row, as one vector (None: per input column)."""
+    if module.dora_scale is None or not dora_on_rows(module):
+        return None
+    return module.dora_scale.load().flatten()
 
 
 def require_plain(module: LoraModule, where: str) -> None:
@@ -546,7 +579,11 @@ def _metadata(metadata: dict[str, str], family: Family, options: LoraConvertOpti
     carried = {k: v for k, v in (metadata or {}).items() if k != ADAPTER_METADATA_KEY}
     extra = {}
     if writer.convention == "diffusers":
-        extra[ADAPTER_METADATA_KEY] = adapter_metadata(writer.ranks)
+        mixed = next((c for c in writer.dora if c in writer.plain), None)
+        if mixed is not None:
+            raise SdkitError(f"{writer.dora[mixed]}: is DoRA and {writer.plain[mixed]} is not; peft's config turns "
+                             f"DoRA on or off for all of the {mixed}'s modules (nothing converted)")
+        extra[ADAPTER_METADATA_KEY] = adapter_metadata(writer.ranks, set(writer.dora))
     implementation = DIFFUSERS_IMPLEMENTATION if writer.convention == "diffusers" else None
     facts = SpecFacts(family=family.name, prediction=family.prediction, adapter="lora",
                       implementation=implementation)

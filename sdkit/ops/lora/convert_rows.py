@@ -102,7 +102,7 @@ def _fused_weighted(members: dict[int, LoraModule], rows: Sequence[int | None], 
         if len(members) != len(rows):
             raise SdkitError(f"{example.name}: DoRA on some parts of {layer} only has no fused form (the fused "
                              "module would renormalise the other parts' rows too)")
-        column = next((m for m in modules if not _dora_on_rows(m)), None)
+        column = next((m for m in modules if not dora_on_rows(m)), None)
         if column is not None:
             raise SdkitError(f"{column.name}: its DoRA norm runs over input columns of this part alone, the fused "
                              f"{layer} would take it over every part's rows; no exact fused form")
@@ -117,7 +117,7 @@ def _fused_weighted(members: dict[int, LoraModule], rows: Sequence[int | None], 
     return rebuilt
 
 
-def _dora_on_rows(module: LoraModule) -> bool:
+def dora_on_rows(module: LoraModule) -> bool:
     """Whether a DoRA magnitude is per output row (peft's, or one value per delta row)."""
     magnitude = module.dora_scale
     rows = delta_extent(module)[0]
@@ -211,7 +211,7 @@ def swapped_roles(module: LoraModule) -> dict[str, "torch.Tensor"] | None:
     swapped = {role: swap_halves(module.tensors[role].load()) for role in roles}
     if "bias" in module.tensors:
         swapped["bias"] = swap_halves(module.tensors["bias"].load())
-    if module.dora_scale is not None and _dora_on_rows(module):
+    if module.dora_scale is not None and dora_on_rows(module):
         swapped["dora_scale"] = swap_halves(module.dora_scale.load())
     return swapped
 
