@@ -11,7 +11,9 @@ cache (it gives the same bits as the whole tensor at once): each block of the ba
 widened, gets every delta added, is checked against the output dtype's range and is
 written narrowed into the output, so the weight crosses memory once instead of once
 per step. Deltas that depend on the weight (IA3, GLoRA, OFT, DoRA) see the original
-weight; OFT's strength acts inside its rotation. Values beyond the output dtype's range
+weight of the layer the module was made for (a layer spread over several tensors is put
+back together from their originals, in the module's row order); OFT's strength acts
+inside its rotation. Values beyond the output dtype's range
 are clamped to it (and counted). A contribution covers the rows of its layer's delta that
 its `Piece` names (all of them but where one adapter layer spans several base tensors, or
 meets its tensor in the other half order); a plain LoRA's rows are `up[rows] @ down`.

@@ -14,8 +14,8 @@ rebuilding of fused and swapped layers).
   and block counts and checks every module's shape against the layer.
 - Refused, with the module named and nothing written: a module no layer of the family
   has, two modules on one layer, shapes that do not fit, NaN or infinite factors, and
-  algorithms a rebuilt layer cannot hold (only plain LoRA modules are fused, split or
-  written with peft names; LoHa / LoKr / DoRA modules are renamed as they are).
+  algorithms a rebuilt layer cannot hold exactly (`convert_rows` says which fuse and swap;
+  peft takes plain LoRA and DoRA with a magnitude per output row).
 """
 
 from __future__ import annotations
