@@ -22,7 +22,7 @@ from fixtures.families.released import TINY, tiny_tensors
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
 from test_lora_support import single_thread  # noqa: F401  (autouse)
-from transformer_loras import converted, load, relative_error, save
+from transformer_loras import converted, index, load, relative_error, save
 
 QKV = "double_blocks.0.img_attn.qkv"
 PARTS = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
@@ -304,3 +304,21 @@ def test_a_dora_only_peft_cannot_hold_is_refused_in_one_line(bases, tmp_path):
     with pytest.raises(SdkitError, match="peft's config turns DoRA on or off"):
         convert(mixed, tmp_path / "b.safetensors", "diffusers", bases.single_path)
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_every_family_bakes_a_fused_dora_into_its_split_parts(family, tmp_path):
+    single = tiny_tensors(family, "ldm")
+    split = converted(single, "ldm_to_diffusers")
+    spread = [t for t in index(split).targets if len({piece.weight.key for piece in t.pieces}) > 1]
+    if not spread:
+        pytest.skip(f"no {family} layer is fused in one convention and split in the other")
+    target = spread[0]
+    weight, bias = single[f"{target.ldm_path}.weight"], single.get(f"{target.ldm_path}.bias")
+    tensors, merged, _ = lycoris_adapter("lora_unet_" + target.ldm_path.replace(".", "_"), weight, bias,
+                                         "locon.LoConModule", dict(DORA_ROWS, wd_on_out=False))
+    lora = save(tensors, tmp_path / "dora.safetensors")
+    baked = bake(save(split, tmp_path / "split.safetensors"), lora, tmp_path / "baked.safetensors")
+    for piece in target.pieces:
+        first, last = piece.delta_rows
+        assert relative_error(baked[piece.weight.key], merged[first:last]) < 1e-5, piece.weight.key
