@@ -124,9 +124,7 @@ def convert_transformer_lora(source: str | os.PathLike[str], output: str | os.Pa
                                  f"layer (stored in another order there) depends on how many blocks the "
                                  f"{family.title} model has; give --base MODEL")
             writer.add_layer(place, members)
-        for name, module in lora.modules.items():
-            if denoiser_path(name) is None:
-                writer.add_text_module(module)
+        writer.add_text_modules()
         if result.as_differences:
             result.notes.append(f"{len(result.as_differences)} layers written as full weight differences, exact but "
                                 f"as large as the layers (e.g. {result.as_differences[0]}: its modules have no "
@@ -490,7 +488,13 @@ class _Writer:
         self.ranks.setdefault(component, []).append((path, int(rank), float(rank)))
         self.modules += 1
 
-    def add_text_module(self, module: LoraModule) -> None:
+    def add_text_modules(self) -> None:
+        """The LoRA's text-encoder modules, in the layout's names."""
+        for name, module in self.lora.modules.items():
+            if denoiser_path(name) is None:
+                self._add_text_module(module)
+
+    def _add_text_module(self, module: LoraModule) -> None:
         name = text_name(self.family, self.layout, module.name)
         if self.convention == "ldm":
             self._add_renamed(name, module)
@@ -600,6 +604,7 @@ def layout_tensors(lora: LoraFile, index: PlaceIndex, layout: str
     writer = _Writer(family, layout, lora, LoraConvertResult("", family.name, layout))
     for place, members in _grouped(lora, index).items():
         writer.add_layer(place, members)
+    writer.add_text_modules()
     return writer.tensors, writer.ranks
 
 
@@ -628,9 +633,7 @@ def in_kohya_layout(lora: LoraFile, identity: Identity, base: str | None = None)
             if opened is not None:
                 _check_shapes(place, members, opened)
             writer.add_layer(place, members)
-        for name, module in lora.modules.items():
-            if denoiser_path(name) is None:
-                writer.add_text_module(module)
+        writer.add_text_modules()
         tensors = {key: lazy.load() for key, lazy in writer.tensors.items()}
     renamed = parse_lora(tensors, lora.metadata)
     renamed.path = lora.path
