@@ -82,3 +82,37 @@ def test_an_unchanged_encoder_is_left_out_with_a_note(checkpoints):
     modules = {key.split(".")[0] for key in load(lora)}
     assert any(m.startswith("lora_te1_") for m in modules) and not any(m.startswith("lora_te3_") for m in modules)
     assert any(note.startswith("T5-XXL left out") for note in report.notes), report.notes
+
+
+@pytest.mark.parametrize("encoder,prefix,inside", [("t5xxl", "lora_te3_", "text_encoders.t5xxl.transformer."),
+                                                   ("clip_l", "lora_te_", "text_encoders.clip_l.transformer.")])
+def test_a_lone_text_encoder_extracts_and_bakes_into_itself_and_the_checkpoint(checkpoints, encoder, prefix, inside,
+                                                                            tmp_path):
+    """Lone encoder files (as FLUX and SD3 users keep them): T5-XXL under kohya's
+    `lora_te3_` (its name in every family), CLIP-L as sd-scripts names a lone CLIP-L;
+    baked back into the lone file and into the all-in-one checkpoint's copy of it."""
+    base = {name[len(inside):]: value for name, value in checkpoints["base_values"].items() if name.startswith(inside)}
+    tuned = {name[len(inside):]: value for name, value in checkpoints["tuned_values"].items()
+             if name.startswith(inside)}
+    base_path, tuned_path = save(base, tmp_path / "base.safetensors"), save(tuned, tmp_path / "tuned.safetensors")
+    lora = tmp_path / "lora.safetensors"
+    extract_lora(tuned_path, base_path, lora, ExtractOptions(**EXACT))
+    assert all(key.startswith(prefix) for key in load(lora))
+    bake_loras(base_path, [AdapterInput(str(lora))], tmp_path / "lone.safetensors", BakeOptions())
+    assert_close(load(tmp_path / "lone.safetensors"), tuned)
+    bake_loras(checkpoints["base"], [AdapterInput(str(lora))], tmp_path / "aio.safetensors", BakeOptions())
+    expected = {**checkpoints["base_values"], **{inside + name: value for name, value in tuned.items()}}
+    assert_close(load(tmp_path / "aio.safetensors"), expected)
+
+
+def test_a_lone_t5_in_the_diffusers_layout_is_refused_in_one_line(checkpoints, tmp_path):
+    from sdkit.errors import SdkitError
+
+    inside = "text_encoders.t5xxl.transformer."
+    base = save({n[len(inside):]: v for n, v in checkpoints["base_values"].items() if n.startswith(inside)},
+                tmp_path / "base.safetensors")
+    tuned = save({n[len(inside):]: v for n, v in checkpoints["tuned_values"].items() if n.startswith(inside)},
+                 tmp_path / "tuned.safetensors")
+    with pytest.raises(SdkitError, match="lone T5 encoder"):
+        extract_lora(tuned, base, tmp_path / "out.safetensors", ExtractOptions(**EXACT, to="diffusers"))
+    assert not (tmp_path / "out.safetensors").exists()
