@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_lora_support import single_thread  # noqa: F401  (autouse)
+from transformer_loras import assert_close, load, save
 
 from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
 from sdkit.ops.lora.extract import ExtractOptions, extract_lora
 from sdkit.ops.parts.join import join_parts
-from test_lora_support import single_thread  # noqa: F401  (autouse)
-from transformer_loras import assert_close, load, save
 
 TOY = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
 EXACT = {"rank": 4, "clamp_quantile": None}

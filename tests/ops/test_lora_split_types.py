@@ -16,13 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_lora_support import single_thread  # noqa: F401  (autouse)
 from torch import nn
+from transformer_loras import converted, index, load, relative_error, save
 
 from fixtures.families.released import TINY, tiny_tensors
 from sdkit.errors import SdkitError
 from sdkit.ops.lora.bake import AdapterInput, BakeOptions, bake_loras
-from test_lora_support import single_thread  # noqa: F401  (autouse)
-from transformer_loras import converted, index, load, relative_error, save
 
 QKV = "double_blocks.0.img_attn.qkv"
 PARTS = [f"transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
@@ -30,15 +30,15 @@ LINEAR1 = "single_blocks.0.linear1"
 LINEAR1_PARTS = [f"single_transformer_blocks.0.{p}" for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")]
 # (id, lycoris module class, its options): every algorithm that can sit on a linear layer
 ALGORITHMS = [
-    ("dora-rows", "locon.LoConModule", dict(lora_dim=4, alpha=2, weight_decompose=True)),
-    ("dora-columns", "locon.LoConModule", dict(lora_dim=4, alpha=2, weight_decompose=True, wd_on_out=False)),
-    ("loha", "loha.LohaModule", dict(lora_dim=4, alpha=4)),
-    ("lokr", "lokr.LokrModule", dict(lora_dim=4, alpha=4, factor=4)),
-    ("ia3-rows", "ia3.IA3Module", dict()),
-    ("ia3-columns", "ia3.IA3Module", dict(train_on_input=True)),
-    ("oft", "diag_oft.DiagOFTModule", dict(lora_dim=8, alpha=0)),
-    ("full", "full.FullModule", dict()),
-    ("glora", "glora.GLoRAModule", dict(lora_dim=4, alpha=2)),
+    ("dora-rows", "locon.LoConModule", {"lora_dim": 4, "alpha": 2, "weight_decompose": True}),
+    ("dora-columns", "locon.LoConModule", {"lora_dim": 4, "alpha": 2, "weight_decompose": True, "wd_on_out": False}),
+    ("loha", "loha.LohaModule", {"lora_dim": 4, "alpha": 4}),
+    ("lokr", "lokr.LokrModule", {"lora_dim": 4, "alpha": 4, "factor": 4}),
+    ("ia3-rows", "ia3.IA3Module", {}),
+    ("ia3-columns", "ia3.IA3Module", {"train_on_input": True}),
+    ("oft", "diag_oft.DiagOFTModule", {"lora_dim": 8, "alpha": 0}),
+    ("full", "full.FullModule", {}),
+    ("glora", "glora.GLoRAModule", {"lora_dim": 4, "alpha": 2}),
 ]
 
 
@@ -132,8 +132,8 @@ def test_a_dora_module_on_a_swapped_modulation_sees_the_weight_in_its_own_order(
     (scale, shift): a single-file DoRA module baked into a diffusers base."""
     weight, bias = bases.single["final_layer.adaLN_modulation.1.weight"], bases.single["final_layer.adaLN_modulation.1.bias"]
     tensors, merged, _ = lycoris_adapter("lora_unet_final_layer_adaLN_modulation_1", weight, bias,
-                                         "locon.LoConModule", dict(lora_dim=4, alpha=2, weight_decompose=True,
-                                                                   wd_on_out=False))
+                                         "locon.LoConModule", {"lora_dim": 4, "alpha": 2, "weight_decompose": True,
+                                                                   "wd_on_out": False})
     lora = save(tensors, tmp_path / "adapter.safetensors")
     on_split = bake(bases.split_path, lora, tmp_path / "split.safetensors")
     half = merged.shape[0] // 2
@@ -153,8 +153,8 @@ def test_runtime_loras_apply_a_fused_dora_to_the_split_transformer(bases, tmp_pa
     transformer.load_state_dict(bases.split)
     fused = bases.single[f"{QKV}.weight"]
     tensors, merged, _ = lycoris_adapter("lora_unet_double_blocks_0_img_attn_qkv", fused, None,
-                                         "locon.LoConModule", dict(lora_dim=4, alpha=2, weight_decompose=True,
-                                                                   wd_on_out=False))
+                                         "locon.LoConModule", {"lora_dim": 4, "alpha": 2, "weight_decompose": True,
+                                                                   "wd_on_out": False})
     lora = save(tensors, tmp_path / "dora.safetensors")
     loras = FlowLoras(SimpleNamespace(transformer=transformer), "flux")
     applied = loras.apply([LoraRequest(lora, "dora", unet_strength=0.5)])
@@ -183,13 +183,13 @@ def part_adapters(bases, parts, algo, cls, options, present=None):
     """LyCORIS modules trained on each diffusers part (OneTrainer's names), and the
     merged weight of every part (the base's own where no module sits)."""
     tensors, merged = {}, []
-    for index, part in enumerate(parts):
+    for number, part in enumerate(parts):
         weight, bias = bases.split[f"{part}.weight"], bases.split[f"{part}.bias"]
-        if present is not None and index not in present:
+        if present is not None and number not in present:
             merged.append(weight)
             continue
         module, weights, _ = lycoris_adapter("lora_transformer_" + part.replace(".", "_"), weight, bias, cls,
-                                             dict(options, lora_dim=min(options.get("lora_dim", 4), 8)), seed=index)
+                                             dict(options, lora_dim=min(options.get("lora_dim", 4), 8)), seed=number)
         tensors.update(module)
         merged.append(weights)
     return with_neighbour(bases, tensors), torch.cat(merged)

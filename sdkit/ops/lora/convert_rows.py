@@ -33,8 +33,9 @@ not depend on the order of its rows; LoKr becomes a full difference.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from sdkit.adapters.lora_format import FULL, IA3, LOHA, LOKR, LORA, OFT, LoraModule
 from sdkit.adapters.lora_math import delta_weight, needs_base_weight
@@ -47,8 +48,7 @@ if TYPE_CHECKING:
 # the factor pairs (rows side, rank side) whose product gives rows of the delta
 _PAIRS = {LORA: (("up", "down"),), LOHA: (("w1a", "w1b"), ("w2a", "w2b"))}
 _KOHYA_KEYS = {"up": "lora_up.weight", "down": "lora_down.weight", "w1a": "hada_w1_a", "w1b": "hada_w1_b",
-               "w2a": "hada_w2_a", "w2b": "hada_w2_b", "diff": "diff", "bias": "diff_b", "weight": "weight",
-               "blocks": "oft_blocks", "rotation": "oft_diag", "rescale": "rescale"}
+               "w2a": "hada_w2_a", "w2b": "hada_w2_b"}
 # the roles whose rows are the delta's rows (exchanged with the halves of a swapped layer)
 _ROW_ROLES = {LORA: ("up",), LOHA: ("w1a", "w2a"), FULL: ("diff",)}
 
@@ -57,7 +57,7 @@ _ROW_ROLES = {LORA: ("up",), LOHA: ("w1a", "w2a"), FULL: ("diff",)}
 class RebuiltModule:
     """A module's tensors by their kohya key suffix (`alpha` included), and what it is."""
 
-    tensors: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     form: str = LORA
 
 
@@ -105,14 +105,15 @@ def _fused_weighted(members: dict[int, LoraModule], rows: Sequence[int | None], 
         column = next((m for m in modules if not dora_on_rows(m)), None)
         if column is not None:
             raise SdkitError(f"{column.name}: its DoRA norm runs over input columns of this part alone, the fused "
-                             f"{layer} would take it over every part's rows; no exact fused form")
+                             f"{layer} would take it over every part's rows; no exact fused form (a bake applies "
+                             "it exactly)")
         rebuilt = _fused_factors(members, rows, LORA)
         rebuilt.tensors["dora_scale"] = _stacked(members, rows, lambda m: m.dora_scale.load().reshape(-1, 1))
     else:
         problem = "OFT's norm bound covers all its blocks together" if example.type == OFT else \
             f"{with_article(example.type)} delta depends on the whole layer's weight"
         raise SdkitError(f"{example.name}: {problem}; its part of {layer} has no fused form "
-                         "(bake it instead, or convert to the diffusers layout where the parts stay apart)")
+                         "(a bake applies it exactly)")
     _add_bias(rebuilt, members, rows)
     return rebuilt
 
@@ -169,7 +170,7 @@ def _fused_ia3(members: dict[int, LoraModule], rows: Sequence[int | None], layer
 
 
 def _stacked(members: dict[int, LoraModule], rows: Sequence[int | None],
-             rows_of: Callable[[LoraModule], "torch.Tensor"]) -> "torch.Tensor":
+             rows_of: Callable[[LoraModule], torch.Tensor]) -> torch.Tensor:
     """Each part's rows (`rows_of(module)`, a (rows, ...) tensor), zeros for a part the
     adapter leaves alone."""
     import torch
@@ -181,14 +182,14 @@ def _stacked(members: dict[int, LoraModule], rows: Sequence[int | None],
                       for part in range(len(rows))])
 
 
-def _delta_rows(module: LoraModule) -> "torch.Tensor":
+def _delta_rows(module: LoraModule) -> torch.Tensor:
     """The module's delta as (rows, columns), in its factors' dtype."""
     delta, _ = delta_weight(module, None, 1.0)
     dtype = next(iter(module.tensors.values())).dtype
     return delta.reshape(delta.shape[0], -1).to(_torch_dtype(dtype))
 
 
-def _torch_dtype(code: str) -> "torch.dtype":
+def _torch_dtype(code: str) -> torch.dtype:
     from sdkit.io.dtypes import CODE_TO_TORCH
 
     return CODE_TO_TORCH[code]
@@ -202,7 +203,7 @@ def _add_bias(rebuilt: RebuiltModule, members: dict[int, LoraModule], rows: Sequ
 
 # ---- a layer stored with its halves exchanged --------------------------------------------------
 
-def swapped_roles(module: LoraModule) -> dict[str, "torch.Tensor"] | None:
+def swapped_roles(module: LoraModule) -> dict[str, torch.Tensor] | None:
     """The module's tensors that change (by role, `dora_scale` included) when its layer's
     two halves of rows are exchanged; None where only a full difference holds it (LoKr)."""
     if module.type == LOKR and module.dora_scale is None:
@@ -230,7 +231,7 @@ def _swapped_role_names(module: LoraModule) -> tuple[str, ...]:
                      "has no exact form there")
 
 
-def swapped_difference(module: LoraModule) -> dict[str, "torch.Tensor"]:
+def swapped_difference(module: LoraModule) -> dict[str, torch.Tensor]:
     """A module as a full difference with its halves exchanged (kohya key suffixes)."""
     tensors = {"diff": swap_halves(_delta_rows(module))}
     if "bias" in module.tensors:
@@ -238,12 +239,8 @@ def swapped_difference(module: LoraModule) -> dict[str, "torch.Tensor"]:
     return tensors
 
 
-def swap_halves(tensor: "torch.Tensor") -> "torch.Tensor":
+def swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     import torch
 
     half = tensor.shape[0] // 2
     return torch.cat([tensor[half:], tensor[:half]])
-
-
-def kohya_key(role: str) -> str:
-    return _KOHYA_KEYS[role]
