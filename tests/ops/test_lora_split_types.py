@@ -322,3 +322,19 @@ def test_every_family_bakes_a_fused_dora_into_its_split_parts(family, tmp_path):
     for piece in target.pieces:
         first, last = piece.delta_rows
         assert relative_error(baked[piece.weight.key], merged[first:last]) < 1e-5, piece.weight.key
+
+
+def test_the_command_refuses_a_part_without_fused_form_in_one_line(bases, capsys, tmp_path):
+    from cli_run import run_sdkit
+
+    from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
+
+    _, cls, options = next(a for a in ALGORITHMS if a[0] == "oft")
+    tensors, _ = part_adapters(bases, PARTS, "oft", cls, options)
+    lora = save(tensors, tmp_path / "oft.safetensors")
+    out = tmp_path / "comfy.safetensors"
+    code, _out, err = run_sdkit(capsys, "lora", "convert", str(lora), "--to", "comfyui", "--base",
+                                str(bases.single_path), "-o", str(out))
+    assert code == 1 and not out.exists()
+    assert err.startswith("sdkit: error: lora_transformer_transformer_blocks_0_attn_to_") and err.count("\n") == 1, err
+    assert "no fused form" in err
