@@ -291,6 +291,11 @@ def test_a_kohya_dora_converts_to_peft_magnitudes_diffusers_fuses_alike(bases, t
              if "lora_" not in name}
     for part, merged in expected.items():
         assert relative_error(fused[f"{part}.weight"], merged) < 1e-5, part
+    back = tmp_path / "comfy.safetensors"  # peft's magnitude vectors back to fused kohya DoRA
+    assert convert(out, back, "comfyui", bases.single_path).fused == 1
+    baked = bake(bases.split_path, back, tmp_path / "baked.safetensors")
+    for part, merged in expected.items():
+        assert relative_error(baked[f"{part}.weight"], merged) < 1e-5, part
 
 
 def test_a_dora_only_peft_cannot_hold_is_refused_in_one_line(bases, tmp_path):
