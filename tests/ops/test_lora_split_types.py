@@ -169,8 +169,8 @@ def test_runtime_loras_apply_a_fused_dora_to_the_split_transformer(bases, tmp_pa
 # ---- lora convert: parts → a fused single-file module, swapped halves --------------------------
 
 # algorithms whose parts have no exact fused form (each part's delta depends on its own rows
-# as a whole: a per-column norm, one norm bound over all blocks, one input transform)
-NO_FUSED_FORM = {"dora-columns", "oft", "glora", "ia3-columns"}
+# as a whole: a per-column norm, one input transform; input gains that differ per part)
+NO_FUSED_FORM = {"dora-columns", "glora", "ia3-columns"}
 
 
 def convert(source, out, to, base=None):
@@ -220,10 +220,21 @@ def test_part_modules_convert_to_one_fused_module_that_bakes_alike(bases, algo, 
     assert (algo == "lokr") == bool(result.as_differences)  # only LoKr needs a full difference
 
 
-@pytest.mark.parametrize("algo", ["loha", "dora-rows", "ia3-rows", "full"])
+def test_oft_parts_held_by_their_norm_bound_are_refused(bases, tmp_path):
+    """A bound small enough to scale each part's generators down: the fused module's one
+    bound would scale all blocks by another factor."""
+    tensors, _ = part_adapters(bases, PARTS, "oft", "diag_oft.DiagOFTModule", {"lora_dim": 8, "constraint": 1e-4})
+    lora = save(tensors, tmp_path / "oft.safetensors")
+    with pytest.raises(SdkitError, match="inside its norm bound"):
+        convert(lora, tmp_path / "comfy.safetensors", "comfyui", bases.single_path)
+
+
+@pytest.mark.parametrize("algo", ["loha", "dora-rows", "ia3-rows", "full", "oft"])
 def test_a_part_alone_fuses_with_the_other_parts_left_alone(bases, algo, tmp_path):
     _, cls, options = next(a for a in ALGORITHMS if a[0] == algo)
-    tensors, merged = part_adapters(bases, LINEAR1_PARTS, algo, cls, options, present={1, 3})
+    # OFT blocks of one size: k of q, k, v (its block size differs on the MLP input's rows)
+    fused, parts, present = (QKV, PARTS, {1}) if algo == "oft" else (LINEAR1, LINEAR1_PARTS, {1, 3})
+    tensors, merged = part_adapters(bases, parts, algo, cls, options, present=present)
     lora = save(tensors, tmp_path / "parts.safetensors")
     out = tmp_path / "comfy.safetensors"
     if algo == "dora-rows":  # a fused DoRA would renormalise q's and v's rows too
@@ -232,8 +243,8 @@ def test_a_part_alone_fuses_with_the_other_parts_left_alone(bases, algo, tmp_pat
         return
     convert(lora, out, "kohya", bases.single_path)
     baked = bake(bases.single_path, out, tmp_path / "baked.safetensors")
-    assert relative_error(baked[f"{LINEAR1}.weight"], merged) < 1e-5
-    assert torch.equal(baked[f"{LINEAR1}.weight"][:32], bases.single[f"{LINEAR1}.weight"][:32])
+    assert relative_error(baked[f"{fused}.weight"], merged) < 1e-5
+    assert torch.equal(baked[f"{fused}.weight"][:32], bases.single[f"{fused}.weight"][:32])
 
 
 @pytest.mark.parametrize("algo,cls,options", [a for a in ALGORITHMS if a[0] != "glora"],
@@ -334,9 +345,9 @@ def test_the_command_refuses_a_part_without_fused_form_in_one_line(bases, capsys
 
     from sdkit.cli import lora_cmd  # noqa: F401  (attaches `lora` to the group)
 
-    _, cls, options = next(a for a in ALGORITHMS if a[0] == "oft")
-    tensors, _ = part_adapters(bases, PARTS, "oft", cls, options)
-    lora = save(tensors, tmp_path / "oft.safetensors")
+    _, cls, options = next(a for a in ALGORITHMS if a[0] == "glora")
+    tensors, _ = part_adapters(bases, PARTS, "glora", cls, options)
+    lora = save(tensors, tmp_path / "glora.safetensors")
     out = tmp_path / "comfy.safetensors"
     code, _out, err = run_sdkit(capsys, "lora", "convert", str(lora), "--to", "comfyui", "--base",
                                 str(bases.single_path), "-o", str(out))

@@ -15,13 +15,16 @@ Parts → one fused module (q, k, v modules → `qkv`; FLUX's q, k, v and MLP in
 - IA3 on output rows: the gains stacked (zero for a missing part); on input columns: one
   gain vector, when every part holds the same;
 - full differences: stacked;
+- OFT whose every part's rotation is inside its norm bound (or unbounded): the blocks in
+  row order (identity blocks for a missing part), the largest alpha;
 - any other mix whose delta does not depend on the base weight (LoKr, a Tucker core,
   parts of different algorithms): the parts' deltas stacked into one full difference —
   exact, as large as the layer itself.
 
 Refused, naming the module: a DoRA whose norm is taken per input column (the fused
-layer's norm would run over every part's rows, the part's ran over its own), OFT (one
-norm bound covers all its blocks together) and GLoRA (one input transform per module).
+layer's norm would run over every part's rows, the part's ran over its own), OFT a norm
+bound holds in (one bound covers all the fused blocks together), and GLoRA (one input
+transform per module).
 
 A layer stored with its two halves exchanged (FLUX's final modulation): the factors whose
 rows are the delta's rows get their halves exchanged (LoRA up, LoHa w1a / w2a, a full
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sdkit.adapters.lora_format import FULL, IA3, LOHA, LOKR, LORA, OFT, LoraModule
-from sdkit.adapters.lora_math import delta_weight, needs_base_weight
+from sdkit.adapters.lora_math import delta_weight, needs_base_weight, oft_constraint_factor
 from sdkit.adapters.lora_names import delta_extent
 from sdkit.errors import SdkitError, with_article
 
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 _PAIRS = {LORA: (("up", "down"),), LOHA: (("w1a", "w1b"), ("w2a", "w2b"))}
 _KOHYA_KEYS = {"up": "lora_up.weight", "down": "lora_down.weight", "w1a": "hada_w1_a", "w1b": "hada_w1_b",
                "w2a": "hada_w2_a", "w2b": "hada_w2_b"}
+_OFT_KEYS = {"blocks": "oft_blocks", "rotation": "oft_diag"}
 # the roles whose rows are the delta's rows (exchanged with the halves of a swapped layer)
 _ROW_ROLES = {LORA: ("up",), LOHA: ("w1a", "w2a"), FULL: ("diff",)}
 
@@ -109,12 +113,52 @@ def _fused_weighted(members: dict[int, LoraModule], rows: Sequence[int | None], 
                              "it exactly)")
         rebuilt = _fused_factors(members, rows, LORA)
         rebuilt.tensors["dora_scale"] = _stacked(members, rows, lambda m: m.dora_scale.load().reshape(-1, 1))
+    elif all(m.type == OFT for m in modules):
+        rebuilt = _fused_oft(members, rows, layer)
     else:
-        problem = "OFT's norm bound covers all its blocks together" if example.type == OFT else \
-            f"{with_article(example.type)} delta depends on the whole layer's weight"
+        problem = f"{with_article(example.type)} delta depends on the whole layer's weight"
         raise SdkitError(f"{example.name}: {problem}; its part of {layer} has no fused form "
                          "(a bake applies it exactly)")
     _add_bias(rebuilt, members, rows)
+    return rebuilt
+
+
+def _fused_oft(members: dict[int, LoraModule], rows: Sequence[int | None], layer: str) -> RebuiltModule:
+    """OFT parts as one module: their blocks in row order (a missing part: identity
+    blocks), rescales stacked. Exact where every part's rotation is inside its norm bound
+    (or unbounded): the fused bound, the largest alpha over all rows, then holds all the
+    blocks together too (‖Q‖ ≤ Σ‖Q_i‖ ≤ Σ alpha_i · rows_i)."""
+    import torch
+
+    modules = list(members.values())
+    roles = {"blocks" if "blocks" in m.tensors else "rotation" for m in modules}
+    sizes = {m.tensors[next(iter(roles))].shape[-1] for m in modules}
+    styles = {m.extra.get("oft_constraint") for m in modules}
+    bounded = [m for part, m in members.items() if oft_constraint_factor(m, rows[part]) != 1.0]
+    if len(roles) != 1 or len(sizes) != 1 or len(styles) != 1 or bounded \
+            or any(count % next(iter(sizes)) for count in rows):
+        example = bounded[0] if bounded else modules[0]
+        raise SdkitError(f"{example.name}: OFT parts of {layer} fuse only with one block size and every part's "
+                         "rotation inside its norm bound (one bound covers all the fused blocks); a bake applies "
+                         "it exactly")
+    role, size = roles.pop(), sizes.pop()
+    dtype = modules[0].tensors[role].dtype
+
+    def identity(count: int) -> torch.Tensor:
+        eye = torch.eye(size) if role == "rotation" else torch.zeros(size, size)
+        return eye.expand(count // size, size, size).to(_torch_dtype(dtype))
+
+    blocks = [members[part].tensors[role].load() if part in members else identity(count)
+              for part, count in enumerate(rows)]
+    rebuilt = RebuiltModule({_OFT_KEYS[role]: torch.cat(blocks)}, OFT)
+    if any("rescale" in m.tensors for m in modules):
+        rebuilt.tensors["rescale"] = torch.cat([
+            members[part].tensors["rescale"].load().reshape(count, -1) if part in members and
+            "rescale" in members[part].tensors else torch.ones(count, 1, dtype=_torch_dtype(dtype))
+            for part, count in enumerate(rows)])
+    alphas = [m.alpha or 0.0 for m in modules]
+    unbounded = styles == {"lycoris"} and min(alphas) <= 0
+    rebuilt.tensors["alpha"] = torch.tensor(0.0 if unbounded else max(alphas))
     return rebuilt
 
 
