@@ -41,7 +41,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sdkit.adapters.lora_format import FULL, IA3, LOHA, LOKR, LORA, OFT, LoraModule
-from sdkit.adapters.lora_math import delta_weight, needs_base_weight, oft_constraint_factor
+from sdkit.adapters.lora_math import (
+    delta_weight,
+    needs_base_weight,
+    oft_constraint_factor,
+)
 from sdkit.adapters.lora_names import delta_extent
 from sdkit.errors import SdkitError, with_article
 
