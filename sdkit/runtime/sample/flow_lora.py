@@ -106,10 +106,11 @@ class FlowLoras(ChangedWeights):
 
     def _original_sources(self) -> dict[str, LazyTensor]:
         """The in-memory model's tensors as they were before this bake: its tensors share
-        the parameters' storage, and a delta spread over several tensors (a fused q|k|v
-        module on q, k and v) reads the others' weights after some are rewritten."""
+        the parameters' storage on the CPU, and a delta spread over several tensors (a
+        fused q|k|v module on q, k and v) reads the others' weights after some are
+        rewritten; the kept originals sit on the pipeline's device, the bake runs on the CPU."""
         def original(key: str, lazy: LazyTensor) -> torch.Tensor:
-            return self.originals[key] if key in self.originals else lazy.load()
+            return self.originals[key].cpu() if key in self.originals else lazy.load()
 
         return {key: replace(lazy, load=partial(original, key, lazy), span=None, chunks=None)
                 for key, lazy in self.base.view.tensors.items()}
