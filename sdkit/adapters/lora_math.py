@@ -280,6 +280,15 @@ def _rotations(module: LoraModule, out_dim: int) -> torch.Tensor:
     return torch.linalg.solve(eye - skew, eye + skew)
 
 
+def oft_constraint_factor(module: LoraModule, out_dim: int) -> float:
+    """The factor the norm bound puts on an OFT module's generators over `out_dim` rows
+    (1: inside the bound or unbounded; stored rotations have none)."""
+    if "rotation" in module.tensors:
+        return 1.0
+    blocks = _f32(module, "blocks")
+    return float(_constraint_factor(module, (blocks - blocks.transpose(-1, -2)).norm(), out_dim))
+
+
 def _constraint_factor(module: LoraModule, norm: torch.Tensor, out_dim: int) -> torch.Tensor:
     """Both trainers bound ‖Q‖ by alpha * out_dim (ComfyUI's loader drops out_dim; the
     trainers are followed). LyCORIS rescales only when over the bound and treats

@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Mapping, Sequence, TypeVar
 
 from sdkit.adapters.lora_format import BOFT, FULL, IA3, LOHA, LOKR, LORA, NORM, OFT, LoraFile, LoraModule
-from sdkit.adapters.lora_math import needs_base_weight
 from sdkit.arch.keymaps import (LAYOUTS, KeyPlan, KeyRecipe, checkpoint_from_ldm, checkpoint_to_ldm,
                                 infer_clip_config_from_ldm)
 from sdkit.arch.keymaps.clip import clip_links, has_projection
 from sdkit.arch.keymaps.unet import unet_links
-from sdkit.errors import SdkitError, with_article
+from sdkit.errors import SdkitError
 from sdkit.io.lazy import LazyTensor
 from sdkit.io.model_file import FLOAT_DTYPES
 
@@ -408,17 +407,10 @@ def shape_problem(module: LoraModule, target: Target, bias_shape: tuple[int, ...
     rows, count = delta_extent(module)
     if (rows is not None and rows != shape[0]) or (count is not None and count != math.prod(shape)):
         return f"adapter makes {_described(rows, count)}, the layer is {list(shape)}"
-    if target.pieces and needs_base_weight(module):
-        return (f"{with_article(module.type)} delta depends on the layer's weight, which this base stores "
-                f"{'in another row order' if len(target.pieces) == 2 and _swapped(target) else 'as separate tensors'}")
     bias = module.tensors.get("bias")
     if bias is not None and bias_shape is not None and math.prod(bias.shape) != math.prod(bias_shape):
         return f"bias delta {list(bias.shape)} does not fit the layer's bias {list(bias_shape)}"
     return None
-
-
-def _swapped(target: Target) -> bool:
-    return len({piece.weight.key for piece in target.pieces}) == 1
 
 
 def _described(rows: int | None, count: int | None) -> str:

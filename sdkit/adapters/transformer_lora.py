@@ -62,6 +62,7 @@ _TEXT_DOTS = {
            r"encoder.block.\1.layer.\2.\3.\4"),
 }
 _TEXT_DOTS["openclip"] = _TEXT_DOTS["clip"]  # diffusers holds CLIP-G as a CLIPTextModel too
+TEXT_ARCHITECTURES = tuple(_KOHYA_TEXT)  # the text encoders kohya's names reach
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def text_name(family: Family, layout: str, module_name: str) -> str:
     if "." not in path:
         pattern, dotted = _TEXT_DOTS[encoder.architecture]
         if not pattern.match(path):
-            raise SdkitError(f"{module_name}: not a layer of {encoder.title} sdkit can name in diffusers")
+            raise SdkitError(f"{module_name}: not a layer of {encoder.part or encoder.component} sdkit can name in diffusers")
         path = pattern.sub(dotted, path)
     return f"{encoder.component}.{path}"
 

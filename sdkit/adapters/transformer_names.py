@@ -13,7 +13,9 @@ differently, the delta is placed by rows:
 - a diffusers part of a fused single-file tensor (`attn.to_q` of `img_attn.qkv`, FLUX's
   `proj_mlp` of a single block's `linear1`) is the part's rows of that tensor;
 - a fused single-file module on a diffusers base (q, k and v kept apart) has its delta
-  cut by rows onto each part: for a LoRA that is `up[rows] @ down`, exact;
+  cut by rows onto each part: for a LoRA that is `up[rows] @ down`, exact; a delta that
+  depends on the weight (DoRA, IA3, OFT, GLoRA) is computed on the parts' weights put
+  back together first (`sdkit.ops.lora.compute`);
 - a place whose two halves trade order (FLUX / SD3 `final_layer.adaLN_modulation.1` is
   (shift, scale), diffusers' `norm_out.linear` (scale, shift)) gets the delta with its
   halves exchanged when the adapter names the other convention.

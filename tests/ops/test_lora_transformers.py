@@ -99,19 +99,6 @@ def test_dtype_option_and_a_lone_diffusers_folder(tmp_path):
     assert (tmp_path / "baked" / "config.json").exists()
 
 
-def test_weight_dependent_types_on_a_cut_layer_are_reported_not_guessed(tmp_path):
-    from sdkit.adapters.lora_format import parse_lora
-    from sdkit.adapters.lora_names import map_modules
-    from transformer_loras import index
-
-    names = index(converted(tiny_tensors("flux", "ldm"), "ldm_to_diffusers"))
-    dora = parse_lora({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(2, 32),
-                       "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(96, 2),
-                       "lora_unet_double_blocks_0_img_attn_qkv.dora_scale": torch.ones(1, 32)})
-    mapping = map_modules(dora, names, {})
-    assert "separate tensors" in mapping.unmapped["lora_unet_double_blocks_0_img_attn_qkv"]
-
-
 def test_block_weights_on_a_transformer(tmp_path):
     base = tiny_tensors("flux", "diffusers")
     lora = save(random_lora(base, "diffusers"), tmp_path / "lora.safetensors")

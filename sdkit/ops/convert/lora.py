@@ -26,7 +26,7 @@ import json
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 from sdkit.adapters.lora_export import ExportModule, kohya_module_name
 from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora, plain_lora_problem
@@ -134,8 +134,9 @@ def to_diffusers(lora: LoraFile, targets: dict[str, Layer]) -> tuple[dict[str, L
     return out, adapter_metadata(per_component)
 
 
-def adapter_metadata(per_component: dict[str, list[tuple[str, int, float]]]) -> str:
-    """diffusers' `lora_adapter_metadata`: one peft LoraConfig per component, flattened."""
+def adapter_metadata(per_component: dict[str, list[tuple[str, int, float]]], dora: Collection[str] = ()) -> str:
+    """diffusers' `lora_adapter_metadata`: one peft LoraConfig per component (DoRA for
+    those in `dora`), flattened."""
     flat: dict[str, Any] = {}
     for component, modules in sorted(per_component.items()):
         rank = Counter(r for _, r, _ in modules).most_common(1)[0][0]
@@ -145,7 +146,7 @@ def adapter_metadata(per_component: dict[str, list[tuple[str, int, float]]]) -> 
             "rank_pattern": {path: r for path, r, _ in modules if r != rank},
             "alpha_pattern": {path: a for path, _, a in modules if a != alpha},
             "target_modules": sorted(path for path, _, _ in modules),
-            "use_dora": False, "lora_bias": False,
+            "use_dora": component in dora, "lora_bias": False,
         }
         flat.update({f"{component}.{key}": value for key, value in config.items()})
     return json.dumps(flat, indent=2, sort_keys=True)

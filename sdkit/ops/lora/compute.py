@@ -11,7 +11,9 @@ cache (it gives the same bits as the whole tensor at once): each block of the ba
 widened, gets every delta added, is checked against the output dtype's range and is
 written narrowed into the output, so the weight crosses memory once instead of once
 per step. Deltas that depend on the weight (IA3, GLoRA, OFT, DoRA) see the original
-weight; OFT's strength acts inside its rotation. Values beyond the output dtype's range
+weight of the layer the module was made for (a layer spread over several tensors is put
+back together from their originals, in the module's row order); OFT's strength acts
+inside its rotation. Values beyond the output dtype's range
 are clamped to it (and counted). A contribution covers the rows of its layer's delta that
 its `Piece` names (all of them but where one adapter layer spans several base tensors, or
 meets its tensor in the other half order); a plain LoRA's rows are `up[rows] @ down`.
@@ -50,6 +52,7 @@ class KeyBaker:
         self.codes = codes  # output dtype code of every touched key
         self.clamped: list[str] = []
         self._lock = threading.Lock()
+        self._spread: dict[tuple[int, int, float], _SpreadDelta] = {}  # by module, layer and strength
 
     def cost(self, name: str) -> int:
         """Bytes a key holds at its peak: its output, and the float32 deltas (and copy of
@@ -61,6 +64,7 @@ class KeyBaker:
         held = sum(_held_elements(c, columns) for c in weights)
         if any(needs_base_weight(c.module) for c in weights):
             held += elements
+        held += sum(math.prod(c.target.shape) for c in weights if c.target.pieces and needs_base_weight(c.module))
         return tensor_nbytes(self.codes[name], shape) + 4 * held
 
     def compute(self, name: str) -> "torch.Tensor":
@@ -74,12 +78,48 @@ class KeyBaker:
         original = None
         if any(needs_base_weight(c.module) for c in weights):
             original = source.to(torch.float32)
-        deltas = [_delta(c, original) for c in weights]
+        deltas = [self._spread_delta(c) if c.target.pieces and not is_plain_lora(c.module) else _delta(c, original)
+                  for c in weights]
         deltas += [_bias(c) for c in biases]
         dtype = CODE_TO_TORCH[self.codes[name]]
         # a float32 source made for this bake (a scaled fp8 weight) takes its deltas in place
         in_place = lazy.fresh and original is None and source.dtype == dtype == torch.float32
         return self._blocked(name, source, deltas, dtype, in_place)
+
+    def _spread_delta(self, contribution: Contribution) -> "_Delta":
+        """The contribution's rows of a delta spread over pieces (several tensors, or two
+        halves of one): the whole layer's delta is computed once, kept until every piece
+        has taken its rows."""
+        key = (id(contribution.module), id(contribution.target), contribution.strength)
+        with self._lock:
+            entry = self._spread.setdefault(key, _SpreadDelta(len(contribution.target.pieces)))
+        with entry.lock:  # a worker on another piece waits for the delta rather than redo it
+            if entry.delta is None:
+                entry.delta = _layer_delta(contribution, self._layer_weight(contribution))
+            delta = entry.delta
+        with self._lock:
+            entry.left -= 1
+            if entry.left <= 0:
+                self._spread.pop(key, None)
+        return _Delta(_whole(_piece_rows(delta, contribution)), contribution.piece.weight.rows, None)
+
+    def _layer_weight(self, contribution: Contribution) -> "torch.Tensor | None":
+        """The original weight of a layer whose delta is spread over pieces (q, k and v
+        kept apart, halves stored in the other order), put together in the adapter's
+        row order: a delta that depends on the weight (DoRA's norm, OFT's rotations)
+        is computed on the whole layer, then cut."""
+        import torch
+
+        target = contribution.target
+        if not needs_base_weight(contribution.module):
+            return None
+        whole = torch.empty(target.shape[0], math.prod(target.shape[1:]), dtype=torch.float32)
+        for piece in target.pieces:
+            values = self.sources[piece.weight.key].load()
+            rows = piece.weight.rows
+            values = values if rows is None else values[rows[0]:rows[1]]
+            whole[piece.delta_rows[0]:piece.delta_rows[1]] = values.reshape(piece.rows, -1)
+        return whole.reshape(target.shape)
 
     def _note_clamp(self, name: str) -> None:
         with self._lock:
@@ -119,6 +159,16 @@ class KeyBaker:
             if not in_place:
                 flat_out[start:stop].copy_(narrowed)
         return out
+
+
+class _SpreadDelta:
+    """The delta of a layer spread over pieces, made by the first piece's worker and kept
+    until `left` more pieces have taken their rows."""
+
+    def __init__(self, pieces: int) -> None:
+        self.lock = threading.Lock()
+        self.delta: "torch.Tensor | None" = None
+        self.left = pieces
 
 
 class _Delta:
@@ -169,13 +219,19 @@ def _delta(contribution: Contribution, original: "torch.Tensor | None") -> _Delt
         chunks = ((start, chunk.mul_(module.scale)) for start, chunk in lora_product_chunks(up, down))
         return _Delta(chunks, rows, contribution.strength)
     context = None
-    if needs_base_weight(module) and original is not None:  # one piece: the mapping says so
+    if needs_base_weight(module) and original is not None:  # this tensor, or the layer's rows of it
         context = original if rows is None else original[rows[0]:rows[1]]
+    return _Delta(_whole(_piece_rows(_layer_delta(contribution, context), contribution)), rows, None)
+
+
+def _layer_delta(contribution: Contribution, context: "torch.Tensor | None") -> "torch.Tensor":
+    """A (non-plain) module's whole delta at the contribution's strength; `context`: the
+    layer's original weight, for the types whose delta depends on it."""
+    module, strength = contribution.module, contribution.strength
     if module.type in (OFT, BOFT):  # the strength blends each rotation with the identity
-        delta, _ = delta_weight(module, context, contribution.strength)
-        return _Delta(_whole(_piece_rows(delta, contribution)), rows, None)
+        return delta_weight(module, context, strength)[0]
     delta, _ = delta_weight(module, context, 1.0)
-    return _Delta(_whole(_piece_rows(delta, contribution)), rows, contribution.strength)
+    return delta if strength == 1.0 else delta.mul_(strength)
 
 
 def _piece_rows(delta: "torch.Tensor", contribution: Contribution) -> "torch.Tensor":

@@ -14,8 +14,8 @@ rebuilding of fused and swapped layers).
   and block counts and checks every module's shape against the layer.
 - Refused, with the module named and nothing written: a module no layer of the family
   has, two modules on one layer, shapes that do not fit, NaN or infinite factors, and
-  algorithms a rebuilt layer cannot hold (only plain LoRA modules are fused, split or
-  written with peft names; LoHa / LoKr / DoRA modules are renamed as they are).
+  algorithms a rebuilt layer cannot hold exactly (`convert_rows` says which fuse and swap;
+  peft takes plain LoRA and DoRA with a magnitude per output row).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from sdkit.adapters.lora_format import LOHA, LORA, LoraFile, LoraModule, parse_lora, plain_lora_problem
+from sdkit.adapters.lora_format import FULL, IA3, LORA, LoraFile, LoraModule, parse_lora, plain_lora_problem
 from sdkit.adapters.lora_names import delta_extent
 from sdkit.adapters.transformer_lora import (LAYOUTS, LayerPlace, PlaceIndex, block_counts, denoiser_path,
                                              last_block_places, measured_sizes, place_index, release_counts,
@@ -42,6 +42,8 @@ from sdkit.io import LazyTensor, open_model, write_safetensors
 from sdkit.io.model_file import FLOAT_DTYPES, dtype_code
 from sdkit.io.output_path import check_output_path
 from sdkit.ops.convert.lora import adapter_metadata
+from sdkit.ops.lora.convert_rows import (RebuiltModule, dora_on_rows, fused_module, module_rows, swap_halves,
+                                         swapped_difference, swapped_roles)
 from sdkit.ops.lora.plan import decisive_family, family_problem
 from sdkit.ops.recipe_meta import DIFFUSERS_IMPLEMENTATION, SpecFacts, build_metadata
 
@@ -53,7 +55,6 @@ _SHOWN = 3
 _TARGET_CONVENTION = {"comfyui": "ldm", "kohya": "ldm", "diffusers": "diffusers"}
 _KOHYA_ROLES = {"up": "lora_up.weight", "down": "lora_down.weight", "mid": "lora_mid.weight"}
 _UNDERSCORED = ("lora_unet_", "lora_transformer_", "lycoris_")  # names whose dots became underscores
-_ROW_ROLES = {LORA: ("up",), LOHA: ("w1a", "w2a")}  # the factors whose rows are the delta's rows
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,13 @@ class LoraConvertResult:
     swapped: int = 0  # modulations whose halves were exchanged
     tensors: int = 0
     notes: list[str] = field(default_factory=list)
+    as_differences: list[str] = field(default_factory=list)  # layers only a full difference holds
 
     def to_json(self) -> dict[str, Any]:
         return {"output": self.output, "family": self.family, "layout": self.layout,
                 "modules_in": self.modules_in, "modules_out": self.modules_out, "fused": self.fused,
-                "split": self.split, "swapped": self.swapped, "tensors": self.tensors, "notes": self.notes}
+                "split": self.split, "swapped": self.swapped, "tensors": self.tensors,
+                "as_differences": self.as_differences, "notes": self.notes}
 
 
 @dataclass
@@ -121,9 +124,11 @@ def convert_transformer_lora(source: str | os.PathLike[str], output: str | os.Pa
                                  f"layer (stored in another order there) depends on how many blocks the "
                                  f"{family.title} model has; give --base MODEL")
             writer.add_layer(place, members)
-        for name, module in lora.modules.items():
-            if denoiser_path(name) is None:
-                writer.add_text_module(module)
+        writer.add_text_modules()
+        if result.as_differences:
+            result.notes.append(f"{len(result.as_differences)} layers written as full weight differences, exact but "
+                                f"as large as the layers (e.g. {result.as_differences[0]}: its modules have no "
+                                "factored form on the other convention's rows)")
         metadata = _metadata(model.metadata, family, options, writer, source, output)
         result.modules_out, result.tensors = writer.modules, len(writer.tensors)
         write_safetensors(output, writer.tensors, metadata, overwrite=overwrite)
@@ -326,6 +331,9 @@ class _Writer:
         self.result = result
         self.tensors: dict[str, LazyTensor] = {}
         self.ranks: dict[str, list[tuple[str, int, float]]] = {}  # diffusers: component -> (path, r, alpha)
+        # diffusers: per component, a DoRA module and a plain one (peft's config holds one use_dora)
+        self.dora: dict[str, str] = {}
+        self.plain: dict[str, str] = {}
         self.modules = 0
 
     # one layer
@@ -352,9 +360,11 @@ class _Writer:
         for part, module in members.items():
             path = place.parts[part or 0]
             if place.kind == "swap" and source == "ldm":
-                require_plain(module, "a layer stored in the other row order")
-                up = _swapped_rows(module.tensors["up"].load())
-                self._add_peft(PEFT_COMPONENT, path, module, up, module.tensors["down"].load())
+                require_peft(module)
+                up = swap_halves(module.tensors["up"].load())
+                magnitude = _magnitude(module)
+                self._add_peft(PEFT_COMPONENT, path, module, up, module.tensors["down"].load(),
+                               None if magnitude is None else swap_halves(magnitude))
                 self.result.swapped += 1
             else:
                 self._add_peft(PEFT_COMPONENT, path, module)
@@ -362,8 +372,6 @@ class _Writer:
     # kohya / comfyui names
     def _add_renamed(self, name: str, module: LoraModule, replaced: dict[str, "torch.Tensor"] | None = None) -> None:
         """`module` under `name`, its factors as they are (or as `replaced`), alpha kept."""
-        if module.extra.get("dora_axis") == "out":
-            raise SdkitError(f"{module.name}: a peft DoRA magnitude has no kohya spelling here")
         replaced = replaced or {}
         for role, lazy in module.tensors.items():
             if role == "bias":
@@ -374,64 +382,47 @@ class _Writer:
                 key = module.keys[role][len(module.name) + 1:]
             self._put(f"{name}.{key}", module, role, replaced.get(role), lazy)
         if module.dora_scale is not None:
-            self._put(f"{name}.dora_scale", module, "dora_scale", None, module.dora_scale)
+            magnitude = replaced.get("dora_scale")
+            if module.extra.get("dora_axis") == "out":  # peft's vector: kohya's column of row magnitudes
+                magnitude = (module.dora_scale.load() if magnitude is None else magnitude).reshape(-1, 1)
+            self._put(f"{name}.dora_scale", module, "dora_scale", magnitude, module.dora_scale)
+        if module.type == IA3:  # the parser keeps the flag, not the tensor
+            self._put(f"{name}.on_input", module, "on_input", _ia3_flag(module), None)
         alpha = _kohya_alpha(module)
         if alpha is not None:
             self._put(f"{name}.alpha", module, "alpha", _scalar(alpha), None)
         self.modules += 1
 
     def _add_swapped(self, name: str, module: LoraModule) -> None:
-        roles = _ROW_ROLES.get(module.type)
-        if roles is None or "t1" in module.tensors or module.dora_scale is not None:
-            raise SdkitError(f"{module.name}: {with_article(module.type)} module on a layer stored in the other row order "
-                             "cannot be converted (LoRA and LoHa only)")
-        replaced = {role: _swapped_rows(module.tensors[role].load()) for role in (*roles, "bias")
-                    if role in module.tensors}
-        self._add_renamed(name, module, replaced)
+        replaced = swapped_roles(module)
+        if replaced is None:  # no factor holds the exchanged rows: the difference itself
+            self._put_rebuilt(name, module, RebuiltModule(swapped_difference(module), FULL))
+            self.result.as_differences.append(name)
+        else:
+            self._add_renamed(name, module, replaced)
         self.result.swapped += 1
 
     def _add_fused(self, name: str, place: LayerPlace, members: dict[int | None, LoraModule]) -> None:
-        """q, k, v (…) modules as one: down factors stacked, the up factor block-diagonal;
-        missing parts get zero rows."""
-        import torch
-
+        """q, k, v (…) modules as one (`convert_rows.fused_module`: block-diagonal factors,
+        stacked magnitudes, gains or differences); missing parts add nothing."""
         modules = list(members.values())
-        for module in modules:
-            require_plain(module, "a fused layer")
-        columns = {module.tensors["down"].shape[1] for module in modules}
-        if len(columns) != 1:
-            raise SdkitError(f"{modules[0].name}: the parts of {name} take {sorted(columns)} inputs")
-        rows = self._part_rows(place, members)
-        scales = {module.scale for module in modules}
-        common = scales.pop() if len(scales) == 1 else None  # one scale: factors copied, alpha kept
-        ups, downs = [], []
-        for part, count in enumerate(rows):
-            module = members.get(part)
-            if module is None:
-                ups.append(None)
-                continue
-            up = module.tensors["up"].load()
-            ups.append(up if common is not None else (up.float() * module.scale).to(up.dtype))
-            downs.append(module.tensors["down"].load())
-        rank = sum(down.shape[0] for down in downs)
-        up = torch.zeros(sum(rows), rank, dtype=downs[0].dtype)
-        start_row, start_rank = 0, 0
-        for count, part_up in zip(rows, ups):
-            if part_up is not None:
-                up[start_row:start_row + count, start_rank:start_rank + part_up.shape[1]] = part_up
-                start_rank += part_up.shape[1]
-            start_row += count
-        fused = modules[0]
-        alpha = (common if common is not None else 1.0) * rank
-        self._put(f"{name}.lora_down.weight", fused, "down", torch.cat(downs), None)
-        self._put(f"{name}.lora_up.weight", fused, "up", up, None)
-        self._put(f"{name}.alpha", fused, "alpha", _scalar(alpha), None)
-        self.modules += 1
+        rows: list[int | None] = [None] * len(place.parts)  # input gains, GLoRA: no rows of their own
+        if any(module_rows(module) is not None for module in modules):
+            rows = self._part_rows(place, members)
+        rebuilt = fused_module(members, rows, name)
+        self._put_rebuilt(name, modules[0], rebuilt)
         self.result.fused += 1
+        if rebuilt.form == FULL and any(module.type != FULL for module in modules):
+            self.result.as_differences.append(name)
+
+    def _put_rebuilt(self, name: str, module: LoraModule, rebuilt: RebuiltModule) -> None:
+        for suffix, tensor in rebuilt.tensors.items():
+            self._put(f"{name}.{suffix}", module, suffix, tensor, None)
+        self.modules += 1
 
     def _part_rows(self, place: LayerPlace, members: dict[int | None, LoraModule]) -> list[int]:
         """Each part's rows: the modules' own, the map's sizes for parts the LoRA lacks."""
-        present = {part: module.tensors["up"].shape[0] for part, module in members.items()}
+        present = {part: rows for part, module in members.items() if (rows := module_rows(module)) is not None}
         if len(present) == len(place.parts):
             return [present[part] for part in range(len(place.parts))]
         if place.unknown:
@@ -450,8 +441,9 @@ class _Writer:
     def _add_split(self, place: LayerPlace, module: LoraModule) -> None:
         """A fused module as its parts: the up factor's rows, the shared down factor, and
         only the rank columns a part uses."""
-        require_plain(module, "a fused layer written as its parts")
+        require_peft(module)
         up, down = module.tensors["up"].load(), module.tensors["down"].load()
+        magnitude = _magnitude(module)
         if place.unknown:
             raise SdkitError(f"{module.name}: cutting this fused layer needs {', '.join(place.unknown)}, which "
                              "the LoRA's other layers do not show; give --base MODEL")
@@ -466,14 +458,18 @@ class _Writer:
             rows = up[start:stop]
             used = rows.abs().sum(0) != 0
             if not bool(used.any()):
-                continue
-            self._add_peft(PEFT_COMPONENT, part, module, rows[:, used], down[used])
+                if magnitude is None:
+                    continue
+                used[0] = True  # DoRA renormalises a part even where its LoRA adds nothing
+            self._add_peft(PEFT_COMPONENT, part, module, rows[:, used], down[used],
+                           None if magnitude is None else magnitude[start:stop])
         self.result.split += 1
 
     def _add_peft(self, component: str, path: str, module: LoraModule, up: "torch.Tensor | None" = None,
-                  down: "torch.Tensor | None" = None) -> None:
-        """A peft module: lora_A = down as it is, lora_B = up with alpha / rank folded in."""
-        require_plain(module, "the diffusers layout")
+                  down: "torch.Tensor | None" = None, magnitude: "torch.Tensor | None" = None) -> None:
+        """A peft module: lora_A = down as it is, lora_B = up with alpha / rank folded in
+        (and a DoRA magnitude per output row: `magnitude`, else the module's own)."""
+        require_peft(module)
         name = f"{component}.{path}"
         scale = module.scale
         self._put(f"{name}.lora_A.weight", module, "down", down, module.tensors["down"])
@@ -482,11 +478,23 @@ class _Writer:
         else:
             up = module.tensors["up"].load() if up is None else up
             self._put(f"{name}.lora_B.weight", module, "up", (up.float() * scale).to(up.dtype), None)
+        if module.dora_scale is not None:
+            magnitude = _magnitude(module) if magnitude is None else magnitude
+            self._put(f"{name}.lora_magnitude_vector", module, "dora_scale", magnitude.contiguous(), None)
+            self.dora.setdefault(component, module.name)
+        else:
+            self.plain.setdefault(component, module.name)
         rank = (down if down is not None else module.tensors["down"]).shape[0]
         self.ranks.setdefault(component, []).append((path, int(rank), float(rank)))
         self.modules += 1
 
-    def add_text_module(self, module: LoraModule) -> None:
+    def add_text_modules(self) -> None:
+        """The LoRA's text-encoder modules, in the layout's names."""
+        for name, module in self.lora.modules.items():
+            if denoiser_path(name) is None:
+                self._add_text_module(module)
+
+    def _add_text_module(self, module: LoraModule) -> None:
         name = text_name(self.family, self.layout, module.name)
         if self.convention == "ldm":
             self._add_renamed(name, module)
@@ -509,6 +517,23 @@ class _Writer:
 PEFT_COMPONENT = "transformer"
 
 
+def require_peft(module: LoraModule) -> None:
+    """Refuse what peft's LoRA cannot hold: all but plain LoRA and DoRA with a magnitude
+    per output row (peft renormalises output rows)."""
+    if module.dora_scale is not None and module.type == LORA and _magnitude(module) is None:
+        raise SdkitError(f"{module.name}: its DoRA norm runs over input columns; peft's DoRA (the diffusers "
+                         "layout) takes it over output rows")
+    if module.dora_scale is None or module.type != LORA or "bias" in module.tensors:
+        require_plain(module, "the diffusers layout")
+
+
+def _magnitude(module: LoraModule) -> "torch.Tensor | None":
+    """A DoRA module's magnitude per output row, as one vector (None: per input column)."""
+    if module.dora_scale is None or not dora_on_rows(module):
+        return None
+    return module.dora_scale.load().flatten()
+
+
 def require_plain(module: LoraModule, where: str) -> None:
     """Refuse what only a plain LoRA module can be rebuilt into."""
     problem = plain_lora_problem(module, convs=False)
@@ -526,11 +551,10 @@ def _kohya_alpha(module: LoraModule) -> float | None:
     return module.scale * module.rank
 
 
-def _swapped_rows(tensor: "torch.Tensor") -> "torch.Tensor":
+def _ia3_flag(module: LoraModule) -> "torch.Tensor":
     import torch
 
-    half = tensor.shape[0] // 2
-    return torch.cat([tensor[half:], tensor[:half]])
+    return torch.tensor(int(bool(module.extra.get("on_input"))))
 
 
 def _scalar(value: float) -> "torch.Tensor":
@@ -559,7 +583,11 @@ def _metadata(metadata: dict[str, str], family: Family, options: LoraConvertOpti
     carried = {k: v for k, v in (metadata or {}).items() if k != ADAPTER_METADATA_KEY}
     extra = {}
     if writer.convention == "diffusers":
-        extra[ADAPTER_METADATA_KEY] = adapter_metadata(writer.ranks)
+        mixed = next((c for c in writer.dora if c in writer.plain), None)
+        if mixed is not None:
+            raise SdkitError(f"{writer.dora[mixed]}: is DoRA and {writer.plain[mixed]} is not; peft's config turns "
+                             f"DoRA on or off for all of the {mixed}'s modules (nothing converted)")
+        extra[ADAPTER_METADATA_KEY] = adapter_metadata(writer.ranks, set(writer.dora))
     implementation = DIFFUSERS_IMPLEMENTATION if writer.convention == "diffusers" else None
     facts = SpecFacts(family=family.name, prediction=family.prediction, adapter="lora",
                       implementation=implementation)
@@ -576,6 +604,7 @@ def layout_tensors(lora: LoraFile, index: PlaceIndex, layout: str
     writer = _Writer(family, layout, lora, LoraConvertResult("", family.name, layout))
     for place, members in _grouped(lora, index).items():
         writer.add_layer(place, members)
+    writer.add_text_modules()
     return writer.tensors, writer.ranks
 
 
@@ -604,9 +633,7 @@ def in_kohya_layout(lora: LoraFile, identity: Identity, base: str | None = None)
             if opened is not None:
                 _check_shapes(place, members, opened)
             writer.add_layer(place, members)
-        for name, module in lora.modules.items():
-            if denoiser_path(name) is None:
-                writer.add_text_module(module)
+        writer.add_text_modules()
         tensors = {key: lazy.load() for key, lazy in writer.tensors.items()}
     renamed = parse_lora(tensors, lora.metadata)
     renamed.path = lora.path

@@ -49,7 +49,10 @@ _ATTENTION = re.compile(r"(^|\.)attentions\.\d+\.(proj_in|proj_out|transformer_b
                         r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))$")
 _RESNET = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|"
                      r"(down|up)samplers\.0\.conv)$")
-_TEXT = re.compile(r"(^|\.)(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+# CLIP's attention and MLP, T5's attention and feed-forward (sd-scripts' T5Attention,
+# T5DenseGatedActDense targets)
+_TEXT = re.compile(r"(^|\.)(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|SelfAttention\.[qkvo]|"
+                   r"DenseReluDense\.(wi_0|wi_1|wi|wo))$")
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
         pairs = [(t, _counterpart(t, finetuned)) for t in original.names.targets
                  if is_extracted_layer(t, options.conv_rank)]
         pairs = _drop_same_text_encoders(pairs, original, finetuned, options.min_diff, report)
+        t5 = _t5_components(original, options)
         sdxl = sdxl_naming(original.identity.family, []) or "text_encoder_2" in original.names.components()
         dtype = _output_dtype(options, original)
         common_alpha = _common_alpha([target for target, _ in pairs], rule) if options.format == "kohya" else None
@@ -172,6 +176,8 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
             target, other = pairs[index]
             delta = _delta(finetuned, other, original, target)
             module = ExportModule(target.component, target.diffusers_path, target.ldm_path, {})
+            if target.component in t5:  # kohya's T5-XXL name in every family
+                module.name = "lora_te3_" + target.diffusers_path.replace(".", "_")
             extracted = factorised_layer(module, kohya_module_name(module, sdxl), delta, rule,
                                          check=index < options.sample_layers)
             return None if extracted is None else held.hold(*extracted)
@@ -180,10 +186,23 @@ def extract_lora(tuned: str | os.PathLike[str], base: str | os.PathLike[str],
                                  progress)
         if not modules:
             raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
-        facts = LoraFacts(original.identity.family, "v" if original.identity.prediction == "v" else "epsilon")
+        # a lone text encoder serves several families (CLIP-L: SD 1.x, SDXL, FLUX, SD3): none is claimed
+        family = "unknown" if original.identity.kind == "text-encoder" else original.identity.family
+        facts = LoraFacts(family, "v" if original.identity.prediction == "v" else "epsilon")
         write_lora(output, modules, facts, Provenance("lora-extract", (str(tuned), str(base)), params_of(options)),
                    format=options.format, dtype=dtype, common_alpha=common_alpha, overwrite=overwrite)
     return report
+
+
+def _t5_components(base: OpenBase, options: ExtractOptions) -> set[str]:
+    """The components of `base` that are T5 encoders (a lone T5-XXL file): named as kohya
+    names T5-XXL; the diffusers layout is refused, its component differing by family."""
+    found = {encoder.get("component") for encoder in base.identity.facts.get("text_encoders") or ()
+             if encoder.get("architecture") == "t5"}
+    if found and options.format == "diffusers":
+        raise SdkitError(f"{base.model.path}: a lone T5 encoder is `text_encoder_2` in FLUX.1's diffusers layout and "
+                         "`text_encoder_3` in SD3's; extract it in kohya's layout (lora_te3_), which both read")
+    return found
 
 
 def _sd_layout(options: ExtractOptions) -> ExtractOptions:

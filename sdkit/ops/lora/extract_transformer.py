@@ -16,6 +16,13 @@ Qwen-Image, Wan, HiDream, Lumina 2): `tuned − base`, layer by layer.
 - With `full_diff`, what else differs is kept whole, as ComfyUI loads it: the blocks'
   biases as `diff_b` beside their LoRA, the other weights (embedders, final layer, norms)
   as `diff` / `diff_b` modules.
+- The text encoders an all-in-one checkpoint holds beside the denoiser (ComfyUI's
+  `text_encoders.clip_l.transformer.`, `…t5xxl…`, `…clip_g…`) are extracted too, the
+  layers sd-scripts' networks adapt in them (CLIP's attention and MLP, T5's attention
+  and feed-forward), under kohya's names `lora_te1_` / `lora_te2_` / `lora_te3_` (as
+  `lora_flux` / `lora_sd3` name CLIP-L, CLIP-G and T5-XXL in every family); an encoder
+  whose weights differ by no more than `min_diff` anywhere is left out, as sd-scripts
+  leaves out unchanged text encoders.
 - The output is written in a client's layout (`sdkit.adapters.transformer_lora`): fused
   layers stay one module in the single-file layouts (comfyui, kohya) and are cut exactly by
   rows into their parts for diffusers (the up factor's rows, the down factor shared), so
@@ -45,12 +52,14 @@ from sdkit.adapters.lora_export import (
 from sdkit.adapters.lora_format import parse_lora
 from sdkit.adapters.transformer_lora import (
     LAYOUTS,
+    TEXT_ARCHITECTURES,
     LayerPlace,
     PlaceIndex,
     place_index,
+    text_name,
     unet_name,
 )
-from sdkit.adapters.transformer_names import find_denoiser
+from sdkit.adapters.transformer_names import encoder_targets, find_denoiser
 from sdkit.arch import identify
 from sdkit.arch.families.spec import Family
 from sdkit.arch.fingerprint import LayoutMatch
@@ -78,6 +87,10 @@ DEFAULT_LAYOUT = "comfyui"  # ComfyUI's own name for a weight of any model (`dif
 _PARAMS = (".weight", ".bias")
 _PLAIN_DTYPES = ("F16", "BF16", "F32")
 _CHECKED_LAYERS = 1  # layers a randomized extract compares with the full SVD
+# the text-encoder layers sd-scripts' networks adapt: CLIP's `CLIPAttention` / `CLIPMLP`,
+# T5's `T5Attention` / `T5DenseGatedActDense` Linear layers
+_TEXT_LAYER = re.compile(r"(^|\.)(self_attn\.(q|k|v|out)_proj|mlp\.fc[12]|SelfAttention\.[qkvo]|"
+                         r"DenseReluDense\.(wi_0|wi_1|wi|wo))$")
 
 
 @dataclass
@@ -235,7 +248,18 @@ def extract_transformer_lora(tuned: str | os.PathLike[str], base: str | os.PathL
             extracted = factorised_layer(module, name, delta, rule, check=index in checked)
             return None if extracted is None else held.hold(*extracted)
 
-        modules = extract_layers(extract, len(adapted), report, lambda module: module.name, progress)
+        text = text_layers(original, finetuned, options.min_diff, report)
+
+        def extract_any(index: int) -> tuple[ExportModule, Factors, dict[str, Any] | None] | None:
+            if index < len(adapted):
+                return extract(index)
+            layer = text[index - len(adapted)]
+            module = ExportModule(layer.component, layer.path, layer.path, {}, name=layer.name)
+            extracted = factorised_layer(module, layer.name, layer.delta(), rule, check=False)
+            return None if extracted is None else held.hold(*extracted)
+
+        modules = extract_layers(extract_any, len(adapted) + len(text), report, lambda module: module.name,
+                                 progress)
         differing = _whole_differences(original, finetuned, places, adapted, modules, dtype, options.full_diff)
         if differing:
             report.notes.append(f"{differing} other tensors differ (biases, embedders, norms, final layer): "
@@ -244,6 +268,65 @@ def extract_transformer_lora(tuned: str | os.PathLike[str], base: str | os.PathL
             raise SdkitError(f"{output}: nothing to write: the models do not differ in any adapted layer")
         _write(output, modules, family, places, layout, (str(tuned), str(base)), options, overwrite)
     return report
+
+
+# ---- text encoders ----------------------------------------------------------------------------
+
+@dataclass
+class TextLayer:
+    """One adapted text-encoder layer of both models: its component, path and kohya name."""
+
+    component: str
+    path: str
+    name: str
+    key: str  # the weight's key in both models
+    base: Denoiser
+    tuned: Denoiser
+
+    def delta(self) -> torch.Tensor:
+        return _key_delta(self.tuned, self.base, self.key)
+
+
+def _key_delta(tuned: Denoiser, base: Denoiser, key: str) -> torch.Tensor:
+    """`tuned − base` of one tensor in float32 (fp8 values widened before subtracting)."""
+    import torch
+
+    subtrahend = base.tensors[key].load()
+    if subtrahend.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        subtrahend = subtrahend.to(torch.float32)
+    return tuned.tensors[key].load().to(torch.float32, copy=True).sub_(subtrahend)
+
+
+def text_layers(base: Denoiser, tuned: Denoiser, min_diff: float, report: SvdReport) -> list[TextLayer]:
+    """The adapted layers of the text encoders both checkpoints hold, those of an encoder
+    that differs by more than `min_diff` somewhere."""
+    family = base.match.family
+    kinds = {spec.component: spec for spec in family.text_encoders if spec.architecture in TEXT_ARCHITECTURES}
+    mine = {t.weight.key: t for t, _ in encoder_targets(base.tensors, family) if t.component in kinds}
+    theirs = {t.weight.key: t for t, _ in encoder_targets(tuned.tensors, family) if t.component in kinds}
+    if bool(mine) != bool(theirs):
+        holder = "base" if mine else "tuned model"
+        report.notes.append(f"text encoders left out: only the {holder} holds them")
+        return []
+    by_component: dict[str, list[TextLayer]] = {}
+    for key, target in mine.items():
+        other = theirs.get(key)
+        if other is None or other.shape != target.shape:
+            found = "no such tensor" if other is None else f"shape {list(other.shape)}"
+            raise SdkitError(f"{tuned.path}: {key}: {found} in the tuned model, {list(target.shape)} in the base")
+        if _TEXT_LAYER.search(target.path) and len(target.shape) == 2:
+            name = text_name(family, "kohya", f"{target.component}.{target.path}")
+            by_component.setdefault(target.component, []).append(
+                TextLayer(target.component, target.path, name, key, base, tuned))
+    kept = []
+    for component, layers in by_component.items():
+        largest = max(float(layer.delta().abs().max()) for layer in layers)
+        if largest > min_diff:
+            kept += layers
+        else:
+            report.notes.append(f"{kinds[component].part or component} left out: no weight differs by more than {min_diff} "
+                                f"(largest {largest:.3g})")
+    return kept
 
 
 def _whole_differences(base: Denoiser, tuned: Denoiser, places: list[LayerPlace], adapted: list[LayerPlace],

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from sdkit.adapters.lora_format import LoraFile, LoraModule, parse_lora
 from sdkit.adapters.lora_names import (ModelNames, ModuleMapping, Piece, Target, map_modules, model_names,
-                                       require_some)
+                                       require_some, underscore_names)
 from sdkit.adapters.transformer_names import find_denoiser, transformer_names
 from sdkit.arch import Identity, identify
 from sdkit.arch.fingerprint import LayoutMatch
@@ -30,6 +30,7 @@ COMPONENT_CHOICES = {"all": ("unet", "text_encoder", "text_encoder_2", "text_enc
 # families whose LoRAs fit each other's models (same architecture, other training)
 _SAME_ARCHITECTURE = ({"sdxl-base", "playground-v2.5"},)
 _BASE_KINDS = ("checkpoint", "unet", "text-encoder")
+KOHYA_T5 = "text_encoder_3"  # the component kohya's `lora_te3_` names (T5-XXL)
 # guesses from which parts an adapter touches: too weak to refuse an adapter on ("Flux
 # block names" alone fit FLUX.1 and Chroma alike)
 _WEAK_FAMILY_EVIDENCE = ("one text encoder", "two text encoders", "kohya SDXL block names",
@@ -107,11 +108,24 @@ def open_base(path: str, stack: ExitStack, *, transformers: bool = True) -> Open
                                "format")
         return OpenBase(model, identity, view, names, match)
     names = model_names(view.convention, view.layout, view.tensors, view.configs)
+    _answer_kohya_t5_names(names, identity)
     if not names.targets:
         held = "a transformer denoiser, which this operation does not take yet" if found else "none"
         raise SdkitError(f"{path}: is {with_article(identity.part or identity.kind)}; sdkit applies adapters "
                          f"to UNet and text-encoder layers only here, and it holds {held}")
     return OpenBase(model, identity, view, names)
+
+
+def _answer_kohya_t5_names(names: ModelNames, identity: Identity) -> None:
+    """A T5 encoder held as another component (a lone T5-XXL file is `text_encoder`)
+    answers to kohya's `lora_te3_` names too: sd-scripts and ComfyUI number T5-XXL third
+    in every family."""
+    for encoder in identity.facts.get("text_encoders") or ():
+        component = encoder.get("component")
+        if encoder.get("architecture") != "t5" or component in (None, KOHYA_T5):
+            continue
+        names.names.update({(KOHYA_T5, name): target for target in names.targets if target.component == component
+                            for name in underscore_names(target)})
 
 
 def packed_weights(identity: Identity) -> str | None:

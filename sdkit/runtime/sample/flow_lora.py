@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ from sdkit.adapters.lora_names import ModelNames
 from sdkit.adapters.transformer_names import find_denoiser, transformer_names
 from sdkit.arch import FAMILIES, Identity
 from sdkit.errors import SdkitError
-from sdkit.io import lazy_tensors
+from sdkit.io import LazyTensor, lazy_tensors
 from sdkit.io.model_file import dtype_code, model_from_tensors
 from sdkit.ops.adapter_input import AdapterInput
 from sdkit.ops.layout import ModelView
@@ -102,12 +104,23 @@ class FlowLoras(ChangedWeights):
     def _bake(self, weights: dict, biases: dict) -> None:
         keys = sorted(set(weights) | set(biases))
         codes = {key: dtype_code(self._parameter(key).dtype) for key in keys}
-        baker = KeyBaker(self.base.view.tensors, weights, biases, codes)
+        baker = KeyBaker(self._original_sources(), weights, biases, codes)
         with torch.no_grad():
             for key in keys:
                 parameter = self._parameter(key)
                 self.originals.setdefault(key, parameter.detach().clone())
                 parameter.copy_(baker.compute(key).to(parameter.device))
+
+    def _original_sources(self) -> dict[str, LazyTensor]:
+        """The in-memory model's tensors as they were before this bake: its tensors share
+        the parameters' storage on the CPU, and a delta spread over several tensors (a
+        fused q|k|v module on q, k and v) reads the others' weights after some are
+        rewritten; the kept originals sit on the pipeline's device, the bake runs on the CPU."""
+        def original(key: str, lazy: LazyTensor) -> torch.Tensor:
+            return self.originals[key].cpu() if key in self.originals else lazy.load()
+
+        return {key: replace(lazy, load=partial(original, key, lazy), span=None, chunks=None)
+                for key, lazy in self.base.view.tensors.items()}
 
     def close(self) -> None:
         self.restore()
