@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -271,14 +273,20 @@ def ties(reader: SliceReader, *, alpha: float = 1.0, k: float = 0.2) -> Iterator
 def dare(reader: SliceReader, *, alpha: float = 1.0, p: float = 0.9, seed: int = 0,
          ties: bool = False, key: str = "") -> Iterator[Tensor]:
     """DARE, streamed: one pass; each input's mask stream is drawn slice after slice, in
-    order, on the calling thread (the rest of a slice may be made on another)."""
+    order, on a thread of its own (the draws are a sequential stream per input, and take
+    as long as the rest of the slice's work), while the slices are made on the pool."""
     generators = dare_generators(seed, key, reader.inputs - 1)
+    with ExitStack() as stack:
+        drawers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sdkit-draws")) for _ in generators]
 
-    def draws(size: int) -> list[Tensor]:
-        return [torch.rand(size, generator=generator) for generator in generators]
+        def draws(size: int) -> list[Future[Tensor]]:  # asked for in slice order
+            return [drawer.submit(torch.rand, size, generator=generator)
+                    for drawer, generator in zip(drawers, generators)]
 
-    yield from mapped(reader, PASS_SLICE, lambda parts, drawn: dare_slice(parts[0], parts[1:], drawn, alpha, p, ties),
-                      along=draws)
+        def made(parts: list[Tensor], drawn: list[Future[Tensor]]) -> Tensor:
+            return dare_slice(parts[0], parts[1:], [future.result() for future in drawn], alpha, p, ties)
+
+        yield from mapped(reader, PASS_SLICE, made, along=draws)
 
 
 def slerp(reader: SliceReader, *, alpha: float = 0.5) -> Iterator[Tensor]:
