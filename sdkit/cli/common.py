@@ -98,8 +98,9 @@ def split_parts(model: str | Path, vae: str | Path | None, text_encoders: Sequen
     lacks found in `library` (one line each names the file chosen)."""
     from sdkit.cli.terminal import echo
     from sdkit.hub.library.parts import choose_parts
-    from sdkit.runtime.pipeline import FLOW_FAMILIES  # the families loaded from split parts
+    from sdkit.runtime.pipeline import FLOW_FAMILIES
 
+    # the families whose loaders take split parts
     chosen = choose_parts(Path(model), Path(vae) if vae else None, [Path(p) for p in text_encoders],
                           Path(library) if library else None, FLOW_FAMILIES)
     if not is_quiet():

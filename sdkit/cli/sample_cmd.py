@@ -13,7 +13,7 @@ from click.core import ParameterSource
 
 from sdkit.cli.common import quiet_peer_logs, split_parts
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, ModelInput, configured_library, require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo, shown
 from sdkit.errors import SdkitError
 from sdkit.runtime.sample.png import picture_paths
@@ -127,6 +127,7 @@ def sample_command(ctx: click.Context, **options: Any) -> None:
         raise SdkitError("no prompt given (--prompt TEXT or --from-png PNG)")
     for path in picture_paths(o["output"], len(o["prompts"]), o["batch"], one_picture=o["grid"] or axis is not None):
         require_output(path, (o["model"], o["init_image"], o["from_png"]), force=o["force"])
+    from sdkit.cli.preflight import configured_library
     from sdkit.runtime.sample.plan import AdapterArgs
     from sdkit.runtime.sample.run import SampleJob, run_sample
 

@@ -13,18 +13,30 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from cli_run import run_sdkit
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "families"
 sys.path.insert(0, str(FIXTURES))
 
-from released import (CLIP_G, CLIP_L, RELEASES, T5_XXL, UMT5_XXL, WAN22_VAE, clip_shapes,  # noqa: E402
-                      ldm_vae_shapes, single_file_shapes, t5_shapes, typed, umt5_shapes, wan_vae_shapes,
-                      write_header_only)
+from released import (
+    CLIP_G,
+    CLIP_L,
+    RELEASES,
+    T5_XXL,
+    UMT5_XXL,
+    WAN22_VAE,
+    clip_shapes,
+    ldm_vae_shapes,
+    single_file_shapes,
+    t5_shapes,
+    typed,
+    umt5_shapes,
+    wan_vae_shapes,
+    write_header_only,
+)
 
-from sdkit.errors import SdkitError  # noqa: E402
-from sdkit.hub.library.parts import choose_parts  # noqa: E402
+from sdkit.errors import SdkitError
+from sdkit.hub.library.parts import choose_parts
 
 FLUX = ("flux",)
 
@@ -71,8 +83,8 @@ def test_the_parts_of_flux_design_are_chosen(released, tmp_path):
     assert chosen.vae == models / "vae" / "ae.safetensors"
     assert chosen.lines == [
         f"CLIP-L text encoder: {models / 'text_encoders' / 'clip_l.safetensors'} (from the library)",
-        f"T5-XXL text encoder: {models / 'text_encoders' / 't5xxl_fp16.safetensors'} (from the library); "
-        "2 files fit, pass --text-encoder FILE to use another",
+        (f"T5-XXL text encoder: {models / 'text_encoders' / 't5xxl_fp16.safetensors'} (from the library); "
+         "2 files fit, pass --text-encoder FILE to use another"),
         f"FLUX VAE: {models / 'vae' / 'ae.safetensors'} (from the library)"]
 
 

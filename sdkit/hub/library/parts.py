@@ -19,7 +19,7 @@ from sdkit.arch.part_fit import NeededPart, needed_parts, takes_parts, value_byt
 from sdkit.errors import SdkitError
 from sdkit.hub.library.folders import ModelFolder
 from sdkit.hub.library.layouts import Layout, detect_layout
-from sdkit.hub.library.library import Library, _not_a_library, index_path, model_folders_of
+from sdkit.hub.library.library import Library, index_path, model_folders_of
 from sdkit.hub.library.scan import MODEL_SUFFIXES
 
 
@@ -75,6 +75,14 @@ def _identity_of(path: Path) -> Identity | None:
         return identify(model)
 
 
+def _readable_identity(path: Path) -> Identity | None:
+    """What the file is; None for a file that cannot be read as a model (no candidate)."""
+    try:
+        return _identity_of(path)
+    except Exception:  # noqa: BLE001 - one odd file in a library of thousands
+        return None
+
+
 def _missing(needed: list[NeededPart], vae: Path | None, text_encoders: list[Path]) -> list[NeededPart]:
     """The needed parts no given file is: a given text encoder takes the first part it fits
     (one that fits none takes the first encoder left, so the loader names the mismatch)."""
@@ -98,6 +106,8 @@ class _Shelves:
         self.indexed = index_path(self.root).is_file()
         self.layout = self._layout()
         if self.layout is None and not self.indexed:
+            from sdkit.hub.library.library import _not_a_library
+
             raise SdkitError(_not_a_library(self.root))
         self.configured: list[ModelFolder] = model_folders_of(self.root)
         self._kinds: dict[str, list[_Candidate]] = {}
@@ -122,12 +132,8 @@ class _Shelves:
 
     def _candidates(self, kind: str) -> list[_Candidate]:
         if kind not in self._kinds:
-            found = []
-            for path in self._files(kind):
-                try:
-                    found.append(_Candidate(path, _identity_of(path)))
-                except Exception:  # noqa: BLE001 - an unreadable file is no candidate
-                    continue
+            found = [_Candidate(path, identity) for path in self._files(kind)
+                     if (identity := _readable_identity(path)) is not None]
             self._kinds[kind] = found
         return self._kinds[kind]
 
