@@ -136,4 +136,5 @@ def test_without_a_library_the_missing_parts_are_named(released, tmp_path, capsy
     lone = write_header_only(tmp_path / "flux1-dev.safetensors", released["flux1-dev.safetensors"])
     code, _, err = run_sdkit(capsys, "sample", str(lone), "-p", "x", "-o", str(tmp_path / "out.png"))
     assert code == 1 and err.count("\n") == 1
-    assert "runs with CLIP-L, T5-XXL, FLUX VAE" in err and "--library DIR" in err
+    assert f"{lone}: is a FLUX.1-dev diffusion model; it runs with CLIP-L, T5-XXL, FLUX VAE: pass them as files" in err
+    assert "--library DIR" in err

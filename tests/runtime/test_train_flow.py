@@ -80,7 +80,7 @@ def pictures(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("base, options, message", [
     (FLUX, ["ti"], "FLUX.1 bases train lora and lokr, not ti"),
-    (FLUX.parent / "toy-flux.safetensors", ["lora"], "runs with CLIP-L, T5-XXL, FLUX VAE: pass them as files"),
+    (FLUX.parent / "toy-flux.safetensors", ["lora"], "diffusion model (FLUX.1-schnell design, non-standard dimensions); it runs with CLIP-L, T5-XXL, FLUX VAE"),
     (FLUX, ["lora", "--noise-offset", "0.1"], "--noise-offset does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--min-snr-gamma", "5"], "--min-snr-gamma does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--prediction-type", "epsilon"], "--prediction-type does not apply to FLUX.1 bases"),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdkit.arch.identity import Identity
 from sdkit.arch.part_fit import NeededPart, needed_parts, takes_parts, value_bytes
-from sdkit.errors import SdkitError
+from sdkit.errors import SdkitError, with_article
 from sdkit.hub.library.folders import ModelFolder
 from sdkit.hub.library.layouts import Layout, detect_layout
 from sdkit.hub.library.library import Library, index_path, model_folders_of
@@ -52,8 +52,9 @@ def choose_parts(model: Path, vae: Path | None, text_encoders: list[Path], libra
         return chosen
     if library is None:
         names = ", ".join(part.name for part in missing)
-        raise SdkitError(f"{model}: {identity.part} runs with {names}: pass them as files (--text-encoder, --vae) "
-                         "or name a library to find them in (sdkit --library DIR or $SDKIT_LIBRARY)")
+        raise SdkitError(f"{model}: is {with_article(identity.part)}; it runs with {names}: pass them as files "
+                         "(--text-encoder, --vae) or name a library to find them in (sdkit --library DIR or "
+                         "$SDKIT_LIBRARY)")
     shelves = _Shelves(library)
     for part in missing:
         path, line = shelves.choose(part)
