@@ -10,6 +10,7 @@ values, weight x scale_weight (ComfyUI's dequantization), computed here.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -79,8 +80,9 @@ def test_split_parts_train_the_lora_the_diffusers_folder_trains(capsys, concept,
     train_cli(capsys, fp16_folder(tmp_path), folder, concept, method=method)
     assert_same_factors(parts, folder)
     with safe_open(parts, "pt") as opened:
-        recipe = opened.metadata()["sdkit.recipe"]
-    assert all(part.name in recipe for part in (CLIP_L, T5XXL, VAE))  # the parts are inputs of the recipe
+        recipe = json.loads(opened.metadata()["sdkit.recipe"])
+    assert [item["path"] for item in recipe["inputs"]] == [DIFFUSION_MODEL.name, CLIP_L.name, T5XXL.name, VAE.name,
+                                                           concept.name]
 
 
 def dequantized(scaled: Path, out: Path) -> Path:
