@@ -97,8 +97,8 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
 @click.option("--config", "config", type=click.Path(file_okay=False, path_type=str),
               help="Local diffusers folder of the model's family (configs and tokenizers).")
 @click.option("--library", type=click.Path(file_okay=False, path_type=str),
-              help="WebUI folder (A1111 or ComfyUI layout) to find adapters by name, and a diffusion model's "
-                   "text encoders and VAE (default: sdkit --library, $SDKIT_LIBRARY).")
+              help="WebUI folder (A1111 or ComfyUI layout) to find adapters by name, and the text encoders and VAE "
+                   "a diffusion model alone lacks (those also in sdkit --library or $SDKIT_LIBRARY).")
 @click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True,
               help="auto: fp16 on CUDA, fp32 on CPU.")

@@ -92,6 +92,7 @@ def pictures(tmp_path_factory) -> Path:
     (SD1, ["lora", "--text-encoder", str(FLUX.parent / "toy-flux.clip_l.safetensors")],
      "--text-encoder gives a FLUX.1 diffusion model alone its text encoders"),
     (FLUX, ["ti", "--vae", str(FLUX.parent / "ae.safetensors")], "--vae does not apply to ti"),
+    (SD1, ["lora", "--vae", str(FLUX.parent / "ae.safetensors")], "--vae gives a FLUX.1 diffusion model alone its VAE"),
 ])
 def test_options_a_base_does_not_train_with_are_refused_in_one_line(capsys, pictures, tmp_path, base, options,
                                                                      message):

@@ -297,6 +297,8 @@ def check_family_options(config: TrainConfig, flow: bool) -> None:
             raise _ignored("--timestep-sampling", "applies to flow-matching bases (FLUX.1)")
         if config.text_encoders:
             raise _ignored("--text-encoder", "gives a FLUX.1 diffusion model alone its text encoders")
+        if config.vae is not None:
+            raise _ignored("--vae", "gives a FLUX.1 diffusion model alone its VAE")
         return
     if config.method not in FLOW_METHODS:
         raise SdkitError(f"FLUX.1 bases train {' and '.join(FLOW_METHODS)}, not {config.method}")
