@@ -1,7 +1,8 @@
-"""Rendering helpers shared by the commands: sizes, key lists, progress bars."""
+"""Helpers shared by the commands: sizes, key lists, progress bars, a model's split parts."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import click
@@ -89,3 +90,20 @@ class progress_bar:  # noqa: N801  (a context manager used like a function)
     def __exit__(self, *exc: object) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+def split_parts(model: str | Path, vae: str | Path | None, text_encoders: Sequence[str | Path],
+                library: str | Path | None) -> tuple[Path | None, list[Path]]:
+    """(VAE, text encoders) of `model`: those given, and those a diffusion model alone still
+    lacks found in `library` (one line each names the file chosen)."""
+    from sdkit.cli.terminal import echo
+    from sdkit.hub.library.parts import choose_parts
+    from sdkit.runtime.pipeline import FLOW_FAMILIES
+
+    # the families whose loaders take split parts
+    chosen = choose_parts(Path(model), Path(vae) if vae else None, [Path(p) for p in text_encoders],
+                          Path(library) if library else None, FLOW_FAMILIES)
+    if not is_quiet():
+        for line in chosen.lines:
+            echo(line, err=True)
+    return chosen.vae, chosen.text_encoders

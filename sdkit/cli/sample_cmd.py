@@ -11,7 +11,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from sdkit.cli.common import quiet_peer_logs
+from sdkit.cli.common import quiet_peer_logs, split_parts
 from sdkit.cli.main import cli
 from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo, shown
@@ -91,13 +91,14 @@ _HIRES_UPSCALERS = "Latent, Latent (bicubic), Latent (nearest-exact), …, Lancz
               help="A1111 hypernetwork file or library name.")
 @click.option("--vae", metavar="FILE", type=ModelInput("vae"), help="Another VAE (file, diffusers folder or library name); "
               "for a transformer diffusion model alone (FLUX.1, SD3, Chroma, Z-Image, …), its VAE.")
-@click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE",
+@click.option("--text-encoder", "text_encoders", multiple=True, metavar="FILE", type=ModelInput("text-encoder"),
               help="For a transformer diffusion model alone: its text encoder files (clip_l, clip_g, t5xxl, "
-                   "qwen_3_4b, … in any order); repeatable.")
+                   "qwen_3_4b, … in any order; FLUX.1's default: found in the library); repeatable.")
 @click.option("--config", "config", type=click.Path(file_okay=False, path_type=str),
               help="Local diffusers folder of the model's family (configs and tokenizers).")
 @click.option("--library", type=click.Path(file_okay=False, path_type=str),
-              help="WebUI folder (A1111 or ComfyUI layout) to find adapters by name.")
+              help="WebUI folder (A1111 or ComfyUI layout) to find adapters by name, and the text encoders and VAE "
+                   "a diffusion model alone lacks (those also in sdkit --library or $SDKIT_LIBRARY).")
 @click.option("--device", type=click.Choice(_DEVICES), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(_DTYPES), default="auto", show_default=True,
               help="auto: fp16 on CUDA, fp32 on CPU.")
@@ -126,12 +127,14 @@ def sample_command(ctx: click.Context, **options: Any) -> None:
         raise SdkitError("no prompt given (--prompt TEXT or --from-png PNG)")
     for path in picture_paths(o["output"], len(o["prompts"]), o["batch"], one_picture=o["grid"] or axis is not None):
         require_output(path, (o["model"], o["init_image"], o["from_png"]), force=o["force"])
+    from sdkit.cli.preflight import configured_library
     from sdkit.runtime.sample.plan import AdapterArgs
     from sdkit.runtime.sample.run import SampleJob, run_sample
 
+    vae, text_encoders = split_parts(o["model"], o["vae"], o["text_encoders"], o["library"] or configured_library())
     job = SampleJob(model=o["model"], prompts=list(o["prompts"]), settings=_settings(o), batch=o["batch"],
                     adapters=AdapterArgs(o["loras"], o["embeddings"], o["hypernets"]), library=o["library"],
-                    config=o["config"], vae=o["vae"], text_encoders=o["text_encoders"], device=o["device"],
+                    config=o["config"], vae=vae, text_encoders=text_encoders, device=o["device"],
                     dtype=o["dtype"], grid=o["grid"], xy=axis)
     quiet = bool((ctx.obj or {}).get("quiet"))
     if not (ctx.obj or {}).get("debug"):

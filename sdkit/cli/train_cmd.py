@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import click
 
-from sdkit.cli.common import is_quiet, quiet_peer_logs
+from sdkit.cli.common import is_quiet, quiet_peer_logs, split_parts
 from sdkit.cli.main import cli
-from sdkit.cli.preflight import MODEL_KINDS, ModelInput, require_inputs, require_output
+from sdkit.cli.preflight import MODEL_KINDS, ModelInput, configured_library, require_inputs, require_output
 from sdkit.cli.terminal import SafeConsole, echo
 from sdkit.cli.train_options import MethodCommand, refuse_foreign_options, with_kohya_options
 from sdkit.errors import SdkitError
@@ -125,6 +126,11 @@ class ProgressLines:
                    "DreamBooth --format diffusers).")
 @click.option("--config", "config_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Local diffusers folder of the base's family (tokenizers, configs).")
+@click.option("--vae", type=ModelInput("vae", as_path=True), metavar="FILE",
+              help="For a FLUX.1 diffusion model alone: its VAE (ae.safetensors; default: found in the library).")
+@click.option("--text-encoder", "text_encoders", multiple=True, type=ModelInput("text-encoder", as_path=True),
+              metavar="FILE", help="For a FLUX.1 diffusion model alone: its text encoder files (clip_l, t5xxl; "
+              "default: found in the library); repeatable.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 # data
 @click.option("--resolution", type=int, help="Training side in pixels (default: the model's native size).")
@@ -228,12 +234,14 @@ def train_command(ctx: click.Context, method: str, base: Path, data_dir: Path, o
     Example: sdkit train lora --base toy-sd1.safetensors --data pictures/ -o sks.safetensors --steps 300
     """
     refuse_foreign_options(ctx, method)
-    require_inputs(base, options["config_dir"], options["dataset_config"])
+    require_inputs(base, options["config_dir"], options["dataset_config"], options["vae"], *options["text_encoders"])
     inputs = (base, data_dir, options["config_dir"], options["resume"], options["class_dir"],
-              options["dataset_config"], options["reg_data"])
+              options["dataset_config"], options["reg_data"], options["vae"], *options["text_encoders"])
     require_output(output, inputs, force=options["force"])
     config = _train_config(method, base, data_dir, output, options)
     check_config(config)  # the output's suffix first: torch only for a hypernetwork's options
+    vae, text_encoders = split_parts(base, config.vae, config.text_encoders, configured_library())
+    config = replace(config, vae=vae, text_encoders=tuple(text_encoders))
     from sdkit.runtime.train import train
 
     if not (ctx.obj or {}).get("debug"):
@@ -291,7 +299,8 @@ def _train_config(method: str, base: Path, data_dir: Path, output: Path, o: dict
                           o["train_text_encoder"], o["output_format"]),
         RunOptions(o["seed"], o["precision"], o["device"], o["save_precision"], o["save_every"], o["state_dir"],
                    o["resume"], o["preview_every"], tuple(o["preview_prompts"]), o["preview_seeds"],
-                   o["sample_steps"], o["force"]))
+                   o["sample_steps"], o["force"]),
+        vae=o["vae"], text_encoders=tuple(o["text_encoders"]))
     return with_kohya_options(config, o)
 
 

@@ -19,6 +19,7 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "rank": NETWORKS, "alpha": NETWORKS, "dropout": NETWORKS, "conv_dim": NETWORKS, "conv_alpha": NETWORKS,
     "preset": ("loha", "lokr"), "reg_data": NETWORKS, "layout": NETWORKS,
     "timestep_sampling": NETWORKS, "flow_shift": NETWORKS,  # FLUX.1 (flow matching) trains networks only
+    "vae": NETWORKS, "text_encoders": NETWORKS,  # a FLUX.1 diffusion model alone
     "train_text_encoder": (*NETWORKS, "dreambooth"), "text_encoder_lr": (*NETWORKS, "dreambooth"),
     "unet_lr": (*NETWORKS, "dreambooth"), "prior_loss_weight": (*NETWORKS, "dreambooth"),
     "token": ("ti",), "init_word": ("ti",), "vectors": ("ti",),

@@ -239,13 +239,16 @@ def _transformer_in_diffusers_names(model: ModelFile, identity: Any,
 
 
 def _part_tensors(part: ModelFile, component: str, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
-    """A text encoder or VAE given as its own file, in diffusers / transformers names."""
+    """A text encoder or VAE given as its own file, in diffusers / transformers names; a
+    scaled fp8 text encoder (ComfyUI's t5xxl_fp8_e4m3fn_scaled) as the values it stands for."""
     from sdkit.arch import identify
+    from sdkit.ops.convert.dequantize import plain_values
     from sdkit.ops.layout import extract_component
 
+    identity = identify(part)
     if component == "vae":
-        return extract_component(part, "vae", "diffusers", identity=identify(part), configs={"vae": configs["vae"]})
-    return dict(lazy_tensors(part))
+        return extract_component(part, "vae", "diffusers", identity=identity, configs={"vae": configs["vae"]})
+    return plain_values(part, identity, dict(lazy_tensors(part)))
 
 
 def text_encoder_components(family: Family, paths: list[Path]) -> dict[str, Path]:

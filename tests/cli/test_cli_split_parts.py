@@ -29,7 +29,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["sample", "{flux}", "-p", "a cat", "-o", "{out}/cat.png"], f"is {FLUX_PART}, not a whole model to sample from"),
+    (["sample", "{flux}", "-p", "a cat", "-o", "{out}/cat.png"], f"is {FLUX_PART}; it runs with CLIP-L, T5-XXL, FLUX VAE: pass them as files"),
     (["lora", "check", "{flux}", "{flux}"], f"is {FLUX_PART}, not a LoRA / LyCORIS adapter"),
     (["lora", "bake", "{flux}", "{flux}", "-o", "{out}/merged.safetensors"],
      f"is {FLUX_PART}, not a LoRA / LyCORIS adapter"),

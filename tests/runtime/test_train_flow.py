@@ -80,7 +80,7 @@ def pictures(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("base, options, message", [
     (FLUX, ["ti"], "FLUX.1 bases train lora and lokr, not ti"),
-    (FLUX.parent / "toy-flux.safetensors", ["lora"], "alone; FLUX.1 trains from a diffusers folder"),
+    (FLUX.parent / "toy-flux.safetensors", ["lora"], "diffusion model (FLUX.1-schnell design, non-standard dimensions); it runs with CLIP-L, T5-XXL, FLUX VAE"),
     (FLUX, ["lora", "--noise-offset", "0.1"], "--noise-offset does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--min-snr-gamma", "5"], "--min-snr-gamma does not apply to FLUX.1 bases"),
     (FLUX, ["lora", "--prediction-type", "epsilon"], "--prediction-type does not apply to FLUX.1 bases"),
@@ -89,6 +89,10 @@ def pictures(tmp_path_factory) -> Path:
     (FLUX, ["lokr", "--layout", "diffusers"], "--layout diffusers holds plain LoRA modules"),
     (FLUX, ["lora", "--flow-shift", "2"], "--flow-shift shifts --timestep-sampling shift"),
     (SD1, ["lora", "--timestep-sampling", "shift"], "--timestep-sampling applies to flow-matching bases"),
+    (SD1, ["lora", "--text-encoder", str(FLUX.parent / "toy-flux.clip_l.safetensors")],
+     "--text-encoder gives a FLUX.1 diffusion model alone its text encoders"),
+    (FLUX, ["ti", "--vae", str(FLUX.parent / "ae.safetensors")], "--vae does not apply to ti"),
+    (SD1, ["lora", "--vae", str(FLUX.parent / "ae.safetensors")], "--vae gives a FLUX.1 diffusion model alone its VAE"),
 ])
 def test_options_a_base_does_not_train_with_are_refused_in_one_line(capsys, pictures, tmp_path, base, options,
                                                                      message):

@@ -28,6 +28,8 @@ other relatives without them are reported as unknown transformers.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sdkit.arch.families.encoders import CLIP_L, T5_XXL, with_component
 from sdkit.arch.families.spec import (
     BlockMap,
@@ -174,7 +176,9 @@ FLUX = Family(
     latent=LatentFormat(channels=16, scaling_factor=0.3611, shift_factor=0.1159),
     default_resolution=1024, modelspec_architecture="flux-1-dev", kohya_base_model_version="flux1",
     kohya_network_module="networks.lora_flux",
-    text_encoders=(CLIP_L, with_component(T5_XXL, "text_encoder_2")), vae_part="FLUX VAE",
+    # CLIP-L's hidden state is the pooled vector, T5-XXL's states the context
+    text_encoders=(replace(CLIP_L, feeds="pooled"), replace(with_component(T5_XXL, "text_encoder_2"), feeds="context")),
+    vae_part="FLUX VAE",
     prediction="flow", modelspec_prefixes=("flux-1",), kohya_version_pattern=r"flux(?![-._ ]?2)",
     civitai_base_models=("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"),
     gguf_architecture="flux", air_ecosystem="flux1", layouts=(BFL_LAYOUT, DIFFUSERS_LAYOUT),

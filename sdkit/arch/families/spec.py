@@ -49,6 +49,9 @@ class TextEncoderSpec:
     # its name under `text_encoders.` in a ComfyUI all-in-one checkpoint ("clip_l", "t5xxl");
     # empty where sdkit does not know it
     comfyui_name: str = ""
+    # the denoiser dimension this encoder's width equals ("pooled", "context"), so the encoder
+    # of a model of any size is told by its measured width; None: the released width
+    feeds: str | None = None
 
 
 @dataclass(frozen=True)

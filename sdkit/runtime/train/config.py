@@ -183,6 +183,9 @@ class TrainConfig:
     hypernet: HypernetOptions = field(default_factory=HypernetOptions)
     dreambooth: DreamBoothOptions = field(default_factory=DreamBoothOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    # a diffusion model alone (FLUX.1): its VAE and text encoder files
+    vae: Path | None = None
+    text_encoders: tuple[Path, ...] = ()
 
     def to_json(self, *, recorded: bool = False) -> dict[str, Any]:
         """The options that matter for this method, JSON-ready (paths as strings; with
@@ -292,6 +295,10 @@ def check_family_options(config: TrainConfig, flow: bool) -> None:
     if not flow:
         if loss.timestep_sampling is not None:
             raise _ignored("--timestep-sampling", "applies to flow-matching bases (FLUX.1)")
+        if config.text_encoders:
+            raise _ignored("--text-encoder", "gives a FLUX.1 diffusion model alone its text encoders")
+        if config.vae is not None:
+            raise _ignored("--vae", "gives a FLUX.1 diffusion model alone its VAE")
         return
     if config.method not in FLOW_METHODS:
         raise SdkitError(f"FLUX.1 bases train {' and '.join(FLOW_METHODS)}, not {config.method}")

@@ -85,7 +85,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
 class Trainer:
     def __init__(self, config: TrainConfig, progress: Progress | None) -> None:
         check_config(config)
-        self.flow = base_is_flow(config.base)
+        self.flow = base_is_flow(config.base, has_parts=config.vae is not None or bool(config.text_encoders))
         check_family_options(config, self.flow)
         self.config = config
         self.progress = progress
@@ -123,7 +123,8 @@ class Trainer:
         self.resume_state = load_state(config.run.resume, config, self._identity()) if config.run.resume else None
         self._lap("data_s")
         # loaded on the CPU in float32, moved to the device once frozen weights are cast
-        self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32", flow=self.flow)
+        self.model = load_model(config.base, config=config.config_dir, device="cpu", dtype="fp32", flow=self.flow,
+                                vae=config.vae, text_encoders=config.text_encoders)
         self._lap("load_s")
         self.resolution, buckets = training_buckets(self.model, config.data)
         self.samples = self._instance_samples(buckets)
@@ -405,7 +406,8 @@ class Trainer:
         config = self.config
         default = torch.float16 if config.method == "dreambooth" else torch.float32
         dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-        inputs = [str(config.base), str(config.data.folder)]
+        parts = [str(path) for path in (*config.text_encoders, *([config.vae] if config.vae else []))]
+        inputs = [str(config.base), *parts, str(config.data.folder)]
         input_hashes = {str(config.data.folder): self.scan.fingerprint()}
         if self.facts.base_hashes.get("sha256"):
             input_hashes[str(config.base)] = self.facts.base_hashes["sha256"]

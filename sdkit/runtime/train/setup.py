@@ -50,8 +50,9 @@ def unet_levels(model: LoadedModel) -> int:
     return len(model.pipe.unet.config.block_out_channels)
 
 
-def base_is_flow(path: Path) -> bool:
-    """Whether the base is a flow-matching model (FLUX.1), from its header."""
+def base_is_flow(path: Path, has_parts: bool = False) -> bool:
+    """Whether the base is a flow-matching model (FLUX.1), from its header; a diffusion
+    model alone is taken with its parts given as files (`has_parts`)."""
     from sdkit.arch import identify
     from sdkit.io import open_model
     if not path.exists():
@@ -59,9 +60,10 @@ def base_is_flow(path: Path) -> bool:
     with open_model(path) as model:
         identity = identify(model)
     flow = identity.family == "flux"  # the one transformer family the trainer runs
-    if flow and identity.components == ["transformer"]:
+    if flow and identity.components == ["transformer"] and not has_parts:
         raise SdkitError(f"{path}: is {with_article(identity.part or 'diffusion model')} alone; FLUX.1 trains "
-                         "from a diffusers folder (transformer, text encoders, VAE and tokenizers)")
+                         "from a diffusers folder, or from the diffusion model with its --text-encoder and --vae "
+                         "files and --config DIR (configs and tokenizers)")
     return flow
 
 
