@@ -131,3 +131,51 @@ def test_the_folder_loads_what_diffusers_loads_from_the_checkpoint_and_converts_
     back = model["root"] / "back.safetensors"
     _sdkit(capsys, "convert", output, "--to", "single-file", "-o", back)
     _assert_same_file(back, model["checkpoint"])
+
+
+def _refused(capsys, output: Path, *args) -> str:
+    code, _out, err = run_sdkit(capsys, "convert", *map(str, args), "-o", str(output))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("sdkit: error: "), err
+    assert not output.exists() and not list(output.parent.glob(f".{output.name}*"))
+    return lines[0]
+
+
+def test_a_checkpoint_without_a_part_is_refused(sd3, capsys, tmp_path):
+    tensors = {k: v for k, v in load_file(sd3["checkpoint"]).items() if not k.startswith(SD3_ENCODERS["text_encoder_2"])}
+    save_file(tensors, tmp_path / "no-clip-g.safetensors")
+    line = _refused(capsys, tmp_path / "out", tmp_path / "no-clip-g.safetensors", "--to", "diffusers",
+                    "--config", sd3["folder"])
+    assert "has no text_encoder_2; a Stable Diffusion 3 pipeline needs CLIP-L, CLIP-G, T5-XXL and the SD3 VAE" in line
+
+
+def test_an_encoder_of_another_family_is_refused(flux, sd3, capsys, tmp_path):
+    """A FLUX.1 checkpoint holding SD3's CLIP-G as well: mixed families."""
+    tensors = load_file(flux["checkpoint"])
+    clip_g = SD3_ENCODERS["text_encoder_2"]
+    tensors.update({k: v for k, v in load_file(sd3["checkpoint"]).items() if k.startswith(clip_g)})
+    save_file(tensors, tmp_path / "mixed.safetensors")
+    line = _refused(capsys, tmp_path / "out", tmp_path / "mixed.safetensors", "--to", "diffusers",
+                    "--config", flux["folder"])
+    assert f"holds a text encoder under {clip_g}, which FLUX.1 does not use" in line
+
+
+def test_what_cannot_be_had_offline_asks_for_config(sd3, capsys, tmp_path):
+    """Without --config the encoders' configs are missing; a --config folder without the T5
+    tokenizer names it (a T5 tokenizer cannot be made offline; a CLIP one of CLIP's
+    vocabulary can)."""
+    line = _refused(capsys, tmp_path / "out", sd3["checkpoint"], "--to", "diffusers")
+    assert "pass --config DIR (a local diffusers folder of this model) for vae, text_encoder" in line
+    config = tmp_path / "config"
+    shutil.copytree(sd3["folder"], config, ignore=shutil.ignore_patterns("tokenizer_3", "*.safetensors"))
+    line = _refused(capsys, tmp_path / "out", sd3["checkpoint"], "--to", "diffusers", "--config", config)
+    assert "T5-XXL's tokenizer (tokenizer_3) cannot be made offline; " in line and "has no tokenizer_3/" in line
+
+
+def test_a_folder_without_a_part_is_refused(sd3, capsys, tmp_path):
+    folder = tmp_path / "partial"
+    shutil.copytree(sd3["folder"], folder, ignore=shutil.ignore_patterns("text_encoder_3"))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({k: v for k, v in index.items() if k != "text_encoder_3"}))
+    line = _refused(capsys, tmp_path / "out.safetensors", folder, "--to", "single-file")
+    assert "has no text_encoder_3/; an all-in-one Stable Diffusion 3 checkpoint holds CLIP-L, CLIP-G, T5-XXL" in line

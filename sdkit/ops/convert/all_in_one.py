@@ -88,8 +88,8 @@ class AllInOneConversion(TransformerConversion):
         self.match = _layout_match(self.model, DENOISER_ROOT)
         self._refuse_foreign_encoders()
         self._require_components()
+        self._require_configs(self.configs)
         configs = {**self.configs, "transformer": self._config()}
-        self._require_configs(configs)
         self.pipeline_configs = configs
         tensors = self._plain_values(all_in_one_tensors(self.family, self.model, configs))
         self._check_vae(tensors, configs["vae"])
