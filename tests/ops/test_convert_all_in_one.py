@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
-from cli_run import exit_code, run_sdkit  # noqa: E402
-from flow_models import write_flow_pipeline  # noqa: E402
+from cli_run import exit_code, run_sdkit
+from flow_models import write_flow_pipeline
 
 TOY_FLUX = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux"
 SD3_ENCODERS = {"text_encoder": "text_encoders.clip_l.transformer.",

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from sdkit.arch.families import FAMILIES
 from sdkit.arch.families.spec import Family, TextEncoderSpec
