@@ -43,7 +43,8 @@ Progress = Callable[[int], None]
 Finish = Callable[[Path], None]
 _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                  "transformer": "diffusion_pytorch_model.safetensors",
-                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+                 "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors",
+                 "text_encoder_3": "model.safetensors"}
 _CLASSES = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
 _TOKENIZER_OF = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 _SLOTS = {"sd1": ("unet", "vae", "text_encoder"), "sd2": ("unet", "vae", "text_encoder"),
@@ -83,7 +84,7 @@ def read_config_dir(folder: str | os.PathLike[str] | None) -> dict[str, dict]:
     if not root.is_dir():
         raise SdkitError(f"{root}: --config must be a diffusers folder")
     configs = {}
-    for component in (*COMPONENTS, "transformer"):
+    for component in (*COMPONENTS, "text_encoder_3", "transformer"):
         path = root / component / "config.json"
         if path.is_file():
             config = read_json(path)
@@ -194,9 +195,12 @@ def _tokenizer_sources(layout: str, components: list[str], configs: Mapping[str,
     return found
 
 
-def stored_tensors(component: str, tensors: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
-    """A diffusers component's tensors named as its weight file stores them."""
-    return stored_clip_names(tensors) if component in _TOKENIZER_OF else dict(tensors)
+def stored_tensors(component: str, tensors: Mapping[str, LazyTensor],
+                   config: Mapping[str, Any] | None = None) -> dict[str, LazyTensor]:
+    """A diffusers component's tensors named as its weight file stores them (a CLIP text
+    encoder's under `text_model.`; a T5 or a language model's as they are)."""
+    clip = component in _TOKENIZER_OF and (config is None or _text_encoder_class(config).startswith("CLIP"))
+    return stored_clip_names(tensors) if clip else dict(tensors)
 
 
 def write_component_folder(folder: Path, component: str, tensors: Mapping[str, LazyTensor],
@@ -208,7 +212,7 @@ def write_component_folder(folder: Path, component: str, tensors: Mapping[str, L
     patch a digest into its metadata).
     """
     _write_json(folder / "config.json", component_config(component, config))
-    write_on_workers(folder / _WEIGHT_NAMES[component], stored_tensors(component, tensors), metadata,
+    write_on_workers(folder / _WEIGHT_NAMES[component], stored_tensors(component, tensors, config), metadata,
                      progress=progress, finish=finish)
 
 

@@ -139,7 +139,7 @@ def _build_flow_modules(family: Family, path: Path, model: ModelFile, config: tu
         raise SdkitError(f"{path}: {with_article(family.title)} single file samples with --config DIR (a local "
                          "diffusers folder of this model: its configs and tokenizers)")
     else:  # a diffusion model alone, or with its text encoders and VAE in one file (all-in-one)
-        tensors = _single_file_tensors(family, model, configs)
+        tensors = all_in_one_tensors(family, model, configs)
     components = ("transformer", *sampling.text_encoders, "vae")
     missing = [c for c in components if c not in configs or not (_component_tensors(tensors, c) or c in parts)]
     if missing:
@@ -184,7 +184,7 @@ def _build_component(sampling: SamplingPipeline, family: Family, component: str,
     return _build_language_model(class_name, configs[component], tensors, dtype, what)
 
 
-def _encoder_component(family: Family, encoder: Mapping[str, Any]) -> str:
+def encoder_component(family: Family, encoder: Mapping[str, Any]) -> str:
     """The family's component for an encoder a checkpoint keeps under ComfyUI's name
     (`text_encoders.t5xxl.` is FLUX.1's `text_encoder_2`, SD3's `text_encoder_3`)."""
     words = encoder["prefix"].split(".")
@@ -193,7 +193,7 @@ def _encoder_component(family: Family, encoder: Mapping[str, Any]) -> str:
                 encoder["component"])
 
 
-def _single_file_tensors(family: Family, model: ModelFile, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
+def all_in_one_tensors(family: Family, model: ModelFile, configs: Mapping[str, dict]) -> dict[str, LazyTensor]:
     """A single file's components in diffusers names, as `component/name`: the transformer,
     and the text encoders and VAE an all-in-one checkpoint keeps beside it
     (`text_encoders.clip_l.transformer.`, `first_stage_model.`)."""
@@ -205,7 +205,7 @@ def _single_file_tensors(family: Family, model: ModelFile, configs: Mapping[str,
     found = {f"transformer/{k}": v for k, v in _transformer_in_diffusers_names(model, identity, configs).items()}
     tensors = lazy_tensors(model)
     for encoder in identity.facts.get("text_encoders") or []:
-        head, component = encoder["prefix"], _encoder_component(family, encoder)
+        head, component = encoder["prefix"], encoder_component(family, encoder)
         found.update({f"{component}/{name[len(head):]}": lazy for name, lazy in tensors.items()
                       if head and name.startswith(head)})
     root = next((root for root in VAE_ROOTS if any(name.startswith(root) for name in tensors)), None)

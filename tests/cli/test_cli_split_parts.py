@@ -39,7 +39,7 @@ def parts(tmp_path_factory) -> dict[str, Path]:
      "is a 16-channel VAE (SD3 VAE / FLUX VAE design: the weights alone do not tell which), but A "),
     (["vae", "check", "{vae}", "{vae}"], "not a base model with a diffusion model (identified as vae)"),
     (["convert", "{flux_all_in_one}", "--to", "diffusers", "-o", "{out}/flux-diffusers"],
-     "sdkit converts the key layout (--to diffusers) of a transformer diffusion model on its own, not yet"),
+     "has no text_encoder; a FLUX.1 pipeline needs CLIP-L, T5-XXL and the FLUX VAE"),
 ])
 def test_split_parts_are_refused_in_one_line(argv, expected, parts, capsys):
     args = [arg.format(**{k: str(v) for k, v in parts.items()}) for arg in argv]

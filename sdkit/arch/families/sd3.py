@@ -132,7 +132,8 @@ _LARGE_35 = {"num_attention_heads": 38, "qk_norm": "rms_norm"}
 SAMPLING = SamplingPipeline(
     "StableDiffusion3Pipeline", {"text_encoder": "CLIPTextModelWithProjection",
                                  "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"},
-    schedule={"num_train_timesteps": 1000, "shift": 3.0}, max_sequence_length=256, long_tokenizer="tokenizer_3")
+    schedule={"num_train_timesteps": 1000, "shift": 3.0}, max_sequence_length=256, long_tokenizer="tokenizer_3",
+    unprojected_pools=("text_encoder",))
 
 _SHARED = {"context": 4096, "pooled": 2048, "in_channels": 16}
 
@@ -147,6 +148,7 @@ SD3 = Family(
     kohya_version_pattern=r"sd3", civitai_base_models=("SD 3", "SD 3.5"), air_ecosystem="sd3",
     diffusers_pipeline_pattern=r"StableDiffusion3\w*Pipeline", gguf_architecture="sd3",
     layouts=(SGM_LAYOUT, DIFFUSERS_LAYOUT), key_map=KEY_MAP, diffusers_model=DIFFUSERS_MODEL, sampling=SAMPLING,
+    checkpoint_vae_root="first_stage_model.",
     # fp8: the embedders and the final layer stay in 16 bits (sdkit's rule for MMDiT
     # designs, as for FLUX.1; no peer publishes an SD3 list)
     fp8_keep=(r"(x_embedder|context_embedder|t_embedder|y_embedder|pos_embed|final_layer)\.",),

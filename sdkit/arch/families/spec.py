@@ -208,7 +208,10 @@ class SamplingPipeline:
     "embedded-or-true" (FLUX.1: a guidance embedder takes it as distilled guidance, a model
     without one gets `true_cfg_scale`). `packed`: the pipeline takes its noise packed into
     2 x 2 tokens (`_pack_latents`). `max_sequence_length`: the pipeline's default, bounded
-    by `long_tokenizer`'s own length.
+    by `long_tokenizer`'s own length. `unprojected_pools`: CLIP encoders whose pooled
+    output the model takes as it is although the pipeline's class projects it; their
+    diffusers folder holds an identity `text_projection` (SD3's CLIP-L, as diffusers'
+    single-file loader sets it).
     """
 
     class_name: str
@@ -220,6 +223,7 @@ class SamplingPipeline:
     long_tokenizer: str = "tokenizer"
     vae_class: str = "AutoencoderKL"
     undistilled_schedule: Mapping[str, Any] | None = None
+    unprojected_pools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,9 @@ class Family:
     # lines of fine-tunes of this design, most specific first (NoobAI before Illustrious,
     # which it descends from)
     lineages: tuple[Lineage, ...] = ()
+    # where the VAE sits in the family's all-in-one checkpoints (ComfyUI's `vae_key_prefix`:
+    # `vae.` for the newer families; SD3 as Stability released it keeps the LDM root)
+    checkpoint_vae_root: str = "vae."
 
     def accepts_unet_channels(self, channels: int) -> bool:
         return channels == self.unet_channels or channels in self.other_unet_channels

@@ -183,6 +183,9 @@ def convert_model(source: str | os.PathLike[str], output: str | os.PathLike[str]
         if identity.kind == "embedding":
             from sdkit.ops.convert.embedding import convert_embedding_file
             return convert_embedding_file(model, identity, output, options, progress)
+        if options.to in ("single-file", "diffusers") and is_all_in_one(identity):
+            from sdkit.ops.convert.all_in_one import AllInOneConversion
+            return AllInOneConversion(model, identity, output, options, progress, input_hash).run()
         if options.to != "safetensors" and identity.components == ["transformer"]:
             from sdkit.ops.convert.transformer import TransformerConversion
             return TransformerConversion(model, identity, output, options, progress, input_hash).run()
@@ -195,6 +198,11 @@ def _cancelled_on_error(input_hash: BackgroundHash, convert: Callable[[], Conver
     except BaseException:
         input_hash.cancel()
         raise
+
+
+def is_all_in_one(identity: Identity) -> bool:
+    """A transformer family's diffusion model with other parts in one file or folder."""
+    return "transformer" in identity.components and len(identity.components) > 1
 
 
 def model_prefixes(model: ModelFile, identity: Identity) -> tuple[str, ...] | None:

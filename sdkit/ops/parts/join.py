@@ -154,7 +154,7 @@ def _encoder_tensors(encoders: list[_Given], denoiser: _Given, family: Family,
             if part in found:
                 raise SdkitError(f"{given.path}: a second {part} ({found[part].path} is one already)")
             found[part] = given
-            out.update(_encoder_keys(given, facts, needed[part]))
+            out.update(checkpoint_encoder_keys(given.path, given.model, facts, needed[part]))
             result.parts.append({"kind": "text encoder", "name": part, "path": str(given.path)})
     missing = [part for part in needed if part not in found]
     if missing:
@@ -179,19 +179,22 @@ def _design(architecture: str) -> str:
     return "clip" if architecture in ("clip", "openclip") else architecture
 
 
-def _encoder_keys(given: _Given, facts: dict[str, Any], spec: TextEncoderSpec) -> dict[str, LazyTensor]:
+def checkpoint_encoder_keys(path: Path, model: ModelFile, facts: dict[str, Any],
+                            spec: TextEncoderSpec) -> dict[str, LazyTensor]:
+    """A text encoder's tensors (`facts` as identify found it in `model`) named as an
+    all-in-one checkpoint keeps them: `text_encoders.<ComfyUI's name>.transformer.<HF key>`."""
     if not spec.comfyui_name:
-        raise SdkitError(f"{given.path}: sdkit does not know the name ComfyUI gives {spec.part} inside an "
+        raise SdkitError(f"{path}: sdkit does not know the name ComfyUI gives {spec.part} inside an "
                          "all-in-one checkpoint")
     if facts["architecture"] == "openclip":
-        raise SdkitError(f"{given.path}: holds {spec.part} in OpenCLIP names; ComfyUI's all-in-one "
+        raise SdkitError(f"{path}: holds {spec.part} in OpenCLIP names; ComfyUI's all-in-one "
                          "checkpoints hold it in Hugging Face names (convert it with `sdkit convert --to diffusers "
                          "--only text_encoder_2`)")
     prefix = facts["prefix"]
     root = f"{ENCODER_ROOT}{spec.comfyui_name}.transformer."
     add_text_model = facts["architecture"] == "clip" and facts.get("text_model_level") is False
     out = {}
-    for name, lazy in lazy_tensors(given.model).items():
+    for name, lazy in lazy_tensors(model).items():
         if not name.startswith(prefix):
             continue
         key = name[len(prefix):]
