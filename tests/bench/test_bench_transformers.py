@@ -10,8 +10,10 @@ ratios are what the bench reports. The input is built once into $SDKIT_BENCH_DIR
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import shutil
 import sys
 from functools import partial
@@ -129,7 +131,7 @@ def _kohya_flux_lora(shapes: dict[str, tuple[int, ...]], rank: int) -> dict[str,
 def test_bench_flux_lora_bake(bench_cache: Path, tmp_path: Path) -> None:
     """lora bake of a rank-32 all-layer kohya FLUX.1 LoRA into a FLUX.1-dev-shaped bf16
     diffusion model and into its scaled-fp8 cast, each against a plain copy of that base."""
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     shapes, name = _flux_shapes()
     bf16_bytes = 2 * sum(math.prod(shape) for shape in shapes.values())
@@ -145,6 +147,10 @@ def test_bench_flux_lora_bake(bench_cache: Path, tmp_path: Path) -> None:
     save_file(_kohya_flux_lora(shapes, 32), lora)
     print(f"\nflux lora bake: rank 32, {lora.stat().st_size / 2**20:.0f} MiB LoRA (load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    # ComfyUI's way, on the bf16 base: the whole model loaded, each weight patched in place, saved
+    lora_map = tmp_path / "lora-map.json"
+    lora_map.write_text(json.dumps({key[: -len(".lora_down.weight")]: [_bfl_key(key), None]
+                                    for key in load_file(lora) if key.endswith(".lora_down.weight")}))
     for base, label in ((bf16, "bf16"), (scaled, "fp8 scaled")):
         copy, out = tmp_path / "copy.safetensors", tmp_path / "baked.safetensors"
         copied = measure([sys.executable, "-c", f"import shutil; shutil.copyfile({str(base)!r}, {str(copy)!r})"])
@@ -154,6 +160,31 @@ def test_bench_flux_lora_bake(bench_cache: Path, tmp_path: Path) -> None:
         assert copied.ok and baked.ok, baked.error
         print(f"  {label + ' base':<14} {base.stat().st_size / 2**30:6.2f} GiB  copy {copied.wall:6.1f} s  "
               f"bake {baked.wall:6.1f} s  {baked.wall / copied.wall:5.2f}x copy  {baked.rss_mb:6.0f} MiB RSS")
+        if label == "bf16" and _fits_in_memory(base):
+            peer = measure(driver("full-load-bake", str(out), str(base), str(lora), str(lora_map)))
+            remove(out)
+            assert peer.ok, peer.error
+            print(f"  {'  full load':<14} (ComfyUI-style: load all, patch, save) {peer.wall:6.1f} s  "
+                  f"{peer.wall / copied.wall:5.2f}x copy  {peer.rss_mb:6.0f} MiB RSS")
+
+
+def _bfl_key(lora_key: str) -> str:
+    """The base key a kohya FLUX.1 module names (`lora_unet_double_blocks_0_img_attn_qkv`)."""
+    module = lora_key[len("lora_unet_"): -len(".lora_down.weight")]
+    blocks, index, layer = re.match(r"(double_blocks|single_blocks)_(\d+)_(.*)", module).groups()
+    for dotted in ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                   "txt_mlp.0", "txt_mlp.2", "img_mod.lin", "txt_mod.lin", "modulation.lin"):
+        if layer == dotted.replace(".", "_"):
+            layer = dotted
+    return f"{blocks}.{index}.{layer}.weight"
+
+
+def _fits_in_memory(path: Path) -> bool:
+    """Whether a full load (the file, its float32 working copies of one layer and the
+    saved copy) leaves room in RAM."""
+    import psutil
+
+    return 2.5 * path.stat().st_size < psutil.virtual_memory().available
 
 
 def _tuned_twin(base: Path, path: Path) -> Path:
