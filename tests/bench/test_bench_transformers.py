@@ -254,6 +254,8 @@ def test_bench_flux_merges(bench_cache: Path, tmp_path: Path) -> None:
     from bench_measure import peer_installed
     from bench_merge_methods import paired
 
+    from sdkit.ops.recipe_meta import file_sha256
+
     shapes, name = _flux_shapes()
     elements = sum(math.prod(shape) for shape in shapes.values())
     if not _room_for(bench_cache, name, elements, 3 + 3 * 2 + 2):  # 3 fp8 and 3 bf16 inputs, an output
@@ -265,6 +267,8 @@ def test_bench_flux_merges(bench_cache: Path, tmp_path: Path) -> None:
         inputs = [cached_synthetic(bench_cache / name.replace("-fp8", f"-{label}-{letter}"), shapes, dtype=dtype,
                                    seed=1000 * number)
                   for number, letter in enumerate("abc")]
+        for path in inputs:  # a library's files are hashed once: every row finds their sha256 known
+            file_sha256(path)
         rows = [(merge, sdkit("merge", *map(str, inputs[:count]), *options, "-o", str(out)), inputs[:count])
                 for merge, count, options in FLUX_MERGES]
         if peer_installed("sd_mecha"):

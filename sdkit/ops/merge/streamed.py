@@ -216,8 +216,13 @@ def _disjoint_mean_of_finite(deltas: list[Tensor]) -> Tensor:
     """`disjoint_mean` of finite deltas, bit for bit, in float arithmetic only: an entry
     agrees with the elected sign e where delta·e > 0, so sign(max(delta·e, 0)) is its
     1/0 indicator; where nothing agrees the total is +0, and +0 / 1 is what
-    `disjoint_mean` returns there."""
-    elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
+    `disjoint_mean` returns there. Two deltas are summed by one addition (the stacked
+    sum's value; only the sign of a zero sum may differ, and a zero elects nothing: the
+    ±0 it adds leaves the +0 total and count as they are)."""
+    if len(deltas) == 2:
+        elected = torch.sign(deltas[0] + deltas[1])
+    else:
+        elected = torch.sign(torch.stack(deltas).sum(dim=0)) if len(deltas) > 1 else torch.sign(deltas[0])
     total = torch.zeros_like(deltas[0])
     agreeing = torch.zeros_like(deltas[0])
     for delta in deltas:
