@@ -156,13 +156,14 @@ DIFFUSERS_MODEL = DiffusersModel(
 # the released 11.9 GB fp8 files hold every block matrix, modulation included, in fp8)
 FP8_KEEP = (r"(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.",)
 
-# black-forest-labs/FLUX.1-{dev,schnell} scheduler/scheduler_config.json; FluxPipeline
+# black-forest-labs/FLUX.1-{dev,schnell} scheduler/scheduler_config.json; FluxPipeline and
+# FluxImg2ImgPipeline
 SAMPLING = SamplingPipeline(
     "FluxPipeline", {"text_encoder": "CLIPTextModel", "text_encoder_2": "T5EncoderModel"},
     schedule={"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
               "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
     undistilled_schedule={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False},
-    guidance="embedded-or-true", packed=True, long_tokenizer="tokenizer_2")
+    guidance="embedded-or-true", packed=True, long_tokenizer="tokenizer_2", img2img_class="FluxImg2ImgPipeline")
 
 _RELEASED = {"hidden": 3072, "context": 4096, "pooled": 768, "out_channels": 64,
              "double_blocks": 19, "single_blocks": 38}

@@ -211,7 +211,8 @@ class SamplingPipeline:
     by `long_tokenizer`'s own length. `unprojected_pools`: CLIP encoders whose pooled
     output the model takes as it is although the pipeline's class projects it; their
     diffusers folder holds an identity `text_projection` (SD3's CLIP-L, as diffusers'
-    single-file loader sets it).
+    single-file loader sets it). `img2img_class`: the family's diffusers img2img pipeline,
+    built over the same components (None: `--init-image` and hires fix are refused).
     """
 
     class_name: str
@@ -224,6 +225,7 @@ class SamplingPipeline:
     vae_class: str = "AutoencoderKL"
     undistilled_schedule: Mapping[str, Any] | None = None
     unprojected_pools: tuple[str, ...] = ()
+    img2img_class: str | None = None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,12 @@ The hires pass enlarges the first picture by `Hires upscale` (A1111's size: int(
 scale), down to the VAE's factor), either its latents (A1111's "Latent" upscalers:
 torch interpolation) or the decoded picture (PIL's Lanczos / nearest), then draws it again
 with the same seeds.
+
+The transformer families with a diffusers img2img pipeline (FLUX.1) take the steps as that
+pipeline does: `steps` is the schedule's length and the strength is the denoise itself
+(it runs steps - int(steps - steps * s) of them), for img2img and the hires pass alike.
+Their hires pass always enlarges the decoded picture (their latents are packed into
+tokens): the "Latent" upscalers interpolate its pixels the same way.
 """
 
 from __future__ import annotations
@@ -116,12 +122,37 @@ def resized(image: Any, size: tuple[int, int], upscaler: str = "Lanczos") -> Any
     return image.resize(size, getattr(Image.Resampling, IMAGE_UPSCALERS[upscaler]))
 
 
+def upscale_pixels(image: Any, size: tuple[int, int], upscaler: str) -> Any:
+    """The picture enlarged by any upscaler: PIL's filter, or a "Latent" one's torch
+    interpolation on its pixels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if upscaler in IMAGE_UPSCALERS:
+        return resized(image, size, upscaler)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    enlarged = upscale_latents(pixels, size, 1, upscaler).clamp(0, 255).round()
+    return Image.fromarray(enlarged[0].permute(1, 2, 0).to(torch.uint8).numpy())
+
+
 def upscale_latents(latents: Any, size: tuple[int, int], factor: int, upscaler: str) -> Any:
     import torch
 
     mode, antialias = LATENT_UPSCALERS[upscaler]
     target = (size[1] // factor, size[0] // factor)
     return torch.nn.functional.interpolate(latents, size=target, mode=mode, antialias=antialias)
+
+
+def flow_image_to_image_pipeline(pipe: Any, class_name: str) -> Any:
+    """A transformer family's img2img pipeline over the loaded pipeline's modules."""
+    import diffusers
+
+    cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(cls.__init__).parameters
+    second = cls(**{key: value for key, value in pipe.components.items() if key in accepted})
+    second.set_progress_bar_config(disable=True)
+    return second
 
 
 def image_to_image_pipeline(pipe: Any) -> Any:

@@ -44,6 +44,7 @@ from sdkit.runtime.sample.img2img import (
     check_denoise,
     check_hires,
     diffusers_strength,
+    flow_image_to_image_pipeline,
     hires_schedule,
     hires_size,
     image_to_image_pipeline,
@@ -51,6 +52,7 @@ from sdkit.runtime.sample.img2img import (
     load_init_image,
     resized,
     upscale_latents,
+    upscale_pixels,
     upscaler_name,
 )
 from sdkit.runtime.sample.library import Library
@@ -293,11 +295,23 @@ class Sampler:
         return noise.to(self.model.device, self.model.dtype), generators
 
     def _image_to_image(self) -> Any:
-        if self._img2img is None:
-            if self.model.is_flow:
+        if self._img2img is None and self.model.is_flow:
+            class_name = FAMILIES[self.model.family].sampling.img2img_class
+            if class_name is None:
                 raise SdkitError(f"--init-image and --hires-scale do not apply to {self.model.family} models yet")
+            self._img2img = flow_image_to_image_pipeline(self.model.pipe, class_name)
+        elif self._img2img is None:
             self._img2img = image_to_image_pipeline(self.model.pipe)
         return self._img2img
+
+    def _img2img_arguments(self, settings: Settings, denoise: float, size: tuple[int, int]) -> dict[str, Any]:
+        """The img2img pass's schedule length, strength and size as its pipeline takes them:
+        A1111's step count on SD/SDXL (see `img2img.py`), diffusers' own on a flow model."""
+        if self.model.is_flow:
+            return {"steps": settings.steps, "strength": denoise, "width": size[0], "height": size[1]}
+        choice = self.sampler_choice(settings)
+        steps = img2img_steps(settings.steps, denoise, choice.sampler.timestep_sampler)
+        return {"steps": settings.steps, "strength": diffusers_strength(steps, settings.steps)}
 
     def generate(self, plan: PromptPlan, settings: Settings, count: int = 1,
                  progress: StepProgress | None = None) -> list[Sample]:
@@ -316,9 +330,8 @@ class Sampler:
         with torch.inference_mode():
             run = _PipelineRun(self, choice, settings, self._prompt_texts(plan, settings), seeds, progress)
             if init is not None and settings.denoise < 1:
-                steps = img2img_steps(settings.steps, settings.denoise, choice.sampler.timestep_sampler)
-                images = run(self._img2img, settings.steps, image=resized(init, (width, height)),
-                             strength=diffusers_strength(steps, settings.steps))
+                images = run(self._img2img, image=resized(init, (width, height)),
+                             **self._img2img_arguments(settings, settings.denoise, (width, height)))
             else:
                 images = self._text_to_image(run, settings, seeds, width, height)
         return [Sample(image, self.parameters(plan, settings, seed, loras, (width, height), choice), seed)
@@ -329,14 +342,17 @@ class Sampler:
         latents, generators = self._latents(seeds, width, height)
         hires = settings.hires
         upscaler = upscaler_name(hires.upscaler) if hires is not None else ""
-        latent_upscale = upscaler.startswith("Latent")
+        latent_upscale = upscaler.startswith("Latent") and not self.model.is_flow
         first = run(self.model.pipe, settings.steps, width=width, height=height, latents=latents,
                     generator=generators, output_type="latent" if latent_upscale else "pil")
         if hires is None:
             return first
         target = hires_size(width, height, hires.scale, self.model.size_multiple)
         image = upscale_latents(first, target, self.model.vae_scale_factor, upscaler) if latent_upscale \
-            else [resized(picture, target, upscaler) for picture in first]
+            else [upscale_pixels(picture, target, upscaler) for picture in first]
+        if self.model.is_flow:
+            hires_settings = replace(settings, steps=hires.steps or settings.steps)
+            return run(self._img2img, image=image, **self._img2img_arguments(hires_settings, hires.denoise, target))
         length, strength = hires_schedule(hires.steps or settings.steps, hires.denoise)
         return run(self._img2img, length, image=image, strength=strength,
                    text_steps=hires.steps or settings.steps, first_pass_steps=settings.steps)
