@@ -315,3 +315,30 @@ def test_a_comfyui_flux_checkpoint_draws_the_folders_picture(capsys, tmp_path):
     assert run_sdkit(capsys, "join", *map(str, parts), "-o", str(checkpoint))[0] == 0
     ours = _draw(load_model(checkpoint, config=toy / "diffusers", flow=True))
     assert np.abs(ours - _draw(load_model(toy / "diffusers", flow=True))).max() <= 2  # the parts store fp16 weights
+
+
+IMG2IMG = {"sd3": "StableDiffusion3Img2ImgPipeline", "chroma": "ChromaImg2ImgPipeline",
+           "z-image": "ZImageImg2ImgPipeline", "qwen-image": "QwenImageImg2ImgPipeline"}
+
+
+def test_img2img_draws_what_the_familys_img2img_pipeline_draws(parts, tmp_path):
+    """`--init-image` / `--denoise` is the family's diffusers img2img pipeline at that strength;
+    Lumina 2, which has none, is refused in one line."""
+    import diffusers
+
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(init)
+    sampler = Sampler(load_model(parts.folder, flow=True))
+    settings = Settings(steps=4, cfg=CFG, seed=2, init_image=str(init), denoise=0.6)
+    if parts.family not in IMG2IMG:
+        with pytest.raises(SdkitError, match=f"--init-image and --hires-scale do not apply to {parts.family} "):
+            sampler.generate(PromptPlan(PROMPT, (), ()), settings)
+        return
+    ours = _pixels(sampler.generate(PromptPlan(PROMPT, (), ()), settings)[0].image)
+    reference = getattr(diffusers, IMG2IMG[parts.family]).from_pretrained(parts.folder, local_files_only=True)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        theirs = reference(PROMPT, image=Image.open(init).convert("RGB"), strength=0.6, negative_prompt="",
+                           num_inference_steps=4, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(2),
+                           **_guidance(parts.family)).images[0]
+    assert np.abs(ours - _pixels(theirs)).max() <= 1

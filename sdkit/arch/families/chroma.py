@@ -154,7 +154,8 @@ _T5 = with_component(T5_XXL, "text_encoder")  # diffusers ChromaPipeline: T5 is 
 # ChromaPipeline (T5 with its attention mask, real CFG); lodestones/Chroma1-HD
 # scheduler/scheduler_config.json, FLUX.1-dev's resolution-dependent shift
 SAMPLING = SamplingPipeline("ChromaPipeline", {"text_encoder": "T5EncoderModel"},
-                            schedule=FLUX.sampling.schedule, packed=True)
+                            schedule=FLUX.sampling.schedule, packed=True,
+                            img2img_class="ChromaImg2ImgPipeline")
 
 CHROMA = Family(
     implementation="https://huggingface.co/lodestones/Chroma",

@@ -79,7 +79,8 @@ SAMPLING = SamplingPipeline(
     schedule={"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
               "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02,
               "time_shift_type": "exponential"},
-    guidance="embedded-or-true", packed=True, vae_class="AutoencoderKLQwenImage")
+    guidance="embedded-or-true", packed=True, vae_class="AutoencoderKLQwenImage",
+    img2img_class="QwenImageImg2ImgPipeline")
 
 _RELEASED = {"hidden": 3072, "context": 3584, "in_channels": 64, "out_channels": 64, "blocks": 60}
 _SAME_IN_OUT = {"in_channels": ("out_channels", 1)}

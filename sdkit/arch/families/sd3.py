@@ -133,7 +133,7 @@ SAMPLING = SamplingPipeline(
     "StableDiffusion3Pipeline", {"text_encoder": "CLIPTextModelWithProjection",
                                  "text_encoder_2": "CLIPTextModelWithProjection", "text_encoder_3": "T5EncoderModel"},
     schedule={"num_train_timesteps": 1000, "shift": 3.0}, max_sequence_length=256, long_tokenizer="tokenizer_3",
-    unprojected_pools=("text_encoder",))
+    unprojected_pools=("text_encoder",), img2img_class="StableDiffusion3Img2ImgPipeline")
 
 _SHARED = {"context": 4096, "pooled": 2048, "in_channels": 16}
 

@@ -132,7 +132,7 @@ DIFFUSERS_MODEL = DiffusersModel(
 # prompt, CFG as `pos + g * (pos - neg)`; Tongyi-MAI/Z-Image-Turbo scheduler/scheduler_config.json
 SAMPLING = SamplingPipeline("ZImagePipeline", {"text_encoder": "Qwen3Model"},
                             schedule={"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False},
-                            guidance="cfg-1")
+                            guidance="cfg-1", img2img_class="ZImageImg2ImgPipeline")
 
 _RELEASED = {"hidden": 3840, "context": 2560, "in_channels": 64, "out_channels": 64, "adaln": 256,
              "layers": 30, "refiner_layers": 2}
