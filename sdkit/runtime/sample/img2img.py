@@ -14,11 +14,12 @@ scale), down to the VAE's factor), either its latents (A1111's "Latent" upscaler
 torch interpolation) or the decoded picture (PIL's Lanczos / nearest), then draws it again
 with the same seeds.
 
-The transformer families with a diffusers img2img pipeline (FLUX.1) take the steps as that
-pipeline does: `steps` is the schedule's length and the strength is the denoise itself
-(it runs steps - int(steps - steps * s) of them), for img2img and the hires pass alike.
-Their hires pass always enlarges the decoded picture (their latents are packed into
-tokens): the "Latent" upscalers interpolate its pixels the same way.
+The transformer families with a diffusers img2img pipeline (`SamplingPipeline.img2img_class`)
+take the steps as that pipeline does: `steps` is the schedule's length and the strength is
+the denoise itself (it runs steps - int(steps - steps * s) of them), for img2img and the
+hires pass alike. Those pipelines start from a picture (FLUX.1's latents are packed into
+tokens besides), so their hires pass enlarges the decoded picture: the "Latent" upscalers
+interpolate its pixels the same way.
 """
 
 from __future__ import annotations
