@@ -34,7 +34,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 import gguf
 import numpy as np
@@ -286,6 +286,32 @@ class _GgufTensors:
                              f"dequantize {entry.ggml_type.name} tensors") from None
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(entry.info.shape)
 
+    def elements(self, name: str) -> "Callable[[int, int], torch.Tensor] | None":
+        """For a quantized tensor: `read(start, count)`, its flattened elements [start,
+        start + count) dequantized to float32 from only the blocks that hold them (blocks
+        dequantize independently: the same values as the whole tensor's); None for a
+        plain tensor (its bytes are a span)."""
+        entry = self.entries[name]
+        if not is_quantized_code(entry.info.dtype) or entry.info.numel == 0:
+            return None
+        block, stored = gguf.GGML_QUANT_SIZES[entry.ggml_type]
+        raw = entry.blocks.reshape(-1)
+
+        def read(start: int, count: int) -> "torch.Tensor":
+            import torch
+
+            first, last = start // block, -(-(start + count) // block)
+            try:
+                values = gguf.quants.dequantize(raw[first * stored:last * stored].reshape(-1, stored),
+                                                entry.ggml_type)
+            except NotImplementedError:
+                raise SdkitError(f"{self.path}: tensor {name!r}: the gguf package cannot "
+                                 f"dequantize {entry.ggml_type.name} tensors") from None
+            skip = start - first * block
+            flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)[skip:skip + count]
+            return torch.from_numpy(flat)
+        return read
+
     def span(self, name: str) -> ByteSpan | None:
         """The stored bytes of a plain tensor (a quantized one has none: its bytes are
         blocks, not the float32 tensor `load` returns)."""
@@ -385,4 +411,4 @@ def open_gguf(path: Path) -> ModelFile:
     infos = {name: entry.info for name, entry in entries.items()}
     return ModelFile(path=path, format="gguf", infos=infos, metadata=metadata,
                      size_bytes=file_size, _loader=tensors.load, _closer=tensors.close,
-                     _spanner=tensors.span)
+                     _spanner=tensors.span, _elements=tensors.elements)

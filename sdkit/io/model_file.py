@@ -118,6 +118,7 @@ class ModelFile:
     _loader: Callable[[str], "torch.Tensor"] | None = field(default=None, repr=False)
     _closer: Callable[[], None] | None = field(default=None, repr=False)
     _spanner: Callable[[str], "ByteSpan | None"] | None = field(default=None, repr=False)
+    _elements: Callable[[str], "Callable[[int, int], torch.Tensor] | None"] | None = field(default=None, repr=False)
 
     # mapping-like access over tensor names
     def keys(self) -> list[str]:
@@ -153,6 +154,14 @@ class ModelFile:
         if self._spanner is None or name not in self.infos:
             return None
         return self._spanner(name)
+
+    def elements(self, name: str) -> "Callable[[int, int], torch.Tensor] | None":
+        """`read(start, count)`: flattened elements of a tensor stored in blocks (a GGUF
+        quantized one) as `load` makes them, reading only the blocks that hold them; None
+        where the format has no such reads (a span or `load` is the way)."""
+        if self._elements is None or name not in self.infos:
+            return None
+        return self._elements(name)
 
     def span_of(self, name: str) -> Callable[[], "ByteSpan | None"] | None:
         """`span` for later (None when this file never has spans)."""

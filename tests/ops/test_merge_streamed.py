@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -287,3 +288,72 @@ def test_fp8_merges_are_the_bytes_of_torch_conversions(fp8_models: list[Path], t
     # the NaN of B, where the method carries it to the output, counted (float8 has no isfinite)
     assert sum(result.non_finite.values()) == reference_non_finite
     assert reference_non_finite >= (0 if method == "ties" else 1)
+
+
+# ---------------------------------------------------------------- GGUF inputs
+
+TOY_FLUX = Path(__file__).resolve().parents[2] / "fixtures" / "toy" / "flux" / "toy-flux.safetensors"
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """toy-flux, its GGUF Q8_0 and Q5_1 copies (written by sdkit), and a changed twin."""
+    from cli_run import exit_code
+
+    folder = tmp_path_factory.mktemp("gguf")
+    tensors = load_file(TOY_FLUX)
+    generator = torch.Generator().manual_seed(4)
+    twin = {key: (value.float() + 0.01 * torch.randn(value.shape, generator=generator)).to(value.dtype)
+            if value.is_floating_point() else value for key, value in tensors.items()}
+    paths = {"twin": write(folder / "twin.safetensors", twin)}
+    for quant in ("Q8_0", "Q5_1"):
+        paths[quant] = folder / f"toy-flux-{quant}.gguf"
+        assert exit_code(["convert", str(TOY_FLUX), "--to", "gguf", "--quant", quant, "-o", str(paths[quant])]) == 0
+    return paths
+
+
+def gguf_values(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor as the gguf package dequantizes it whole (in the file's own names)."""
+    import gguf
+
+    values = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        dense = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        values[tensor.name] = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+    return values
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q5_1"])
+@pytest.mark.parametrize("method, params", [("weighted_sum", {"alpha": 0.3}), ("ties", {"k": 0.3})])
+def test_gguf_inputs_are_read_a_slice_of_blocks_at_a_time(gguf_models: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, quant: str,
+                                                          method: str, params: dict[str, float]) -> None:
+    import sdkit.ops.merge.compute as compute
+    from sdkit.io import open_model
+
+    import sdkit.io.gguf_reader as gguf_reader
+
+    def never_whole(self: object, entry: object) -> None:
+        raise AssertionError("a quantized GGUF tensor was dequantized whole")
+
+    monkeypatch.setattr(compute, "PIECEWISE_BYTES", 0)  # every merged key in pieces
+    monkeypatch.setattr(compute, "SLICE_ELEMENTS", 1000)  # slices that start inside a block
+    monkeypatch.setattr(gguf_reader._GgufTensors, "_dequantized", never_whole)
+    inputs = [gguf_models[quant], gguf_models["twin"]]
+    with open_model(inputs[0]) as model:
+        quantized = [name for name, info in model.infos.items() if model.elements(name) is not None]
+    assert len(quantized) > 10
+    merged = load_file(merge_models(MergeRecipe([RecipeInput(str(p)) for p in inputs], method, params=params),
+                                    tmp_path / "m.safetensors").path)
+    whole, twin = gguf_values(inputs[0]), load_file(inputs[1])
+    reference = get_method(method)
+    checked = 0
+    for key, produced in merged.items():
+        stored = whole.get(key.removeprefix("model.diffusion_model."), whole.get(key))
+        if key not in twin or stored is None or not produced.is_floating_point():
+            continue
+        expected = reference([stored.reshape(twin[key].shape), twin[key].float()],
+                             reference.resolve_params(params), key).to(produced.dtype)
+        assert torch.equal(produced.view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)), key
+        checked += 1
+    assert checked >= len(quantized)

@@ -34,7 +34,7 @@ def open_inputs(inputs: Sequence[RecipeInput], stack: ExitStack) -> list[ModelFi
 def aligned_input(name: str, model: ModelFile) -> AlignedInput:
     """`model` seen with LDM single-file key names."""
     if model.format != "diffusers":
-        return AlignedInput(name, str(model.path), dict(model.infos), model.load, model.span)
+        return AlignedInput(name, str(model.path), dict(model.infos), model.load, model.span, model.elements)
     return _aligned_diffusers(name, model)
 
 

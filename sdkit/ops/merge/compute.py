@@ -82,7 +82,8 @@ class KeyComputer:
         if not (self._in_slices and action.channels is None):
             return None
         models = [self.inputs[i] for i in action.sources]
-        if not any(model.slices for model in models) and any(model.span(action.key) is None for model in models):
+        if not any(model.slices for model in models) and \
+                any(model.span(action.key) is None and model.elements(action.key) is None for model in models):
             return None
         return partial(self._merge_pieces, action, deferred=True)
 
@@ -108,17 +109,20 @@ class KeyComputer:
 
     def _input_reader(self, action: KeyAction, *, from_spans: bool) -> SliceReader:
         """The inputs of a merged key, one after the other: an earlier step's output made
-        slice by slice, a stored tensor read from its file bytes (`from_spans`, only the
-        slice in memory) or mapped."""
+        slice by slice, a stored tensor read from its file bytes or a GGUF one from its
+        blocks (`from_spans`, only the slice in memory), or mapped."""
         readers = []
         for index in action.sources:
             model = self.inputs[index]
             span = model.span(action.key) if from_spans and model.slices is None else None
+            elements = model.elements(action.key) if from_spans and model.slices is None else None
             if model.slices is not None and self._reads_once(model, action.key):
                 readers.append(model.slices(action.key))
             elif span is not None:
                 dtype = CODE_TO_TORCH[model.infos[action.key].dtype]
                 readers.append(_span_reader([span], [dtype], math.prod(action.shape)))
+            elif elements is not None:  # a GGUF quantized key: only the slice's blocks
+                readers.append(SliceReader(math.prod(action.shape), 1, lambda start, size, read=elements: [read(start, size)]))
             else:
                 readers.append(tensor_reader([model.load(action.key)]))
         return joined_reader(readers)

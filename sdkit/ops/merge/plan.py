@@ -45,6 +45,8 @@ class AlignedInput:
     infos: dict[str, TensorInfo]
     load: Callable[[str], Any]
     span: Callable[[str], Any] = lambda key: None  # the key's stored bytes (io.ByteSpan), if any
+    # a key stored in blocks (GGUF): read(start, count) of its float32 elements, if any
+    elements: Callable[[str], Any] = lambda key: None
     # an earlier step's output (nothing stored): the key's values made slice by slice, as a
     # streamed.SliceReader of float32 slices of the step's output dtype
     slices: Callable[[str], Any] | None = None
