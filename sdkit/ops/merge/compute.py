@@ -122,7 +122,8 @@ class KeyComputer:
                 dtype = CODE_TO_TORCH[model.infos[action.key].dtype]
                 readers.append(_span_reader([span], [dtype], math.prod(action.shape)))
             elif elements is not None:  # a GGUF quantized key: only the slice's blocks
-                readers.append(SliceReader(math.prod(action.shape), 1, lambda start, size, read=elements: [read(start, size)]))
+                readers.append(SliceReader(math.prod(action.shape), 1,
+                                           lambda start, size, read=elements: [read(start, size)]))
             else:
                 readers.append(tensor_reader([model.load(action.key)]))
         return joined_reader(readers)
