@@ -9,7 +9,9 @@ its working set is a few slices whatever the tensor size:
   counting passes find it exactly: a non-negative float32 orders like its bit pattern,
   so a histogram of the top 16 bits names the bucket that holds it, and a histogram of
   the low 16 bits of the entries inside that bucket names the value itself (ties
-  included). A third pass writes the output; the sign election is per element.
+  included). Over float8 inputs one pass counts (byte of M, byte of A) pairs instead:
+  they are every value |M − A| can take. A last pass writes the output; the sign
+  election is per element.
 - DARE's masks come from one generator per (seed, input, key), drawn in element order:
   torch's CPU `rand` draws one number per element, in order, so consecutive slices of
   the stream are the whole-tensor draw cut in pieces — the same masks as a whole-tensor
@@ -17,6 +19,10 @@ its working set is a few slices whatever the tensor size:
 - SLERP needs |A|, |B| and A·B: one pass sums them over fixed slices in float64 (the
   slices and the order of the whole-tensor form, so the same sums), a second writes
   the output.
+
+The slices of a pass are made on a small thread pool (`mapped`), in order where order
+matters: counts add up in any order, sums are added in slice order, and DARE's draws
+run on a thread per input, in slice order.
 """
 
 from __future__ import annotations
@@ -270,7 +276,8 @@ def magnitude_bits(model: Tensor, base: Tensor) -> Tensor:
 
 
 def ties(reader: SliceReader, *, alpha: float = 1.0, k: float = 0.2) -> Iterator[Tensor]:
-    """TIES, streamed: two counting passes for the trim thresholds, then the output."""
+    """TIES, streamed: counting passes for the trim thresholds (one over float8 inputs,
+    two otherwise), then the output."""
     thresholds = top_fraction_thresholds(reader, k)
     yield from mapped(reader, PASS_SLICE, lambda parts: ties_slice(parts[0], parts[1:], thresholds, alpha))
 
